@@ -1,0 +1,229 @@
+"""The agent's one validated configuration object.
+
+Every field maps one-to-one onto a ``mesh-agent`` flag (``--lease-ttl-s``), a ``MESH_*``
+environment variable (``MESH_LEASE_TTL_S``) and a key of the YAML file given by
+``--config``; that is also the priority order. It is validated before any socket opens,
+and a bad value is reported per field, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    CliSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from mesh.errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+class AgentConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MESH_", extra="forbid", cli_kebab_case=True, validate_default=True
+    )
+
+    # Identity and coordination.
+    agent_id: str = Field(
+        default_factory=lambda: socket.gethostname().split(".")[0],
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="Unique name of this agent in its DC. Default: the short host name.",
+    )
+    dc: str = Field(
+        "local", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", description="Datacenter this agent is in."
+    )
+    prefix: str = Field(
+        "gpumesh",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="Root of every etcd key; lets several meshes (or tests) share one etcd.",
+    )
+    etcd_endpoints: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:2379"],
+        min_length=1,
+        description="host:port of the DC's etcd members; the agent uses the first that answers.",
+    )
+    lease_ttl_s: int = Field(
+        5,
+        ge=2,
+        le=60,
+        description="Membership lease TTL. Shorter: a dead agent is noticed sooner; longer: "
+        "fewer false deaths when an agent or etcd stalls. Kept alive every TTL/3.",
+    )
+
+    # Network.
+    listen: str = Field(
+        "127.0.0.1:50051", description="host:port of the gRPC server (port 0: any free port)."
+    )
+    advertise: str | None = Field(
+        None, description="host:port peers and clients dial; default: the bound listen address."
+    )
+    metrics_listen: str | None = Field(
+        None, description="host:port for Prometheus metrics over HTTP; unset: no metrics server."
+    )
+
+    # Hardware and work.
+    fake_gpus: str | None = Field(
+        None,
+        description="Declared inventory for machines without NVML, e.g. '2xA100-80GB,1xA40-48GB'. "
+        "Unset: NVML, and no GPUs if NVML is missing.",
+    )
+    gpu_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="Overrides of the GPU-class weight table (class name to weight).",
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models this agent can serve; empty: any model.",
+    )
+    preloaded_models: list[str] = Field(
+        default_factory=list, description="Models counted as loaded at start (no load delay)."
+    )
+    pipelines: list[str] | None = Field(
+        None, description="Pipelines this agent runs; unset: every installed pipeline plugin."
+    )
+    commands: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="argv per command name for the 'command' pipeline. Users pick a name with "
+        "params['command']; they never supply argv, so they cannot run arbitrary programs.",
+    )
+    model_load_s: float = Field(
+        2.0, ge=0, description="Simulated model-load delay of the 'sleep' pipeline."
+    )
+    queues: dict[str, int] = Field(
+        default_factory=lambda: {"vip": 8, "normal": 2},
+        min_length=1,
+        description="Queue classes and their weights: vip 8, normal 2 gives vip ~8 of 10 slots "
+        "while both wait.",
+    )
+    default_queue: str = Field("normal", description="Class of a task that names none.")
+    queue_aging_s: float = Field(
+        30.0,
+        gt=0,
+        description="A task that has waited this long is taken next, whatever its class: the "
+        "bound on starvation. Shorter: fairer to light classes; longer: weights hold better.",
+    )
+
+    # Limits: each enforced with a precise gRPC status.
+    max_payload_bytes: int = Field(
+        4 * MiB, ge=0, description="Largest task payload (RESOURCE_EXHAUSTED above it)."
+    )
+    inline_payload_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        le=1 * MiB,
+        description="Payloads up to this size are kept in the etcd task record; larger ones stay "
+        "in the executing agent's memory only. etcd is not a blob store.",
+    )
+    inline_result_bytes: int = Field(
+        64 * 1024,
+        ge=0,
+        le=1 * MiB,
+        description="Results up to this size are stored inline; larger ones go to result_dir "
+        "and the record holds a file:// URI.",
+    )
+    max_params: int = Field(64, ge=0, description="Most entries in a task's params map.")
+    max_param_bytes: int = Field(4096, ge=1, description="Largest key or value in params.")
+    default_deadline_s: float = Field(
+        600.0, gt=0, description="Deadline of a task that gives none."
+    )
+    max_deadline_s: float = Field(
+        86400.0, gt=0, description="Every deadline is clamped to at most this far ahead."
+    )
+    max_queue_length: int = Field(
+        256, ge=1, description="Local queue bound; a full agent refuses offers."
+    )
+    max_hops: int = Field(3, ge=1, le=16, description="Most forwards a task may take.")
+    max_list: int = Field(500, ge=1, description="Most tasks one List call returns.")
+    drain_grace_s: float = Field(
+        10.0, ge=0, description="On SIGTERM, time running tasks get to finish before hand-back."
+    )
+    progress_interval_s: float = Field(
+        0.2, ge=0, description="Least time between two progress writes of one task to etcd."
+    )
+    result_dir: Path = Field(
+        default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")) / "gpumesh-results",
+        description="Where results over inline_result_bytes are written.",
+    )
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @property
+    def max_message_bytes(self) -> int:
+        """gRPC message cap: the largest payload plus room for the envelope."""
+        return self.max_payload_bytes + 1 * MiB
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.default_queue not in self.queues:
+            raise ValueError(f"default_queue {self.default_queue!r} is not one of the queues")
+        if any(w <= 0 for w in self.queues.values()):
+            raise ValueError("queue weights must be positive")
+        if self.default_deadline_s > self.max_deadline_s:
+            raise ValueError("default_deadline_s exceeds max_deadline_s")
+        if self.inline_payload_bytes > self.max_payload_bytes:
+            raise ValueError("inline_payload_bytes exceeds max_payload_bytes")
+        for name, argv in self.commands.items():
+            if not argv:
+                raise ValueError(f"commands.{name}: argv is empty")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _config_file is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=_config_file))
+        return tuple(sources)
+
+
+_config_file: Path | None = None
+
+
+def load_agent_config(argv: list[str]) -> AgentConfig:
+    """Build the config from flags, ``MESH_*`` variables and ``--config FILE``.
+
+    Raises ``ConfigError`` with one line per bad field.
+    """
+    global _config_file
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", type=Path)
+    known, rest = pre.parse_known_args(argv)
+    if known.config is not None and not known.config.is_file():
+        raise ConfigError(f"config file not found: {known.config}")
+    _config_file = known.config
+    try:
+        cli: CliSettingsSource[Any] = CliSettingsSource(
+            AgentConfig,
+            cli_parse_args=rest,
+            cli_kebab_case=True,
+            cli_prog_name="mesh-agent",
+        )
+        return AgentConfig(_cli_settings_source=cli)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc)) from None
+    finally:
+        _config_file = None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        got = f" (got {err['input']!r})" if "input" in err and err["loc"] else ""
+        lines.append(f"  {where}: {err['msg']}{got}")
+    return "invalid configuration:\n" + "\n".join(lines)

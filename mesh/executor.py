@@ -1,0 +1,241 @@
+"""Runs admitted tasks on this agent's GPU slots, one slot per GPU.
+
+It knows nothing of etcd or gRPC: it reports each run's start, progress and end through a
+``Reporter``, which the agent backs with the task records. So the executor is driven in
+tests with a recording reporter, and a stale record (``started`` returning False) stops a
+run before it touches a GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from mesh.config import AgentConfig
+from mesh.errors import InvalidTask, LimitExceeded, Unavailable
+from mesh.gpus import Gpu
+from mesh.pipelines import Models, Output, Pipeline, PipelineError, RunContext
+from mesh.queue import WeightedQueue
+from mesh.v1 import tasks_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Job:
+    spec: pb.TaskSpec  # with its payload
+    attempt: int
+    deadline_ms: int
+    path: list[str] = field(default_factory=list)
+
+    @property
+    def task_id(self) -> str:
+        return self.spec.task_id
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: int
+    output: Output | None = None
+    error_code: str = ""
+    error_message: str = ""
+
+
+class Reporter(Protocol):
+    async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool: ...
+
+    def progress(self, job: Job, step: int, total: int, message: str) -> None: ...
+
+    async def finished(self, job: Job, outcome: Outcome) -> None: ...
+
+
+@dataclass(slots=True)
+class _Run:
+    job: Job
+    gpus: tuple[Gpu, ...]
+    task: asyncio.Task[None] | None = None
+    cancel_reason: str | None = None
+    handed_back: bool = False
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Executor:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        gpus: list[Gpu],
+        pipelines: dict[str, Pipeline],
+        models: Models,
+        reporter: Reporter,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._cfg = cfg
+        self._gpus = list(gpus)
+        self._free = list(gpus)
+        self._pipelines = pipelines
+        self._models = models
+        self._reporter = reporter
+        self._clock = clock
+        self._queue: WeightedQueue[Job] = WeightedQueue(
+            cfg.queues, cfg.max_queue_length, cfg.queue_aging_s
+        )
+        self._running: dict[str, _Run] = {}
+        self._wake = asyncio.Event()
+        self.accepting = True
+
+    # -- what routing needs to know -------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def holds(self, task_id: str) -> bool:
+        return task_id in self._running or any(j.task_id == task_id for j in self._queue)
+
+    def depth(self) -> dict[str, int]:
+        return self._queue.depth()
+
+    def check(self, spec: pb.TaskSpec) -> None:
+        """Raise unless this agent could run ``spec`` now (eligible, not draining, room left)."""
+        if not self.accepting:
+            raise Unavailable("agent is draining")
+        if spec.pipeline not in self._pipelines:
+            raise InvalidTask(f"pipeline {spec.pipeline!r} is not on this agent")
+        if self._cfg.models and spec.model not in self._cfg.models:
+            raise InvalidTask(f"model {spec.model!r} is not served by this agent")
+        big_enough = [g for g in self._gpus if g.memory_mb >= spec.min_gpu_memory_mb]
+        if len(big_enough) < max(1, spec.gpu_count):
+            raise InvalidTask(
+                f"needs {max(1, spec.gpu_count)} GPU(s) with >= {spec.min_gpu_memory_mb} MB; "
+                f"this agent has {len(big_enough)}"
+            )
+        if len(self._queue) >= self._cfg.max_queue_length:
+            raise LimitExceeded(
+                "queue full", limit="max_queue_length", max=self._cfg.max_queue_length
+            )
+
+    def has_free_slot_for(self, spec: pb.TaskSpec) -> bool:
+        return not self._queue and len(self._fitting(spec)) >= max(1, spec.gpu_count)
+
+    def enqueue(self, job: Job) -> None:
+        self.check(job.spec)
+        self._queue.push(job.spec.queue, job, self._clock())
+        self._wake.set()
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def _fitting(self, spec: pb.TaskSpec) -> list[Gpu]:
+        return [g for g in self._free if g.memory_mb >= spec.min_gpu_memory_mb]
+
+    def _fits(self, job: Job) -> bool:
+        return len(self._fitting(job.spec)) >= max(1, job.spec.gpu_count)
+
+    async def run(self) -> None:
+        """Start queued jobs as slots free up, forever; cancel to stop."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while (job := self._queue.pop(self._clock(), self._fits)) is not None:
+                gpus = tuple(self._fitting(job.spec)[: max(1, job.spec.gpu_count)])
+                for gpu in gpus:
+                    self._free.remove(gpu)
+                run = _Run(job, gpus)
+                self._running[job.task_id] = run
+                run.task = asyncio.create_task(self._execute(run), name=f"task-{job.task_id}")
+
+    async def _execute(self, run: _Run) -> None:
+        job = run.job
+        outcome: Outcome | None = None
+        try:
+            if not await self._reporter.started(job, run.gpus):
+                log.info("task %s attempt %d is stale; not running it", job.task_id, job.attempt)
+                return
+            ctx = RunContext(
+                task_id=job.task_id,
+                attempt=job.attempt,
+                spec=job.spec,
+                gpus=run.gpus,
+                models=self._models,
+                progress=lambda s, t, m: self._reporter.progress(job, s, t, m),
+            )
+            async with asyncio.timeout((job.deadline_ms - _now_ms()) / 1000):
+                output = await self._pipelines[job.spec.pipeline].run(ctx)
+            outcome = Outcome(pb.TASK_STATE_SUCCEEDED, output=output)
+        except TimeoutError:
+            outcome = Outcome(
+                pb.TASK_STATE_FAILED,
+                error_code="DEADLINE_EXCEEDED",
+                error_message="task deadline passed while it ran",
+            )
+        except asyncio.CancelledError:
+            if run.cancel_reason is None:
+                raise  # the agent is being torn down, not this task cancelled
+            if not run.handed_back:
+                outcome = Outcome(
+                    pb.TASK_STATE_CANCELLED, error_code="CANCELLED", error_message=run.cancel_reason
+                )
+        except PipelineError as exc:
+            outcome = Outcome(pb.TASK_STATE_FAILED, error_code=exc.code, error_message=str(exc))
+        except Exception as exc:
+            log.exception("pipeline %s crashed on task %s", job.spec.pipeline, job.task_id)
+            outcome = Outcome(
+                pb.TASK_STATE_FAILED,
+                error_code="INTERNAL",
+                error_message=f"pipeline crashed: {type(exc).__name__}: {exc}",
+            )
+        finally:
+            self._running.pop(job.task_id, None)
+            self._free.extend(run.gpus)
+            self._wake.set()
+        if outcome is not None:
+            await self._reporter.finished(job, outcome)
+
+    # -- cancel and drain ----------------------------------------------------------------
+
+    def cancel(self, task_id: str, reason: str) -> Job | None:
+        """Stop a queued or running task here. A queued one is returned for the caller to
+        record as cancelled; a running one records its own end when its run unwinds."""
+        queued = self._queue.remove(lambda j: j.task_id == task_id)
+        if queued is not None:
+            return queued
+        run = self._running.get(task_id)
+        if run is not None and run.task is not None and run.cancel_reason is None:
+            run.cancel_reason = reason
+            run.task.cancel()
+        return None
+
+    async def drain(self, grace_s: float) -> list[Job]:
+        """Stop accepting, let running tasks finish within ``grace_s``, and return every job
+        that did not run to its end (queued, or interrupted) for the caller to hand back."""
+        self.accepting = False
+        handback = list(self._queue)
+        for job in handback:
+            self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace_s):
+                while self._running:
+                    await asyncio.gather(
+                        *(r.task for r in list(self._running.values()) if r.task),
+                        return_exceptions=True,
+                    )
+        interrupted = list(self._running.values())
+        for run in interrupted:
+            run.handed_back = True
+            run.cancel_reason = "agent shut down"
+            if run.task is not None:
+                run.task.cancel()
+        tasks = [r.task for r in interrupted if r.task]
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return handback + [r.job for r in interrupted]

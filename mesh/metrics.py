@@ -1,0 +1,18 @@
+"""Prometheus metrics of an agent, served over HTTP when ``metrics_listen`` is set."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, start_http_server
+
+SUBMITTED = Counter("gpumesh_tasks_submitted_total", "Tasks accepted by Submit on this agent")
+REJECTED = Counter("gpumesh_submit_rejected_total", "Submit calls refused", ["code"])
+FINISHED = Counter("gpumesh_tasks_finished_total", "Runs that ended on this agent", ["state"])
+OFFERS = Counter("gpumesh_offers_total", "Offers received from peers", ["result"])
+FORWARDS = Counter("gpumesh_forwards_total", "Offers sent to peers", ["result"])
+RUNNING = Gauge("gpumesh_tasks_running", "Tasks running on this agent")
+QUEUED = Gauge("gpumesh_tasks_queued", "Tasks in this agent's local queue")
+
+
+def serve(listen: str) -> None:
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host or "127.0.0.1")

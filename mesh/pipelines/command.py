@@ -1,0 +1,90 @@
+"""Runs an operator-declared program on the task's GPUs, as a subprocess.
+
+Users name a command (``params["command"]``); its argv comes from the agent's config, so
+a user can never choose what runs. The payload goes to stdin and stdout is the result.
+``CUDA_VISIBLE_DEVICES`` holds the slot's GPU indexes, so the program sees exactly the
+GPUs it was given. A stderr line ``PROGRESS step/total message`` reports progress. The
+exit code gives the state; on cancel or deadline the whole process group is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+
+from mesh.config import AgentConfig
+from mesh.pipelines import Output, PipelineError, RunContext
+
+PROGRESS_LINE = re.compile(rb"^PROGRESS (\d+)/(\d+) ?(.*)$")
+STDERR_TAIL = 2048
+
+
+class CommandPipeline:
+    name = "command"
+
+    def __init__(self, cfg: AgentConfig) -> None:
+        self._commands = cfg.commands
+        self._max_output = cfg.max_payload_bytes
+
+    async def run(self, ctx: RunContext) -> Output:
+        name = ctx.spec.params.get("command", "")
+        argv = self._commands.get(name)
+        if argv is None:
+            raise PipelineError(
+                f"unknown command {name!r}; this agent offers {sorted(self._commands)}",
+                "INVALID_ARGUMENT",
+            )
+        env = {
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": ",".join(str(g.index) for g in ctx.gpus),
+            "MESH_TASK_ID": ctx.task_id,
+            "MESH_ATTEMPT": str(ctx.attempt),
+            "MESH_MODEL": ctx.spec.model,
+        }
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,  # its own process group: we can kill its children too
+        )
+        try:
+            stdout, stderr_tail = await asyncio.gather(
+                self._talk(proc, ctx.spec.payload), self._watch_stderr(proc, ctx)
+            )
+            code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if code != 0:
+            tail = stderr_tail.decode(errors="replace").strip()
+            raise PipelineError(f"command {name!r} exited with {code}: {tail}", "ABORTED")
+        return Output(stdout, ctx.spec.params.get("media_type", "application/octet-stream"))
+
+    async def _talk(self, proc: asyncio.subprocess.Process, payload: bytes) -> bytes:
+        assert proc.stdin is not None and proc.stdout is not None
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.write(payload)
+            await proc.stdin.drain()
+            proc.stdin.close()
+        out = await proc.stdout.read(self._max_output + 1)
+        if len(out) > self._max_output:
+            raise PipelineError("command output exceeds max_payload_bytes", "RESOURCE_EXHAUSTED")
+        return out
+
+    async def _watch_stderr(self, proc: asyncio.subprocess.Process, ctx: RunContext) -> bytes:
+        assert proc.stderr is not None
+        tail = b""
+        async for line in proc.stderr:
+            match = PROGRESS_LINE.match(line.rstrip())
+            if match:
+                ctx.progress(int(match[1]), int(match[2]), match[3].decode(errors="replace"))
+            else:
+                tail = (tail + line)[-STDERR_TAIL:]
+        return tail

@@ -1,0 +1,188 @@
+"""Task records in the DC's etcd, so that any agent of the DC can Get, Watch and Cancel.
+
+Every change is a compare-and-swap on the record's mod revision: concurrent writers never
+lose each other's updates. A writer that acts for one run of a task passes its ``attempt``;
+if the record has moved on to another attempt, the write is refused (``StaleWrite``), so
+a zombie's late write never overwrites the current run's record.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aetcd
+from google.protobuf import json_format
+
+from mesh.errors import StaleWrite, TaskNotFound, Unavailable
+from mesh.etcd import ETCD_ERRORS, KeySpace, watch_events
+from mesh.task import TERMINAL
+from mesh.v1 import peer_pb2, tasks_pb2
+
+log = logging.getLogger(__name__)
+
+CAS_RETRIES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    record: peer_pb2.TaskRecord
+    revision: int  # the key's mod revision: the CAS token
+
+    @property
+    def status(self) -> tasks_pb2.TaskStatus:
+        return self.record.status
+
+
+def encode(record: peer_pb2.TaskRecord) -> bytes:
+    return json_format.MessageToJson(
+        record, preserving_proto_field_name=True, indent=None, sort_keys=True
+    ).encode()
+
+
+def decode(raw: bytes) -> peer_pb2.TaskRecord:
+    return json_format.Parse(raw, peer_pb2.TaskRecord(), ignore_unknown_fields=True)
+
+
+def public(status: tasks_pb2.TaskStatus) -> tasks_pb2.TaskStatus:
+    """The status as clients see it: without the payload kept for re-runs."""
+    out = tasks_pb2.TaskStatus()
+    out.CopyFrom(status)
+    out.spec.ClearField("payload")
+    return out
+
+
+# A mutation edits the record in place; returning False means "nothing to write".
+Mutation = Callable[[peer_pb2.TaskRecord], bool | None]
+
+
+class TaskStore:
+    def __init__(self, client: aetcd.Client, keys: KeySpace) -> None:
+        self._client = client
+        self._keys = keys
+        self._tx = client.transactions
+
+    async def create(self, record: peer_pb2.TaskRecord) -> tuple[Stored, bool]:
+        """Write the record unless its id exists; return what is stored and whether it is new."""
+        key = self._keys.task(record.status.task_id)
+        raw = encode(record)
+        try:
+            ok, responses = await self._client.transaction(
+                compare=[self._tx.create(key) == 0],
+                success=[self._tx.put(key, raw)],
+                failure=[self._tx.get(key)],
+            )
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        if ok:
+            return Stored(record, responses[0].response_put.header.revision), True
+        value, kv = responses[0][0]
+        return Stored(decode(value), kv.mod_revision), False
+
+    async def get(self, task_id: str) -> Stored:
+        try:
+            got = await self._client.get(self._keys.task(task_id))
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        if got is None:
+            raise TaskNotFound("no such task", task_id=task_id)
+        return Stored(decode(got.value), got.mod_revision)
+
+    async def update(
+        self,
+        task_id: str,
+        mutate: Mutation,
+        *,
+        attempt: int | None = None,
+        lease: int = 0,
+    ) -> Stored:
+        """Apply ``mutate`` by compare-and-swap, retrying on concurrent changes.
+
+        With ``attempt``, the write is fenced: refused if the record belongs to another
+        attempt or is already terminal. With ``lease``, the write also puts (while the
+        task runs) or deletes (once it is terminal) the running marker bound to it.
+        """
+        key = self._keys.task(task_id)
+        for _ in range(CAS_RETRIES):
+            current = await self.get(task_id)
+            record = peer_pb2.TaskRecord()
+            record.CopyFrom(current.record)
+            if attempt is not None:
+                if record.status.attempt != attempt:
+                    raise StaleWrite(
+                        "task moved to another attempt",
+                        task_id=task_id,
+                        mine=attempt,
+                        current=record.status.attempt,
+                    )
+                if record.status.state in TERMINAL:
+                    raise StaleWrite("task already finished", task_id=task_id)
+            if mutate(record) is False:
+                return current
+            ops = [self._tx.put(key, encode(record))]
+            if lease:
+                marker = self._keys.running_marker(task_id)
+                if record.status.state in TERMINAL:
+                    ops.append(self._tx.delete(marker))
+                else:
+                    ops.append(self._tx.put(marker, record.status.agent.encode(), lease=lease))
+            try:
+                ok, responses = await self._client.transaction(
+                    compare=[self._tx.mod(key) == current.revision], success=ops, failure=[]
+                )
+            except ETCD_ERRORS as exc:
+                raise Unavailable(f"etcd: {exc}") from exc
+            if ok:
+                return Stored(record, responses[0].response_put.header.revision)
+        raise StaleWrite("too much contention on the task record", task_id=task_id)
+
+    async def delete(self, stored: Stored) -> bool:
+        """Delete the record if it is still exactly ``stored``."""
+        key = self._keys.task(stored.status.task_id)
+        ok, _ = await self._client.transaction(
+            compare=[self._tx.mod(key) == stored.revision], success=[self._tx.delete(key)]
+        )
+        return bool(ok)
+
+    async def follow(self, task_id: str) -> AsyncIterator[Stored]:
+        """The current record, then every later version, until it is terminal."""
+        stored = await self.get(task_id)
+        yield stored
+        while stored.status.state not in TERMINAL:
+            try:
+                async for event in watch_events(
+                    self._client,
+                    self._keys.task(task_id),
+                    prefix=False,
+                    start_revision=stored.revision + 1,
+                ):
+                    if event.kind != aetcd.EventKind.PUT:
+                        raise TaskNotFound("task record was deleted", task_id=task_id)
+                    stored = Stored(decode(event.kv.value), event.kv.mod_revision)
+                    yield stored
+                    if stored.status.state in TERMINAL:
+                        return
+            except aetcd.RevisionCompactedError:
+                stored = await self.get(task_id)
+                yield stored
+
+    async def list(
+        self, *, user_id: str, state: int, limit: int
+    ) -> tuple[list[tasks_pb2.TaskStatus], bool]:
+        """Tasks of the DC, filtered; the flag says whether more matched than ``limit``."""
+        try:
+            listing = await self._client.get_prefix(self._keys.tasks)
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        found: list[tasks_pb2.TaskStatus] = []
+        for kv in listing:
+            status = decode(kv.value).status
+            if user_id and status.spec.user.id != user_id:
+                continue
+            if state and status.state != state:
+                continue
+            if len(found) == limit:
+                return found, True
+            found.append(public(status))
+        return found, False

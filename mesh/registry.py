@@ -1,0 +1,85 @@
+"""Membership: this agent's record in etcd under its lease, and the live view of its peers.
+
+The record is JSON so that ``etcdctl get --prefix /gpumesh/`` is readable by an operator.
+It holds what changes rarely (address, GPUs, pipelines, models, draining); load changes
+every few milliseconds and travels by gossip instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import aetcd
+
+from mesh.errors import Unavailable
+from mesh.etcd import ETCD_ERRORS, KeySpace
+from mesh.gpus import Gpu
+from mesh.mirror import PrefixMirror
+
+log = logging.getLogger(__name__)
+
+ACTIVE = "active"
+DRAINING = "draining"
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    agent_id: str
+    dc: str
+    address: str
+    gpus: tuple[Gpu, ...]
+    weight: float
+    pipelines: tuple[str, ...]
+    models: tuple[str, ...]  # servable; empty means any model
+    models_loaded: tuple[str, ...] = ()
+    state: str = ACTIVE
+    incarnation: int = 0
+    queues: tuple[str, ...] = field(default=())
+
+    @property
+    def slots(self) -> int:
+        return len(self.gpus)
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> AgentRecord:
+        data = json.loads(raw)
+        data["gpus"] = tuple(Gpu(**g) for g in data["gpus"])
+        for key in ("pipelines", "models", "models_loaded", "queues"):
+            data[key] = tuple(data.get(key, ()))
+        return cls(**data)
+
+
+class Registry:
+    """Publishes this agent and mirrors the DC's agents prefix (a watch, never a poll)."""
+
+    def __init__(self, client: aetcd.Client, keys: KeySpace, lease: Callable[[], int]) -> None:
+        self._client = client
+        self._keys = keys
+        self._lease = lease
+        self.me: AgentRecord | None = None
+        self.peers: dict[str, AgentRecord] = {}
+        self.mirror = PrefixMirror(client, keys.agents, self._on_change)
+
+    def _on_change(self, items: dict[str, bytes]) -> None:
+        peers = {}
+        for name, raw in items.items():
+            try:
+                peers[name] = AgentRecord.from_json(raw)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("ignoring unreadable agent record %s: %s", name, exc)
+        self.peers = peers
+
+    async def publish(self, record: AgentRecord) -> None:
+        self.me = record
+        try:
+            await self._client.put(
+                self._keys.agent(record.agent_id), record.to_json(), lease=self._lease()
+            )
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"cannot register in etcd: {exc}") from exc

@@ -1,0 +1,141 @@
+"""The executor's reports, written into the task records: the agent's side of a run.
+
+Every write is fenced by the run's attempt, and the running marker rides on the agent's
+lease, so a run whose record has moved on can neither start nor overwrite its end.
+Progress is throttled per task (``progress_interval_s``): etcd sees at most a few writes
+a second per task however chatty a pipeline is, and the last step is never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from mesh import metrics
+from mesh.config import AgentConfig
+from mesh.errors import MeshError, StaleWrite
+from mesh.executor import Job, Outcome
+from mesh.gpus import Gpu
+from mesh.records import Mutation, TaskStore
+from mesh.retry import ETCD_WRITE
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+def now_ts() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+class RecordReporter:
+    def __init__(self, cfg: AgentConfig, store: TaskStore, lease: Callable[[], int]) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._lease = lease
+        self._progress: dict[str, pb.Progress] = {}
+        self._flushers: dict[str, asyncio.Task[None]] = {}
+
+    async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool:
+        cancelled = False
+
+        def mutate(record: peer_pb2.TaskRecord) -> None:
+            nonlocal cancelled
+            status = record.status
+            status.agent = self._cfg.agent_id
+            status.dc = self._cfg.dc
+            if record.cancel_requested:
+                cancelled = True
+                status.state = pb.TASK_STATE_CANCELLED
+                status.finished_at.CopyFrom(now_ts())
+                status.error.code, status.error.message = "CANCELLED", "cancelled before start"
+                return
+            status.state = pb.TASK_STATE_RUNNING
+            status.started_at.CopyFrom(now_ts())
+            status.progress.CopyFrom(
+                pb.Progress(
+                    step=0, total=0, message=f"on GPUs {','.join(str(g.index) for g in gpus)}"
+                )
+            )
+
+        return await self._write(job, mutate, "start") and not cancelled
+
+    def progress(self, job: Job, step: int, total: int, message: str) -> None:
+        self._progress[job.task_id] = pb.Progress(step=step, total=total, message=message)
+        if job.task_id not in self._flushers:
+            self._flushers[job.task_id] = asyncio.create_task(self._flush(job))
+
+    async def _flush(self, job: Job) -> None:
+        try:
+            while (progress := self._progress.pop(job.task_id, None)) is not None:
+                started = time.monotonic()
+
+                def mutate(record: peer_pb2.TaskRecord, p: pb.Progress = progress) -> None:
+                    record.status.progress.CopyFrom(p)
+
+                try:
+                    await self._store.update(job.task_id, mutate, attempt=job.attempt)
+                except MeshError as exc:
+                    log.debug("progress of %s not written: %s", job.task_id, exc)
+                    return
+                wait = self._cfg.progress_interval_s - (time.monotonic() - started)
+                if wait > 0:
+                    await asyncio.sleep(wait)
+        finally:
+            self._flushers.pop(job.task_id, None)
+
+    def _result(self, job: Job, outcome: Outcome) -> pb.Result | None:
+        if outcome.output is None:
+            return None
+        data, media_type = outcome.output.data, outcome.output.media_type
+        if len(data) <= self._cfg.inline_result_bytes:
+            return pb.Result(inline=data, media_type=media_type)
+        path = Path(self._cfg.result_dir) / f"{job.task_id}.{job.attempt}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return pb.Result(uri=path.resolve().as_uri(), media_type=media_type)
+
+    async def finished(self, job: Job, outcome: Outcome) -> None:
+        flusher = self._flushers.pop(job.task_id, None)
+        if flusher is not None:
+            flusher.cancel()
+        self._progress.pop(job.task_id, None)
+        result = self._result(job, outcome)
+
+        def mutate(record: peer_pb2.TaskRecord) -> None:
+            status = record.status
+            status.state = outcome.state
+            status.finished_at.CopyFrom(now_ts())
+            if result is not None:
+                status.result.CopyFrom(result)
+            if outcome.error_code:
+                status.error.code = outcome.error_code
+                status.error.message = outcome.error_message[:4096]
+            if outcome.state == pb.TASK_STATE_SUCCEEDED and status.progress.total:
+                status.progress.step = status.progress.total
+
+        metrics.FINISHED.labels(pb.TaskState.Name(outcome.state)).inc()
+        await self._write(job, mutate, "end")
+
+    async def _write(self, job: Job, mutate: Mutation, what: str) -> bool:
+        """A fenced write of this run's record (and its running marker); False if refused."""
+        try:
+            await ETCD_WRITE.run(
+                lambda: self._store.update(
+                    job.task_id, mutate, attempt=job.attempt, lease=self._lease()
+                )
+            )
+        except StaleWrite as exc:
+            log.warning("%s of %s attempt %d rejected: %s", what, job.task_id, job.attempt, exc)
+            return False
+        except MeshError as exc:
+            log.error("cannot record %s of %s: %s", what, job.task_id, exc)
+            return False
+        return True

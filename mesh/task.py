@@ -1,0 +1,120 @@
+"""What a valid task is: the checks a submission must pass, in one pure function.
+
+Each limit is a named config field and each failure a precise error: malformed or unknown
+→ ``InvalidTask`` (INVALID_ARGUMENT), too big → ``LimitExceeded`` (RESOURCE_EXHAUSTED),
+already late → ``DeadlinePassed`` (DEADLINE_EXCEEDED). No I/O, so it is tested by tables.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from mesh.config import AgentConfig
+from mesh.errors import DeadlinePassed, InvalidTask, LimitExceeded
+from mesh.v1 import tasks_pb2 as pb
+
+TERMINAL = frozenset({pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED})
+TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+def state_name(state: int) -> str:
+    return pb.TaskState.Name(state).removeprefix("TASK_STATE_")
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """A spec that passed validation, normalised, with its absolute deadline."""
+
+    spec: pb.TaskSpec
+    deadline_ms: int
+    digest: str
+
+
+def spec_digest(spec: pb.TaskSpec) -> str:
+    """Identity of a submission, to tell an idempotent resubmit from a reused id.
+
+    The deadline and timeout are left out: a client retrying with a fresh timeout is still
+    submitting the same task.
+    """
+    same = pb.TaskSpec()
+    same.CopyFrom(spec)
+    same.ClearField("deadline")
+    same.ClearField("timeout")
+    return hashlib.sha256(same.SerializeToString(deterministic=True)).hexdigest()
+
+
+def admit(
+    spec: pb.TaskSpec,
+    cfg: AgentConfig,
+    known_pipelines: Collection[str],
+    now_ms: int,
+) -> Admitted:
+    """Validate and normalise a submitted spec, or raise the error the client should see."""
+    out = pb.TaskSpec()
+    out.CopyFrom(spec)
+    if out.task_id:
+        if not TASK_ID.match(out.task_id):
+            raise InvalidTask("task_id must be 1-128 characters of [A-Za-z0-9._:-]")
+    else:
+        out.task_id = uuid.uuid4().hex
+    if not out.user.id:
+        raise InvalidTask("user.id is required", task_id=out.task_id)
+    if out.task_type == pb.TASK_TYPE_UNSPECIFIED:
+        raise InvalidTask("task_type is required", task_id=out.task_id)
+    if out.task_type not in pb.TaskType.values():
+        raise InvalidTask(f"unknown task_type {out.task_type}", task_id=out.task_id)
+    if not out.pipeline:
+        raise InvalidTask("pipeline is required", task_id=out.task_id)
+    if out.pipeline not in known_pipelines:
+        raise InvalidTask(
+            f"unknown pipeline {out.pipeline!r}; this DC runs {sorted(known_pipelines)}",
+            task_id=out.task_id,
+        )
+    if not out.model or not NAME.match(out.model):
+        raise InvalidTask("model is required: 1-128 characters of [A-Za-z0-9._:/-]")
+    if not out.queue:
+        out.queue = cfg.default_queue
+    if out.queue not in cfg.queues:
+        raise InvalidTask(
+            f"unknown queue {out.queue!r}; classes are {sorted(cfg.queues)}", task_id=out.task_id
+        )
+    if out.affinity_key and len(out.affinity_key) > 256:
+        raise InvalidTask("affinity_key is longer than 256 characters", task_id=out.task_id)
+    if out.gpu_count == 0:
+        out.gpu_count = 1
+    if len(out.payload) > cfg.max_payload_bytes:
+        raise LimitExceeded(
+            "payload too large",
+            task_id=out.task_id,
+            size=len(out.payload),
+            limit="max_payload_bytes",
+            max=cfg.max_payload_bytes,
+        )
+    if len(out.params) > cfg.max_params:
+        raise LimitExceeded("too many params", limit="max_params", max=cfg.max_params)
+    for key, value in out.params.items():
+        if max(len(key), len(value)) > cfg.max_param_bytes:
+            raise LimitExceeded(
+                f"param {key[:32]!r} too long", limit="max_param_bytes", max=cfg.max_param_bytes
+            )
+    return Admitted(out, _deadline_ms(out, cfg, now_ms), spec_digest(out))
+
+
+def _deadline_ms(spec: pb.TaskSpec, cfg: AgentConfig, now_ms: int) -> int:
+    has_deadline, has_timeout = spec.HasField("deadline"), spec.HasField("timeout")
+    if has_deadline and has_timeout:
+        raise InvalidTask("give deadline or timeout, not both", task_id=spec.task_id)
+    if has_deadline:
+        deadline = spec.deadline.ToMilliseconds()
+    elif has_timeout:
+        deadline = now_ms + spec.timeout.ToMilliseconds()
+    else:
+        deadline = now_ms + int(cfg.default_deadline_s * 1000)
+    if deadline <= now_ms:
+        raise DeadlinePassed("the task's deadline has already passed", task_id=spec.task_id)
+    return min(deadline, now_ms + int(cfg.max_deadline_s * 1000))

@@ -1,0 +1,44 @@
+from mesh.v1 import tasks_pb2 as _tasks_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Envelope(_message.Message):
+    __slots__ = ("spec", "path", "hops", "deadline_unix_ms", "attempt", "entry_agent", "may_queue")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ENTRY_AGENT_FIELD_NUMBER: _ClassVar[int]
+    MAY_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    spec: _tasks_pb2.TaskSpec
+    path: _containers.RepeatedScalarFieldContainer[str]
+    hops: int
+    deadline_unix_ms: int
+    attempt: int
+    entry_agent: str
+    may_queue: bool
+    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., entry_agent: _Optional[str] = ..., may_queue: _Optional[bool] = ...) -> None: ...
+
+class OfferResponse(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class TaskRecord(_message.Message):
+    __slots__ = ("status", "spec_digest", "cancel_requested")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    status: _tasks_pb2.TaskStatus
+    spec_digest: str
+    cancel_requested: bool
+    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
