@@ -12,7 +12,7 @@ import argparse
 import os
 import socket
 from pathlib import Path
-from typing import Any, Self
+from typing import Annotated, Any, Self
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -26,6 +26,8 @@ from pydantic_settings import (
 from mesh.errors import ConfigError
 
 MiB = 1024 * 1024
+# A model or pipeline name: what users put in TaskSpec.model and TaskSpec.pipeline.
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:/-]{1,128}$")]
 
 
 class AgentConfig(BaseSettings):
@@ -81,14 +83,14 @@ class AgentConfig(BaseSettings):
         default_factory=dict,
         description="Overrides of the GPU-class weight table (class name to weight).",
     )
-    models: list[str] = Field(
+    models: list[Name] = Field(
         default_factory=list,
         description="Models this agent can serve; empty: any model.",
     )
-    preloaded_models: list[str] = Field(
+    preloaded_models: list[Name] = Field(
         default_factory=list, description="Models counted as loaded at start (no load delay)."
     )
-    pipelines: list[str] | None = Field(
+    pipelines: list[Name] | None = Field(
         None, description="Pipelines this agent runs; unset: every installed pipeline plugin."
     )
     commands: dict[str, list[str]] = Field(

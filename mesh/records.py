@@ -140,9 +140,14 @@ class TaskStore:
     async def delete(self, stored: Stored) -> bool:
         """Delete the record if it is still exactly ``stored``."""
         key = self._keys.task(stored.status.task_id)
-        ok, _ = await self._client.transaction(
-            compare=[self._tx.mod(key) == stored.revision], success=[self._tx.delete(key)]
-        )
+        try:
+            ok, _ = await self._client.transaction(
+                compare=[self._tx.mod(key) == stored.revision],
+                success=[self._tx.delete(key)],
+                failure=[],
+            )
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
         return bool(ok)
 
     async def follow(self, task_id: str) -> AsyncIterator[Stored]:

@@ -19,7 +19,7 @@ from mesh.v1 import tasks_pb2 as pb
 
 TERMINAL = frozenset({pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED})
 TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")  # as config.Name
 
 
 def state_name(state: int) -> str:

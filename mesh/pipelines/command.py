@@ -1,7 +1,9 @@
 """Runs an operator-declared program on the task's GPUs, as a subprocess.
 
 Users name a command (``params["command"]``); its argv comes from the agent's config, so
-a user can never choose what runs. The payload goes to stdin and stdout is the result.
+a user can never choose what runs. The payload goes to stdin (from an unlinked temporary
+file, not a pipe: uvloop can report a fresh stdin pipe as closed under load, and a file
+also lets the program seek) and stdout, read to its end, is the result.
 ``CUDA_VISIBLE_DEVICES`` holds the slot's GPU indexes, so the program sees exactly the
 GPUs it was given. A stderr line ``PROGRESS step/total message`` reports progress. The
 exit code gives the state; on cancel or deadline the whole process group is killed.
@@ -14,6 +16,8 @@ import contextlib
 import os
 import re
 import signal
+import tempfile
+from typing import IO
 
 from mesh.config import AgentConfig
 from mesh.pipelines import Output, PipelineError, RunContext
@@ -44,17 +48,19 @@ class CommandPipeline:
             "MESH_ATTEMPT": str(ctx.attempt),
             "MESH_MODEL": ctx.spec.model,
         }
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=env,
-            start_new_session=True,  # its own process group: we can kill its children too
-        )
+        with tempfile.TemporaryFile() as stdin:
+            await asyncio.to_thread(_fill, stdin, ctx.spec.payload)
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=stdin,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # its own process group: we can kill its children too
+            )
         try:
             stdout, stderr_tail = await asyncio.gather(
-                self._talk(proc, ctx.spec.payload), self._watch_stderr(proc, ctx)
+                self._read_output(proc), self._watch_stderr(proc, ctx)
             )
             code = await proc.wait()
         finally:
@@ -67,16 +73,16 @@ class CommandPipeline:
             raise PipelineError(f"command {name!r} exited with {code}: {tail}", "ABORTED")
         return Output(stdout, ctx.spec.params.get("media_type", "application/octet-stream"))
 
-    async def _talk(self, proc: asyncio.subprocess.Process, payload: bytes) -> bytes:
-        assert proc.stdin is not None and proc.stdout is not None
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            proc.stdin.write(payload)
-            await proc.stdin.drain()
-            proc.stdin.close()
-        out = await proc.stdout.read(self._max_output + 1)
-        if len(out) > self._max_output:
-            raise PipelineError("command output exceeds max_payload_bytes", "RESOURCE_EXHAUSTED")
-        return out
+    async def _read_output(self, proc: asyncio.subprocess.Process) -> bytes:
+        assert proc.stdout is not None
+        out = bytearray()
+        while chunk := await proc.stdout.read(64 * 1024):
+            out += chunk
+            if len(out) > self._max_output:
+                raise PipelineError(
+                    "command output exceeds max_payload_bytes", "RESOURCE_EXHAUSTED"
+                )
+        return bytes(out)
 
     async def _watch_stderr(self, proc: asyncio.subprocess.Process, ctx: RunContext) -> bytes:
         assert proc.stderr is not None
@@ -88,3 +94,9 @@ class CommandPipeline:
             else:
                 tail = (tail + line)[-STDERR_TAIL:]
         return tail
+
+
+def _fill(file: IO[bytes], payload: bytes) -> None:
+    file.write(payload)
+    file.flush()
+    file.seek(0)

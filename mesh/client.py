@@ -1,0 +1,63 @@
+"""A small Python client of the public API, used by meshctl, the demo and the tests.
+
+Any gRPC language can do the same from ``proto/`` alone; this only saves Python callers
+the channel options and the request wrapping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from mesh.peers import channel_options
+from mesh.v1 import tasks_pb2 as pb
+from mesh.v1 import tasks_pb2_grpc
+
+DEFAULT_MAX_MESSAGE = 8 * 1024 * 1024
+
+
+class MeshClient:
+    def __init__(self, endpoint: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.endpoint = endpoint
+        self.channel = grpc.aio.insecure_channel(
+            endpoint, options=channel_options(max_message_bytes)
+        )
+        self.tasks = tasks_pb2_grpc.TaskServiceStub(self.channel)
+        self.agents_stub = tasks_pb2_grpc.AgentServiceStub(self.channel)
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def submit(self, spec: pb.TaskSpec, timeout_s: float = 10.0) -> pb.SubmitResponse:
+        return await self.tasks.Submit(pb.SubmitRequest(spec=spec), timeout=timeout_s)
+
+    async def get(self, task_id: str, timeout_s: float = 5.0) -> pb.TaskStatus:
+        return await self.tasks.Get(pb.GetRequest(task_id=task_id), timeout=timeout_s)
+
+    async def cancel(
+        self, task_id: str, reason: str = "", timeout_s: float = 10.0
+    ) -> pb.TaskStatus:
+        return await self.tasks.Cancel(
+            pb.CancelRequest(task_id=task_id, reason=reason), timeout=timeout_s
+        )
+
+    async def list(
+        self, user_id: str = "", state: int = 0, limit: int = 0, timeout_s: float = 10.0
+    ) -> pb.ListResponse:
+        return await self.tasks.List(
+            pb.ListRequest(user_id=user_id, state=state, limit=limit), timeout=timeout_s
+        )
+
+    def watch(self, task_id: str, timeout_s: float | None = None) -> AsyncIterator[pb.TaskEvent]:
+        return self.tasks.Watch(pb.WatchRequest(task_id=task_id), timeout=timeout_s)
+
+    async def agents(self, timeout_s: float = 5.0) -> list[pb.AgentInfo]:
+        reply = await self.agents_stub.ListAgents(pb.ListAgentsRequest(), timeout=timeout_s)
+        return list(reply.agents)

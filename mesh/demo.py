@@ -1,0 +1,266 @@
+"""``meshctl demo``: a mixed workload over a local 2-DC mesh, followed live, then a report.
+
+The workload is seeded: models drawn from a skewed (Zipf-like) distribution, mostly
+simulated GPU work (``sleep``, with a model-load cost where the model is cold), some
+``echo`` and ``command`` tasks, a fifth in the ``vip`` class, and a few cancelled by the
+client through a different agent than the one they ran on. A task is *lost* when its
+Submit was accepted but it never reached a terminal state; the demo fails if any is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from mesh.client import MeshClient
+from mesh.localmesh import LocalMesh
+from mesh.task import TERMINAL, state_name
+from mesh.v1 import tasks_pb2 as pb
+
+USER = "demo"
+# (model, task type, weight in the mix): a skewed popularity, as real traffic is.
+MODELS = [
+    ("sdxl-1.0", pb.TASK_TYPE_T2I, 30),
+    ("llama3-8b", pb.TASK_TYPE_LLM, 20),
+    ("flux-dev", pb.TASK_TYPE_T2I, 12),
+    ("esrgan-x4", pb.TASK_TYPE_SUPER_RESOLUTION, 8),
+    ("xtts-v2", pb.TASK_TYPE_TTS, 6),
+    ("sd-inpaint", pb.TASK_TYPE_I2I, 4),
+]
+RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
+SUBMIT_TRIES = 30
+CANCEL_SHARE = 0.03
+FINISH_TIMEOUT_S = 180.0
+
+
+def workload(count: int, seed: int) -> list[pb.TaskSpec]:
+    rng = random.Random(seed)
+    weights = [w for _, _, w in MODELS]
+    specs = []
+    for i in range(count):
+        model, task_type, _ = rng.choices(MODELS, weights)[0]
+        spec = pb.TaskSpec(
+            task_id=f"demo-{seed}-{i:04d}",
+            user=pb.User(id=USER, group="demo", role="tester"),
+            task_type=task_type,
+            model=model,
+            queue="vip" if rng.random() < 0.2 else "normal",
+        )
+        roll = rng.random()
+        if roll < 0.85:
+            spec.pipeline = "sleep"
+            spec.params.update(seconds=f"{rng.uniform(0.2, 1.2):.2f}", steps="4")
+        elif roll < 0.95:
+            spec.pipeline = "echo"
+            spec.payload = rng.randbytes(rng.randint(16, 4096))
+        else:
+            spec.pipeline = "command"
+            spec.params["command"] = "checksum"
+            spec.payload = rng.randbytes(1024)
+        spec.timeout.FromSeconds(120)
+        specs.append(spec)
+    return specs
+
+
+@dataclass
+class Tally:
+    accepted: dict[str, str]  # task id -> DC it was submitted in
+    rejected: Counter[str]
+
+
+async def _submit(
+    clients: list[tuple[str, MeshClient]],
+    specs: list[pb.TaskSpec],
+    rng: random.Random,
+    tally: Tally,
+    on_done: Callable[[], None],
+) -> None:
+    gate = asyncio.Semaphore(16)
+
+    async def one(spec: pb.TaskSpec) -> None:
+        dc, client = rng.choice(clients)
+        async with gate:
+            for attempt in range(SUBMIT_TRIES):
+                try:
+                    await client.submit(spec)
+                    tally.accepted[spec.task_id] = dc
+                    break
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() not in RETRYABLE or attempt == SUBMIT_TRIES - 1:
+                        tally.rejected[exc.code().name] += 1
+                        break
+                    await asyncio.sleep(min(1.0, 0.1 * 2**attempt) * (0.5 + rng.random()))
+        on_done()
+
+    await asyncio.gather(*(one(s) for s in specs))
+
+
+async def _cancel_some(
+    clients: dict[str, list[MeshClient]], tally: Tally, rng: random.Random
+) -> int:
+    """Cancel a few accepted tasks, each through an agent other than the first of its DC."""
+    ids = sorted(tally.accepted)
+    chosen = rng.sample(ids, k=max(1, int(len(ids) * CANCEL_SHARE))) if ids else []
+    for task_id in chosen:
+        dc_clients = clients[tally.accepted[task_id]]
+        # Already finished, or its agent busy: the report shows how it really ended.
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await dc_clients[-1].cancel(task_id, "demo: the user changed their mind")
+    return len(chosen)
+
+
+async def _statuses(clients: dict[str, list[MeshClient]]) -> dict[str, pb.TaskStatus]:
+    found: dict[str, pb.TaskStatus] = {}
+    for dc_clients in clients.values():
+        reply = await dc_clients[0].list(user_id=USER, limit=100_000)
+        found.update({s.task_id: s for s in reply.tasks})
+    return found
+
+
+async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
+    rng = random.Random(seed)
+    by_dc: dict[str, list[MeshClient]] = defaultdict(list)
+    for s in mesh.started:
+        if s.kind == "agent":
+            by_dc[s.dc].append(MeshClient(s.address))
+    flat = [(dc, c) for dc, cs in by_dc.items() for c in cs]
+    specs = workload(count, seed)
+    tally = Tally({}, Counter())
+    started = time.monotonic()
+    statuses: dict[str, pb.TaskStatus] = {}
+    try:
+        with Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[note]}"),
+            console=console,
+        ) as progress:
+            sent = progress.add_task("submitted", total=count, note="")
+            ended = progress.add_task("finished", total=count, note="")
+            submitting = asyncio.create_task(
+                _submit(flat, specs, rng, tally, lambda: progress.advance(sent))
+            )
+            cancelled = 0
+            deadline = time.monotonic() + FINISH_TIMEOUT_S
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                statuses = await _statuses(by_dc)
+                states = Counter(state_name(s.state) for s in statuses.values())
+                done = sum(
+                    1 for t in tally.accepted if statuses.get(t) and statuses[t].state in TERMINAL
+                )
+                progress.update(
+                    ended,
+                    completed=done,
+                    total=len(tally.accepted) or count,
+                    note=" ".join(f"{k.lower()}={v}" for k, v in sorted(states.items())),
+                )
+                if submitting.done() and not cancelled and len(tally.accepted) > count // 2:
+                    cancelled = await _cancel_some(by_dc, tally, rng)
+                if submitting.done() and done == len(tally.accepted):
+                    break
+            await submitting
+            statuses = await _statuses(by_dc)
+    finally:
+        for c in (c for cs in by_dc.values() for c in cs):
+            await c.close()
+    elapsed = time.monotonic() - started
+    lost = [t for t in tally.accepted if t not in statuses or statuses[t].state not in TERMINAL]
+    _report(console, tally, statuses, lost, elapsed)
+    return len(lost)
+
+
+def _report(
+    console: Console,
+    tally: Tally,
+    statuses: dict[str, pb.TaskStatus],
+    lost: list[str],
+    elapsed: float,
+) -> None:
+    per_agent: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+    for task_id in tally.accepted:
+        s = statuses.get(task_id)
+        if s is None:
+            continue
+        row = per_agent[(s.dc, s.agent or "-")]
+        row[state_name(s.state)] += 1
+        row["forwarded"] += bool(s.path)
+        row["vip"] += s.spec.queue == "vip"
+        if s.spec.pipeline == "sleep" and s.result.inline:
+            row["cold"] += json.loads(s.result.inline).get("cold_start", False)
+    table = Table(
+        "dc",
+        "agent",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "vip",
+        "forwarded",
+        "cold starts",
+        title="where tasks ran",
+    )
+    for (dc, agent), c in sorted(per_agent.items()):
+        table.add_row(
+            dc,
+            agent,
+            str(c["SUCCEEDED"]),
+            str(c["FAILED"]),
+            str(c["CANCELLED"]),
+            str(c["vip"]),
+            str(c["forwarded"]),
+            str(c["cold"]),
+        )
+    console.print(table)
+    ends = Counter(state_name(statuses[t].state) for t in tally.accepted if t in statuses)
+    summary = Table(
+        "submitted",
+        "accepted",
+        "rejected",
+        "succeeded",
+        "failed",
+        "cancelled",
+        "lost",
+        "seconds",
+        title="how tasks ended",
+    )
+    summary.add_row(
+        str(len(tally.accepted) + sum(tally.rejected.values())),
+        str(len(tally.accepted)),
+        ", ".join(f"{v} {k}" for k, v in tally.rejected.items()) or "0",
+        str(ends["SUCCEEDED"]),
+        str(ends["FAILED"]),
+        str(ends["CANCELLED"]),
+        f"[red]{len(lost)}[/red]" if lost else "0",
+        f"{elapsed:.1f}",
+    )
+    console.print(summary)
+    failed = [
+        statuses[t]
+        for t in tally.accepted
+        if t in statuses and statuses[t].state == pb.TASK_STATE_FAILED
+    ]
+    for s in failed[:5]:
+        console.print(f"failed {s.task_id}: {s.error.code} {s.error.message}")
+    for task_id in lost[:10]:
+        s = statuses.get(task_id)
+        console.print(
+            f"[red]lost[/red] {task_id}: "
+            f"{state_name(s.state) + ' on ' + s.agent if s else 'no record'}"
+        )
+
+
+def run_demo(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
+    """Run the workload on a started mesh; return how many accepted tasks were lost."""
+    return asyncio.run(_run(mesh, count, seed, console))
