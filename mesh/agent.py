@@ -109,7 +109,12 @@ class Agent:
             log.warning("could not update agent record: %s", exc)
 
     async def _watch_session(self) -> None:
-        """A lost lease means peers think we are dead: come back as a new incarnation."""
+        """A lost lease means peers think we are dead: come back as a new incarnation.
+
+        Registry and reporter read the lease through ``self.session``, so replacing the
+        session is enough. Runs already under way keep going here; deciding what becomes
+        of them once peers have written them off is the failover issue's work.
+        """
         while True:
             await self.session.lost.wait()
             if not self.executor.accepting:
@@ -117,15 +122,13 @@ class Agent:
             log.error("membership lease lost; registering again")
             await self.session.close(revoke=False)
             self.session = Session(self.client, self.cfg.lease_ttl_s)
-            self.reporter = RecordReporter(self.cfg, self.store, self.session)
-            self.registry = Registry(self.client, self.keys, lambda: self.session.lease_id)
             try:
                 await self.session.open()
                 self._incarnation = _now_ms()
                 await self.registry.publish(self._record())
-                self._spawn(self.registry.mirror.run(), "membership")
             except MeshError as exc:
-                log.error("re-registration failed: %s", exc)
+                log.error("re-registration failed: %s; retrying", exc)
+                self.session.lost.set()
                 await asyncio.sleep(1)
 
     async def stop(self, grace_s: float) -> None:
@@ -295,9 +298,20 @@ class Agent:
         try:
             await self.store.update(job.task_id, mutate, attempt=job.attempt)
         except MeshError as exc:
+            if isinstance(exc, StaleWrite) and await self._runs_here(job):
+                return True, "accepted"
             self.executor.cancel(job.task_id, "record refused")
             return False, f"record: {exc.message}"
         return True, "accepted"
+
+    async def _runs_here(self, job: Job) -> bool:
+        """Whether the record shows this agent running (or having run) ``job``'s attempt:
+        a short task can start, even finish, before the accepting write lands."""
+        try:
+            status = (await self.store.get(job.task_id)).status
+        except MeshError:
+            return False
+        return status.agent == self.cfg.agent_id and status.attempt == job.attempt
 
     def _sync_gauges(self) -> None:
         metrics.RUNNING.set(self.executor.running)

@@ -38,7 +38,8 @@ console = Console()
 err = Console(stderr=True)
 
 T = TypeVar("T")
-DEFAULT_TOPOLOGY = Path("topology/local.yaml")
+# The repository's topology/local.yaml, wherever meshctl is run from (an editable install).
+DEFAULT_TOPOLOGY = Path(__file__).resolve().parent.parent / "topology" / "local.yaml"
 
 
 class Output(StrEnum):
@@ -213,7 +214,9 @@ def submit(
     user: Annotated[str, typer.Option(help="user id")] = "cli",
     queue: Annotated[str, typer.Option(help="queue class; empty: the default")] = "",
     param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE")] = [],  # noqa: B006
-    payload_file: Annotated[Path | None, typer.Option("--payload", help="file to send")] = None,
+    payload_file: Annotated[
+        Path | None, typer.Option("--payload", exists=True, dir_okay=False, help="file to send")
+    ] = None,
     task_id: Annotated[str, typer.Option("--id", help="client id (idempotent)")] = "",
     timeout: Annotated[float, typer.Option(help="task deadline in seconds; 0: default")] = 0,
     affinity: Annotated[str, typer.Option(help="affinity key")] = "",
@@ -370,3 +373,7 @@ def demo(
     if lost:
         raise fail(f"{lost} task(s) lost")
     console.print("[green]every task reached a terminal state[/green]")
+
+
+if __name__ == "__main__":
+    app()

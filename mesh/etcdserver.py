@@ -107,10 +107,10 @@ class EtcdMember:
 
     def start(self, log_path: Path | None = None) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        out = log_path.open("ab") if log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            self.argv(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with open(log_path or os.devnull, "ab") as out:  # the child keeps its own copy
+            self.process = subprocess.Popen(
+                self.argv(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
 
     def healthy(self) -> bool:
         try:

@@ -9,7 +9,6 @@ run before it touches a GPU.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -223,13 +222,14 @@ class Executor:
         handback = list(self._queue)
         for job in handback:
             self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(grace_s):
-                while self._running:
-                    await asyncio.gather(
-                        *(r.task for r in list(self._running.values()) if r.task),
-                        return_exceptions=True,
-                    )
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while running := [r.task for r in self._running.values() if r.task]:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            # asyncio.wait, not gather under a timeout: that would cancel the runs as if
+            # they were torn down, and they would be neither finished nor handed back.
+            await asyncio.wait(running, timeout=left)
         interrupted = list(self._running.values())
         for run in interrupted:
             run.handed_back = True

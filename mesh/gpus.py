@@ -57,15 +57,20 @@ def gpu_class(name: str, classes: Iterable[str] = DEFAULT_GPU_WEIGHTS) -> str:
 
 
 def weight_of(gpus: list[Gpu], overrides: dict[str, float]) -> float:
-    table = {**DEFAULT_GPU_WEIGHTS, **overrides}
+    table = {**DEFAULT_GPU_WEIGHTS, **{c.upper(): w for c, w in overrides.items()}}
     return sum(table.get(g.gpu_class, UNKNOWN_WEIGHT) for g in gpus)
 
 
 _FAKE_ITEM = re.compile(r"^(?:(\d+)x)?([A-Za-z0-9]+)-(\d+)GB$")
 
 
-def parse_fake(spec: str) -> list[Gpu]:
-    """``2xA100-80GB,1xA40-48GB`` -> three GPUs with stable fake UUIDs."""
+def parse_fake(spec: str, classes: Iterable[str] = DEFAULT_GPU_WEIGHTS) -> list[Gpu]:
+    """``2xA100-80GB,1xA40-48GB`` -> three GPUs with stable fake UUIDs.
+
+    The class must be one the weight table knows (or an override adds): a typo would
+    otherwise join the ring with the weight of an unknown GPU, and nobody would notice.
+    """
+    known = {c.upper() for c in classes}
     gpus: list[Gpu] = []
     for item in filter(None, (part.strip() for part in spec.split(","))):
         match = _FAKE_ITEM.match(item)
@@ -74,6 +79,11 @@ def parse_fake(spec: str) -> list[Gpu]:
                 f"fake_gpus: cannot read {item!r}; expected COUNTxCLASS-MEMGB, e.g. 2xA100-80GB"
             )
         count, cls, mem_gb = int(match[1] or 1), match[2].upper(), int(match[3])
+        if cls not in known:
+            raise ConfigError(
+                f"fake_gpus: unknown GPU class {match[2]!r} in {item!r}; known: "
+                f"{', '.join(sorted(known))} (add one with gpu_weights)"
+            )
         for _ in range(count):
             index = len(gpus)
             gpus.append(
@@ -128,6 +138,7 @@ def probe_nvml(classes: Iterable[str] = DEFAULT_GPU_WEIGHTS) -> list[Gpu]:
 
 
 def inventory(fake_spec: str | None, weight_overrides: dict[str, float]) -> list[Gpu]:
+    classes = [*DEFAULT_GPU_WEIGHTS, *weight_overrides]
     if fake_spec:
-        return parse_fake(fake_spec)
-    return probe_nvml([*DEFAULT_GPU_WEIGHTS, *weight_overrides])
+        return parse_fake(fake_spec, classes)
+    return probe_nvml(classes)

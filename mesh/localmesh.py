@@ -164,10 +164,10 @@ class LocalMesh:
                 ):
                     if names:
                         argv += [flag, json.dumps(names)]
-                log = (self.home / "logs" / f"{spec.id}.log").open("ab")
-                proc = subprocess.Popen(
-                    argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-                )
+                with (self.home / "logs" / f"{spec.id}.log").open("ab") as log:
+                    proc = subprocess.Popen(
+                        argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    )
                 self.started.append(Started("agent", spec.id, dc, proc.pid, address))
                 self._save()
 

@@ -1,0 +1,69 @@
+"""Configuration: every source, and a per-field message for every bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mesh.config import AgentConfig, load_agent_config
+from mesh.errors import ConfigError
+
+
+def test_defaults_are_valid() -> None:
+    cfg = load_agent_config([])
+    assert cfg.queues == {"vip": 8, "normal": 2}
+    assert cfg.default_queue in cfg.queues
+    assert cfg.max_message_bytes > cfg.max_payload_bytes
+
+
+def test_flags_override_environment_which_overrides_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("lease_ttl_s: 7\ndc: from-file\nmodel_load_s: 1.5\n")
+    monkeypatch.setenv("MESH_LEASE_TTL_S", "9")
+    cfg = load_agent_config(["--config", str(config), "--dc", "from-flag"])
+    assert cfg.dc == "from-flag"
+    assert cfg.lease_ttl_s == 9
+    assert cfg.model_load_s == 1.5
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--lease-ttl-s", "1"], "lease_ttl_s"),
+        (["--dc", "Bad DC"], "dc"),
+        (["--queues", '{"vip": 0}', "--default-queue", "vip"], "weights must be positive"),
+        (["--default-queue", "gold"], "default_queue 'gold' is not one of the queues"),
+        (["--models", '["ok", ""]'], "models.1"),
+        (["--inline-payload-bytes", "2048", "--max-payload-bytes", "1024"], "inline_payload"),
+        (["--commands", '{"x": []}'], "commands.x: argv is empty"),
+    ],
+)
+def test_bad_values_are_named(argv: list[str], field: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_agent_config(argv)
+    assert field in caught.value.message
+    assert caught.value.message.startswith("invalid configuration:")
+
+
+def test_missing_config_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_agent_config(["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_unknown_key_in_file_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text("lease_ttl: 7\n")
+    with pytest.raises(ConfigError, match="lease_ttl"):
+        load_agent_config(["--config", str(config)])
+
+
+def test_every_field_documents_itself() -> None:
+    undocumented = [
+        name
+        for name, info in AgentConfig.model_fields.items()
+        if not info.description and name != "log_level"
+    ]
+    assert undocumented == []

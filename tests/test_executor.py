@@ -1,0 +1,227 @@
+"""The executor on its own: slots, queue order, cancel, deadline, drain, stale starts.
+
+A recording reporter stands where the task records would be, and a gated pipeline lets the
+test decide when each run ends, so nothing here depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from mesh.config import AgentConfig
+from mesh.errors import InvalidTask, LimitExceeded, Unavailable
+from mesh.executor import Executor, Job, Outcome
+from mesh.gpus import Gpu, parse_fake
+from mesh.pipelines import Models, Output, PipelineError, RunContext
+from mesh.pipelines.echo import EchoPipeline
+from mesh.pipelines.sleep import SleepPipeline
+from mesh.task import state_name
+from mesh.v1 import tasks_pb2 as pb
+
+
+@dataclass
+class Recorder:
+    """Reporter that records what the executor tells it."""
+
+    stale: set[str] = field(default_factory=set)
+    starts: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    progress_seen: list[tuple[str, int, int]] = field(default_factory=list)
+    ends: dict[str, Outcome] = field(default_factory=dict)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool:
+        self.starts.append((job.task_id, tuple(g.index for g in gpus)))
+        self.changed.set()
+        return job.task_id not in self.stale
+
+    def progress(self, job: Job, step: int, total: int, message: str) -> None:
+        self.progress_seen.append((job.task_id, step, total))
+
+    async def finished(self, job: Job, outcome: Outcome) -> None:
+        self.ends[job.task_id] = outcome
+        self.changed.set()
+
+    async def until(self, what: str, ready: Callable[[], object]) -> None:
+        try:
+            async with asyncio.timeout(10):  # a hang guard, not a measurement
+                while not ready():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"executor never reached: {what}") from None
+
+
+class Gated:
+    """A pipeline whose runs end when the test opens their gate."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+        self.cuda: dict[str, list[int]] = {}
+
+    def open(self, task_id: str) -> None:
+        self.gates.setdefault(task_id, asyncio.Event()).set()
+
+    async def run(self, ctx: RunContext) -> Output:
+        self.cuda[ctx.task_id] = [g.index for g in ctx.gpus]
+        await self.gates.setdefault(ctx.task_id, asyncio.Event()).wait()
+        if ctx.spec.params.get("fail"):
+            raise PipelineError("asked to fail", "ABORTED")
+        if ctx.spec.params.get("crash"):
+            raise ZeroDivisionError("bug")
+        return Output(ctx.task_id.encode())
+
+
+def job(task_id: str, queue: str = "normal", gpus: int = 1, deadline_s: float = 60,
+        **params: str) -> Job:  # fmt: skip
+    spec = pb.TaskSpec(task_id=task_id, pipeline="gated", model="m", queue=queue, gpu_count=gpus)
+    spec.params.update(params)
+    return Job(spec, attempt=1, deadline_ms=int((time.time() + deadline_s) * 1000))
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[tuple[Executor, Recorder, Gated]]:
+    cfg = AgentConfig(max_queue_length=4, model_load_s=0)
+    recorder, gated = Recorder(), Gated()
+    executor = Executor(
+        cfg,
+        parse_fake("2xA100-80GB"),
+        {"gated": gated, "echo": EchoPipeline(cfg), "sleep": SleepPipeline(cfg)},
+        Models([], lambda: None),
+        recorder,
+    )
+    loop = asyncio.create_task(executor.run())
+    yield executor, recorder, gated
+    loop.cancel()
+    await asyncio.gather(loop, return_exceptions=True)
+    for gate in gated.gates.values():
+        gate.set()
+
+
+async def test_one_task_per_gpu_slot_and_the_rest_wait(rig) -> None:
+    executor, recorder, gated = rig
+    for i in range(3):
+        executor.enqueue(job(f"t{i}"))
+    await recorder.until("two starts", lambda: len(recorder.starts) == 2)
+    assert sorted(gpu for _, gpus in recorder.starts for gpu in gpus) == [0, 1]
+    assert executor.running == 2 and executor.queued == 1
+    gated.open("t0")
+    await recorder.until("third start", lambda: len(recorder.starts) == 3)
+    assert recorder.starts[2] == ("t2", tuple(gated.cuda["t0"]))
+    assert state_name(recorder.ends["t0"].state) == "SUCCEEDED"
+    assert recorder.ends["t0"].output == Output(b"t0")
+
+
+async def test_multi_gpu_task_gets_both_slots(rig) -> None:
+    executor, recorder, _gated = rig
+    executor.enqueue(job("wide", gpus=2))
+    await recorder.until("start", lambda: recorder.starts)
+    assert recorder.starts == [("wide", (0, 1))]
+    assert not executor.has_free_slot_for(job("x").spec)
+
+
+async def test_failures_are_outcomes_not_crashes(rig) -> None:
+    executor, recorder, gated = rig
+    executor.enqueue(job("fails", fail="1"))
+    executor.enqueue(job("crashes", crash="1"))
+    gated.open("fails")
+    gated.open("crashes")
+    await recorder.until("two ends", lambda: len(recorder.ends) == 2)
+    assert recorder.ends["fails"].error_code == "ABORTED"
+    assert recorder.ends["crashes"].error_code == "INTERNAL"
+    assert "ZeroDivisionError" in recorder.ends["crashes"].error_message
+    executor.enqueue(job("after"))  # the slots came back
+    gated.open("after")
+    await recorder.until("third end", lambda: "after" in recorder.ends)
+
+
+async def test_cancel_running_and_queued(rig) -> None:
+    executor, recorder, _gated = rig
+    for i in range(3):
+        executor.enqueue(job(f"t{i}"))
+    await recorder.until("two starts", lambda: len(recorder.starts) == 2)
+    queued = executor.cancel("t2", "changed my mind")
+    assert queued is not None and queued.task_id == "t2"
+    assert executor.cancel("t0", "changed my mind") is None
+    await recorder.until("cancelled end", lambda: "t0" in recorder.ends)
+    assert state_name(recorder.ends["t0"].state) == "CANCELLED"
+    assert recorder.ends["t0"].error_message == "changed my mind"
+    assert "t2" not in recorder.ends  # a queued task's end is the caller's to record
+    assert not executor.holds("t2")
+
+
+async def test_deadline_stops_a_run(rig) -> None:
+    executor, recorder, _ = rig
+    executor.enqueue(job("late", deadline_s=0.2))
+    await recorder.until("end", lambda: "late" in recorder.ends)
+    assert state_name(recorder.ends["late"].state) == "FAILED"
+    assert recorder.ends["late"].error_code == "DEADLINE_EXCEEDED"
+
+
+async def test_a_stale_start_never_runs(rig) -> None:
+    executor, recorder, gated = rig
+    recorder.stale.add("old")
+    executor.enqueue(job("old"))
+    await recorder.until("start", lambda: recorder.starts)
+    await recorder.until("slot back", lambda: executor.running == 0)
+    assert "old" not in gated.cuda and "old" not in recorder.ends
+
+
+async def test_drain_returns_what_did_not_finish(rig) -> None:
+    executor, recorder, gated = rig
+    for i in range(3):
+        executor.enqueue(job(f"t{i}"))
+    await recorder.until("two starts", lambda: len(recorder.starts) == 2)
+    gated.open("t0")
+    back = await executor.drain(grace_s=0.05)
+    assert sorted(j.task_id for j in back) == ["t1", "t2"]
+    assert "t1" not in recorder.ends  # handed back, not cancelled
+    assert state_name(recorder.ends["t0"].state) == "SUCCEEDED"
+    with pytest.raises(Unavailable, match="draining"):
+        executor.enqueue(job("late"))
+
+
+async def test_check_refuses_what_this_agent_cannot_run(rig) -> None:
+    executor, recorder, _ = rig
+    with pytest.raises(InvalidTask, match="pipeline"):
+        executor.check(pb.TaskSpec(pipeline="paint", model="m"))
+    with pytest.raises(InvalidTask, match="needs 3 GPU"):
+        executor.check(job("x", gpus=3).spec)
+    executor.enqueue(job("r0"))
+    executor.enqueue(job("r1"))
+    await recorder.until("two starts", lambda: len(recorder.starts) == 2)
+    for i in range(4):
+        executor.enqueue(job(f"q{i}"))
+    with pytest.raises(LimitExceeded, match="queue full"):
+        executor.enqueue(job("one-too-many"))
+
+
+async def test_sleep_pipeline_reports_steps_and_cold_start(rig) -> None:
+    executor, recorder, _ = rig
+    for task_id in ("cold", "warm"):
+        j = job(task_id, seconds="0", steps="3")
+        j.spec.pipeline = "sleep"
+        executor.enqueue(j)
+        await recorder.until("end", lambda t=task_id: t in recorder.ends)
+    assert [p for p in recorder.progress_seen if p[0] == "cold"] == [
+        ("cold", 1, 3),
+        ("cold", 2, 3),
+        ("cold", 3, 3),
+    ]
+    assert b'"cold_start": true' in recorder.ends["cold"].output.data
+    assert b'"cold_start": false' in recorder.ends["warm"].output.data
+
+
+async def test_sleep_pipeline_rejects_bad_params(rig) -> None:
+    executor, recorder, _ = rig
+    j = job("bad", seconds="soon")
+    j.spec.pipeline = "sleep"
+    executor.enqueue(j)
+    await recorder.until("end", lambda: "bad" in recorder.ends)
+    assert recorder.ends["bad"].error_code == "INVALID_ARGUMENT"

@@ -1,0 +1,105 @@
+"""What a valid task is: every rule of ``admit``, by table, with the error each one raises."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from mesh.config import AgentConfig
+from mesh.errors import DeadlinePassed, InvalidTask, LimitExceeded, MeshError
+from mesh.task import admit, spec_digest
+from mesh.v1 import tasks_pb2 as pb
+
+NOW_MS = 1_800_000_000_000
+PIPELINES = {"sleep", "echo"}
+CFG = AgentConfig(max_payload_bytes=1024, inline_payload_bytes=512, max_params=2,
+                  max_param_bytes=16, default_deadline_s=60, max_deadline_s=3600)  # fmt: skip
+
+
+def valid() -> pb.TaskSpec:
+    return pb.TaskSpec(
+        task_id="t-1",
+        user=pb.User(id="ada", group="g", role="r"),
+        task_type=pb.TASK_TYPE_T2I,
+        pipeline="sleep",
+        model="sdxl-1.0",
+    )
+
+
+def with_(change: Callable[[pb.TaskSpec], object]) -> pb.TaskSpec:
+    spec = valid()
+    change(spec)
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "words"),
+    [
+        (with_(lambda s: setattr(s, "task_id", "has space")), InvalidTask, "task_id"),
+        (with_(lambda s: s.user.ClearField("id")), InvalidTask, "user.id"),
+        (with_(lambda s: s.ClearField("task_type")), InvalidTask, "task_type"),
+        (with_(lambda s: setattr(s, "task_type", 99)), InvalidTask, "unknown task_type"),
+        (with_(lambda s: s.ClearField("pipeline")), InvalidTask, "pipeline is required"),
+        (with_(lambda s: setattr(s, "pipeline", "paint")), InvalidTask, "unknown pipeline"),
+        (with_(lambda s: s.ClearField("model")), InvalidTask, "model is required"),
+        (with_(lambda s: setattr(s, "model", "a b")), InvalidTask, "model"),
+        (with_(lambda s: setattr(s, "queue", "gold")), InvalidTask, "unknown queue 'gold'"),
+        (with_(lambda s: setattr(s, "affinity_key", "k" * 257)), InvalidTask, "affinity_key"),
+        (with_(lambda s: setattr(s, "payload", b"x" * 1025)), LimitExceeded, "payload"),
+        (with_(lambda s: s.params.update(a="1", b="2", c="3")), LimitExceeded, "params"),
+        (with_(lambda s: s.params.update(a="v" * 17)), LimitExceeded, "too long"),
+        (with_(lambda s: s.deadline.FromMilliseconds(NOW_MS)), DeadlinePassed, "passed"),
+        (with_(lambda s: s.timeout.FromMilliseconds(-1)), DeadlinePassed, "passed"),
+        (
+            with_(lambda s: (s.timeout.FromSeconds(5), s.deadline.FromSeconds(2_000_000_000))),
+            InvalidTask,
+            "not both",
+        ),
+    ],
+)
+def test_each_bad_input_has_its_error(
+    spec: pb.TaskSpec, error: type[MeshError], words: str
+) -> None:
+    with pytest.raises(error) as caught:
+        admit(spec, CFG, PIPELINES, NOW_MS)
+    assert words in caught.value.message
+
+
+def test_status_codes_follow_the_error_kind() -> None:
+    assert InvalidTask("x").code.name == "INVALID_ARGUMENT"
+    assert LimitExceeded("x").code.name == "RESOURCE_EXHAUSTED"
+    assert DeadlinePassed("x").code.name == "DEADLINE_EXCEEDED"
+
+
+def test_payload_at_the_limit_is_accepted() -> None:
+    admit(with_(lambda s: setattr(s, "payload", b"x" * 1024)), CFG, PIPELINES, NOW_MS)
+
+
+def test_defaults_are_filled_in() -> None:
+    admitted = admit(with_(lambda s: s.ClearField("task_id")), CFG, PIPELINES, NOW_MS)
+    assert len(admitted.spec.task_id) == 32
+    assert admitted.spec.queue == "normal"
+    assert admitted.spec.gpu_count == 1
+    assert admitted.deadline_ms == NOW_MS + 60_000
+
+
+def test_deadlines_are_clamped_to_the_maximum() -> None:
+    far = with_(lambda s: s.timeout.FromSeconds(10 * 86400))
+    assert admit(far, CFG, PIPELINES, NOW_MS).deadline_ms == NOW_MS + 3_600_000
+    near = with_(lambda s: s.deadline.FromMilliseconds(NOW_MS + 1500))
+    assert admit(near, CFG, PIPELINES, NOW_MS).deadline_ms == NOW_MS + 1500
+
+
+def test_admit_does_not_change_the_callers_spec() -> None:
+    spec = with_(lambda s: s.ClearField("queue"))
+    admit(spec, CFG, PIPELINES, NOW_MS)
+    assert spec.queue == ""
+
+
+def test_digest_ignores_the_deadline_but_not_the_work() -> None:
+    base = valid()
+    retried = with_(lambda s: s.timeout.FromSeconds(30))
+    other = with_(lambda s: s.params.update(seconds="2"))
+    assert spec_digest(base) == spec_digest(retried)
+    assert spec_digest(base) != spec_digest(other)
