@@ -23,6 +23,7 @@ from mesh.executor import Job, Outcome
 from mesh.gpus import Gpu
 from mesh.records import Mutation, TaskStore
 from mesh.retry import ETCD_WRITE
+from mesh.task import state_name
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -121,7 +122,7 @@ class RecordReporter:
             if outcome.state == pb.TASK_STATE_SUCCEEDED and status.progress.total:
                 status.progress.step = status.progress.total
 
-        metrics.FINISHED.labels(pb.TaskState.Name(outcome.state)).inc()
+        metrics.FINISHED.labels(state_name(outcome.state)).inc()
         await self._write(job, mutate, "end")
 
     async def _write(self, job: Job, mutate: Mutation, what: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import urllib.request
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support import AgentProc, Cluster, eventually, until_peers
 
 from mesh.client import MeshClient
+from mesh.localmesh import free_port
 from mesh.task import TERMINAL, state_name
 from mesh.v1 import tasks_pb2 as pb
 
@@ -246,3 +248,22 @@ async def test_command_pipeline_through_an_agent(cluster: Cluster) -> None:
         await client.submit(spec)
         done = (await follow(client, "cmd"))[-1].status
     assert state_name(done.state) == "SUCCEEDED" and done.result.inline == b"0,1"
+
+
+async def test_metrics_count_the_work(cluster: Cluster) -> None:
+    port = free_port()
+    agent = cluster.start("counted", metrics_listen=f"127.0.0.1:{port}")
+    async with MeshClient(agent.address) as client:
+        await client.submit(sleep_task("m-1", seconds=0))
+        await follow(client, "m-1")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await client.submit(bad(lambda s: setattr(s, "queue", "gold")))
+
+    def finished() -> str | None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        return text if 'gpumesh_tasks_finished_total{state="SUCCEEDED"} 1.0' in text else None
+
+    text = await eventually(finished, what="the finished counter")
+    assert "gpumesh_tasks_submitted_total 1.0" in text
+    assert 'gpumesh_submit_rejected_total{code="INVALID_ARGUMENT"} 1.0' in text
