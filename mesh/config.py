@@ -27,7 +27,8 @@ from mesh.errors import ConfigError
 
 MiB = 1024 * 1024
 # A model or pipeline name: what users put in TaskSpec.model and TaskSpec.pipeline.
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9._:/-]{1,128}$")]
+NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class AgentConfig(BaseSettings):

@@ -13,13 +13,13 @@ import uuid
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from mesh.config import AgentConfig
+from mesh.config import NAME_PATTERN, AgentConfig
 from mesh.errors import DeadlinePassed, InvalidTask, LimitExceeded
 from mesh.v1 import tasks_pb2 as pb
 
 TERMINAL = frozenset({pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED})
 TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-NAME = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")  # as config.Name
+NAME = re.compile(NAME_PATTERN)
 
 
 def state_name(state: int) -> str:
