@@ -5,15 +5,23 @@ to the nodes met walking clockwise from the key's point. A node gets
 ``round(weight * vnodes_per_weight)`` points (at least one), so an H100 agent owns about
 three times the keys of an A40 one. Adding or removing a node moves only the keys of the
 arcs it gains or loses, about ``1/N`` of them.
+
+Points live in flat arrays, not lists of tuples: a ring of 10,000 agents has a few
+million points, and tuples would cost memory and long garbage-collector pauses.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import struct
+from array import array
 from collections.abc import Iterator, Mapping
 
 VNODES_PER_WEIGHT = 160
+_POINTS_PER_DIGEST = 8
+_UNPACK = struct.Struct(">8Q").unpack
+_INDEX_BITS = 24  # up to 16 million nodes
 
 
 def key_point(key: str) -> int:
@@ -21,36 +29,52 @@ def key_point(key: str) -> int:
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
 
 
+def _node_points(node: str, count: int) -> list[int]:
+    """``count`` points for ``node``, eight from each 64-byte digest."""
+    points: list[int] = []
+    for block in range((count + _POINTS_PER_DIGEST - 1) // _POINTS_PER_DIGEST):
+        digest = hashlib.blake2b(f"{node}#{block}".encode(), digest_size=64).digest()
+        points.extend(_UNPACK(digest))
+    return points[:count]
+
+
 class HashRing:
     def __init__(
         self, weights: Mapping[str, float], vnodes_per_weight: int = VNODES_PER_WEIGHT
     ) -> None:
-        points: list[tuple[int, str]] = []
-        for node, weight in weights.items():
-            count = max(1, round(weight * vnodes_per_weight))
-            points.extend((key_point(f"{node}#{i}"), node) for i in range(count))
-        points.sort()
-        self._points = [p for p, _ in points]
-        self._owners = [n for _, n in points]
+        self._names = sorted(weights)
+        tagged: list[int] = []
+        for index, node in enumerate(self._names):
+            count = max(1, round(weights[node] * vnodes_per_weight))
+            tagged.extend(p << _INDEX_BITS | index for p in _node_points(node, count))
+        tagged.sort()
+        mask = (1 << _INDEX_BITS) - 1
+        self._points = array("Q", (t >> _INDEX_BITS for t in tagged))
+        self._owners = array("I", (t & mask for t in tagged))
         self.nodes = frozenset(weights)
 
     def __len__(self) -> int:
         return len(self.nodes)
 
+    @property
+    def size(self) -> int:
+        """How many points the ring holds."""
+        return len(self._points)
+
     def walk(self, point: int) -> Iterator[str]:
         """Each node once, in clockwise order from ``point``."""
-        owners = self._owners
+        owners, names = self._owners, self._names
         total = len(owners)
         if not total:
             return
         start = bisect.bisect_left(self._points, point)
-        seen: set[str] = set()
-        want = len(self.nodes)
+        seen: set[int] = set()
+        want = len(names)
         for i in range(start, start + total):
-            node = owners[i % total] if i >= total else owners[i]
-            if node not in seen:
-                seen.add(node)
-                yield node
+            index = owners[i - total] if i >= total else owners[i]
+            if index not in seen:
+                seen.add(index)
+                yield names[index]
                 if len(seen) == want:
                     return
 

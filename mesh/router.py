@@ -1,28 +1,32 @@
 """Where a task should go: consistent hashing with bounded loads, then overflow. Pure.
 
-The router holds a view (members, their loads) and answers ``route(request)`` with a
-``Decision``: targets to try in order, each with the reason it was chosen. It never does
-I/O, never reads a clock, and draws its "random" choices from the task id, so the same
-view and request give the same decision on any machine — which is what lets the decision
-log be replayed offline and lets hypothesis check the rules below.
+The router holds a view (members, their loads and loaded models) and answers
+``route(request)`` with a ``Decision``: targets to try in order, each with the reason it
+was chosen. It never does I/O, never reads a clock, and draws its "random" choices from
+the task id, so the same view and request give the same decision on any machine — which
+is what lets the decision log be replayed offline and lets hypothesis check the rules.
 
 1. **Eligible** agents: the pipeline, the model (servable; empty list = any), enough GPUs
    with enough memory, not draining.
-2. **Ring**: the eligible agents on a weighted hash ring (``mesh.ring``) keyed by model +
-   pipeline (+ affinity key), so a model keeps landing where it is already loaded.
-3. **Bounded loads**: an agent's load is (running + queued) per GPU slot. Walking clockwise,
-   the first agents whose load *after* taking the task stays within the bound get it, where
-   bound = max(load_factor x the eligible agents' average load with this task, load_floor).
-   The floor lets a hot model fill its home agent's slots in an idle mesh rather than
-   scatter (and pay a model load) at the first task.
-4. **Two choices**: when every agent is over the bound, the less loaded of two agents drawn
+2. **Ring**: the eligible agents on a weighted hash ring (``mesh.ring``, virtual nodes in
+   proportion to GPU weight) keyed by model + pipeline (+ affinity key), so a model keeps
+   landing on the same few agents, where it is already loaded.
+3. **Bounded loads**: an agent's load is its running + queued tasks per unit of GPU weight
+   (an H100 counts 1, an A40 0.35), and the bound is ``load_factor`` x the eligible
+   agents' weighted average load with this task. An agent may take the task if its load
+   after it stays within the bound, or if it still has a free slot within ``load_floor``
+   tasks per slot: the floor lets a hot model fill its home in an idle mesh rather than
+   scatter (and pay a model load) at the first task. Walking clockwise, among the first
+   ``affinity_window`` agents that may take it, those with the model loaded come first.
+4. **Two choices**: when no agent is under the bound, the less loaded of two agents drawn
    from the eligible ones, if under its hard limit (slots + queue length).
 5. **Overflow** to other DCs, in an order drawn by their topology weights (weighted
    rendezvous hashing on the task id, so spill shares follow the weights), unless this DC
    has used its spill share or a DC is known to be full; then the **backlog**.
 
-Receivers check their own live load against the bound the target carries, so a stale view
-costs a refused offer and the next target, never an overloaded agent.
+A target carries the most tasks its agent may hold after taking the task; the receiver
+checks that against its own live count, so a stale view costs a refused offer and the next
+target, never an overloaded agent.
 """
 
 from __future__ import annotations
@@ -50,7 +54,6 @@ class Member:
     gpu_memory_mb: tuple[int, ...]
     pipelines: frozenset[str]
     models: frozenset[str] = frozenset()  # servable; empty: any model
-    models_loaded: frozenset[str] = frozenset()
     draining: bool = False
     queue_limit: int = 256
 
@@ -83,8 +86,9 @@ class Request:
 @dataclass(frozen=True, slots=True)
 class Policy:
     load_factor: float = 1.25
-    load_floor: float = 1.0
-    ring_tries: int = 3  # agents under the bound offered in ring order before two choices
+    load_floor: float = 1.0  # tasks per slot any agent may hold whatever the average
+    ring_tries: int = 3  # agents that may take the task offered before two choices
+    affinity_window: int = 8  # of the first agents that may take it, loaded ones go first
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +107,13 @@ class Spill:
 
 
 NO_SPILL = Spill()
+NOBODY: frozenset[str] = frozenset()
 
 
 class Target(NamedTuple):  # tuples, not frozen dataclasses: built on every decision
     kind: str  # AGENT, DC or BACKLOG
     name: str
-    max_load: float  # per-slot load the receiver may reach; HARD_LIMIT: up to its limit
+    max_tasks: float  # running + queued the receiver may reach; HARD_LIMIT: up to its limit
     reason: str
 
 
@@ -120,7 +125,8 @@ class Candidate(NamedTuple):
     """One agent as ``explain`` shows it, in ring order."""
 
     agent_id: str
-    load: float
+    tasks: int
+    max_tasks: float
     eligible: bool
     loaded: bool
     verdict: str
@@ -128,7 +134,7 @@ class Candidate(NamedTuple):
 
 class Decision(NamedTuple):
     targets: tuple[Target, ...]
-    bound: float
+    bound: float  # tasks per unit of GPU weight
     candidates: tuple[Candidate, ...] = ()
 
     @property
@@ -150,7 +156,8 @@ class _Class:
     eligible: frozenset[str]
     order: tuple[str, ...]  # the eligible ids, sorted: what two-choices draws from
     ring: HashRing
-    slots: int
+    shape: dict[str, tuple[float, float]]  # agent: (GPU weight, tasks allowed by the floor)
+    weight: float
     tasks: int
 
 
@@ -183,18 +190,22 @@ class Router:
     policy: Policy = field(default_factory=Policy)
     _members: dict[str, Member] = field(default_factory=dict)
     _loads: dict[str, _Load] = field(default_factory=dict)
+    _loaded: dict[str, frozenset[str]] = field(default_factory=dict)
     _classes: dict[tuple[str, str, int, int], _Class] = field(default_factory=dict)
+    _rings: dict[frozenset[str], HashRing] = field(default_factory=dict)  # shared by classes
 
     # -- the view ------------------------------------------------------------------------
 
     def set_members(self, members: Iterable[Member]) -> None:
-        """Replace the membership; loads of agents that stay are kept."""
+        """Replace the membership; loads and models of agents that stay are kept."""
         new = {m.agent_id: m for m in members}
         if new == self._members:
             return
         self._members = new
         self._loads = {a: self._loads.get(a, _Load()) for a in new}
+        self._loaded = {a: self._loaded.get(a, frozenset()) for a in new}
         self._classes.clear()
+        self._rings.clear()
 
     def set_load(self, agent_id: str, running: int, queued: int) -> None:
         load = self._loads.get(agent_id)
@@ -207,9 +218,15 @@ class Router:
                 if agent_id in cls.eligible:
                     cls.tasks += delta
 
-    def load_of(self, agent_id: str) -> float:
-        member = self._members[agent_id]
-        return self._loads[agent_id].tasks / member.slots
+    def set_loaded(self, agent_id: str, models: Iterable[str]) -> None:
+        if agent_id in self._loaded:
+            self._loaded[agent_id] = frozenset(models)
+
+    def tasks_of(self, agent_id: str) -> int:
+        return self._loads[agent_id].tasks
+
+    def loaded_on(self, agent_id: str) -> frozenset[str]:
+        return self._loaded[agent_id]
 
     @property
     def members(self) -> dict[str, Member]:
@@ -219,11 +236,16 @@ class Router:
         cls = self._classes.get(needs)
         if cls is None:
             chosen = {a: m for a, m in self._members.items() if eligible(m, needs)}
+            ids = frozenset(chosen)
+            ring = self._rings.get(ids)
+            if ring is None:
+                ring = self._rings[ids] = HashRing({a: m.weight for a, m in chosen.items()})
             cls = _Class(
-                eligible=frozenset(chosen),
+                eligible=ids,
                 order=tuple(sorted(chosen)),
-                ring=HashRing({a: m.weight for a, m in chosen.items()}),
-                slots=sum(m.slots for m in chosen.values()),
+                ring=ring,
+                shape={a: (m.weight, self.policy.load_floor * m.slots) for a, m in chosen.items()},
+                weight=math.fsum(m.weight for m in chosen.values()),  # order-independent
                 tasks=sum(self._loads[a].tasks for a in chosen),
             )
             self._classes[needs] = cls
@@ -232,11 +254,18 @@ class Router:
     # -- the decision --------------------------------------------------------------------
 
     def bound(self, request: Request) -> float:
-        cls = self._class(request.needs)
-        if not cls.slots:
-            return self.policy.load_floor
-        average = (cls.tasks + 1) / cls.slots
-        return max(self.policy.load_factor * average, self.policy.load_floor)
+        """The most tasks per unit of GPU weight an agent should hold after this task."""
+        return self._bound(self._class(request.needs))
+
+    def _bound(self, cls: _Class) -> float:
+        if not cls.weight:
+            return 0.0
+        return self.policy.load_factor * (cls.tasks + 1) / cls.weight
+
+    def capacity(self, agent_id: str, bound: float) -> float:
+        """The most tasks ``agent_id`` may hold under ``bound``, or by the floor."""
+        member = self._members[agent_id]
+        return max(bound * member.weight, self.policy.load_floor * member.slots)
 
     def route(
         self,
@@ -245,31 +274,39 @@ class Router:
         spill: Spill = NO_SPILL,
         explain: bool = False,
     ) -> Decision:
-        visited = frozenset(visited)
+        visited = frozenset(visited) if visited else NOBODY
         cls = self._class(request.needs)
-        bound = self.bound(request)
-        targets: list[Target] = []
+        bound = self._bound(cls)
+        window, loads, shape = self.policy.affinity_window, self._loads, cls.shape
+        fits: list[tuple[str, float]] = []
         candidates: list[Candidate] = []
-        tries = self.policy.ring_tries
         for agent_id in cls.ring.walk(key_point(request.key)):
-            tasks, slots = self._loads[agent_id].tasks, self._members[agent_id].slots
-            fits = agent_id not in visited and (tasks + 1) / slots <= bound
-            if fits and len(targets) < tries:
-                nth = "first" if not targets else "next"
-                targets.append(Target(AGENT, agent_id, bound, f"ring: {nth} agent under the bound"))
+            weight, floor = shape[agent_id]
+            most = bound * weight if bound * weight > floor else floor
+            if loads[agent_id].tasks + 1 <= most and agent_id not in visited:
+                fits.append((agent_id, most))
             if explain:
                 if len(candidates) < EXPLAIN_LIMIT:
-                    candidates.append(self._explain(request, agent_id, bound, visited, targets))
-            elif len(targets) >= tries:
+                    candidates.append(self._explain(request, agent_id, most, visited))
+            elif len(fits) >= window:
                 break
+        model, loaded = request.model, self._loaded
+        warm = [f for f in fits[:window] if model in loaded[f[0]]]
+        ordered = warm + [f for f in fits if f not in warm] if warm else fits
+        targets = [
+            Target(AGENT, agent_id, most, RING_REASONS[i > 0, model in loaded[agent_id]])
+            for i, (agent_id, most) in enumerate(ordered[: self.policy.ring_tries])
+        ]
         if explain:
+            picked = {t.name: ("picked" if i == 0 else "fallback") for i, t in enumerate(targets)}
+            candidates = [c._replace(verdict=picked.get(c.agent_id, c.verdict)) for c in candidates]
             candidates += [
-                Candidate(a, round(self.load_of(a), 4), False, False, "not eligible")
+                Candidate(a, self._loads[a].tasks, 0.0, False, False, "not eligible")
                 for a in sorted(self._members.keys() - cls.eligible)[:EXPLAIN_LIMIT]
             ]
-        if len(targets) < tries:
+        if not targets:
             two = self._two_choices(request, cls, visited)
-            if two is not None and all(t.name != two.name for t in targets):
+            if two is not None:
                 targets.append(two)
         if spill.to:
             targets += self._overflow(request, spill)
@@ -277,25 +314,17 @@ class Router:
         return Decision(tuple(targets), bound, tuple(candidates))
 
     def _explain(
-        self,
-        request: Request,
-        agent_id: str,
-        bound: float,
-        visited: frozenset[str],
-        targets: list[Target],
+        self, request: Request, agent_id: str, most: float, visited: frozenset[str]
     ) -> Candidate:
-        member = self._members[agent_id]
-        after = (self._loads[agent_id].tasks + 1) / member.slots
+        tasks = self._loads[agent_id].tasks
         if agent_id in visited:
             verdict = "already visited"
-        elif any(t.name == agent_id for t in targets):
-            verdict = "picked" if targets[0].name == agent_id else "fallback"
-        elif after <= bound:
-            verdict = "under the bound (not needed)"
+        elif tasks + 1 <= most:
+            verdict = "may take it (not needed)"
         else:
-            verdict = f"over the bound ({after:.2f} > {bound:.2f})"
-        loaded = request.model in member.models_loaded
-        return Candidate(agent_id, round(self.load_of(agent_id), 4), True, loaded, verdict)
+            verdict = f"over the bound ({tasks + 1} > {most:.2f} tasks)"
+        loaded = request.model in self._loaded[agent_id]
+        return Candidate(agent_id, tasks, round(most, 3), True, loaded, verdict)
 
     def _two_choices(self, request: Request, cls: _Class, visited: frozenset[str]) -> Target | None:
         pool = [a for a in cls.order if a not in visited] if visited else cls.order
@@ -308,7 +337,7 @@ class Router:
         loads, members = self._loads, self._members
         best = min(
             (pool[first], pool[second]),
-            key=lambda a: (loads[a].tasks / members[a].slots, a),
+            key=lambda a: (loads[a].tasks / members[a].weight, a),
         )
         if loads[best].tasks >= members[best].slots + members[best].queue_limit:
             return None
@@ -317,7 +346,7 @@ class Router:
         )
 
     def _overflow(self, request: Request, spill: Spill) -> list[Target]:
-        if not spill.to or not spill.allowed:
+        if not spill.allowed:
             return []
         open_dcs = [o for o in spill.to if o.dc not in spill.full and o.weight > 0]
         # Weighted rendezvous: the DC with the highest -w/ln(u) wins, so each DC is first
@@ -329,3 +358,11 @@ class Router:
         )
         return [Target(DC, o.dc, HARD_LIMIT, f"overflow to {o.dc} (weight {o.weight:g})")
                 for o in ranked]  # fmt: skip
+
+
+RING_REASONS = {
+    (later, loaded): f"ring: {'next' if later else 'first'} agent under the bound, "
+    f"model {'loaded' if loaded else 'not loaded'}"
+    for later in (False, True)
+    for loaded in (False, True)
+}

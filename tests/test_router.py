@@ -59,7 +59,7 @@ def test_eligibility_filters_before_the_ring() -> None:
         member("ok"),
     )
     decision = r.route(ask(min_gpu_memory_mb=40000), explain=True)
-    assert decision.first == (AGENT, "ok", decision.bound, "ring: first agent under the bound")
+    assert decision.first.name == "ok" and decision.first.reason.startswith("ring: first")
     verdicts = {c.agent_id: c.verdict for c in decision.candidates}
     assert verdicts["ok"] == "picked"
     assert {a for a, v in verdicts.items() if v == "not eligible"} == {
@@ -83,12 +83,16 @@ def test_a_hot_model_fills_its_home_then_spills_clockwise() -> None:
     assert ring_order.index(spill.first.name) == 1  # the next agent clockwise
 
 
-def test_the_bound_follows_the_average_above_the_floor() -> None:
-    r = router(member("a", slots=2), member("b", slots=2), load_factor=1.5, load_floor=1.0)
-    assert r.bound(ask()) == 1.0  # idle: the floor
-    r.set_load("a", 3, 1)
-    r.set_load("b", 3, 0)
-    assert r.bound(ask()) == 1.5 * (7 + 1) / 4
+def test_capacity_follows_weight_above_the_floor() -> None:
+    r = router(member("h100", 1.0, slots=2), member("a40", 0.35, slots=1), load_factor=1.5)
+    assert r.bound(ask()) == 1.5 * 1 / 1.35  # tasks per unit of GPU weight, with this task
+    assert r.capacity("h100", r.bound(ask())) == 2.0  # idle: one task per slot (the floor)
+    r.set_load("h100", 3, 1)
+    r.set_load("a40", 1, 2)
+    bound = r.bound(ask())
+    assert bound == 1.5 * (7 + 1) / 1.35
+    assert r.capacity("h100", bound) == bound * 1.0
+    assert r.capacity("a40", bound) == bound * 0.35
 
 
 def test_two_choices_when_every_agent_is_over_the_bound() -> None:
@@ -97,10 +101,10 @@ def test_two_choices_when_every_agent_is_over_the_bound() -> None:
     for i in range(3):
         r.set_load(f"a{i}", 1, 1 + (i == 2))
     decision = r.route(ask())
-    assert decision.first.kind == AGENT and decision.first.max_load == HARD_LIMIT
+    assert decision.first.kind == AGENT and decision.first.max_tasks == HARD_LIMIT
     assert decision.first.reason.startswith("two choices")
     drawn = decision.first.reason.removeprefix("two choices: ").split(",")[0].split(" or ")
-    assert decision.first.name == min(drawn, key=lambda a: (r.load_of(a), a))
+    assert decision.first.name == min(drawn, key=lambda a: (r.tasks_of(a), a))
     for i in range(3):
         r.set_load(f"a{i}", 1, 4)  # every hard limit reached
     assert r.route(ask()).first.kind == BACKLOG
@@ -160,13 +164,13 @@ def test_the_bound_holds_whenever_capacity_allows(members, models, factor, floor
     for i, model in enumerate(models):
         request = ask(model=f"m{model}", task_id=f"t{i}")
         bound = r.bound(request)
-        room = [a for a in tasks if (tasks[a] + 1) / r.members[a].slots <= bound]
+        room = [a for a in tasks if tasks[a] + 1 <= r.capacity(a, bound)]
         target = r.route(request).first
         if room:
-            assert target.kind == AGENT and target.max_load == bound
-            assert (tasks[target.name] + 1) / r.members[target.name].slots <= bound
+            assert target.kind == AGENT and target.max_tasks == r.capacity(target.name, bound)
+            assert tasks[target.name] + 1 <= target.max_tasks
         else:
-            assert target.max_load == HARD_LIMIT
+            assert target.max_tasks == HARD_LIMIT
         if target.kind == AGENT:
             tasks[target.name] += 1
             r.set_load(target.name, tasks[target.name], 0)

@@ -1,0 +1,20 @@
+"""``python -m bench route [--json]``."""
+
+from __future__ import annotations
+
+import sys
+
+from bench import route
+
+BENCHMARKS = {"route": route.main}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
+        print(f"usage: python -m bench {{{','.join(BENCHMARKS)}}} [--json] [--help]")
+        sys.exit(2)
+    BENCHMARKS[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

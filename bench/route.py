@@ -1,0 +1,355 @@
+"""``python -m bench route [--json]``: the router's speed, and its placements beside baselines.
+
+Two parts, both measured in the same run as their baselines:
+
+* **Decision latency** of ``Router.route`` at 10 to 10,000 agents (heterogeneous GPUs, a
+  loaded mesh, Zipf-popular models), beside a plain ring lookup and a least-loaded scan.
+* **Placement quality**: a discrete-event simulation of a skewed workload on heterogeneous
+  GPUs where running a model an agent has not loaded costs a load delay and each agent
+  keeps only as many models as its GPU memory holds (LRU). Every policy sees the same
+  trace: random, round-robin, plain consistent hashing, least-loaded, power-of-two, ours
+  (``mesh.router``), and an omniscient central scheduler that knows every queue and
+  picks the earliest finish time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import json
+import math
+import random
+import statistics
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from mesh.gpus import DEFAULT_GPU_WEIGHTS
+from mesh.ring import HashRing, key_point
+from mesh.router import AGENT, Member, Policy, Request, Router
+
+# (class, memory GB, share of the fleet)
+FLEET_MIX = [("H100", 80, 0.25), ("A100", 80, 0.3), ("L40S", 48, 0.25), ("A40", 48, 0.2)]
+PIPELINE = "sleep"
+
+
+def zipf_weights(n: int, s: float = 1.1) -> list[float]:
+    return [1 / (rank**s) for rank in range(1, n + 1)]
+
+
+@dataclass
+class Agent:
+    name: str
+    gpu_class: str
+    memory_gb: int
+    slots: int
+
+    @property
+    def speed(self) -> float:
+        return DEFAULT_GPU_WEIGHTS[self.gpu_class]
+
+    @property
+    def weight(self) -> float:
+        return self.speed * self.slots
+
+    @property
+    def model_capacity(self) -> int:
+        return max(1, self.memory_gb // 24)
+
+    def member(self) -> Member:
+        memory = (self.memory_gb * 1024,) * self.slots
+        return Member(self.name, self.weight, memory, frozenset({PIPELINE}), queue_limit=10**6)
+
+
+def make_fleet(n: int, rng: random.Random) -> list[Agent]:
+    classes = [(c, m) for c, m, _ in FLEET_MIX]
+    shares = [s for *_, s in FLEET_MIX]
+    fleet = []
+    for i in range(n):
+        cls, memory = rng.choices(classes, shares)[0]
+        fleet.append(Agent(f"agent-{i:05d}", cls, memory, rng.choice([1, 2, 4, 8])))
+    return fleet
+
+
+# -- decision latency ----------------------------------------------------------------------
+
+
+def _percentiles(samples_ns: list[int]) -> tuple[float, float]:
+    samples_ns.sort()
+    p50 = samples_ns[len(samples_ns) // 2] / 1000
+    p99 = samples_ns[int(len(samples_ns) * 0.99)] / 1000
+    return round(p50, 2), round(p99, 2)
+
+
+def latency(sizes: list[int], requests: int, seed: int) -> dict[str, dict[int, float]]:
+    out: dict[str, dict[int, float]] = {
+        k: {} for k in ("p50_us", "p99_us", "ring_p50_us", "least_loaded_p50_us")
+    }
+    for n in sizes:
+        rng = random.Random(seed)
+        fleet = make_fleet(n, rng)
+        router = Router()
+        router.set_members(a.member() for a in fleet)
+        for agent in fleet:  # a loaded mesh: about 70% of slots busy, a few queued
+            busy = sum(rng.random() < 0.7 for _ in range(agent.slots))
+            router.set_load(agent.name, busy, rng.choice([0, 0, 0, 1]))
+        models = [f"model-{m:02d}" for m in range(20)]
+        weights = zipf_weights(len(models))
+        asks = [
+            Request(f"task-{i}", rng.choices(models, weights)[0], PIPELINE) for i in range(requests)
+        ]
+        for request in asks[:200]:  # warm the per-class rings and caches
+            router.route(request)
+        samples = []
+        for request in asks:
+            started = time.perf_counter_ns()
+            router.route(request)
+            samples.append(time.perf_counter_ns() - started)
+        out["p50_us"][n], out["p99_us"][n] = _percentiles(samples)
+
+        ring = HashRing({a.name: a.weight for a in fleet})
+        samples = []
+        for request in asks[: requests // 4]:
+            started = time.perf_counter_ns()
+            ring.owner(key_point(request.key))
+            samples.append(time.perf_counter_ns() - started)
+        out["ring_p50_us"][n] = _percentiles(samples)[0]
+
+        loads = {a.name: router.tasks_of(a.name) / a.weight for a in fleet}
+        samples = []
+        for _ in asks[: min(requests // 4, 2000)]:
+            started = time.perf_counter_ns()
+            min(loads, key=loads.__getitem__)
+            samples.append(time.perf_counter_ns() - started)
+        out["least_loaded_p50_us"][n] = _percentiles(samples)[0]
+    return out
+
+
+# -- placement quality -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    model: str
+    arrival: float
+    work: float  # seconds on an H100 (speed 1.0)
+
+
+@dataclass
+class AgentState:
+    agent: Agent
+    running: int = 0
+    queue: deque[Task] = field(default_factory=deque)
+    loaded: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    busy_until: list[float] = field(default_factory=list)  # heap: finish of each run
+    area: float = 0.0  # integral of (running + queued) / GPU weight over time
+    last: float = 0.0
+
+    @property
+    def tasks(self) -> int:
+        return self.running + len(self.queue)
+
+    def account(self, now: float) -> None:
+        self.area += (now - self.last) * self.tasks / self.agent.weight
+        self.last = now
+
+
+@dataclass(frozen=True)
+class Trace:
+    fleet: list[Agent]
+    tasks: list[Task]
+    load_delay_s: float
+
+
+def make_trace(seed: int, agents: int, models: int, tasks: int, utilisation: float) -> Trace:
+    rng = random.Random(seed)
+    fleet = make_fleet(agents, rng)
+    names = [f"model-{m:02d}" for m in range(models)]
+    popularity = zipf_weights(models)
+    mean_work = 2.0
+    capacity = sum(a.slots * a.speed for a in fleet)  # H100-seconds per second
+    rate = utilisation * capacity / mean_work
+    now, out = 0.0, []
+    for i in range(tasks):
+        now += rng.expovariate(rate)
+        work = rng.lognormvariate(math.log(mean_work) - 0.125, 0.5)
+        out.append(Task(f"task-{i}", rng.choices(names, popularity)[0], now, work))
+    return Trace(fleet, out, load_delay_s=6.0)
+
+
+Policy_ = Callable[[Task, dict[str, AgentState], float], str]
+
+
+def simulate(trace: Trace, choose: Policy_, on_change: Callable[[AgentState], None]) -> dict:
+    states = {a.name: AgentState(a) for a in trace.fleet}
+    events: list[tuple[float, int, str, object]] = []
+    seq = itertools.count()
+    for task in trace.tasks:
+        heapq.heappush(events, (task.arrival, next(seq), "arrive", task))
+    finished: list[float] = []
+    hits = 0
+
+    def start(state: AgentState, now: float) -> None:
+        nonlocal hits
+        while state.running < state.agent.slots and state.queue:
+            task = state.queue.popleft()
+            cost = task.work / state.agent.speed
+            if task.model in state.loaded:
+                hits += 1
+                state.loaded.move_to_end(task.model)
+            else:
+                cost += trace.load_delay_s
+                state.loaded[task.model] = None
+                while len(state.loaded) > state.agent.model_capacity:
+                    state.loaded.popitem(last=False)
+            state.running += 1
+            heapq.heappush(state.busy_until, now + cost)
+            heapq.heappush(events, (now + cost, next(seq), "finish", (state.agent.name, task)))
+
+    while events:
+        now, _, kind, data = heapq.heappop(events)
+        if kind == "arrive":
+            task = data  # type: ignore[assignment]
+            state = states[choose(task, states, now)]
+            state.account(now)
+            state.queue.append(task)
+            start(state, now)
+        else:
+            name, task = data  # type: ignore[misc]
+            state = states[name]
+            state.account(now)
+            state.running -= 1
+            heapq.heappop(state.busy_until)  # the earliest finish on this agent is this one
+            finished.append(now - task.arrival)
+            start(state, now)
+        on_change(state)
+    end = max(s.last for s in states.values())
+    loads = [s.area / end for s in states.values()]
+    finished.sort()
+    return {
+        "max_over_avg": round(max(loads) / statistics.fmean(loads), 3),
+        "affinity": round(hits / len(trace.tasks), 4),
+        "mean_jct_s": round(statistics.fmean(finished), 3),
+        "p99_jct_s": round(finished[int(len(finished) * 0.99)], 3),
+    }
+
+
+def policies(trace: Trace, seed: int) -> dict[str, tuple[Policy_, Callable[[AgentState], None]]]:
+    names = [a.name for a in trace.fleet]
+    by_name = {a.name: a for a in trace.fleet}
+    rng = random.Random(seed)
+    cycle = itertools.cycle(names)
+    ring = HashRing({a.name: a.weight for a in trace.fleet})
+    router = Router(Policy())
+    router.set_members(a.member() for a in trace.fleet)
+
+    def nothing(_: AgentState) -> None:
+        return None
+
+    def weighted_load(states: dict[str, AgentState], name: str) -> float:
+        return states[name].tasks / by_name[name].weight
+
+    def least_loaded(task: Task, states: dict[str, AgentState], now: float) -> str:
+        return min(names, key=lambda n: (weighted_load(states, n), n))
+
+    def two(task: Task, states: dict[str, AgentState], now: float) -> str:
+        return min(rng.sample(names, 2), key=lambda n: weighted_load(states, n))
+
+    def tell(state: AgentState) -> None:
+        router.set_load(state.agent.name, state.running, len(state.queue))
+        router.set_loaded(state.agent.name, state.loaded)
+
+    def ours(task: Task, states: dict[str, AgentState], now: float) -> str:
+        target = router.route(Request(task.task_id, task.model, PIPELINE)).first
+        assert target.kind == AGENT
+        return target.name
+
+    def omniscient(task: Task, states: dict[str, AgentState], now: float) -> str:
+        """Earliest finish time, from exact knowledge of every slot and queue."""
+
+        def finish(name: str) -> float:
+            state, agent = states[name], by_name[name]
+            free = sorted(state.busy_until) + [now] * (agent.slots - state.running)
+            heapq.heapify(free)
+            warm = set(state.loaded)
+            for queued in [*state.queue, task]:
+                cost = queued.work / agent.speed
+                if queued.model not in warm:
+                    cost += trace.load_delay_s
+                    warm.add(queued.model)
+                done = max(now, heapq.heappop(free)) + cost
+                heapq.heappush(free, done)
+            return done
+
+        return min(names, key=lambda n: (finish(n), n))
+
+    return {
+        "random": (lambda t, s, now: rng.choice(names), nothing),
+        "round_robin": (lambda t, s, now: next(cycle), nothing),
+        "consistent_hash": (
+            lambda t, s, now: ring.owner(key_point(f"{t.model}/{PIPELINE}")),
+            nothing,
+        ),
+        "least_loaded": (least_loaded, nothing),
+        "power_of_two": (two, nothing),
+        "ours": (ours, tell),
+        "omniscient": (omniscient, nothing),
+    }
+
+
+def quality(seed: int, tasks: int) -> dict[str, dict]:
+    trace = make_trace(seed, agents=24, models=20, tasks=tasks, utilisation=0.7)
+    return {
+        name: simulate(trace, choose, on_change)
+        for name, (choose, on_change) in policies(trace, seed).items()
+    }
+
+
+# -- the command -----------------------------------------------------------------------------
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench route", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=20_000, help="timed decisions per size")
+    parser.add_argument("--tasks", type=int, default=20_000, help="tasks in the simulated trace")
+    parser.add_argument("--sizes", default="10,100,1000,10000", help="agent counts to time")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    result: dict[str, object] = latency(sizes, args.requests, args.seed)
+    result["policies"] = quality(args.seed, args.tasks)
+    result["seconds"] = round(time.monotonic() - started, 1)
+    if args.json:
+        print(json.dumps(result))
+        return
+    _print(result, sizes)
+
+
+def _print(result: dict, sizes: list[int]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    timing = Table("agents", "route p50 µs", "route p99 µs", "ring lookup p50 µs",
+                   "least-loaded scan p50 µs", title="decision latency")  # fmt: skip
+    for n in sizes:
+        timing.add_row(
+            str(n),
+            str(result["p50_us"][n]),
+            str(result["p99_us"][n]),
+            str(result["ring_p50_us"][n]),
+            str(result["least_loaded_p50_us"][n]),
+        )
+    console.print(timing)
+    table = Table("policy", "max/avg load", "affinity", "mean JCT s", "p99 JCT s",
+                  title="placement on a skewed trace (same trace for every policy)")  # fmt: skip
+    for name, m in result["policies"].items():
+        table.add_row(name, str(m["max_over_avg"]), f"{m['affinity']:.1%}",
+                      str(m["mean_jct_s"]), str(m["p99_jct_s"]))  # fmt: skip
+    console.print(table)
+    console.print(f"{result['seconds']} s")
