@@ -1,10 +1,14 @@
 """One agent: its lifecycle, and how it places, accepts and cancels tasks.
 
-Start: connect to etcd, open the lease session, serve gRPC, register, mirror the peers.
-Stop (SIGTERM): mark itself draining so peers stop sending, stop accepting, let running
-tasks finish within ``drain_grace_s``, hand the rest to peers, revoke the lease (the
-membership key vanishes at once), stop the server. The gRPC servicers in
-``mesh.service`` are thin translations onto the methods here.
+Start: connect to etcd, open the lease session, read the applied topology, serve gRPC,
+register, mirror the peers. Stop (SIGTERM): mark itself draining so peers stop sending,
+stop accepting, let running tasks finish within ``drain_grace_s``, hand the rest to
+peers, revoke the lease (the membership key vanishes at once), stop the server.
+
+Placement asks the pure ``Router`` for targets and offers the task to each in turn; a
+receiver checks its own live load against the bound the offer carries. The router's view
+is fed by membership (etcd), this agent's executor, and the load every offer reply
+carries. The gRPC servicers in ``mesh.service`` are thin translations onto the methods here.
 """
 
 from __future__ import annotations
@@ -13,22 +17,45 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
-from mesh import metrics
+from mesh import metrics, topostore
 from mesh.config import AgentConfig
-from mesh.errors import MeshError, NoCapacity, StaleWrite, TaskNotFound, Unavailable
+from mesh.decisionlog import DecisionLog
+from mesh.errors import (
+    ConfigError,
+    MeshError,
+    NoCapacity,
+    StaleWrite,
+    TaskNotFound,
+    Unavailable,
+)
 from mesh.etcd import KeySpace, Session, client_for
 from mesh.executor import Executor, Job
 from mesh.gpus import inventory, weight_of
+from mesh.mirror import PrefixMirror
 from mesh.peers import PeerClients
 from mesh.pipelines import Models, load_pipelines
-from mesh.placement import candidates
 from mesh.records import Stored, TaskStore, public
 from mesh.registry import ACTIVE, DRAINING, AgentRecord, Registry
+from mesh.remote import RemoteDcs
 from mesh.reporting import RecordReporter, now_ts
-from mesh.task import TERMINAL, Admitted
+from mesh.router import (
+    AGENT,
+    DC,
+    NO_SPILL,
+    Decision,
+    Member,
+    Overflow,
+    Policy,
+    Request,
+    Router,
+    Spill,
+)
+from mesh.spill import SpillShare
+from mesh.task import TERMINAL, Admitted, spec_digest
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -48,15 +75,31 @@ class Agent:
         self.client = client_for(cfg.etcd_endpoints)
         self.session = Session(self.client, cfg.lease_ttl_s)
         self.store = TaskStore(self.client, self.keys)
-        self.registry = Registry(self.client, self.keys, lambda: self.session.lease_id)
+        self.registry = Registry(
+            self.client, self.keys, lambda: self.session.lease_id, self._members_changed
+        )
         self.peers = PeerClients(cfg.max_message_bytes)
+        self.remote = RemoteDcs(self.peers)
         self.gpus = inventory(cfg.fake_gpus, cfg.gpu_weights)
         self.pipelines = load_pipelines(cfg)
         self.models = Models(cfg.preloaded_models, self._models_changed)
         self.reporter = RecordReporter(cfg, self.store, lambda: self.session.lease_id)
-        self.executor = Executor(cfg, self.gpus, self.pipelines, self.models, self.reporter)
+        self.executor = Executor(
+            cfg, self.gpus, self.pipelines, self.models, self.reporter, self._load_changed
+        )
+        # Routing state, until an applied topology says otherwise: no overflow, defaults.
+        self.router = Router(Policy())
+        self.topology: topostore.Applied | None = None
+        self.topology_mirror = PrefixMirror(
+            self.client, topostore.directory(cfg.prefix), self._topology_changed
+        )
+        self.overflow: tuple[Overflow, ...] = ()
+        self.spill_share = SpillShare(max_share=0.0)
+        self.max_hops = cfg.max_hops
+        self.gpu_weights = dict(cfg.gpu_weights)
+        self.decisions = DecisionLog(cfg.decision_log) if cfg.decision_log else None
         self.address = ""
-        self._background: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._incarnation = 0
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -71,16 +114,24 @@ class Agent:
             raise
         except Exception as exc:
             raise Unavailable(f"cannot reach etcd at {self.cfg.etcd_endpoints}: {exc}") from exc
+        self._spawn(self.topology_mirror.run(), "topology")
+        await asyncio.wait_for(self.topology_mirror.ready.wait(), timeout=10)
         self._incarnation = _now_ms()
         await self.registry.publish(self._record())
         self._spawn(self.registry.mirror.run(), "membership")
         self._spawn(self.executor.run(), "executor")
         self._spawn(self._watch_session(), "session")
         await asyncio.wait_for(self.registry.mirror.ready.wait(), timeout=10)
-        log.info("agent ready", extra={"address": address, "gpus": len(self.gpus)})
+        version = self.topology.version if self.topology else 0
+        log.info(
+            "agent ready",
+            extra={"address": address, "gpus": len(self.gpus), "topology": version},
+        )
 
     def _spawn(self, coro: object, name: str) -> None:
-        self._background.append(asyncio.create_task(coro, name=name))  # type: ignore[arg-type]
+        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _record(self, state: str = ACTIVE) -> AgentRecord:
         return AgentRecord(
@@ -88,13 +139,14 @@ class Agent:
             dc=self.cfg.dc,
             address=self.address,
             gpus=tuple(self.gpus),
-            weight=weight_of(self.gpus, self.cfg.gpu_weights),
+            weight=weight_of(self.gpus, self.gpu_weights),
             pipelines=tuple(sorted(self.pipelines)),
             models=tuple(self.cfg.models),
             models_loaded=tuple(sorted(self.models.loaded)),
             state=state,
             incarnation=self._incarnation,
             queues=tuple(self.cfg.queues),
+            queue_limit=self.cfg.max_queue_length,
         )
 
     def _models_changed(self) -> None:
@@ -107,6 +159,79 @@ class Agent:
             await self.registry.publish(self._record(state))
         except Unavailable as exc:
             log.warning("could not update agent record: %s", exc)
+
+    # -- the router's view ---------------------------------------------------------------
+
+    def _members_changed(self, records: dict[str, AgentRecord]) -> None:
+        self.router.set_members(member_of(r) for r in records.values())
+        for record in records.values():
+            if record.agent_id != self.cfg.agent_id:
+                self.router.set_loaded(record.agent_id, record.models_loaded)
+        self._load_changed()
+
+    def _load_changed(self) -> None:
+        me = self.cfg.agent_id
+        self.router.set_load(me, self.executor.running, self.executor.queued)
+        self.router.set_loaded(me, self.models.loaded)
+        metrics.RUNNING.set(self.executor.running)
+        metrics.QUEUED.set(self.executor.queued)
+
+    def _learn(self, agent_id: str, load: peer_pb2.Load) -> None:
+        """A peer's reply says how loaded it is now: fresher than anything else we have."""
+        self.router.set_load(agent_id, load.running, load.queued)
+        self.router.set_loaded(agent_id, load.models_loaded)
+
+    def load(self) -> peer_pb2.Load:
+        return peer_pb2.Load(
+            running=self.executor.running,
+            queued=self.executor.queued,
+            models_loaded=sorted(self.models.loaded),
+        )
+
+    def _topology_changed(self, items: dict[str, bytes]) -> None:
+        raw = items.get(topostore.CURRENT)
+        if raw is None:
+            return
+        try:
+            applied = topostore.Applied.decode(raw, "applied topology")
+        except ConfigError as exc:
+            log.error("ignoring the applied topology, keeping the current one: %s", exc)
+            return
+        if self.topology is not None and applied.digest == self.topology.digest:
+            return
+        self._apply(applied)
+
+    def _apply(self, applied: topostore.Applied) -> None:
+        """Switch to a new topology as a whole: it has already been validated."""
+        topology, routing = applied.topology, applied.topology.routing
+        self.router.set_policy(
+            Policy(
+                load_factor=routing.load_factor,
+                load_floor=routing.load_floor,
+                ring_tries=routing.ring_tries,
+                affinity_window=routing.affinity_window,
+            )
+        )
+        self.max_hops = routing.max_hops
+        mine = topology.dcs.get(self.cfg.dc)
+        self.overflow = tuple(Overflow(o.dc, o.weight) for o in mine.overflow) if mine else ()
+        self.spill_share.max_share = mine.max_spill_share if mine else 0.0
+        self.remote.set_seeds({n: dc.seeds for n, dc in topology.dcs.items() if n != self.cfg.dc})
+        if self.cfg.default_queue in topology.queues:
+            self.cfg = self.cfg.model_copy(update={"queues": dict(topology.queues)})
+            self.executor.reweight(topology.queues)
+        else:
+            log.warning("topology queues lack default_queue %r; queues unchanged",
+                        self.cfg.default_queue)  # fmt: skip
+        weights = {**topology.gpu_weights, **self.cfg.gpu_weights}
+        if weights != self.gpu_weights:
+            self.gpu_weights = weights
+            self._models_changed()  # republish: our weight changed
+        self.topology = applied
+        log.info("topology version %d applied", applied.version)
+
+    def spill(self) -> Spill:
+        return Spill(to=self.overflow, allowed=self.spill_share.allowed())
 
     async def _watch_session(self) -> None:
         """A lost lease means peers think we are dead: come back as a new incarnation.
@@ -140,10 +265,13 @@ class Agent:
         for job in handback:
             await self._hand_back(job)
         await self.session.close(revoke=True)
-        for task in self._background:
+        background = list(self._background)
+        for task in background:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*background, return_exceptions=True)
         await self.peers.close()
+        if self.decisions is not None:
+            self.decisions.close()
         with contextlib.suppress(Exception):
             await self.client.close()
 
@@ -193,20 +321,26 @@ class Agent:
             known.update(peer.pipelines)
         return known
 
-    async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
-        spec = admitted.spec
+    def _new_record(
+        self, spec: pb.TaskSpec, digest: str, deadline_ms: int, attempt: int, path: Iterable[str]
+    ) -> peer_pb2.TaskRecord:
         status = pb.TaskStatus(
             task_id=spec.task_id,
             state=pb.TASK_STATE_PENDING,
             dc=self.cfg.dc,
-            attempt=1,
+            attempt=attempt,
             created_at=now_ts(),
+            path=list(path),
         )
         status.spec.CopyFrom(spec)
         if len(spec.payload) > self.cfg.inline_payload_bytes:
             status.spec.ClearField("payload")
-        status.deadline.FromMilliseconds(admitted.deadline_ms)
-        record = peer_pb2.TaskRecord(status=status, spec_digest=admitted.digest)
+        status.deadline.FromMilliseconds(deadline_ms)
+        return peer_pb2.TaskRecord(status=status, spec_digest=digest)
+
+    async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
+        spec = admitted.spec
+        record = self._new_record(spec, admitted.digest, admitted.deadline_ms, 1, ())
         stored, created = await self.store.create(record)
         if not created:
             return stored, False
@@ -219,72 +353,160 @@ class Agent:
         metrics.SUBMITTED.inc()
         return await self.store.get(spec.task_id), True
 
-    async def place(self, job: Job) -> str:
-        """Find an agent that takes ``job``: a free slot anywhere first, then any queue."""
-        peers = self.registry.peers
-        reasons: list[str] = []
-        for may_queue in (False, True):
-            for agent_id in candidates(job.spec, self.cfg.agent_id, peers.values(), job.path):
-                if agent_id == self.cfg.agent_id:
-                    accepted, reason = await self.accept(job, may_queue)
-                else:
-                    accepted, reason = await self._forward(peers[agent_id], job, may_queue)
-                if accepted:
-                    return agent_id
-                reasons.append(f"{agent_id}: {reason}")
-        if not reasons:
-            raise NoCapacity("no eligible agent in this DC", task_id=job.task_id, retry_after_s=5)
-        raise NoCapacity(
-            "every eligible agent is full",
-            task_id=job.task_id,
-            retry_after_s=1,
-            refused="; ".join(reasons[-4:]),
-        )
+    def route(self, spec: pb.TaskSpec, visited: Iterable[str] = (), explain: bool = False,
+              spill: bool = True) -> Decision:  # fmt: skip
+        """What the router decides for ``spec`` now; every decision goes to the log."""
+        request = request_of(spec)
+        options = self.spill() if spill else NO_SPILL
+        decision = self.router.route(request, visited, options, explain=explain)
+        if self.decisions is not None and not explain:
+            self.decisions.write(self.router, request, visited, options, decision)
+        return decision
 
-    async def _forward(self, peer: AgentRecord, job: Job, may_queue: bool) -> tuple[bool, str]:
-        if len(job.path) + 1 > self.cfg.max_hops:
+    async def place(self, job: Job, spill: bool = True) -> str:
+        """Offer ``job`` to the router's targets in turn until one takes it.
+
+        A first round offers only to agents of this DC. If all refuse, their replies have
+        refreshed the view, so a second decision is made with them marked visited, and
+        only that one may spill to other DCs or end in the backlog.
+        """
+        visited = set(job.path)
+        refused: list[str] = []
+        for final in (False, True):
+            decision = self.route(job.spec, visited, spill=spill)
+            for target in decision.targets:
+                if target.kind == AGENT:
+                    accepted, reason = await self._offer_agent(target.name, target.max_tasks, job)
+                    if accepted:
+                        self.spill_share.record(False)
+                        return target.name
+                    visited.add(target.name)
+                    refused.append(f"{target.name}: {reason}")
+                elif not final:
+                    break
+                elif target.kind == DC:
+                    accepted, reason = await self._offer_dc(target.name, job)
+                    if accepted:
+                        self.spill_share.record(True)
+                        return f"dc:{target.name}"
+                    refused.append(f"dc {target.name}: {reason}")
+                else:
+                    raise NoCapacity(
+                        target.reason.removeprefix("backlog: "),
+                        task_id=job.task_id,
+                        retry_after_s=1,
+                        refused="; ".join(refused[-4:]),
+                    )
+        raise AssertionError("a decision always ends in the backlog")
+
+    async def _offer_agent(self, agent_id: str, max_tasks: float, job: Job) -> tuple[bool, str]:
+        if agent_id == self.cfg.agent_id:
+            return await self.accept(job, max_tasks)
+        peer = self.registry.peers.get(agent_id)
+        if peer is None:
+            return False, "not a member now"
+        if len(job.path) + 1 > self.max_hops:
             return False, "hop limit"
+        envelope = self._envelope(job, max_tasks)
+        try:
+            reply = await self.peers.offer(peer.address, envelope, self._offer_timeout(job))
+        except grpc.aio.AioRpcError as exc:
+            metrics.FORWARDS.labels("error").inc()
+            return False, f"unreachable ({exc.code().name})"
+        self._learn(agent_id, reply.load)
+        metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
+        return reply.accepted, reply.reason
+
+    async def _offer_dc(self, dc: str, job: Job) -> tuple[bool, str]:
+        """Hand ``job`` to DC ``dc``: its record moves there, ours points to it."""
+        if len(job.path) + 1 > self.max_hops:
+            return False, "hop limit"
+        envelope = self._envelope(job, 0.0)
+        envelope.origin_dc = self.cfg.dc
+        try:
+            reply = await self.remote.offer(dc, envelope)
+        except (grpc.aio.AioRpcError, Unavailable) as exc:
+            metrics.FORWARDS.labels("error").inc()
+            return False, f"unreachable ({exc})"
+        metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
+        if not reply.accepted:
+            return False, reply.reason
+
+        def point(record: peer_pb2.TaskRecord) -> None:
+            record.forwarded_to_dc = dc
+            record.status.dc = dc
+            record.status.agent = ""
+
+        with contextlib.suppress(MeshError):  # the task runs there either way
+            await self.store.update(job.task_id, point, attempt=job.attempt)
+        return True, "accepted"
+
+    def _envelope(self, job: Job, max_tasks: float) -> peer_pb2.Envelope:
         envelope = peer_pb2.Envelope(
             path=[*job.path, self.cfg.agent_id],
             hops=len(job.path) + 1,
             deadline_unix_ms=job.deadline_ms,
             attempt=job.attempt,
             entry_agent=job.path[0] if job.path else self.cfg.agent_id,
-            may_queue=may_queue,
+            max_tasks=max_tasks,
         )
         envelope.spec.CopyFrom(job.spec)
-        timeout = min(OFFER_TIMEOUT_S, max(0.05, (job.deadline_ms - _now_ms()) / 1000))
-        try:
-            reply = await self.peers.offer(peer.address, envelope, timeout)
-        except grpc.aio.AioRpcError as exc:
-            metrics.FORWARDS.labels("error").inc()
-            return False, f"unreachable ({exc.code().name})"
-        metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
-        return reply.accepted, reply.reason
+        return envelope
+
+    @staticmethod
+    def _offer_timeout(job: Job) -> float:
+        return min(OFFER_TIMEOUT_S, max(0.05, (job.deadline_ms - _now_ms()) / 1000))
 
     async def offer(self, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
-        """A peer asks us to run a task: decided by our own live load, not gossip."""
+        """Another agent asks us to take a task: decided by our own live load, not gossip."""
         if self.cfg.agent_id in envelope.path:
             return False, "loop: already visited"
-        if envelope.hops > self.cfg.max_hops:
+        if envelope.hops > self.max_hops:
             return False, "hop limit"
         job = Job(envelope.spec, envelope.attempt, envelope.deadline_unix_ms, list(envelope.path))
-        accepted, reason = await self.accept(job, envelope.may_queue)
+        if envelope.origin_dc and envelope.origin_dc != self.cfg.dc:
+            accepted, reason = await self._adopt(job)
+        else:
+            accepted, reason = await self.accept(job, envelope.max_tasks)
         metrics.OFFERS.labels("accepted" if accepted else "refused").inc()
         return accepted, reason
 
-    async def accept(self, job: Job, may_queue: bool) -> tuple[bool, str]:
+    async def _adopt(self, job: Job) -> tuple[bool, str]:
+        """Take a task from another DC into this one: record it here and place it here
+        (never onward to a third DC: overflow is one step)."""
+        if job.deadline_ms <= _now_ms():
+            return False, "deadline passed"
+        digest = spec_digest(job.spec)
+        record = self._new_record(job.spec, digest, job.deadline_ms, job.attempt, job.path)
+        stored, created = await self.store.create(record)
+        if not created:
+            if stored.record.spec_digest != digest:
+                return False, "task id already used here by another task"
+            return True, "already here"
+        try:
+            where = await self.place(job, spill=False)
+        except MeshError as exc:
+            with contextlib.suppress(MeshError):
+                await self.store.delete(stored)
+            return False, f"{self.cfg.dc} is full too: {exc.message}"
+        log.info("took %s from DC %s, placed on %s", job.task_id, job.path[0], where)
+        return True, "accepted"
+
+    async def accept(self, job: Job, max_tasks: float) -> tuple[bool, str]:
+        """Queue ``job`` here if our live load allows: within ``max_tasks`` running and
+        queued after it, or (0) within our hard limit, slots plus queue length."""
         if job.deadline_ms <= _now_ms():
             return False, "deadline passed"
         try:
             self.executor.check(job.spec)
         except MeshError as exc:
             return False, exc.message
-        if not may_queue and not self.executor.has_free_slot_for(job.spec):
-            return False, "busy"
+        tasks = self.executor.running + self.executor.queued
+        limit = max_tasks or self.executor.slots + self.cfg.max_queue_length
+        if tasks + 1 > limit:
+            return False, f"over the bound ({tasks + 1} > {limit:g} tasks)"
         # Enqueue before any await, so the check above still holds; the record follows.
         self.executor.enqueue(job)
-        self._sync_gauges()
 
         def mutate(record: peer_pb2.TaskRecord) -> None:
             status = record.status
@@ -313,9 +535,22 @@ class Agent:
             return False
         return status.agent == self.cfg.agent_id and status.attempt == job.attempt
 
-    def _sync_gauges(self) -> None:
-        metrics.RUNNING.set(self.executor.running)
-        metrics.QUEUED.set(self.executor.queued)
+    # -- reading tasks, wherever they run -------------------------------------------------
+
+    async def get(self, task_id: str) -> pb.TaskStatus:
+        stored = await self.store.get(task_id)
+        if stored.record.forwarded_to_dc:
+            return await self.remote.get(stored.record.forwarded_to_dc, task_id)
+        return public(stored.status)
+
+    async def follow(self, task_id: str) -> AsyncIterator[pb.TaskStatus]:
+        """The task's statuses until it ends; from its DC's agents if it overflowed."""
+        async for stored in self.store.follow(task_id):
+            if stored.record.forwarded_to_dc:
+                async for status in self.remote.watch(stored.record.forwarded_to_dc, task_id):
+                    yield status
+                return
+            yield public(stored.status)
 
     # -- cancel --------------------------------------------------------------------------
 
@@ -326,6 +561,9 @@ class Agent:
             record.cancel_requested = True
             return None
 
+        stored = await self.store.get(task_id)
+        if stored.record.forwarded_to_dc:
+            return await self.remote.cancel(stored.record.forwarded_to_dc, task_id, reason)
         stored = await self.store.update(task_id, request)
         status = stored.status
         if status.state in TERMINAL or not status.agent:
@@ -367,3 +605,26 @@ class Agent:
                     if stored.status.state in TERMINAL:
                         break
         return public((await self.store.get(task_id)).status)
+
+
+def member_of(record: AgentRecord) -> Member:
+    return Member(
+        agent_id=record.agent_id,
+        weight=record.weight,
+        gpu_memory_mb=tuple(g.memory_mb for g in record.gpus),
+        pipelines=frozenset(record.pipelines),
+        models=frozenset(record.models),
+        draining=record.state == DRAINING,
+        queue_limit=record.queue_limit,
+    )
+
+
+def request_of(spec: pb.TaskSpec) -> Request:
+    return Request(
+        task_id=spec.task_id,
+        model=spec.model,
+        pipeline=spec.pipeline,
+        affinity_key=spec.affinity_key,
+        gpu_count=max(1, spec.gpu_count),
+        min_gpu_memory_mb=spec.min_gpu_memory_mb,
+    )

@@ -157,6 +157,11 @@ class AgentConfig(BaseSettings):
         default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")) / "gpumesh-results",
         description="Where results over inline_result_bytes are written.",
     )
+    decision_log: Path | None = Field(
+        None,
+        description="Append every routing decision here as a JSON line (with the view it "
+        "was made from), for 'meshctl replay'. Unset: no log.",
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     @property

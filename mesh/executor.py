@@ -74,14 +74,17 @@ class Executor:
         pipelines: dict[str, Pipeline],
         models: Models,
         reporter: Reporter,
+        on_load: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``on_load`` is called whenever ``running`` or ``queued`` changes."""
         self._cfg = cfg
         self._gpus = list(gpus)
         self._free = list(gpus)
         self._pipelines = pipelines
         self._models = models
         self._reporter = reporter
+        self._on_load = on_load
         self._clock = clock
         self._queue: WeightedQueue[Job] = WeightedQueue(
             cfg.queues, cfg.max_queue_length, cfg.queue_aging_s
@@ -99,6 +102,10 @@ class Executor:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def slots(self) -> int:
+        return len(self._gpus)
 
     def holds(self, task_id: str) -> bool:
         return task_id in self._running or any(j.task_id == task_id for j in self._queue)
@@ -125,13 +132,14 @@ class Executor:
                 "queue full", limit="max_queue_length", max=self._cfg.max_queue_length
             )
 
-    def has_free_slot_for(self, spec: pb.TaskSpec) -> bool:
-        return not self._queue and len(self._fitting(spec)) >= max(1, spec.gpu_count)
+    def reweight(self, queues: dict[str, int]) -> None:
+        self._queue.reweight(queues)
 
     def enqueue(self, job: Job) -> None:
         self.check(job.spec)
         self._queue.push(job.spec.queue, job, self._clock())
         self._wake.set()
+        self._on_load()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -152,6 +160,7 @@ class Executor:
                     self._free.remove(gpu)
                 run = _Run(job, gpus)
                 self._running[job.task_id] = run
+                self._on_load()
                 run.task = asyncio.create_task(self._execute(run), name=f"task-{job.task_id}")
 
     async def _execute(self, run: _Run) -> None:
@@ -198,6 +207,7 @@ class Executor:
             self._running.pop(job.task_id, None)
             self._free.extend(run.gpus)
             self._wake.set()
+            self._on_load()
         if outcome is not None:
             await self._reporter.finished(job, outcome)
 
@@ -208,6 +218,7 @@ class Executor:
         record as cancelled; a running one records its own end when its run unwinds."""
         queued = self._queue.remove(lambda j: j.task_id == task_id)
         if queued is not None:
+            self._on_load()
             return queued
         run = self._running.get(task_id)
         if run is not None and run.task is not None and run.cancel_reason is None:

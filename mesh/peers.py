@@ -1,10 +1,16 @@
-"""gRPC channels to peer agents, one per address, shared by every call to that peer."""
+"""gRPC channels to other agents, one per address, shared by every call to that agent.
+
+Peers of the DC are reached over ``PeerService``; agents of other DCs also over the public
+``TaskService``, to answer Get, Watch and Cancel for tasks that overflowed there.
+"""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
-from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2
+from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -21,12 +27,21 @@ class PeerClients:
         self._options = channel_options(max_message_bytes)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
-    def _stub(self, address: str) -> peer_pb2_grpc.PeerServiceStub:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = grpc.aio.insecure_channel(address, options=self._options)
             self._channels[address] = channel
-        return peer_pb2_grpc.PeerServiceStub(channel)
+        return channel
+
+    def _stub(self, address: str) -> peer_pb2_grpc.PeerServiceStub:
+        return peer_pb2_grpc.PeerServiceStub(self._channel(address))
+
+    def tasks(self, address: str) -> tasks_pb2_grpc.TaskServiceStub:
+        return tasks_pb2_grpc.TaskServiceStub(self._channel(address))
+
+    def watch(self, address: str, task_id: str) -> AsyncIterator[tasks_pb2.TaskEvent]:
+        return self.tasks(address).Watch(tasks_pb2.WatchRequest(task_id=task_id))
 
     async def offer(
         self, address: str, envelope: peer_pb2.Envelope, timeout_s: float

@@ -33,6 +33,21 @@ class WeightedQueue(Generic[T]):
         self._aging_s = aging_s
         self._classes: dict[str, deque[_Entry[T]]] = {c: deque() for c in weights}
         self._credit: dict[str, int] = dict.fromkeys(weights, 0)
+        self._accepting = frozenset(weights)
+
+    def reweight(self, weights: dict[str, int]) -> None:
+        """Adopt new class weights (a new topology). A class that is gone stops taking
+        tasks at once but keeps its old weight until the tasks it holds are served."""
+        if not weights or any(w <= 0 for w in weights.values()):
+            raise ValueError("weights must be positive")
+        for name in list(self._classes):
+            if name not in weights and not self._classes[name]:
+                del self._classes[name], self._credit[name], self._weights[name]
+        for name, weight in weights.items():
+            self._classes.setdefault(name, deque())
+            self._credit.setdefault(name, 0)
+            self._weights[name] = weight
+        self._accepting = frozenset(weights)
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._classes.values())
@@ -49,13 +64,14 @@ class WeightedQueue(Generic[T]):
         return {c: (now - q[0].enqueued_at) if q else 0.0 for c, q in self._classes.items()}
 
     def push(self, queue_class: str, item: T, now: float) -> None:
-        if queue_class not in self._classes:
+        if queue_class not in self._accepting:
             raise InvalidTask(f"unknown queue {queue_class!r}")
         if len(self) >= self._max_len:
             raise LimitExceeded("queue full", limit="max_queue_length", max=self._max_len)
         self._classes[queue_class].append(_Entry(item, now))
 
     def _choose(self, now: float) -> str | None:
+        self._forget_drained()
         waiting = [c for c, q in self._classes.items() if q]
         if not waiting:
             return None
@@ -68,6 +84,10 @@ class WeightedQueue(Generic[T]):
         best = max(waiting, key=lambda c: self._credit[c])
         self._credit[best] -= total
         return best
+
+    def _forget_drained(self) -> None:
+        for name in [c for c, q in self._classes.items() if not q and c not in self._accepting]:
+            del self._classes[name], self._credit[name], self._weights[name]
 
     def pop(self, now: float, fits: Callable[[T], bool] = lambda _: True) -> T | None:
         """The next item by weight and age, if it ``fits``; else None and nothing moves.

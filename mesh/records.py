@@ -175,14 +175,18 @@ class TaskStore:
     async def list(
         self, *, user_id: str, state: int, limit: int
     ) -> tuple[list[tasks_pb2.TaskStatus], bool]:
-        """Tasks of the DC, filtered; the flag says whether more matched than ``limit``."""
+        """Tasks that run in this DC, filtered; the flag says whether more matched than
+        ``limit``. A task that overflowed to another DC is listed there."""
         try:
             listing = await self._client.get_prefix(self._keys.tasks)
         except ETCD_ERRORS as exc:
             raise Unavailable(f"etcd: {exc}") from exc
         found: list[tasks_pb2.TaskStatus] = []
         for kv in listing:
-            status = decode(kv.value).status
+            record = decode(kv.value)
+            if record.forwarded_to_dc:
+                continue  # listed in the DC it overflowed to
+            status = record.status
             if user_id and status.spec.user.id != user_id:
                 continue
             if state and status.state != state:

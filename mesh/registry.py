@@ -38,6 +38,7 @@ class AgentRecord:
     state: str = ACTIVE
     incarnation: int = 0
     queues: tuple[str, ...] = field(default=())
+    queue_limit: int = 256  # its max_queue_length: with its slots, its hard limit
 
     @property
     def slots(self) -> int:
@@ -58,10 +59,17 @@ class AgentRecord:
 class Registry:
     """Publishes this agent and mirrors the DC's agents prefix (a watch, never a poll)."""
 
-    def __init__(self, client: aetcd.Client, keys: KeySpace, lease: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        keys: KeySpace,
+        lease: Callable[[], int],
+        on_change: Callable[[dict[str, AgentRecord]], None] = lambda _: None,
+    ) -> None:
         self._client = client
         self._keys = keys
         self._lease = lease
+        self._listener = on_change
         self.me: AgentRecord | None = None
         self.peers: dict[str, AgentRecord] = {}
         self.mirror = PrefixMirror(client, keys.agents, self._on_change)
@@ -74,6 +82,7 @@ class Registry:
             except (ValueError, TypeError, KeyError) as exc:
                 log.warning("ignoring unreadable agent record %s: %s", name, exc)
         self.peers = peers
+        self._listener(peers)
 
     async def publish(self, record: AgentRecord) -> None:
         self.me = record

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 from mesh.ring import HashRing, key_point
 
@@ -207,6 +207,11 @@ class Router:
         self._classes.clear()
         self._rings.clear()
 
+    def set_policy(self, policy: Policy) -> None:
+        if policy != self.policy:
+            self.policy = policy
+            self._classes.clear()  # the floor is part of each class's shape
+
     def set_load(self, agent_id: str, running: int, queued: int) -> None:
         load = self._loads.get(agent_id)
         if load is None:
@@ -366,3 +371,55 @@ RING_REASONS = {
     for later in (False, True)
     for loaded in (False, True)
 }
+
+
+# -- snapshots: what the decision log stores, so a decision can be replayed offline ------------
+
+
+def snapshot(router: Router) -> dict[str, object]:
+    """The router's whole view as plain JSON-able data."""
+    return {
+        "policy": asdict(router.policy),
+        "members": [
+            {**asdict(m), "pipelines": sorted(m.pipelines), "models": sorted(m.models)}
+            for m in router.members.values()
+        ],
+        "loads": {a: [load.running, load.queued] for a, load in router._loads.items()},
+        "loaded": {a: sorted(models) for a, models in router._loaded.items() if models},
+    }
+
+
+def from_snapshot(data: dict[str, Any]) -> Router:
+    router = Router(Policy(**data["policy"]))
+    router.set_members(
+        Member(
+            **{
+                **m,
+                "gpu_memory_mb": tuple(m["gpu_memory_mb"]),
+                "pipelines": frozenset(m["pipelines"]),
+                "models": frozenset(m["models"]),
+            }
+        )
+        for m in data["members"]
+    )
+    for agent_id, (running, queued) in data["loads"].items():
+        router.set_load(agent_id, running, queued)
+    for agent_id, models in data["loaded"].items():
+        router.set_loaded(agent_id, models)
+    return router
+
+
+def spill_to_dict(spill: Spill) -> dict[str, object]:
+    return {
+        "to": [asdict(o) for o in spill.to],
+        "allowed": spill.allowed,
+        "full": sorted(spill.full),
+    }
+
+
+def spill_from_dict(data: dict[str, Any]) -> Spill:
+    return Spill(
+        to=tuple(Overflow(**o) for o in data["to"]),
+        allowed=data["allowed"],
+        full=frozenset(data["full"]),
+    )

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mesh import metrics
 from mesh.agent import Agent
-from mesh.errors import MeshError, TaskConflict
+from mesh.errors import InvalidTask, MeshError, TaskConflict
 from mesh.etcd import ETCD_ERRORS
 from mesh.peers import channel_options
 from mesh.records import public
@@ -78,20 +78,19 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
 
     @unary
     async def Get(self, request, context):
-        return public((await self.agent.store.get(request.task_id)).status)
+        return await self.agent.get(request.task_id)
 
     async def Watch(self, request, context) -> AsyncIterator[pb.TaskEvent]:
         previous = None
         try:
-            async for stored in self.agent.store.follow(request.task_id):
-                status = stored.status
+            async for status in self.agent.follow(request.task_id):
                 kind = (
                     pb.TaskEvent.KIND_PROGRESS
                     if previous is not None and status.state == previous
                     else pb.TaskEvent.KIND_STATE
                 )
                 previous = status.state
-                yield pb.TaskEvent(kind=kind, status=public(status))
+                yield pb.TaskEvent(kind=kind, status=status)
         except Exception as exc:
             code, message = _status_for(exc)
             await context.abort(code, message)
@@ -142,6 +141,29 @@ class AgentServicer(tasks_pb2_grpc.AgentServiceServicer):
             ]
         )
 
+    @unary
+    async def Route(self, request, context):
+        if not request.spec.model or not request.spec.pipeline:
+            raise InvalidTask("model and pipeline are required to route")
+        decision = self.agent.route(request.spec, explain=request.explain)
+        return pb.RouteResponse(
+            agent_id=self.agent.cfg.agent_id,
+            dc=self.agent.cfg.dc,
+            bound=decision.bound,
+            targets=[pb.RouteTarget(**t._asdict()) for t in decision.targets],
+            candidates=[
+                pb.RouteCandidate(
+                    agent_id=c.agent_id,
+                    tasks=c.tasks,
+                    max_tasks=c.max_tasks,
+                    eligible=c.eligible,
+                    model_loaded=c.loaded,
+                    verdict=c.verdict,
+                )
+                for c in decision.candidates
+            ],
+        )
+
 
 class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     def __init__(self, agent: Agent) -> None:
@@ -150,7 +172,7 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     @unary
     async def Offer(self, request, context):
         accepted, reason = await self.agent.offer(request)
-        return peer_pb2.OfferResponse(accepted=accepted, reason=reason)
+        return peer_pb2.OfferResponse(accepted=accepted, reason=reason, load=self.agent.load())
 
     @unary
     async def CancelLocal(self, request, context):

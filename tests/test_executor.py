@@ -123,7 +123,8 @@ async def test_multi_gpu_task_gets_both_slots(rig) -> None:
     executor.enqueue(job("wide", gpus=2))
     await recorder.until("start", lambda: recorder.starts)
     assert recorder.starts == [("wide", (0, 1))]
-    assert not executor.has_free_slot_for(job("x").spec)
+    executor.enqueue(job("waits"))
+    assert executor.running == 1 and executor.queued == 1  # no slot left for it
 
 
 async def test_failures_are_outcomes_not_crashes(rig) -> None:

@@ -92,3 +92,15 @@ def test_remove_and_depth() -> None:
 def test_weights_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         WeightedQueue({"vip": 0}, 10, 1.0)
+
+
+def test_reweight_adds_classes_and_retires_old_ones_once_served() -> None:
+    q: WeightedQueue[str] = WeightedQueue({"vip": 8, "normal": 2}, 100, 1e9)
+    q.push("normal", "old", now=0.0)
+    q.reweight({"gold": 5, "vip": 1})
+    with pytest.raises(InvalidTask, match="unknown queue 'normal'"):
+        q.push("normal", "new", now=0.0)
+    q.push("gold", "g", now=0.0)
+    assert sorted(t for t in (q.pop(now=0.0), q.pop(now=0.0)) if t) == ["g", "old"]
+    assert q.pop(now=0.0) is None
+    assert q.depth() == {"vip": 0, "gold": 0}

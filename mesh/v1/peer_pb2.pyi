@@ -8,37 +8,53 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("spec", "path", "hops", "deadline_unix_ms", "attempt", "entry_agent", "may_queue")
+    __slots__ = ("spec", "path", "hops", "deadline_unix_ms", "attempt", "entry_agent", "max_tasks", "origin_dc")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ENTRY_AGENT_FIELD_NUMBER: _ClassVar[int]
-    MAY_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_DC_FIELD_NUMBER: _ClassVar[int]
     spec: _tasks_pb2.TaskSpec
     path: _containers.RepeatedScalarFieldContainer[str]
     hops: int
     deadline_unix_ms: int
     attempt: int
     entry_agent: str
-    may_queue: bool
-    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., entry_agent: _Optional[str] = ..., may_queue: _Optional[bool] = ...) -> None: ...
+    max_tasks: float
+    origin_dc: str
+    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., entry_agent: _Optional[str] = ..., max_tasks: _Optional[float] = ..., origin_dc: _Optional[str] = ...) -> None: ...
+
+class Load(_message.Message):
+    __slots__ = ("running", "queued", "models_loaded")
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    MODELS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    running: int
+    queued: int
+    models_loaded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, running: _Optional[int] = ..., queued: _Optional[int] = ..., models_loaded: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class OfferResponse(_message.Message):
-    __slots__ = ("accepted", "reason")
+    __slots__ = ("accepted", "reason", "load")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+    load: Load
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
 
 class TaskRecord(_message.Message):
-    __slots__ = ("status", "spec_digest", "cancel_requested")
+    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    FORWARDED_TO_DC_FIELD_NUMBER: _ClassVar[int]
     status: _tasks_pb2.TaskStatus
     spec_digest: str
     cancel_requested: bool
-    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ...) -> None: ...
+    forwarded_to_dc: str
+    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ...) -> None: ...

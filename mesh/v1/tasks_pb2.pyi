@@ -269,3 +269,53 @@ class ListAgentsResponse(_message.Message):
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     agents: _containers.RepeatedCompositeFieldContainer[AgentInfo]
     def __init__(self, agents: _Optional[_Iterable[_Union[AgentInfo, _Mapping]]] = ...) -> None: ...
+
+class RouteRequest(_message.Message):
+    __slots__ = ("spec", "explain")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    EXPLAIN_FIELD_NUMBER: _ClassVar[int]
+    spec: TaskSpec
+    explain: bool
+    def __init__(self, spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., explain: _Optional[bool] = ...) -> None: ...
+
+class RouteTarget(_message.Message):
+    __slots__ = ("kind", "name", "max_tasks", "reason")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    name: str
+    max_tasks: float
+    reason: str
+    def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., max_tasks: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RouteCandidate(_message.Message):
+    __slots__ = ("agent_id", "tasks", "max_tasks", "eligible", "model_loaded", "verdict")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
+    ELIGIBLE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_LOADED_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    tasks: int
+    max_tasks: float
+    eligible: bool
+    model_loaded: bool
+    verdict: str
+    def __init__(self, agent_id: _Optional[str] = ..., tasks: _Optional[int] = ..., max_tasks: _Optional[float] = ..., eligible: _Optional[bool] = ..., model_loaded: _Optional[bool] = ..., verdict: _Optional[str] = ...) -> None: ...
+
+class RouteResponse(_message.Message):
+    __slots__ = ("agent_id", "dc", "bound", "targets", "candidates")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DC_FIELD_NUMBER: _ClassVar[int]
+    BOUND_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    dc: str
+    bound: float
+    targets: _containers.RepeatedCompositeFieldContainer[RouteTarget]
+    candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
+    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., bound: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[RouteTarget, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ...) -> None: ...

@@ -283,12 +283,23 @@ class AgentServiceStub:
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_tasks__pb2.ListAgentsResponse.FromString,
                 _registered_method=True)
+        self.Route = channel.unary_unary(
+                '/mesh.v1.AgentService/Route',
+                request_serializer=mesh_dot_v1_dot_tasks__pb2.RouteRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_tasks__pb2.RouteResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def ListAgents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Route(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -301,6 +312,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=mesh_dot_v1_dot_tasks__pb2.ListAgentsRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_tasks__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'Route': grpc.unary_unary_rpc_method_handler(
+                    servicer.Route,
+                    request_deserializer=mesh_dot_v1_dot_tasks__pb2.RouteRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_tasks__pb2.RouteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -330,6 +346,33 @@ class AgentService:
             '/mesh.v1.AgentService/ListAgents',
             mesh_dot_v1_dot_tasks__pb2.ListAgentsRequest.SerializeToString,
             mesh_dot_v1_dot_tasks__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Route(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.AgentService/Route',
+            mesh_dot_v1_dot_tasks__pb2.RouteRequest.SerializeToString,
+            mesh_dot_v1_dot_tasks__pb2.RouteResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,105 @@
+"""Other DCs as this agent reaches them: through the seed agents the topology lists.
+
+A task that overflows is offered to a seed of the chosen DC, which takes it into its own
+DC (record and all) and places it there. Its record here then only points to that DC,
+and Get, Watch and Cancel are answered by asking a seed of it. Seeds are tried in an
+order drawn from the task id, so load on them spreads and a dead seed costs one timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
+
+import grpc
+
+from mesh.errors import TaskNotFound, Unavailable
+from mesh.peers import PeerClients
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+CALL_TIMEOUT_S = 3.0
+# Answers that say "this seed cannot help now, another may": try the next seed.
+NEXT_SEED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class RemoteDcs:
+    def __init__(self, peers: PeerClients) -> None:
+        self._peers = peers
+        self._seeds: dict[str, tuple[str, ...]] = {}
+
+    def set_seeds(self, seeds: Mapping[str, list[str]]) -> None:
+        self._seeds = {dc: tuple(addresses) for dc, addresses in seeds.items()}
+
+    def seeds(self, dc: str, task_id: str) -> list[str]:
+        def spread(address: str) -> bytes:
+            return hashlib.blake2b(f"{task_id}@{address}".encode(), digest_size=8).digest()
+
+        return sorted(self._seeds.get(dc, ()), key=spread)
+
+    async def _first_answer(self, dc: str, task_id: str, call: Callable[[str], Awaitable[T]]) -> T:
+        """``call`` on each seed of ``dc`` until one answers; its gRPC errors pass through."""
+        seeds = self.seeds(dc, task_id)
+        if not seeds:
+            raise Unavailable(f"no seed agent known for DC {dc}", dc=dc)
+        last: grpc.aio.AioRpcError | None = None
+        for address in seeds:
+            try:
+                return await call(address)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in NEXT_SEED:
+                    raise
+                log.info("seed %s of %s: %s", address, dc, exc.code().name)
+                last = exc
+        assert last is not None
+        raise Unavailable(f"no seed of DC {dc} answered ({last.code().name})", dc=dc)
+
+    async def offer(self, dc: str, envelope: peer_pb2.Envelope) -> peer_pb2.OfferResponse:
+        return await self._first_answer(
+            dc,
+            envelope.spec.task_id,
+            lambda a: self._peers.offer(a, envelope, CALL_TIMEOUT_S),
+        )
+
+    async def get(self, dc: str, task_id: str) -> pb.TaskStatus:
+        return await self._translated(
+            dc,
+            task_id,
+            lambda a: self._peers.tasks(a).Get(
+                pb.GetRequest(task_id=task_id), timeout=CALL_TIMEOUT_S
+            ),
+        )
+
+    async def cancel(self, dc: str, task_id: str, reason: str) -> pb.TaskStatus:
+        return await self._translated(
+            dc,
+            task_id,
+            lambda a: self._peers.tasks(a).Cancel(
+                pb.CancelRequest(task_id=task_id, reason=reason), timeout=CALL_TIMEOUT_S
+            ),
+        )
+
+    async def _translated(self, dc: str, task_id: str, call: Callable[[str], Awaitable[T]]) -> T:
+        try:
+            return await self._first_answer(dc, task_id, call)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise TaskNotFound(f"not found in DC {dc}", task_id=task_id) from exc
+            raise Unavailable(f"DC {dc}: {exc.code().name}: {exc.details()}") from exc
+
+    async def watch(self, dc: str, task_id: str) -> AsyncIterator[pb.TaskStatus]:
+        """The task's statuses as a seed of ``dc`` streams them, until it ends."""
+        for address in self.seeds(dc, task_id):
+            try:
+                async for event in self._peers.watch(address, task_id):
+                    yield event.status
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in NEXT_SEED:
+                    raise Unavailable(f"DC {dc}: {exc.code().name}: {exc.details()}") from exc
+        raise Unavailable(f"no seed of DC {dc} answered", dc=dc)
