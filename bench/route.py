@@ -335,8 +335,14 @@ def _print(result: dict, sizes: list[int]) -> None:
     from rich.table import Table
 
     console = Console()
-    timing = Table("agents", "route p50 µs", "route p99 µs", "ring lookup p50 µs",
-                   "least-loaded scan p50 µs", title="decision latency")  # fmt: skip
+    timing = Table(
+        "agents",
+        "route p50 µs",
+        "route p99 µs",
+        "ring lookup p50 µs",
+        "least-loaded scan p50 µs",
+        title="decision latency",
+    )
     for n in sizes:
         timing.add_row(
             str(n),
@@ -346,10 +352,21 @@ def _print(result: dict, sizes: list[int]) -> None:
             str(result["least_loaded_p50_us"][n]),
         )
     console.print(timing)
-    table = Table("policy", "max/avg load", "affinity", "mean JCT s", "p99 JCT s",
-                  title="placement on a skewed trace (same trace for every policy)")  # fmt: skip
+    table = Table(
+        "policy",
+        "max/avg load",
+        "affinity",
+        "mean JCT s",
+        "p99 JCT s",
+        title="placement on a skewed trace (same trace for every policy)",
+    )
     for name, m in result["policies"].items():
-        table.add_row(name, str(m["max_over_avg"]), f"{m['affinity']:.1%}",
-                      str(m["mean_jct_s"]), str(m["p99_jct_s"]))  # fmt: skip
+        table.add_row(
+            name,
+            str(m["max_over_avg"]),
+            f"{m['affinity']:.1%}",
+            str(m["mean_jct_s"]),
+            str(m["p99_jct_s"]),
+        )
     console.print(table)
     console.print(f"{result['seconds']} s")

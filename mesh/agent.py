@@ -221,8 +221,9 @@ class Agent:
             self.cfg = self.cfg.model_copy(update={"queues": dict(topology.queues)})
             self.executor.reweight(topology.queues)
         else:
-            log.warning("topology queues lack default_queue %r; queues unchanged",
-                        self.cfg.default_queue)  # fmt: skip
+            log.warning(
+                "topology queues lack default_queue %r; queues unchanged", self.cfg.default_queue
+            )
         weights = {**topology.gpu_weights, **self.cfg.gpu_weights}
         if weights != self.gpu_weights:
             self.gpu_weights = weights
@@ -353,8 +354,13 @@ class Agent:
         metrics.SUBMITTED.inc()
         return await self.store.get(spec.task_id), True
 
-    def route(self, spec: pb.TaskSpec, visited: Iterable[str] = (), explain: bool = False,
-              spill: bool = True) -> Decision:  # fmt: skip
+    def route(
+        self,
+        spec: pb.TaskSpec,
+        visited: Iterable[str] = (),
+        explain: bool = False,
+        spill: bool = True,
+    ) -> Decision:
         """What the router decides for ``spec`` now; every decision goes to the log."""
         request = request_of(spec)
         options = self.spill() if spill else NO_SPILL

@@ -345,6 +345,199 @@ def cancel(
     emit(as_dict(status), output, lambda: status_table([status]))
 
 
+# -- routing ---------------------------------------------------------------------------------
+
+
+def _endpoint_in(dc: str, home: Path) -> str:
+    agents = [s for s in localmesh.read_state(home) if s.kind == "agent" and s.dc == dc]
+    if not agents:
+        raise fail(f"no agent of DC {dc!r} in the local mesh; give --endpoint", 2)
+    return agents[0].address
+
+
+@app.command()
+def route(
+    model: Annotated[str, typer.Option(help="model name")],
+    pipeline: Annotated[str, typer.Option(help="pipeline name")],
+    affinity: Annotated[str, typer.Option(help="affinity key")] = "",
+    gpus: Annotated[int, typer.Option(help="GPU count")] = 1,
+    min_memory: Annotated[int, typer.Option(help="minimum GPU memory, MB")] = 0,
+    dc: Annotated[str, typer.Option(help="ask an agent of this local DC")] = "",
+    explain: Annotated[bool, typer.Option(help="list the candidates in ring order")] = False,
+    endpoint: EndpointOpt = None,
+    output: OutputOpt = Output.table,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
+) -> None:
+    """What an agent would decide for such a task now, and why."""
+    spec = pb.TaskSpec(
+        task_id="route-probe",
+        model=model,
+        pipeline=pipeline,
+        affinity_key=affinity,
+        gpu_count=gpus,
+        min_gpu_memory_mb=min_memory,
+    )
+    address = endpoint or (_endpoint_in(dc, home) if dc else resolve_endpoint(None, home))
+    reply = call(address, lambda c: c.route(spec, explain))
+
+    def tables() -> Table:
+        targets = Table(
+            "#",
+            "kind",
+            "target",
+            "max tasks",
+            "reason",
+            title=f"{reply.agent_id} ({reply.dc}), bound {reply.bound:.3f}/weight",
+        )
+        for n, t in enumerate(reply.targets, 1):
+            limit = f"{t.max_tasks:.2f}" if t.max_tasks else "hard limit"
+            targets.add_row(str(n), t.kind, t.name or "-", limit, t.reason)
+        if not reply.candidates:
+            return targets
+        console.print(targets)
+        ring = Table(
+            "agent",
+            "tasks",
+            "may hold",
+            "eligible",
+            "model loaded",
+            "verdict",
+            title="candidates in ring order",
+        )
+        for c in reply.candidates:
+            ring.add_row(
+                c.agent_id,
+                str(c.tasks),
+                f"{c.max_tasks:.2f}",
+                "yes" if c.eligible else "no",
+                "yes" if c.model_loaded else "",
+                c.verdict,
+            )
+        return ring
+
+    emit(as_dict(reply), output, tables)
+
+
+@app.command()
+def replay(log: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
+    """Route every decision of a decision log again, offline; exit 1 on any difference."""
+    from mesh.decisionlog import replay as replay_log
+
+    total, differ = 0, []
+    for replayed in replay_log(log):
+        total += 1
+        if not replayed.same:
+            differ.append(replayed)
+    for d in differ[:10]:
+        err.print(
+            f"line {d.line} ({d.task_id}): logged {d.logged['targets'][:1]} "
+            f"now {d.now['targets'][:1]}"
+        )
+    console.print(
+        f"{total} decisions replayed, {total - len(differ)} identical, {len(differ)} different"
+    )
+    if differ:
+        raise typer.Exit(1)
+
+
+topology_app = typer.Typer(no_args_is_help=True, help="Validate, compare and apply topologies.")
+app.add_typer(topology_app, name="topology")
+TopologyArg = Annotated[Path, typer.Argument(help="topology file")]
+
+
+def _load(path: Path) -> Any:
+    try:
+        return load_topology(path)
+    except ConfigError as exc:
+        raise fail(exc.message) from None
+
+
+def _as_yaml(topology: Any) -> str:
+    return yaml.safe_dump(json.loads(topology.to_json()), sort_keys=False)
+
+
+@topology_app.command("validate")
+def topology_validate(file: TopologyArg) -> None:
+    """Check a topology file; one line per problem."""
+    topology = _load(file)
+    console.print(f"{file}: valid ({len(topology.dcs)} DCs: {', '.join(topology.dcs)})")
+
+
+@topology_app.command("schema")
+def topology_schema() -> None:
+    """The topology file's JSON Schema (what topology/schema.json holds)."""
+    from mesh.topology import schema
+
+    print(json.dumps(schema(), indent=2))
+
+
+@topology_app.command("show")
+def topology_show(
+    file: Annotated[Path, typer.Argument(help="file naming the DCs")] = DEFAULT_TOPOLOGY,
+) -> None:
+    """What each DC's etcd holds (the DCs and etcd endpoints come from FILE)."""
+    from mesh import topostore
+
+    states = asyncio.run(topostore.read_all(_load(file)))
+    table = Table("dc", "version", "digest", "note")
+    for s in states:
+        version = f"v{s.applied.version}" if s.applied else "-"
+        table.add_row(
+            s.dc,
+            version,
+            s.applied.digest if s.applied else "-",
+            s.error or ("" if s.applied else "never applied"),
+        )
+    console.print(table)
+    first = next((s.applied for s in states if s.applied), None)
+    if first is not None:
+        print(_as_yaml(first.topology), end="")
+
+
+@topology_app.command("diff")
+def topology_diff(file: TopologyArg) -> None:
+    """How FILE differs from what is applied (exit 1 if it does)."""
+    import difflib
+
+    from mesh import topostore
+
+    topology = _load(file)
+    changed = False
+    for s in asyncio.run(topostore.read_all(topology)):
+        if s.error:
+            raise fail(f"{s.dc}: {s.error}")
+        before = _as_yaml(s.applied.topology) if s.applied else ""
+        lines = list(
+            difflib.unified_diff(
+                before.splitlines(),
+                _as_yaml(topology).splitlines(),
+                f"{s.dc} (applied)",
+                str(file),
+                lineterm="",
+            )
+        )
+        changed |= bool(lines)
+        console.print(f"[bold]{s.dc}[/bold]: " + ("differs" if lines else "same"))
+        for line in lines:
+            print(line)
+    if changed:
+        raise typer.Exit(1)
+
+
+@topology_app.command("apply")
+def topology_apply(file: TopologyArg) -> None:
+    """Write FILE to every DC's etcd as a new version; agents switch without restart."""
+    from mesh import topostore
+
+    report = asyncio.run(topostore.apply(_load(file)))
+    table = Table("dc", "result")
+    for dc, what in report.items():
+        table.add_row(dc, what)
+    console.print(table)
+    if any(not w.startswith(("applied", "unchanged")) for w in report.values()):
+        raise typer.Exit(1)
+
+
 @app.command()
 def demo(
     topology: Annotated[Path, typer.Option(help="topology file")] = DEFAULT_TOPOLOGY,

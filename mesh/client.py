@@ -58,6 +58,13 @@ class MeshClient:
     def watch(self, task_id: str, timeout_s: float | None = None) -> AsyncIterator[pb.TaskEvent]:
         return self.tasks.Watch(pb.WatchRequest(task_id=task_id), timeout=timeout_s)
 
+    async def route(
+        self, spec: pb.TaskSpec, explain: bool = False, timeout_s: float = 5.0
+    ) -> pb.RouteResponse:
+        return await self.agents_stub.Route(
+            pb.RouteRequest(spec=spec, explain=explain), timeout=timeout_s
+        )
+
     async def agents(self, timeout_s: float = 5.0) -> list[pb.AgentInfo]:
         reply = await self.agents_stub.ListAgents(pb.ListAgentsRequest(), timeout=timeout_s)
         return list(reply.agents)

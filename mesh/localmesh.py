@@ -6,6 +6,7 @@ so ``meshctl down`` (another process, later) stops exactly that and nothing else
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh import topostore
 from mesh.errors import ConfigError, Unavailable
 from mesh.etcdserver import EtcdMember
 from mesh.topology import Topology
@@ -115,7 +117,13 @@ class LocalMesh:
         (self.home / "logs").mkdir(parents=True)
         try:
             self._start_etcds()
-            self._start_agents()
+            addresses = {
+                spec.id: f"127.0.0.1:{free_port()}"
+                for agents in self.local.agents.values()
+                for spec in agents
+            }
+            self._apply_topology(addresses)
+            self._start_agents(addresses)
             self._wait_agents(timeout_s)
         except BaseException:
             self.down()
@@ -139,10 +147,25 @@ class LocalMesh:
         for member in members:
             member.wait_healthy()
 
-    def _start_agents(self) -> None:
+    def _apply_topology(self, addresses: dict[str, str]) -> None:
+        """Apply the topology to every DC's etcd, seeds filled in with our agents."""
+        dcs = {
+            name: dc.model_copy(
+                update={
+                    "seeds": dc.seeds or [addresses[a.id] for a in self.local.agents.get(name, [])]
+                }
+            )
+            for name, dc in self.topology.dcs.items()
+        }
+        report = asyncio.run(topostore.apply(self.topology.model_copy(update={"dcs": dcs})))
+        failed = {dc: what for dc, what in report.items() if not what.startswith("applied")}
+        if failed:
+            raise Unavailable(f"could not apply the topology: {failed}")
+
+    def _start_agents(self, addresses: dict[str, str]) -> None:
         for dc, agents in self.local.agents.items():
             for spec in agents:
-                address = f"127.0.0.1:{free_port()}"
+                address = addresses[spec.id]
                 argv = [
                     sys.executable, "-m", "mesh.agent_main",
                     "--agent-id", spec.id,
@@ -156,6 +179,8 @@ class LocalMesh:
                     "--model-load-s", str(self.local.model_load_s),
                     "--result-dir", str(self.home / "results"),
                     "--drain-grace-s", "3",
+                    "--max-queue-length", str(self.local.max_queue_length),
+                    "--decision-log", str(self.home / "logs" / f"decisions-{spec.id}.jsonl"),
                 ]  # fmt: skip
                 # Only non-empty lists: the CLI parser reads '[]' as [''].
                 for flag, names in (

@@ -361,8 +361,10 @@ class Router:
             key=lambda o: -o.weight / math.log(_unit(f"{request.task_id}@{o.dc}")),
             reverse=True,
         )
-        return [Target(DC, o.dc, HARD_LIMIT, f"overflow to {o.dc} (weight {o.weight:g})")
-                for o in ranked]  # fmt: skip
+        return [
+            Target(DC, o.dc, HARD_LIMIT, f"overflow to {o.dc} (weight {o.weight:g})")
+            for o in ranked
+        ]
 
 
 RING_REASONS = {

@@ -63,9 +63,11 @@ class Routing(Strict):
         "model fill its home in an idle mesh instead of scattering",
     )
     affinity_window: int = Field(
-        8, ge=1, description="of the first agents on the ring that may take a task, those "
+        8,
+        ge=1,
+        description="of the first agents on the ring that may take a task, those "
         "with its model loaded go first",
-    )  # fmt: skip
+    )
     ring_tries: int = Field(3, ge=1, description="agents offered a task before two choices")
     max_hops: int = Field(3, ge=1, le=16, description="most forwards a task may take")
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import aetcd
 
-from mesh.errors import ConfigError, Unavailable
-from mesh.etcd import ETCD_ERRORS
+from mesh.errors import ConfigError, MeshError, Unavailable
+from mesh.etcd import ETCD_ERRORS, client_for
 from mesh.topology import Topology, parse
 
 CURRENT = "current"
@@ -76,3 +76,60 @@ async def write(client: aetcd.Client, prefix: str, applied: Applied, revision: i
     except ETCD_ERRORS as exc:
         raise Unavailable(f"etcd: {exc}") from exc
     return bool(ok)
+
+
+@dataclass(frozen=True, slots=True)
+class DcState:
+    """What one DC's etcd holds, or why it could not be read."""
+
+    dc: str
+    applied: Applied | None = None
+    revision: int = 0
+    error: str = ""
+
+
+async def read_all(topology: Topology) -> list[DcState]:
+    """The applied topology in each DC that ``topology`` lists."""
+    states = []
+    for name, dc in topology.dcs.items():
+        client = client_for(dc.etcd)
+        try:
+            await client.connect()
+            applied, revision = await read(client, topology.prefix)
+            states.append(DcState(name, applied, revision))
+        except (MeshError, *ETCD_ERRORS) as exc:
+            states.append(DcState(name, error=str(exc)))
+        finally:
+            await client.close()
+    return states
+
+
+async def apply(topology: Topology) -> dict[str, str]:
+    """Write ``topology`` to every DC's etcd as one new version; what happened, per DC.
+
+    Nothing is written unless every DC could be read, so a version number is never
+    reused; a DC changed by someone else meanwhile is reported and left alone.
+    """
+    states = await read_all(topology)
+    unreadable = [s for s in states if s.error]
+    if unreadable:
+        return {s.dc: f"not applied anywhere: {s.dc} unreadable ({s.error})" for s in states}
+    wanted = digest(topology)
+    version = max((s.applied.version for s in states if s.applied), default=0) + 1
+    new = Applied(version, wanted, topology)
+    report = {}
+    for state in states:
+        if state.applied is not None and state.applied.digest == wanted:
+            report[state.dc] = f"unchanged (v{state.applied.version})"
+            continue
+        client = client_for(topology.dcs[state.dc].etcd)
+        try:
+            await client.connect()
+            written = await write(client, topology.prefix, new, state.revision)
+        except (MeshError, *ETCD_ERRORS) as exc:
+            report[state.dc] = f"failed: {exc}"
+            continue
+        finally:
+            await client.close()
+        report[state.dc] = f"applied v{version}" if written else "changed meanwhile: not applied"
+    return report

@@ -78,8 +78,9 @@ class Gated:
         return Output(ctx.task_id.encode())
 
 
-def job(task_id: str, queue: str = "normal", gpus: int = 1, deadline_s: float = 60,
-        **params: str) -> Job:  # fmt: skip
+def job(
+    task_id: str, queue: str = "normal", gpus: int = 1, deadline_s: float = 60, **params: str
+) -> Job:
     spec = pb.TaskSpec(task_id=task_id, pipeline="gated", model="m", queue=queue, gpu_count=gpus)
     spec.params.update(params)
     return Job(spec, attempt=1, deadline_ms=int((time.time() + deadline_s) * 1000))

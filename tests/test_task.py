@@ -13,8 +13,14 @@ from mesh.v1 import tasks_pb2 as pb
 
 NOW_MS = 1_800_000_000_000
 PIPELINES = {"sleep", "echo"}
-CFG = AgentConfig(max_payload_bytes=1024, inline_payload_bytes=512, max_params=2,
-                  max_param_bytes=16, default_deadline_s=60, max_deadline_s=3600)  # fmt: skip
+CFG = AgentConfig(
+    max_payload_bytes=1024,
+    inline_payload_bytes=512,
+    max_params=2,
+    max_param_bytes=16,
+    default_deadline_s=60,
+    max_deadline_s=3600,
+)
 
 
 def valid() -> pb.TaskSpec:
