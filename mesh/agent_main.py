@@ -6,9 +6,15 @@ once. A bad configuration prints one line per field and exits 2 before any socke
 
 from __future__ import annotations
 
+import os
+
+# Before grpc is imported: its fork handlers run in every child the command pipeline
+# spawns while gRPC threads are busy, and such a child can die before it execs (SIGSEGV).
+# The agent never forks to run Python, so it needs no fork support.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "0")
+
 import asyncio
 import logging
-import os
 import signal
 import sys
 

@@ -3,8 +3,10 @@
 The workload is seeded: models drawn from a skewed (Zipf-like) distribution, mostly
 simulated GPU work (``sleep``, with a model-load cost where the model is cold), some
 ``echo`` and ``command`` tasks, a fifth in the ``vip`` class, and a few cancelled by the
-client through a different agent than the one they ran on. A task is *lost* when its
-Submit was accepted but it never reached a terminal state; the demo fails if any is.
+client through a different agent than the one they ran on. Most tasks enter the first DC
+of the topology, so it fills up and overflows to the other; the report shows where. A
+task is *lost* when its Submit was accepted but it never reached a terminal state; the
+demo fails if any is.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ MODELS = [
 RETRYABLE = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE}
 SUBMIT_TRIES = 30
 CANCEL_SHARE = 0.03
+HOT_DC_SHARE = 0.75  # of tasks submitted to the first DC
 FINISH_TIMEOUT_S = 180.0
 
 
@@ -80,7 +83,7 @@ class Tally:
 
 
 async def _submit(
-    clients: list[tuple[str, MeshClient]],
+    clients: dict[str, list[MeshClient]],
     specs: list[pb.TaskSpec],
     rng: random.Random,
     tally: Tally,
@@ -89,7 +92,9 @@ async def _submit(
     gate = asyncio.Semaphore(16)
 
     async def one(spec: pb.TaskSpec) -> None:
-        dc, client = rng.choice(clients)
+        hot, *others = clients
+        dc = hot if not others or rng.random() < HOT_DC_SHARE else rng.choice(others)
+        client = rng.choice(clients[dc])
         async with gate:
             for attempt in range(SUBMIT_TRIES):
                 try:
@@ -107,11 +112,16 @@ async def _submit(
 
 
 async def _cancel_some(
-    clients: dict[str, list[MeshClient]], tally: Tally, rng: random.Random
+    clients: dict[str, list[MeshClient]],
+    tally: Tally,
+    statuses: dict[str, pb.TaskStatus],
+    rng: random.Random,
+    count: int,
 ) -> int:
-    """Cancel a few accepted tasks, each through an agent other than the first of its DC."""
-    ids = sorted(tally.accepted)
-    chosen = rng.sample(ids, k=max(1, int(len(ids) * CANCEL_SHARE))) if ids else []
+    """Cancel a few tasks still under way, each through the last agent of the DC it was
+    submitted to: mostly not the agent running it, often not even its DC."""
+    ids = sorted(t for t in tally.accepted if t in statuses and statuses[t].state not in TERMINAL)
+    chosen = rng.sample(ids, k=min(len(ids), max(1, int(count * CANCEL_SHARE))))
     for task_id in chosen:
         dc_clients = clients[tally.accepted[task_id]]
         # Already finished, or its agent busy: the report shows how it really ended.
@@ -134,7 +144,7 @@ async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
     for s in mesh.started:
         if s.kind == "agent":
             by_dc[s.dc].append(MeshClient(s.address))
-    flat = [(dc, c) for dc, cs in by_dc.items() for c in cs]
+    dc_of = {s.name: s.dc for s in mesh.started if s.kind == "agent"}
     specs = workload(count, seed)
     tally = Tally({}, Counter())
     started = time.monotonic()
@@ -150,7 +160,7 @@ async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
             sent = progress.add_task("submitted", total=count, note="")
             ended = progress.add_task("finished", total=count, note="")
             submitting = asyncio.create_task(
-                _submit(flat, specs, rng, tally, lambda: progress.advance(sent))
+                _submit(by_dc, specs, rng, tally, lambda: progress.advance(sent))
             )
             cancelled = 0
             deadline = time.monotonic() + FINISH_TIMEOUT_S
@@ -167,8 +177,8 @@ async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
                     total=len(tally.accepted) or count,
                     note=" ".join(f"{k.lower()}={v}" for k, v in sorted(states.items())),
                 )
-                if submitting.done() and not cancelled and len(tally.accepted) > count // 2:
-                    cancelled = await _cancel_some(by_dc, tally, rng)
+                if not cancelled and len(tally.accepted) > count // 2:
+                    cancelled = await _cancel_some(by_dc, tally, statuses, rng, count)
                 if submitting.done() and done == len(tally.accepted):
                     break
             await submitting
@@ -178,7 +188,7 @@ async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
             await c.close()
     elapsed = time.monotonic() - started
     lost = [t for t in tally.accepted if t not in statuses or statuses[t].state not in TERMINAL]
-    _report(console, tally, statuses, lost, elapsed)
+    _report(console, tally, statuses, lost, elapsed, dc_of)
     return len(lost)
 
 
@@ -188,6 +198,7 @@ def _report(
     statuses: dict[str, pb.TaskStatus],
     lost: list[str],
     elapsed: float,
+    dc_of: dict[str, str],
 ) -> None:
     per_agent: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for task_id in tally.accepted:
@@ -197,6 +208,7 @@ def _report(
         row = per_agent[(s.dc, s.agent or "-")]
         row[state_name(s.state)] += 1
         row["forwarded"] += bool(s.path)
+        row["overflow"] += bool(s.path) and dc_of.get(s.path[0]) != s.dc
         row["vip"] += s.spec.queue == "vip"
         if s.spec.pipeline == "sleep" and s.result.inline:
             row["cold"] += json.loads(s.result.inline).get("cold_start", False)
@@ -208,6 +220,7 @@ def _report(
         "cancelled",
         "vip",
         "forwarded",
+        "from other DC",
         "cold starts",
         title="where tasks ran",
     )
@@ -220,6 +233,7 @@ def _report(
             str(c["CANCELLED"]),
             str(c["vip"]),
             str(c["forwarded"]),
+            str(c["overflow"]),
             str(c["cold"]),
         )
     console.print(table)
@@ -231,6 +245,7 @@ def _report(
         "succeeded",
         "failed",
         "cancelled",
+        "overflowed",
         "lost",
         "seconds",
         title="how tasks ended",
@@ -242,6 +257,7 @@ def _report(
         str(ends["SUCCEEDED"]),
         str(ends["FAILED"]),
         str(ends["CANCELLED"]),
+        str(sum(c["overflow"] for c in per_agent.values())),
         f"[red]{len(lost)}[/red]" if lost else "0",
         f"{elapsed:.1f}",
     )
