@@ -453,7 +453,7 @@ def _load(path: Path) -> Any:
 
 
 def _as_yaml(topology: Any) -> str:
-    return yaml.safe_dump(json.loads(topology.to_json()), sort_keys=False)
+    return yaml.safe_dump(json.loads(topology.to_json()), sort_keys=True)
 
 
 @topology_app.command("validate")

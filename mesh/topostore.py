@@ -29,7 +29,9 @@ def key(prefix: str) -> bytes:
 
 
 def digest(topology: Topology) -> str:
-    return hashlib.sha256(topology.to_json().encode()).hexdigest()[:16]
+    """Identity of a topology's content: canonical JSON, so key order does not count."""
+    canonical = json.dumps(json.loads(topology.to_json()), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)

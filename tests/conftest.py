@@ -8,7 +8,7 @@ it never skips. Each test gets its own key prefix, so tests share the server, no
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aetcd
@@ -34,6 +34,25 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMember]:
         yield member
     finally:
         member.stop()
+
+
+@pytest.fixture
+def more_etcd(tmp_path: Path) -> Iterator[Callable[[str], EtcdMember]]:
+    """Start another etcd server (one per extra DC); all stop when the test ends."""
+    started: list[EtcdMember] = []
+
+    def start(name: str) -> EtcdMember:
+        member = EtcdMember(name, tmp_path / f"etcd-{name}", free_port(), free_port())
+        member.start(tmp_path / f"etcd-{name}.log")
+        started.append(member)
+        member.wait_healthy()
+        return member
+
+    try:
+        yield start
+    finally:
+        for member in started:
+            member.stop()
 
 
 @pytest.fixture

@@ -135,3 +135,12 @@ async def until_peers(address: str, expected: list[str]) -> None:
             return sorted(a.agent_id for a in await client.agents()) == sorted(expected)
 
         await eventually(seen, what=f"{address} to see {expected}")
+
+
+def wait_log(proc: AgentProc, text: str, timeout_s: float = 20.0) -> None:
+    """Wait until ``text`` appears in the agent's log (a hang guard, not a measurement)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in proc.log():
+        if proc.process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"{proc.agent_id} never logged {text!r}:\n{proc.log_tail()}")
+        time.sleep(0.05)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,33 @@ def test_problems_name_their_place(tmp_path: Path, text: str, words: str) -> Non
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load(tmp_path / "none.yaml")
+
+
+def test_json_schema_file_is_in_step_with_the_model() -> None:
+    from mesh.topology import schema
+
+    shipped = json.loads((SHIPPED.parent / "schema.json").read_text())
+    assert shipped == schema(), "regenerate: meshctl topology schema > topology/schema.json"
+
+
+def test_three_dc_example_loads() -> None:
+    topology = load(SHIPPED.parent / "three-dc.yaml")
+    assert [o.dc for o in topology.dcs["eu-west"].overflow] == ["eu-central", "us-east"]
+    assert topology.queues["batch"] == 1
+
+
+@pytest.mark.parametrize(
+    ("overflow", "words"),
+    [
+        ("[{dc: mars}]", "dcs.w.overflow: 'mars' is not a DC"),
+        ("[{dc: w}]", "dcs.w.overflow: a DC cannot overflow to itself"),
+        ("[{dc: e}, {dc: e}]", "dcs.w.overflow: 'e' listed twice"),
+        ("[{dc: e, weight: 0}]", "dcs.w.overflow.0.weight"),
+    ],
+)
+def test_overflow_problems(tmp_path: Path, overflow: str, words: str) -> None:
+    path = tmp_path / "t.yaml"
+    path.write_text(f"dcs: {{w: {{etcd: ['h:1'], overflow: {overflow}}}, e: {{etcd: ['h:2']}}}}")
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert words in caught.value.message
