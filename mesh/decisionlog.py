@@ -20,8 +20,6 @@ from mesh.router import (
     Request,
     Router,
     Spill,
-    from_snapshot,
-    snapshot,
     spill_from_dict,
     spill_to_dict,
 )
@@ -45,7 +43,7 @@ class DecisionLog:
             "request": asdict(request),
             "visited": sorted(visited),
             "spill": spill_to_dict(spill),
-            "view": snapshot(router),
+            "view": router.snapshot(),
             "decision": decision.to_dict(),
         }
         self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
@@ -71,7 +69,7 @@ def replay(path: Path) -> Iterator[Replayed]:
     with path.open() as f:
         for number, line in enumerate(f, 1):
             entry = json.loads(line)
-            router = from_snapshot(entry["view"])
+            router = Router.from_snapshot(entry["view"])
             request = Request(**entry["request"])
             again = router.route(request, entry["visited"], spill_from_dict(entry["spill"]))
             now = json.loads(json.dumps(again.to_dict()))  # the same JSON round trip

@@ -256,6 +256,40 @@ class Router:
             self._classes[needs] = cls
         return cls
 
+    # -- snapshots: what the decision log stores, so a decision can be replayed offline --
+
+    def snapshot(self) -> dict[str, object]:
+        """The whole view as plain JSON-able data."""
+        return {
+            "policy": asdict(self.policy),
+            "members": [
+                {**asdict(m), "pipelines": sorted(m.pipelines), "models": sorted(m.models)}
+                for m in self._members.values()
+            ],
+            "loads": {a: [load.running, load.queued] for a, load in self._loads.items()},
+            "loaded": {a: sorted(models) for a, models in self._loaded.items() if models},
+        }
+
+    @classmethod
+    def from_snapshot(cls, data: dict[str, Any]) -> Router:
+        router = cls(Policy(**data["policy"]))
+        router.set_members(
+            Member(
+                **{
+                    **m,
+                    "gpu_memory_mb": tuple(m["gpu_memory_mb"]),
+                    "pipelines": frozenset(m["pipelines"]),
+                    "models": frozenset(m["models"]),
+                }
+            )
+            for m in data["members"]
+        )
+        for agent_id, (running, queued) in data["loads"].items():
+            router.set_load(agent_id, running, queued)
+        for agent_id, models in data["loaded"].items():
+            router.set_loaded(agent_id, models)
+        return router
+
     # -- the decision --------------------------------------------------------------------
 
     def bound(self, request: Request) -> float:
@@ -373,42 +407,6 @@ RING_REASONS = {
     for later in (False, True)
     for loaded in (False, True)
 }
-
-
-# -- snapshots: what the decision log stores, so a decision can be replayed offline ------------
-
-
-def snapshot(router: Router) -> dict[str, object]:
-    """The router's whole view as plain JSON-able data."""
-    return {
-        "policy": asdict(router.policy),
-        "members": [
-            {**asdict(m), "pipelines": sorted(m.pipelines), "models": sorted(m.models)}
-            for m in router.members.values()
-        ],
-        "loads": {a: [load.running, load.queued] for a, load in router._loads.items()},
-        "loaded": {a: sorted(models) for a, models in router._loaded.items() if models},
-    }
-
-
-def from_snapshot(data: dict[str, Any]) -> Router:
-    router = Router(Policy(**data["policy"]))
-    router.set_members(
-        Member(
-            **{
-                **m,
-                "gpu_memory_mb": tuple(m["gpu_memory_mb"]),
-                "pipelines": frozenset(m["pipelines"]),
-                "models": frozenset(m["models"]),
-            }
-        )
-        for m in data["members"]
-    )
-    for agent_id, (running, queued) in data["loads"].items():
-        router.set_load(agent_id, running, queued)
-    for agent_id, models in data["loaded"].items():
-        router.set_loaded(agent_id, models)
-    return router
 
 
 def spill_to_dict(spill: Spill) -> dict[str, object]:

@@ -1,0 +1,51 @@
+"""``python -m bench route`` runs and reports what it promises (figures are not asserted:
+speed lives in the benchmark's own output, next to its baselines)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICIES = {
+    "random",
+    "round_robin",
+    "consistent_hash",
+    "least_loaded",
+    "power_of_two",
+    "ours",
+    "omniscient",
+}
+
+
+def test_bench_route_json_has_every_figure() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "route",
+            "--json",
+            "--sizes",
+            "10,100",
+            "--requests",
+            "300",
+            "--tasks",
+            "1500",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    assert set(result["p50_us"]) == set(result["p99_us"]) == {"10", "100"}
+    assert set(result["policies"]) == POLICIES
+    for figures in result["policies"].values():
+        assert set(figures) >= {"max_over_avg", "affinity", "mean_jct_s", "p99_jct_s"}
+    # The simulation is seeded, so this is a fact about the trace, not a timing.
+    ours, scattered = result["policies"]["ours"], result["policies"]["random"]
+    assert ours["affinity"] > scattered["affinity"]
