@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Iterable
 
@@ -34,6 +35,10 @@ from mesh.errors import (
 )
 from mesh.etcd import KeySpace, Session, client_for
 from mesh.executor import Executor, Job
+from mesh.gossip.protocol import GossipConfig, Gossiper
+from mesh.gossip.state import AgentState, make_version
+from mesh.gossip.transport import GossipNode
+from mesh.gossip.wire import Keyring
 from mesh.gpus import inventory, weight_of
 from mesh.mirror import PrefixMirror
 from mesh.peers import PeerClients
@@ -62,6 +67,7 @@ from mesh.v1 import tasks_pb2 as pb
 log = logging.getLogger(__name__)
 
 OFFER_TIMEOUT_S = 2.0
+INSECURE_GOSSIP_KEY = "gpumesh-insecure-default-gossip-key"
 
 
 def _now_ms() -> int:
@@ -98,9 +104,30 @@ class Agent:
         self.max_hops = cfg.max_hops
         self.gpu_weights = dict(cfg.gpu_weights)
         self.decisions = DecisionLog(cfg.decision_log) if cfg.decision_log else None
+        self.gossip = self._gossip_node()
         self.address = ""
+        self.gossip_address = ""
         self._background: set[asyncio.Task[None]] = set()
         self._incarnation = 0
+
+    def _gossip_node(self) -> GossipNode:
+        keys = self.cfg.gossip_keys
+        if not keys:
+            log.warning("gossip_keys unset: gossip uses a built-in key and is not authenticated")
+            keys = [INSECURE_GOSSIP_KEY]
+        own = AgentState(
+            self.cfg.agent_id, self.cfg.dc, make_version(_now_ms(), 0), slots=len(self.gpus)
+        )
+        config = GossipConfig(
+            interval_s=self.cfg.gossip_interval_s,
+            fanout=self.cfg.gossip_fanout,
+            stale_s=self.cfg.gossip_stale_s,
+        )
+        keyring = Keyring(tuple(k.encode() for k in keys))
+        gossiper = Gossiper(own, keyring, config, self._gossiped, random.Random())
+        return GossipNode(
+            gossiper, self.cfg.gossip_listen, self._went_quiet, drop_rate=self.cfg.gossip_drop_rate
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -114,6 +141,8 @@ class Agent:
             raise
         except Exception as exc:
             raise Unavailable(f"cannot reach etcd at {self.cfg.etcd_endpoints}: {exc}") from exc
+        bound = await self.gossip.start()
+        self.gossip_address = self.cfg.gossip_advertise or bound
         self._spawn(self.topology_mirror.run(), "topology")
         await asyncio.wait_for(self.topology_mirror.ready.wait(), timeout=10)
         self._incarnation = _now_ms()
@@ -121,6 +150,7 @@ class Agent:
         self._spawn(self.registry.mirror.run(), "membership")
         self._spawn(self.executor.run(), "executor")
         self._spawn(self._watch_session(), "session")
+        self._spawn(self.gossip.run(), "gossip")
         await asyncio.wait_for(self.registry.mirror.ready.wait(), timeout=10)
         version = self.topology.version if self.topology else 0
         log.info(
@@ -147,6 +177,7 @@ class Agent:
             incarnation=self._incarnation,
             queues=tuple(self.cfg.queues),
             queue_limit=self.cfg.max_queue_length,
+            gossip_address=self.gossip_address,
         )
 
     def _models_changed(self) -> None:
@@ -164,22 +195,49 @@ class Agent:
 
     def _members_changed(self, records: dict[str, AgentRecord]) -> None:
         self.router.set_members(member_of(r) for r in records.values())
+        self.gossip.gossiper.set_members({a: r.gossip_address for a, r in records.items()})
         for record in records.values():
-            if record.agent_id != self.cfg.agent_id:
+            if record.agent_id == self.cfg.agent_id:
+                continue
+            gossiped = self.gossip.gossiper.table.get(record.agent_id)
+            if gossiped is None:  # until gossip speaks, the record's list is what we know
                 self.router.set_loaded(record.agent_id, record.models_loaded)
         self._load_changed()
 
     def _load_changed(self) -> None:
-        me = self.cfg.agent_id
-        self.router.set_load(me, self.executor.running, self.executor.queued)
+        me, executor = self.cfg.agent_id, self.executor
+        self.router.set_load(me, executor.running, executor.queued)
         self.router.set_loaded(me, self.models.loaded)
-        metrics.RUNNING.set(self.executor.running)
-        metrics.QUEUED.set(self.executor.queued)
+        running, queued = executor.by_class()
+        self.gossip.gossiper.update_own(
+            slots=executor.slots,
+            running=running,
+            queued=queued,
+            free_memory_mb=executor.free_memory_mb(),
+            loaded=tuple(sorted(self.models.loaded)),
+            loading=tuple(sorted(self.models.loading)),
+            draining=not executor.accepting,
+        )
+        metrics.RUNNING.set(executor.running)
+        metrics.QUEUED.set(executor.queued)
 
-    def _learn(self, agent_id: str, load: peer_pb2.Load) -> None:
-        """A peer's reply says how loaded it is now: fresher than anything else we have."""
+    def _gossiped(self, state: AgentState) -> None:
+        """A newer state of a peer arrived by gossip: its load and models, and it is alive."""
+        running, queued = state.tasks
+        self.router.set_load(state.agent_id, running, queued)
+        self.router.set_loaded(state.agent_id, state.loaded)
+        self.router.set_suspect(state.agent_id, False)
+
+    def _went_quiet(self, agent_ids: list[str]) -> None:
+        for agent_id in agent_ids:
+            self.router.set_suspect(agent_id, True)
+
+    def _learn(self, agent_id: str, load: peer_pb2.Load, accepted: bool) -> None:
+        """A peer's reply says how loaded it is now: fresher than anything else we have.
+        One that refused is de-prioritised at once, until gossip brings news of it."""
         self.router.set_load(agent_id, load.running, load.queued)
         self.router.set_loaded(agent_id, load.models_loaded)
+        self.router.set_suspect(agent_id, not accepted)
 
     def load(self) -> peer_pb2.Load:
         return peer_pb2.Load(
@@ -271,6 +329,7 @@ class Agent:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         await self.peers.close()
+        self.gossip.close()
         if self.decisions is not None:
             self.decisions.close()
         with contextlib.suppress(Exception):
@@ -418,8 +477,9 @@ class Agent:
             reply = await self.peers.offer(peer.address, envelope, self._offer_timeout(job))
         except grpc.aio.AioRpcError as exc:
             metrics.FORWARDS.labels("error").inc()
+            self.router.set_suspect(agent_id, True)
             return False, f"unreachable ({exc.code().name})"
-        self._learn(agent_id, reply.load)
+        self._learn(agent_id, reply.load, reply.accepted)
         metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
         return reply.accepted, reply.reason
 

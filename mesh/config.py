@@ -157,6 +157,37 @@ class AgentConfig(BaseSettings):
         default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")) / "gpumesh-results",
         description="Where results over inline_result_bytes are written.",
     )
+    # Gossip of load and loaded models inside the DC (UDP).
+    gossip_listen: str = Field(
+        "127.0.0.1:0", description="host:port of the gossip UDP socket (port 0: any free port)."
+    )
+    gossip_advertise: str | None = Field(
+        None, description="host:port peers send gossip to; default: the bound gossip address."
+    )
+    gossip_keys: list[str] = Field(
+        default_factory=list,
+        description="HMAC keys (16+ characters), newest first: datagrams are signed with the "
+        "first and accepted with any, so a key is rotated by deploying [new, old], then [new]. "
+        "Empty: a built-in key, which authenticates nothing (a warning is logged).",
+    )
+    gossip_interval_s: float = Field(
+        0.2, gt=0, description="Time between gossip rounds. Shorter: fresher loads, more bytes."
+    )
+    gossip_fanout: int = Field(
+        3, ge=1, le=16, description="Peers contacted per round. Higher: faster spread, more bytes."
+    )
+    gossip_stale_s: float = Field(
+        8.0,
+        gt=0,
+        description="A peer's gossiped state not refreshed for this long leaves the routing "
+        "view (the peer is de-prioritised until it is heard again).",
+    )
+    gossip_drop_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of outgoing gossip datagrams to discard: a fault hook for tests.",
+    )
     decision_log: Path | None = Field(
         None,
         description="Append every routing decision here as a JSON line (with the view it "
@@ -182,6 +213,8 @@ class AgentConfig(BaseSettings):
         for name, argv in self.commands.items():
             if not argv:
                 raise ValueError(f"commands.{name}: argv is empty")
+        if any(len(key) < 16 for key in self.gossip_keys):
+            raise ValueError("gossip_keys: every key needs 16 characters or more")
         return self
 
     @classmethod

@@ -132,6 +132,17 @@ class Executor:
                 "queue full", limit="max_queue_length", max=self._cfg.max_queue_length
             )
 
+    def by_class(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Running and queued tasks per queue class: what gossip tells the DC."""
+        running: dict[str, int] = {}
+        for run in self._running.values():
+            running[run.job.spec.queue] = running.get(run.job.spec.queue, 0) + 1
+        queued = {c: n for c, n in self._queue.depth().items() if n}
+        return running, queued
+
+    def free_memory_mb(self) -> tuple[int, ...]:
+        return tuple(g.memory_mb for g in self._free)
+
     def reweight(self, queues: dict[str, int]) -> None:
         self._queue.reweight(queues)
 

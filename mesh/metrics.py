@@ -13,6 +13,13 @@ RUNNING = Gauge("gpumesh_tasks_running", "Tasks running on this agent")
 QUEUED = Gauge("gpumesh_tasks_queued", "Tasks in this agent's local queue")
 
 
+GOSSIP_RECEIVED = Counter("gpumesh_gossip_received_total", "Gossip datagrams accepted")
+GOSSIP_DROPPED = Counter(
+    "gpumesh_gossip_dropped_total", "Gossip datagrams dropped, by reason", ["reason"]
+)
+GOSSIP_SENT_BYTES = Counter("gpumesh_gossip_sent_bytes_total", "Gossip bytes sent")
+
+
 def serve(listen: str) -> None:
     host, _, port = listen.rpartition(":")
     start_http_server(int(port), addr=host or "127.0.0.1")

@@ -39,6 +39,7 @@ class AgentRecord:
     incarnation: int = 0
     queues: tuple[str, ...] = field(default=())
     queue_limit: int = 256  # its max_queue_length: with its slots, its hard limit
+    gossip_address: str = ""  # host:port of its gossip UDP socket
 
     @property
     def slots(self) -> int:

@@ -193,6 +193,7 @@ class Router:
     _loaded: dict[str, frozenset[str]] = field(default_factory=dict)
     _classes: dict[tuple[str, str, int, int], _Class] = field(default_factory=dict)
     _rings: dict[frozenset[str], HashRing] = field(default_factory=dict)  # shared by classes
+    _suspects: set[str] = field(default_factory=set)
 
     # -- the view ------------------------------------------------------------------------
 
@@ -204,6 +205,7 @@ class Router:
         self._members = new
         self._loads = {a: self._loads.get(a, _Load()) for a in new}
         self._loaded = {a: self._loaded.get(a, frozenset()) for a in new}
+        self._suspects &= new.keys()
         self._classes.clear()
         self._rings.clear()
 
@@ -226,6 +228,22 @@ class Router:
     def set_loaded(self, agent_id: str, models: Iterable[str]) -> None:
         if agent_id in self._loaded:
             self._loaded[agent_id] = frozenset(models)
+
+    def set_suspect(self, agent_id: str, suspect: bool) -> None:
+        """A suspect (it just refused or failed an offer, or went quiet) is offered tasks
+        only after every other agent that may take them."""
+        if suspect and agent_id in self._members:
+            self._suspects.add(agent_id)
+        else:
+            self._suspects.discard(agent_id)
+
+    def is_suspect(self, agent_id: str) -> bool:
+        return agent_id in self._suspects
+
+    def load(self, agent_id: str) -> tuple[int, int]:
+        """Running and queued tasks of ``agent_id`` as the view has them (0, 0 if unknown)."""
+        load = self._loads.get(agent_id, _Load())
+        return load.running, load.queued
 
     def tasks_of(self, agent_id: str) -> int:
         return self._loads[agent_id].tasks
@@ -268,6 +286,7 @@ class Router:
             ],
             "loads": {a: [load.running, load.queued] for a, load in self._loads.items()},
             "loaded": {a: sorted(models) for a, models in self._loaded.items() if models},
+            "suspects": sorted(self._suspects),
         }
 
     @classmethod
@@ -288,6 +307,8 @@ class Router:
             router.set_load(agent_id, running, queued)
         for agent_id, models in data["loaded"].items():
             router.set_loaded(agent_id, models)
+        for agent_id in data.get("suspects", ()):
+            router.set_suspect(agent_id, True)
         return router
 
     # -- the decision --------------------------------------------------------------------
@@ -332,6 +353,11 @@ class Router:
         model, loaded = request.model, self._loaded
         warm = [f for f in fits[:window] if model in loaded[f[0]]]
         ordered = warm + [f for f in fits if f not in warm] if warm else fits
+        if self._suspects:
+            suspects = self._suspects
+            ordered = [f for f in ordered if f[0] not in suspects] + [
+                f for f in ordered if f[0] in suspects
+            ]
         targets = [
             Target(AGENT, agent_id, most, RING_REASONS[i > 0, model in loaded[agent_id]])
             for i, (agent_id, most) in enumerate(ordered[: self.policy.ring_tries])

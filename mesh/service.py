@@ -136,6 +136,9 @@ class AgentServicer(tasks_pb2_grpc.AgentServiceServicer):
                     models_loaded=a.models_loaded,
                     state=a.state,
                     incarnation=a.incarnation,
+                    running=self.agent.router.load(a.agent_id)[0],
+                    queued=self.agent.router.load(a.agent_id)[1],
+                    suspect=self.agent.router.is_suspect(a.agent_id),
                 )
                 for a in sorted(self.agent.registry.peers.values(), key=lambda a: a.agent_id)
             ]

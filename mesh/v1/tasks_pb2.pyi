@@ -237,7 +237,7 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., memory_mb: _Optional[int] = ..., gpu_class: _Optional[str] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "dc", "address", "gpus", "weight", "pipelines", "models", "models_loaded", "state", "incarnation")
+    __slots__ = ("agent_id", "dc", "address", "gpus", "weight", "pipelines", "models", "models_loaded", "state", "incarnation", "running", "queued", "suspect")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     DC_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +248,9 @@ class AgentInfo(_message.Message):
     MODELS_LOADED_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    SUSPECT_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     dc: str
     address: str
@@ -258,7 +261,10 @@ class AgentInfo(_message.Message):
     models_loaded: _containers.RepeatedScalarFieldContainer[str]
     state: str
     incarnation: int
-    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., weight: _Optional[float] = ..., pipelines: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., models_loaded: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., incarnation: _Optional[int] = ...) -> None: ...
+    running: int
+    queued: int
+    suspect: bool
+    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., weight: _Optional[float] = ..., pipelines: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., models_loaded: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., incarnation: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., suspect: _Optional[bool] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()
