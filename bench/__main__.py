@@ -1,12 +1,12 @@
-"""``python -m bench route [--json]``."""
+"""``python -m bench {route,gossip} [--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import route
+from bench import gossip, route
 
-BENCHMARKS = {"route": route.main}
+BENCHMARKS = {"route": route.main, "gossip": gossip.main}
 
 
 def main() -> None:

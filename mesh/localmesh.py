@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -163,6 +164,7 @@ class LocalMesh:
             raise Unavailable(f"could not apply the topology: {failed}")
 
     def _start_agents(self, addresses: dict[str, str]) -> None:
+        gossip_key = secrets.token_hex(16)  # this mesh's own: its gossip is authenticated
         for dc, agents in self.local.agents.items():
             for spec in agents:
                 address = addresses[spec.id]
@@ -180,6 +182,7 @@ class LocalMesh:
                     "--result-dir", str(self.home / "results"),
                     "--drain-grace-s", "3",
                     "--max-queue-length", str(self.local.max_queue_length),
+                    "--gossip-keys", json.dumps([gossip_key]),
                     "--decision-log", str(self.home / "logs" / f"decisions-{spec.id}.jsonl"),
                 ]  # fmt: skip
                 # Only non-empty lists: the CLI parser reads '[]' as [''].

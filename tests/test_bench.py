@@ -49,3 +49,13 @@ def test_bench_route_json_has_every_figure() -> None:
     # The simulation is seeded, so this is a fact about the trace, not a timing.
     ours, scattered = result["policies"]["ours"], result["policies"]["random"]
     assert ours["affinity"] > scattered["affinity"]
+
+
+def test_bench_gossip_json_has_every_figure() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "gossip", "--json", "--sizes", "30", "--agents", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    assert set(result["converge_p50_s"]) == set(result["converge_p99_s"]) == {"30", "3 processes"}
+    assert set(result["bytes_per_s_per_agent"]) == {"30"}

@@ -142,19 +142,21 @@ class Gossiper:
         self._turn += 1
         if not targets:
             return [], stale
-        payload: dict[str, object] = {"own": self._own.to_wire(), "digest": self._digest()}
+        payload: dict[str, object] = {"own": self._own.to_wire(), "digest": b""}
+        room = self.config.max_datagram - body_size({**payload, "states": []}) - 8
+        payload["digest"] = self._digest(min(DIGEST_ENTRIES, room // _DIGEST_ENTRY.size))
         syn = self._pack(Kind.SYN, payload, now_ms)  # one datagram: guards are per receiver
         self.sent_bytes += len(syn) * len(targets)
         return [(self._peers[p], syn) for p in targets], stale
 
-    def _digest(self) -> bytes:
+    def _digest(self, entries: int) -> bytes:
         """The entries least recently refreshed: those most in need of a newer version."""
-        chosen = []
+        chosen: list[str] = []
         for agent_id in self.table.ids():
+            if len(chosen) >= entries:
+                break
             if agent_id != self.me:
                 chosen.append(agent_id)
-                if len(chosen) == DIGEST_ENTRIES:
-                    break
         get = self.table.get
         return b"".join(
             _DIGEST_ENTRY.pack(self.table.hashes[a], get(a).version)  # type: ignore[union-attr]
@@ -177,7 +179,9 @@ class Gossiper:
             held = self.table.held(agent_id)
             if held is None or agent_id == self.me:
                 continue
-            size = len(msgpack.packb(held.wire, use_bin_type=True))
+            if not held.size:
+                held.size = len(msgpack.packb(held.wire, use_bin_type=True))
+            size = held.size
             if size > room:
                 break
             chosen.append(held.wire)

@@ -98,6 +98,7 @@ class Held:
     state: AgentState
     seen_at: float  # local clock when this version arrived
     wire: list[object]  # as received: passed on without encoding it again
+    size: int = 0  # its msgpack size, once someone needed it
 
 
 class GossipTable:
