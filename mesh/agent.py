@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
-from mesh import metrics, topostore
+from mesh import metrics, summaries, topostore
 from mesh.config import AgentConfig
 from mesh.decisionlog import DecisionLog
 from mesh.errors import (
@@ -33,7 +33,7 @@ from mesh.errors import (
     TaskNotFound,
     Unavailable,
 )
-from mesh.etcd import KeySpace, Session, client_for
+from mesh.etcd import ETCD_ERRORS, KeySpace, Session, client_for
 from mesh.executor import Executor, Job
 from mesh.gossip.protocol import GossipConfig, Gossiper
 from mesh.gossip.state import AgentState, make_version
@@ -99,6 +99,10 @@ class Agent:
         self.topology_mirror = PrefixMirror(
             self.client, topostore.directory(cfg.prefix), self._topology_changed
         )
+        self.summaries_mirror = PrefixMirror(
+            self.client, self.keys.summaries, self._summaries_changed
+        )
+        self.summaries: dict[str, peer_pb2.DcSummary] = {}  # other DCs, as last heard
         self.overflow: tuple[Overflow, ...] = ()
         self.spill_share = SpillShare(max_share=0.0)
         self.max_hops = cfg.max_hops
@@ -151,6 +155,8 @@ class Agent:
         self._spawn(self.executor.run(), "executor")
         self._spawn(self._watch_session(), "session")
         self._spawn(self.gossip.run(), "gossip")
+        self._spawn(self.summaries_mirror.run(), "summaries")
+        self._spawn(self._speak_for_the_dc(), "dc summaries")
         await asyncio.wait_for(self.registry.mirror.ready.wait(), timeout=10)
         version = self.topology.version if self.topology else 0
         log.info(
@@ -290,7 +296,57 @@ class Agent:
         log.info("topology version %d applied", applied.version)
 
     def spill(self) -> Spill:
-        return Spill(to=self.overflow, allowed=self.spill_share.allowed())
+        fresh = summaries.fresh(self.summaries, _now_ms())
+        self.remote.set_live({dc: list(s.live) for dc, s in fresh.items()})
+        return Spill(
+            to=self.overflow, allowed=self.spill_share.allowed(), full=summaries.full(fresh)
+        )
+
+    # -- DC summaries ----------------------------------------------------------------------
+
+    def _summaries_changed(self, items: dict[str, bytes]) -> None:
+        decoded = {}
+        for dc, raw in items.items():
+            try:
+                decoded[dc] = summaries.decode(raw)
+            except ValueError as exc:
+                log.warning("ignoring unreadable summary of DC %s: %s", dc, exc)
+        self.summaries = decoded
+
+    def summary(self) -> peer_pb2.DcSummary:
+        addresses = {a: r.address for a, r in self.registry.peers.items()}
+        return summaries.build(self.cfg.dc, self.router, addresses, _now_ms())
+
+    async def summary_received(self, theirs: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
+        """Another DC's speaker calls: keep its summary for our DC, answer with ours."""
+        if theirs.dc and theirs.dc != self.cfg.dc:
+            await self._store_summary(theirs)
+        return self.summary()
+
+    async def _store_summary(self, summary: peer_pb2.DcSummary) -> None:
+        try:
+            await self.client.put(
+                self.keys.summary(summary.dc),
+                summaries.encode(summary),
+                lease=self.session.lease_id,
+            )
+        except ETCD_ERRORS as exc:
+            log.debug("could not store the summary of %s: %s", summary.dc, exc)
+
+    async def _speak_for_the_dc(self) -> None:
+        """If this agent is one of its DC's speakers, swap summaries with the other DCs."""
+        while True:
+            await asyncio.sleep(summaries.INTERVAL_S)
+            if not self.executor.accepting or not summaries.speaks(
+                self.cfg.agent_id, self.registry.peers
+            ):
+                continue
+            mine = self.summary()
+            for dc in self.remote.known():
+                try:
+                    await self._store_summary(await self.remote.summary(dc, mine))
+                except (grpc.aio.AioRpcError, MeshError) as exc:
+                    log.debug("no summary from DC %s: %s", dc, exc)
 
     async def _watch_session(self) -> None:
         """A lost lease means peers think we are dead: come back as a new incarnation.
@@ -456,11 +512,12 @@ class Agent:
                         return f"dc:{target.name}"
                     refused.append(f"dc {target.name}: {reason}")
                 else:
+                    details = {"refused": "; ".join(refused[-4:])} if refused else {}
                     raise NoCapacity(
                         target.reason.removeprefix("backlog: "),
                         task_id=job.task_id,
                         retry_after_s=1,
-                        refused="; ".join(refused[-4:]),
+                        **details,
                     )
         raise AssertionError("a decision always ends in the backlog")
 

@@ -91,6 +91,13 @@ class KeySpace:
     def running_marker(self, task_id: str) -> bytes:
         return self.running + task_id.encode()
 
+    @property
+    def summaries(self) -> bytes:
+        return self.root + b"summaries/"
+
+    def summary(self, dc: str) -> bytes:
+        return self.summaries + dc.encode()
+
 
 class Session:
     """An etcd lease and its keep-alive; ``lost`` is set once the lease cannot be trusted.

@@ -48,6 +48,11 @@ class PeerClients:
     ) -> peer_pb2.OfferResponse:
         return await self._stub(address).Offer(envelope, timeout=timeout_s)
 
+    async def summary(
+        self, address: str, mine: peer_pb2.DcSummary, timeout_s: float
+    ) -> peer_pb2.DcSummary:
+        return await self._stub(address).Summary(mine, timeout=timeout_s)
+
     async def cancel_local(
         self, address: str, request: tasks_pb2.CancelRequest, timeout_s: float
     ) -> tasks_pb2.TaskStatus:

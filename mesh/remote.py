@@ -1,9 +1,11 @@
-"""Other DCs as this agent reaches them: through the seed agents the topology lists.
+"""Other DCs as this agent reaches them: through agents it knows there.
 
-A task that overflows is offered to a seed of the chosen DC, which takes it into its own
-DC (record and all) and places it there. Its record here then only points to that DC,
-and Get, Watch and Cancel are answered by asking a seed of it. Seeds are tried in an
-order drawn from the task id, so load on them spreads and a dead seed costs one timeout.
+Those are the live agents a fresh summary of the DC lists (least loaded first), then the
+topology's seeds. A task that overflows is offered to one of them, which takes it into
+its own DC (record and all) and places it there. Its record here then only points to
+that DC, and Get, Watch and Cancel are answered by asking an agent of it. Seeds are tried
+in an order drawn from the task id, so load on them spreads and a dead seed costs one
+timeout.
 """
 
 from __future__ import annotations
@@ -32,15 +34,31 @@ class RemoteDcs:
     def __init__(self, peers: PeerClients) -> None:
         self._peers = peers
         self._seeds: dict[str, tuple[str, ...]] = {}
+        self._live: dict[str, tuple[str, ...]] = {}
 
     def set_seeds(self, seeds: Mapping[str, list[str]]) -> None:
         self._seeds = {dc: tuple(addresses) for dc, addresses in seeds.items()}
 
+    def set_live(self, live: Mapping[str, list[str]]) -> None:
+        self._live = {dc: tuple(addresses) for dc, addresses in live.items()}
+
+    def known(self) -> list[str]:
+        return sorted(self._seeds.keys() | self._live.keys())
+
     def seeds(self, dc: str, task_id: str) -> list[str]:
+        """Live agents of ``dc`` as its summary lists them, then its seeds spread by task."""
+
         def spread(address: str) -> bytes:
             return hashlib.blake2b(f"{task_id}@{address}".encode(), digest_size=8).digest()
 
-        return sorted(self._seeds.get(dc, ()), key=spread)
+        live = list(self._live.get(dc, ()))
+        seeds = sorted(set(self._seeds.get(dc, ())) - set(live), key=spread)
+        return live + seeds
+
+    async def summary(self, dc: str, mine: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
+        return await self._first_answer(
+            dc, mine.dc, lambda a: self._peers.summary(a, mine, CALL_TIMEOUT_S)
+        )
 
     async def _first_answer(self, dc: str, task_id: str, call: Callable[[str], Awaitable[T]]) -> T:
         """``call`` on each seed of ``dc`` until one answers; its gRPC errors pass through."""

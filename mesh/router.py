@@ -117,7 +117,7 @@ class Target(NamedTuple):  # tuples, not frozen dataclasses: built on every deci
     reason: str
 
 
-TO_BACKLOG = Target(BACKLOG, "", HARD_LIMIT, "backlog: no agent or DC took it")
+TO_BACKLOG = Target(BACKLOG, "", HARD_LIMIT, "backlog: every eligible agent is full")
 NONE_ELIGIBLE = Target(BACKLOG, "", HARD_LIMIT, "backlog: no eligible agent in this DC")
 
 
@@ -156,7 +156,7 @@ class _Class:
     eligible: frozenset[str]
     order: tuple[str, ...]  # the eligible ids, sorted: what two-choices draws from
     ring: HashRing
-    shape: dict[str, tuple[float, float]]  # agent: (GPU weight, tasks allowed by the floor)
+    shape: dict[str, tuple[float, float, int]]  # agent: (GPU weight, floor, hard limit)
     weight: float
     tasks: int
 
@@ -267,7 +267,10 @@ class Router:
                 eligible=ids,
                 order=tuple(sorted(chosen)),
                 ring=ring,
-                shape={a: (m.weight, self.policy.load_floor * m.slots) for a, m in chosen.items()},
+                shape={
+                    a: (m.weight, self.policy.load_floor * m.slots, m.slots + m.queue_limit)
+                    for a, m in chosen.items()
+                },
                 weight=math.fsum(m.weight for m in chosen.values()),  # order-independent
                 tasks=sum(self._loads[a].tasks for a in chosen),
             )
@@ -323,9 +326,11 @@ class Router:
         return self.policy.load_factor * (cls.tasks + 1) / cls.weight
 
     def capacity(self, agent_id: str, bound: float) -> float:
-        """The most tasks ``agent_id`` may hold under ``bound``, or by the floor."""
+        """The most tasks ``agent_id`` may hold under ``bound``, or by the floor; never
+        more than its hard limit (slots + queue length)."""
         member = self._members[agent_id]
-        return max(bound * member.weight, self.policy.load_floor * member.slots)
+        most = max(bound * member.weight, self.policy.load_floor * member.slots)
+        return min(most, member.slots + member.queue_limit)
 
     def route(
         self,
@@ -341,8 +346,10 @@ class Router:
         fits: list[tuple[str, float]] = []
         candidates: list[Candidate] = []
         for agent_id in cls.ring.walk(key_point(request.key)):
-            weight, floor = shape[agent_id]
+            weight, floor, hard = shape[agent_id]
             most = bound * weight if bound * weight > floor else floor
+            if most > hard:
+                most = hard
             if loads[agent_id].tasks + 1 <= most and agent_id not in visited:
                 fits.append((agent_id, most))
             if explain:

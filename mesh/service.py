@@ -178,6 +178,10 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
         return peer_pb2.OfferResponse(accepted=accepted, reason=reason, load=self.agent.load())
 
     @unary
+    async def Summary(self, request, context):
+        return await self.agent.summary_received(request)
+
+    @unary
     async def CancelLocal(self, request, context):
         return await self.agent.cancel_local(request.task_id, request.reason)
 

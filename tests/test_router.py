@@ -91,8 +91,8 @@ def test_capacity_follows_weight_above_the_floor() -> None:
     r.set_load("a40", 1, 2)
     bound = r.bound(ask())
     assert bound == 1.5 * (7 + 1) / 1.35
-    assert r.capacity("h100", bound) == bound * 1.0
     assert r.capacity("a40", bound) == bound * 0.35
+    assert r.capacity("h100", bound) == 2 + 4  # bound * 1.0 is more than its hard limit
 
 
 def test_two_choices_when_every_agent_is_over_the_bound() -> None:

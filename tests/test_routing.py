@@ -8,14 +8,16 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import aetcd
 import grpc
 import pytest
 from support import Cluster, eventually, until_peers, wait_log
 from typer.testing import CliRunner
 
-from mesh import topostore
+from mesh import summaries, topostore
 from mesh.cli import app
 from mesh.client import MeshClient
+from mesh.etcd import KeySpace
 from mesh.etcdserver import EtcdMember
 from mesh.task import TERMINAL, state_name
 from mesh.topology import Topology, parse
@@ -236,3 +238,50 @@ async def test_meshctl_route_explains(cluster: Cluster) -> None:
     assert reply["targets"][0]["name"] == "a"
     verdicts = {c["agent_id"]: c["verdict"] for c in reply["candidates"]}
     assert verdicts == {"a": "picked", "b": "not eligible"}
+
+
+async def test_dc_summaries_give_live_agents_and_say_when_a_dc_is_full(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+) -> None:
+    etcds = {dc: more_etcd(dc) for dc in ("west", "east")}
+    west = cluster.start(
+        "w1", dc="west", max_queue_length=1, etcd_endpoints=json.dumps([etcds["west"].endpoint])
+    )
+    east = cluster.start(
+        "e1", dc="east", max_queue_length=1, etcd_endpoints=json.dumps([etcds["east"].endpoint])
+    )
+    dcs = {
+        "west": {
+            "etcd": [etcds["west"].endpoint],
+            "seeds": [west.address],
+            "overflow": [{"dc": "east"}],
+            "max_spill_share": 1.0,
+        },
+        # No way to reach east from its seeds: only its summary can say where its agents are.
+        "east": {"etcd": [etcds["east"].endpoint], "seeds": ["127.0.0.1:1"]},
+    }
+    await apply(topology(prefix, dcs))
+    west_etcd = aetcd.Client(host=etcds["west"].host, port=etcds["west"].client_port)
+    await west_etcd.connect()
+
+    async def east_summary(tasks: int) -> bool:
+        got = await west_etcd.get(KeySpace(prefix, "west").summary("east"))
+        return got is not None and summaries.decode(got.value).tasks == tasks
+
+    try:
+        await eventually(lambda: east_summary(0), what="east's summary stored in west")
+        async with MeshClient(west.address) as client:
+            for i in range(2):  # w1: one running, one queued: full
+                await client.submit(task(f"w{i}"))
+            await client.submit(task("spills"))
+            assert (await placed(client, "spills")).agent == "e1"
+            async with MeshClient(east.address) as direct:
+                await direct.submit(task("fills-east"))
+            await eventually(lambda: east_summary(2), what="east's summary to show it full")
+            decision = await client.route(task("probe"))
+            assert [t.kind for t in decision.targets] == ["backlog"]
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await client.submit(task("nowhere"))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        await west_etcd.close()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mesh.v1 import tasks_pb2 as mesh_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/peer.proto\x12\x07mesh.v1\x1a\x13mesh/v1/tasks.proto\"\xad\x01\n\x08\x45nvelope\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12\x0c\n\x04path\x18\x02 \x03(\t\x12\x0c\n\x04hops\x18\x03 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x13\n\x0b\x65ntry_agent\x18\x06 \x01(\t\x12\x11\n\tmax_tasks\x18\x07 \x01(\x01\x12\x11\n\torigin_dc\x18\x08 \x01(\t\">\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x15\n\rmodels_loaded\x18\x03 \x03(\t\"N\n\rOfferResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1b\n\x04load\x18\x03 \x01(\x0b\x32\r.mesh.v1.Load\"y\n\nTaskRecord\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TaskStatus\x12\x13\n\x0bspec_digest\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x03 \x01(\x08\x12\x17\n\x0f\x66orwarded_to_dc\x18\x04 \x01(\t2}\n\x0bPeerService\x12\x32\n\x05Offer\x12\x11.mesh.v1.Envelope\x1a\x16.mesh.v1.OfferResponse\x12:\n\x0b\x43\x61ncelLocal\x12\x16.mesh.v1.CancelRequest\x1a\x13.mesh.v1.TaskStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/peer.proto\x12\x07mesh.v1\x1a\x13mesh/v1/tasks.proto\"\xad\x01\n\x08\x45nvelope\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12\x0c\n\x04path\x18\x02 \x03(\t\x12\x0c\n\x04hops\x18\x03 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x13\n\x0b\x65ntry_agent\x18\x06 \x01(\t\x12\x11\n\tmax_tasks\x18\x07 \x01(\x01\x12\x11\n\torigin_dc\x18\x08 \x01(\t\">\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x15\n\rmodels_loaded\x18\x03 \x03(\t\"N\n\rOfferResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1b\n\x04load\x18\x03 \x01(\x0b\x32\r.mesh.v1.Load\"\x90\x01\n\tDcSummary\x12\n\n\x02\x64\x63\x18\x01 \x01(\t\x12\x12\n\nts_unix_ms\x18\x02 \x01(\x03\x12\x0e\n\x06\x61gents\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\x12\r\n\x05tasks\x18\x05 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12\x15\n\rmodels_loaded\x18\x07 \x03(\t\x12\x0c\n\x04live\x18\x08 \x03(\t\"y\n\nTaskRecord\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TaskStatus\x12\x13\n\x0bspec_digest\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x03 \x01(\x08\x12\x17\n\x0f\x66orwarded_to_dc\x18\x04 \x01(\t2\xb0\x01\n\x0bPeerService\x12\x32\n\x05Offer\x12\x11.mesh.v1.Envelope\x1a\x16.mesh.v1.OfferResponse\x12:\n\x0b\x43\x61ncelLocal\x12\x16.mesh.v1.CancelRequest\x1a\x13.mesh.v1.TaskStatus\x12\x31\n\x07Summary\x12\x12.mesh.v1.DcSummary\x1a\x12.mesh.v1.DcSummaryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOAD']._serialized_end=290
   _globals['_OFFERRESPONSE']._serialized_start=292
   _globals['_OFFERRESPONSE']._serialized_end=370
-  _globals['_TASKRECORD']._serialized_start=372
-  _globals['_TASKRECORD']._serialized_end=493
-  _globals['_PEERSERVICE']._serialized_start=495
-  _globals['_PEERSERVICE']._serialized_end=620
+  _globals['_DCSUMMARY']._serialized_start=373
+  _globals['_DCSUMMARY']._serialized_end=517
+  _globals['_TASKRECORD']._serialized_start=519
+  _globals['_TASKRECORD']._serialized_end=640
+  _globals['_PEERSERVICE']._serialized_start=643
+  _globals['_PEERSERVICE']._serialized_end=819
 # @@protoc_insertion_point(module_scope)

@@ -47,6 +47,26 @@ class OfferResponse(_message.Message):
     load: Load
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
 
+class DcSummary(_message.Message):
+    __slots__ = ("dc", "ts_unix_ms", "agents", "slots", "tasks", "capacity", "models_loaded", "live")
+    DC_FIELD_NUMBER: _ClassVar[int]
+    TS_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    MODELS_LOADED_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    dc: str
+    ts_unix_ms: int
+    agents: int
+    slots: int
+    tasks: int
+    capacity: int
+    models_loaded: _containers.RepeatedScalarFieldContainer[str]
+    live: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, dc: _Optional[str] = ..., ts_unix_ms: _Optional[int] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., models_loaded: _Optional[_Iterable[str]] = ..., live: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class TaskRecord(_message.Message):
     __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc")
     STATUS_FIELD_NUMBER: _ClassVar[int]

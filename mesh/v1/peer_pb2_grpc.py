@@ -45,6 +45,11 @@ class PeerServiceStub:
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.CancelRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_tasks__pb2.TaskStatus.FromString,
                 _registered_method=True)
+        self.Summary = channel.unary_unary(
+                '/mesh.v1.PeerService/Summary',
+                request_serializer=mesh_dot_v1_dot_peer__pb2.DcSummary.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_peer__pb2.DcSummary.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -64,6 +69,13 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Summary(self, request, context):
+        """DC summaries, push-pull: the caller's DC in the request, the callee's in the reply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +88,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.CancelLocal,
                     request_deserializer=mesh_dot_v1_dot_tasks__pb2.CancelRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_tasks__pb2.TaskStatus.SerializeToString,
+            ),
+            'Summary': grpc.unary_unary_rpc_method_handler(
+                    servicer.Summary,
+                    request_deserializer=mesh_dot_v1_dot_peer__pb2.DcSummary.FromString,
+                    response_serializer=mesh_dot_v1_dot_peer__pb2.DcSummary.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +149,33 @@ class PeerService:
             '/mesh.v1.PeerService/CancelLocal',
             mesh_dot_v1_dot_tasks__pb2.CancelRequest.SerializeToString,
             mesh_dot_v1_dot_tasks__pb2.TaskStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Summary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.PeerService/Summary',
+            mesh_dot_v1_dot_peer__pb2.DcSummary.SerializeToString,
+            mesh_dot_v1_dot_peer__pb2.DcSummary.FromString,
             options,
             channel_credentials,
             insecure,

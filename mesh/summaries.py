@@ -1,0 +1,68 @@
+"""DC summaries: what a DC tells its neighbours, and what this agent knows of theirs.
+
+A few agents per DC (the first ``SPEAKERS`` member ids, so all agents agree who without
+talking) swap summaries with the DCs the topology names, every ``INTERVAL_S``, over
+``PeerService.Summary``. What they hear is stored in their own DC's etcd under the
+speaker's lease, and every agent mirrors it: the router skips DCs whose summary says they
+are full, and hands tasks to the live agents a summary lists before the topology's seeds.
+A summary older than ``STALE_S`` says nothing, and the seeds are used. Pure but for the
+etcd codec.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from google.protobuf import json_format
+
+from mesh.router import Router
+from mesh.v1 import peer_pb2
+
+SPEAKERS = 2
+INTERVAL_S = 1.0
+STALE_S = 5.0
+LIVE_ADDRESSES = 3
+MAX_MODELS = 256
+
+
+def build(dc: str, router: Router, addresses: Mapping[str, str], now_ms: int) -> peer_pb2.DcSummary:
+    """This DC as ``router`` sees it; ``addresses`` maps agent ids to gRPC addresses."""
+    active = [m for m in router.members.values() if not m.draining]
+    models: set[str] = set()
+    for member in active:
+        models |= router.loaded_on(member.agent_id)
+    by_load = sorted(active, key=lambda m: (router.tasks_of(m.agent_id) / m.weight, m.agent_id))
+    return peer_pb2.DcSummary(
+        dc=dc,
+        ts_unix_ms=now_ms,
+        agents=len(active),
+        slots=sum(m.slots for m in active),
+        tasks=sum(router.tasks_of(m.agent_id) for m in active),
+        capacity=sum(m.slots + m.queue_limit for m in active),
+        models_loaded=sorted(models)[:MAX_MODELS],
+        live=[addresses[m.agent_id] for m in by_load[:LIVE_ADDRESSES] if m.agent_id in addresses],
+    )
+
+
+def speaks(me: str, members: Mapping[str, object]) -> bool:
+    return me in sorted(members)[:SPEAKERS]
+
+
+def encode(summary: peer_pb2.DcSummary) -> bytes:
+    return json_format.MessageToJson(summary, indent=None, sort_keys=True).encode()
+
+
+def decode(raw: bytes) -> peer_pb2.DcSummary:
+    return json_format.Parse(raw, peer_pb2.DcSummary(), ignore_unknown_fields=True)
+
+
+Summaries = Mapping[str, peer_pb2.DcSummary]
+
+
+def fresh(summaries: Summaries, now_ms: int) -> dict[str, peer_pb2.DcSummary]:
+    return {dc: s for dc, s in summaries.items() if now_ms - s.ts_unix_ms <= STALE_S * 1000}
+
+
+def full(summaries: Summaries) -> frozenset[str]:
+    """DCs with no room: as many tasks as slots plus queue room, or no active agent."""
+    return frozenset(dc for dc, s in summaries.items() if s.tasks >= s.capacity)
