@@ -67,3 +67,9 @@ def test_every_field_documents_itself() -> None:
         if not info.description and name != "log_level"
     ]
     assert undocumented == []
+
+
+def test_the_deploy_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "deploy" / "agent.yaml"
+    cfg = load_agent_config(["--config", str(example)])
+    assert cfg.dc == "eu-west" and cfg.gossip_keys
