@@ -25,6 +25,7 @@ import grpc
 from mesh import metrics, summaries, topostore
 from mesh.config import AgentConfig
 from mesh.decisionlog import DecisionLog
+from mesh.election import Election
 from mesh.errors import (
     ConfigError,
     MeshError,
@@ -41,6 +42,7 @@ from mesh.gossip.transport import GossipNode
 from mesh.gossip.wire import Keyring
 from mesh.gpus import inventory, weight_of
 from mesh.mirror import PrefixMirror
+from mesh.owner import QueueOwner
 from mesh.peers import PeerClients
 from mesh.pipelines import Models, load_pipelines
 from mesh.records import Stored, TaskStore, public
@@ -109,6 +111,8 @@ class Agent:
         self.gpu_weights = dict(cfg.gpu_weights)
         self.decisions = DecisionLog(cfg.decision_log) if cfg.decision_log else None
         self.gossip = self._gossip_node()
+        self.owner: QueueOwner | None = None
+        self._owner_task: asyncio.Task[None] | None = None
         self.address = ""
         self.gossip_address = ""
         self._background: set[asyncio.Task[None]] = set()
@@ -158,11 +162,28 @@ class Agent:
         self._spawn(self.summaries_mirror.run(), "summaries")
         self._spawn(self._speak_for_the_dc(), "dc summaries")
         await asyncio.wait_for(self.registry.mirror.ready.wait(), timeout=10)
+        self._start_owner()  # after the mirror: an owner must know who is alive
         version = self.topology.version if self.topology else 0
         log.info(
             "agent ready",
             extra={"address": address, "gpus": len(self.gpus), "topology": version},
         )
+
+    def _start_owner(self) -> None:
+        """Stand for the DC's queue owner under the current lease."""
+        if self._owner_task is not None:
+            self._owner_task.cancel()
+        election = Election(
+            self.client,
+            self.keys.election,
+            lambda: self.session.lease_id,
+            f"{self.cfg.agent_id} {self.address}".encode(),
+        )
+        self.owner = QueueOwner(election, self.store, self.place, self.cfg.max_attempts)
+        self.owner.members_changed(self.registry.peers)
+        self._owner_task = asyncio.create_task(self.owner.run(), name="queue owner")
+        self._background.add(self._owner_task)
+        self._owner_task.add_done_callback(self._background.discard)
 
     def _spawn(self, coro: object, name: str) -> None:
         task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
@@ -201,6 +222,8 @@ class Agent:
 
     def _members_changed(self, records: dict[str, AgentRecord]) -> None:
         self.router.set_members(member_of(r) for r in records.values())
+        if self.owner is not None:
+            self.owner.members_changed(records)
         self.gossip.gossiper.set_members({a: r.gossip_address for a, r in records.items()})
         for record in records.values():
             if record.agent_id == self.cfg.agent_id:
@@ -359,13 +382,16 @@ class Agent:
             await self.session.lost.wait()
             if not self.executor.accepting:
                 return
-            log.error("membership lease lost; registering again")
+            log.error("membership lease lost: dropping my tasks and registering again")
+            # The DC's owner re-queues them elsewhere; finishing them here would race it.
+            self.executor.abandon("this agent lost its membership lease")
             await self.session.close(revoke=False)
             self.session = Session(self.client, self.cfg.lease_ttl_s)
             try:
                 await self.session.open()
                 self._incarnation = _now_ms()
                 await self.registry.publish(self._record())
+                self._start_owner()
             except MeshError as exc:
                 log.error("re-registration failed: %s; retrying", exc)
                 self.session.lost.set()
@@ -376,6 +402,10 @@ class Agent:
             return
         with contextlib.suppress(MeshError):
             await self.registry.publish(self._record(DRAINING))
+        if self.owner is not None:  # hand the DC's queue over at once
+            if self._owner_task is not None:
+                self._owner_task.cancel()
+            await self.owner.election.resign()
         handback = await self.executor.drain(grace_s)
         for job in handback:
             await self._hand_back(job)
@@ -449,10 +479,11 @@ class Agent:
             path=list(path),
         )
         status.spec.CopyFrom(spec)
-        if len(spec.payload) > self.cfg.inline_payload_bytes:
+        too_big = len(spec.payload) > self.cfg.inline_payload_bytes
+        if too_big:
             status.spec.ClearField("payload")
         status.deadline.FromMilliseconds(deadline_ms)
-        return peer_pb2.TaskRecord(status=status, spec_digest=digest)
+        return peer_pb2.TaskRecord(status=status, spec_digest=digest, payload_not_kept=too_big)
 
     async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
         spec = admitted.spec

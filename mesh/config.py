@@ -146,6 +146,13 @@ class AgentConfig(BaseSettings):
         256, ge=1, description="Local queue bound; a full agent refuses offers."
     )
     max_hops: int = Field(3, ge=1, le=16, description="Most forwards a task may take.")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        le=100,
+        description="Runs a task gets when its agents die under it; then it fails with the "
+        "reason. Tasks run at least once, so a pipeline dedups by (task_id, attempt).",
+    )
     max_list: int = Field(500, ge=1, description="Most tasks one List call returns.")
     drain_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, time running tasks get to finish before hand-back."

@@ -92,6 +92,11 @@ class KeySpace:
         return self.running + task_id.encode()
 
     @property
+    def election(self) -> bytes:
+        """Candidates for the DC's queue owner: ``etcdctl elect -l`` on it names the owner."""
+        return self.root + b"election/queue-owner"
+
+    @property
     def summaries(self) -> bytes:
         return self.root + b"summaries/"
 

@@ -237,6 +237,18 @@ class Executor:
             run.task.cancel()
         return None
 
+    def abandon(self, reason: str) -> None:
+        """Drop every job at once without recording anything: this agent lost its lease,
+        so the DC's queue owner runs them again elsewhere. Subprocesses are killed."""
+        for job in list(self._queue):
+            self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
+        for run in self._running.values():
+            run.handed_back = True
+            run.cancel_reason = reason
+            if run.task is not None:
+                run.task.cancel()
+        self._on_load()
+
     async def drain(self, grace_s: float) -> list[Job]:
         """Stop accepting, let running tasks finish within ``grace_s``, and return every job
         that did not run to its end (queued, or interrupted) for the caller to hand back."""

@@ -9,7 +9,7 @@ a zombie's late write never overwrites the current run's record.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import aetcd
@@ -96,12 +96,15 @@ class TaskStore:
         *,
         attempt: int | None = None,
         lease: int = 0,
+        fence: Sequence[object] = (),
     ) -> Stored:
         """Apply ``mutate`` by compare-and-swap, retrying on concurrent changes.
 
         With ``attempt``, the write is fenced: refused if the record belongs to another
         attempt or is already terminal. With ``lease``, the write also puts (while the
-        task runs) or deletes (once it is terminal) the running marker bound to it.
+        task runs) or deletes (once it is terminal) the running marker bound to it. With
+        ``fence``, the write also needs those comparisons to hold (the queue owner's
+        leadership), and ``StaleWrite`` says when they did not.
         """
         key = self._keys.task(task_id)
         for _ in range(CAS_RETRIES):
@@ -129,13 +132,25 @@ class TaskStore:
                     ops.append(self._tx.put(marker, record.status.agent.encode(), lease=lease))
             try:
                 ok, responses = await self._client.transaction(
-                    compare=[self._tx.mod(key) == current.revision], success=ops, failure=[]
+                    compare=[self._tx.mod(key) == current.revision, *fence],
+                    success=ops,
+                    failure=[self._tx.get(key)],
                 )
             except ETCD_ERRORS as exc:
                 raise Unavailable(f"etcd: {exc}") from exc
             if ok:
                 return Stored(record, responses[0].response_put.header.revision)
+            if fence and responses[0] and responses[0][0][1].mod_revision == current.revision:
+                raise StaleWrite("fenced out: no longer the queue owner", task_id=task_id)
         raise StaleWrite("too much contention on the task record", task_id=task_id)
+
+    async def scan(self) -> list[Stored]:
+        """Every task record of the DC, with its revision."""
+        try:
+            listing = await self._client.get_prefix(self._keys.tasks)
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        return [Stored(decode(kv.value), kv.mod_revision) for kv in listing]
 
     async def delete(self, stored: Stored) -> bool:
         """Delete the record if it is still exactly ``stored``."""

@@ -68,13 +68,15 @@ class DcSummary(_message.Message):
     def __init__(self, dc: _Optional[str] = ..., ts_unix_ms: _Optional[int] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., models_loaded: _Optional[_Iterable[str]] = ..., live: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskRecord(_message.Message):
-    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc")
+    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     FORWARDED_TO_DC_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_NOT_KEPT_FIELD_NUMBER: _ClassVar[int]
     status: _tasks_pb2.TaskStatus
     spec_digest: str
     cancel_requested: bool
     forwarded_to_dc: str
-    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ...) -> None: ...
+    payload_not_kept: bool
+    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ...) -> None: ...
