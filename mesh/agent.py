@@ -45,14 +45,17 @@ from mesh.mirror import PrefixMirror
 from mesh.owner import QueueOwner
 from mesh.peers import PeerClients
 from mesh.pipelines import Models, load_pipelines
+from mesh.queue import Discipline
 from mesh.records import Stored, TaskStore, public
 from mesh.registry import ACTIVE, DRAINING, AgentRecord, Registry
 from mesh.remote import RemoteDcs
 from mesh.reporting import RecordReporter, now_ts
 from mesh.router import (
     AGENT,
+    BACKLOG,
     DC,
     NO_SPILL,
+    NONE_ELIGIBLE,
     Decision,
     Member,
     Overflow,
@@ -179,7 +182,15 @@ class Agent:
             lambda: self.session.lease_id,
             f"{self.cfg.agent_id} {self.address}".encode(),
         )
-        self.owner = QueueOwner(election, self.store, self.place, self.cfg.max_attempts)
+        self.owner = QueueOwner(
+            election,
+            self.store,
+            self.keys,
+            self.place,
+            self._room_for,
+            Discipline(self.cfg.queues, self.cfg.queue_aging_s),
+            self.cfg.max_attempts,
+        )
         self.owner.members_changed(self.registry.peers)
         self._owner_task = asyncio.create_task(self.owner.run(), name="queue owner")
         self._background.add(self._owner_task)
@@ -249,6 +260,8 @@ class Agent:
         )
         metrics.RUNNING.set(executor.running)
         metrics.QUEUED.set(executor.queued)
+        if self.owner is not None:
+            self.owner.capacity_changed()
 
     def _gossiped(self, state: AgentState) -> None:
         """A newer state of a peer arrived by gossip: its load and models, and it is alive."""
@@ -256,6 +269,8 @@ class Agent:
         self.router.set_load(state.agent_id, running, queued)
         self.router.set_loaded(state.agent_id, state.loaded)
         self.router.set_suspect(state.agent_id, False)
+        if self.owner is not None:
+            self.owner.capacity_changed()
 
     def _went_quiet(self, agent_ids: list[str]) -> None:
         for agent_id in agent_ids:
@@ -307,6 +322,8 @@ class Agent:
         if self.cfg.default_queue in topology.queues:
             self.cfg = self.cfg.model_copy(update={"queues": dict(topology.queues)})
             self.executor.reweight(topology.queues)
+            if self.owner is not None:
+                self.owner.discipline.reweight(topology.queues)
         else:
             log.warning(
                 "topology queues lack default_queue %r; queues unchanged", self.cfg.default_queue
@@ -515,12 +532,35 @@ class Agent:
             self.decisions.write(self.router, request, visited, options, decision)
         return decision
 
-    async def place(self, job: Job, spill: bool = True) -> str:
+    def _room_for(self, spec: pb.TaskSpec) -> bool:
+        """Whether an agent of this DC could take ``spec`` now (the backlog waits for
+        local room: other DCs were tried before the task went into it)."""
+        return self.router.route(request_of(spec)).first.kind != BACKLOG
+
+    async def _to_backlog(self, job: Job) -> None:
+        """Wait in the DC's durable backlog: the record and the entry in one transaction."""
+        enqueued = job.enqueued_ms or _now_ms()
+        entry = self.keys.backlog_entry(job.spec.queue, enqueued, job.task_id)
+
+        def mutate(record: peer_pb2.TaskRecord) -> None:
+            status = record.status
+            status.state, status.agent, status.dc = pb.TASK_STATE_QUEUED, "", self.cfg.dc
+            del status.path[:]
+            status.path.extend(job.path)
+            status.queued_at.CopyFrom(now_ts())
+
+        put = self.client.transactions.put(entry, job.task_id.encode())
+        await self.store.update(job.task_id, mutate, attempt=job.attempt, also=[put])
+        metrics.BACKLOGGED.inc()
+
+    async def place(self, job: Job, spill: bool = True, backlog: bool = True) -> str:
         """Offer ``job`` to the router's targets in turn until one takes it.
 
         A first round offers only to agents of this DC. If all refuse, their replies have
         refreshed the view, so a second decision is made with them marked visited, and
-        only that one may spill to other DCs or end in the backlog.
+        only that one may spill to other DCs or end in the backlog: the DC's durable
+        backlog when ``backlog`` allows and the payload is kept in the record, else
+        ``NoCapacity``.
         """
         visited = set(job.path)
         refused: list[str] = []
@@ -542,6 +582,10 @@ class Agent:
                         self.spill_share.record(True)
                         return f"dc:{target.name}"
                     refused.append(f"dc {target.name}: {reason}")
+                elif backlog and self._durable(job) and target is not NONE_ELIGIBLE:
+                    await self._to_backlog(job)
+                    self.spill_share.record(False)
+                    return "backlog"
                 else:
                     details = {"refused": "; ".join(refused[-4:])} if refused else {}
                     raise NoCapacity(
@@ -551,6 +595,9 @@ class Agent:
                         **details,
                     )
         raise AssertionError("a decision always ends in the backlog")
+
+    def _durable(self, job: Job) -> bool:
+        return len(job.spec.payload) <= self.cfg.inline_payload_bytes
 
     async def _offer_agent(self, agent_id: str, max_tasks: float, job: Job) -> tuple[bool, str]:
         if agent_id == self.cfg.agent_id:
@@ -638,7 +685,7 @@ class Agent:
                 return False, "task id already used here by another task"
             return True, "already here"
         try:
-            where = await self.place(job, spill=False)
+            where = await self.place(job, spill=False, backlog=False)
         except MeshError as exc:
             with contextlib.suppress(MeshError):
                 await self.store.delete(stored)
@@ -721,6 +768,8 @@ class Agent:
         stored = await self.store.update(task_id, request)
         status = stored.status
         if status.state in TERMINAL or not status.agent:
+            if self.owner is not None:
+                self.owner.capacity_changed()  # a backlogged task: the owner drops it
             return public(status)
         if status.agent == self.cfg.agent_id:
             return await self.cancel_local(task_id, reason)

@@ -97,6 +97,14 @@ class KeySpace:
         return self.root + b"election/queue-owner"
 
     @property
+    def backlog(self) -> bytes:
+        return self.root + b"backlog/"
+
+    def backlog_entry(self, queue_class: str, enqueued_ms: int, task_id: str) -> bytes:
+        """Sorted by class, then age: the oldest of a class lists first."""
+        return self.backlog + f"{queue_class}/{enqueued_ms:013d}-{task_id}".encode()
+
+    @property
     def summaries(self) -> bytes:
         return self.root + b"summaries/"
 

@@ -31,6 +31,7 @@ class Job:
     attempt: int
     deadline_ms: int
     path: list[str] = field(default_factory=list)
+    enqueued_ms: int = 0  # when it first entered the DC's backlog: its age there
 
     @property
     def task_id(self) -> str:

@@ -1,26 +1,34 @@
 """The DC's queue owner: the one leader in the mesh, elected per DC through etcd.
 
-While it leads, it re-places the work of agents that died: when an agent's membership key
-goes (its lease expired: crashed, or paused past the TTL), every task still recorded on
-it (queued, or running: its running marker went with the same lease) gets attempt + 1 and
-is placed again, or fails with the reason once ``max_attempts`` runs have been tried, or
-when its payload was only held by the dead agent. On taking office it also sweeps for
-tasks left on agents that are no longer members, which covers deaths while nobody led.
+While it leads, it dispatches the DC's durable backlog (``mesh.backlog``) as capacity
+frees, by class weight and age, and it re-places the work of agents that died: when an
+agent's membership key goes (its lease expired: crashed, or paused past the TTL), every
+task still recorded on it (queued, or running: its running marker went with the same
+lease) gets attempt + 1 and is placed again, or fails with the reason once
+``max_attempts`` runs have been tried, or when its payload was only held by the dead
+agent. On taking office it also sweeps for tasks left on agents that are no longer
+members, which covers deaths while nobody led.
 
-Every re-queue is fenced by the leadership (a deposed owner cannot write), and the bumped
-attempt fences the dead agent: should it come back, its late writes are refused.
+Every re-queue and every dispatch is fenced by the leadership (a deposed owner cannot
+write), and the bumped attempt fences the dead agent: should it come back, its late
+writes are refused.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 
+from mesh import backlog
 from mesh.election import Election
-from mesh.errors import MeshError, NoCapacity
+from mesh.errors import MeshError
+from mesh.etcd import ETCD_ERRORS, KeySpace
 from mesh.executor import Job
+from mesh.mirror import PrefixMirror
+from mesh.queue import Discipline
 from mesh.records import Stored, TaskStore
 from mesh.reporting import now_ts
 from mesh.task import TERMINAL
@@ -29,7 +37,7 @@ from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-PLACE_RETRY_S = 1.0
+DISPATCH_TICK_S = 0.5  # capacity frees without the backlog changing: look again this often
 
 
 def now_ms() -> int:
@@ -41,13 +49,22 @@ class QueueOwner:
         self,
         election: Election,
         store: TaskStore,
+        keys: KeySpace,
         place: Callable[[Job], Awaitable[str]],
+        room_for: Callable[[pb.TaskSpec], bool],
+        discipline: Discipline,
         max_attempts: int,
     ) -> None:
+        """``place`` places a job (into the backlog if nothing can take it); ``room_for``
+        says whether the router sees room for a task now."""
         self.election = election
         self._store = store
+        self._keys = keys
         self._place = place
+        self._room_for = room_for
+        self.discipline = discipline
         self._max_attempts = max_attempts
+        self._wake = asyncio.Event()
         self._members: frozenset[str] = frozenset()
         self._departed: asyncio.Queue[str] = asyncio.Queue()
         self.leading = False
@@ -59,20 +76,93 @@ class QueueOwner:
             self._departed.put_nowait(agent_id)
         self._members = current
 
+    def capacity_changed(self) -> None:
+        self._wake.set()
+
     async def run(self) -> None:
         """Campaign, then lead until cancelled (the agent cancels it when its lease is lost)."""
         term = await self.election.campaign()
         self.leading = True
         log.info("queue owner of the DC", extra={"term": term})
         try:
-            await self._sweep(lambda agent: agent not in self._members)
-            while True:
-                gone = await self._departed.get()
-                await self._sweep(lambda agent, gone=gone: agent == gone)
+            await asyncio.gather(self._recover_orphans(), self._dispatch())
         finally:
             self.leading = False
             for task in list(self._placing):
                 task.cancel()
+
+    async def _recover_orphans(self) -> None:
+        await self._sweep(lambda agent: agent not in self._members)
+        while True:
+            gone = await self._departed.get()
+            await self._sweep(lambda agent, gone=gone: agent == gone)
+
+    async def _dispatch(self) -> None:
+        """Move backlog entries to agents while the router sees room, best first."""
+        mirror = PrefixMirror(self._store.client, self._keys.backlog, lambda _: self._wake.set())
+        watching = asyncio.create_task(mirror.run(), name="backlog mirror")
+        try:
+            await mirror.ready.wait()
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), DISPATCH_TICK_S)
+                self._wake.clear()
+                await self._dispatch_round(mirror.items)
+        finally:
+            watching.cancel()
+
+    async def _dispatch_round(self, items: dict[str, bytes]) -> None:
+        classes = backlog.by_class(items)
+        taken: set[str] = set()
+        while True:
+            for entries in classes.values():
+                entries[:] = [w for w in entries if w.task_id not in taken]
+            credit = self.discipline.snapshot()
+            waiting = backlog.next_up(classes, self.discipline, now_ms())
+            if waiting is None:
+                return
+            try:
+                stored = await self._store.get(waiting.task_id)
+            except MeshError:
+                await self._claim(waiting)  # its record is gone: drop the entry
+                taken.add(waiting.task_id)
+                continue
+            if stored.record.cancel_requested or stored.status.state in TERMINAL:
+                if await self._claim(waiting):
+                    taken.add(waiting.task_id)
+                    await self._cancelled(stored)
+                continue
+            if not self._room_for(stored.status.spec):
+                self.discipline.restore(credit)  # nothing moved: no credit spent
+                return
+            if not await self._claim(waiting):
+                return
+            taken.add(waiting.task_id)
+            status = stored.status
+            job = Job(
+                status.spec,
+                status.attempt,
+                status.deadline.ToMilliseconds(),
+                ["backlog"],
+                enqueued_ms=waiting.enqueued_ms,
+            )
+            self._spawn_placement(job)
+
+    async def _claim(self, waiting: backlog.Waiting) -> bool:
+        """Take the entry out of the backlog, if we still lead; False if we do not."""
+        key = self._keys.backlog_entry(waiting.queue_class, waiting.enqueued_ms, waiting.task_id)
+        client = self._store.client
+        tx = client.transactions
+        try:
+            ok, _ = await client.transaction(
+                compare=[self.election.fence(), tx.version(key) > 0],
+                success=[tx.delete(key)],
+                failure=[],
+            )
+        except ETCD_ERRORS as exc:
+            log.warning("backlog claim failed: %s", exc)
+            return False
+        return bool(ok)
 
     async def _sweep(self, dead: Callable[[str], bool]) -> None:
         for stored in await self._store.scan():
@@ -124,25 +214,38 @@ class QueueOwner:
         status = updated.status
         job = Job(status.spec, status.attempt, status.deadline.ToMilliseconds())
         log.info("re-queued %s as attempt %d (agent %s died)", job.task_id, job.attempt, dead_agent)
-        task = asyncio.create_task(self._place_until_deadline(job))
+        self._spawn_placement(job)
+
+    def _spawn_placement(self, job: Job) -> None:
+        task = asyncio.create_task(self._placed(job))
         self._placing.add(task)
         task.add_done_callback(self._placing.discard)
 
-    async def _place_until_deadline(self, job: Job) -> None:
-        """Place a re-queued task, waiting for capacity while its deadline allows."""
-        while True:
-            if job.deadline_ms <= now_ms():
-                await self._expire(job)
-                return
-            try:
-                where = await self._place(job)
-                log.info("attempt %d of %s placed on %s", job.attempt, job.task_id, where)
-                return
-            except NoCapacity:
-                await asyncio.sleep(PLACE_RETRY_S)
-            except MeshError as exc:
-                log.warning("re-placing %s failed: %s", job.task_id, exc)
-                return
+    async def _placed(self, job: Job) -> None:
+        """Place ``job``: on an agent, or back into the backlog with its age kept."""
+        if job.deadline_ms <= now_ms():
+            await self._expire(job)
+            return
+        try:
+            where = await self._place(job)
+            log.info("attempt %d of %s placed on %s", job.attempt, job.task_id, where)
+        except MeshError as exc:
+            log.warning("placing %s failed: %s", job.task_id, exc)
+
+    async def _cancelled(self, stored: Stored) -> None:
+        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+            if record.status.state in TERMINAL:
+                return False
+            record.status.state = pb.TASK_STATE_CANCELLED
+            record.status.finished_at.CopyFrom(now_ts())
+            record.status.error.code = "CANCELLED"
+            record.status.error.message = "cancelled while in the backlog"
+            return None
+
+        try:
+            await self._store.update(stored.status.task_id, mutate, attempt=stored.status.attempt)
+        except MeshError as exc:
+            log.info("could not cancel %s: %s", stored.status.task_id, exc)
 
     async def _expire(self, job: Job) -> None:
         def mutate(record: peer_pb2.TaskRecord) -> None:

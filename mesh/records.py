@@ -63,6 +63,10 @@ class TaskStore:
         self._keys = keys
         self._tx = client.transactions
 
+    @property
+    def client(self) -> aetcd.Client:
+        return self._client
+
     async def create(self, record: peer_pb2.TaskRecord) -> tuple[Stored, bool]:
         """Write the record unless its id exists; return what is stored and whether it is new."""
         key = self._keys.task(record.status.task_id)
@@ -97,6 +101,7 @@ class TaskStore:
         attempt: int | None = None,
         lease: int = 0,
         fence: Sequence[object] = (),
+        also: Sequence[object] = (),
     ) -> Stored:
         """Apply ``mutate`` by compare-and-swap, retrying on concurrent changes.
 
@@ -104,7 +109,8 @@ class TaskStore:
         attempt or is already terminal. With ``lease``, the write also puts (while the
         task runs) or deletes (once it is terminal) the running marker bound to it. With
         ``fence``, the write also needs those comparisons to hold (the queue owner's
-        leadership), and ``StaleWrite`` says when they did not.
+        leadership), and ``StaleWrite`` says when they did not. ``also`` are more
+        operations done in the same transaction (the backlog entry that goes with it).
         """
         key = self._keys.task(task_id)
         for _ in range(CAS_RETRIES):
@@ -123,7 +129,7 @@ class TaskStore:
                     raise StaleWrite("task already finished", task_id=task_id)
             if mutate(record) is False:
                 return current
-            ops = [self._tx.put(key, encode(record))]
+            ops = [self._tx.put(key, encode(record)), *also]
             if lease:
                 marker = self._keys.running_marker(task_id)
                 if record.status.state in TERMINAL:

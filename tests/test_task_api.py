@@ -161,21 +161,32 @@ async def test_unknown_ids_are_not_found(front_and_worker) -> None:
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-async def test_full_mesh_refuses_and_keeps_no_record(front_and_worker) -> None:
+async def test_a_full_dc_backlogs_what_it_can_keep_and_refuses_the_rest(
+    front_and_worker,
+) -> None:
     front, _ = front_and_worker
     async with MeshClient(front.address) as entry:
         await entry.submit(sleep_task("runs", seconds=300))
         await until_state(entry, "runs", pb.TASK_STATE_RUNNING)
         queued = await entry.submit(sleep_task("waits", seconds=0))
-        assert state_name(queued.status.state) == "QUEUED"
+        assert state_name(queued.status.state) == "QUEUED" and queued.status.agent == "worker"
+        # No agent has room: the task waits in the DC's durable backlog, on no agent.
+        backlogged = await entry.submit(sleep_task("backlogged", seconds=0))
+        assert state_name(backlogged.status.state) == "QUEUED"
+        assert backlogged.status.agent == ""
+        # A payload over the inline limit cannot be kept in etcd: refused, no trace left.
+        big = sleep_task("refused", seconds=0)
+        big.payload = b"x" * 2048
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await entry.submit(sleep_task("refused", seconds=0))
+            await entry.submit(big)
         assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "full" in (caught.value.details() or "")
         with pytest.raises(grpc.aio.AioRpcError):
             await entry.get("refused")
         await entry.cancel("runs")
         assert state_name((await follow(entry, "waits"))[-1].status.state) == "SUCCEEDED"
+        done = (await follow(entry, "backlogged"))[-1].status
+    assert state_name(done.state) == "SUCCEEDED" and done.path[0] == "backlog"
 
 
 async def test_list_filters_by_user_and_state(front_and_worker) -> None:
