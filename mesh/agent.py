@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 
 import grpc
 
-from mesh import metrics, summaries, topostore
+from mesh import backlog, metrics, summaries, topostore
 from mesh.config import AgentConfig
 from mesh.decisionlog import DecisionLog
 from mesh.election import Election
@@ -341,6 +341,32 @@ class Agent:
         return Spill(
             to=self.overflow, allowed=self.spill_share.allowed(), full=summaries.full(fresh)
         )
+
+    # -- the DC's queue --------------------------------------------------------------------
+
+    async def queue(self) -> pb.QueueResponse:
+        election = Election(self.client, self.keys.election, lambda: 0, b"")
+        leader = await election.leader()
+        try:
+            listing = await self.client.get_prefix(self.keys.backlog)
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        names = {kv.key[len(self.keys.backlog) :].decode(): b"" for kv in listing}
+        now = _now_ms()
+        reply = pb.QueueResponse(dc=self.cfg.dc)
+        if leader is not None:
+            reply.owner, reply.term = leader[0].decode().split()[0], leader[1]
+        waiting = backlog.by_class(names)
+        for name in sorted({*self.cfg.queues, *waiting}):
+            entries = waiting.get(name, [])
+            oldest = (now - entries[0].enqueued_ms) / 1000 if entries else 0.0
+            reply.classes.add(name=name, depth=len(entries), oldest_wait_s=max(0.0, oldest))
+        return reply
+
+    async def drain_now(self) -> None:
+        """Take no new tasks (peers see it draining); the ones here run to their end."""
+        self.executor.accepting = False
+        await self.registry.publish(self._record(DRAINING))
 
     # -- DC summaries ----------------------------------------------------------------------
 

@@ -440,6 +440,50 @@ def replay(log: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) ->
         raise typer.Exit(1)
 
 
+@app.command()
+def queue(
+    endpoint: EndpointOpt = None,
+    output: OutputOpt = Output.table,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
+) -> None:
+    """The endpoint DC's queue owner, its term, and its backlog per class."""
+    reply = call(resolve_endpoint(endpoint, home), lambda c: c.queue())
+
+    def table() -> Table:
+        owner = reply.owner or "none elected"
+        rows = Table(
+            "class",
+            "waiting",
+            "oldest wait s",
+            title=f"{reply.dc}: owner {owner}, term {reply.term}",
+        )
+        for c in reply.classes:
+            rows.add_row(c.name, str(c.depth), f"{c.oldest_wait_s:.1f}")
+        return rows
+
+    emit(as_dict(reply), output, table)
+
+
+@app.command()
+def drain(
+    agent: Annotated[str, typer.Argument(help="agent id")],
+    endpoint: EndpointOpt = None,
+    output: OutputOpt = Output.table,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
+) -> None:
+    """Mark AGENT draining: no new tasks; its running and queued ones finish."""
+    infos = call(resolve_endpoint(endpoint, home), lambda c: c.agents())
+    target = next((i for i in infos if i.agent_id == agent), None)
+    if target is None:
+        raise fail(f"no agent {agent!r} in that DC; see 'meshctl agents'")
+    info = call(target.address, lambda c: c.drain())
+    emit(
+        as_dict(info),
+        output,
+        lambda: Table("agent", "state", title=f"{info.agent_id}: {info.state}"),
+    )
+
+
 topology_app = typer.Typer(no_args_is_help=True, help="Validate, compare and apply topologies.")
 app.add_typer(topology_app, name="topology")
 TopologyArg = Annotated[Path, typer.Argument(help="topology file")]

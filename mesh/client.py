@@ -65,6 +65,12 @@ class MeshClient:
             pb.RouteRequest(spec=spec, explain=explain), timeout=timeout_s
         )
 
+    async def queue(self, timeout_s: float = 5.0) -> pb.QueueResponse:
+        return await self.agents_stub.Queue(pb.QueueRequest(), timeout=timeout_s)
+
+    async def drain(self, timeout_s: float = 5.0) -> pb.AgentInfo:
+        return await self.agents_stub.Drain(pb.DrainRequest(), timeout=timeout_s)
+
     async def agents(self, timeout_s: float = 5.0) -> list[pb.AgentInfo]:
         reply = await self.agents_stub.ListAgents(pb.ListAgentsRequest(), timeout=timeout_s)
         return list(reply.agents)

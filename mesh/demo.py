@@ -4,7 +4,8 @@ The workload is seeded: models drawn from a skewed (Zipf-like) distribution, mos
 simulated GPU work (``sleep``, with a model-load cost where the model is cold), some
 ``echo`` and ``command`` tasks, a fifth in the ``vip`` class, and a few cancelled by the
 client through a different agent than the one they ran on. Most tasks enter the first DC
-of the topology, so it fills up and overflows to the other; the report shows where. A
+of the topology, so it fills up, overflows to the other, and what neither can take waits
+in the DCs' durable backlogs; the report shows where each task came from. A
 task is *lost* when its Submit was accepted but it never reached a terminal state; the
 demo fails if any is.
 """
@@ -207,9 +208,10 @@ def _report(
             continue
         row = per_agent[(s.dc, s.agent or "-")]
         row[state_name(s.state)] += 1
-        row["forwarded"] += bool(s.path)
-        row["overflow"] += bool(s.path) and dc_of.get(s.path[0]) != s.dc
-        row["vip"] += s.spec.queue == "vip"
+        came_from = s.path[0] if s.path else ""
+        row["backlog"] += came_from == "backlog"
+        row["forwarded"] += bool(s.path) and came_from != "backlog"
+        row["overflow"] += came_from in dc_of and dc_of[came_from] != s.dc
         if s.spec.pipeline == "sleep" and s.result.inline:
             row["cold"] += json.loads(s.result.inline).get("cold_start", False)
     table = Table(
@@ -218,9 +220,9 @@ def _report(
         "succeeded",
         "failed",
         "cancelled",
-        "vip",
         "forwarded",
         "from other DC",
+        "from backlog",
         "cold starts",
         title="where tasks ran",
     )
@@ -231,9 +233,9 @@ def _report(
             str(c["SUCCEEDED"]),
             str(c["FAILED"]),
             str(c["CANCELLED"]),
-            str(c["vip"]),
             str(c["forwarded"]),
             str(c["overflow"]),
+            str(c["backlog"]),
             str(c["cold"]),
         )
     console.print(table)
@@ -246,6 +248,7 @@ def _report(
         "failed",
         "cancelled",
         "overflowed",
+        "backlogged",
         "lost",
         "seconds",
         title="how tasks ended",
@@ -258,6 +261,7 @@ def _report(
         str(ends["FAILED"]),
         str(ends["CANCELLED"]),
         str(sum(c["overflow"] for c in per_agent.values())),
+        str(sum(c["backlog"] for c in per_agent.values())),
         f"[red]{len(lost)}[/red]" if lost else "0",
         f"{elapsed:.1f}",
     )

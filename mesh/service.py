@@ -23,6 +23,7 @@ from mesh.errors import InvalidTask, MeshError, TaskConflict
 from mesh.etcd import ETCD_ERRORS
 from mesh.peers import channel_options
 from mesh.records import public
+from mesh.registry import AgentRecord
 from mesh.task import admit
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from mesh.v1 import tasks_pb2 as pb
@@ -112,37 +113,47 @@ class AgentServicer(tasks_pb2_grpc.AgentServiceServicer):
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
+    def _info(self, a: AgentRecord) -> pb.AgentInfo:
+        running, queued = self.agent.router.load(a.agent_id)
+        return pb.AgentInfo(
+            agent_id=a.agent_id,
+            dc=a.dc,
+            address=a.address,
+            gpus=[
+                pb.Gpu(
+                    index=g.index,
+                    uuid=g.uuid,
+                    name=g.name,
+                    memory_mb=g.memory_mb,
+                    gpu_class=g.gpu_class,
+                )
+                for g in a.gpus
+            ],
+            weight=a.weight,
+            pipelines=a.pipelines,
+            models=a.models,
+            models_loaded=a.models_loaded,
+            state=a.state,
+            incarnation=a.incarnation,
+            running=running,
+            queued=queued,
+            suspect=self.agent.router.is_suspect(a.agent_id),
+        )
+
     @unary
     async def ListAgents(self, request, context):
-        return pb.ListAgentsResponse(
-            agents=[
-                pb.AgentInfo(
-                    agent_id=a.agent_id,
-                    dc=a.dc,
-                    address=a.address,
-                    gpus=[
-                        pb.Gpu(
-                            index=g.index,
-                            uuid=g.uuid,
-                            name=g.name,
-                            memory_mb=g.memory_mb,
-                            gpu_class=g.gpu_class,
-                        )
-                        for g in a.gpus
-                    ],
-                    weight=a.weight,
-                    pipelines=a.pipelines,
-                    models=a.models,
-                    models_loaded=a.models_loaded,
-                    state=a.state,
-                    incarnation=a.incarnation,
-                    running=self.agent.router.load(a.agent_id)[0],
-                    queued=self.agent.router.load(a.agent_id)[1],
-                    suspect=self.agent.router.is_suspect(a.agent_id),
-                )
-                for a in sorted(self.agent.registry.peers.values(), key=lambda a: a.agent_id)
-            ]
-        )
+        peers = sorted(self.agent.registry.peers.values(), key=lambda a: a.agent_id)
+        return pb.ListAgentsResponse(agents=[self._info(a) for a in peers])
+
+    @unary
+    async def Queue(self, request, context):
+        return await self.agent.queue()
+
+    @unary
+    async def Drain(self, request, context):
+        await self.agent.drain_now()
+        assert self.agent.registry.me is not None
+        return self._info(self.agent.registry.me)
 
     @unary
     async def Route(self, request, context):

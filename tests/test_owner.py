@@ -162,3 +162,21 @@ def _gone(pid: int) -> bool:
         return True
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().split(")")[-1].split()[0] in ("Z", "X")
+
+
+def test_meshctl_queue_and_drain(cluster: Cluster) -> None:
+    from typer.testing import CliRunner
+
+    from mesh.cli import app
+
+    runner = CliRunner()
+    owner = cluster.start("a")
+    cluster.start("b")
+    shown = runner.invoke(app, ["queue", "-o", "json", "--endpoint", owner.address])
+    assert shown.exit_code == 0, shown.output
+    reply = json.loads(shown.output)
+    assert reply["owner"] == "a" and int(reply["term"]) > 0
+    assert {c["name"] for c in reply["classes"]} == {"vip", "normal"}
+    drained = runner.invoke(app, ["drain", "b", "-o", "json", "--endpoint", owner.address])
+    assert drained.exit_code == 0, drained.output
+    assert json.loads(drained.output)["state"] == "draining"

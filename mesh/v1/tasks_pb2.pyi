@@ -325,3 +325,33 @@ class RouteResponse(_message.Message):
     targets: _containers.RepeatedCompositeFieldContainer[RouteTarget]
     candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
     def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., bound: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[RouteTarget, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ...) -> None: ...
+
+class QueueRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class QueueClass(_message.Message):
+    __slots__ = ("name", "depth", "oldest_wait_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    depth: int
+    oldest_wait_s: float
+    def __init__(self, name: _Optional[str] = ..., depth: _Optional[int] = ..., oldest_wait_s: _Optional[float] = ...) -> None: ...
+
+class QueueResponse(_message.Message):
+    __slots__ = ("dc", "owner", "term", "classes")
+    DC_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    dc: str
+    owner: str
+    term: int
+    classes: _containers.RepeatedCompositeFieldContainer[QueueClass]
+    def __init__(self, dc: _Optional[str] = ..., owner: _Optional[str] = ..., term: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[QueueClass, _Mapping]]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

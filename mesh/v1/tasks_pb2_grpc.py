@@ -288,6 +288,16 @@ class AgentServiceStub:
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.RouteRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_tasks__pb2.RouteResponse.FromString,
                 _registered_method=True)
+        self.Queue = channel.unary_unary(
+                '/mesh.v1.AgentService/Queue',
+                request_serializer=mesh_dot_v1_dot_tasks__pb2.QueueRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_tasks__pb2.QueueResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/mesh.v1.AgentService/Drain',
+                request_serializer=mesh_dot_v1_dot_tasks__pb2.DrainRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_tasks__pb2.AgentInfo.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -305,6 +315,19 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Queue(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Mark the answering agent draining: no new tasks; running and queued ones finish.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +340,16 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Route,
                     request_deserializer=mesh_dot_v1_dot_tasks__pb2.RouteRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_tasks__pb2.RouteResponse.SerializeToString,
+            ),
+            'Queue': grpc.unary_unary_rpc_method_handler(
+                    servicer.Queue,
+                    request_deserializer=mesh_dot_v1_dot_tasks__pb2.QueueRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_tasks__pb2.QueueResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=mesh_dot_v1_dot_tasks__pb2.DrainRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_tasks__pb2.AgentInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -373,6 +406,60 @@ class AgentService:
             '/mesh.v1.AgentService/Route',
             mesh_dot_v1_dot_tasks__pb2.RouteRequest.SerializeToString,
             mesh_dot_v1_dot_tasks__pb2.RouteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Queue(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.AgentService/Queue',
+            mesh_dot_v1_dot_tasks__pb2.QueueRequest.SerializeToString,
+            mesh_dot_v1_dot_tasks__pb2.QueueResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.AgentService/Drain',
+            mesh_dot_v1_dot_tasks__pb2.DrainRequest.SerializeToString,
+            mesh_dot_v1_dot_tasks__pb2.AgentInfo.FromString,
             options,
             channel_credentials,
             insecure,
