@@ -1,12 +1,12 @@
-"""``python -m bench {route,gossip} [--json]``."""
+"""``python -m bench {route,gossip,failover} [--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import gossip, route
+from bench import failover, gossip, route
 
-BENCHMARKS = {"route": route.main, "gossip": gossip.main}
+BENCHMARKS = {"route": route.main, "gossip": gossip.main, "failover": failover.main}
 
 
 def main() -> None:

@@ -59,3 +59,13 @@ def test_bench_gossip_json_has_every_figure() -> None:
     result = json.loads(done.stdout)
     assert set(result["converge_p50_s"]) == set(result["converge_p99_s"]) == {"30", "3 processes"}
     assert set(result["bytes_per_s_per_agent"]) == {"30"}
+
+
+def test_bench_failover_reports_both_gaps() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "failover", "--json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    assert set(result) == {"owner_failover_s", "orphan_rerun_s", "lease_ttl_s"}
+    assert result["owner_failover_s"] > 0 and result["orphan_rerun_s"] > 0

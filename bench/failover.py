@@ -1,0 +1,136 @@
+"""``python -m bench failover [--json]``: how long the DC is without a queue owner after
+the owner is SIGKILLed, and how long a task whose agent is SIGKILLed waits to run again.
+
+Both are bounded by the membership lease TTL (5 s, the default): a dead process is only
+known dead when its lease expires. The baseline printed beside them is that TTL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+from mesh.client import MeshClient
+from mesh.election import Election
+from mesh.etcd import KeySpace, client_for
+from mesh.localmesh import LocalMesh, Started, free_port
+from mesh.topology import parse
+from mesh.v1 import tasks_pb2 as pb
+
+TTL_S = 5.0  # the agents' default lease_ttl_s
+POLL_S = 0.02
+
+
+async def _owner(mesh: LocalMesh) -> str | None:
+    client = client_for(mesh.topology.dcs["dc"].etcd)
+    await client.connect()
+    try:
+        keys = KeySpace(mesh.topology.prefix, "dc")
+        found = await Election(client, keys.election, lambda: 0, b"").leader()
+        return found[0].decode().split()[0] if found else None
+    finally:
+        await client.close()
+
+
+async def _until(probe, limit_s: float = 30.0) -> float:  # type: ignore[no-untyped-def]
+    started = time.monotonic()
+    while not await probe():
+        if time.monotonic() - started > limit_s:
+            raise RuntimeError("not within 30 s")
+        await asyncio.sleep(POLL_S)
+    return time.monotonic() - started
+
+
+def _kill(agent: Started) -> float:
+    os.killpg(agent.pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+async def measure(mesh: LocalMesh) -> dict[str, float]:
+    agents = {s.name: s for s in mesh.started if s.kind == "agent"}
+    await _until(lambda: _owner_is_not(mesh, None))
+    first = await _owner(mesh)
+    killed = _kill(agents[first])  # type: ignore[index]
+    await _until(lambda: _owner_is_not(mesh, first, None))
+    owner_gap = time.monotonic() - killed
+    entry = next(a for name, a in agents.items() if name != first)
+
+    async with MeshClient(entry.address) as client:
+        spec = pb.TaskSpec(
+            task_id="orphan",
+            user=pb.User(id="bench"),
+            pipeline="sleep",
+            model="m",
+            task_type=pb.TASK_TYPE_CUSTOM,
+        )
+        spec.params["seconds"] = "30"
+        await client.submit(spec)
+
+        async def state() -> pb.TaskStatus:
+            return await client.get("orphan")
+
+        await _until(lambda: _running(state, 1))
+        runner = (await state()).agent
+        killed = _kill(agents[runner])
+        await _until(lambda: _running(state, 2))
+        rerun = time.monotonic() - killed
+    return {
+        "owner_failover_s": round(owner_gap, 2),
+        "orphan_rerun_s": round(rerun, 2),
+        "lease_ttl_s": TTL_S,
+    }
+
+
+async def _owner_is_not(mesh: LocalMesh, *ids: str | None) -> bool:
+    return await _owner(mesh) not in ids
+
+
+async def _running(state, attempt: int) -> bool:  # type: ignore[no-untyped-def]
+    status = await state()
+    return status.state == pb.TASK_STATE_RUNNING and status.attempt == attempt
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench failover", description=__doc__)
+    parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    args = parser.parse_args(argv)
+    home = Path(tempfile.mkdtemp(prefix="gpumesh-failover-"))
+    # The task's model is served by a2 and a3 only: a kill of its runner leaves one.
+    topology = parse(
+        {
+            "prefix": "failover",
+            "dcs": {"dc": {"etcd": [f"127.0.0.1:{free_port()}"]}},
+            "local": {
+                "model_load_s": 0,
+                "agents": {
+                    "dc": [
+                        {"id": f"a{i}", "fake_gpus": "1xA100-80GB"}
+                        | ({"models": ["other"]} if i < 2 else {})
+                        for i in range(4)
+                    ]
+                },
+            },
+        },
+        "failover topology",
+    )
+    mesh = LocalMesh(topology, home)
+    try:
+        mesh.up(timeout_s=60)
+        result = asyncio.run(measure(mesh))
+    finally:
+        mesh.down()
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"queue owner SIGKILLed -> new owner after {result['owner_failover_s']} s")
+    print(
+        f"running agent SIGKILLed -> task running again (attempt 2) after "
+        f"{result['orphan_rerun_s']} s"
+    )
+    print(f"baseline: the membership lease TTL, {TTL_S} s")
