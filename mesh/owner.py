@@ -67,7 +67,6 @@ class QueueOwner:
         self._wake = asyncio.Event()
         self._members: frozenset[str] = frozenset()
         self._departed: asyncio.Queue[str] = asyncio.Queue()
-        self.leading = False
         self._placing: set[asyncio.Task[None]] = set()
 
     def members_changed(self, members: Iterable[str]) -> None:
@@ -80,16 +79,19 @@ class QueueOwner:
         self._wake.set()
 
     async def run(self) -> None:
-        """Campaign, then lead until cancelled (the agent cancels it when its lease is lost)."""
-        term = await self.election.campaign()
-        self.leading = True
-        log.info("queue owner of the DC", extra={"term": term})
-        try:
-            await asyncio.gather(self._recover_orphans(), self._dispatch())
-        finally:
-            self.leading = False
-            for task in list(self._placing):
-                task.cancel()
+        """Campaign, then lead until cancelled (the agent cancels it when its lease is lost).
+        etcd trouble on the way makes it stand again, not give up."""
+        while True:
+            try:
+                term = await self.election.campaign()
+                log.info("queue owner of the DC", extra={"term": term})
+                await asyncio.gather(self._recover_orphans(), self._dispatch())
+            except MeshError as exc:
+                log.warning("queue owner: %s; standing again", exc)
+                await asyncio.sleep(1)
+            finally:
+                for task in list(self._placing):
+                    task.cancel()
 
     async def _recover_orphans(self) -> None:
         await self._sweep(lambda agent: agent not in self._members)

@@ -87,9 +87,6 @@ class WeightedQueue(Generic[T]):
     def depth(self) -> dict[str, int]:
         return {c: len(q) for c, q in self._classes.items()}
 
-    def oldest_wait(self, now: float) -> dict[str, float]:
-        return {c: (now - q[0].enqueued_at) if q else 0.0 for c, q in self._classes.items()}
-
     def push(self, queue_class: str, item: T, now: float) -> None:
         if queue_class not in self._accepting:
             raise InvalidTask(f"unknown queue {queue_class!r}")

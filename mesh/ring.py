@@ -56,11 +56,6 @@ class HashRing:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    @property
-    def size(self) -> int:
-        """How many points the ring holds."""
-        return len(self._points)
-
     def walk(self, point: int) -> Iterator[str]:
         """Each node once, in clockwise order from ``point``."""
         owners, names = self._owners, self._names

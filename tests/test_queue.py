@@ -86,7 +86,6 @@ def test_remove_and_depth() -> None:
     assert q.remove(lambda t: t == "normal-1") == "normal-1"
     assert q.remove(lambda t: t == "nope") is None
     assert q.depth() == {"vip": 3, "normal": 2}
-    assert q.oldest_wait(now=5.0) == {"vip": 5.0, "normal": 5.0}
 
 
 def test_weights_must_be_positive() -> None:
