@@ -448,6 +448,7 @@ class Agent:
         if self.owner is not None:  # hand the DC's queue over at once
             if self._owner_task is not None:
                 self._owner_task.cancel()
+                await asyncio.gather(self._owner_task, return_exceptions=True)
             await self.owner.election.resign()
         handback = await self.executor.drain(grace_s)
         for job in handback:

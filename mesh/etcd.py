@@ -142,9 +142,8 @@ class Session:
         while True:
             await asyncio.sleep(self.ttl_s / 3)
             try:
-                reply = await asyncio.wait_for(
-                    self._client.refresh_lease(self.lease_id), timeout=self.ttl_s / 3
-                )
+                async with asyncio.timeout(self.ttl_s / 3):  # not wait_for: see owner.py
+                    reply = await self._client.refresh_lease(self.lease_id)
             except (TimeoutError, *ETCD_ERRORS) as exc:
                 log.warning("lease %x refresh failed: %s", self.lease_id, exc)
                 if loop.time() >= good_until:
@@ -195,7 +194,8 @@ async def watch_events(
                     yield event
             finally:
                 with contextlib.suppress(TimeoutError, *ETCD_ERRORS):
-                    await asyncio.wait_for(watch.cancel(), timeout=1.0)
+                    async with asyncio.timeout(1.0):
+                        await watch.cancel()
         except aetcd.RevisionCompactedError:
             raise
         except ETCD_ERRORS as exc:

@@ -85,9 +85,14 @@ class QueueOwner:
             try:
                 term = await self.election.campaign()
                 log.info("queue owner of the DC", extra={"term": term})
-                await asyncio.gather(self._recover_orphans(), self._dispatch())
-            except MeshError as exc:
-                log.warning("queue owner: %s; standing again", exc)
+                async with asyncio.TaskGroup() as duties:  # one fails: both stop
+                    duties.create_task(self._recover_orphans())
+                    duties.create_task(self._dispatch())
+            except* MeshError as trouble:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise asyncio.CancelledError from None  # stopping: errors do not matter
+                log.warning("queue owner: %s; standing again", trouble.exceptions[0])
                 await asyncio.sleep(1)
             finally:
                 for task in list(self._placing):
@@ -106,8 +111,11 @@ class QueueOwner:
         try:
             await mirror.ready.wait()
             while True:
+                # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a
+                # cancellation that races its timeout, and the owner would never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), DISPATCH_TICK_S)
+                    async with asyncio.timeout(DISPATCH_TICK_S):
+                        await self._wake.wait()
                 self._wake.clear()
                 await self._dispatch_round(mirror.items)
         finally:
