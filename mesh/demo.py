@@ -139,6 +139,15 @@ async def _statuses(clients: dict[str, list[MeshClient]]) -> dict[str, pb.TaskSt
     return found
 
 
+async def _backlog_depth(clients: dict[str, list[MeshClient]]) -> int:
+    """Tasks waiting in the DCs' durable backlogs now."""
+    depth = 0
+    for dc_clients in clients.values():
+        reply = await dc_clients[0].queue()
+        depth += sum(c.depth for c in reply.classes)
+    return depth
+
+
 async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
     rng = random.Random(seed)
     by_dc: dict[str, list[MeshClient]] = defaultdict(list)
@@ -172,11 +181,13 @@ async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
                 done = sum(
                     1 for t in tally.accepted if statuses.get(t) and statuses[t].state in TERMINAL
                 )
+                waiting = await _backlog_depth(by_dc)
                 progress.update(
                     ended,
                     completed=done,
                     total=len(tally.accepted) or count,
-                    note=" ".join(f"{k.lower()}={v}" for k, v in sorted(states.items())),
+                    note=" ".join(f"{k.lower()}={v}" for k, v in sorted(states.items()))
+                    + f" backlog={waiting}",
                 )
                 if not cancelled and len(tally.accepted) > count // 2:
                     cancelled = await _cancel_some(by_dc, tally, statuses, rng, count)
