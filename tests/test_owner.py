@@ -187,3 +187,26 @@ def test_meshctl_queue_and_drain(cluster: Cluster) -> None:
     drained = runner.invoke(app, ["drain", "b", "-o", "json", "--endpoint", owner.address])
     assert drained.exit_code == 0, drained.output
     assert json.loads(drained.output)["state"] == "draining"
+
+
+async def test_a_killed_agent_takes_its_program_with_it(cluster: Cluster) -> None:
+    marks = cluster.workdir / "marks"
+    marks.mkdir()
+    commands = json.dumps({"slow": ["sh", "-c", f"echo $$ > {marks}/pid; exec sleep 300"]})
+    agent = cluster.start("runner", commands=commands)
+    spec = pb.TaskSpec(
+        task_id="held",
+        user=pb.User(id="ada"),
+        task_type=pb.TASK_TYPE_CUSTOM,
+        pipeline="command",
+        model="tool",
+    )
+    spec.params["command"] = "slow"
+    async with MeshClient(agent.address) as client:
+        await client.submit(spec)
+    pid_file = marks / "pid"
+    await eventually(pid_file.exists, what="the program to start")
+    program = int(pid_file.read_text())
+    agent.signal(signal.SIGKILL)
+    agent.wait()
+    await eventually(lambda: _gone(program), what="the program to die with its agent")

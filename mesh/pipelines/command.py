@@ -6,17 +6,21 @@ file, not a pipe: uvloop can report a fresh stdin pipe as closed under load, and
 also lets the program seek) and stdout, read to its end, is the result.
 ``CUDA_VISIBLE_DEVICES`` holds the slot's GPU indexes, so the program sees exactly the
 GPUs it was given. A stderr line ``PROGRESS step/total message`` reports progress. The
-exit code gives the state; on cancel or deadline the whole process group is killed.
+exit code gives the state; on cancel or deadline the whole process group is killed, and
+should the agent itself die (SIGKILL, OOM), the kernel kills the program with it, so a dead
+agent leaves no job holding its GPU while the task runs again elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import re
 import signal
 import tempfile
+from collections.abc import Callable
 from typing import IO
 
 from mesh.config import AgentConfig
@@ -57,6 +61,7 @@ class CommandPipeline:
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
                 start_new_session=True,  # its own process group: we can kill its children too
+                preexec_fn=_die_with(os.getpid()),
             )
         try:
             stdout, stderr_tail = await asyncio.gather(
@@ -100,3 +105,18 @@ def _fill(file: IO[bytes], payload: bytes) -> None:
     file.write(payload)
     file.flush()
     file.seek(0)
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with(agent_pid: int) -> Callable[[], None]:
+    """Runs in the child before exec: ask the kernel for SIGKILL when the agent dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def arrange() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != agent_pid:  # the agent died before the request took hold
+            os._exit(1)
+
+    return arrange
