@@ -12,19 +12,16 @@ import asyncio
 import json
 import os
 import signal
-import tempfile
 import time
-from pathlib import Path
 
+from bench.localdc import one_dc, until
 from mesh.client import MeshClient
 from mesh.election import Election
 from mesh.etcd import KeySpace, client_for
-from mesh.localmesh import LocalMesh, Started, free_port
-from mesh.topology import parse
+from mesh.localmesh import LocalMesh, Started
 from mesh.v1 import tasks_pb2 as pb
 
 TTL_S = 5.0  # the agents' default lease_ttl_s
-POLL_S = 0.02
 
 
 async def _owner(mesh: LocalMesh) -> str | None:
@@ -38,15 +35,6 @@ async def _owner(mesh: LocalMesh) -> str | None:
         await client.close()
 
 
-async def _until(probe, limit_s: float = 30.0) -> float:  # type: ignore[no-untyped-def]
-    started = time.monotonic()
-    while not await probe():
-        if time.monotonic() - started > limit_s:
-            raise RuntimeError("not within 30 s")
-        await asyncio.sleep(POLL_S)
-    return time.monotonic() - started
-
-
 def _kill(agent: Started) -> float:
     os.killpg(agent.pid, signal.SIGKILL)
     return time.monotonic()
@@ -54,10 +42,10 @@ def _kill(agent: Started) -> float:
 
 async def measure(mesh: LocalMesh) -> dict[str, float]:
     agents = {s.name: s for s in mesh.started if s.kind == "agent"}
-    await _until(lambda: _owner_is_not(mesh, None))
+    await until(lambda: _owner_is_not(mesh, None))
     first = await _owner(mesh)
     killed = _kill(agents[first])  # type: ignore[index]
-    await _until(lambda: _owner_is_not(mesh, first, None))
+    await until(lambda: _owner_is_not(mesh, first, None))
     owner_gap = time.monotonic() - killed
     entry = next(a for name, a in agents.items() if name != first)
 
@@ -75,10 +63,10 @@ async def measure(mesh: LocalMesh) -> dict[str, float]:
         async def state() -> pb.TaskStatus:
             return await client.get("orphan")
 
-        await _until(lambda: _running(state, 1))
+        await until(lambda: _running(state, 1))
         runner = (await state()).agent
         killed = _kill(agents[runner])
-        await _until(lambda: _running(state, 2))
+        await until(lambda: _running(state, 2))
         rerun = time.monotonic() - killed
     return {
         "owner_failover_s": round(owner_gap, 2),
@@ -100,31 +88,13 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench failover", description=__doc__)
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args(argv)
-    home = Path(tempfile.mkdtemp(prefix="gpumesh-failover-"))
     # The task's model is served by a2 and a3 only: a kill of its runner leaves one.
-    topology = parse(
-        {
-            "prefix": "failover",
-            "dcs": {"dc": {"etcd": [f"127.0.0.1:{free_port()}"]}},
-            "local": {
-                "model_load_s": 0,
-                "agents": {
-                    "dc": [
-                        {"id": f"a{i}", "fake_gpus": "1xA100-80GB"}
-                        | ({"models": ["other"]} if i < 2 else {})
-                        for i in range(4)
-                    ]
-                },
-            },
-        },
-        "failover topology",
-    )
-    mesh = LocalMesh(topology, home)
-    try:
-        mesh.up(timeout_s=60)
+    agents = [
+        {"id": f"a{i}", "fake_gpus": "1xA100-80GB"} | ({"models": ["other"]} if i < 2 else {})
+        for i in range(4)
+    ]
+    with one_dc("failover", agents, timeout_s=60) as mesh:
         result = asyncio.run(measure(mesh))
-    finally:
-        mesh.down()
     if args.json:
         print(json.dumps(result))
         return

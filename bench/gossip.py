@@ -17,15 +17,12 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
-from collections.abc import Awaitable, Callable
-from pathlib import Path
 
+from bench.localdc import one_dc, until
 from mesh.gossip.memory import Network
 from mesh.gossip.state import AgentState
 
-POLL_S = 0.02
 WARM_UP_S = 2.5
 
 
@@ -58,33 +55,12 @@ def in_process(size: int, seed: int) -> tuple[float, float, float]:
 
 def real_agents(count: int) -> tuple[float, float]:
     """(p50 s, p99 s) over ``count - 1`` observers of real agent processes."""
-    from mesh.localmesh import LocalMesh, free_port
-    from mesh.topology import parse
-
-    home = Path(tempfile.mkdtemp(prefix="gpumesh-bench-"))
-    topology = parse(
-        {
-            "prefix": "bench",
-            "dcs": {"dc": {"etcd": [f"127.0.0.1:{free_port()}"]}},
-            "local": {
-                "model_load_s": 0,
-                "agents": {
-                    "dc": [
-                        {"id": f"g{i:02d}", "fake_gpus": "1xA100-80GB"}
-                        | ({} if i == 0 else {"models": ["other"]})
-                        for i in range(count)
-                    ]
-                },
-            },
-        },
-        "bench topology",
-    )
-    mesh = LocalMesh(topology, home)
-    try:
-        mesh.up(timeout_s=120)
+    agents = [
+        {"id": f"g{i:02d}", "fake_gpus": "1xA100-80GB"} | ({} if i == 0 else {"models": ["other"]})
+        for i in range(count)
+    ]
+    with one_dc("bench", agents, timeout_s=120) as mesh:
         return asyncio.run(_converge(mesh))
-    finally:
-        mesh.down()
 
 
 async def _converge(mesh: object) -> tuple[float, float]:
@@ -95,7 +71,7 @@ async def _converge(mesh: object) -> tuple[float, float]:
     clients = {s.name: MeshClient(s.address) for s in agents}
     try:
         for client in clients.values():  # everyone sees everyone, through etcd
-            await _poll(lambda c=client: _sees_all(c, len(agents)))
+            await until(lambda c=client: _sees_all(c, len(agents)))
         await asyncio.sleep(1.0)  # gossip settles
         spec = pb.TaskSpec(
             task_id="bench",
@@ -125,16 +101,8 @@ async def _sees_task(client: object) -> bool:
     return infos["g00"].running == 1
 
 
-async def _poll(done: Callable[[], Awaitable[bool]], limit_s: float = 30.0) -> None:
-    deadline = time.monotonic() + limit_s
-    while not await done():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"not done within {limit_s:.0f} s")
-        await asyncio.sleep(POLL_S)
-
-
 async def _until_seen(client: object, started: float) -> float:
-    await _poll(lambda: _sees_task(client))
+    await until(lambda: _sees_task(client))
     return time.monotonic() - started
 
 
