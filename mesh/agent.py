@@ -46,10 +46,10 @@ from mesh.owner import QueueOwner
 from mesh.peers import PeerClients
 from mesh.pipelines import Models, load_pipelines
 from mesh.queue import Discipline
-from mesh.records import Stored, TaskStore, public
+from mesh.records import Stored, TaskStore, now_ts, public
 from mesh.registry import ACTIVE, DRAINING, AgentRecord, Registry
 from mesh.remote import RemoteDcs
-from mesh.reporting import RecordReporter, now_ts
+from mesh.reporting import RecordReporter
 from mesh.router import (
     AGENT,
     BACKLOG,
@@ -492,16 +492,8 @@ class Agent:
             await self._fail(job, "UNAVAILABLE", f"agent {self.cfg.agent_id} shut down: {exc}")
 
     async def _fail(self, job: Job, code: str, message: str) -> None:
-        def mutate(record: peer_pb2.TaskRecord) -> bool:
-            if record.status.state in TERMINAL:
-                return False
-            record.status.state = pb.TASK_STATE_FAILED
-            record.status.finished_at.CopyFrom(now_ts())
-            record.status.error.code, record.status.error.message = code, message
-            return None
-
         with contextlib.suppress(MeshError):
-            await self.store.update(job.task_id, mutate)
+            await self.store.finish(job.task_id, pb.TASK_STATE_FAILED, code, message)
 
     # -- submit and placement ------------------------------------------------------------
 
@@ -815,15 +807,14 @@ class Agent:
     async def cancel_local(self, task_id: str, reason: str) -> pb.TaskStatus:
         queued = self.executor.cancel(task_id, reason or "cancelled by user")
         if queued is not None:
-
-            def mutate(record: peer_pb2.TaskRecord) -> None:
-                record.status.state = pb.TASK_STATE_CANCELLED
-                record.status.finished_at.CopyFrom(now_ts())
-                record.status.error.code = "CANCELLED"
-                record.status.error.message = reason or "cancelled by user"
-
             with contextlib.suppress(StaleWrite):
-                await self.store.update(task_id, mutate, attempt=queued.attempt)
+                await self.store.finish(
+                    task_id,
+                    pb.TASK_STATE_CANCELLED,
+                    "CANCELLED",
+                    reason or "cancelled by user",
+                    attempt=queued.attempt,
+                )
         elif not self.executor.holds(task_id):
             stored = await self.store.get(task_id)
             if stored.status.agent != self.cfg.agent_id:

@@ -29,8 +29,7 @@ from mesh.etcd import ETCD_ERRORS, KeySpace
 from mesh.executor import Job
 from mesh.mirror import PrefixMirror
 from mesh.queue import Discipline
-from mesh.records import Stored, TaskStore
-from mesh.reporting import now_ts
+from mesh.records import Stored, TaskStore, end
 from mesh.task import TERMINAL
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -200,10 +199,12 @@ class QueueOwner:
                     if record.payload_not_kept
                     else f"{status.attempt} of {self._max_attempts} attempts used"
                 )
-                status.state = pb.TASK_STATE_FAILED
-                status.finished_at.CopyFrom(now_ts())
-                status.error.code = "UNAVAILABLE"
-                status.error.message = f"agent {dead_agent} died running it; {why}"
+                end(
+                    status,
+                    pb.TASK_STATE_FAILED,
+                    "UNAVAILABLE",
+                    f"agent {dead_agent} died running it; {why}",
+                )
                 verdict = "failed"
                 return None
             status.attempt += 1
@@ -243,28 +244,28 @@ class QueueOwner:
             log.warning("placing %s failed: %s", job.task_id, exc)
 
     async def _cancelled(self, stored: Stored) -> None:
-        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
-            if record.status.state in TERMINAL:
-                return False
-            record.status.state = pb.TASK_STATE_CANCELLED
-            record.status.finished_at.CopyFrom(now_ts())
-            record.status.error.code = "CANCELLED"
-            record.status.error.message = "cancelled while in the backlog"
-            return None
-
-        try:
-            await self._store.update(stored.status.task_id, mutate, attempt=stored.status.attempt)
-        except MeshError as exc:
-            log.info("could not cancel %s: %s", stored.status.task_id, exc)
+        status = stored.status
+        await self._finish(
+            status.task_id,
+            status.attempt,
+            pb.TASK_STATE_CANCELLED,
+            "CANCELLED",
+            "cancelled while in the backlog",
+        )
 
     async def _expire(self, job: Job) -> None:
-        def mutate(record: peer_pb2.TaskRecord) -> None:
-            record.status.state = pb.TASK_STATE_FAILED
-            record.status.finished_at.CopyFrom(now_ts())
-            record.status.error.code = "DEADLINE_EXCEEDED"
-            record.status.error.message = "deadline passed while waiting to run again"
+        await self._finish(
+            job.task_id,
+            job.attempt,
+            pb.TASK_STATE_FAILED,
+            "DEADLINE_EXCEEDED",
+            "deadline passed while waiting to run again",
+        )
 
+    async def _finish(
+        self, task_id: str, attempt: int, state: int, code: str, message: str
+    ) -> None:
         try:
-            await self._store.update(job.task_id, mutate, attempt=job.attempt)
+            await self._store.finish(task_id, state, code, message, attempt=attempt)
         except MeshError as exc:
-            log.info("could not expire %s: %s", job.task_id, exc)
+            log.info("could not end %s: %s", task_id, exc)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import aetcd
 from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from mesh.errors import StaleWrite, TaskNotFound, Unavailable
 from mesh.etcd import ETCD_ERRORS, KeySpace, watch_events
@@ -51,6 +52,19 @@ def public(status: tasks_pb2.TaskStatus) -> tasks_pb2.TaskStatus:
     out.CopyFrom(status)
     out.spec.ClearField("payload")
     return out
+
+
+def now_ts() -> Timestamp:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return ts
+
+
+def end(status: tasks_pb2.TaskStatus, state: int, code: str, message: str) -> None:
+    """Make ``status`` terminal now, saying why."""
+    status.state = state
+    status.finished_at.CopyFrom(now_ts())
+    status.error.code, status.error.message = code, message
 
 
 # A mutation edits the record in place; returning False means "nothing to write".
@@ -149,6 +163,19 @@ class TaskStore:
             if fence and responses[0] and responses[0][0][1].mod_revision == current.revision:
                 raise StaleWrite("fenced out: no longer the queue owner", task_id=task_id)
         raise StaleWrite("too much contention on the task record", task_id=task_id)
+
+    async def finish(
+        self, task_id: str, state: int, code: str, message: str, *, attempt: int | None = None
+    ) -> Stored:
+        """End the task with ``state`` and the reason, unless it has already ended."""
+
+        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+            if record.status.state in TERMINAL:
+                return False
+            end(record.status, state, code, message)
+            return None
+
+        return await self.update(task_id, mutate, attempt=attempt)
 
     async def scan(self) -> list[Stored]:
         """Every task record of the DC, with its revision."""

@@ -14,26 +14,18 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from mesh import metrics
 from mesh.config import AgentConfig
 from mesh.errors import MeshError, StaleWrite
 from mesh.executor import Job, Outcome
 from mesh.gpus import Gpu
-from mesh.records import Mutation, TaskStore
+from mesh.records import Mutation, TaskStore, end, now_ts
 from mesh.retry import ETCD_WRITE
 from mesh.task import state_name
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-def now_ts() -> Timestamp:
-    ts = Timestamp()
-    ts.GetCurrentTime()
-    return ts
 
 
 class RecordReporter:
@@ -54,9 +46,7 @@ class RecordReporter:
             status.dc = self._cfg.dc
             if record.cancel_requested:
                 cancelled = True
-                status.state = pb.TASK_STATE_CANCELLED
-                status.finished_at.CopyFrom(now_ts())
-                status.error.code, status.error.message = "CANCELLED", "cancelled before start"
+                end(status, pb.TASK_STATE_CANCELLED, "CANCELLED", "cancelled before start")
                 return
             status.state = pb.TASK_STATE_RUNNING
             status.started_at.CopyFrom(now_ts())
