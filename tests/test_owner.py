@@ -35,6 +35,19 @@ def sleep_task(task_id: str, seconds: float) -> pb.TaskSpec:
     return spec
 
 
+def slow_command(task_id: str) -> pb.TaskSpec:
+    """A task for the agents' ``slow`` command, whose argv each test declares."""
+    spec = pb.TaskSpec(
+        task_id=task_id,
+        user=pb.User(id="ada"),
+        task_type=pb.TASK_TYPE_CUSTOM,
+        pipeline="command",
+        model="tool",
+    )
+    spec.params["command"] = "slow"
+    return spec
+
+
 async def leader(client: aetcd.Client, prefix: str) -> str | None:
     election = Election(client, KeySpace(prefix, "west").election, lambda: 0, b"")
     found = await election.leader()
@@ -134,14 +147,7 @@ async def test_a_paused_agent_loses_its_task_and_its_process(cluster: Cluster) -
     cluster.start("owner", lease_ttl_s=TTL_S, models='["other"]')
     workers = {n: cluster.start(n, lease_ttl_s=TTL_S, commands=commands) for n in ("w1", "w2")}
     await until_peers(workers["w1"].address, ["owner", "w1", "w2"])
-    spec = pb.TaskSpec(
-        task_id="paused",
-        user=pb.User(id="ada"),
-        task_type=pb.TASK_TYPE_CUSTOM,
-        pipeline="command",
-        model="tool",
-    )
-    spec.params["command"] = "slow"
+    spec = slow_command("paused")
     async with MeshClient(cluster.agents[0].address) as client:
         await client.submit(spec)
         pid_file = marks / "pid-1"
@@ -194,14 +200,7 @@ async def test_a_killed_agent_takes_its_program_with_it(cluster: Cluster) -> Non
     marks.mkdir()
     commands = json.dumps({"slow": ["sh", "-c", f"echo $$ > {marks}/pid; exec sleep 300"]})
     agent = cluster.start("runner", commands=commands)
-    spec = pb.TaskSpec(
-        task_id="held",
-        user=pb.User(id="ada"),
-        task_type=pb.TASK_TYPE_CUSTOM,
-        pipeline="command",
-        model="tool",
-    )
-    spec.params["command"] = "slow"
+    spec = slow_command("held")
     async with MeshClient(agent.address) as client:
         await client.submit(spec)
     pid_file = marks / "pid"
