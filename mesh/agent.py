@@ -41,6 +41,7 @@ from mesh.gossip.state import AgentState, make_version
 from mesh.gossip.transport import GossipNode
 from mesh.gossip.wire import Keyring
 from mesh.gpus import inventory, weight_of
+from mesh.history import History
 from mesh.mirror import PrefixMirror
 from mesh.owner import QueueOwner
 from mesh.peers import PeerClients
@@ -84,7 +85,8 @@ class Agent:
         self.cfg = cfg
         self.keys = KeySpace(cfg.prefix, cfg.dc)
         self.client = client_for(cfg.etcd_endpoints)
-        self.session = Session(self.client, cfg.lease_ttl_s)
+        self.history = History(cfg.history, cfg.agent_id, cfg.dc)
+        self.session = self._new_session()
         self.store = TaskStore(self.client, self.keys)
         self.registry = Registry(
             self.client, self.keys, lambda: self.session.lease_id, self._members_changed
@@ -94,7 +96,7 @@ class Agent:
         self.gpus = inventory(cfg.fake_gpus, cfg.gpu_weights)
         self.pipelines = load_pipelines(cfg)
         self.models = Models(cfg.preloaded_models, self._models_changed)
-        self.reporter = RecordReporter(cfg, self.store, lambda: self.session.lease_id)
+        self.reporter = RecordReporter(cfg, self.store, lambda: self.session.lease_id, self.history)
         self.executor = Executor(
             cfg, self.gpus, self.pipelines, self.models, self.reporter, self._load_changed
         )
@@ -172,6 +174,12 @@ class Agent:
             extra={"address": address, "gpus": len(self.gpus), "topology": version},
         )
 
+    def _new_session(self) -> Session:
+        def on_state(state: str) -> None:
+            self.history.write("lease", state, lease=self.session.lease_id)
+
+        return Session(self.client, self.cfg.lease_ttl_s, self.cfg.etcd_outage_grace_s, on_state)
+
     def _start_owner(self) -> None:
         """Stand for the DC's queue owner under the current lease."""
         if self._owner_task is not None:
@@ -190,6 +198,7 @@ class Agent:
             self._room_for,
             Discipline(self.cfg.queues, self.cfg.queue_aging_s),
             self.cfg.max_attempts,
+            self.history,
         )
         self.owner.members_changed(self.registry.peers)
         self._owner_task = asyncio.create_task(self.owner.run(), name="queue owner")
@@ -418,8 +427,10 @@ class Agent:
         """A lost lease means peers think we are dead: come back as a new incarnation.
 
         Registry and reporter read the lease through ``self.session``, so replacing the
-        session is enough. Runs already under way keep going here; deciding what becomes
-        of them once peers have written them off is the failover issue's work.
+        session is enough. The jobs dropped with the old lease are handed back once the
+        new one holds, unless the DC's owner re-queued them meanwhile (it does when the
+        lease expired; not when we gave it up during an etcd outage, as the lease may
+        still live and hide our death from it).
         """
         while True:
             await self.session.lost.wait()
@@ -427,9 +438,9 @@ class Agent:
                 return
             log.error("membership lease lost: dropping my tasks and registering again")
             # The DC's owner re-queues them elsewhere; finishing them here would race it.
-            self.executor.abandon("this agent lost its membership lease")
+            dropped = self.executor.abandon("this agent lost its membership lease")
             await self.session.close(revoke=False)
-            self.session = Session(self.client, self.cfg.lease_ttl_s)
+            self.session = self._new_session()
             try:
                 await self.session.open()
                 self._incarnation = _now_ms()
@@ -439,6 +450,10 @@ class Agent:
                 log.error("re-registration failed: %s; retrying", exc)
                 self.session.lost.set()
                 await asyncio.sleep(1)
+                continue
+            self.history.write("lease", "new", lease=self.session.lease_id)
+            for job in dropped:
+                await self._hand_back(job, after_loss=True)
 
     async def stop(self, grace_s: float) -> None:
         if not self.executor.accepting:
@@ -462,29 +477,45 @@ class Agent:
         self.gossip.close()
         if self.decisions is not None:
             self.decisions.close()
+        self.history.close()
         with contextlib.suppress(Exception):
             await self.client.close()
 
-    async def _hand_back(self, job: Job) -> None:
-        """Give a job this agent will not finish to a peer; fail it if none takes it."""
-        interrupted = False
+    async def _hand_back(self, job: Job, *, after_loss: bool = False) -> None:
+        """Give a job this agent will not finish to a peer; fail it if none takes it.
 
-        def reset(record: peer_pb2.TaskRecord) -> bool:
-            nonlocal interrupted
-            if record.status.state in TERMINAL:
+        A job whose record has moved on (another attempt, or with ``after_loss`` another
+        agent) is someone else's now and is left alone.
+        """
+        interrupted = False
+        moved_on = False
+
+        def reset(record: peer_pb2.TaskRecord) -> bool | None:
+            nonlocal interrupted, moved_on
+            status = record.status
+            if status.state in TERMINAL or (after_loss and status.agent != self.cfg.agent_id):
+                moved_on = True
                 return False
-            interrupted = record.status.state == pb.TASK_STATE_RUNNING
-            record.status.state = pb.TASK_STATE_PENDING
-            record.status.agent = ""
+            interrupted = status.state == pb.TASK_STATE_RUNNING
+            status.state = pb.TASK_STATE_PENDING
+            status.agent = ""
             if interrupted:
-                record.status.attempt += 1
+                status.attempt += 1
             return None
 
         try:
             await self.store.update(job.task_id, reset, attempt=job.attempt)
-            if interrupted:
-                job.attempt += 1
-            job.path = [*job.path, self.cfg.agent_id]
+        except StaleWrite:
+            return
+        except MeshError as exc:
+            log.warning("could not hand back %s: %s", job.task_id, exc)
+            return
+        if moved_on:
+            return
+        if interrupted:
+            job.attempt += 1
+        job.path = [*job.path, self.cfg.agent_id]
+        try:
             await self.place(job)
             log.info("handed back %s", job.task_id)
         except MeshError as exc:
@@ -524,7 +555,10 @@ class Agent:
     async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
         spec = admitted.spec
         record = self._new_record(spec, admitted.digest, admitted.deadline_ms, 1, ())
-        stored, created = await self.store.create(record)
+        try:
+            stored, created = await self.store.create(record)
+        except Unavailable as trouble:
+            return await self._submit_elsewhere(record, admitted, trouble), True
         if not created:
             return stored, False
         try:
@@ -535,6 +569,27 @@ class Agent:
             raise
         metrics.SUBMITTED.inc()
         return await self.store.get(spec.task_id), True
+
+    async def _submit_elsewhere(
+        self, record: peer_pb2.TaskRecord, admitted: Admitted, trouble: Unavailable
+    ) -> Stored:
+        """Our DC's etcd cannot take the task: hand it to the overflow DCs, in the
+        topology's order of weight, which record and run it (an idempotent hand-over: a
+        retry finds it there). Nothing is recorded here, so only they can answer for it."""
+        job = Job(admitted.spec, attempt=1, deadline_ms=admitted.deadline_ms)
+        refused = []
+        for overflow in sorted(self.overflow, key=lambda o: -o.weight):
+            accepted, reason = await self._offer_dc(overflow.dc, job)
+            if accepted:
+                log.info("etcd down: %s went to DC %s", job.task_id, overflow.dc)
+                record.forwarded_to_dc = record.status.dc = overflow.dc
+                return Stored(record, 0)
+            refused.append(f"{overflow.dc}: {reason}")
+        raise Unavailable(
+            f"{trouble.message}; no overflow DC took the task",
+            task_id=job.task_id,
+            **({"refused": "; ".join(refused)} if refused else {}),
+        )
 
     def route(
         self,

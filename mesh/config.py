@@ -200,6 +200,19 @@ class AgentConfig(BaseSettings):
         description="Append every routing decision here as a JSON line (with the view it "
         "was made from), for 'meshctl replay'. Unset: no log.",
     )
+    history: Path | None = Field(
+        None,
+        description="Append what this agent does to tasks (runs, commits, owner writes with "
+        "their fencing token) as JSON lines, for the chaos checker. Unset: no history.",
+    )
+    etcd_outage_grace_s: float = Field(
+        30.0,
+        ge=0,
+        description="While etcd cannot be reached (no quorum, or down), runs under way go on "
+        "for this long past the lease TTL: nobody can expire the lease meanwhile. Longer: "
+        "fewer tasks lost to etcd outages; shorter: a shorter window in which an agent cut "
+        "off from a healthy etcd runs a task that was given to another agent.",
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     @property

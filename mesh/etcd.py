@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aetcd
@@ -116,14 +116,26 @@ class Session:
     """An etcd lease and its keep-alive; ``lost`` is set once the lease cannot be trusted.
 
     Keys that must vanish with this process (membership, running markers) are written
-    under ``lease_id``. The lease is refreshed every TTL/3; when a refresh reports the lease
-    gone, or refreshes keep failing until the TTL would have run out, the session is lost
-    and every holder reacts in one place.
+    under ``lease_id``. The lease is refreshed every TTL/3. It is lost when etcd says it
+    expired (this process was paused, or cut off, past the TTL), and only then: while
+    etcd cannot be reached at all, or has no quorum, nobody can expire the lease either,
+    and etcd renews every lease when a leader returns, so the work under it goes on.
+    ``outage_grace_s`` past the TTL the session gives up anyway: an agent cut off from
+    an etcd that others still reach must not run tasks they have re-run elsewhere for
+    ever. ``on_state`` hears "trouble", "ok" and "lost" as they happen.
     """
 
-    def __init__(self, client: aetcd.Client, ttl_s: int) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        ttl_s: int,
+        outage_grace_s: float = 0.0,
+        on_state: Callable[[str], None] = lambda _: None,
+    ) -> None:
         self._client = client
         self.ttl_s = ttl_s
+        self._grace_s = outage_grace_s
+        self._on_state = on_state
         self.lease_id = 0
         self.lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -139,20 +151,32 @@ class Session:
     async def _keep_alive(self) -> None:
         loop = asyncio.get_running_loop()
         good_until = loop.time() + self.ttl_s
+        troubled = False
         while True:
+            # After a pause (SIGSTOP, a stalled VM) this wakes at once: the first thing
+            # the process does is to ask etcd whether its lease outlived the pause.
             await asyncio.sleep(self.ttl_s / 3)
+            sent = loop.time()
             try:
                 async with asyncio.timeout(self.ttl_s / 3):  # not wait_for: see owner.py
                     reply = await self._client.refresh_lease(self.lease_id)
             except (TimeoutError, *ETCD_ERRORS) as exc:
                 log.warning("lease %x refresh failed: %s", self.lease_id, exc)
-                if loop.time() >= good_until:
+                if not troubled:
+                    troubled = True
+                    self._on_state("trouble")
+                if loop.time() >= good_until + self._grace_s:
+                    log.error("etcd unreachable %.0fs past the lease TTL", self._grace_s)
                     break
                 continue
             if reply is None or reply.TTL <= 0:
                 log.error("lease %x expired", self.lease_id)
                 break
-            good_until = loop.time() + reply.TTL
+            if troubled:
+                troubled = False
+                self._on_state("ok")
+            good_until = sent + reply.TTL
+        self._on_state("lost")
         self.lost.set()
 
     async def close(self, revoke: bool = True) -> None:

@@ -20,6 +20,7 @@ from mesh.errors import InvalidTask, LimitExceeded, Unavailable
 from mesh.gpus import Gpu
 from mesh.pipelines import Models, Output, Pipeline, PipelineError, RunContext
 from mesh.queue import WeightedQueue
+from mesh.task import state_name
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class Reporter(Protocol):
     def progress(self, job: Job, step: int, total: int, message: str) -> None: ...
 
     async def finished(self, job: Job, outcome: Outcome) -> None: ...
+
+    def stopped(self, job: Job, how: str) -> None:
+        """The run is over here, however it ended (even unrecorded, when abandoned)."""
 
 
 @dataclass(slots=True)
@@ -178,9 +182,11 @@ class Executor:
     async def _execute(self, run: _Run) -> None:
         job = run.job
         outcome: Outcome | None = None
+        how = "torn-down"
         try:
             if not await self._reporter.started(job, run.gpus):
                 log.info("task %s attempt %d is stale; not running it", job.task_id, job.attempt)
+                how = "stale"
                 return
             ctx = RunContext(
                 task_id=job.task_id,
@@ -220,6 +226,14 @@ class Executor:
             self._free.extend(run.gpus)
             self._wake.set()
             self._on_load()
+            if how != "stale":
+                if outcome is not None:
+                    how = state_name(outcome.state)
+                elif run.handed_back:
+                    how = "dropped"
+                self._reporter.stopped(
+                    job, f"{how}: {run.cancel_reason}" if run.cancel_reason else how
+                )
         if outcome is not None:
             await self._reporter.finished(job, outcome)
 
@@ -238,17 +252,20 @@ class Executor:
             run.task.cancel()
         return None
 
-    def abandon(self, reason: str) -> None:
-        """Drop every job at once without recording anything: this agent lost its lease,
-        so the DC's queue owner runs them again elsewhere. Subprocesses are killed."""
-        for job in list(self._queue):
+    def abandon(self, reason: str) -> list[Job]:
+        """Drop every job at once without recording anything, and return them: this agent
+        lost its lease, so they must run again elsewhere. Subprocesses are killed."""
+        dropped = list(self._queue)
+        for job in dropped:
             self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
         for run in self._running.values():
             run.handed_back = True
             run.cancel_reason = reason
+            dropped.append(run.job)
             if run.task is not None:
                 run.task.cancel()
         self._on_load()
+        return dropped
 
     async def drain(self, grace_s: float) -> list[Job]:
         """Stop accepting, let running tasks finish within ``grace_s``, and return every job

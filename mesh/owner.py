@@ -24,9 +24,10 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from mesh import backlog
 from mesh.election import Election
-from mesh.errors import MeshError
+from mesh.errors import MeshError, StaleWrite
 from mesh.etcd import ETCD_ERRORS, KeySpace
 from mesh.executor import Job
+from mesh.history import History
 from mesh.mirror import PrefixMirror
 from mesh.queue import Discipline
 from mesh.records import Stored, TaskStore, end
@@ -53,9 +54,11 @@ class QueueOwner:
         room_for: Callable[[pb.TaskSpec], bool],
         discipline: Discipline,
         max_attempts: int,
+        history: History,
     ) -> None:
         """``place`` places a job (into the backlog if nothing can take it); ``room_for``
-        says whether the router sees room for a task now."""
+        says whether the router sees room for a task now. ``history`` hears every term
+        and every fenced write with the token it carried."""
         self.election = election
         self._store = store
         self._keys = keys
@@ -63,6 +66,7 @@ class QueueOwner:
         self._room_for = room_for
         self.discipline = discipline
         self._max_attempts = max_attempts
+        self._history = history
         self._wake = asyncio.Event()
         self._members: frozenset[str] = frozenset()
         self._departed: asyncio.Queue[str] = asyncio.Queue()
@@ -84,6 +88,7 @@ class QueueOwner:
             try:
                 term = await self.election.campaign()
                 log.info("queue owner of the DC", extra={"term": term})
+                self._history.write("owner", "elected", token=term)
                 async with asyncio.TaskGroup() as duties:  # one fails: both stop
                     duties.create_task(self._recover_orphans())
                     duties.create_task(self._dispatch())
@@ -101,6 +106,7 @@ class QueueOwner:
         await self._sweep(lambda agent: agent not in self._members)
         while True:
             gone = await self._departed.get()
+            self._history.write("departed", "seen", member=gone, token=self.election.term)
             await self._sweep(lambda agent, gone=gone: agent == gone)
 
     async def _dispatch(self) -> None:
@@ -162,8 +168,9 @@ class QueueOwner:
         key = self._keys.backlog_entry(waiting.queue_class, waiting.enqueued_ms, waiting.task_id)
         client = self._store.client
         tx = client.transactions
+        token = self.election.term
         try:
-            ok, _ = await client.transaction(
+            ok, responses = await client.transaction(
                 compare=[self.election.fence(), tx.version(key) > 0],
                 success=[tx.delete(key)],
                 failure=[],
@@ -171,6 +178,10 @@ class QueueOwner:
         except ETCD_ERRORS as exc:
             log.warning("backlog claim failed: %s", exc)
             return False
+        revision = responses[0].response_delete_range.header.revision if ok else None
+        self._history.write(
+            "claim", "ok" if ok else "rejected", task=waiting.task_id, token=token, rev=revision
+        )
         return bool(ok)
 
     async def _sweep(self, dead: Callable[[str], bool]) -> None:
@@ -215,9 +226,24 @@ class QueueOwner:
             verdict = "requeued"
             return None
 
-        updated = await self._store.update(
-            stored.status.task_id, mutate, fence=[self.election.fence()]
-        )
+        token = self.election.term
+        try:
+            updated = await self._store.update(
+                stored.status.task_id, mutate, fence=[self.election.fence()]
+            )
+        except StaleWrite:
+            self._history.write("requeue", "rejected", task=stored.status.task_id, token=token)
+            raise
+        if verdict:
+            self._history.write(
+                "requeue",
+                verdict,
+                task=updated.status.task_id,
+                token=token,
+                attempt=updated.status.attempt,
+                rev=updated.revision,
+                dead=dead_agent,
+            )
         if verdict != "requeued":
             if verdict:
                 log.info("task %s failed: its agent %s died", updated.status.task_id, dead_agent)

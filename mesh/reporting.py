@@ -19,7 +19,8 @@ from mesh.config import AgentConfig
 from mesh.errors import MeshError, StaleWrite
 from mesh.executor import Job, Outcome
 from mesh.gpus import Gpu
-from mesh.records import Mutation, TaskStore, end, now_ts
+from mesh.history import History
+from mesh.records import Mutation, Stored, TaskStore, end, now_ts
 from mesh.retry import ETCD_WRITE
 from mesh.task import state_name
 from mesh.v1 import peer_pb2
@@ -29,10 +30,17 @@ log = logging.getLogger(__name__)
 
 
 class RecordReporter:
-    def __init__(self, cfg: AgentConfig, store: TaskStore, lease: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: TaskStore,
+        lease: Callable[[], int],
+        history: History,
+    ) -> None:
         self._cfg = cfg
         self._store = store
         self._lease = lease
+        self._history = history
         self._progress: dict[str, pb.Progress] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
 
@@ -56,7 +64,16 @@ class RecordReporter:
                 )
             )
 
-        return await self._write(job, mutate, "start") and not cancelled
+        stored = await self._write(job, mutate, "start")
+        if stored is None or cancelled:
+            return False
+        self._history.write(
+            "run", "start", task=job.task_id, attempt=job.attempt, rev=stored.revision
+        )
+        return True
+
+    def stopped(self, job: Job, how: str) -> None:
+        self._history.write("run", "end", task=job.task_id, attempt=job.attempt, how=how)
 
     def progress(self, job: Job, step: int, total: int, message: str) -> None:
         self._progress[job.task_id] = pb.Progress(step=step, total=total, message=message)
@@ -113,20 +130,26 @@ class RecordReporter:
                 status.progress.step = status.progress.total
 
         metrics.FINISHED.labels(state_name(outcome.state)).inc()
-        await self._write(job, mutate, "end")
+        stored = await self._write(job, mutate, "end")
+        self._history.write(
+            "commit",
+            "rejected" if stored is None else "ok",
+            task=job.task_id,
+            attempt=job.attempt,
+            state=state_name(outcome.state),
+            rev=stored.revision if stored else None,
+        )
 
-    async def _write(self, job: Job, mutate: Mutation, what: str) -> bool:
-        """A fenced write of this run's record (and its running marker); False if refused."""
+    async def _write(self, job: Job, mutate: Mutation, what: str) -> Stored | None:
+        """A fenced write of this run's record (and its running marker); None if refused."""
         try:
-            await ETCD_WRITE.run(
+            return await ETCD_WRITE.run(
                 lambda: self._store.update(
                     job.task_id, mutate, attempt=job.attempt, lease=self._lease()
                 )
             )
         except StaleWrite as exc:
             log.warning("%s of %s attempt %d rejected: %s", what, job.task_id, job.attempt, exc)
-            return False
         except MeshError as exc:
             log.error("cannot record %s of %s: %s", what, job.task_id, exc)
-            return False
-        return True
+        return None

@@ -32,6 +32,7 @@ class Recorder:
     starts: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     progress_seen: list[tuple[str, int, int]] = field(default_factory=list)
     ends: dict[str, Outcome] = field(default_factory=dict)
+    stops: list[tuple[str, str]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool:
@@ -45,6 +46,9 @@ class Recorder:
     async def finished(self, job: Job, outcome: Outcome) -> None:
         self.ends[job.task_id] = outcome
         self.changed.set()
+
+    def stopped(self, job: Job, how: str) -> None:
+        self.stops.append((job.task_id, how))
 
     async def until(self, what: str, ready: Callable[[], object]) -> None:
         try:
