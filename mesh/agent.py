@@ -465,8 +465,12 @@ class Agent:
                 self._owner_task.cancel()
                 await asyncio.gather(self._owner_task, return_exceptions=True)
             await self.owner.election.resign()
-        handback = await self.executor.drain(grace_s)
-        for job in handback:
+        # Queued jobs go to peers at once, while the running ones get their grace.
+        queued = self.executor.close_queue()
+        handing = asyncio.gather(*(self._hand_back(job) for job in queued))
+        interrupted = await self.executor.drain(grace_s)
+        await handing
+        for job in interrupted:
             await self._hand_back(job)
         await self.session.close(revoke=True)
         background = list(self._background)
@@ -516,8 +520,9 @@ class Agent:
             job.attempt += 1
         job.path = [*job.path, self.cfg.agent_id]
         try:
-            await self.place(job)
+            where = await self.place(job)
             log.info("handed back %s", job.task_id)
+            self.history.write("handback", "ok", task=job.task_id, attempt=job.attempt, to=where)
         except MeshError as exc:
             log.warning("could not hand back %s: %s", job.task_id, exc)
             await self._fail(job, "UNAVAILABLE", f"agent {self.cfg.agent_id} shut down: {exc}")

@@ -74,6 +74,7 @@ class EtcdMember:
     initial_cluster: str = ""  # "n1=http://...,n2=http://..."; empty: a cluster of one
     fast_election: bool = True  # 50 ms heartbeat / 250 ms election: quick tests, not production
     binary: Path = field(default_factory=find_etcd)
+    wrap: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]: execs
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -109,7 +110,7 @@ class EtcdMember:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(log_path or os.devnull, "ab") as out:  # the child keeps its own copy
             self.process = subprocess.Popen(
-                self.argv(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                [*self.wrap, *self.argv()], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
 
     def healthy(self) -> bool:

@@ -267,13 +267,20 @@ class Executor:
         self._on_load()
         return dropped
 
+    def close_queue(self) -> list[Job]:
+        """Stop accepting and give up every queued job, for the caller to hand back now
+        rather than after the running ones have had their grace."""
+        self.accepting = False
+        queued = list(self._queue)
+        for job in queued:
+            self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
+        self._on_load()
+        return queued
+
     async def drain(self, grace_s: float) -> list[Job]:
         """Stop accepting, let running tasks finish within ``grace_s``, and return every job
         that did not run to its end (queued, or interrupted) for the caller to hand back."""
-        self.accepting = False
-        handback = list(self._queue)
-        for job in handback:
-            self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
+        handback = self.close_queue()
         deadline = asyncio.get_running_loop().time() + grace_s
         while running := [r.task for r in self._running.values() if r.task]:
             left = deadline - asyncio.get_running_loop().time()

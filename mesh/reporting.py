@@ -21,7 +21,7 @@ from mesh.executor import Job, Outcome
 from mesh.gpus import Gpu
 from mesh.history import History
 from mesh.records import Mutation, Stored, TaskStore, end, now_ts
-from mesh.retry import ETCD_WRITE
+from mesh.retry import patient
 from mesh.task import state_name
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -41,6 +41,8 @@ class RecordReporter:
         self._store = store
         self._lease = lease
         self._history = history
+        # A run's start and end wait out an etcd outage as long as its lease may live.
+        self._retry = patient(cfg.lease_ttl_s + cfg.etcd_outage_grace_s)
         self._progress: dict[str, pb.Progress] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
 
@@ -143,7 +145,7 @@ class RecordReporter:
     async def _write(self, job: Job, mutate: Mutation, what: str) -> Stored | None:
         """A fenced write of this run's record (and its running marker); None if refused."""
         try:
-            return await ETCD_WRITE.run(
+            return await self._retry.run(
                 lambda: self._store.update(
                     job.task_id, mutate, attempt=job.attempt, lease=self._lease()
                 )

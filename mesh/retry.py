@@ -39,3 +39,12 @@ class RetryPolicy:
 
 
 ETCD_WRITE = RetryPolicy()
+
+
+def patient(total_s: float, step_s: float = 2.0) -> RetryPolicy:
+    """Retries that outlast an etcd outage of ``total_s``: the start and end of a run
+    must be recorded once etcd is back, or the task would be stranded."""
+    delays = list(ETCD_WRITE.delays_s)
+    while sum(delays) < total_s:
+        delays.append(step_s)
+    return RetryPolicy(delays_s=tuple(delays))

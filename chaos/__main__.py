@@ -1,0 +1,97 @@
+"""``python -m chaos``: run the failover scenarios and print what they proved."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from chaos.run import Outcome, run_scenario, unmet_needs
+from chaos.scenarios import BY_NAME, SCENARIOS
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _table(outcomes: list[Outcome]) -> Table:
+    table = Table(title=f"chaos suite (lease TTL {outcomes[0].ttl_s} s)" if outcomes else "")
+    for column in (
+        "scenario", "result", "submitted", "succeeded", "failed", "rejected", "lost",
+        "dup", "detect s", "recover s", "failover s", "client errors",
+    ):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("scenario", "result") else "right")
+    for o in outcomes:
+        colour = {"passed": "green", "failed": "red"}.get(o.status, "yellow")
+        table.add_row(
+            o.scenario,
+            f"[{colour}]{o.status}[/{colour}]",
+            *(str(n) for n in (o.submitted, o.succeeded, o.failed, o.rejected, o.lost)),
+            str(o.duplicates),
+            _seconds(o.detect_s),
+            _seconds(o.recover_s),
+            _seconds(o.failover_s),
+            "-" if o.error_rate is None else f"{o.error_rate:.0%}",
+        )
+    return table
+
+
+@app.command("list")
+def list_scenarios() -> None:
+    """The scenarios, which are in the quick set, and what this machine cannot stage."""
+    unmet = unmet_needs()
+    for s in SCENARIOS:
+        why = "; ".join(unmet[n] or "" for n in s.needs if unmet.get(n))
+        print(
+            f"{s.name:18} {'quick' if s.quick else '     '}  {s.summary}"
+            + (f"  [not here: {why}]" if why else "")
+        )
+
+
+@app.command()
+def run(
+    scenario: Annotated[list[str] | None, typer.Option(help="Run only these (repeatable).")] = None,
+    quick: Annotated[bool, typer.Option(help="Only the quick set (what CI runs).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per scenario.")] = False,
+    strict: Annotated[bool, typer.Option(help="A scenario not run fails the suite too.")] = False,
+    workdir: Annotated[Path | None, typer.Option(help="Keep logs and histories here.")] = None,
+    seed: int = 1,
+) -> None:
+    """Stage each fault against a fresh mesh and check the invariants afterwards."""
+    unknown = [n for n in scenario or [] if n not in BY_NAME]
+    if unknown:
+        raise typer.BadParameter(f"unknown scenario(s) {unknown}; see 'python -m chaos list'")
+    chosen = (
+        [BY_NAME[n] for n in scenario]
+        if scenario
+        else [s for s in SCENARIOS if s.quick or not quick]
+    )
+    base = workdir or Path(tempfile.mkdtemp(prefix="gpumesh-chaos-"))
+    console = Console(stderr=as_json, width=None if Console().is_terminal else 150)
+    outcomes = []
+    for s in chosen:
+        console.print(f"[bold]{s.name}[/bold]: {s.summary}")
+        outcome = asyncio.run(run_scenario(s, base / s.name, seed))
+        outcomes.append(outcome)
+        if as_json:
+            print(json.dumps(outcome.as_json()), flush=True)
+        for line in outcome.violations + outcome.missed:
+            console.print(f"  [red]{line}[/red]")
+        for line in outcome.notes + ([outcome.reason] if outcome.reason else []):
+            console.print(f"  {line}")
+    console.print(_table(outcomes))
+    console.print(f"logs and histories: {base}")
+    bad = [o for o in outcomes if o.status == "failed" or (strict and o.status != "passed")]
+    raise typer.Exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,259 @@
+"""The invariants, checked from what was recorded: pure functions of the history.
+
+Input is one timeline (``Observed``): the JSON-line events that agents, the load
+generator and the fault schedule wrote (all stamped with the machine's monotonic clock),
+the final task records of every DC, each DC's election history from etcd, and its
+membership at the end. Nothing here starts a process, so a wrong verdict is reproduced
+from the saved files alone (``python -m chaos check DIR``).
+
+A run is *live* from its start until it ends, its agent is killed, or the DC's owner
+writes it off (re-queues it because the agent's lease expired). Two live runs of one task
+at once are a concurrent duplicate. A run that goes on after it was written off (its
+agent was paused, then woke) is a *zombie*: not a duplicate, but its writes must all be
+refused, which the single-commit check proves, and how long it lived is reported.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+OWNER_WRITES = {"claim", "requeue"}
+
+Event = dict[str, object]
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    """One queue owner's term: its election key's create revision, until it was deleted."""
+
+    token: int
+    holder: str
+    deleted_rev: int | None = None
+
+
+@dataclass
+class Observed:
+    events: list[Event]
+    records: dict[str, dict[str, object]]  # task id: {"state", "attempt", "dc", "agent"}
+    terms: dict[str, list[Term]]  # per DC
+    membership: dict[str, set[str]]  # per DC, at the end
+    expected: dict[str, set[str]]  # per DC
+    extra_violations: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    task: str
+    agent: str
+    attempt: int
+    start: float
+    end: float  # when it stopped executing (its end, or its agent's death)
+    live_end: float  # when it stopped being the mesh's run of the task
+
+    @property
+    def zombie_s(self) -> float:
+        return max(0.0, self.end - self.live_end)
+
+
+@dataclass
+class Verdict:
+    submitted: int = 0
+    accepted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    rejected: int = 0  # never accepted: the client gave up after its retries
+    lost: int = 0
+    duplicates: int = 0
+    committed_twice: int = 0
+    zombie_s: float = 0.0
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+def read_events(directory: Path) -> list[Event]:
+    """Every history file under ``directory``, merged in time order."""
+    events: list[Event] = []
+    for path in sorted(directory.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a SIGKILL
+    events.sort(key=lambda e: float(e["mono"]))  # type: ignore[arg-type]
+    return events
+
+
+def select(
+    events: Iterable[Event], op: str, phase: str | None = None, **match: object
+) -> Iterator[Event]:
+    for event in events:
+        if event["op"] != op or (phase is not None and event["phase"] != phase):
+            continue
+        if all(event.get(k) == v for k, v in match.items()):
+            yield event
+
+
+def first_after(
+    events: Iterable[Event], after: float, op: str, phase: str | None = None, **match: object
+) -> float | None:
+    for event in select(events, op, phase, **match):
+        if float(event["mono"]) >= after:  # type: ignore[arg-type]
+            return float(event["mono"])  # type: ignore[arg-type]
+    return None
+
+
+def runs(events: list[Event]) -> list[Run]:
+    """Every run that started, with the times it stopped executing and being live."""
+    horizon = float(events[-1]["mono"]) if events else 0.0  # type: ignore[arg-type]
+    deaths: dict[str, list[float]] = defaultdict(list)
+    for event in select(events, "fault", "kill"):
+        deaths[str(event["target"])].append(float(event["mono"]))  # type: ignore[arg-type]
+    open_runs: dict[tuple[str, str, int], float] = {}
+    found: list[tuple[str, str, int, float, float | None]] = []
+    for event in events:
+        if event["op"] != "run":
+            continue
+        key = (str(event["task"]), str(event["agent"]), int(event["attempt"]))  # type: ignore[arg-type]
+        mono = float(event["mono"])  # type: ignore[arg-type]
+        if event["phase"] == "start":
+            open_runs[key] = mono
+        elif event["phase"] == "end" and key in open_runs:
+            found.append((*key, open_runs.pop(key), mono))
+    found.extend((*key, start, None) for key, start in open_runs.items())
+    result = []
+    for task, agent, attempt, start, end in found:
+        killed = min((t for t in deaths[agent] if t >= start), default=None)
+        stopped = min(x for x in (end, killed, horizon) if x is not None)
+        written_off = first_after(events, start, "requeue", "requeued", task=task, dead=agent)
+        live_end = min(stopped, written_off) if written_off is not None else stopped
+        result.append(Run(task, agent, attempt, start, stopped, live_end))
+    return result
+
+
+def concurrent(task_runs: list[Run]) -> list[tuple[Run, Run]]:
+    ordered = sorted(task_runs, key=lambda r: r.start)
+    return [
+        (a, b)
+        for i, a in enumerate(ordered)
+        for b in ordered[i + 1 :]
+        if b.start < a.live_end and a.start < b.live_end
+    ]
+
+
+def leader_at(terms: list[Term], revision: int) -> Term | None:
+    """The owner at ``revision``: the oldest candidate whose key then existed."""
+    alive = [
+        t for t in terms
+        if t.token <= revision and (t.deleted_rev is None or revision < t.deleted_rev)
+    ]  # fmt: skip
+    return min(alive, key=lambda t: t.token, default=None)
+
+
+def check_tokens(events: list[Event], terms: dict[str, list[Term]]) -> list[str]:
+    """Every successful owner write carried the token of the owner at its revision, and
+    per DC the tokens of successful writes, in revision order, never go down."""
+    problems = []
+    by_dc: dict[str, list[Event]] = defaultdict(list)
+    for event in events:
+        if event["op"] in OWNER_WRITES and event["phase"] != "rejected" and "rev" in event:
+            by_dc[str(event["dc"])].append(event)
+    for dc, writes in by_dc.items():
+        writes.sort(key=lambda e: int(e["rev"]))  # type: ignore[arg-type]
+        highest = 0
+        for write in writes:
+            token, revision = int(write["token"]), int(write["rev"])  # type: ignore[arg-type]
+            leader = leader_at(terms.get(dc, []), revision)
+            if leader is None or leader.token != token:
+                problems.append(
+                    f"{dc}: {write['op']} of {write.get('task')} at revision {revision} carried "
+                    f"token {token}; the owner then held {leader.token if leader else 'none'}"
+                )
+            if token < highest:
+                problems.append(f"{dc}: token went down from {highest} to {token} at {revision}")
+            highest = max(highest, token)
+    return problems
+
+
+def check(observed: Observed) -> Verdict:
+    events = observed.events
+    verdict = Verdict(violations=list(observed.extra_violations))
+    submitted = {str(e["key"]) for e in select(events, "submit", "invoke")}
+    accepted = {str(e["key"]) for e in select(events, "submit", "ok")}
+    verdict.submitted, verdict.accepted = len(submitted), len(accepted)
+    verdict.rejected = len(submitted - accepted)
+    records = observed.records
+    # A submit whose answer was lost may still have created its task: it must end too.
+    for key in sorted(accepted | (submitted & records.keys())):
+        record = records.get(key)
+        state = str(record["state"]) if record else "missing"
+        if state not in TERMINAL:
+            verdict.lost += 1
+            verdict.violations.append(f"lost: {key} is {state}")
+        elif key in accepted:
+            if state == "SUCCEEDED":
+                verdict.succeeded += 1
+            else:
+                verdict.failed += 1
+
+    commits: dict[str, list[Event]] = defaultdict(list)
+    for event in select(events, "commit", "ok"):
+        commits[str(event["task"])].append(event)
+    for task, done in commits.items():
+        if len(done) > 1:
+            verdict.committed_twice += 1
+            verdict.violations.append(
+                f"committed twice: {task} by "
+                + ", ".join(f"{e['agent']}#{e['attempt']}" for e in done)
+            )
+        record = records.get(task)
+        if record and int(done[-1]["attempt"]) != int(record["attempt"]):  # type: ignore[arg-type]
+            verdict.violations.append(
+                f"stale commit: {task} attempt {done[-1]['attempt']} committed, "
+                f"the record is at attempt {record['attempt']}"
+            )
+
+    by_task: dict[str, list[Run]] = defaultdict(list)
+    for run in runs(events):
+        by_task[run.task].append(run)
+        verdict.zombie_s = max(verdict.zombie_s, run.zombie_s)
+    for task, task_runs in sorted(by_task.items()):
+        overlaps = concurrent(task_runs)
+        if overlaps:
+            verdict.duplicates += 1
+            a, b = overlaps[0]
+            verdict.violations.append(
+                f"ran twice at once: {task} on {a.agent}#{a.attempt} and {b.agent}#{b.attempt} "
+                f"for {min(a.live_end, b.live_end) - b.start:.3f}s"
+            )
+
+    verdict.violations.extend(check_tokens(events, observed.terms))
+    for dc, expected in observed.expected.items():
+        seen = observed.membership.get(dc, set())
+        if seen != expected:
+            verdict.violations.append(
+                f"membership of {dc} not restored: missing {sorted(expected - seen)}, "
+                f"unexpected {sorted(seen - expected)}"
+            )
+    return verdict
+
+
+def error_rate(events: list[Event], start: float, end: float) -> float | None:
+    """Share of Submit tries in [start, end] that the client saw fail."""
+    tries = errors = 0
+    for event in select(events, "submit"):
+        if not start <= float(event["mono"]) <= end:  # type: ignore[arg-type]
+            continue
+        if event["phase"] == "invoke":
+            tries += 1
+        elif event["phase"] in ("error", "fail"):
+            errors += 1
+    return errors / tries if tries else None

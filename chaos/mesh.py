@@ -1,0 +1,266 @@
+"""The mesh under test: two DCs of real processes, and the levers the faults pull.
+
+``west`` has a 3-member etcd cluster, ``east`` a single member; each DC has
+``agents_per_dc`` agents with two fake GPUs. Every agent writes its history (``mesh
+.history``) under ``workdir/history``, where the load generator and the fault schedule
+write theirs, so the checker reads one timeline. Everything started is stopped by
+``close()``, which the runner calls whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aetcd
+
+from chaos.net import Loopback, Namespaces, Network
+from mesh import topostore
+from mesh.etcd import KeySpace, client_for
+from mesh.etcdserver import EtcdMember, find_etcd
+from mesh.localmesh import agent_healthy, free_port
+from mesh.topology import Topology
+
+PREFIX = "chaos"
+DCS = {"west": 3, "east": 1}  # etcd members per DC
+MODEL = "sdxl-1.0"
+AGENT_FLAGS = {
+    "fake_gpus": "2xA100-80GB",
+    "preloaded_models": json.dumps([MODEL]),
+    "model_load_s": "0.2",
+    "max_queue_length": "4",
+    "drain_grace_s": "2",
+    "gossip_interval_s": "0.2",
+    "progress_interval_s": "0.5",
+}
+
+
+def etcd_version(binary: Path) -> str:
+    done = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+    found = re.search(r"etcd Version: (\S+)", done.stdout)
+    return found.group(1) if found else "unknown"
+
+
+@dataclass
+class Agent:
+    name: str
+    dc: str
+    address: str
+    argv: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.pid, sig)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            os.killpg(self.pid, signal.SIGCONT)  # a stopped agent cannot drain
+            os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@dataclass
+class ChaosMesh:
+    workdir: Path
+    net: Network = field(default_factory=Loopback)
+    ttl_s: int = 3
+    agents_per_dc: int = 3
+    etcd: dict[str, list[EtcdMember]] = field(default_factory=dict)
+    agents: dict[str, Agent] = field(default_factory=dict)
+
+    @property
+    def history_dir(self) -> Path:
+        return self.workdir / "history"
+
+    def endpoints(self, dc: str) -> list[str]:
+        return [m.endpoint for m in self.etcd[dc]]
+
+    def in_dc(self, dc: str) -> list[Agent]:
+        return [a for a in self.agents.values() if a.dc == dc]
+
+    # -- bringing it up -------------------------------------------------------------------
+
+    def _port(self, fixed: int) -> int:
+        """Inside its own namespace each DC has every port; on loopback they are shared."""
+        return fixed if isinstance(self.net, Namespaces) else free_port()
+
+    def start(self) -> None:
+        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
+        self.history_dir.mkdir(parents=True, exist_ok=True)
+        binary = find_etcd()
+        for dc, members in DCS.items():
+            host = self.net.host(dc)
+            ports = [(self._port(23790 + i), self._port(23800 + i)) for i in range(members)]
+            names = [f"etcd-{dc}-{i}" for i in range(members)]
+            cluster = ",".join(
+                f"{n}=http://{host}:{peer}" for n, (_, peer) in zip(names, ports, strict=True)
+            )
+            self.etcd[dc] = [
+                EtcdMember(
+                    name,
+                    self.workdir / "etcd" / name,
+                    client,
+                    peer,
+                    host=host,
+                    initial_cluster=cluster,
+                    binary=binary,
+                    wrap=self.net.prefix(dc),
+                )
+                for name, (client, peer) in zip(names, ports, strict=True)
+            ]
+        for dc in DCS:
+            for member in self.etcd[dc]:
+                member.start(self.workdir / "logs" / f"{member.name}.log")
+        for dc in DCS:
+            for member in self.etcd[dc]:
+                member.wait_healthy(20)
+        addresses = {
+            dc: [f"{self.net.host(dc)}:{self._port(50100 + i)}" for i in range(self.agents_per_dc)]
+            for dc in DCS
+        }
+        self._apply_topology(addresses)
+        for dc in DCS:
+            for i, address in enumerate(addresses[dc], start=1):
+                agent = self._agent(f"{dc}-{i}", dc, address)
+                self.agents[agent.name] = agent
+                agent.start()
+        self.wait_serving(60)
+
+    def _apply_topology(self, addresses: dict[str, list[str]]) -> None:
+        topology = Topology.model_validate(
+            {
+                "version": 1,
+                "prefix": PREFIX,
+                "dcs": {
+                    dc: {
+                        "etcd": self.endpoints(dc),
+                        "seeds": addresses[dc],
+                        "overflow": [{"dc": other, "weight": 1} for other in DCS if other != dc],
+                        "max_spill_share": 0.5,
+                    }
+                    for dc in DCS
+                },
+                "queues": {"vip": 8, "normal": 2},
+            }
+        )
+        report = asyncio.run(topostore.apply(topology))
+        failed = {dc: what for dc, what in report.items() if not what.startswith("applied")}
+        if failed:
+            raise RuntimeError(f"could not apply the topology: {failed}")
+
+    def _agent(self, name: str, dc: str, address: str) -> Agent:
+        flags = {
+            "agent_id": name,
+            "dc": dc,
+            "prefix": PREFIX,
+            "etcd_endpoints": json.dumps(self.endpoints(dc)),
+            "listen": address,
+            "lease_ttl_s": str(self.ttl_s),
+            "result_dir": str(self.workdir / "results"),
+            "history": str(self.history_dir / f"{name}.jsonl"),
+            "gossip_keys": json.dumps(["chaos-suite-gossip-key"]),
+            **AGENT_FLAGS,
+        }
+        argv = [*self.net.prefix(dc), sys.executable, "-m", "mesh.agent_main"]
+        for key, value in flags.items():
+            argv += [f"--{key.replace('_', '-')}", value]
+        return Agent(name, dc, address, argv, self.workdir / "logs" / f"{name}.log")
+
+    def wait_serving(self, timeout_s: float) -> float:
+        """Block until every agent answers its health check; the seconds it took."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        waiting = list(self.agents.values())
+        while waiting:
+            for agent in waiting:
+                if not agent.alive():
+                    raise RuntimeError(f"agent {agent.name} exited; see {agent.log_path}")
+            waiting = [a for a in waiting if not agent_healthy(a.address)]
+            if waiting and time.monotonic() > deadline:
+                raise RuntimeError(f"agents not serving: {[a.name for a in waiting]}")
+            time.sleep(0.1)
+        return time.monotonic() - started
+
+    # -- what the checker and the scenarios read --------------------------------------------
+
+    def client(self, dc: str) -> aetcd.Client:
+        return client_for(self.endpoints(dc))
+
+    async def members(self, dc: str) -> set[str]:
+        keys = KeySpace(PREFIX, dc)
+        async with self.client(dc) as client:
+            listing = await client.get_prefix(keys.agents)
+            return {kv.key[len(keys.agents) :].decode() for kv in listing}
+
+    async def owner(self, dc: str) -> str | None:
+        """The agent that leads ``dc``'s queue now (etcd's election recipe)."""
+        keys = KeySpace(PREFIX, dc)
+        async with self.client(dc) as client:
+            candidates = list(await client.get_prefix(keys.election + b"/"))
+        if not candidates:
+            return None
+        first = min(candidates, key=lambda kv: kv.create_revision)
+        return first.value.decode().split()[0]
+
+    def etcd_leader(self, dc: str) -> EtcdMember | None:
+        """The member of ``dc``'s cluster that leads now, by its own status."""
+        for member in self.etcd[dc]:
+            if member.process is None or member.process.poll() is not None:
+                continue
+            request = urllib.request.Request(
+                f"{member.client_url}/v3/maintenance/status", data=b"{}", method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=1) as reply:
+                    status = json.loads(reply.read())
+            except OSError:
+                continue
+            if status.get("leader") == status.get("header", {}).get("member_id"):
+                return member
+        return None
+
+    async def etcd_writable(self, dc: str) -> bool:
+        try:
+            async with client_for(self.endpoints(dc), timeout_s=1) as client:
+                await client.put(f"/{PREFIX}/{dc}/probe".encode(), b"1")
+        except aetcd.ClientError:
+            return False
+        return True
+
+    # -- tearing down ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        for members in self.etcd.values():
+            for member in members:
+                if member.process is not None and member.process.poll() is None:
+                    member.process.kill()
+                    member.process.wait()

@@ -1,0 +1,227 @@
+"""Running a scenario end to end: mesh up, load on, fault, heal, settle, check, tear down.
+
+The teardown runs whatever happens (a failed check, an exception, Ctrl-C): every agent
+and etcd member is killed and every namespace deleted. A scenario whose needs the machine
+cannot meet is reported as not run, with the reason; it never counts as passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import aetcd
+
+from chaos import checker
+from chaos.checker import Observed, Term
+from chaos.load import Load
+from chaos.mesh import DCS, MODEL, PREFIX, ChaosMesh, etcd_version
+from chaos.net import Loopback, Namespaces, Network, netns_missing
+from chaos.scenarios import Context, Scenario, Staged
+from mesh.etcd import KeySpace, watch_events
+from mesh.etcdserver import find_etcd
+from mesh.history import History
+from mesh.records import decode
+from mesh.task import state_name
+
+TTL_S = 3
+RATE_PER_S = 6.0
+WARMUP_S = 3.0
+AFTER_S = 3.0
+SETTLE_S = 60.0
+
+
+@dataclass
+class Outcome:
+    """One row of the report; ``--json`` prints it as is."""
+
+    scenario: str
+    status: str  # "passed", "failed" (a violation or a missed target), "not run"
+    reason: str = ""
+    submitted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    rejected: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    detect_s: float | None = None
+    recover_s: float | None = None
+    failover_s: float | None = None
+    error_rate: float | None = None
+    zombie_s: float = 0.0
+    ttl_s: int = TTL_S
+    missed: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def unmet_needs() -> dict[str, str | None]:
+    """For each need a scenario may have, why this machine cannot meet it (or None)."""
+    try:
+        version = etcd_version(find_etcd())
+    except Exception as exc:
+        version = f"none ({exc})"
+    etcd_ok = version.startswith("3.4.")
+    return {
+        "netns": netns_missing(),
+        "etcd-3.4": None
+        if etcd_ok
+        else f"etcd {version} here; member kills need 3.4 (3.5.0-3.5.2 can diverge, "
+        "etcd-io/etcd#13766): install Debian's etcd-server",
+    }
+
+
+async def _records(mesh: ChaosMesh) -> tuple[dict[str, dict[str, object]], list[str]]:
+    """The final record of every task, from the DC that ran it (hand-overs followed)."""
+    found: dict[str, dict[str, object]] = {}
+    problems = []
+    for dc in DCS:
+        keys = KeySpace(PREFIX, dc)
+        async with mesh.client(dc) as client:
+            for kv in await client.get_prefix(keys.tasks):
+                record = decode(kv.value)
+                if record.forwarded_to_dc:
+                    continue
+                status = record.status
+                if status.task_id in found:
+                    problems.append(f"{status.task_id} is recorded in two DCs")
+                found[status.task_id] = {
+                    "state": state_name(status.state),
+                    "attempt": status.attempt,
+                    "dc": dc,
+                    "agent": status.agent,
+                }
+    return found, problems
+
+
+async def _terms(mesh: ChaosMesh, dc: str) -> list[Term]:
+    """Every queue-owner term of ``dc`` from etcd's history of the election keys."""
+    keys = KeySpace(PREFIX, dc)
+    prefix = keys.election + b"/"
+    created: dict[bytes, tuple[int, str]] = {}
+    deleted: dict[bytes, int] = {}
+    async with mesh.client(dc) as client:
+        head = (await client.get_prefix(prefix)).header.revision
+        with_events = watch_events(client, prefix, prefix=True, start_revision=1)
+        try:
+            async with asyncio.timeout(5):
+                async for event in with_events:
+                    kv = event.kv
+                    if event.kind == aetcd.EventKind.PUT:
+                        created.setdefault(kv.key, (kv.create_revision, kv.value.decode()))
+                    else:
+                        deleted[kv.key] = kv.mod_revision
+                    if kv.mod_revision >= head:
+                        break
+        except TimeoutError:
+            pass  # nothing after the last election event: all of it was read
+    return [
+        Term(token, holder.split()[0], deleted.get(key)) for key, (token, holder) in created.items()
+    ]
+
+
+async def _settle(mesh: ChaosMesh, accepted: set[str]) -> None:
+    """Wait (bounded) for every accepted task to end and every agent to be a member."""
+    deadline = time.monotonic() + SETTLE_S
+    while time.monotonic() < deadline:
+        records, _ = await _records(mesh)
+        done = all(records.get(k, {}).get("state") in checker.TERMINAL for k in accepted)
+        members = {dc: await mesh.members(dc) for dc in DCS}
+        full = all(members[dc] == {a.name for a in mesh.in_dc(dc)} for dc in DCS)
+        if done and full:
+            return
+        await asyncio.sleep(0.5)
+
+
+def _prepare(workdir: Path) -> Network:
+    """A clean work directory, and the network the mesh will live in."""
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    if netns_missing() is None:
+        net = Namespaces(tuple(DCS))
+        net.open()
+        return net
+    return Loopback()
+
+
+async def run_scenario(scenario: Scenario, workdir: Path, seed: int) -> Outcome:
+    unmet = {need: why for need, why in unmet_needs().items() if why and need in scenario.needs}
+    if unmet:
+        return Outcome(scenario.name, "not run", reason="; ".join(unmet.values()))
+    net = await asyncio.to_thread(_prepare, workdir)
+    mesh = ChaosMesh(workdir, net, ttl_s=TTL_S)
+    load: Load | None = None
+    try:
+        await asyncio.to_thread(mesh.start)
+        client_history = History(mesh.history_dir / "client.jsonl", "client", "-")
+        marks = History(mesh.history_dir / "faults.jsonl", "harness", "-")
+        agents = {dc: {a.name: a.address for a in mesh.in_dc(dc)} for dc in DCS}
+        load = Load(agents, client_history, RATE_PER_S, MODEL, random.Random(seed))
+        stop = asyncio.Event()
+        generating = asyncio.create_task(load.run(stop))
+        await asyncio.sleep(WARMUP_S)
+        staged = Staged()
+        await scenario.stage(Context(mesh, marks, TTL_S, load.burst), staged)
+        await asyncio.sleep(AFTER_S)
+        stop.set()
+        await generating
+        events = checker.read_events(mesh.history_dir)
+        accepted = {str(e["key"]) for e in checker.select(events, "submit", "ok")}
+        await _settle(mesh, accepted)
+        records, problems = await _records(mesh)
+        observed = Observed(
+            events=checker.read_events(mesh.history_dir),
+            records=records,
+            terms={dc: await _terms(mesh, dc) for dc in DCS},
+            membership={dc: await mesh.members(dc) for dc in DCS},
+            expected={dc: {a.name for a in mesh.in_dc(dc)} for dc in DCS},
+            extra_violations=problems,
+        )
+        client_history.close()
+        marks.close()
+        return _outcome(scenario, observed, staged)
+    finally:
+        if load is not None:
+            await load.close()
+        await asyncio.to_thread(mesh.close)
+        await asyncio.to_thread(net.close)
+
+
+def _outcome(scenario: Scenario, observed: Observed, staged: Staged) -> Outcome:
+    verdict = checker.check(observed)
+    violations = verdict.violations + scenario.checks(observed.events, staged, TTL_S)
+    figures = scenario.figures(observed.events, staged)
+    limits = {"detect_s": TTL_S, "recover_s": TTL_S + 1, "failover_s": TTL_S + 1}
+    missed = []
+    for name in scenario.targets:
+        value = figures.get(name)
+        if value is None:
+            missed.append(f"{name}: not observed")
+        elif value > limits[name]:
+            missed.append(f"{name}: {value:.2f}s > {limits[name]}s")
+    outcome = Outcome(
+        scenario.name,
+        "passed" if not violations and not missed else "failed",
+        submitted=verdict.submitted,
+        succeeded=verdict.succeeded,
+        failed=verdict.failed,
+        rejected=verdict.rejected,
+        lost=verdict.lost,
+        duplicates=verdict.duplicates,
+        detect_s=figures.get("detect_s"),
+        recover_s=figures.get("recover_s"),
+        failover_s=figures.get("failover_s"),
+        error_rate=checker.error_rate(observed.events, staged.start, staged.heal),
+        zombie_s=round(verdict.zombie_s, 3),
+        missed=missed,
+        violations=violations,
+        notes=staged.notes,
+    )
+    return outcome

@@ -1,0 +1,349 @@
+"""The fault schedule: one scenario per fault, each an inject, a hold and a heal.
+
+A scenario's ``stage`` breaks something for real (signals to agent processes, SIGKILL to
+etcd members, iptables rules and the delay proxy in the WAN namespace), marks each step
+in the fault history, and undoes it: a killed process is started again, so the checker
+can demand full membership at the end. Its ``figures`` read the timeline afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from chaos.checker import Event, first_after, read_events, select
+from chaos.mesh import ChaosMesh
+from chaos.net import Namespaces
+from mesh.history import History
+
+
+@dataclass
+class Staged:
+    """What a scenario did, and when (monotonic seconds)."""
+
+    start: float = 0.0
+    heal: float = 0.0
+    dc: str = ""
+    victim: str = ""
+    measured: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Context:
+    mesh: ChaosMesh
+    marks: History
+    ttl_s: int
+    burst: Callable[[str, int], None]  # submit this many tasks to the DC at once
+
+    def mark(self, phase: str, **fields: object) -> float:
+        self.marks.write("fault", phase, **fields)
+        return time.monotonic()
+
+    def busiest(self, dc: str | None = None) -> str:
+        """The agent running the most tasks now, by the history so far."""
+        open_runs: Counter[str] = Counter()
+        for event in select(read_events(self.mesh.history_dir), "run"):
+            agent = str(event["agent"])
+            open_runs[agent] += 1 if event["phase"] == "start" else -1
+        names = [a.name for a in self.mesh.agents.values() if dc is None or a.dc == dc]
+        return max(names, key=lambda n: (open_runs[n], n))
+
+    async def restart(self, name: str) -> None:
+        agent = self.mesh.agents[name]
+        if agent.process is not None:
+            await asyncio.to_thread(agent.process.wait)
+        agent.start()
+        self.mark("restart", target=name)
+
+
+Stage = Callable[[Context, Staged], Awaitable[None]]
+Figures = Callable[[list[Event], Staged], dict[str, float | None]]
+Checks = Callable[[list[Event], Staged, int], list[str]]
+
+
+def no_checks(events: list[Event], staged: Staged, ttl_s: int) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    stage: Stage
+    figures: Figures
+    targets: tuple[str, ...] = ()  # which figures the lease-TTL targets bind
+    checks: Checks = no_checks  # the scenario's own invariants, beyond the common ones
+    quick: bool = False
+    needs: tuple[str, ...] = ()  # "netns", "etcd-3.4"
+
+
+# -- figures --------------------------------------------------------------------------------
+
+
+def _since(t: float | None, origin: float) -> float | None:
+    return None if t is None else round(t - origin, 3)
+
+
+def rerun_time(events: list[Event], staged: Staged) -> float | None:
+    """Until the last task written off with the victim runs again (its next attempt)."""
+    latest = None
+    for requeue in select(events, "requeue", "requeued", dead=staged.victim):
+        if float(requeue["mono"]) < staged.start:  # type: ignore[arg-type]
+            continue
+        again = first_after(
+            events, float(requeue["mono"]), "run", "start",  # type: ignore[arg-type]
+            task=requeue["task"], attempt=requeue["attempt"],
+        )  # fmt: skip
+        if again is None:
+            return None  # never ran again: the lost-task check says why
+        latest = max(latest or again, again)
+    return _since(latest, staged.start)
+
+
+def agent_death(events: list[Event], staged: Staged) -> dict[str, float | None]:
+    detected = first_after(events, staged.start, "departed", "seen", member=staged.victim)
+    return {"detect_s": _since(detected, staged.start), "recover_s": rerun_time(events, staged)}
+
+
+def owner_death(events: list[Event], staged: Staged) -> dict[str, float | None]:
+    successor = next(
+        (
+            float(e["mono"])  # type: ignore[arg-type]
+            for e in select(events, "owner", "elected", dc=staged.dc)
+            if float(e["mono"]) >= staged.start and e["agent"] != staged.victim  # type: ignore[arg-type]
+        ),
+        None,
+    )
+    figures = agent_death(events, staged)
+    figures["failover_s"] = _since(successor, staged.start)
+    figures["detect_s"] = figures["detect_s"] or figures["failover_s"]
+    return figures
+
+
+def handover(events: list[Event], staged: Staged) -> dict[str, float | None]:
+    """Graceful stop: until the last job the victim gave back was placed elsewhere."""
+    handed = [
+        float(e["mono"])  # type: ignore[arg-type]
+        for e in select(events, "handback", "ok", agent=staged.victim)
+        if float(e["mono"]) >= staged.start  # type: ignore[arg-type]
+    ]
+    return {"detect_s": 0.0, "recover_s": _since(max(handed, default=None), staged.start)}
+
+
+def etcd_trouble(events: list[Event], staged: Staged) -> dict[str, float | None]:
+    """Agents notice (a lease refresh fails); the DC runs tasks again after the heal."""
+    noticed = first_after(events, staged.start, "lease", "trouble", dc=staged.dc)
+    figures = {
+        "detect_s": _since(noticed, staged.start),
+        "recover_s": _since(
+            first_after(events, staged.heal, "run", "start", dc=staged.dc), staged.heal
+        ),
+    }
+    figures.update(staged.measured)
+    return figures
+
+
+def measured(events: list[Event], staged: Staged) -> dict[str, float | None]:
+    return dict(staged.measured)
+
+
+# -- the scenarios' own invariants -------------------------------------------------------
+
+
+def fenced_on_waking(events: list[Event], staged: Staged, ttl_s: int) -> list[str]:
+    """The paused owner's first queue write after it woke was refused by the fence."""
+    woken = [
+        e for e in events
+        if e["op"] in ("claim", "requeue") and e["agent"] == staged.victim
+        and float(e["mono"]) >= staged.heal  # type: ignore[arg-type]
+    ]  # fmt: skip
+    if not woken:
+        return ["the woken owner made no queue write: fencing was not exercised"]
+    first = woken[0]
+    if first["phase"] != "rejected":
+        return [f"the woken owner's first write ({first['op']} {first.get('task')}) succeeded"]
+    staged.notes.append(
+        f"woken owner's first write ({first['op']}, token {first['token']}) was rejected"
+    )
+    return []
+
+
+def no_false_failover(events: list[Event], staged: Staged, ttl_s: int) -> list[str]:
+    """While etcd could not decide anything, nobody was declared dead in the DC."""
+    window = (staged.start, staged.heal + ttl_s)
+    wrong = [
+        f"{e['op']} {e['phase']} by {e['agent']}"
+        for e in events
+        if e.get("dc") == staged.dc and window[0] <= float(e["mono"]) <= window[1]  # type: ignore[arg-type]
+        and (e["op"] == "requeue" or (e["op"] == "lease" and e["phase"] == "lost"))
+    ]  # fmt: skip
+    sent_here = {str(e["key"]) for e in select(events, "submit", "invoke", target_dc=staged.dc)}
+    overflowed = sum(
+        1
+        for e in select(events, "submit", "ok")
+        if str(e["key"]) in sent_here and e.get("dc") != staged.dc
+        and window[0] <= float(e["mono"]) <= staged.heal  # type: ignore[arg-type]
+    )  # fmt: skip
+    staged.notes.append(
+        f"{overflowed} task(s) sent to {staged.dc} during the fault ran in another DC"
+    )
+    return [f"false failover during the etcd outage: {w}" for w in wrong[:5]]
+
+
+# -- stages ---------------------------------------------------------------------------------
+
+
+async def _settle(ctx: Context, seconds: float) -> None:
+    await asyncio.sleep(seconds)
+
+
+async def agent_signal(ctx: Context, staged: Staged, sig: signal.Signals, victim: str) -> None:
+    agent = ctx.mesh.agents[victim]
+    staged.victim, staged.dc = victim, agent.dc
+    phase = {signal.SIGKILL: "kill", signal.SIGTERM: "term", signal.SIGSTOP: "stop"}[sig]
+    staged.start = ctx.mark(phase, target=victim, dc=agent.dc)
+    agent.signal(sig)
+    if sig == signal.SIGSTOP:
+        await _settle(ctx, ctx.ttl_s + 2)
+        staged.heal = ctx.mark("cont", target=victim)
+        agent.signal(signal.SIGCONT)
+        return
+    if sig == signal.SIGKILL:
+        await _settle(ctx, ctx.ttl_s + 2)
+    staged.heal = time.monotonic()
+    await ctx.restart(victim)
+
+
+async def agent_kill(ctx: Context, staged: Staged) -> None:
+    await agent_signal(ctx, staged, signal.SIGKILL, ctx.busiest())
+
+
+async def agent_term(ctx: Context, staged: Staged) -> None:
+    await agent_signal(ctx, staged, signal.SIGTERM, ctx.busiest())
+
+
+async def agent_stop(ctx: Context, staged: Staged) -> None:
+    await agent_signal(ctx, staged, signal.SIGSTOP, ctx.busiest())
+
+
+async def owner_kill(ctx: Context, staged: Staged) -> None:
+    owner = await ctx.mesh.owner("west")
+    assert owner is not None, "west has no queue owner"
+    await agent_signal(ctx, staged, signal.SIGKILL, owner)
+
+
+async def owner_stop(ctx: Context, staged: Staged) -> None:
+    owner = await ctx.mesh.owner("west")
+    assert owner is not None, "west has no queue owner"
+    # A backlog in the paused owner's view, so that it has work to claim when it wakes.
+    ctx.burst("west", 40)
+    await _settle(ctx, 1)
+    await agent_signal(ctx, staged, signal.SIGSTOP, owner)
+    await _settle(ctx, 2)  # let it wake, find itself deposed and stand again
+
+
+async def _poll(check: Callable[[], Awaitable[bool]], timeout_s: float) -> float | None:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        if await check():
+            return round(time.monotonic() - started, 3)
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def etcd_leader_kill(ctx: Context, staged: Staged) -> None:
+    staged.dc = "west"
+    leader = ctx.mesh.etcd_leader("west")
+    assert leader is not None and leader.process is not None, "west's etcd has no leader"
+    staged.victim = leader.name
+    staged.start = ctx.mark("kill-etcd", target=leader.name, dc="west")
+    leader.process.kill()
+    leader.process.wait()
+
+    async def new_leader() -> bool:
+        return await asyncio.to_thread(ctx.mesh.etcd_leader, "west") is not None
+
+    staged.measured["detect_s"] = await _poll(new_leader, 10)
+    staged.measured["recover_s"] = await _poll(lambda: ctx.mesh.etcd_writable("west"), 10)
+    await _settle(ctx, 3)
+    staged.heal = ctx.mark("restart-etcd", target=leader.name)
+    leader.start(ctx.mesh.workdir / "logs" / f"{leader.name}.log")
+    await asyncio.to_thread(leader.wait_healthy, 20)
+
+
+async def _etcd_down(ctx: Context, staged: Staged, dc: str, count: int) -> None:
+    staged.dc = dc
+    members = ctx.mesh.etcd[dc][:count]
+    staged.victim = ",".join(m.name for m in members)
+    staged.start = ctx.mark("kill-etcd", target=staged.victim, dc=dc)
+    for member in members:
+        assert member.process is not None
+        member.process.kill()
+        member.process.wait()
+    await _settle(ctx, 2 * ctx.ttl_s + 1)  # past the TTL: no lease may be declared dead
+    staged.heal = ctx.mark("restart-etcd", target=staged.victim)
+    for member in members:
+        member.start(ctx.mesh.workdir / "logs" / f"{member.name}.log")
+    for member in members:
+        await asyncio.to_thread(member.wait_healthy, 20)
+
+
+async def etcd_quorum_loss(ctx: Context, staged: Staged) -> None:
+    await _etcd_down(ctx, staged, "west", 2)
+
+
+async def dc_etcd_down(ctx: Context, staged: Staged) -> None:
+    await _etcd_down(ctx, staged, "east", 1)
+
+
+async def dc_partition(ctx: Context, staged: Staged) -> None:
+    net = ctx.mesh.net
+    assert isinstance(net, Namespaces)
+    staged.dc = "west|east"
+    staged.start = ctx.mark("partition")
+    await asyncio.to_thread(net.partition, True)
+    await _settle(ctx, 2 * ctx.ttl_s)
+    staged.heal = ctx.mark("heal")
+    await asyncio.to_thread(net.partition, False)
+
+
+async def wan_latency_loss(ctx: Context, staged: Staged) -> None:
+    net = ctx.mesh.net
+    assert isinstance(net, Namespaces)
+    staged.dc = "west|east"
+    staged.start = ctx.mark("wan", delay_ms=80, jitter_ms=40, loss=0.05)
+    await asyncio.to_thread(net.latency, 80, 40)
+    await asyncio.to_thread(net.loss, 0.05)
+    await _settle(ctx, 8)
+    staged.heal = ctx.mark("heal")
+    await asyncio.to_thread(net.clear)
+
+
+SCENARIOS = [
+    Scenario("agent-kill", "SIGKILL the busiest agent mid-task", agent_kill, agent_death,
+             ("detect_s", "recover_s"), quick=True),
+    Scenario("agent-term", "SIGTERM the busiest agent: it drains and hands over", agent_term,
+             handover, ("recover_s",)),
+    Scenario("agent-stop", "SIGSTOP the busiest agent past the TTL, then SIGCONT", agent_stop,
+             agent_death, ("detect_s", "recover_s")),
+    Scenario("owner-kill", "SIGKILL west's queue owner", owner_kill, owner_death,
+             ("detect_s", "recover_s", "failover_s"), quick=True),
+    Scenario("owner-stop", "SIGSTOP west's queue owner past the TTL, then SIGCONT", owner_stop,
+             owner_death, ("detect_s", "recover_s", "failover_s"), checks=fenced_on_waking),
+    Scenario("etcd-leader-kill", "SIGKILL the leader of west's 3-member etcd",
+             etcd_leader_kill, measured, quick=True, needs=("etcd-3.4",)),
+    Scenario("etcd-quorum-loss", "SIGKILL 2 of west's 3 etcd members for 2 TTLs",
+             etcd_quorum_loss, etcd_trouble, needs=("etcd-3.4",), checks=no_false_failover),
+    Scenario("dc-etcd-down", "SIGKILL east's only etcd member for 2 TTLs", dc_etcd_down,
+             etcd_trouble, needs=("etcd-3.4",), checks=no_false_failover),
+    Scenario("dc-partition", "cut west off from east (iptables in the WAN namespace)",
+             dc_partition, measured, quick=True, needs=("netns",)),
+    Scenario("wan-latency-loss", "80±40 ms between the DCs (delay proxy) and 5% loss",
+             wan_latency_loss, measured, needs=("netns",)),
+]  # fmt: skip
+BY_NAME = {s.name: s for s in SCENARIOS}
