@@ -61,7 +61,9 @@ def run(
     scenario: Annotated[list[str] | None, typer.Option(help="Run only these (repeatable).")] = None,
     quick: Annotated[bool, typer.Option(help="Only the quick set (what CI runs).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per scenario.")] = False,
-    strict: Annotated[bool, typer.Option(help="A scenario not run fails the suite too.")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="A missed target or a scenario not run fails the suite too.")
+    ] = False,
     workdir: Annotated[Path | None, typer.Option(help="Keep logs and histories here.")] = None,
     seed: int = 1,
 ) -> None:

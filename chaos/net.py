@@ -188,7 +188,10 @@ class Namespaces:
             self._proxy.kill()
             self._proxy.wait()
             self._proxy = None
+        # Deleting one end of a veth deletes both, and the routes through it. Do it here:
+        # a namespace's own teardown runs later in the kernel, and the next scenario
+        # would find the name taken.
+        subprocess.run(["ip", "link", "del", f"{self.tag}r"], capture_output=True)
         for name in reversed(self._created):
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
         self._created.clear()
-        # The root end of the WAN veth goes with its peer, and its routes with it.

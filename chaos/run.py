@@ -40,7 +40,7 @@ class Outcome:
     """One row of the report; ``--json`` prints it as is."""
 
     scenario: str
-    status: str  # "passed", "failed" (a violation or a missed target), "not run"
+    status: str  # "passed", "target missed", "failed" (an invariant broke), "not run"
     reason: str = ""
     submitted: int = 0
     succeeded: int = 0
@@ -206,9 +206,12 @@ def _outcome(scenario: Scenario, observed: Observed, staged: Staged) -> Outcome:
             missed.append(f"{name}: not observed")
         elif value > limits[name]:
             missed.append(f"{name}: {value:.2f}s > {limits[name]}s")
+    # Timings depend on how loaded this machine is: a missed target is reported, and
+    # fails the suite only with --strict; a broken invariant always fails it.
+    status = "failed" if violations else "target missed" if missed else "passed"
     outcome = Outcome(
         scenario.name,
-        "passed" if not violations and not missed else "failed",
+        status,
         submitted=verdict.submitted,
         succeeded=verdict.succeeded,
         failed=verdict.failed,

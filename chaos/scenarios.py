@@ -215,7 +215,11 @@ async def agent_signal(ctx: Context, staged: Staged, sig: signal.Signals, victim
         return
     if sig == signal.SIGKILL:
         await _settle(ctx, ctx.ttl_s + 2)
-    staged.heal = time.monotonic()
+        staged.heal = time.monotonic()
+    else:  # SIGTERM: the fault lasts until the agent has drained and exited
+        assert agent.process is not None
+        await asyncio.to_thread(agent.process.wait)
+        staged.heal = ctx.mark("exited", target=victim)
     await ctx.restart(victim)
 
 
@@ -224,7 +228,10 @@ async def agent_kill(ctx: Context, staged: Staged) -> None:
 
 
 async def agent_term(ctx: Context, staged: Staged) -> None:
-    await agent_signal(ctx, staged, signal.SIGTERM, ctx.busiest())
+    # Fill the DC's queues first, so that the drained agent has queued work to hand over.
+    ctx.burst("west", 24)
+    await _settle(ctx, 0.5)
+    await agent_signal(ctx, staged, signal.SIGTERM, ctx.busiest("west"))
 
 
 async def agent_stop(ctx: Context, staged: Staged) -> None:
@@ -234,6 +241,8 @@ async def agent_stop(ctx: Context, staged: Staged) -> None:
 async def owner_kill(ctx: Context, staged: Staged) -> None:
     owner = await ctx.mesh.owner("west")
     assert owner is not None, "west has no queue owner"
+    ctx.burst("west", 24)  # the owner runs tasks too: some of them die with it
+    await _settle(ctx, 0.5)
     await agent_signal(ctx, staged, signal.SIGKILL, owner)
 
 

@@ -33,6 +33,7 @@ from mesh.errors import (
     StaleWrite,
     TaskNotFound,
     Unavailable,
+    Unsure,
 )
 from mesh.etcd import ETCD_ERRORS, KeySpace, Session, client_for
 from mesh.executor import Executor, Job
@@ -51,6 +52,7 @@ from mesh.records import Stored, TaskStore, now_ts, public
 from mesh.registry import ACTIVE, DRAINING, AgentRecord, Registry
 from mesh.remote import RemoteDcs
 from mesh.reporting import RecordReporter
+from mesh.retry import patient
 from mesh.router import (
     AGENT,
     BACKLOG,
@@ -542,9 +544,12 @@ class Agent:
     def _new_record(
         self, spec: pb.TaskSpec, digest: str, deadline_ms: int, attempt: int, path: Iterable[str]
     ) -> peer_pb2.TaskRecord:
+        # Until it is placed, the task is this agent's: should we die first, the DC's
+        # owner finds it among our orphans and places it.
         status = pb.TaskStatus(
             task_id=spec.task_id,
             state=pb.TASK_STATE_PENDING,
+            agent=self.cfg.agent_id,
             dc=self.cfg.dc,
             attempt=attempt,
             created_at=now_ts(),
@@ -562,6 +567,9 @@ class Agent:
         record = self._new_record(spec, admitted.digest, admitted.deadline_ms, 1, ())
         try:
             stored, created = await self.store.create(record)
+        except Unsure:
+            self._spawn(self._settle_unsure(admitted), f"settle {spec.task_id}")
+            raise
         except Unavailable as trouble:
             return await self._submit_elsewhere(record, admitted, trouble), True
         if not created:
@@ -574,6 +582,31 @@ class Agent:
             raise
         metrics.SUBMITTED.inc()
         return await self.store.get(spec.task_id), True
+
+    async def _settle_unsure(self, admitted: Admitted) -> None:
+        """Our record may have been written after the call gave up (etcd applied it once
+        quorum was back): when etcd answers, place the task if it is still ours to place.
+        The client, told UNAVAILABLE, finds it by its id when it retries."""
+        spec = admitted.spec
+        try:
+            stored = await patient(self.cfg.lease_ttl_s + self.cfg.etcd_outage_grace_s).run(
+                lambda: self.store.get(spec.task_id)
+            )
+        except MeshError:
+            return  # not written (or etcd never came back): nothing to place
+        status = stored.status
+        if (
+            status.state != pb.TASK_STATE_PENDING
+            or status.agent != self.cfg.agent_id
+            or stored.record.spec_digest != admitted.digest
+        ):
+            return
+        log.info("a submit that timed out was recorded after all: placing %s", spec.task_id)
+        job = Job(spec, attempt=status.attempt, deadline_ms=admitted.deadline_ms)
+        try:
+            await self.place(job)
+        except MeshError as exc:
+            await self._fail(job, exc.code.name, f"could not be placed: {exc.message}")
 
     async def _submit_elsewhere(
         self, record: peer_pb2.TaskRecord, admitted: Admitted, trouble: Unavailable

@@ -66,6 +66,11 @@ class Unavailable(MeshError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Unsure(Unavailable):
+    """A write failed in a way that does not say whether etcd applied it (a timeout):
+    the caller must read before it acts as if nothing was written."""
+
+
 class StaleWrite(MeshError):
     """A write lost a compare-and-swap: someone else changed the record first."""
 

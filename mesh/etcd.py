@@ -26,6 +26,28 @@ CHANNEL_OPTIONS = {
     "grpc.keepalive_time_ms": 10_000,
 }
 ETCD_ERRORS = (aetcd.ClientError,)
+# What etcd answers when a request never entered its raft log: no member could be reached,
+# or the member had no leader (refused at once, thanks to "hasleader" below).
+NOT_SENT = ("failed to connect to all addresses", "etcdserver: no leader")
+
+
+def never_applied(exc: BaseException) -> bool:
+    """Whether etcd certainly did not apply the request that failed with ``exc``."""
+    return isinstance(exc, aetcd.exceptions.ConnectionFailedError) and any(
+        marker in str(exc) for marker in NOT_SENT
+    )
+
+
+class LeaderClient(aetcd.Client):
+    """aetcd's client, asking etcd to refuse at once what a member without a leader
+    cannot do (etcd's "require leader" metadata), instead of letting the call hang
+    until it times out. A refused request never entered the raft log, so the caller
+    knows it was not written: without quorum, a submit can go to another DC safely."""
+
+    async def connect(self) -> None:
+        await super().connect()
+        if ("hasleader", "true") not in (self.metadata or ()):
+            self.metadata = (*(self.metadata or ()), ("hasleader", "true"))
 
 
 def _split(endpoint: str) -> tuple[str, int]:
@@ -54,7 +76,7 @@ def client_for(endpoints: list[str], timeout_s: float = 5.0) -> aetcd.Client:
         host, port = f"ipv4:{head},{last_host}", last_port
     else:
         host, port = hosts[0]
-    return aetcd.Client(
+    return LeaderClient(
         host=host, port=port, timeout=int(max(1, timeout_s)), options=dict(CHANNEL_OPTIONS)
     )
 

@@ -110,7 +110,10 @@ class EtcdMember:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(log_path or os.devnull, "ab") as out:  # the child keeps its own copy
             self.process = subprocess.Popen(
-                [*self.wrap, *self.argv()], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                [*self.wrap, *self.argv()],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def healthy(self) -> bool:

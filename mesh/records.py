@@ -16,8 +16,8 @@ import aetcd
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from mesh.errors import StaleWrite, TaskNotFound, Unavailable
-from mesh.etcd import ETCD_ERRORS, KeySpace, watch_events
+from mesh.errors import StaleWrite, TaskNotFound, Unavailable, Unsure
+from mesh.etcd import ETCD_ERRORS, KeySpace, never_applied, watch_events
 from mesh.task import TERMINAL
 from mesh.v1 import peer_pb2, tasks_pb2
 
@@ -82,7 +82,9 @@ class TaskStore:
         return self._client
 
     async def create(self, record: peer_pb2.TaskRecord) -> tuple[Stored, bool]:
-        """Write the record unless its id exists; return what is stored and whether it is new."""
+        """Write the record unless its id exists; return what is stored and whether it is new.
+
+        ``Unavailable`` means nothing was written; ``Unsure`` that it may have been."""
         key = self._keys.task(record.status.task_id)
         raw = encode(record)
         try:
@@ -92,7 +94,9 @@ class TaskStore:
                 failure=[self._tx.get(key)],
             )
         except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
+            if never_applied(exc):
+                raise Unavailable(f"etcd: {exc}") from exc
+            raise Unsure(f"etcd: {exc}; the task may have been recorded") from exc
         if ok:
             return Stored(record, responses[0].response_put.header.revision), True
         value, kv = responses[0][0]
