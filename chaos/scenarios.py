@@ -241,7 +241,7 @@ async def agent_stop(ctx: Context, staged: Staged) -> None:
 async def owner_kill(ctx: Context, staged: Staged) -> None:
     owner = await ctx.mesh.owner("west")
     assert owner is not None, "west has no queue owner"
-    ctx.burst("west", 24)  # the owner runs tasks too: some of them die with it
+    ctx.burst("west", 8)  # the owner runs tasks too: some of them die with it
     await _settle(ctx, 0.5)
     await agent_signal(ctx, staged, signal.SIGKILL, owner)
 

@@ -795,6 +795,10 @@ class Agent:
         if not created:
             if stored.record.spec_digest != digest:
                 return False, "task id already used here by another task"
+            if stored.record.forwarded_to_dc:
+                # It left this DC once: taking it back would leave both records pointing
+                # at each other and nobody running it. The DC that has it keeps it.
+                return False, f"it was handed from here to DC {stored.record.forwarded_to_dc}"
             return True, "already here"
         try:
             where = await self.place(job, spill=False, backlog=False)

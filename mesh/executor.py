@@ -153,7 +153,7 @@ class Executor:
 
     def enqueue(self, job: Job) -> None:
         self.check(job.spec)
-        self._queue.push(job.spec.queue, job, self._clock())
+        self._queue.push(job.spec.queue, job, self._clock(), first=job.attempt > 1)
         self._wake.set()
         self._on_load()
 

@@ -249,7 +249,14 @@ class QueueOwner:
                 log.info("task %s failed: its agent %s died", updated.status.task_id, dead_agent)
             return
         status = updated.status
-        job = Job(status.spec, status.attempt, status.deadline.ToMilliseconds())
+        # It keeps its age: should it wait in the backlog, it goes before younger tasks
+        # of its class, rather than paying for its agent's death with a second wait.
+        job = Job(
+            status.spec,
+            status.attempt,
+            status.deadline.ToMilliseconds(),
+            enqueued_ms=status.created_at.ToMilliseconds(),
+        )
         log.info("re-queued %s as attempt %d (agent %s died)", job.task_id, job.attempt, dead_agent)
         self._spawn_placement(job)
 

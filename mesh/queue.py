@@ -87,12 +87,18 @@ class WeightedQueue(Generic[T]):
     def depth(self) -> dict[str, int]:
         return {c: len(q) for c, q in self._classes.items()}
 
-    def push(self, queue_class: str, item: T, now: float) -> None:
+    def push(self, queue_class: str, item: T, now: float, first: bool = False) -> None:
+        """Queue ``item`` last in its class, or ``first``: a task whose run died with its
+        agent has waited once already, and should not wait behind younger ones again."""
         if queue_class not in self._accepting:
             raise InvalidTask(f"unknown queue {queue_class!r}")
         if len(self) >= self._max_len:
             raise LimitExceeded("queue full", limit="max_queue_length", max=self._max_len)
-        self._classes[queue_class].append(_Entry(item, now))
+        entries = self._classes[queue_class]
+        if first:
+            entries.appendleft(_Entry(item, min(now, entries[0].enqueued_at) if entries else now))
+        else:
+            entries.append(_Entry(item, now))
 
     def pop(self, now: float, fits: Callable[[T], bool] = lambda _: True) -> T | None:
         """The next item by weight and age, if it ``fits``; else None and nothing moves.

@@ -38,6 +38,13 @@ def test_order_within_a_class_is_fifo() -> None:
     assert vips == [f"vip-{i}" for i in range(5)]
 
 
+def test_a_rerun_goes_first_in_its_class() -> None:
+    q: WeightedQueue[str] = WeightedQueue({"normal": 1}, 10, aging_s=1e9)
+    q.push("normal", "young", now=5.0)
+    q.push("normal", "rerun", now=9.0, first=True)
+    assert [q.pop(now=10.0), q.pop(now=10.0)] == ["rerun", "young"]
+
+
 def test_a_lone_class_takes_every_pop() -> None:
     q: WeightedQueue[str] = WeightedQueue({"vip": 8, "normal": 2}, 100, 1e9)
     for i in range(5):

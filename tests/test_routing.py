@@ -169,6 +169,16 @@ async def test_a_full_dc_spills_to_the_next_dc_in_topology_order(
         # Through the entry agent: Get, Cancel and Watch reach the DC that runs it.
         remote = await west.get("t2")
         assert remote.agent == "east-1" and remote.path == ["west-1"]
+        # Offered back to west (east's owner re-placing it after a death, say), west
+        # refuses: it handed the task away, and taking it back would leave two records
+        # pointing at each other and nobody running it.
+        back = peer_pb2.Envelope(
+            spec=remote.spec, path=["east-1"], hops=1, attempt=2,
+            deadline_unix_ms=remote.deadline.ToMilliseconds(), origin_dc="east",
+        )  # fmt: skip
+        async with grpc.aio.insecure_channel(agents["west"].address) as channel:
+            refused = await peer_pb2_grpc.PeerServiceStub(channel).Offer(back)
+        assert not refused.accepted and "handed from here to DC east" in refused.reason
         cancelled = await west.cancel("t2", "not needed")
         assert state_name(cancelled.state) == "CANCELLED"
         assert state_name((await final(west, "t2")).state) == "CANCELLED"
