@@ -87,7 +87,9 @@ def run(
             print(json.dumps(outcome.as_json()), flush=True)
         for line in outcome.violations + outcome.missed:
             console.print(f"  [red]{line}[/red]")
-        for line in outcome.notes + ([outcome.reason] if outcome.reason else []):
+        if outcome.reason:
+            console.print(f"  [yellow]{outcome.reason}[/yellow]")
+        for line in outcome.notes:
             console.print(f"  {line}")
     console.print(_table(outcomes))
     console.print(f"logs and histories: {base}")

@@ -54,10 +54,11 @@ class Run:
     start: float
     end: float  # when it stopped executing (its end, or its agent's death)
     live_end: float  # when it stopped being the mesh's run of the task
+    zombie_s: float = 0.0  # awake time between the two: it executed, written off
 
-    @property
-    def zombie_s(self) -> float:
-        return max(0.0, self.end - self.live_end)
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
 
 
 @dataclass
@@ -117,6 +118,11 @@ def runs(events: list[Event]) -> list[Run]:
     deaths: dict[str, list[float]] = defaultdict(list)
     for event in select(events, "fault", "kill"):
         deaths[str(event["target"])].append(float(event["mono"]))  # type: ignore[arg-type]
+    frozen: dict[str, list[tuple[float, float]]] = defaultdict(list)  # SIGSTOP to SIGCONT
+    for event in select(events, "fault", "stop"):
+        target, at = str(event["target"]), float(event["mono"])  # type: ignore[arg-type]
+        woke = first_after(events, at, "fault", "cont", target=target)
+        frozen[target].append((at, horizon if woke is None else woke))
     open_runs: dict[tuple[str, str, int], float] = {}
     found: list[tuple[str, str, int, float, float | None]] = []
     for event in events:
@@ -135,7 +141,9 @@ def runs(events: list[Event]) -> list[Run]:
         stopped = min(x for x in (end, killed, horizon) if x is not None)
         written_off = first_after(events, start, "requeue", "requeued", task=task, dead=agent)
         live_end = min(stopped, written_off) if written_off is not None else stopped
-        result.append(Run(task, agent, attempt, start, stopped, live_end))
+        undead = (live_end, stopped)
+        zombie = undead[1] - undead[0] - sum(_overlap(undead, f) for f in frozen[agent])
+        result.append(Run(task, agent, attempt, start, stopped, live_end, max(0.0, zombie)))
     return result
 
 

@@ -124,5 +124,9 @@ class Load:
             return
 
     async def close(self) -> None:
+        """Abandon the submissions still retrying, then close the channels."""
+        for task in self._inflight:
+            task.cancel()
+        await asyncio.gather(*self._inflight, return_exceptions=True)
         for client in self._clients.values():
             await client.close()

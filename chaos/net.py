@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 PROXY_PORT = 7070  # the delay proxy's port in the WAN namespace
@@ -142,12 +143,13 @@ class Namespaces:
                 "-s", src, "-d", dst, "-j", "DROP",
             )  # fmt: skip
 
-    def latency(self, delay_ms: float, jitter_ms: float) -> None:
-        """Route TCP between the DCs through the delay proxy (both directions)."""
+    def latency(self, delay_ms: float, jitter_ms: float, log: Path) -> None:
+        """Route TCP between the DCs through the delay proxy (both directions); it logs
+        each connection it relays to ``log``."""
         self._proxy = subprocess.Popen(
             [
                 *self.prefix("wan"), sys.executable, "-m", "chaos.proxy",
-                "--port", str(PROXY_PORT),
+                "--port", str(PROXY_PORT), "--log", str(log),
                 "--delay-ms", str(delay_ms), "--jitter-ms", str(jitter_ms),
             ],
             stdout=subprocess.DEVNULL,
@@ -173,6 +175,18 @@ class Namespaces:
                 "wan", "iptables", "-A", "INPUT", "-i", f"d{index}", "-m", "statistic",
                 "--mode", "random", "--probability", f"{probability:.3f}", "-j", "DROP",
             )  # fmt: skip
+
+    def dropped(self) -> int:
+        """Packets the WAN's DROP rules have dropped so far: proof a fault was exercised."""
+        done = subprocess.run(
+            [*self.prefix("wan"), "iptables", "-L", "-v", "-x", "-n"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return sum(
+            int(fields[0])
+            for line in done.stdout.splitlines()
+            if len(fields := line.split()) > 2 and fields[2] == "DROP" and fields[0].isdigit()
+        )
 
     def clear(self) -> None:
         """Back to a clean WAN: no rules, no proxy."""

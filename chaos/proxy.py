@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import random
 import socket
 import struct
+from pathlib import Path
+from typing import IO
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h; the socket module does not export it
 CHUNK = 64 * 1024
@@ -28,10 +31,13 @@ def original_destination(sock: socket.socket) -> tuple[str, int]:
 
 
 class DelayProxy:
-    def __init__(self, delay_s: float, jitter_s: float, rng: random.Random) -> None:
+    def __init__(
+        self, delay_s: float, jitter_s: float, rng: random.Random, log: IO[str] | None = None
+    ) -> None:
         self.delay_s = delay_s
         self.jitter_s = jitter_s
         self._rng = rng
+        self._log = log  # one line per connection relayed: proof the fault was on the path
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
@@ -56,13 +62,16 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
+        if self._log is not None:
+            self._log.write(json.dumps({"to": f"{host}:{port}"}) + "\n")
+            self._log.flush()
         await asyncio.gather(
             self._pump(reader, upstream_writer), self._pump(upstream_reader, writer)
         )
 
 
-async def serve(port: int, delay_ms: float, jitter_ms: float) -> None:
-    proxy = DelayProxy(delay_ms / 1000, jitter_ms / 1000, random.Random())
+async def serve(port: int, delay_ms: float, jitter_ms: float, log: IO[str] | None) -> None:
+    proxy = DelayProxy(delay_ms / 1000, jitter_ms / 1000, random.Random(), log)
     server = await asyncio.start_server(proxy.handle, "0.0.0.0", port)
     async with server:
         await server.serve_forever()
@@ -73,8 +82,10 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--delay-ms", type=float, default=50.0)
     parser.add_argument("--jitter-ms", type=float, default=10.0)
+    parser.add_argument("--log", type=Path, help="append one JSON line per connection")
     args = parser.parse_args()
-    asyncio.run(serve(args.port, args.delay_ms, args.jitter_ms))
+    with args.log.open("a") if args.log else contextlib.nullcontext() as log:
+        asyncio.run(serve(args.port, args.delay_ms, args.jitter_ms, log))
 
 
 if __name__ == "__main__":

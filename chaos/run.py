@@ -155,13 +155,23 @@ async def run_scenario(scenario: Scenario, workdir: Path, seed: int) -> Outcome:
     unmet = {need: why for need, why in unmet_needs().items() if why and need in scenario.needs}
     if unmet:
         return Outcome(scenario.name, "not run", reason="; ".join(unmet.values()))
+    try:
+        return await _staged(scenario, workdir, seed)
+    except Exception as exc:  # the report says what broke, and the suite goes on
+        return Outcome(
+            scenario.name, "failed", reason=f"the harness broke: {type(exc).__name__}: {exc}"
+        )
+
+
+async def _staged(scenario: Scenario, workdir: Path, seed: int) -> Outcome:
     net = await asyncio.to_thread(_prepare, workdir)
     mesh = ChaosMesh(workdir, net, ttl_s=TTL_S)
+    client_history = History(mesh.history_dir / "client.jsonl", "client", "-")
+    marks = History(mesh.history_dir / "faults.jsonl", "harness", "-")
     load: Load | None = None
+    generating: asyncio.Task[None] | None = None
     try:
         await asyncio.to_thread(mesh.start)
-        client_history = History(mesh.history_dir / "client.jsonl", "client", "-")
-        marks = History(mesh.history_dir / "faults.jsonl", "harness", "-")
         agents = {dc: {a.name: a.address for a in mesh.in_dc(dc)} for dc in DCS}
         load = Load(agents, client_history, RATE_PER_S, MODEL, random.Random(seed))
         stop = asyncio.Event()
@@ -184,19 +194,24 @@ async def run_scenario(scenario: Scenario, workdir: Path, seed: int) -> Outcome:
             expected={dc: {a.name for a in mesh.in_dc(dc)} for dc in DCS},
             extra_violations=problems,
         )
-        client_history.close()
-        marks.close()
         return _outcome(scenario, observed, staged)
     finally:
+        if generating is not None:
+            generating.cancel()
+            await asyncio.gather(generating, return_exceptions=True)
         if load is not None:
             await load.close()
+        client_history.close()
+        marks.close()
         await asyncio.to_thread(mesh.close)
         await asyncio.to_thread(net.close)
 
 
 def _outcome(scenario: Scenario, observed: Observed, staged: Staged) -> Outcome:
     verdict = checker.check(observed)
-    violations = verdict.violations + scenario.checks(observed.events, staged, TTL_S)
+    violations = (
+        verdict.violations + staged.failures + scenario.checks(observed.events, staged, TTL_S)
+    )
     figures = scenario.figures(observed.events, staged)
     limits = {"detect_s": TTL_S, "recover_s": TTL_S + 1, "failover_s": TTL_S + 1}
     missed = []

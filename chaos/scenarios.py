@@ -31,6 +31,7 @@ class Staged:
     victim: str = ""
     measured: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # the fault did not happen as meant
 
 
 @dataclass
@@ -277,8 +278,9 @@ async def etcd_leader_kill(ctx: Context, staged: Staged) -> None:
     async def new_leader() -> bool:
         return await asyncio.to_thread(ctx.mesh.etcd_leader, "west") is not None
 
-    staged.measured["detect_s"] = await _poll(new_leader, 10)
-    staged.measured["recover_s"] = await _poll(lambda: ctx.mesh.etcd_writable("west"), 10)
+    staged.measured["detect_s"] = await _poll(new_leader, 10)  # a new leader elected
+    await _poll(lambda: ctx.mesh.etcd_writable("west"), 10)
+    staged.measured["recover_s"] = round(time.monotonic() - staged.start, 3)  # writable again
     await _settle(ctx, 3)
     staged.heal = ctx.mark("restart-etcd", target=leader.name)
     leader.start(ctx.mesh.workdir / "logs" / f"{leader.name}.log")
@@ -317,8 +319,12 @@ async def dc_partition(ctx: Context, staged: Staged) -> None:
     staged.start = ctx.mark("partition")
     await asyncio.to_thread(net.partition, True)
     await _settle(ctx, 2 * ctx.ttl_s)
-    staged.heal = ctx.mark("heal")
+    dropped = await asyncio.to_thread(net.dropped)
+    staged.heal = ctx.mark("heal", dropped=dropped)
     await asyncio.to_thread(net.partition, False)
+    staged.notes.append(f"the partition dropped {dropped} packets between the DCs")
+    if not dropped:
+        staged.failures.append("no packet crossed the partition: the fault was not exercised")
 
 
 async def wan_latency_loss(ctx: Context, staged: Staged) -> None:
@@ -326,11 +332,19 @@ async def wan_latency_loss(ctx: Context, staged: Staged) -> None:
     assert isinstance(net, Namespaces)
     staged.dc = "west|east"
     staged.start = ctx.mark("wan", delay_ms=80, jitter_ms=40, loss=0.05)
-    await asyncio.to_thread(net.latency, 80, 40)
+    relayed = ctx.mesh.workdir / "proxy.jsonl"
+    await asyncio.to_thread(net.latency, 80, 40, relayed)
     await asyncio.to_thread(net.loss, 0.05)
     await _settle(ctx, 8)
-    staged.heal = ctx.mark("heal")
+    dropped = await asyncio.to_thread(net.dropped)
+    staged.heal = ctx.mark("heal", dropped=dropped)
     await asyncio.to_thread(net.clear)
+    connections = len(relayed.read_text().splitlines()) if relayed.exists() else 0
+    staged.notes.append(
+        f"the delay proxy relayed {connections} connection(s); {dropped} packets were dropped"
+    )
+    if not connections:
+        staged.failures.append("no connection went through the delay proxy: not exercised")
 
 
 SCENARIOS = [

@@ -1,0 +1,161 @@
+"""The chaos checker on hand-written histories: each invariant is shown to catch its
+violation, so a clean verdict from the suite means something."""
+
+from __future__ import annotations
+
+from chaos.checker import Observed, Term, check, error_rate, leader_at, runs
+
+AGENTS = {"west": {"w1", "w2"}}
+
+
+def ev(mono: float, op: str, phase: str, agent: str = "w1", **fields: object) -> dict:
+    return {"op": op, "phase": phase, "agent": agent, "dc": "west", "mono": mono, **fields}
+
+
+def submitted(key: str, at: float = 0.0) -> list[dict]:
+    return [
+        ev(at, "submit", "invoke", "client", key=key),
+        ev(at + 0.01, "submit", "ok", "client", key=key, task=key),
+    ]
+
+
+def ran(task: str, agent: str, start: float, end: float | None, attempt: int = 1) -> list[dict]:
+    events = [ev(start, "run", "start", agent, task=task, attempt=attempt)]
+    if end is not None:
+        events.append(ev(end, "run", "end", agent, task=task, attempt=attempt, how="SUCCEEDED"))
+    return events
+
+
+def observe(events: list[dict], records: dict | None = None, **kw: object) -> Observed:
+    events = sorted(events, key=lambda e: e["mono"])
+    return Observed(
+        events=events,
+        records=records if records is not None else {},
+        terms=kw.get("terms", {"west": [Term(5, "w1")]}),  # type: ignore[arg-type]
+        membership=kw.get("membership", AGENTS),  # type: ignore[arg-type]
+        expected=AGENTS,
+    )
+
+
+def done(attempt: int = 1, state: str = "SUCCEEDED") -> dict:
+    return {"state": state, "attempt": attempt, "dc": "west", "agent": "w1"}
+
+
+def test_a_clean_history_passes_and_counts() -> None:
+    events = [
+        *submitted("a"),
+        *ran("a", "w1", 1, 2),
+        ev(2.1, "commit", "ok", task="a", attempt=1, rev=10),
+        *submitted("b"),
+        ev(0.5, "submit", "invoke", "client", key="c"),
+        ev(0.6, "submit", "fail", "client", key="c", code="INVALID_ARGUMENT"),
+    ]
+    verdict = check(observe(events, {"a": done(), "b": done(state="FAILED")}))
+    assert verdict.ok, verdict.violations
+    assert (verdict.submitted, verdict.succeeded, verdict.failed, verdict.rejected) == (3, 1, 1, 1)
+
+
+def test_an_accepted_task_that_never_ends_is_lost() -> None:
+    events = [*submitted("a"), *submitted("b")]
+    verdict = check(observe(events, {"a": {**done(), "state": "RUNNING"}}))
+    assert verdict.lost == 2
+    assert {v.split(" is ")[0] for v in verdict.violations} == {"lost: a", "lost: b"}
+
+
+def test_a_task_whose_submit_was_never_answered_must_still_end() -> None:
+    events = [ev(0, "submit", "invoke", "client", key="a")]
+    assert check(observe(events, {"a": {**done(), "state": "QUEUED"}})).lost == 1
+
+
+def test_two_commits_and_a_stale_commit_are_caught() -> None:
+    events = [
+        *submitted("a"),
+        ev(2, "commit", "ok", "w1", task="a", attempt=1, rev=10),
+        ev(3, "commit", "ok", "w2", task="a", attempt=2, rev=11),
+        *submitted("b"),
+        ev(2, "commit", "ok", "w1", task="b", attempt=1, rev=12),
+    ]
+    verdict = check(observe(events, {"a": done(attempt=2), "b": done(attempt=2)}))
+    assert verdict.committed_twice == 1
+    assert any(v.startswith("stale commit: b") for v in verdict.violations)
+
+
+def test_two_live_runs_at_once_are_a_duplicate() -> None:
+    events = [*submitted("a"), *ran("a", "w1", 1, 3), *ran("a", "w2", 2, 4)]
+    verdict = check(observe(events, {"a": done()}))
+    assert verdict.duplicates == 1
+
+
+def test_a_run_after_its_agent_was_killed_is_no_duplicate() -> None:
+    events = [
+        *submitted("a"),
+        *ran("a", "w1", 1, None),  # SIGKILLed: no end
+        ev(1.5, "fault", "kill", "harness", target="w1"),
+        *ran("a", "w2", 5, 6, attempt=2),
+    ]
+    verdict = check(observe(events, {"a": done(attempt=2)}))
+    assert verdict.duplicates == 0, verdict.violations
+
+
+def test_a_paused_run_written_off_is_a_zombie_not_a_duplicate() -> None:
+    events = [
+        *submitted("a"),
+        *ran("a", "w1", 1, 9),  # paused at 1.5, woke at 8.75, dropped its run at 9
+        ev(1.5, "fault", "stop", "harness", target="w1"),
+        ev(8.75, "fault", "cont", "harness", target="w1"),
+        ev(4, "requeue", "requeued", "w2", task="a", attempt=2, dead="w1", token=5, rev=20),
+        *ran("a", "w2", 4.5, 6, attempt=2),
+    ]
+    verdict = check(observe(events, {"a": done(attempt=2)}))
+    assert verdict.duplicates == 0, verdict.violations
+    assert verdict.zombie_s == 0.25  # awake after its write-off: from the SIGCONT to its end
+    # Without the owner's write-off, the same overlap is a duplicate.
+    unexplained = [e for e in events if e["op"] != "requeue"]
+    assert check(observe(unexplained, {"a": done(attempt=2)})).duplicates == 1
+
+
+def test_runs_pair_starts_and_ends_per_agent_and_attempt() -> None:
+    found = runs([*ran("a", "w1", 1, 2), *ran("a", "w1", 3, 4, attempt=2)])
+    assert [(r.attempt, r.start, r.end) for r in found] == [(1, 1, 2), (2, 3, 4)]
+
+
+def test_the_leader_at_a_revision_is_the_oldest_live_candidate() -> None:
+    terms = [Term(5, "w1", deleted_rev=30), Term(7, "w2")]
+    assert leader_at(terms, 6).holder == "w1"  # type: ignore[union-attr]
+    assert leader_at(terms, 29).holder == "w1"  # type: ignore[union-attr]
+    assert leader_at(terms, 30).holder == "w2"  # type: ignore[union-attr]
+    assert leader_at(terms, 4) is None
+
+
+def test_owner_writes_must_carry_the_current_token_and_tokens_only_grow() -> None:
+    terms = {"west": [Term(5, "w1", deleted_rev=30), Term(7, "w2")]}
+    good = [
+        ev(1, "claim", "ok", "w1", task="a", token=5, rev=10),
+        ev(2, "requeue", "requeued", "w2", task="b", token=7, rev=31),
+        ev(3, "claim", "rejected", "w1", task="c", token=5),  # refused: not a write
+    ]
+    assert check(observe(good, terms=terms)).ok
+    deposed = [ev(1, "claim", "ok", "w1", task="a", token=5, rev=31)]
+    assert any("carried token 5" in v for v in check(observe(deposed, terms=terms)).violations)
+    backwards = [
+        ev(1, "claim", "ok", "w2", task="a", token=7, rev=31),
+        ev(2, "claim", "ok", "w1", task="b", token=5, rev=32),
+    ]
+    assert any("token went down" in v for v in check(observe(backwards, terms=terms)).violations)
+
+
+def test_membership_must_be_restored() -> None:
+    verdict = check(observe([], membership={"west": {"w1"}}))
+    assert verdict.violations == ["membership of west not restored: missing ['w2'], unexpected []"]
+
+
+def test_error_rate_counts_failed_tries_in_the_window() -> None:
+    events = [
+        ev(1, "submit", "invoke", "client", key="a"),
+        ev(1.1, "submit", "error", "client", key="a", code="UNAVAILABLE"),
+        ev(1.3, "submit", "invoke", "client", key="a"),
+        ev(1.4, "submit", "ok", "client", key="a"),
+        ev(9, "submit", "invoke", "client", key="b"),
+    ]
+    assert error_rate(events, 0, 2) == 0.5
+    assert error_rate(events, 10, 11) is None
