@@ -246,13 +246,18 @@ class ChaosMesh:
                 return member
         return None
 
-    async def etcd_writable(self, dc: str) -> bool:
+    async def etcd_write_error(self, dc: str) -> str | None:
+        """Why a write to ``dc``'s etcd fails now, as the agents' client reports it; None
+        if it succeeds."""
         try:
             async with client_for(self.endpoints(dc), timeout_s=1) as client:
                 await client.put(f"/{PREFIX}/{dc}/probe".encode(), b"1")
-        except aetcd.ClientError:
-            return False
-        return True
+        except aetcd.ClientError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    async def etcd_writable(self, dc: str) -> bool:
+        return await self.etcd_write_error(dc) is None
 
     # -- tearing down ---------------------------------------------------------------------
 

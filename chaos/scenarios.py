@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from chaos.checker import Event, first_after, read_events, select
+from chaos.checker import Event, first_after, read_events, runs, select
 from chaos.mesh import ChaosMesh
 from chaos.net import Namespaces
 from mesh.history import History
@@ -193,6 +193,20 @@ def no_false_failover(events: list[Event], staged: Staged, ttl_s: int) -> list[s
     staged.notes.append(
         f"{overflowed} task(s) sent to {staged.dc} during the fault ran in another DC"
     )
+    under_way = [
+        run for run in runs(events)
+        if run.agent.startswith(staged.dc) and run.start < staged.start < run.end
+    ]  # fmt: skip
+    committed = {
+        (str(e["task"]), str(e["agent"]), int(e["attempt"]))  # type: ignore[call-overload]
+        for e in select(events, "commit", "ok")
+    }
+    cut_short = [r.task for r in under_way if (r.task, r.agent, r.attempt) not in committed]
+    staged.notes.append(
+        f"{len(under_way) - len(cut_short)} of {len(under_way)} run(s) under way when etcd "
+        "went down committed their result where they ran"
+    )
+    wrong += [f"run of {task} under way at the outage did not commit" for task in cut_short]
     return [f"false failover during the etcd outage: {w}" for w in wrong[:5]]
 
 
@@ -296,7 +310,17 @@ async def _etcd_down(ctx: Context, staged: Staged, dc: str, count: int) -> None:
         assert member.process is not None
         member.process.kill()
         member.process.wait()
-    await _settle(ctx, 2 * ctx.ttl_s + 1)  # past the TTL: no lease may be declared dead
+    await _settle(ctx, 1)
+    probed = time.monotonic()
+    refused = await ctx.mesh.etcd_write_error(dc)
+    if refused is None:
+        staged.failures.append(f"{dc}'s etcd accepted a write during the outage")
+    else:
+        staged.notes.append(
+            f"a write to {dc}'s etcd during the outage was refused after "
+            f"{time.monotonic() - probed:.2f}s: {refused}"
+        )
+    await _settle(ctx, 2 * ctx.ttl_s)  # past the TTL: no lease may be declared dead
     staged.heal = ctx.mark("restart-etcd", target=staged.victim)
     for member in members:
         member.start(ctx.mesh.workdir / "logs" / f"{member.name}.log")
