@@ -1,14 +1,15 @@
-"""One agent: its lifecycle, and how it places, accepts and cancels tasks.
+"""One agent: its lifecycle, the router's view, and reading and cancelling tasks.
 
 Start: connect to etcd, open the lease session, read the applied topology, serve gRPC,
 register, mirror the peers. Stop (SIGTERM): mark itself draining so peers stop sending,
-stop accepting, let running tasks finish within ``drain_grace_s``, hand the rest to
-peers, revoke the lease (the membership key vanishes at once), stop the server.
+stop accepting, hand queued tasks to peers at once, let running tasks finish within
+``drain_grace_s`` and hand over the rest, revoke the lease (the membership key vanishes
+at once), stop the server.
 
-Placement asks the pure ``Router`` for targets and offers the task to each in turn; a
-receiver checks its own live load against the bound the offer carries. The router's view
-is fed by membership (etcd), this agent's executor, and the load every offer reply
-carries. The gRPC servicers in ``mesh.service`` are thin translations onto the methods here.
+Where tasks go is ``mesh.placement``'s work. The router's view it decides from is kept
+here, fed by membership (etcd), gossip and this agent's executor; placement adds the load
+every offer reply carries. The gRPC servicers in ``mesh.service`` are thin translations
+onto the methods here and on ``placement``.
 """
 
 from __future__ import annotations
@@ -17,23 +18,19 @@ import asyncio
 import contextlib
 import logging
 import random
-import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 
 import grpc
 
 from mesh import backlog, metrics, summaries, topostore
 from mesh.config import AgentConfig
-from mesh.decisionlog import DecisionLog
 from mesh.election import Election
 from mesh.errors import (
     ConfigError,
     MeshError,
-    NoCapacity,
     StaleWrite,
     TaskNotFound,
     Unavailable,
-    Unsure,
 )
 from mesh.etcd import ETCD_ERRORS, KeySpace, Session, client_for
 from mesh.executor import Executor, Job
@@ -47,39 +44,25 @@ from mesh.mirror import PrefixMirror
 from mesh.owner import QueueOwner
 from mesh.peers import PeerClients
 from mesh.pipelines import Models, load_pipelines
+from mesh.placement import OFFER_TIMEOUT_S, Placement
 from mesh.queue import Discipline
-from mesh.records import Stored, TaskStore, now_ts, public
+from mesh.records import TaskStore, now_ms, public
 from mesh.registry import ACTIVE, DRAINING, AgentRecord, Registry
 from mesh.remote import RemoteDcs
 from mesh.reporting import RecordReporter
-from mesh.retry import patient
 from mesh.router import (
-    AGENT,
-    BACKLOG,
-    DC,
-    NO_SPILL,
-    NONE_ELIGIBLE,
-    Decision,
     Member,
     Overflow,
     Policy,
-    Request,
     Router,
-    Spill,
 )
-from mesh.spill import SpillShare
-from mesh.task import TERMINAL, Admitted, spec_digest
+from mesh.task import TERMINAL
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-OFFER_TIMEOUT_S = 2.0
 INSECURE_GOSSIP_KEY = "gpumesh-insecure-default-gossip-key"
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Agent:
@@ -112,17 +95,25 @@ class Agent:
             self.client, self.keys.summaries, self._summaries_changed
         )
         self.summaries: dict[str, peer_pb2.DcSummary] = {}  # other DCs, as last heard
-        self.overflow: tuple[Overflow, ...] = ()
-        self.spill_share = SpillShare(max_share=0.0)
-        self.max_hops = cfg.max_hops
         self.gpu_weights = dict(cfg.gpu_weights)
-        self.decisions = DecisionLog(cfg.decision_log) if cfg.decision_log else None
         self.gossip = self._gossip_node()
+        self._background: set[asyncio.Task[None]] = set()
+        self.placement = Placement(
+            cfg,
+            self.keys,
+            self.store,
+            self.router,
+            self.registry,
+            self.peers,
+            self.remote,
+            self.executor,
+            self._spawn,
+            lambda: self.summaries,
+        )
         self.owner: QueueOwner | None = None
         self._owner_task: asyncio.Task[None] | None = None
         self.address = ""
         self.gossip_address = ""
-        self._background: set[asyncio.Task[None]] = set()
         self._incarnation = 0
 
     def _gossip_node(self) -> GossipNode:
@@ -131,7 +122,7 @@ class Agent:
             log.warning("gossip_keys unset: gossip uses a built-in key and is not authenticated")
             keys = [INSECURE_GOSSIP_KEY]
         own = AgentState(
-            self.cfg.agent_id, self.cfg.dc, make_version(_now_ms(), 0), slots=len(self.gpus)
+            self.cfg.agent_id, self.cfg.dc, make_version(now_ms(), 0), slots=len(self.gpus)
         )
         config = GossipConfig(
             interval_s=self.cfg.gossip_interval_s,
@@ -160,7 +151,7 @@ class Agent:
         self.gossip_address = self.cfg.gossip_advertise or bound
         self._spawn(self.topology_mirror.run(), "topology")
         await asyncio.wait_for(self.topology_mirror.ready.wait(), timeout=10)
-        self._incarnation = _now_ms()
+        self._incarnation = now_ms()
         await self.registry.publish(self._record())
         self._spawn(self.registry.mirror.run(), "membership")
         self._spawn(self.executor.run(), "executor")
@@ -196,8 +187,8 @@ class Agent:
             election,
             self.store,
             self.keys,
-            self.place,
-            self._room_for,
+            self.placement.place,
+            self.placement.room_for,
             Discipline(self.cfg.queues, self.cfg.queue_aging_s),
             self.cfg.max_attempts,
             self.history,
@@ -287,13 +278,6 @@ class Agent:
         for agent_id in agent_ids:
             self.router.set_suspect(agent_id, True)
 
-    def _learn(self, agent_id: str, load: peer_pb2.Load, accepted: bool) -> None:
-        """A peer's reply says how loaded it is now: fresher than anything else we have.
-        One that refused is de-prioritised at once, until gossip brings news of it."""
-        self.router.set_load(agent_id, load.running, load.queued)
-        self.router.set_loaded(agent_id, load.models_loaded)
-        self.router.set_suspect(agent_id, not accepted)
-
     def load(self) -> peer_pb2.Load:
         return peer_pb2.Load(
             running=self.executor.running,
@@ -325,10 +309,11 @@ class Agent:
                 affinity_window=routing.affinity_window,
             )
         )
-        self.max_hops = routing.max_hops
+        placement = self.placement
+        placement.max_hops = routing.max_hops
         mine = topology.dcs.get(self.cfg.dc)
-        self.overflow = tuple(Overflow(o.dc, o.weight) for o in mine.overflow) if mine else ()
-        self.spill_share.max_share = mine.max_spill_share if mine else 0.0
+        placement.overflow = tuple(Overflow(o.dc, o.weight) for o in mine.overflow) if mine else ()
+        placement.spill_share.max_share = mine.max_spill_share if mine else 0.0
         self.remote.set_seeds({n: dc.seeds for n, dc in topology.dcs.items() if n != self.cfg.dc})
         if self.cfg.default_queue in topology.queues:
             self.cfg = self.cfg.model_copy(update={"queues": dict(topology.queues)})
@@ -346,13 +331,6 @@ class Agent:
         self.topology = applied
         log.info("topology version %d applied", applied.version)
 
-    def spill(self) -> Spill:
-        fresh = summaries.fresh(self.summaries, _now_ms())
-        self.remote.set_live({dc: list(s.live) for dc, s in fresh.items()})
-        return Spill(
-            to=self.overflow, allowed=self.spill_share.allowed(), full=summaries.full(fresh)
-        )
-
     # -- the DC's queue --------------------------------------------------------------------
 
     async def queue(self) -> pb.QueueResponse:
@@ -363,7 +341,7 @@ class Agent:
         except ETCD_ERRORS as exc:
             raise Unavailable(f"etcd: {exc}") from exc
         names = {kv.key[len(self.keys.backlog) :].decode(): b"" for kv in listing}
-        now = _now_ms()
+        now = now_ms()
         reply = pb.QueueResponse(dc=self.cfg.dc)
         if leader is not None:
             reply.owner, reply.term = leader[0].decode().split()[0], leader[1]
@@ -392,7 +370,7 @@ class Agent:
 
     def summary(self) -> peer_pb2.DcSummary:
         addresses = {a: r.address for a, r in self.registry.peers.items()}
-        return summaries.build(self.cfg.dc, self.router, addresses, _now_ms())
+        return summaries.build(self.cfg.dc, self.router, addresses, now_ms())
 
     async def summary_received(self, theirs: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
         """Another DC's speaker calls: keep its summary for our DC, answer with ours."""
@@ -445,7 +423,7 @@ class Agent:
             self.session = self._new_session()
             try:
                 await self.session.open()
-                self._incarnation = _now_ms()
+                self._incarnation = now_ms()
                 await self.registry.publish(self._record())
                 self._start_owner()
             except MeshError as exc:
@@ -481,8 +459,7 @@ class Agent:
         await asyncio.gather(*background, return_exceptions=True)
         await self.peers.close()
         self.gossip.close()
-        if self.decisions is not None:
-            self.decisions.close()
+        self.placement.close()
         self.history.close()
         with contextlib.suppress(Exception):
             await self.client.close()
@@ -522,16 +499,14 @@ class Agent:
             job.attempt += 1
         job.path = [*job.path, self.cfg.agent_id]
         try:
-            where = await self.place(job)
+            where = await self.placement.place(job)
             log.info("handed back %s", job.task_id)
             self.history.write("handback", "ok", task=job.task_id, attempt=job.attempt, to=where)
         except MeshError as exc:
             log.warning("could not hand back %s: %s", job.task_id, exc)
-            await self._fail(job, "UNAVAILABLE", f"agent {self.cfg.agent_id} shut down: {exc}")
-
-    async def _fail(self, job: Job, code: str, message: str) -> None:
-        with contextlib.suppress(MeshError):
-            await self.store.finish(job.task_id, pb.TASK_STATE_FAILED, code, message)
+            await self.placement.fail(
+                job, "UNAVAILABLE", f"agent {self.cfg.agent_id} shut down: {exc}"
+            )
 
     # -- submit and placement ------------------------------------------------------------
 
@@ -540,317 +515,6 @@ class Agent:
         for peer in self.registry.peers.values():
             known.update(peer.pipelines)
         return known
-
-    def _new_record(
-        self, spec: pb.TaskSpec, digest: str, deadline_ms: int, attempt: int, path: Iterable[str]
-    ) -> peer_pb2.TaskRecord:
-        # Until it is placed, the task is this agent's: should we die first, the DC's
-        # owner finds it among our orphans and places it.
-        status = pb.TaskStatus(
-            task_id=spec.task_id,
-            state=pb.TASK_STATE_PENDING,
-            agent=self.cfg.agent_id,
-            dc=self.cfg.dc,
-            attempt=attempt,
-            created_at=now_ts(),
-            path=list(path),
-        )
-        status.spec.CopyFrom(spec)
-        too_big = len(spec.payload) > self.cfg.inline_payload_bytes
-        if too_big:
-            status.spec.ClearField("payload")
-        status.deadline.FromMilliseconds(deadline_ms)
-        return peer_pb2.TaskRecord(status=status, spec_digest=digest, payload_not_kept=too_big)
-
-    async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
-        spec = admitted.spec
-        record = self._new_record(spec, admitted.digest, admitted.deadline_ms, 1, ())
-        try:
-            stored, created = await self.store.create(record)
-        except Unsure:
-            self._spawn(self._settle_unsure(admitted), f"settle {spec.task_id}")
-            raise
-        except Unavailable as trouble:
-            return await self._submit_elsewhere(record, admitted, trouble), True
-        if not created:
-            return stored, False
-        try:
-            await self.place(Job(spec, attempt=1, deadline_ms=admitted.deadline_ms))
-        except MeshError:
-            with contextlib.suppress(MeshError):
-                await self.store.delete(stored)  # never accepted: leave no trace
-            raise
-        metrics.SUBMITTED.inc()
-        return await self.store.get(spec.task_id), True
-
-    async def _settle_unsure(self, admitted: Admitted) -> None:
-        """Our record may have been written after the call gave up (etcd applied it once
-        quorum was back): when etcd answers, place the task if it is still ours to place.
-        The client, told UNAVAILABLE, finds it by its id when it retries."""
-        spec = admitted.spec
-        try:
-            stored = await patient(self.cfg.lease_ttl_s + self.cfg.etcd_outage_grace_s).run(
-                lambda: self.store.get(spec.task_id)
-            )
-        except MeshError:
-            return  # not written (or etcd never came back): nothing to place
-        status = stored.status
-        if (
-            status.state != pb.TASK_STATE_PENDING
-            or status.agent != self.cfg.agent_id
-            or stored.record.spec_digest != admitted.digest
-        ):
-            return
-        log.info("a submit that timed out was recorded after all: placing %s", spec.task_id)
-        job = Job(spec, attempt=status.attempt, deadline_ms=admitted.deadline_ms)
-        try:
-            await self.place(job)
-        except MeshError as exc:
-            await self._fail(job, exc.code.name, f"could not be placed: {exc.message}")
-
-    async def _submit_elsewhere(
-        self, record: peer_pb2.TaskRecord, admitted: Admitted, trouble: Unavailable
-    ) -> Stored:
-        """Our DC's etcd cannot take the task: hand it to the overflow DCs, in the
-        topology's order of weight, which record and run it (an idempotent hand-over: a
-        retry finds it there). Nothing is recorded here, so only they can answer for it."""
-        job = Job(admitted.spec, attempt=1, deadline_ms=admitted.deadline_ms)
-        refused = []
-        for overflow in sorted(self.overflow, key=lambda o: -o.weight):
-            accepted, reason = await self._offer_dc(overflow.dc, job)
-            if accepted:
-                log.info("etcd down: %s went to DC %s", job.task_id, overflow.dc)
-                record.forwarded_to_dc = record.status.dc = overflow.dc
-                return Stored(record, 0)
-            refused.append(f"{overflow.dc}: {reason}")
-        raise Unavailable(
-            f"{trouble.message}; no overflow DC took the task",
-            task_id=job.task_id,
-            **({"refused": "; ".join(refused)} if refused else {}),
-        )
-
-    def route(
-        self,
-        spec: pb.TaskSpec,
-        visited: Iterable[str] = (),
-        explain: bool = False,
-        spill: bool = True,
-    ) -> Decision:
-        """What the router decides for ``spec`` now; every decision goes to the log."""
-        request = request_of(spec)
-        options = self.spill() if spill else NO_SPILL
-        decision = self.router.route(request, visited, options, explain=explain)
-        if self.decisions is not None and not explain:
-            self.decisions.write(self.router, request, visited, options, decision)
-        return decision
-
-    def _room_for(self, spec: pb.TaskSpec) -> bool:
-        """Whether an agent of this DC could take ``spec`` now (the backlog waits for
-        local room: other DCs were tried before the task went into it)."""
-        return self.router.route(request_of(spec)).first.kind != BACKLOG
-
-    async def _to_backlog(self, job: Job) -> None:
-        """Wait in the DC's durable backlog: the record and the entry in one transaction."""
-        enqueued = job.enqueued_ms or _now_ms()
-        entry = self.keys.backlog_entry(job.spec.queue, enqueued, job.task_id)
-
-        def mutate(record: peer_pb2.TaskRecord) -> None:
-            status = record.status
-            status.state, status.agent, status.dc = pb.TASK_STATE_QUEUED, "", self.cfg.dc
-            del status.path[:]
-            status.path.extend(job.path)
-            status.queued_at.CopyFrom(now_ts())
-
-        put = self.client.transactions.put(entry, job.task_id.encode())
-        await self.store.update(job.task_id, mutate, attempt=job.attempt, also=[put])
-        metrics.BACKLOGGED.inc()
-
-    async def place(self, job: Job, spill: bool = True, backlog: bool = True) -> str:
-        """Offer ``job`` to the router's targets in turn until one takes it.
-
-        A first round offers only to agents of this DC. If all refuse, their replies have
-        refreshed the view, so a second decision is made with them marked visited, and
-        only that one may spill to other DCs or end in the backlog: the DC's durable
-        backlog when ``backlog`` allows and the payload is kept in the record, else
-        ``NoCapacity``.
-        """
-        visited = set(job.path)
-        refused: list[str] = []
-        for final in (False, True):
-            decision = self.route(job.spec, visited, spill=spill)
-            for target in decision.targets:
-                if target.kind == AGENT:
-                    accepted, reason = await self._offer_agent(target.name, target.max_tasks, job)
-                    if accepted:
-                        self.spill_share.record(False)
-                        return target.name
-                    visited.add(target.name)
-                    refused.append(f"{target.name}: {reason}")
-                elif not final:
-                    break
-                elif target.kind == DC:
-                    accepted, reason = await self._offer_dc(target.name, job)
-                    if accepted:
-                        self.spill_share.record(True)
-                        return f"dc:{target.name}"
-                    refused.append(f"dc {target.name}: {reason}")
-                elif backlog and self._durable(job) and target is not NONE_ELIGIBLE:
-                    await self._to_backlog(job)
-                    self.spill_share.record(False)
-                    return "backlog"
-                else:
-                    details = {"refused": "; ".join(refused[-4:])} if refused else {}
-                    raise NoCapacity(
-                        target.reason.removeprefix("backlog: "),
-                        task_id=job.task_id,
-                        retry_after_s=1,
-                        **details,
-                    )
-        raise AssertionError("a decision always ends in the backlog")
-
-    def _durable(self, job: Job) -> bool:
-        return len(job.spec.payload) <= self.cfg.inline_payload_bytes
-
-    async def _offer_agent(self, agent_id: str, max_tasks: float, job: Job) -> tuple[bool, str]:
-        if agent_id == self.cfg.agent_id:
-            return await self.accept(job, max_tasks)
-        peer = self.registry.peers.get(agent_id)
-        if peer is None:
-            return False, "not a member now"
-        if len(job.path) + 1 > self.max_hops:
-            return False, "hop limit"
-        envelope = self._envelope(job, max_tasks)
-        try:
-            reply = await self.peers.offer(peer.address, envelope, self._offer_timeout(job))
-        except grpc.aio.AioRpcError as exc:
-            metrics.FORWARDS.labels("error").inc()
-            self.router.set_suspect(agent_id, True)
-            return False, f"unreachable ({exc.code().name})"
-        self._learn(agent_id, reply.load, reply.accepted)
-        metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
-        return reply.accepted, reply.reason
-
-    async def _offer_dc(self, dc: str, job: Job) -> tuple[bool, str]:
-        """Hand ``job`` to DC ``dc``: its record moves there, ours points to it."""
-        if len(job.path) + 1 > self.max_hops:
-            return False, "hop limit"
-        envelope = self._envelope(job, 0.0)
-        envelope.origin_dc = self.cfg.dc
-        try:
-            reply = await self.remote.offer(dc, envelope)
-        except (grpc.aio.AioRpcError, Unavailable) as exc:
-            metrics.FORWARDS.labels("error").inc()
-            return False, f"unreachable ({exc})"
-        metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
-        if not reply.accepted:
-            return False, reply.reason
-
-        def point(record: peer_pb2.TaskRecord) -> None:
-            record.forwarded_to_dc = dc
-            record.status.dc = dc
-            record.status.agent = ""
-
-        with contextlib.suppress(MeshError):  # the task runs there either way
-            await self.store.update(job.task_id, point, attempt=job.attempt)
-        return True, "accepted"
-
-    def _envelope(self, job: Job, max_tasks: float) -> peer_pb2.Envelope:
-        envelope = peer_pb2.Envelope(
-            path=[*job.path, self.cfg.agent_id],
-            hops=len(job.path) + 1,
-            deadline_unix_ms=job.deadline_ms,
-            attempt=job.attempt,
-            entry_agent=job.path[0] if job.path else self.cfg.agent_id,
-            max_tasks=max_tasks,
-        )
-        envelope.spec.CopyFrom(job.spec)
-        return envelope
-
-    @staticmethod
-    def _offer_timeout(job: Job) -> float:
-        return min(OFFER_TIMEOUT_S, max(0.05, (job.deadline_ms - _now_ms()) / 1000))
-
-    async def offer(self, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
-        """Another agent asks us to take a task: decided by our own live load, not gossip."""
-        if self.cfg.agent_id in envelope.path:
-            return False, "loop: already visited"
-        if envelope.hops > self.max_hops:
-            return False, "hop limit"
-        job = Job(envelope.spec, envelope.attempt, envelope.deadline_unix_ms, list(envelope.path))
-        if envelope.origin_dc and envelope.origin_dc != self.cfg.dc:
-            accepted, reason = await self._adopt(job)
-        else:
-            accepted, reason = await self.accept(job, envelope.max_tasks)
-        metrics.OFFERS.labels("accepted" if accepted else "refused").inc()
-        return accepted, reason
-
-    async def _adopt(self, job: Job) -> tuple[bool, str]:
-        """Take a task from another DC into this one: record it here and place it here
-        (never onward to a third DC: overflow is one step)."""
-        if job.deadline_ms <= _now_ms():
-            return False, "deadline passed"
-        digest = spec_digest(job.spec)
-        record = self._new_record(job.spec, digest, job.deadline_ms, job.attempt, job.path)
-        stored, created = await self.store.create(record)
-        if not created:
-            if stored.record.spec_digest != digest:
-                return False, "task id already used here by another task"
-            if stored.record.forwarded_to_dc:
-                # It left this DC once: taking it back would leave both records pointing
-                # at each other and nobody running it. The DC that has it keeps it.
-                return False, f"it was handed from here to DC {stored.record.forwarded_to_dc}"
-            return True, "already here"
-        try:
-            where = await self.place(job, spill=False, backlog=False)
-        except MeshError as exc:
-            with contextlib.suppress(MeshError):
-                await self.store.delete(stored)
-            return False, f"{self.cfg.dc} is full too: {exc.message}"
-        log.info("took %s from DC %s, placed on %s", job.task_id, job.path[0], where)
-        return True, "accepted"
-
-    async def accept(self, job: Job, max_tasks: float) -> tuple[bool, str]:
-        """Queue ``job`` here if our live load allows: within ``max_tasks`` running and
-        queued after it, or (0) within our hard limit, slots plus queue length."""
-        if job.deadline_ms <= _now_ms():
-            return False, "deadline passed"
-        try:
-            self.executor.check(job.spec)
-        except MeshError as exc:
-            return False, exc.message
-        tasks = self.executor.running + self.executor.queued
-        limit = max_tasks or self.executor.slots + self.cfg.max_queue_length
-        if tasks + 1 > limit:
-            return False, f"over the bound ({tasks + 1} > {limit:g} tasks)"
-        # Enqueue before any await, so the check above still holds; the record follows.
-        self.executor.enqueue(job)
-
-        def mutate(record: peer_pb2.TaskRecord) -> None:
-            status = record.status
-            status.agent, status.dc = self.cfg.agent_id, self.cfg.dc
-            del status.path[:]
-            status.path.extend(job.path)
-            if status.state == pb.TASK_STATE_PENDING:
-                status.state = pb.TASK_STATE_QUEUED
-                status.queued_at.CopyFrom(now_ts())
-
-        try:
-            await self.store.update(job.task_id, mutate, attempt=job.attempt)
-        except MeshError as exc:
-            if isinstance(exc, StaleWrite) and await self._runs_here(job):
-                return True, "accepted"
-            self.executor.cancel(job.task_id, "record refused")
-            return False, f"record: {exc.message}"
-        return True, "accepted"
-
-    async def _runs_here(self, job: Job) -> bool:
-        """Whether the record shows this agent running (or having run) ``job``'s attempt:
-        a short task can start, even finish, before the accepting write lands."""
-        try:
-            status = (await self.store.get(job.task_id)).status
-        except MeshError:
-            return False
-        return status.agent == self.cfg.agent_id and status.attempt == job.attempt
 
     # -- reading tasks, wherever they run -------------------------------------------------
 
@@ -934,15 +598,4 @@ def member_of(record: AgentRecord) -> Member:
         models=frozenset(record.models),
         draining=record.state == DRAINING,
         queue_limit=record.queue_limit,
-    )
-
-
-def request_of(spec: pb.TaskSpec) -> Request:
-    return Request(
-        task_id=spec.task_id,
-        model=spec.model,
-        pipeline=spec.pipeline,
-        affinity_key=spec.affinity_key,
-        gpu_count=max(1, spec.gpu_count),
-        min_gpu_memory_mb=spec.min_gpu_memory_mb,
     )

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from mesh import backlog
@@ -30,7 +29,7 @@ from mesh.executor import Job
 from mesh.history import History
 from mesh.mirror import PrefixMirror
 from mesh.queue import Discipline
-from mesh.records import Stored, TaskStore, end
+from mesh.records import Stored, TaskStore, end, now_ms
 from mesh.task import TERMINAL
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -38,10 +37,6 @@ from mesh.v1 import tasks_pb2 as pb
 log = logging.getLogger(__name__)
 
 DISPATCH_TICK_S = 0.5  # capacity frees without the backlog changing: look again this often
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class QueueOwner:

@@ -9,6 +9,7 @@ a zombie's late write never overwrites the current run's record.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +53,10 @@ def public(status: tasks_pb2.TaskStatus) -> tasks_pb2.TaskStatus:
     out.CopyFrom(status)
     out.spec.ClearField("payload")
     return out
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def now_ts() -> Timestamp:

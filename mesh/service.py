@@ -67,7 +67,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
             admitted = admit(
                 request.spec, self.agent.cfg, self.agent.known_pipelines(), int(time.time() * 1000)
             )
-            stored, created = await self.agent.submit(admitted)
+            stored, created = await self.agent.placement.submit(admitted)
         except MeshError as exc:
             metrics.REJECTED.labels(exc.code.name).inc()
             raise
@@ -159,7 +159,7 @@ class AgentServicer(tasks_pb2_grpc.AgentServiceServicer):
     async def Route(self, request, context):
         if not request.spec.model or not request.spec.pipeline:
             raise InvalidTask("model and pipeline are required to route")
-        decision = self.agent.route(request.spec, explain=request.explain)
+        decision = self.agent.placement.route(request.spec, explain=request.explain)
         return pb.RouteResponse(
             agent_id=self.agent.cfg.agent_id,
             dc=self.agent.cfg.dc,
@@ -185,7 +185,7 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
 
     @unary
     async def Offer(self, request, context):
-        accepted, reason = await self.agent.offer(request)
+        accepted, reason = await self.agent.placement.offer(request)
         return peer_pb2.OfferResponse(accepted=accepted, reason=reason, load=self.agent.load())
 
     @unary
