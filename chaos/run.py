@@ -220,6 +220,11 @@ def _outcome(scenario: Scenario, observed: Observed, staged: Staged) -> Outcome:
             missed.append(f"{target.figure}: not observed")
         elif value > limit:
             missed.append(f"{target.figure}: {value:.2f}s > {limit:g}s")
+    if verdict.zombie_s:
+        staged.notes.append(
+            f"a paused run went on {verdict.zombie_s * 1000:.0f} ms after it woke, written "
+            "off already (its writes are fenced)"
+        )
     # Timings depend on how loaded this machine is: a missed target is reported, and
     # fails the suite only with --strict; a broken invariant always fails it.
     status = "failed" if violations else "target missed" if missed else "passed"
