@@ -255,9 +255,7 @@ class Executor:
     def abandon(self, reason: str) -> list[Job]:
         """Drop every job at once without recording anything, and return them: this agent
         lost its lease, so they must run again elsewhere. Subprocesses are killed."""
-        dropped = list(self._queue)
-        for job in dropped:
-            self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
+        dropped = self._take_queued()
         for run in self._running.values():
             run.handed_back = True
             run.cancel_reason = reason
@@ -271,11 +269,15 @@ class Executor:
         """Stop accepting and give up every queued job, for the caller to hand back now
         rather than after the running ones have had their grace."""
         self.accepting = False
-        queued = list(self._queue)
-        for job in queued:
-            self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
+        queued = self._take_queued()
         self._on_load()
         return queued
+
+    def _take_queued(self) -> list[Job]:
+        taken = list(self._queue)
+        for job in taken:
+            self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
+        return taken
 
     async def drain(self, grace_s: float) -> list[Job]:
         """Stop accepting, let running tasks finish within ``grace_s``, and return every job
