@@ -54,6 +54,10 @@ class RecordReporter:
             status = record.status
             status.agent = self._cfg.agent_id
             status.dc = self._cfg.dc
+            # The accepting write may land after this one, or, for a short task, never
+            # (the run has ended first): the run states how it got here itself.
+            del status.path[:]
+            status.path.extend(job.path)
             if record.cancel_requested:
                 cancelled = True
                 end(status, pb.TASK_STATE_CANCELLED, "CANCELLED", "cancelled before start")
