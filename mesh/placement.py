@@ -19,7 +19,7 @@ import grpc
 from mesh import metrics, summaries
 from mesh.config import AgentConfig
 from mesh.decisionlog import DecisionLog
-from mesh.errors import MeshError, NoCapacity, StaleWrite, Unavailable, Unsure
+from mesh.errors import InvalidTask, MeshError, NoCapacity, StaleWrite, Unavailable, Unsure
 from mesh.etcd import KeySpace
 from mesh.executor import Executor, Job
 from mesh.peers import PeerClients
@@ -47,6 +47,7 @@ from mesh.v1 import tasks_pb2 as pb
 log = logging.getLogger(__name__)
 
 OFFER_TIMEOUT_S = 2.0
+MAX_DEADLINE_MS = 253402300799_000  # 9999-12-31: the last instant a record can hold
 
 
 class Placement:
@@ -343,6 +344,8 @@ class Placement:
             return False, "loop: already visited"
         if envelope.hops > self.max_hops:
             return False, "hop limit"
+        if not 0 < envelope.deadline_unix_ms <= MAX_DEADLINE_MS:
+            raise InvalidTask("deadline out of range", deadline_unix_ms=envelope.deadline_unix_ms)
         job = Job(envelope.spec, envelope.attempt, envelope.deadline_unix_ms, list(envelope.path))
         if envelope.origin_dc and envelope.origin_dc != self.cfg.dc:
             accepted, reason = await self._adopt(job)

@@ -126,6 +126,14 @@ async def test_loops_and_hop_limits_are_refused(cluster: Cluster) -> None:
         envelope.path[:] = ["x", "y", "z"]
         envelope.hops = 4
         too_far = await peer.Offer(envelope)
+        # A deadline no record can hold, from another DC: refused, not a crash.
+        envelope.path[:], envelope.hops, envelope.origin_dc = ["x"], 1, "elsewhere"
+        envelope.spec.queue = "normal"
+        envelope.deadline_unix_ms = 2**62
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await peer.Offer(envelope)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+        assert "deadline out of range" in (caught.value.details() or "")
     assert not looped.accepted and "loop" in looped.reason
     assert not too_far.accepted and "hop limit" in too_far.reason
     assert looped.load.running == 0  # every reply carries the receiver's load
