@@ -20,7 +20,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from mesh.v1 import tasks_pb2 as pb
+
 T = TypeVar("T")
+
+
+def sleep_spec(
+    task_id: str,
+    *,
+    seconds: float,
+    steps: int,
+    model: str,
+    user: pb.User | None = None,
+    **fields: object,
+) -> pb.TaskSpec:
+    """A task for the ``sleep`` pipeline: the simulated GPU work most tests submit."""
+    spec = pb.TaskSpec(
+        task_id=task_id,
+        user=user or pb.User(id="ada"),
+        task_type=pb.TASK_TYPE_T2I,
+        pipeline="sleep",
+        model=model,
+        **fields,  # type: ignore[arg-type]
+    )
+    spec.params.update(seconds=str(seconds), steps=str(steps))
+    return spec
+
 
 START_TIMEOUT_S = 30.0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from collections import Counter
 
-from support import Cluster, eventually, wait_log
+from support import Cluster, eventually, sleep_spec, wait_log
 
 from mesh.client import MeshClient
 from mesh.task import TERMINAL, state_name
@@ -16,16 +16,9 @@ USER = "ada"
 
 
 def task(task_id: str, queue: str, seconds: float) -> pb.TaskSpec:
-    spec = pb.TaskSpec(
-        task_id=task_id,
-        user=pb.User(id=USER),
-        task_type=pb.TASK_TYPE_T2I,
-        pipeline="sleep",
-        model="m",
-        queue=queue,
+    return sleep_spec(
+        task_id, seconds=seconds, steps=1, model="m", user=pb.User(id=USER), queue=queue
     )
-    spec.params.update(seconds=str(seconds), steps="1")
-    return spec
 
 
 async def all_done(client: MeshClient, count: int) -> list[pb.TaskStatus] | None:

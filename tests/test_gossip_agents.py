@@ -9,7 +9,7 @@ import socket
 import urllib.request
 
 import aetcd
-from support import AgentProc, Cluster, eventually, until_peers
+from support import AgentProc, Cluster, eventually, sleep_spec, until_peers
 
 from mesh.client import MeshClient
 from mesh.etcd import KeySpace
@@ -20,15 +20,7 @@ OLD_KEY, NEW_KEY = "old-gossip-key-0001", "new-gossip-key-0002"
 
 
 def busy_task(task_id: str) -> pb.TaskSpec:
-    spec = pb.TaskSpec(
-        task_id=task_id,
-        user=pb.User(id="ada"),
-        task_type=pb.TASK_TYPE_T2I,
-        pipeline="sleep",
-        model="hot",
-    )
-    spec.params.update(seconds="300", steps="1")
-    return spec
+    return sleep_spec(task_id, seconds=300, steps=1, model="hot")
 
 
 def start_trio(cluster: Cluster, **flags: object) -> tuple[AgentProc, AgentProc, AgentProc]:

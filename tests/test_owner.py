@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import aetcd
-from support import Cluster, eventually, until_peers
+from support import Cluster, eventually, sleep_spec, until_peers
 
 from mesh.client import MeshClient
 from mesh.election import Election
@@ -24,15 +24,7 @@ TTL_S = 2
 
 
 def sleep_task(task_id: str, seconds: float) -> pb.TaskSpec:
-    spec = pb.TaskSpec(
-        task_id=task_id,
-        user=pb.User(id="ada"),
-        task_type=pb.TASK_TYPE_T2I,
-        pipeline="sleep",
-        model="m",
-    )
-    spec.params.update(seconds=str(seconds), steps="4")
-    return spec
+    return sleep_spec(task_id, seconds=seconds, steps=4, model="m")
 
 
 def slow_command(task_id: str) -> pb.TaskSpec:

@@ -11,7 +11,7 @@ from pathlib import Path
 import aetcd
 import grpc
 import pytest
-from support import Cluster, eventually, until_peers, wait_log
+from support import Cluster, eventually, sleep_spec, until_peers, wait_log
 from typer.testing import CliRunner
 
 from mesh import summaries, topostore
@@ -28,15 +28,7 @@ runner = CliRunner()
 
 
 def task(task_id: str, model: str = "hot", seconds: float = 300) -> pb.TaskSpec:
-    spec = pb.TaskSpec(
-        task_id=task_id,
-        user=pb.User(id="ada"),
-        task_type=pb.TASK_TYPE_T2I,
-        pipeline="sleep",
-        model=model,
-    )
-    spec.params.update(seconds=str(seconds), steps="2")
-    return spec
+    return sleep_spec(task_id, seconds=seconds, steps=2, model=model)
 
 
 def topology(prefix: str, dcs: dict[str, dict], **routing: float) -> Topology:

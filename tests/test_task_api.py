@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import AgentProc, Cluster, eventually, until_peers
+from support import AgentProc, Cluster, eventually, sleep_spec, until_peers
 
 from mesh.client import MeshClient
 from mesh.localmesh import free_port
@@ -22,16 +22,8 @@ MiB = 1024 * 1024
 
 
 def sleep_task(task_id: str, seconds: float = 0.3, steps: int = 3, **fields: object) -> pb.TaskSpec:
-    spec = pb.TaskSpec(
-        task_id=task_id,
-        user=pb.User(id="ada", group="research", role="user"),
-        task_type=pb.TASK_TYPE_T2I,
-        pipeline="sleep",
-        model="sdxl",
-        **fields,  # type: ignore[arg-type]
-    )
-    spec.params.update(seconds=str(seconds), steps=str(steps))
-    return spec
+    user = pb.User(id="ada", group="research", role="user")
+    return sleep_spec(task_id, seconds=seconds, steps=steps, model="sdxl", user=user, **fields)
 
 
 async def follow(client: MeshClient, task_id: str) -> list[pb.TaskEvent]:
