@@ -81,7 +81,7 @@ def run(
     outcomes = []
     for s in chosen:
         console.print(f"[bold]{s.name}[/bold]: {s.summary}")
-        outcome = asyncio.run(run_scenario(s, base / s.name, seed))
+        outcome = asyncio.run(run_scenario(s, base / s.name, seed, quick))
         outcomes.append(outcome)
         if as_json:
             print(json.dumps(outcome.as_json()), flush=True)

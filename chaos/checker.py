@@ -44,6 +44,7 @@ class Observed:
     membership: dict[str, set[str]]  # per DC, at the end
     expected: dict[str, set[str]]  # per DC
     extra_violations: list[str] = field(default_factory=list)
+    settle_s: float = 60.0  # the records were read this long after the fault cleared
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +124,9 @@ def runs(events: list[Event]) -> list[Run]:
         target, at = str(event["target"]), float(event["mono"])  # type: ignore[arg-type]
         woke = first_after(events, at, "fault", "cont", target=target)
         frozen[target].append((at, horizon if woke is None else woke))
+    written_off: dict[tuple[str, str], list[float]] = defaultdict(list)  # (task, dead agent)
+    for event in select(events, "requeue", "requeued"):
+        written_off[(str(event["task"]), str(event.get("dead")))].append(float(event["mono"]))  # type: ignore[arg-type]
     open_runs: dict[tuple[str, str, int], float] = {}
     found: list[tuple[str, str, int, float, float | None]] = []
     for event in events:
@@ -139,8 +143,9 @@ def runs(events: list[Event]) -> list[Run]:
     for task, agent, attempt, start, end in found:
         killed = min((t for t in deaths[agent] if t >= start), default=None)
         stopped = min(x for x in (end, killed, horizon) if x is not None)
-        written_off = first_after(events, start, "requeue", "requeued", task=task, dead=agent)
-        live_end = min(stopped, written_off) if written_off is not None else stopped
+        offs = written_off.get((task, agent), ())
+        off = next((t for t in offs if t >= start), None)  # in time order, as events are
+        live_end = min(stopped, off) if off is not None else stopped
         undead = (live_end, stopped)
         zombie = undead[1] - undead[0] - sum(_overlap(undead, f) for f in frozen[agent])
         result.append(Run(task, agent, attempt, start, stopped, live_end, max(0.0, zombie)))
@@ -202,10 +207,16 @@ def check(observed: Observed) -> Verdict:
     # A submit whose answer was lost may still have created its task: it must end too.
     for key in sorted(accepted | (submitted & records.keys())):
         record = records.get(key)
-        state = str(record["state"]) if record else "missing"
+        if record is None:
+            verdict.lost += 1
+            verdict.violations.append(f"lost: {key} has no record")
+            continue
+        state = str(record["state"])
         if state not in TERMINAL:
             verdict.lost += 1
-            verdict.violations.append(f"lost: {key} is {state}")
+            verdict.violations.append(
+                f"liveness: {key} is still {state} {observed.settle_s:g}s after the fault cleared"
+            )
         elif key in accepted:
             if state == "SUCCEEDED":
                 verdict.succeeded += 1

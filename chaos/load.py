@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -55,6 +55,7 @@ class Load:
         }
         self._inflight: set[asyncio.Task[None]] = set()
         self.sent = 0
+        self.accepted = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Submit until ``stop`` is set, then wait for the submissions still retrying."""
@@ -75,15 +76,35 @@ class Load:
         for _ in range(count):
             self._spawn(dc)
 
-    def _spawn(self, dc: str | None = None) -> None:
+    async def flood(self, count: int, concurrency: int, task_s: tuple[float, float]) -> None:
+        """``count`` short tasks to random agents of both DCs, at most ``concurrency``
+        Submits in flight at once, beside the steady rate: deep backlogs, fast. Returns
+        once every one of them was answered for good (accepted, or given up)."""
+        gate = asyncio.Semaphore(concurrency)
+        await asyncio.gather(*(self._spawn(gate=gate, task_s=task_s) for _ in range(count)))
+
+    def _spawn(
+        self,
+        dc: str | None = None,
+        gate: asyncio.Semaphore | None = None,
+        task_s: tuple[float, float] | None = None,
+    ) -> asyncio.Task[None]:
         self.sent += 1
         key = f"c{self.sent:05d}-{self._rng.randrange(16**6):06x}"
-        task = asyncio.create_task(self._submit(key, dc or self._rng.choice(sorted(self._agents))))
+        spec = self._spec(key, task_s or self._task_s)
+        submit = self._submit(spec, dc or self._rng.choice(sorted(self._agents)))
+        task = asyncio.create_task(self._gated(gate, submit) if gate else submit)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
+        return task
 
-    def _spec(self, key: str) -> pb.TaskSpec:
-        seconds = self._rng.uniform(*self._task_s)
+    @staticmethod
+    async def _gated(gate: asyncio.Semaphore, submit: Awaitable[None]) -> None:
+        async with gate:
+            await submit
+
+    def _spec(self, key: str, task_s: tuple[float, float]) -> pb.TaskSpec:
+        seconds = self._rng.uniform(*task_s)
         return pb.TaskSpec(
             task_id=key,
             user=pb.User(id="chaos"),
@@ -95,10 +116,10 @@ class Load:
             timeout=Duration(seconds=TASK_TIMEOUT_S),
         )
 
-    async def _submit(self, key: str, dc: str) -> None:
+    async def _submit(self, spec: pb.TaskSpec, dc: str) -> None:
+        key = spec.task_id
         names = list(self._agents[dc])
         self._rng.shuffle(names)
-        spec = self._spec(key)
         for attempt in range(MAX_TRIES):
             name = names[attempt % len(names)]
             self._history.write("submit", "invoke", key=key, target=name, target_dc=dc)
@@ -121,6 +142,7 @@ class Load:
                 "submit", "ok", key=key, task=reply.status.task_id, target=name,
                 dc=reply.status.dc, existing=reply.existing,
             )  # fmt: skip
+            self.accepted += 1
             return
 
     async def close(self) -> None:

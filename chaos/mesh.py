@@ -24,7 +24,7 @@ from pathlib import Path
 import aetcd
 
 from chaos.net import Loopback, Namespaces, Network
-from mesh import topostore
+from mesh import backlog, topostore
 from mesh.etcd import KeySpace, client_for
 from mesh.etcdserver import EtcdMember, find_etcd
 from mesh.localmesh import agent_healthy, free_port
@@ -218,6 +218,17 @@ class ChaosMesh:
         async with self.client(dc) as client:
             listing = await client.get_prefix(keys.agents)
             return {kv.key[len(keys.agents) :].decode() for kv in listing}
+
+    async def backlog(self, dc: str) -> tuple[int, float]:
+        """How many tasks wait in ``dc``'s backlog now, and how long the oldest has."""
+        keys = KeySpace(PREFIX, dc)
+        async with self.client(dc) as client:
+            listing = await client.get_prefix(keys.backlog, keys_only=True)
+        waiting = backlog.by_class({kv.key[len(keys.backlog) :].decode(): b"" for kv in listing})
+        oldest = min((w[0].enqueued_ms for w in waiting.values() if w), default=None)
+        return sum(map(len, waiting.values())), (
+            0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)
+        )
 
     async def owner(self, dc: str) -> str | None:
         """The agent that leads ``dc``'s queue now (etcd's election recipe)."""

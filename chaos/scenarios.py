@@ -15,9 +15,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+import grpc
+
 from chaos.checker import Event, first_after, read_events, runs, select
-from chaos.mesh import ChaosMesh
+from chaos.load import Load
+from chaos.mesh import DCS, ChaosMesh
 from chaos.net import Namespaces
+from mesh.client import MeshClient
 from mesh.history import History
 
 
@@ -39,7 +43,8 @@ class Context:
     mesh: ChaosMesh
     marks: History
     ttl_s: int
-    burst: Callable[[str, int], None]  # submit this many tasks to the DC at once
+    load: Load  # the steady load; scenarios add bursts and floods to it
+    quick: bool = False  # the reduced size CI runs
 
     def mark(self, phase: str, **fields: object) -> float:
         self.marks.write("fault", phase, **fields)
@@ -88,6 +93,13 @@ RERUN = Target("recover_s", 1, 1)  # its tasks run again within TTL + 1 s
 FAILOVER = Target("failover_s", 1, 1)  # a new queue owner within TTL + 1 s
 HANDOVER = Target("recover_s", 0, 1)  # a drained agent's work is elsewhere within 1 s
 
+BURST_FULL = (3000, 64)  # tasks, Submits in flight at most
+BURST_QUICK = (600, 32)
+BURST_TASK_S = (0.02, 0.1)
+BURST_SETTLE_S = 120.0
+STUCK_S = 5.0  # a backlog that holds tasks this long while its DC has idle slots is stuck
+SAMPLE_S = 0.5
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -99,6 +111,7 @@ class Scenario:
     checks: Checks = no_checks  # the scenario's own invariants, beyond the common ones
     quick: bool = False
     needs: tuple[str, ...] = ()  # "netns", "etcd-3.4"
+    settle_s: float = 60.0  # every accepted task must end this long after the fault cleared
 
 
 # -- figures --------------------------------------------------------------------------------
@@ -231,6 +244,30 @@ def outlived_etcd_outage(events: list[Event], staged: Staged, ttl_s: int) -> lis
     ]
 
 
+def backlog_kept_moving(events: list[Event], staged: Staged, ttl_s: int) -> list[str]:
+    """No DC kept tasks in its backlog for ``STUCK_S`` while it had idle slots (sampled
+    from etcd and an agent's view): a backlog that stops moving fails the scenario even
+    if its tasks end by their deadline later."""
+    problems = []
+    for dc in DCS:
+        samples = list(select(events, "sample", "backlog", dc=dc))
+        peak = max((int(e["depth"]) for e in samples), default=0)  # type: ignore[call-overload]
+        longest, since = 0.0, None
+        for e in samples:
+            at = float(e["mono"])  # type: ignore[arg-type]
+            if int(e["depth"]) and int(e.get("idle") or 0):  # type: ignore[call-overload]
+                since = at if since is None else since
+                longest = max(longest, at - since)
+            else:
+                since = None
+        staged.notes.append(
+            f"{dc}: backlog peaked at {peak}; longest wait with idle slots {longest:.1f}s"
+        )
+        if longest > STUCK_S:
+            problems.append(f"{dc}'s backlog held tasks for {longest:.1f}s while it had idle slots")
+    return problems
+
+
 # -- stages ---------------------------------------------------------------------------------
 
 
@@ -261,7 +298,7 @@ async def agent_kill(ctx: Context, staged: Staged) -> None:
 
 async def agent_term(ctx: Context, staged: Staged) -> None:
     # Fill the DC's queues first, so that the drained agent has queued work to hand over.
-    ctx.burst("west", 24)
+    ctx.load.burst("west", 24)
     await asyncio.sleep(0.5)
     await agent_signal(ctx, staged, signal.SIGTERM, ctx.busiest("west"))
 
@@ -273,7 +310,7 @@ async def agent_stop(ctx: Context, staged: Staged) -> None:
 async def owner_kill(ctx: Context, staged: Staged) -> None:
     owner = await ctx.mesh.owner("west")
     assert owner is not None, "west has no queue owner"
-    ctx.burst("west", 8)  # the owner runs tasks too: some of them die with it
+    ctx.load.burst("west", 8)  # the owner runs tasks too: some of them die with it
     await asyncio.sleep(0.5)
     await agent_signal(ctx, staged, signal.SIGKILL, owner)
 
@@ -282,7 +319,7 @@ async def owner_stop(ctx: Context, staged: Staged) -> None:
     owner = await ctx.mesh.owner("west")
     assert owner is not None, "west has no queue owner"
     # A backlog in the paused owner's view, so that it has work to claim when it wakes.
-    ctx.burst("west", 40)
+    ctx.load.burst("west", 40)
     await asyncio.sleep(1)
     await agent_signal(ctx, staged, signal.SIGSTOP, owner)
     await asyncio.sleep(2)  # let it wake, find itself deposed and stand again
@@ -388,6 +425,66 @@ async def wan_latency_loss(ctx: Context, staged: Staged) -> None:
         staged.failures.append("no connection went through the delay proxy: not exercised")
 
 
+async def _sample_backlogs(ctx: Context) -> None:
+    """Every ``SAMPLE_S``, each DC's backlog depth and oldest age (from etcd) and its idle
+    slots (from an agent's view: active agents that are not suspect), into the history."""
+    clients = {a.address: MeshClient(a.address) for a in ctx.mesh.agents.values()}
+    try:
+        while True:
+            for dc in DCS:
+                depth, oldest = await ctx.mesh.backlog(dc)
+                idle = await _idle_slots(ctx, dc, clients)
+                ctx.marks.write(
+                    "sample", "backlog", dc=dc, depth=depth, oldest_s=round(oldest, 3), idle=idle
+                )
+            await asyncio.sleep(SAMPLE_S)
+    finally:
+        for client in clients.values():
+            await client.close()
+
+
+async def _idle_slots(ctx: Context, dc: str, clients: dict[str, MeshClient]) -> int | None:
+    for agent in ctx.mesh.in_dc(dc):
+        if not agent.alive():
+            continue
+        try:
+            infos = await clients[agent.address].agents(timeout_s=1.0)
+        except grpc.aio.AioRpcError:
+            continue
+        return sum(
+            max(0, len(a.gpus) - a.running) for a in infos if a.state == "active" and not a.suspect
+        )
+    return None
+
+
+async def burst(ctx: Context, staged: Staged) -> None:
+    """Thousands of short tasks at high concurrency over both DCs (deep backlogs), an
+    agent SIGKILLed once half of them are in, until both backlogs have drained."""
+    count, concurrency = BURST_QUICK if ctx.quick else BURST_FULL
+    sampling = asyncio.create_task(_sample_backlogs(ctx))
+    try:
+        before = ctx.load.accepted
+        ctx.mark("flood", tasks=count, concurrency=concurrency)
+        flooding = asyncio.create_task(ctx.load.flood(count, concurrency, BURST_TASK_S))
+
+        async def half_in() -> bool:
+            return ctx.load.accepted - before >= count // 2 or flooding.done()
+
+        await _poll(half_in, 120)
+        await agent_signal(ctx, staged, signal.SIGKILL, ctx.busiest())
+        await flooding
+
+        async def drained() -> bool:
+            return all([(await ctx.mesh.backlog(dc))[0] == 0 for dc in DCS])
+
+        if await _poll(drained, BURST_SETTLE_S) is None:
+            staged.notes.append(f"the backlogs had not drained {BURST_SETTLE_S:g}s after")
+    finally:
+        sampling.cancel()
+        await asyncio.gather(sampling, return_exceptions=True)
+    staged.notes.append(f"flood of {count} tasks, {concurrency} Submits in flight at most")
+
+
 SCENARIOS = [
     Scenario("agent-kill", "SIGKILL the busiest agent mid-task", agent_kill, agent_death,
              (DETECT, RERUN), quick=True),
@@ -409,5 +506,8 @@ SCENARIOS = [
              dc_partition, measured, quick=True, needs=("netns",)),
     Scenario("wan-latency-loss", "80±40 ms between the DCs (delay proxy) and 5% loss",
              wan_latency_loss, measured, needs=("netns",)),
+    Scenario("burst", "thousands of short tasks at once over both DCs, an agent SIGKILLed "
+             "midway", burst, agent_death, (DETECT,), checks=backlog_kept_moving, quick=True,
+             settle_s=BURST_SETTLE_S),
 ]  # fmt: skip
 BY_NAME = {s.name: s for s in SCENARIOS}

@@ -24,6 +24,7 @@ import grpc
 
 from mesh import backlog, metrics, summaries, topostore
 from mesh.config import AgentConfig
+from mesh.duties import Duties
 from mesh.election import Election
 from mesh.errors import (
     ConfigError,
@@ -97,7 +98,7 @@ class Agent:
         self.summaries: dict[str, peer_pb2.DcSummary] = {}  # other DCs, as last heard
         self.gpu_weights = dict(cfg.gpu_weights)
         self.gossip = self._gossip_node()
-        self._background: set[asyncio.Task[None]] = set()
+        self.duties = Duties()
         self.placement = Placement(
             cfg,
             self.keys,
@@ -107,7 +108,7 @@ class Agent:
             self.peers,
             self.remote,
             self.executor,
-            self._spawn,
+            self.duties.spawn,
             lambda: self.summaries,
         )
         self.owner: QueueOwner | None = None
@@ -149,16 +150,16 @@ class Agent:
             raise Unavailable(f"cannot reach etcd at {self.cfg.etcd_endpoints}: {exc}") from exc
         bound = await self.gossip.start()
         self.gossip_address = self.cfg.gossip_advertise or bound
-        self._spawn(self.topology_mirror.run(), "topology")
+        self.duties.keep("topology", self.topology_mirror.run)
         await asyncio.wait_for(self.topology_mirror.ready.wait(), timeout=10)
         self._incarnation = now_ms()
         await self.registry.publish(self._record())
-        self._spawn(self.registry.mirror.run(), "membership")
-        self._spawn(self.executor.run(), "executor")
-        self._spawn(self._watch_session(), "session")
-        self._spawn(self.gossip.run(), "gossip")
-        self._spawn(self.summaries_mirror.run(), "summaries")
-        self._spawn(self._speak_for_the_dc(), "dc summaries")
+        self.duties.keep("membership", self.registry.mirror.run)
+        self.duties.keep("executor", self.executor.run)
+        self.duties.keep("session", self._watch_session)
+        self.duties.keep("gossip", self.gossip.run)
+        self.duties.keep("summaries", self.summaries_mirror.run)
+        self.duties.keep("dc summaries", self._speak_for_the_dc)
         await asyncio.wait_for(self.registry.mirror.ready.wait(), timeout=10)
         self._start_owner()  # after the mirror: an owner must know who is alive
         version = self.topology.version if self.topology else 0
@@ -184,24 +185,20 @@ class Agent:
             f"{self.cfg.agent_id} {self.address}".encode(),
         )
         self.owner = QueueOwner(
+            self.cfg.agent_id,
             election,
             self.store,
             self.keys,
-            self.placement.place,
+            lambda job: self.placement.place(job, patient=True),
             self.placement.room_for,
+            self.router.free_slots,
+            self.router.room_left,
             Discipline(self.cfg.queues, self.cfg.queue_aging_s),
             self.cfg.max_attempts,
             self.history,
         )
         self.owner.members_changed(self.registry.peers)
-        self._owner_task = asyncio.create_task(self.owner.run(), name="queue owner")
-        self._background.add(self._owner_task)
-        self._owner_task.add_done_callback(self._background.discard)
-
-    def _spawn(self, coro: object, name: str) -> None:
-        task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._owner_task = self.duties.keep("queue owner", self.owner.run)
 
     def _record(self, state: str = ACTIVE) -> AgentRecord:
         return AgentRecord(
@@ -222,7 +219,7 @@ class Agent:
 
     def _models_changed(self) -> None:
         if self.registry.me is not None:
-            self._spawn(self._republish(), "republish")
+            self.duties.spawn("republish", self._republish())
 
     async def _republish(self) -> None:
         state = self.registry.me.state if self.registry.me else ACTIVE
@@ -453,10 +450,7 @@ class Agent:
         for job in interrupted:
             await self._hand_back(job)
         await self.session.close(revoke=True)
-        background = list(self._background)
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await self.duties.stop()
         await self.peers.close()
         self.gossip.close()
         self.placement.close()

@@ -1,18 +1,31 @@
 """The DC's durable backlog: tasks waiting for capacity, in etcd, one key per task.
 
-``/{prefix}/{dc}/backlog/{class}/{enqueued_ms}-{task_id}``: the key alone says the class
-and the age, so the queue owner orders the backlog from a mirror of the keys, with the
-same ``Discipline`` as every agent's local queue (weights, and aging so nothing starves).
-A task enters with its record in one transaction; only the owner takes it out, fenced by
-its leadership, so a task leaves the backlog once.
+``/{prefix}/{dc}/backlog/{class}/{enqueued_ms}-{task_id}`` holds ``{"deadline_ms": …}``:
+the key alone says the class and the age, and the value the deadline, so the queue owner
+orders the backlog and expires what waited too long from a mirror of the prefix, without
+reading a record per entry. Entries are ordered with the same ``Discipline`` as every
+agent's local queue (weights, and aging so nothing starves).
+
+A task enters with its record in one transaction. An entry leaves only by a *claim*: one
+transaction, fenced by the owner's term, that deletes the entry if it still exists and
+changes the record with it (placed, cancelled, expired). So an entry is taken once, and
+nothing can take it without saying what became of its task.
+
+A dispatch ``Round`` works on a bounded snapshot of the mirror: every entry it hands out
+leaves the round, whatever becomes of it, so a round always ends.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum
 
 from mesh.queue import Discipline
+from mesh.task import TERMINAL
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -20,33 +33,122 @@ class Waiting:
     enqueued_ms: int
     task_id: str
     queue_class: str
+    deadline_ms: int = 0  # 0: not known from the entry (read the record)
 
 
-def parse(name: str) -> Waiting | None:
-    """A backlog key's tail (``class/enqueued-task``); None if it is not one of ours."""
+def entry_value(deadline_ms: int) -> bytes:
+    return json.dumps({"deadline_ms": deadline_ms}, separators=(",", ":")).encode()
+
+
+def _deadline(raw: object) -> int:
+    if not isinstance(raw, bytes | str):
+        return 0
+    try:
+        value = json.loads(raw).get("deadline_ms", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and value > 0 else 0
+
+
+def parse(name: str, value: object = b"") -> Waiting | None:
+    """A backlog key's tail (``class/enqueued-task``) and its value; None if not ours."""
     queue_class, _, rest = name.partition("/")
     stamp, _, task_id = rest.partition("-")
     if not queue_class or not task_id or not stamp.isdigit():
         return None
-    return Waiting(int(stamp), task_id, queue_class)
+    return Waiting(int(stamp), task_id, queue_class, _deadline(value))
 
 
-def by_class(names: Mapping[str, object]) -> dict[str, list[Waiting]]:
+def by_class(entries: Mapping[str, object]) -> dict[str, list[Waiting]]:
     """The backlog per class, oldest first."""
     classes: dict[str, list[Waiting]] = {}
-    for name in names:
-        waiting = parse(name)
+    for name, value in entries.items():
+        waiting = parse(name, value)
         if waiting is not None:
             classes.setdefault(waiting.queue_class, []).append(waiting)
-    for entries in classes.values():
-        entries.sort()
+    for waiting_list in classes.values():
+        waiting_list.sort()
     return classes
 
 
-def next_up(
-    classes: Mapping[str, list[Waiting]], discipline: Discipline, now_ms: int
-) -> Waiting | None:
-    """The entry to dispatch next, by weight and age (updates the discipline's credits)."""
-    heads = {c: entries[0].enqueued_ms / 1000 for c, entries in classes.items() if entries}
-    chosen = discipline.choose(heads, now_ms / 1000)
-    return classes[chosen][0] if chosen is not None else None
+def expired(entries: Mapping[str, object], now_ms: int) -> list[Waiting]:
+    """Entries whose task's deadline has passed: they end without waiting for room."""
+    found = [w for w in map(parse, entries, entries.values()) if w is not None]
+    return sorted(w for w in found if w.deadline_ms and w.deadline_ms <= now_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class Depth:
+    depth: int
+    oldest_ms: int  # enqueue time of the oldest entry; 0 when empty
+
+
+def depths(classes: Mapping[str, list[Waiting]]) -> dict[str, Depth]:
+    return {
+        name: Depth(len(waiting), waiting[0].enqueued_ms if waiting else 0)
+        for name, waiting in classes.items()
+    }
+
+
+class Round:
+    """One dispatch pass over a snapshot, best entry first by the discipline.
+
+    ``pop`` hands out each entry at most once, so a round over ``n`` entries ends after
+    at most ``n`` pops, whatever the caller does with them. ``refund`` gives back the
+    discipline's credit for the last pop when it moved nothing (no room): the round then
+    ends, and the entry is first again next time.
+    """
+
+    def __init__(self, classes: Mapping[str, list[Waiting]], discipline: Discipline) -> None:
+        self._classes = {name: list(waiting) for name, waiting in classes.items() if waiting}
+        self._discipline = discipline
+        self._credit: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return sum(len(waiting) for waiting in self._classes.values())
+
+    def pop(self, now_ms: int) -> Waiting | None:
+        heads = {c: waiting[0].enqueued_ms / 1000 for c, waiting in self._classes.items()}
+        self._credit = self._discipline.snapshot()
+        chosen = self._discipline.choose(heads, now_ms / 1000)
+        if chosen is None:
+            return None
+        waiting = self._classes[chosen].pop(0)
+        if not self._classes[chosen]:
+            del self._classes[chosen]
+        return waiting
+
+    def refund(self) -> None:
+        if self._credit is not None:
+            self._discipline.restore(self._credit)
+            self._credit = None
+
+
+class Room(Enum):
+    """Whether the DC has room for a task now, as the router sees it."""
+
+    FREE = "free"  # an agent may take it
+    FULL = "full"  # its eligible agents are all full: it waits, and those behind it too
+    NOT_HERE = "not here"  # no agent of the DC can run it now: it waits, others go ahead
+
+
+class Verdict(Enum):
+    """What the owner does with an entry, from its task's record."""
+
+    DISPATCH = "dispatch"  # waiting in the backlog: place it when there is room
+    CANCEL = "cancel"  # a cancel was asked for while it waited
+    EXPIRE = "expire"  # its deadline passed while it waited
+    STALE = "stale"  # the record has moved on (ended, or placed): only the entry is left
+
+
+def judge(record: peer_pb2.TaskRecord, now_ms: int) -> Verdict:
+    status = record.status
+    if status.state in TERMINAL or record.forwarded_to_dc:
+        return Verdict.STALE
+    if status.agent or status.state != pb.TASK_STATE_QUEUED:
+        return Verdict.STALE  # placed on an agent (or taken for placing) meanwhile
+    if record.cancel_requested:
+        return Verdict.CANCEL
+    if status.HasField("deadline") and status.deadline.ToMilliseconds() <= now_ms:
+        return Verdict.EXPIRE
+    return Verdict.DISPATCH

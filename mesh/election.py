@@ -76,6 +76,19 @@ class Election:
         """The comparison that holds only while this candidate still leads its term."""
         return self._client.transactions.create(self.key) == self.term
 
+    async def leads(self) -> bool:
+        """Whether this candidate still leads its term, as etcd says now."""
+        if not self.key:
+            return False
+        try:
+            got = await self._client.get(self.key)
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"cannot read the election: {exc}") from exc
+        if got is None or got.create_revision != self.term:
+            return False
+        predecessor, _ = await self._predecessor()
+        return predecessor is None
+
     async def leader(self) -> tuple[bytes, int] | None:
         """The leader's value and term, as anyone can read them."""
         try:

@@ -13,6 +13,25 @@ BACKLOGGED = Counter("gpumesh_tasks_backlogged_total", "Tasks put in the DC's ba
 RUNNING = Gauge("gpumesh_tasks_running", "Tasks running on this agent")
 QUEUED = Gauge("gpumesh_tasks_queued", "Tasks in this agent's local queue")
 
+BACKLOG_DEPTH = Gauge(
+    "gpumesh_backlog_depth", "Tasks waiting in the DC's backlog (queue owner only)", ["queue"]
+)
+BACKLOG_OLDEST = Gauge(
+    "gpumesh_backlog_oldest_age_seconds",
+    "How long the oldest backlog entry has waited (queue owner only)",
+    ["queue"],
+)
+BACKLOG_STALLS = Counter(
+    "gpumesh_backlog_stalls_total",
+    "Dispatch ticks where the oldest entry waited past the stall bound with slots free",
+)
+BACKLOG_ENDED = Counter(
+    "gpumesh_backlog_ended_total", "Backlog entries ended without running, by reason", ["code"]
+)
+OWNER_TERMS = Counter("gpumesh_owner_terms_total", "Terms this agent began as queue owner")
+DUTY_ERRORS = Counter(
+    "gpumesh_duty_errors_total", "Errors that stopped a background duty (it restarts)", ["duty"]
+)
 
 GOSSIP_RECEIVED = Counter("gpumesh_gossip_received_total", "Gossip datagrams accepted")
 GOSSIP_DROPPED = Counter(

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any
 
 import grpc
 
-from mesh import metrics, summaries
+from mesh import backlog, metrics, summaries
+from mesh.backlog import Room
 from mesh.config import AgentConfig
 from mesh.decisionlog import DecisionLog
 from mesh.errors import InvalidTask, MeshError, NoCapacity, StaleWrite, Unavailable, Unsure
@@ -61,7 +63,7 @@ class Placement:
         peers: PeerClients,
         remote: RemoteDcs,
         executor: Executor,
-        spawn: Callable[[Awaitable[None], str], None],
+        spawn: Callable[[str, Coroutine[Any, Any, None]], object],
         other_dcs: Callable[[], Mapping[str, peer_pb2.DcSummary]],
     ) -> None:
         """``spawn`` runs background work the agent cancels when it stops; ``other_dcs``
@@ -132,7 +134,7 @@ class Placement:
         try:
             stored, created = await self.store.create(record)
         except Unsure:
-            self._spawn(self._settle_unsure(admitted), f"settle {spec.task_id}")
+            self._spawn(f"settle {spec.task_id}", self._settle_unsure(admitted))
             raise
         except Unavailable as trouble:
             return await self._submit_elsewhere(record, admitted, trouble), True
@@ -210,10 +212,13 @@ class Placement:
             self.decisions.write(self.router, request, visited, options, decision)
         return decision
 
-    def room_for(self, spec: pb.TaskSpec) -> bool:
+    def room_for(self, spec: pb.TaskSpec) -> Room:
         """Whether an agent of this DC could take ``spec`` now (the backlog waits for
         local room: other DCs were tried before the task went into it)."""
-        return self.router.route(request_of(spec)).first.kind != BACKLOG
+        first = self.router.route(request_of(spec)).first
+        if first is NONE_ELIGIBLE:
+            return Room.NOT_HERE
+        return Room.FULL if first.kind == BACKLOG else Room.FREE
 
     async def _to_backlog(self, job: Job) -> None:
         """Wait in the DC's durable backlog: the record and the entry in one transaction."""
@@ -227,18 +232,22 @@ class Placement:
             status.path.extend(job.path)
             status.queued_at.CopyFrom(now_ts())
 
-        put = self.store.client.transactions.put(entry, job.task_id.encode())
+        put = self.store.client.transactions.put(entry, backlog.entry_value(job.deadline_ms))
         await self.store.update(job.task_id, mutate, attempt=job.attempt, also=[put])
         metrics.BACKLOGGED.inc()
 
-    async def place(self, job: Job, spill: bool = True, backlog: bool = True) -> str:
+    async def place(
+        self, job: Job, spill: bool = True, wait: bool = True, patient: bool = False
+    ) -> str:
         """Offer ``job`` to the router's targets in turn until one takes it.
 
         A first round offers only to agents of this DC. If all refuse, their replies have
         refreshed the view, so a second decision is made with them marked visited, and
         only that one may spill to other DCs or end in the backlog: the DC's durable
-        backlog when ``backlog`` allows and the payload is kept in the record, else
-        ``NoCapacity``.
+        backlog when ``wait`` allows and the payload is kept in the record, else
+        ``NoCapacity``. A new task that no agent of the DC can run is refused; a
+        ``patient`` one (the owner's: it was accepted long ago) waits in the backlog
+        for such an agent until its deadline.
         """
         visited = set(job.path)
         refused: list[str] = []
@@ -260,7 +269,7 @@ class Placement:
                         self.spill_share.record(True)
                         return f"dc:{target.name}"
                     refused.append(f"dc {target.name}: {reason}")
-                elif backlog and self._durable(job) and target is not NONE_ELIGIBLE:
+                elif wait and self._durable(job) and (patient or target is not NONE_ELIGIBLE):
                     await self._to_backlog(job)
                     self.spill_share.record(False)
                     return "backlog"
@@ -371,7 +380,7 @@ class Placement:
                 return False, f"it was handed from here to DC {stored.record.forwarded_to_dc}"
             return True, "already here"
         try:
-            where = await self.place(job, spill=False, backlog=False)
+            where = await self.place(job, spill=False, wait=False)
         except MeshError as exc:
             with contextlib.suppress(MeshError):
                 await self.store.delete(stored)

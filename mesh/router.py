@@ -251,6 +251,23 @@ class Router:
     def loaded_on(self, agent_id: str) -> frozenset[str]:
         return self._loaded[agent_id]
 
+    def free_slots(self) -> int:
+        """GPU slots of active members with no task on them, as the view has it."""
+        loads = self._loads
+        return sum(
+            max(0, m.slots - loads[a].running) for a, m in self._members.items() if not m.draining
+        )
+
+    def room_left(self) -> int:
+        """Tasks active members could still take up to their hard limits (slots and
+        queue room), as the view has it."""
+        loads = self._loads
+        return sum(
+            max(0, m.slots + m.queue_limit - loads[a].tasks)
+            for a, m in self._members.items()
+            if not m.draining
+        )
+
     @property
     def members(self) -> dict[str, Member]:
         return self._members
