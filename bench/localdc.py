@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from mesh.localmesh import LocalMesh, free_port
+from mesh.local.localmesh import LocalMesh, free_port
 from mesh.topology import parse
 
 POLL_S = 0.02

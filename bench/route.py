@@ -8,7 +8,7 @@ Two parts, both measured in the same run as their baselines:
   GPUs where running a model an agent has not loaded costs a load delay and each agent
   keeps only as many models as its GPU memory holds (LRU). Every policy sees the same
   trace: random, round-robin, plain consistent hashing, least-loaded, power-of-two, ours
-  (``mesh.router``), and an omniscient central scheduler that knows every queue and
+  (``mesh.core.router``), and an omniscient central scheduler that knows every queue and
   picks the earliest finish time.
 """
 
@@ -26,9 +26,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mesh.core.ring import HashRing, key_point
+from mesh.core.router import AGENT, Member, Policy, Request, Router
 from mesh.gpus import DEFAULT_GPU_WEIGHTS
-from mesh.ring import HashRing, key_point
-from mesh.router import AGENT, Member, Policy, Request, Router
 
 # (class, memory GB, share of the fleet)
 FLEET_MIX = [("H100", 80, 0.25), ("A100", 80, 0.3), ("L40S", 48, 0.25), ("A40", 48, 0.2)]

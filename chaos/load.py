@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Mapping
 import grpc
 from google.protobuf.duration_pb2 import Duration
 
+from mesh.agent.history import History
 from mesh.client import MeshClient
-from mesh.history import History
 from mesh.v1 import tasks_pb2 as pb
 
 RETRYABLE = {

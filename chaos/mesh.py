@@ -24,10 +24,11 @@ from pathlib import Path
 import aetcd
 
 from chaos.net import Loopback, Namespaces, Network
-from mesh import backlog, topostore
-from mesh.etcd import KeySpace, client_for
-from mesh.etcdserver import EtcdMember, find_etcd
-from mesh.localmesh import agent_healthy, free_port
+from mesh.core import backlog
+from mesh.local.etcdserver import EtcdMember, find_etcd
+from mesh.local.localmesh import agent_healthy, free_port
+from mesh.store import topostore
+from mesh.store.etcd import KeySpace, client_for
 from mesh.topology import Topology
 
 PREFIX = "chaos"
@@ -188,7 +189,7 @@ class ChaosMesh:
             "gossip_keys": json.dumps(["chaos-suite-gossip-key"]),
             **AGENT_FLAGS,
         }
-        argv = [*self.net.prefix(dc), sys.executable, "-m", "mesh.agent_main"]
+        argv = [*self.net.prefix(dc), sys.executable, "-m", "mesh.agent.main"]
         for key, value in flags.items():
             argv += [f"--{key.replace('_', '-')}", value]
         return Agent(name, dc, address, argv, self.workdir / "logs" / f"{name}.log")

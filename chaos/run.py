@@ -22,11 +22,11 @@ from chaos.load import Load
 from chaos.mesh import DCS, MODEL, PREFIX, ChaosMesh, etcd_version
 from chaos.net import Loopback, Namespaces, Network, netns_missing
 from chaos.scenarios import Context, Scenario, Staged
-from mesh.etcd import KeySpace, watch_events
-from mesh.etcdserver import find_etcd
-from mesh.history import History
-from mesh.records import decode
-from mesh.task import state_name
+from mesh.agent.history import History
+from mesh.core.task import state_name
+from mesh.local.etcdserver import find_etcd
+from mesh.store.etcd import KeySpace, watch_events
+from mesh.store.records import decode
 
 TTL_S = 3
 RATE_PER_S = 6.0

@@ -26,10 +26,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
-from mesh import localmesh
 from mesh.client import MeshClient
+from mesh.core.task import state_name
 from mesh.errors import ConfigError, MeshError
-from mesh.task import state_name
+from mesh.local import localmesh
 from mesh.topology import load as load_topology
 from mesh.v1 import tasks_pb2 as pb
 
@@ -421,7 +421,7 @@ def route(
 @app.command()
 def replay(log: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
     """Route every decision of a decision log again, offline; exit 1 on any difference."""
-    from mesh.decisionlog import replay as replay_log
+    from mesh.agent.decisionlog import replay as replay_log
 
     total, differ = 0, []
     for replayed in replay_log(log):
@@ -520,7 +520,7 @@ def topology_show(
     file: Annotated[Path, typer.Argument(help="file naming the DCs")] = DEFAULT_TOPOLOGY,
 ) -> None:
     """What each DC's etcd holds (the DCs and etcd endpoints come from FILE)."""
-    from mesh import topostore
+    from mesh.store import topostore
 
     states = asyncio.run(topostore.read_all(_load(file)))
     table = Table("dc", "version", "digest", "note")
@@ -543,7 +543,7 @@ def topology_diff(file: TopologyArg) -> None:
     """How FILE differs from what is applied (exit 1 if it does)."""
     import difflib
 
-    from mesh import topostore
+    from mesh.store import topostore
 
     topology = _load(file)
     changed = False
@@ -571,7 +571,7 @@ def topology_diff(file: TopologyArg) -> None:
 @topology_app.command("apply")
 def topology_apply(file: TopologyArg) -> None:
     """Write FILE to every DC's etcd as a new version; agents switch without restart."""
-    from mesh import topostore
+    from mesh.store import topostore
 
     report = asyncio.run(topostore.apply(_load(file)))
     table = Table("dc", "result")
@@ -590,7 +590,7 @@ def demo(
     home: HomeOpt = localmesh.DEFAULT_HOME,
 ) -> None:
     """The main job: a local 2-DC mesh, a mixed workload, a report; exit 1 if a task is lost."""
-    from mesh.demo import run_demo
+    from mesh.local.demo import run_demo
 
     try:
         mesh = localmesh.LocalMesh(load_topology(topology), home)

@@ -1,20 +1,21 @@
-"""One error root for the mesh, and the one table that turns it into gRPC status codes.
+"""One error root for the mesh, with no transport in it.
 
-Domain code raises ``MeshError`` subclasses with structured fields; only the gRPC edge
-(``mesh.service``) maps them to status codes, through ``grpc_code``.
+Domain code raises ``MeshError`` subclasses with structured fields. Each carries ``code``:
+the name of the status a caller should see (a gRPC status code name, as in
+``google.rpc.Code``: ``"INVALID_ARGUMENT"``, ``"UNAVAILABLE"``…). Only the edges turn the
+name into their own terms: the gRPC servicers into ``grpc.StatusCode``, the HTTP edge
+into an HTTP status. So the pure core raises these without importing a transport.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import grpc
-
 
 class MeshError(Exception):
     """Root of every error the mesh raises on purpose."""
 
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    code: str = "INTERNAL"
 
     def __init__(self, message: str, **fields: Any) -> None:
         super().__init__(message)
@@ -31,39 +32,39 @@ class MeshError(Exception):
 class InvalidTask(MeshError):
     """The request is malformed or names something this mesh does not know."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = "INVALID_ARGUMENT"
 
 
 class LimitExceeded(MeshError):
     """A configured limit (payload size, queue length, ...) refuses the request."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class DeadlinePassed(MeshError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    code = "DEADLINE_EXCEEDED"
 
 
 class TaskNotFound(MeshError):
-    code = grpc.StatusCode.NOT_FOUND
+    code = "NOT_FOUND"
 
 
 class TaskConflict(MeshError):
     """A client task id was reused for a different task."""
 
-    code = grpc.StatusCode.ALREADY_EXISTS
+    code = "ALREADY_EXISTS"
 
 
 class NoCapacity(MeshError):
     """No agent could take the task now; the client should retry after a while."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    code = "RESOURCE_EXHAUSTED"
 
 
 class Unavailable(MeshError):
     """etcd or a peer cannot be reached; the call may succeed if retried."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = "UNAVAILABLE"
 
 
 class Unsure(Unavailable):
@@ -74,8 +75,27 @@ class Unsure(Unavailable):
 class StaleWrite(MeshError):
     """A write lost a compare-and-swap: someone else changed the record first."""
 
-    code = grpc.StatusCode.ABORTED
+    code = "ABORTED"
 
 
 class ConfigError(MeshError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    code = "FAILED_PRECONDITION"
+
+
+class PipelineError(MeshError):
+    """A task failed for a reason its user should read (bad params, an exit code...);
+    ``code`` names the status recorded with the task."""
+
+    def __init__(self, message: str, code: str = "FAILED_PRECONDITION", **fields: Any) -> None:
+        super().__init__(message, **fields)
+        self.code = code
+
+
+class BadPacket(MeshError):
+    """A gossip datagram was dropped; ``reason`` says why (it labels the drop counter)."""
+
+    code = "INVALID_ARGUMENT"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -16,8 +16,8 @@ import pytest
 from support import Cluster
 
 from mesh.errors import ConfigError
-from mesh.etcdserver import EtcdMember, find_etcd
-from mesh.localmesh import free_port
+from mesh.local.etcdserver import EtcdMember, find_etcd
+from mesh.local.localmesh import free_port
 
 
 @pytest.fixture(scope="session")

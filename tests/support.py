@@ -94,7 +94,7 @@ class Cluster:
             "result_dir": self.workdir / "results",
             **flags,
         }
-        argv = [sys.executable, "-m", "mesh.agent_main"]
+        argv = [sys.executable, "-m", "mesh.agent.main"]
         for key, value in options.items():
             argv += [f"--{key.replace('_', '-')}", str(value)]
         return argv

@@ -9,7 +9,7 @@ from collections import Counter
 from support import Cluster, eventually, sleep_spec, wait_log
 
 from mesh.client import MeshClient
-from mesh.task import TERMINAL, state_name
+from mesh.core.task import TERMINAL, state_name
 from mesh.v1 import tasks_pb2 as pb
 
 USER = "ada"
@@ -50,7 +50,7 @@ async def test_under_saturation_vip_gets_eight_dispatches_in_ten(cluster: Cluste
 
 
 async def test_aging_bounds_how_long_a_light_class_waits(cluster: Cluster) -> None:
-    from mesh import topostore
+    from mesh.store import topostore
     from mesh.topology import parse
 
     solo = cluster.start("solo", max_queue_length=1, queue_aging_s=1.0)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh import backlog
-from mesh.backlog import Round, Verdict, Waiting, judge
-from mesh.owner import requeue
-from mesh.queue import Discipline
+from mesh.agent.owner import requeue
+from mesh.core import backlog
+from mesh.core.backlog import Round, Verdict, Waiting, judge
+from mesh.core.queue import Discipline
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 

@@ -65,7 +65,7 @@ def test_meshctl_reports_errors_in_one_line(cluster: Cluster) -> None:
 
 def test_agent_refuses_bad_config_before_listening() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "mesh.agent_main", "--lease-ttl-s", "0", "--fake-gpus", "2xB"],
+        [sys.executable, "-m", "mesh.agent.main", "--lease-ttl-s", "0", "--fake-gpus", "2xB"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -10,8 +10,9 @@ import pytest
 from support import eventually
 
 from mesh.config import AgentConfig
+from mesh.errors import PipelineError
 from mesh.gpus import parse_fake
-from mesh.pipelines import Models, PipelineError, RunContext
+from mesh.pipelines import Models, RunContext
 from mesh.pipelines.command import CommandPipeline
 from mesh.v1 import tasks_pb2 as pb
 

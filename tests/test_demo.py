@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from mesh.localmesh import free_port, read_state
+from mesh.local.localmesh import free_port, read_state
 from mesh.topology import load
 
 SHIPPED = Path(__file__).resolve().parent.parent / "topology" / "local.yaml"

@@ -6,10 +6,11 @@ from __future__ import annotations
 import msgpack
 import pytest
 
+from mesh.errors import BadPacket
 from mesh.gossip.memory import EPOCH_MS, KEYRING, Network
 from mesh.gossip.protocol import GossipConfig
 from mesh.gossip.state import AgentState, make_version
-from mesh.gossip.wire import MAC_BYTES, BadPacket, Keyring, Kind, decode, encode
+from mesh.gossip.wire import MAC_BYTES, Keyring, Kind, decode, encode
 
 
 def converged(net: Network) -> bool:

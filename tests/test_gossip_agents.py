@@ -12,8 +12,8 @@ import aetcd
 from support import AgentProc, Cluster, eventually, sleep_spec, until_peers
 
 from mesh.client import MeshClient
-from mesh.etcd import KeySpace
-from mesh.localmesh import free_port
+from mesh.local.localmesh import free_port
+from mesh.store.etcd import KeySpace
 from mesh.v1 import tasks_pb2 as pb
 
 OLD_KEY, NEW_KEY = "old-gossip-key-0001", "new-gossip-key-0002"

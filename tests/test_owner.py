@@ -14,10 +14,10 @@ import aetcd
 from support import Cluster, eventually, sleep_spec, until_peers
 
 from mesh.client import MeshClient
-from mesh.election import Election
-from mesh.etcd import KeySpace
-from mesh.etcdserver import EtcdMember, etcdctl_for
-from mesh.task import TERMINAL, state_name
+from mesh.core.task import TERMINAL, state_name
+from mesh.local.etcdserver import EtcdMember, etcdctl_for
+from mesh.store.election import Election
+from mesh.store.etcd import KeySpace
 from mesh.v1 import tasks_pb2 as pb
 
 TTL_S = 2

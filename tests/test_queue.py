@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from mesh.core.queue import WeightedQueue
 from mesh.errors import InvalidTask, LimitExceeded
-from mesh.queue import WeightedQueue
 
 
 def filled(per_class: int, aging_s: float = 1e9) -> WeightedQueue[str]:

@@ -11,8 +11,8 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.ring import HashRing, key_point
-from mesh.router import (
+from mesh.core.ring import HashRing, key_point
+from mesh.core.router import (
     AGENT,
     BACKLOG,
     DC,

@@ -14,12 +14,13 @@ import pytest
 from support import Cluster, eventually, sleep_spec, until_peers, wait_log
 from typer.testing import CliRunner
 
-from mesh import summaries, topostore
 from mesh.cli import app
 from mesh.client import MeshClient
-from mesh.etcd import KeySpace
-from mesh.etcdserver import EtcdMember
-from mesh.task import TERMINAL, state_name
+from mesh.core import summaries
+from mesh.core.task import TERMINAL, state_name
+from mesh.local.etcdserver import EtcdMember
+from mesh.store import topostore
+from mesh.store.etcd import KeySpace
 from mesh.topology import Topology, parse
 from mesh.v1 import peer_pb2, peer_pb2_grpc
 from mesh.v1 import tasks_pb2 as pb

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mesh.decisionlog import DecisionLog, replay
-from mesh.router import Member, Overflow, Policy, Request, Router, Spill
-from mesh.spill import SpillShare
+from mesh.agent.decisionlog import DecisionLog, replay
+from mesh.core.router import Member, Overflow, Policy, Request, Router, Spill
+from mesh.core.spill import SpillShare
 
 
 def test_spill_share_caps_what_leaves_the_dc() -> None:

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import pytest
 
 from mesh.config import AgentConfig
+from mesh.core.task import admit, spec_digest
 from mesh.errors import DeadlinePassed, InvalidTask, LimitExceeded, MeshError
-from mesh.task import admit, spec_digest
 from mesh.v1 import tasks_pb2 as pb
 
 NOW_MS = 1_800_000_000_000
@@ -73,9 +73,9 @@ def test_each_bad_input_has_its_error(
 
 
 def test_status_codes_follow_the_error_kind() -> None:
-    assert InvalidTask("x").code.name == "INVALID_ARGUMENT"
-    assert LimitExceeded("x").code.name == "RESOURCE_EXHAUSTED"
-    assert DeadlinePassed("x").code.name == "DEADLINE_EXCEEDED"
+    assert InvalidTask("x").code == "INVALID_ARGUMENT"
+    assert LimitExceeded("x").code == "RESOURCE_EXHAUSTED"
+    assert DeadlinePassed("x").code == "DEADLINE_EXCEEDED"
 
 
 def test_payload_at_the_limit_is_accepted() -> None:

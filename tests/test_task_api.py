@@ -14,8 +14,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from support import AgentProc, Cluster, eventually, sleep_spec, until_peers
 
 from mesh.client import MeshClient
-from mesh.localmesh import free_port
-from mesh.task import TERMINAL, state_name
+from mesh.core.task import TERMINAL, state_name
+from mesh.local.localmesh import free_port
 from mesh.v1 import tasks_pb2 as pb
 
 MiB = 1024 * 1024

@@ -13,9 +13,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mesh.errors import BadPacket
 from mesh.gossip.protocol import GossipConfig, Gossiper
 from mesh.gossip.state import AgentState, make_version
-from mesh.gossip.wire import BadPacket, Keyring
+from mesh.gossip.wire import Keyring
 
 KEYRING = Keyring((b"in-memory gossip test key",))
 EPOCH_MS = 1_800_000_000_000

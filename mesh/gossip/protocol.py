@@ -25,12 +25,10 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-import msgpack
-
+from mesh.errors import BadPacket
 from mesh.gossip.state import COUNTER_BITS, AgentState, GossipTable, make_version
 from mesh.gossip.wire import (
     MAX_DATAGRAM,
-    BadPacket,
     Frame,
     Keyring,
     Kind,
@@ -38,6 +36,7 @@ from mesh.gossip.wire import (
     body_size,
     decode,
     encode,
+    packed_size,
 )
 
 Datagram = tuple[str, bytes]  # (address, bytes)
@@ -180,7 +179,7 @@ class Gossiper:
             if held is None or agent_id == self.me:
                 continue
             if not held.size:
-                held.size = len(msgpack.packb(held.wire, use_bin_type=True))
+                held.size = packed_size(held.wire)
             size = held.size
             if size > room:
                 break

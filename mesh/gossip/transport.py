@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 
 from mesh import metrics
+from mesh.errors import BadPacket
 from mesh.gossip.protocol import Datagram, Gossiper
-from mesh.gossip.wire import BadPacket
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,8 @@ from enum import IntEnum
 
 import msgpack
 
+from mesh.errors import BadPacket
+
 MAGIC = b"GM"
 WIRE_VERSION = 1
 MAC_BYTES = 32
@@ -33,12 +35,6 @@ class Kind(IntEnum):
     ACK = 2  # states the SYN's sender lacks + what we lack from it
     DELTA = 3  # states asked for
     SUMMARY = 4  # other DCs' summaries, passed around the DC
-
-
-class BadPacket(Exception):
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +73,14 @@ def encode(keyring: Keyring, kind: Kind, sender: str, incarnation: int, seq: int
     return signed + keyring.sign(signed)
 
 
+def packed_size(value: object) -> int:
+    """Bytes ``value`` takes in a frame's msgpack body."""
+    return len(msgpack.packb(value, use_bin_type=True))
+
+
 def body_size(payload: dict[str, object]) -> int:
     """Bytes ``payload`` takes in a frame, with the header and MAC (sender id at most 64)."""
-    return HEADER_BYTES + MAC_BYTES + 96 + len(msgpack.packb(payload, use_bin_type=True))
+    return HEADER_BYTES + MAC_BYTES + 96 + packed_size(payload)
 
 
 def decode(keyring: Keyring, data: bytes, max_bytes: int = MAX_DATAGRAM) -> Frame:

@@ -20,20 +20,13 @@ from importlib.metadata import entry_points
 from typing import ClassVar, Protocol
 
 from mesh.config import AgentConfig
+from mesh.errors import ConfigError
 from mesh.gpus import Gpu
 from mesh.v1 import tasks_pb2
 
 log = logging.getLogger(__name__)
 
 GROUP = "mesh.pipelines"
-
-
-class PipelineError(Exception):
-    """A task failed for a reason the user should read (bad params, exit code, ...)."""
-
-    def __init__(self, message: str, code: str = "FAILED_PRECONDITION") -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +89,5 @@ def load_pipelines(cfg: AgentConfig) -> dict[str, Pipeline]:
     wanted = cfg.pipelines if cfg.pipelines is not None else sorted(found)
     missing = sorted(set(wanted) - set(found))
     if missing:
-        from mesh.errors import ConfigError
-
         raise ConfigError(f"pipelines {missing} are not installed; installed: {sorted(found)}")
     return {name: found[name].load()(cfg) for name in wanted}

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from typing import IO
 
 from mesh.config import AgentConfig
-from mesh.pipelines import Output, PipelineError, RunContext
+from mesh.errors import PipelineError
+from mesh.pipelines import Output, RunContext
 
 PROGRESS_LINE = re.compile(rb"^PROGRESS (\d+)/(\d+) ?(.*)$")
 STDERR_TAIL = 2048

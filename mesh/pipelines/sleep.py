@@ -10,7 +10,8 @@ import asyncio
 import json
 
 from mesh.config import AgentConfig
-from mesh.pipelines import Output, PipelineError, RunContext
+from mesh.errors import PipelineError
+from mesh.pipelines import Output, RunContext
 
 MAX_STEPS = 10_000
 

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 import aetcd
 
 from mesh.errors import Unavailable
-from mesh.etcd import ETCD_ERRORS, KeySpace
 from mesh.gpus import Gpu
-from mesh.mirror import PrefixMirror
+from mesh.store.etcd import ETCD_ERRORS, KeySpace
+from mesh.store.mirror import PrefixMirror
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import grpc
 
+from mesh.agent.peers import PeerClients
 from mesh.errors import TaskNotFound, Unavailable
-from mesh.peers import PeerClients
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import aetcd
 
 from mesh.errors import ConfigError, MeshError, Unavailable
-from mesh.etcd import ETCD_ERRORS, client_for
+from mesh.store.etcd import ETCD_ERRORS, client_for
 from mesh.topology import Topology, parse
 
 CURRENT = "current"

@@ -23,9 +23,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mesh import topostore
 from mesh.errors import ConfigError, Unavailable
-from mesh.etcdserver import EtcdMember
+from mesh.local.etcdserver import EtcdMember
+from mesh.store import topostore
 from mesh.topology import Topology
 
 STATE_FILE = "state.json"
@@ -169,7 +169,7 @@ class LocalMesh:
             for spec in agents:
                 address = addresses[spec.id]
                 argv = [
-                    sys.executable, "-m", "mesh.agent_main",
+                    sys.executable, "-m", "mesh.agent.main",
                     "--agent-id", spec.id,
                     "--dc", dc,
                     "--prefix", self.topology.prefix,

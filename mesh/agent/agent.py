@@ -6,9 +6,9 @@ stop accepting, hand queued tasks to peers at once, let running tasks finish wit
 ``drain_grace_s`` and hand over the rest, revoke the lease (the membership key vanishes
 at once), stop the server.
 
-Where tasks go is ``mesh.placement``'s work. The router's view it decides from is kept
+Where tasks go is ``mesh.agent.placement``'s work. The router's view it decides from is kept
 here, fed by membership (etcd), gossip and this agent's executor; placement adds the load
-every offer reply carries. The gRPC servicers in ``mesh.service`` are thin translations
+every offer reply carries. The gRPC servicers in ``mesh.agent.service`` are thin translations
 onto the methods here and on ``placement``.
 """
 
@@ -22,10 +22,25 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mesh import backlog, metrics, summaries, topostore
+from mesh import metrics
+from mesh.agent.duties import Duties
+from mesh.agent.executor import Executor, Job
+from mesh.agent.history import History
+from mesh.agent.owner import QueueOwner
+from mesh.agent.peers import PeerClients
+from mesh.agent.placement import OFFER_TIMEOUT_S, Placement
+from mesh.agent.remote import RemoteDcs
+from mesh.agent.reporting import RecordReporter
 from mesh.config import AgentConfig
-from mesh.duties import Duties
-from mesh.election import Election
+from mesh.core import backlog, summaries
+from mesh.core.queue import Discipline
+from mesh.core.router import (
+    Member,
+    Overflow,
+    Policy,
+    Router,
+)
+from mesh.core.task import TERMINAL
 from mesh.errors import (
     ConfigError,
     MeshError,
@@ -33,31 +48,18 @@ from mesh.errors import (
     TaskNotFound,
     Unavailable,
 )
-from mesh.etcd import ETCD_ERRORS, KeySpace, Session, client_for
-from mesh.executor import Executor, Job
 from mesh.gossip.protocol import GossipConfig, Gossiper
 from mesh.gossip.state import AgentState, make_version
 from mesh.gossip.transport import GossipNode
 from mesh.gossip.wire import Keyring
 from mesh.gpus import inventory, weight_of
-from mesh.history import History
-from mesh.mirror import PrefixMirror
-from mesh.owner import QueueOwner
-from mesh.peers import PeerClients
 from mesh.pipelines import Models, load_pipelines
-from mesh.placement import OFFER_TIMEOUT_S, Placement
-from mesh.queue import Discipline
-from mesh.records import TaskStore, now_ms, public
-from mesh.registry import ACTIVE, DRAINING, AgentRecord, Registry
-from mesh.remote import RemoteDcs
-from mesh.reporting import RecordReporter
-from mesh.router import (
-    Member,
-    Overflow,
-    Policy,
-    Router,
-)
-from mesh.task import TERMINAL
+from mesh.store import topostore
+from mesh.store.election import Election
+from mesh.store.etcd import ETCD_ERRORS, KeySpace, Session, client_for
+from mesh.store.mirror import PrefixMirror
+from mesh.store.records import TaskStore, now_ms, public
+from mesh.store.registry import ACTIVE, DRAINING, AgentRecord, Registry
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 

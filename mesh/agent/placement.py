@@ -17,19 +17,16 @@ from typing import Any
 
 import grpc
 
-from mesh import backlog, metrics, summaries
-from mesh.backlog import Room
+from mesh import metrics
+from mesh.agent.decisionlog import DecisionLog
+from mesh.agent.executor import Executor, Job
+from mesh.agent.peers import PeerClients
+from mesh.agent.remote import RemoteDcs
+from mesh.agent.retry import patient
 from mesh.config import AgentConfig
-from mesh.decisionlog import DecisionLog
-from mesh.errors import InvalidTask, MeshError, NoCapacity, StaleWrite, Unavailable, Unsure
-from mesh.etcd import KeySpace
-from mesh.executor import Executor, Job
-from mesh.peers import PeerClients
-from mesh.records import Stored, TaskStore, now_ms, now_ts
-from mesh.registry import Registry
-from mesh.remote import RemoteDcs
-from mesh.retry import patient
-from mesh.router import (
+from mesh.core import backlog, summaries
+from mesh.core.backlog import Room
+from mesh.core.router import (
     AGENT,
     BACKLOG,
     DC,
@@ -41,8 +38,12 @@ from mesh.router import (
     Router,
     Spill,
 )
-from mesh.spill import SpillShare
-from mesh.task import Admitted, spec_digest
+from mesh.core.spill import SpillShare
+from mesh.core.task import Admitted, spec_digest
+from mesh.errors import InvalidTask, MeshError, NoCapacity, StaleWrite, Unavailable, Unsure
+from mesh.store.etcd import KeySpace
+from mesh.store.records import Stored, TaskStore, now_ms, now_ts
+from mesh.store.registry import Registry
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -172,7 +173,7 @@ class Placement:
         try:
             await self.place(job)
         except MeshError as exc:
-            await self.fail(job, exc.code.name, f"could not be placed: {exc.message}")
+            await self.fail(job, exc.code, f"could not be placed: {exc.message}")
 
     async def _submit_elsewhere(
         self, record: peer_pb2.TaskRecord, admitted: Admitted, trouble: Unavailable

@@ -27,8 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from mesh.client import MeshClient
-from mesh.localmesh import LocalMesh
-from mesh.task import TERMINAL, state_name
+from mesh.core.task import TERMINAL, state_name
+from mesh.local.localmesh import LocalMesh
 from mesh.v1 import tasks_pb2 as pb
 
 USER = "demo"

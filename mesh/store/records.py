@@ -17,9 +17,9 @@ import aetcd
 from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from mesh.core.task import TERMINAL
 from mesh.errors import StaleWrite, TaskNotFound, Unavailable, Unsure
-from mesh.etcd import ETCD_ERRORS, KeySpace, never_applied, watch_events
-from mesh.task import TERMINAL
+from mesh.store.etcd import ETCD_ERRORS, KeySpace, never_applied, watch_events
 from mesh.v1 import peer_pb2, tasks_pb2
 
 log = logging.getLogger(__name__)

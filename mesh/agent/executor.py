@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from mesh.config import AgentConfig
-from mesh.errors import InvalidTask, LimitExceeded, Unavailable
+from mesh.core.queue import WeightedQueue
+from mesh.core.task import state_name
+from mesh.errors import InvalidTask, LimitExceeded, PipelineError, Unavailable
 from mesh.gpus import Gpu
-from mesh.pipelines import Models, Output, Pipeline, PipelineError, RunContext
-from mesh.queue import WeightedQueue
-from mesh.task import state_name
+from mesh.pipelines import Models, Output, Pipeline, RunContext
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)

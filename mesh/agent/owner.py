@@ -1,6 +1,6 @@
 """The DC's queue owner: the one leader in the mesh, elected per DC through etcd.
 
-While it leads, it dispatches the DC's durable backlog (``mesh.backlog``) as capacity
+While it leads, it dispatches the DC's durable backlog (``mesh.core.backlog``) as capacity
 frees, by class weight and age, ends entries whose task was cancelled or whose deadline
 passed while they waited (whether or not there is room), and re-places the work of
 agents that died: when an agent's membership key goes (its lease expired: crashed, or
@@ -25,17 +25,18 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from enum import Enum
 
-from mesh import backlog, metrics
-from mesh.backlog import Room, Verdict, Waiting
-from mesh.election import Election
+from mesh import metrics
+from mesh.agent.executor import Job
+from mesh.agent.history import History
+from mesh.core import backlog
+from mesh.core.backlog import Room, Verdict, Waiting
+from mesh.core.queue import Discipline
+from mesh.core.task import TERMINAL
 from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable
-from mesh.etcd import ETCD_ERRORS, KeySpace
-from mesh.executor import Job
-from mesh.history import History
-from mesh.mirror import PrefixMirror
-from mesh.queue import Discipline
-from mesh.records import Stored, TaskStore, end, now_ms
-from mesh.task import TERMINAL
+from mesh.store.election import Election
+from mesh.store.etcd import ETCD_ERRORS, KeySpace
+from mesh.store.mirror import PrefixMirror
+from mesh.store.records import Stored, TaskStore, end, now_ms
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 

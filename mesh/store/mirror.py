@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import aetcd
 
-from mesh.etcd import ETCD_ERRORS, RESUME_BACKOFF_S, watch_events
+from mesh.store.etcd import ETCD_ERRORS, RESUME_BACKOFF_S, watch_events
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from mesh.router import (
+from mesh.core.router import (
     Decision,
     Request,
     Router,

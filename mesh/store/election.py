@@ -18,7 +18,7 @@ from collections.abc import Callable
 import aetcd
 
 from mesh.errors import Unavailable
-from mesh.etcd import ETCD_ERRORS, watch_events
+from mesh.store.etcd import ETCD_ERRORS, watch_events
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 from google.protobuf import json_format
 
-from mesh.router import Router
+from mesh.core.router import Router
 from mesh.v1 import peer_pb2
 
 SPEAKERS = 2

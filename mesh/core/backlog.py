@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from mesh.queue import Discipline
-from mesh.task import TERMINAL
+from mesh.core.queue import Discipline
+from mesh.core.task import TERMINAL
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 

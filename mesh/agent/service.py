@@ -18,13 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from mesh import metrics
-from mesh.agent import Agent
+from mesh.agent.agent import Agent
+from mesh.agent.peers import channel_options
+from mesh.core.task import admit
 from mesh.errors import InvalidTask, MeshError, TaskConflict
-from mesh.etcd import ETCD_ERRORS
-from mesh.peers import channel_options
-from mesh.records import public
-from mesh.registry import AgentRecord
-from mesh.task import admit
+from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.records import public
+from mesh.store.registry import AgentRecord
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from mesh.v1 import tasks_pb2 as pb
 
@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 R = TypeVar("R")
 
 
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, MeshError):
-        return exc.code, str(exc)
+        return grpc.StatusCode[exc.code], str(exc)
     if isinstance(exc, ETCD_ERRORS):
         return grpc.StatusCode.UNAVAILABLE, f"etcd unavailable: {exc}"
     log.exception("unexpected error", exc_info=exc)
@@ -50,7 +50,7 @@ def unary(
         try:
             return await method(self, request, context)
         except Exception as exc:
-            code, message = _status_for(exc)
+            code, message = status_for(exc)
             await context.abort(code, message)
             raise  # abort raises; this is never reached
 
@@ -69,7 +69,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
             )
             stored, created = await self.agent.placement.submit(admitted)
         except MeshError as exc:
-            metrics.REJECTED.labels(exc.code.name).inc()
+            metrics.REJECTED.labels(exc.code).inc()
             raise
         if not created and stored.record.spec_digest != admitted.digest:
             raise TaskConflict(
@@ -93,7 +93,7 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
                 previous = status.state
                 yield pb.TaskEvent(kind=kind, status=status)
         except Exception as exc:
-            code, message = _status_for(exc)
+            code, message = status_for(exc)
             await context.abort(code, message)
 
     @unary

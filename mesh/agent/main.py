@@ -22,7 +22,7 @@ from mesh import logs, metrics
 from mesh.config import load_agent_config
 from mesh.errors import ConfigError, MeshError
 
-log = logging.getLogger("mesh.agent")
+log = logging.getLogger("mesh.agent.agent")
 
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
@@ -36,8 +36,8 @@ async def serve(argv: list[str]) -> int:
         return EXIT_CONFIG
     logs.setup(cfg.log_level, agent=cfg.agent_id, dc=cfg.dc)
     # Imported after logging is set up: building the agent probes NVML and logs about it.
-    from mesh.agent import Agent
-    from mesh.service import Server
+    from mesh.agent.agent import Agent
+    from mesh.agent.service import Server
 
     try:
         server = Server(Agent(cfg))

@@ -8,7 +8,7 @@ is what lets the decision log be replayed offline and lets hypothesis check the 
 
 1. **Eligible** agents: the pipeline, the model (servable; empty list = any), enough GPUs
    with enough memory, not draining.
-2. **Ring**: the eligible agents on a weighted hash ring (``mesh.ring``, virtual nodes in
+2. **Ring**: the eligible agents on a weighted hash ring (``mesh.core.ring``, virtual nodes in
    proportion to GPU weight) keyed by model + pipeline (+ affinity key), so a model keeps
    landing on the same few agents, where it is already loaded.
 3. **Bounded loads**: an agent's load is its running + queued tasks per unit of GPU weight
@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
-from mesh.ring import HashRing, key_point
+from mesh.core.ring import HashRing, key_point
 
 AGENT = "agent"
 DC = "dc"
