@@ -6,9 +6,9 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.agent.owner import requeue
 from mesh.core import backlog
 from mesh.core.backlog import Round, Verdict, Waiting, judge
+from mesh.core.lifecycle import requeue
 from mesh.core.queue import Discipline
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb

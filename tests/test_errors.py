@@ -29,4 +29,3 @@ def test_the_edge_maps_names_to_codes_and_hides_bugs() -> None:
     )
     assert status_for(errors.PipelineError("exit 3", "ABORTED"))[0] == grpc.StatusCode.ABORTED
     assert status_for(KeyError("secret detail")) == (grpc.StatusCode.INTERNAL, "internal error")
-

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from mesh.agent.executor import Executor, Job, Outcome
+from mesh.agent.executor import Executor
 from mesh.config import AgentConfig
+from mesh.core.jobs import Job, Outcome, Output
 from mesh.core.task import state_name
 from mesh.errors import InvalidTask, LimitExceeded, PipelineError, Unavailable
 from mesh.gpus import Gpu, parse_fake
-from mesh.pipelines import Models, Output, RunContext
+from mesh.pipelines import Models, RunContext
 from mesh.pipelines.echo import EchoPipeline
 from mesh.pipelines.sleep import SleepPipeline
 from mesh.v1 import tasks_pb2 as pb

@@ -15,16 +15,17 @@ import aetcd
 import pytest
 from support import eventually
 
-from mesh.agent.executor import Job
 from mesh.agent.history import History
 from mesh.agent.owner import Deposed, QueueOwner
 from mesh.core import backlog
 from mesh.core.backlog import Room
+from mesh.core.clock import now_ms
+from mesh.core.jobs import Job
 from mesh.core.queue import Discipline
 from mesh.core.task import state_name
 from mesh.store.election import Election
 from mesh.store.etcd import KeySpace, Session
-from mesh.store.records import Stored, TaskStore, now_ms
+from mesh.store.records import Stored, TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 

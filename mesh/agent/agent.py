@@ -24,7 +24,7 @@ import grpc
 
 from mesh import metrics
 from mesh.agent.duties import Duties
-from mesh.agent.executor import Executor, Job
+from mesh.agent.executor import Executor
 from mesh.agent.history import History
 from mesh.agent.owner import QueueOwner
 from mesh.agent.peers import PeerClients
@@ -33,6 +33,8 @@ from mesh.agent.remote import RemoteDcs
 from mesh.agent.reporting import RecordReporter
 from mesh.config import AgentConfig
 from mesh.core import backlog, summaries
+from mesh.core.clock import now_ms
+from mesh.core.jobs import Job
 from mesh.core.queue import Discipline
 from mesh.core.router import (
     Member,
@@ -40,7 +42,7 @@ from mesh.core.router import (
     Policy,
     Router,
 )
-from mesh.core.task import TERMINAL
+from mesh.core.task import TERMINAL, public
 from mesh.errors import (
     ConfigError,
     MeshError,
@@ -58,7 +60,7 @@ from mesh.store import topostore
 from mesh.store.election import Election
 from mesh.store.etcd import ETCD_ERRORS, KeySpace, Session, client_for
 from mesh.store.mirror import PrefixMirror
-from mesh.store.records import TaskStore, now_ms, public
+from mesh.store.records import TaskStore
 from mesh.store.registry import ACTIVE, DRAINING, AgentRecord, Registry
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb

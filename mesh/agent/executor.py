@@ -12,39 +12,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from mesh.config import AgentConfig
+from mesh.core.jobs import Job, Outcome
 from mesh.core.queue import WeightedQueue
 from mesh.core.task import state_name
 from mesh.errors import InvalidTask, LimitExceeded, PipelineError, Unavailable
 from mesh.gpus import Gpu
-from mesh.pipelines import Models, Output, Pipeline, RunContext
+from mesh.pipelines import Models, Pipeline, RunContext
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class Job:
-    spec: pb.TaskSpec  # with its payload
-    attempt: int
-    deadline_ms: int
-    path: list[str] = field(default_factory=list)
-    enqueued_ms: int = 0  # when it first entered the DC's backlog: its age there
-
-    @property
-    def task_id(self) -> str:
-        return self.spec.task_id
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    state: int
-    output: Output | None = None
-    error_code: str = ""
-    error_message: str = ""
 
 
 class Reporter(Protocol):

@@ -26,17 +26,19 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from enum import Enum
 
 from mesh import metrics
-from mesh.agent.executor import Job
 from mesh.agent.history import History
 from mesh.core import backlog
 from mesh.core.backlog import Room, Verdict, Waiting
+from mesh.core.clock import now_ms
+from mesh.core.jobs import Job
+from mesh.core.lifecycle import end, requeue
 from mesh.core.queue import Discipline
 from mesh.core.task import TERMINAL
 from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable
 from mesh.store.election import Election
 from mesh.store.etcd import ETCD_ERRORS, KeySpace
 from mesh.store.mirror import PrefixMirror
-from mesh.store.records import Stored, TaskStore, end, now_ms
+from mesh.store.records import Stored, TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -452,27 +454,3 @@ class QueueOwner:
             )
         except MeshError as exc:
             log.info("could not end %s: %s", job.task_id, exc)
-
-
-def requeue(record: peer_pb2.TaskRecord, dead_agent: str, max_attempts: int) -> str:
-    """The owner's decision for a task whose agent died, applied to ``record``: "requeued"
-    (attempt + 1, pending, no agent), "failed" (with the reason), or "" when the record
-    has moved on and nothing is to be written. Pure: tested without etcd."""
-    status = record.status
-    if status.state in TERMINAL or status.agent != dead_agent:
-        return ""
-    if record.payload_not_kept or status.attempt >= max_attempts:
-        why = (
-            "its payload was held only by that agent"
-            if record.payload_not_kept
-            else f"{status.attempt} of {max_attempts} attempts used"
-        )
-        message = f"agent {dead_agent} died running it; {why}"
-        end(status, pb.TASK_STATE_FAILED, "UNAVAILABLE", message)
-        return "failed"
-    status.attempt += 1
-    status.state = pb.TASK_STATE_PENDING
-    status.agent = ""
-    status.ClearField("progress")
-    status.ClearField("started_at")
-    return "requeued"

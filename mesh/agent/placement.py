@@ -19,13 +19,15 @@ import grpc
 
 from mesh import metrics
 from mesh.agent.decisionlog import DecisionLog
-from mesh.agent.executor import Executor, Job
+from mesh.agent.executor import Executor
 from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
 from mesh.agent.retry import patient
 from mesh.config import AgentConfig
 from mesh.core import backlog, summaries
 from mesh.core.backlog import Room
+from mesh.core.clock import now_ms, now_ts
+from mesh.core.jobs import Job
 from mesh.core.router import (
     AGENT,
     BACKLOG,
@@ -42,7 +44,7 @@ from mesh.core.spill import SpillShare
 from mesh.core.task import Admitted, spec_digest
 from mesh.errors import InvalidTask, MeshError, NoCapacity, StaleWrite, Unavailable, Unsure
 from mesh.store.etcd import KeySpace
-from mesh.store.records import Stored, TaskStore, now_ms, now_ts
+from mesh.store.records import Stored, TaskStore
 from mesh.store.registry import Registry
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb

@@ -15,14 +15,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mesh import metrics
-from mesh.agent.executor import Job, Outcome
 from mesh.agent.history import History
 from mesh.agent.retry import patient
 from mesh.config import AgentConfig
+from mesh.core.clock import now_ts
+from mesh.core.jobs import Job, Outcome
+from mesh.core.lifecycle import end
 from mesh.core.task import state_name
 from mesh.errors import MeshError, StaleWrite
 from mesh.gpus import Gpu
-from mesh.store.records import Mutation, Stored, TaskStore, end, now_ts
+from mesh.store.records import Mutation, Stored, TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 

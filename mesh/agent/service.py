@@ -20,10 +20,9 @@ from grpc_reflection.v1alpha import reflection
 from mesh import metrics
 from mesh.agent.agent import Agent
 from mesh.agent.peers import channel_options
-from mesh.core.task import admit
+from mesh.core.task import admit, public
 from mesh.errors import InvalidTask, MeshError, TaskConflict
 from mesh.store.etcd import ETCD_ERRORS
-from mesh.store.records import public
 from mesh.store.registry import AgentRecord
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from mesh.v1 import tasks_pb2 as pb

@@ -22,6 +22,14 @@ TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 NAME = re.compile(NAME_PATTERN)
 
 
+def public(status: pb.TaskStatus) -> pb.TaskStatus:
+    """The status as clients see it: without the payload kept for re-runs."""
+    out = pb.TaskStatus()
+    out.CopyFrom(status)
+    out.spec.ClearField("payload")
+    return out
+
+
 def state_name(state: int) -> str:
     return pb.TaskState.Name(state).removeprefix("TASK_STATE_")
 

@@ -20,6 +20,7 @@ from importlib.metadata import entry_points
 from typing import ClassVar, Protocol
 
 from mesh.config import AgentConfig
+from mesh.core.jobs import Output
 from mesh.errors import ConfigError
 from mesh.gpus import Gpu
 from mesh.v1 import tasks_pb2
@@ -27,12 +28,8 @@ from mesh.v1 import tasks_pb2
 log = logging.getLogger(__name__)
 
 GROUP = "mesh.pipelines"
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    data: bytes
-    media_type: str = "application/octet-stream"
+# What a pipeline plugin needs, in one place: ``from mesh.pipelines import Output, ...``.
+__all__ = ["GROUP", "Models", "Output", "Pipeline", "RunContext", "load_pipelines"]
 
 
 class Models:

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from typing import IO
 
 from mesh.config import AgentConfig
+from mesh.core.jobs import Output
 from mesh.errors import PipelineError
-from mesh.pipelines import Output, RunContext
+from mesh.pipelines import RunContext
 
 PROGRESS_LINE = re.compile(rb"^PROGRESS (\d+)/(\d+) ?(.*)$")
 STDERR_TAIL = 2048

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from mesh.config import AgentConfig
-from mesh.pipelines import Output, RunContext
+from mesh.core.jobs import Output
+from mesh.pipelines import RunContext
 
 
 class EchoPipeline:

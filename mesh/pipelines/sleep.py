@@ -10,8 +10,9 @@ import asyncio
 import json
 
 from mesh.config import AgentConfig
+from mesh.core.jobs import Output
 from mesh.errors import PipelineError
-from mesh.pipelines import Output, RunContext
+from mesh.pipelines import RunContext
 
 MAX_STEPS = 10_000
 

@@ -9,15 +9,14 @@ a zombie's late write never overwrites the current run's record.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 import aetcd
 from google.protobuf import json_format
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from mesh.core.task import TERMINAL
+from mesh.core.lifecycle import end
+from mesh.core.task import TERMINAL, public
 from mesh.errors import StaleWrite, TaskNotFound, Unavailable, Unsure
 from mesh.store.etcd import ETCD_ERRORS, KeySpace, never_applied, watch_events
 from mesh.v1 import peer_pb2, tasks_pb2
@@ -45,31 +44,6 @@ def encode(record: peer_pb2.TaskRecord) -> bytes:
 
 def decode(raw: bytes) -> peer_pb2.TaskRecord:
     return json_format.Parse(raw, peer_pb2.TaskRecord(), ignore_unknown_fields=True)
-
-
-def public(status: tasks_pb2.TaskStatus) -> tasks_pb2.TaskStatus:
-    """The status as clients see it: without the payload kept for re-runs."""
-    out = tasks_pb2.TaskStatus()
-    out.CopyFrom(status)
-    out.spec.ClearField("payload")
-    return out
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def now_ts() -> Timestamp:
-    ts = Timestamp()
-    ts.GetCurrentTime()
-    return ts
-
-
-def end(status: tasks_pb2.TaskStatus, state: int, code: str, message: str) -> None:
-    """Make ``status`` terminal now, saying why."""
-    status.state = state
-    status.finished_at.CopyFrom(now_ts())
-    status.error.code, status.error.message = code, message
 
 
 # A mutation edits the record in place; returning False means "nothing to write".

@@ -1,0 +1,41 @@
+"""How a task's record changes state, as pure functions on the record: ending it, and
+the queue owner's decision for a task whose agent died. The etcd adapters apply them
+by compare-and-swap; tests apply them to plain records."""
+
+from __future__ import annotations
+
+from mesh.core.clock import now_ts
+from mesh.core.task import TERMINAL
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
+
+
+def end(status: pb.TaskStatus, state: int, code: str, message: str) -> None:
+    """Make ``status`` terminal now, saying why."""
+    status.state = state
+    status.finished_at.CopyFrom(now_ts())
+    status.error.code, status.error.message = code, message
+
+
+def requeue(record: peer_pb2.TaskRecord, dead_agent: str, max_attempts: int) -> str:
+    """The owner's decision for a task whose agent died, applied to ``record``: "requeued"
+    (attempt + 1, pending, no agent), "failed" (with the reason), or "" when the record
+    has moved on and nothing is to be written."""
+    status = record.status
+    if status.state in TERMINAL or status.agent != dead_agent:
+        return ""
+    if record.payload_not_kept or status.attempt >= max_attempts:
+        why = (
+            "its payload was held only by that agent"
+            if record.payload_not_kept
+            else f"{status.attempt} of {max_attempts} attempts used"
+        )
+        message = f"agent {dead_agent} died running it; {why}"
+        end(status, pb.TASK_STATE_FAILED, "UNAVAILABLE", message)
+        return "failed"
+    status.attempt += 1
+    status.state = pb.TASK_STATE_PENDING
+    status.agent = ""
+    status.ClearField("progress")
+    status.ClearField("started_at")
+    return "requeued"
