@@ -18,7 +18,8 @@ from bench.localdc import one_dc, until
 from mesh.client import MeshClient
 from mesh.local.localmesh import LocalMesh, Started
 from mesh.store.election import Election
-from mesh.store.etcd import KeySpace, client_for
+from mesh.store.etcd import client_for
+from mesh.store.keys import KeySpace
 from mesh.v1 import tasks_pb2 as pb
 
 TTL_S = 5.0  # the agents' default lease_ttl_s

@@ -28,7 +28,8 @@ from mesh.core import backlog
 from mesh.local.etcdserver import EtcdMember, find_etcd
 from mesh.local.localmesh import agent_healthy, free_port
 from mesh.store import topostore
-from mesh.store.etcd import KeySpace, client_for
+from mesh.store.etcd import client_for
+from mesh.store.keys import KeySpace
 from mesh.topology import Topology
 
 PREFIX = "chaos"

@@ -25,7 +25,8 @@ from chaos.scenarios import Context, Scenario, Staged
 from mesh.agent.history import History
 from mesh.core.task import state_name
 from mesh.local.etcdserver import find_etcd
-from mesh.store.etcd import KeySpace, watch_events
+from mesh.store.etcd import watch_events
+from mesh.store.keys import KeySpace
 from mesh.store.records import decode
 
 TTL_S = 3

@@ -13,7 +13,7 @@ from support import AgentProc, Cluster, eventually, sleep_spec, until_peers
 
 from mesh.client import MeshClient
 from mesh.local.localmesh import free_port
-from mesh.store.etcd import KeySpace
+from mesh.store.keys import KeySpace
 from mesh.v1 import tasks_pb2 as pb
 
 OLD_KEY, NEW_KEY = "old-gossip-key-0001", "new-gossip-key-0002"

@@ -9,7 +9,7 @@ import time
 import aetcd
 from support import Cluster, eventually, until_peers
 
-from mesh.store.etcd import KeySpace
+from mesh.store.keys import KeySpace
 
 TTL_S = 2
 

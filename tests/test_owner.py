@@ -17,7 +17,7 @@ from mesh.client import MeshClient
 from mesh.core.task import TERMINAL, state_name
 from mesh.local.etcdserver import EtcdMember, etcdctl_for
 from mesh.store.election import Election
-from mesh.store.etcd import KeySpace
+from mesh.store.keys import KeySpace
 from mesh.v1 import tasks_pb2 as pb
 
 TTL_S = 2

@@ -15,8 +15,9 @@ import aetcd
 import pytest
 from support import eventually
 
+from mesh.agent.dispatch import Deposed
 from mesh.agent.history import History
-from mesh.agent.owner import Deposed, QueueOwner
+from mesh.agent.owner import QueueOwner
 from mesh.core import backlog
 from mesh.core.backlog import Room
 from mesh.core.clock import now_ms
@@ -24,8 +25,9 @@ from mesh.core.jobs import Job
 from mesh.core.queue import Discipline
 from mesh.core.task import state_name
 from mesh.store.election import Election
-from mesh.store.etcd import KeySpace, Session
+from mesh.store.keys import KeySpace
 from mesh.store.records import Stored, TaskStore
+from mesh.store.session import Session
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -140,7 +142,7 @@ async def owners(
 async def bounded_round(owner: QueueOwner, snapshot: dict[str, bytes]) -> int:
     try:
         async with asyncio.timeout(ROUND_GUARD_S):
-            return await owner.dispatch_round(snapshot)
+            return await owner.dispatcher.dispatch_round(snapshot)
     except TimeoutError:
         raise AssertionError("the dispatch round never ended") from None
 
@@ -196,7 +198,7 @@ async def test_past_their_deadline_entries_end_even_with_no_room(
     fresh = await waiting.add("fresh", 2_000)
     placed = Placed()
     owner = await owners(place=placed, room=lambda _: Room.FULL)  # type: ignore[operator]
-    assert await owner.expire(waiting.snapshot) == 1
+    assert await owner.dispatcher.expire(waiting.snapshot) == 1
     assert await bounded_round(owner, waiting.snapshot) == 0
     assert placed.ids == []
     assert not await waiting.exists(late)

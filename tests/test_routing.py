@@ -20,7 +20,7 @@ from mesh.core import summaries
 from mesh.core.task import TERMINAL, state_name
 from mesh.local.etcdserver import EtcdMember
 from mesh.store import topostore
-from mesh.store.etcd import KeySpace
+from mesh.store.keys import KeySpace
 from mesh.topology import Topology, parse
 from mesh.v1 import peer_pb2, peer_pb2_grpc
 from mesh.v1 import tasks_pb2 as pb

@@ -4,8 +4,7 @@ The sending end asks the pure ``Router`` for targets and offers the task to each
 agents of this DC first, then (with the replies' fresher loads) a second decision that
 may hand it to another DC or leave it in the DC's durable backlog. The receiving end
 checks its own live load against the bound the offer carries, or, for a task from
-another DC, takes it into this DC's records. Submit starts here too, since recording a
-task and placing it are one step: a record that nobody places is a lost task.
+another DC, takes it into this DC's records.
 """
 
 from __future__ import annotations
@@ -22,12 +21,13 @@ from mesh.agent.decisionlog import DecisionLog
 from mesh.agent.executor import Executor
 from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
-from mesh.agent.retry import patient
+from mesh.agent.view import View
 from mesh.config import AgentConfig
 from mesh.core import backlog, summaries
 from mesh.core.backlog import Room
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
+from mesh.core.lifecycle import new_record
 from mesh.core.router import (
     AGENT,
     BACKLOG,
@@ -35,16 +35,13 @@ from mesh.core.router import (
     NO_SPILL,
     NONE_ELIGIBLE,
     Decision,
-    Overflow,
     Request,
-    Router,
     Spill,
 )
-from mesh.core.spill import SpillShare
-from mesh.core.task import Admitted, spec_digest
-from mesh.errors import InvalidTask, MeshError, NoCapacity, StaleWrite, Unavailable, Unsure
-from mesh.store.etcd import KeySpace
-from mesh.store.records import Stored, TaskStore
+from mesh.core.task import spec_digest
+from mesh.errors import InvalidTask, MeshError, NoCapacity, StaleWrite, Unavailable
+from mesh.store.keys import KeySpace
+from mesh.store.records import TaskStore
 from mesh.store.registry import Registry
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -61,7 +58,7 @@ class Placement:
         cfg: AgentConfig,
         keys: KeySpace,
         store: TaskStore,
-        router: Router,
+        view: View,
         registry: Registry,
         peers: PeerClients,
         remote: RemoteDcs,
@@ -69,13 +66,15 @@ class Placement:
         spawn: Callable[[str, Coroutine[Any, Any, None]], object],
         other_dcs: Callable[[], Mapping[str, peer_pb2.DcSummary]],
     ) -> None:
-        """``spawn`` runs background work the agent cancels when it stops; ``other_dcs``
+        """``view`` is the router's view of the DC and the applied topology's overflow;
+        ``spawn`` runs background work the agent cancels when it stops; ``other_dcs``
         gives the other DCs' summaries as last heard. Of ``cfg``, only the identity and
         the limits are read (the agent swaps its queues on a new topology)."""
         self.cfg = cfg
         self.keys = keys
         self.store = store
-        self.router = router
+        self.view = view
+        self.router = view.router
         self.registry = registry
         self.peers = peers
         self.remote = remote
@@ -83,120 +82,18 @@ class Placement:
         self._spawn = spawn
         self._summaries = other_dcs
         self.decisions = DecisionLog(cfg.decision_log) if cfg.decision_log else None
-        # What the applied topology says; the agent sets them when one arrives.
-        self.overflow: tuple[Overflow, ...] = ()
-        self.spill_share = SpillShare(max_share=0.0)
-        self.max_hops = cfg.max_hops
 
     def close(self) -> None:
         if self.decisions is not None:
             self.decisions.close()
 
-    # -- the view from the replies, and the overflow DCs -----------------------------------
-
-    def _learn(self, agent_id: str, load: peer_pb2.Load, accepted: bool) -> None:
-        """A peer's reply says how loaded it is now: fresher than anything else we have.
-        One that refused is de-prioritised at once, until gossip brings news of it."""
-        self.router.set_load(agent_id, load.running, load.queued)
-        self.router.set_loaded(agent_id, load.models_loaded)
-        self.router.set_suspect(agent_id, not accepted)
+    # -- the overflow DCs -----------------------------------
 
     def spill(self) -> Spill:
         fresh = summaries.fresh(self._summaries(), now_ms())
         self.remote.set_live({dc: list(s.live) for dc, s in fresh.items()})
-        return Spill(
-            to=self.overflow, allowed=self.spill_share.allowed(), full=summaries.full(fresh)
-        )
-
-    # -- submit: record, then place --------------------------------------------------------
-
-    def _new_record(
-        self, spec: pb.TaskSpec, digest: str, deadline_ms: int, attempt: int, path: Iterable[str]
-    ) -> peer_pb2.TaskRecord:
-        # Until it is placed, the task is this agent's: should we die first, the DC's
-        # owner finds it among our orphans and places it.
-        status = pb.TaskStatus(
-            task_id=spec.task_id,
-            state=pb.TASK_STATE_PENDING,
-            agent=self.cfg.agent_id,
-            dc=self.cfg.dc,
-            attempt=attempt,
-            created_at=now_ts(),
-            path=list(path),
-        )
-        status.spec.CopyFrom(spec)
-        too_big = len(spec.payload) > self.cfg.inline_payload_bytes
-        if too_big:
-            status.spec.ClearField("payload")
-        status.deadline.FromMilliseconds(deadline_ms)
-        return peer_pb2.TaskRecord(status=status, spec_digest=digest, payload_not_kept=too_big)
-
-    async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
-        spec = admitted.spec
-        record = self._new_record(spec, admitted.digest, admitted.deadline_ms, 1, ())
-        try:
-            stored, created = await self.store.create(record)
-        except Unsure:
-            self._spawn(f"settle {spec.task_id}", self._settle_unsure(admitted))
-            raise
-        except Unavailable as trouble:
-            return await self._submit_elsewhere(record, admitted, trouble), True
-        if not created:
-            return stored, False
-        try:
-            await self.place(Job(spec, attempt=1, deadline_ms=admitted.deadline_ms))
-        except MeshError:
-            with contextlib.suppress(MeshError):
-                await self.store.delete(stored)  # never accepted: leave no trace
-            raise
-        metrics.SUBMITTED.inc()
-        return await self.store.get(spec.task_id), True
-
-    async def _settle_unsure(self, admitted: Admitted) -> None:
-        """Our record may have been written after the call gave up (etcd applied it once
-        quorum was back): when etcd answers, place the task if it is still ours to place.
-        The client, told UNAVAILABLE, finds it by its id when it retries."""
-        spec = admitted.spec
-        try:
-            stored = await patient(self.cfg.lease_ttl_s + self.cfg.etcd_outage_grace_s).run(
-                lambda: self.store.get(spec.task_id)
-            )
-        except MeshError:
-            return  # not written (or etcd never came back): nothing to place
-        status = stored.status
-        if (
-            status.state != pb.TASK_STATE_PENDING
-            or status.agent != self.cfg.agent_id
-            or stored.record.spec_digest != admitted.digest
-        ):
-            return
-        log.info("a submit that timed out was recorded after all: placing %s", spec.task_id)
-        job = Job(spec, attempt=status.attempt, deadline_ms=admitted.deadline_ms)
-        try:
-            await self.place(job)
-        except MeshError as exc:
-            await self.fail(job, exc.code, f"could not be placed: {exc.message}")
-
-    async def _submit_elsewhere(
-        self, record: peer_pb2.TaskRecord, admitted: Admitted, trouble: Unavailable
-    ) -> Stored:
-        """Our DC's etcd cannot take the task: hand it to the overflow DCs, in the
-        topology's order of weight, which record and run it (an idempotent hand-over: a
-        retry finds it there). Nothing is recorded here, so only they can answer for it."""
-        job = Job(admitted.spec, attempt=1, deadline_ms=admitted.deadline_ms)
-        refused = []
-        for overflow in sorted(self.overflow, key=lambda o: -o.weight):
-            accepted, reason = await self._offer_dc(overflow.dc, job)
-            if accepted:
-                log.info("etcd down: %s went to DC %s", job.task_id, overflow.dc)
-                record.forwarded_to_dc = record.status.dc = overflow.dc
-                return Stored(record, 0)
-            refused.append(f"{overflow.dc}: {reason}")
-        raise Unavailable(
-            f"{trouble.message}; no overflow DC took the task",
-            task_id=job.task_id,
-            **({"refused": "; ".join(refused)} if refused else {}),
-        )
+        view = self.view
+        return Spill(view.overflow, view.spill_share.allowed(), summaries.full(fresh))
 
     # -- the sending end -------------------------------------------------------------------
 
@@ -260,21 +157,21 @@ class Placement:
                 if target.kind == AGENT:
                     accepted, reason = await self._offer_agent(target.name, target.max_tasks, job)
                     if accepted:
-                        self.spill_share.record(False)
+                        self.view.spill_share.record(False)
                         return target.name
                     visited.add(target.name)
                     refused.append(f"{target.name}: {reason}")
                 elif not final:
                     break
                 elif target.kind == DC:
-                    accepted, reason = await self._offer_dc(target.name, job)
+                    accepted, reason = await self.offer_dc(target.name, job)
                     if accepted:
-                        self.spill_share.record(True)
+                        self.view.spill_share.record(True)
                         return f"dc:{target.name}"
                     refused.append(f"dc {target.name}: {reason}")
                 elif wait and self._durable(job) and (patient or target is not NONE_ELIGIBLE):
                     await self._to_backlog(job)
-                    self.spill_share.record(False)
+                    self.view.spill_share.record(False)
                     return "backlog"
                 else:
                     details = {"refused": "; ".join(refused[-4:])} if refused else {}
@@ -295,7 +192,7 @@ class Placement:
         peer = self.registry.peers.get(agent_id)
         if peer is None:
             return False, "not a member now"
-        if len(job.path) + 1 > self.max_hops:
+        if len(job.path) + 1 > self.view.max_hops:
             return False, "hop limit"
         envelope = self._envelope(job, max_tasks)
         try:
@@ -304,13 +201,13 @@ class Placement:
             metrics.FORWARDS.labels("error").inc()
             self.router.set_suspect(agent_id, True)
             return False, f"unreachable ({exc.code().name})"
-        self._learn(agent_id, reply.load, reply.accepted)
+        self.view.learn(agent_id, reply.load, reply.accepted)
         metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
         return reply.accepted, reply.reason
 
-    async def _offer_dc(self, dc: str, job: Job) -> tuple[bool, str]:
+    async def offer_dc(self, dc: str, job: Job) -> tuple[bool, str]:
         """Hand ``job`` to DC ``dc``: its record moves there, ours points to it."""
-        if len(job.path) + 1 > self.max_hops:
+        if len(job.path) + 1 > self.view.max_hops:
             return False, "hop limit"
         envelope = self._envelope(job, 0.0)
         envelope.origin_dc = self.cfg.dc
@@ -354,7 +251,7 @@ class Placement:
         """Another agent asks us to take a task: decided by our own live load, not gossip."""
         if self.cfg.agent_id in envelope.path:
             return False, "loop: already visited"
-        if envelope.hops > self.max_hops:
+        if envelope.hops > self.view.max_hops:
             return False, "hop limit"
         if not 0 < envelope.deadline_unix_ms <= MAX_DEADLINE_MS:
             raise InvalidTask("deadline out of range", deadline_unix_ms=envelope.deadline_unix_ms)
@@ -372,7 +269,16 @@ class Placement:
         if job.deadline_ms <= now_ms():
             return False, "deadline passed"
         digest = spec_digest(job.spec)
-        record = self._new_record(job.spec, digest, job.deadline_ms, job.attempt, job.path)
+        record = new_record(
+            job.spec,
+            digest,
+            job.deadline_ms,
+            attempt=job.attempt,
+            path=job.path,
+            agent_id=self.cfg.agent_id,
+            dc=self.cfg.dc,
+            inline_payload_bytes=self.cfg.inline_payload_bytes,
+        )
         stored, created = await self.store.create(record)
         if not created:
             if stored.record.spec_digest != digest:

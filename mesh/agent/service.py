@@ -1,4 +1,4 @@
-"""The gRPC edge: servicers that translate requests onto ``Agent`` and errors onto codes.
+"""The gRPC edge: servicers that hand requests to ``AgentApi`` and turn errors into codes.
 
 ``MeshError`` subclasses carry their status code (``mesh.errors``); etcd trouble that
 escapes as an aetcd error is UNAVAILABLE; anything else is a bug, logged with its
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -17,13 +16,11 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from mesh import metrics
 from mesh.agent.agent import Agent
+from mesh.agent.api import AgentApi
 from mesh.agent.peers import channel_options
-from mesh.core.task import admit, public
-from mesh.errors import InvalidTask, MeshError, TaskConflict
+from mesh.errors import MeshError
 from mesh.store.etcd import ETCD_ERRORS
-from mesh.store.registry import AgentRecord
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from mesh.v1 import tasks_pb2 as pb
 
@@ -57,143 +54,70 @@ def unary(
 
 
 class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, api: AgentApi) -> None:
+        self.api = api
 
     @unary
     async def Submit(self, request, context):
-        try:
-            admitted = admit(
-                request.spec, self.agent.cfg, self.agent.known_pipelines(), int(time.time() * 1000)
-            )
-            stored, created = await self.agent.placement.submit(admitted)
-        except MeshError as exc:
-            metrics.REJECTED.labels(exc.code).inc()
-            raise
-        if not created and stored.record.spec_digest != admitted.digest:
-            raise TaskConflict(
-                "task_id already used by a different task", task_id=admitted.spec.task_id
-            )
-        return pb.SubmitResponse(status=public(stored.status), existing=not created)
+        return await self.api.submit(request)
 
     @unary
     async def Get(self, request, context):
-        return await self.agent.get(request.task_id)
+        return await self.api.get(request)
 
     async def Watch(self, request, context) -> AsyncIterator[pb.TaskEvent]:
-        previous = None
         try:
-            async for status in self.agent.follow(request.task_id):
-                kind = (
-                    pb.TaskEvent.KIND_PROGRESS
-                    if previous is not None and status.state == previous
-                    else pb.TaskEvent.KIND_STATE
-                )
-                previous = status.state
-                yield pb.TaskEvent(kind=kind, status=status)
+            async for event in self.api.watch(request):
+                yield event
         except Exception as exc:
             code, message = status_for(exc)
             await context.abort(code, message)
 
     @unary
     async def Cancel(self, request, context):
-        return await self.agent.cancel(request.task_id, request.reason)
+        return await self.api.cancel(request)
 
     @unary
     async def List(self, request, context):
-        limit = min(request.limit or self.agent.cfg.max_list, self.agent.cfg.max_list)
-        tasks, truncated = await self.agent.store.list(
-            user_id=request.user_id, state=request.state, limit=limit
-        )
-        return pb.ListResponse(tasks=tasks, truncated=truncated)
+        return await self.api.list(request)
 
 
 class AgentServicer(tasks_pb2_grpc.AgentServiceServicer):
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
-
-    def _info(self, a: AgentRecord) -> pb.AgentInfo:
-        running, queued = self.agent.router.load(a.agent_id)
-        return pb.AgentInfo(
-            agent_id=a.agent_id,
-            dc=a.dc,
-            address=a.address,
-            gpus=[
-                pb.Gpu(
-                    index=g.index,
-                    uuid=g.uuid,
-                    name=g.name,
-                    memory_mb=g.memory_mb,
-                    gpu_class=g.gpu_class,
-                )
-                for g in a.gpus
-            ],
-            weight=a.weight,
-            pipelines=a.pipelines,
-            models=a.models,
-            models_loaded=a.models_loaded,
-            state=a.state,
-            incarnation=a.incarnation,
-            running=running,
-            queued=queued,
-            suspect=self.agent.router.is_suspect(a.agent_id),
-        )
+    def __init__(self, api: AgentApi) -> None:
+        self.api = api
 
     @unary
     async def ListAgents(self, request, context):
-        peers = sorted(self.agent.registry.peers.values(), key=lambda a: a.agent_id)
-        return pb.ListAgentsResponse(agents=[self._info(a) for a in peers])
+        return await self.api.list_agents(request)
 
     @unary
     async def Queue(self, request, context):
-        return await self.agent.queue()
+        return await self.api.queue(request)
 
     @unary
     async def Drain(self, request, context):
-        await self.agent.drain_now()
-        assert self.agent.registry.me is not None
-        return self._info(self.agent.registry.me)
+        return await self.api.drain(request)
 
     @unary
     async def Route(self, request, context):
-        if not request.spec.model or not request.spec.pipeline:
-            raise InvalidTask("model and pipeline are required to route")
-        decision = self.agent.placement.route(request.spec, explain=request.explain)
-        return pb.RouteResponse(
-            agent_id=self.agent.cfg.agent_id,
-            dc=self.agent.cfg.dc,
-            bound=decision.bound,
-            targets=[pb.RouteTarget(**t._asdict()) for t in decision.targets],
-            candidates=[
-                pb.RouteCandidate(
-                    agent_id=c.agent_id,
-                    tasks=c.tasks,
-                    max_tasks=c.max_tasks,
-                    eligible=c.eligible,
-                    model_loaded=c.loaded,
-                    verdict=c.verdict,
-                )
-                for c in decision.candidates
-            ],
-        )
+        return await self.api.route(request)
 
 
 class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
-    def __init__(self, agent: Agent) -> None:
-        self.agent = agent
+    def __init__(self, api: AgentApi) -> None:
+        self.api = api
 
     @unary
     async def Offer(self, request, context):
-        accepted, reason = await self.agent.placement.offer(request)
-        return peer_pb2.OfferResponse(accepted=accepted, reason=reason, load=self.agent.load())
+        return await self.api.offer(request)
 
     @unary
     async def Summary(self, request, context):
-        return await self.agent.summary_received(request)
+        return await self.api.summary(request)
 
     @unary
     async def CancelLocal(self, request, context):
-        return await self.agent.cancel_local(request.task_id, request.reason)
+        return await self.api.cancel_local(request)
 
 
 SERVICE_NAMES = (
@@ -210,9 +134,9 @@ class Server:
         self.agent = agent
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(options=channel_options(agent.cfg.max_message_bytes))
-        tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(agent), self.grpc)
-        tasks_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent), self.grpc)
-        peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(agent), self.grpc)
+        tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(agent.api), self.grpc)
+        tasks_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent.api), self.grpc)
+        peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(agent.api), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc

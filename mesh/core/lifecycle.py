@@ -1,13 +1,47 @@
-"""How a task's record changes state, as pure functions on the record: ending it, and
-the queue owner's decision for a task whose agent died. The etcd adapters apply them
-by compare-and-swap; tests apply them to plain records."""
+"""How a task's record is born and changes state, as pure functions on the record: its
+first version, ending it, and the queue owner's decision for a task whose agent died.
+The etcd adapters apply them by compare-and-swap; tests apply them to plain records."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from mesh.core.clock import now_ts
 from mesh.core.task import TERMINAL
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
+
+
+def new_record(
+    spec: pb.TaskSpec,
+    digest: str,
+    deadline_ms: int,
+    *,
+    attempt: int,
+    path: Iterable[str],
+    agent_id: str,
+    dc: str,
+    inline_payload_bytes: int,
+) -> peer_pb2.TaskRecord:
+    """A task's first record in a DC: pending, and this agent's until it is placed, so
+    that should the agent die first, the DC's owner finds it among its orphans. A
+    payload over ``inline_payload_bytes`` is not kept (etcd is not a blob store): the
+    task then cannot run again if the agent holding it dies."""
+    status = pb.TaskStatus(
+        task_id=spec.task_id,
+        state=pb.TASK_STATE_PENDING,
+        agent=agent_id,
+        dc=dc,
+        attempt=attempt,
+        created_at=now_ts(),
+        path=list(path),
+    )
+    status.spec.CopyFrom(spec)
+    too_big = len(spec.payload) > inline_payload_bytes
+    if too_big:
+        status.spec.ClearField("payload")
+    status.deadline.FromMilliseconds(deadline_ms)
+    return peer_pb2.TaskRecord(status=status, spec_digest=digest, payload_not_kept=too_big)
 
 
 def end(status: pb.TaskStatus, state: int, code: str, message: str) -> None:

@@ -1,7 +1,7 @@
-"""The thin etcd adapter: connecting, the key layout, and a lease session.
+"""The thin etcd adapter: connecting, what a failed call means, and watches that resume.
 
-Everything above this module speaks in records and revisions; only here do we know that
-the client is ``aetcd``. aetcd has no background keep-alive, so ``Session`` runs its own.
+Everything above ``mesh.store`` speaks in records and revisions; only here do we know
+that the client is ``aetcd``.
 """
 
 from __future__ import annotations
@@ -10,12 +10,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import aetcd
-
-from mesh.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -79,140 +76,6 @@ def client_for(endpoints: list[str], timeout_s: float = 5.0) -> aetcd.Client:
     return LeaderClient(
         host=host, port=port, timeout=int(max(1, timeout_s)), options=dict(CHANNEL_OPTIONS)
     )
-
-
-@dataclass(frozen=True, slots=True)
-class KeySpace:
-    """Every etcd key the mesh writes, in one place: ``/{prefix}/{dc}/...``."""
-
-    prefix: str
-    dc: str
-
-    @property
-    def root(self) -> bytes:
-        return f"/{self.prefix}/{self.dc}/".encode()
-
-    @property
-    def agents(self) -> bytes:
-        return self.root + b"agents/"
-
-    def agent(self, agent_id: str) -> bytes:
-        return self.agents + agent_id.encode()
-
-    @property
-    def tasks(self) -> bytes:
-        return self.root + b"tasks/"
-
-    def task(self, task_id: str) -> bytes:
-        return self.tasks + task_id.encode()
-
-    @property
-    def running(self) -> bytes:
-        return self.root + b"running/"
-
-    def running_marker(self, task_id: str) -> bytes:
-        return self.running + task_id.encode()
-
-    @property
-    def election(self) -> bytes:
-        """Candidates for the DC's queue owner: ``etcdctl elect -l`` on it names the owner."""
-        return self.root + b"election/queue-owner"
-
-    @property
-    def backlog(self) -> bytes:
-        return self.root + b"backlog/"
-
-    def backlog_entry(self, queue_class: str, enqueued_ms: int, task_id: str) -> bytes:
-        """Sorted by class, then age: the oldest of a class lists first."""
-        return self.backlog + f"{queue_class}/{enqueued_ms:013d}-{task_id}".encode()
-
-    @property
-    def summaries(self) -> bytes:
-        return self.root + b"summaries/"
-
-    def summary(self, dc: str) -> bytes:
-        return self.summaries + dc.encode()
-
-
-class Session:
-    """An etcd lease and its keep-alive; ``lost`` is set once the lease cannot be trusted.
-
-    Keys that must vanish with this process (membership, running markers) are written
-    under ``lease_id``. The lease is refreshed every TTL/3. It is lost when etcd says it
-    expired (this process was paused, or cut off, past the TTL), and only then: while
-    etcd cannot be reached at all, or has no quorum, nobody can expire the lease either,
-    and etcd renews every lease when a leader returns, so the work under it goes on.
-    ``outage_grace_s`` past the TTL the session gives up anyway: an agent cut off from
-    an etcd that others still reach must not run tasks they have re-run elsewhere for
-    ever. ``on_state`` hears "trouble", "ok" and "lost" as they happen.
-    """
-
-    def __init__(
-        self,
-        client: aetcd.Client,
-        ttl_s: int,
-        outage_grace_s: float = 0.0,
-        on_state: Callable[[str], None] = lambda _: None,
-    ) -> None:
-        self._client = client
-        self.ttl_s = ttl_s
-        self._grace_s = outage_grace_s
-        self._on_state = on_state
-        self.lease_id = 0
-        self.lost = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def open(self) -> None:
-        try:
-            lease = await self._client.lease(self.ttl_s)
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"cannot grant an etcd lease: {exc}") from exc
-        self.lease_id = lease.id
-        self._task = asyncio.create_task(self._keep_alive(), name="lease-keepalive")
-
-    async def _keep_alive(self) -> None:
-        loop = asyncio.get_running_loop()
-        good_until = loop.time() + self.ttl_s
-        troubled = False
-        while True:
-            # After a pause (SIGSTOP, a stalled VM) this wakes at once: the first thing
-            # the process does is to ask etcd whether its lease outlived the pause.
-            await asyncio.sleep(self.ttl_s / 3)
-            sent = loop.time()
-            try:
-                async with asyncio.timeout(self.ttl_s / 3):  # not wait_for: see owner.py
-                    reply = await self._client.refresh_lease(self.lease_id)
-            except (TimeoutError, *ETCD_ERRORS) as exc:
-                log.warning("lease %x refresh failed: %s", self.lease_id, exc)
-                if not troubled:
-                    troubled = True
-                    self._on_state("trouble")
-                if loop.time() >= good_until + self._grace_s:
-                    log.error("etcd unreachable %.0fs past the lease TTL", self._grace_s)
-                    break
-                continue
-            if reply is None or reply.TTL <= 0:
-                log.error("lease %x expired", self.lease_id)
-                break
-            if troubled:
-                troubled = False
-                self._on_state("ok")
-            good_until = sent + reply.TTL
-        self._on_state("lost")
-        self.lost.set()
-
-    async def close(self, revoke: bool = True) -> None:
-        """Stop the keep-alive and, by default, revoke the lease so its keys vanish now."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if revoke and self.lease_id and not self.lost.is_set():
-            try:
-                await self._client.revoke_lease(self.lease_id)
-            except ETCD_ERRORS as exc:
-                log.warning("could not revoke lease %x: %s", self.lease_id, exc)
-        self.lost.set()
 
 
 RESUME_BACKOFF_S = (0.1, 0.2, 0.5, 1.0)

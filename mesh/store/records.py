@@ -18,7 +18,8 @@ from google.protobuf import json_format
 from mesh.core.lifecycle import end
 from mesh.core.task import TERMINAL, public
 from mesh.errors import StaleWrite, TaskNotFound, Unavailable, Unsure
-from mesh.store.etcd import ETCD_ERRORS, KeySpace, never_applied, watch_events
+from mesh.store.etcd import ETCD_ERRORS, never_applied, watch_events
+from mesh.store.keys import KeySpace
 from mesh.v1 import peer_pb2, tasks_pb2
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,8 @@ import aetcd
 
 from mesh.errors import Unavailable
 from mesh.gpus import Gpu
-from mesh.store.etcd import ETCD_ERRORS, KeySpace
+from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.keys import KeySpace
 from mesh.store.mirror import PrefixMirror
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,381 @@
+"""The DC's backlog as its queue owner works it: dispatch rounds, claims, and the tasks
+it took being placed.
+
+Each tick (or sooner, when the backlog or capacity changes) the dispatcher ends the
+entries whose deadline passed, then runs one round over a snapshot of the backlog
+(``mesh.core.backlog.Round``): every entry is placed, ended, dropped as stale, or ends
+the round for want of room, so a round always ends. An entry leaves only by a claim, one
+transaction fenced by the owner's term that changes the task's record with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from enum import Enum
+
+import aetcd
+
+from mesh import metrics
+from mesh.agent.history import History
+from mesh.core import backlog
+from mesh.core.backlog import Room, Verdict, Waiting
+from mesh.core.clock import now_ms
+from mesh.core.jobs import Job
+from mesh.core.lifecycle import end
+from mesh.core.queue import Discipline
+from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable
+from mesh.store.election import Election
+from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.keys import KeySpace
+from mesh.store.mirror import PrefixMirror
+from mesh.store.records import Stored, TaskStore
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+DISPATCH_TICK_S = 0.5  # capacity frees without the backlog changing: look again this often
+STUCK_AFTER_S = 10.0  # the oldest entry waited this long while the DC had free slots: warn
+PLACE_RETRY_S = (0.2, 0.5, 1.0, 2.0)  # placing a claimed task again after etcd trouble
+
+ENDINGS = {
+    Verdict.CANCEL: (pb.TASK_STATE_CANCELLED, "CANCELLED", "cancelled while in the backlog"),
+    Verdict.EXPIRE: (pb.TASK_STATE_FAILED, "DEADLINE_EXCEEDED", "deadline passed in the backlog"),
+}
+
+
+class Outcome(Enum):
+    """What became of one entry in a dispatch round."""
+
+    DISPATCHED = "dispatched"
+    SKIPPED = "skipped"  # ended, dropped as stale, or waiting for an eligible agent
+    NO_ROOM = "no room"  # its eligible agents are full: the round ends
+
+
+class Deposed(StaleWrite):
+    """This owner's term is over: another candidate leads the DC's queue now."""
+
+
+async def still_leading(election: Election) -> None:
+    """Raise ``Deposed`` unless ``election``'s term still holds."""
+    if not await election.leads():
+        raise Deposed("no longer the queue owner", term=election.term)
+
+
+class Placements:
+    """The tasks the owner took (from the backlog, or from a dead agent) while they are
+    being placed. Each ends by itself: placed (on an agent, another DC, or back in the
+    backlog), moved on, or failed at its deadline; ``landed`` hears each end."""
+
+    def __init__(
+        self, store: TaskStore, place: Callable[[Job], Awaitable[str]], landed: Callable[[], None]
+    ) -> None:
+        self._store = store
+        self._place = place
+        self._landed = landed
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def cancel(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+
+    def spawn(self, job: Job) -> None:
+        task = asyncio.create_task(self._placed(job), name=f"place {job.task_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._landed()  # the view has learnt where it went: look at the backlog again
+
+    async def _placed(self, job: Job) -> None:
+        """Place ``job``: on an agent, or back into the backlog with its age kept. etcd
+        trouble is retried until the task's deadline, which then fails it: a task taken
+        from the backlog is never left without an agent that answers for it."""
+        tries = 0
+        while job.deadline_ms > now_ms():
+            try:
+                where = await self._place(job)
+                log.info("attempt %d of %s placed on %s", job.attempt, job.task_id, where)
+                return
+            except (StaleWrite, TaskNotFound) as exc:
+                log.info("%s moved on while being placed: %s", job.task_id, exc)
+                return
+            except MeshError as exc:
+                delay = PLACE_RETRY_S[min(tries, len(PLACE_RETRY_S) - 1)]
+                tries += 1
+                log.warning("placing %s failed (%s); again in %.1fs", job.task_id, exc, delay)
+                await asyncio.sleep(delay)
+        await self._expire(job)
+
+    async def _expire(self, job: Job) -> None:
+        try:
+            await self._store.finish(
+                job.task_id,
+                pb.TASK_STATE_FAILED,
+                "DEADLINE_EXCEEDED",
+                "deadline passed while waiting to run again",
+                attempt=job.attempt,
+            )
+        except MeshError as exc:
+            log.info("could not end %s: %s", job.task_id, exc)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        agent_id: str,
+        election: Election,
+        store: TaskStore,
+        keys: KeySpace,
+        room_for: Callable[[pb.TaskSpec], Room],
+        free_slots: Callable[[], int],
+        room_left: Callable[[], int],
+        discipline: Discipline,
+        history: History,
+        placements: Placements,
+        wake: asyncio.Event,
+    ) -> None:
+        """``room_for`` says whether the router sees room for a task now, ``free_slots``
+        how many GPU slots of the DC it sees idle, ``room_left`` how many more tasks the
+        DC's agents could hold; ``wake`` is set when the backlog or capacity changes."""
+        self.agent_id = agent_id
+        self._election = election
+        self._store = store
+        self._keys = keys
+        self._room_for = room_for
+        self._free_slots = free_slots
+        self._room_left = room_left
+        self._discipline = discipline
+        self._history = history
+        self._placements = placements
+        self._wake = wake
+        self._warned_at = 0
+        self._dispatched_at = 0
+
+    async def run(self) -> None:
+        """Each tick (or sooner, when the backlog or capacity changes): end what expired,
+        then one dispatch round over a snapshot of the backlog, then look again."""
+        mirror = PrefixMirror(self._store.client, self._keys.backlog, lambda _: self._wake.set())
+        watching = asyncio.create_task(mirror.run(), name="backlog mirror")
+        try:
+            await mirror.ready.wait()
+            while True:
+                # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a
+                # cancellation that races its timeout, and the owner would never stop.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(DISPATCH_TICK_S):
+                        await self._wake.wait()
+                self._wake.clear()
+                snapshot = dict(mirror.items)
+                await self.expire(snapshot)
+                dispatched = await self.dispatch_round(snapshot)
+                self._report(snapshot, dispatched)
+        finally:
+            watching.cancel()
+
+    async def expire(self, snapshot: Mapping[str, bytes]) -> int:
+        """End every entry whose deadline its value says has passed; how many ended."""
+        ended = 0
+        for waiting in backlog.expired(snapshot, now_ms()):
+            ended += await self._end(waiting)
+        return ended
+
+    async def dispatch_round(self, snapshot: Mapping[str, bytes]) -> int:
+        """One pass over ``snapshot`` (backlog key tails and values), best entry first.
+
+        Every entry looked at is placed, ended, dropped as stale, or ends the round (no
+        room for it now), so the round ends after at most ``len(snapshot)`` entries and
+        the next one starts from a fresh mirror. Returns how many entries it dispatched.
+        Raises ``Deposed`` once another owner leads.
+        """
+        now = now_ms()
+        dispatching = backlog.Round(backlog.by_class(snapshot), self._discipline)
+        dispatched = 0
+        while (waiting := dispatching.pop(now)) is not None:
+            outcome = await self._consider(waiting, now)
+            if outcome is Outcome.DISPATCHED:
+                dispatched += 1
+                continue
+            dispatching.refund()  # it took no capacity: its class keeps its turn
+            if outcome is Outcome.NO_ROOM:
+                break
+        return dispatched
+
+    async def _consider(self, waiting: Waiting, now: int) -> Outcome:
+        """Dispatch, end or drop one entry, or find no room for it."""
+        try:
+            stored = await self._store.get(waiting.task_id)
+        except TaskNotFound:
+            await self._claim(waiting, None)  # its record is gone: drop the entry
+            return Outcome.SKIPPED
+        verdict = backlog.judge(stored.record, now)
+        if verdict is Verdict.STALE:
+            await self._claim(waiting, stored)
+            return Outcome.SKIPPED
+        if verdict is not Verdict.DISPATCH:
+            await self._end(waiting)
+            return Outcome.SKIPPED
+        room = self._room_for(stored.status.spec)
+        # The view learns of a placement only once it lands: tasks still being placed
+        # count against the room left, or one round would send a whole backlog at it.
+        if room is Room.FULL or len(self._placements) >= max(1, self._room_left()):
+            return Outcome.NO_ROOM
+        # NOT_HERE: no agent of the DC can run it now; it waits without blocking the
+        # others (an eligible agent may join before its deadline).
+        if room is Room.FREE and await self._take(waiting):
+            return Outcome.DISPATCHED
+        return Outcome.SKIPPED
+
+    def _report(self, snapshot: Mapping[str, bytes], dispatched: int) -> None:
+        """Depth and oldest age per class as metrics; a warning when the backlog has not
+        moved for ``STUCK_AFTER_S`` while its oldest entry aged and the DC had idle slots
+        (it should have been dispatched)."""
+        now = now_ms()
+        oldest = 0
+        for name, depth in backlog.depths(backlog.by_class(snapshot)).items():
+            age_s = (now - depth.oldest_ms) / 1000 if depth.depth else 0.0
+            metrics.BACKLOG_DEPTH.labels(name).set(depth.depth)
+            metrics.BACKLOG_OLDEST.labels(name).set(max(0.0, age_s))
+            oldest = max(oldest, int(age_s * 1000))
+        if dispatched:
+            self._dispatched_at = now
+        free = self._free_slots()
+        still = now - self._dispatched_at > STUCK_AFTER_S * 1000
+        if oldest > STUCK_AFTER_S * 1000 and free > 0 and still:
+            metrics.BACKLOG_STALLS.inc()
+            if now - self._warned_at > STUCK_AFTER_S * 1000:
+                self._warned_at = now
+                log.warning(
+                    "backlog not moving: oldest entry waited %.0fs, %d slot(s) free",
+                    oldest / 1000,
+                    free,
+                )
+
+    def _entry_key(self, waiting: Waiting) -> bytes:
+        return self._keys.backlog_entry(waiting.queue_class, waiting.enqueued_ms, waiting.task_id)
+
+    async def _claim(self, waiting: Waiting, judged: Stored | None) -> None:
+        """Delete the entry, fenced, without touching its record: the record is gone
+        (``judged`` None) or has moved on (as ``judged`` shows it). Refused if the record
+        changed since: a task put back into the backlog reuses its key (it keeps its
+        age), and its fresh entry must not go with the stale one."""
+        key = self._entry_key(waiting)
+        record = self._keys.task(waiting.task_id)
+        tx = self._store.client.transactions
+        unchanged = tx.version(record) == 0 if judged is None else tx.mod(record) == judged.revision
+        token = self._election.term
+        try:
+            ok, responses = await self._store.client.transaction(
+                compare=[self._election.fence(), unchanged],
+                success=[tx.delete(key)],
+                failure=[],
+            )
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"backlog claim failed: {exc}") from exc
+        revision = responses[0].response_delete_range.header.revision if ok else None
+        self._history.write(
+            "claim", "ok" if ok else "rejected", task=waiting.task_id, token=token, rev=revision
+        )
+        if not ok:
+            await still_leading(self._election)  # else the record moved: the next round looks again
+
+    async def _claim_with(
+        self, waiting: Waiting, mutate: Callable[[peer_pb2.TaskRecord], bool | None]
+    ) -> Stored | None:
+        """Delete the entry and change its record in one fenced transaction; None if the
+        entry was gone (someone took it first) or ``mutate`` found nothing to do (the
+        record moved on: the next round judges it again)."""
+        key = self._entry_key(waiting)
+        tx = self._store.client.transactions
+        token = self._election.term
+        applied = False
+
+        def apply(record: peer_pb2.TaskRecord) -> bool | None:
+            nonlocal applied
+            applied = mutate(record) is not False
+            return None if applied else False
+
+        try:
+            updated = await self._store.update(
+                waiting.task_id,
+                apply,
+                fence=[self._election.fence(), tx.version(key) > 0],
+                also=[tx.delete(key)],
+            )
+        except (StaleWrite, TaskNotFound):
+            self._history.write("claim", "rejected", task=waiting.task_id, token=token)
+            await still_leading(self._election)
+            return None
+        if not applied:
+            return None
+        self._history.write("claim", "ok", task=waiting.task_id, token=token, rev=updated.revision)
+        return updated
+
+    async def _take(self, waiting: Waiting) -> bool:
+        """Claim the entry for dispatch; the record names this agent until placed."""
+
+        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+            if backlog.judge(record, now_ms()) is not Verdict.DISPATCH:
+                return False
+            record.status.state = pb.TASK_STATE_PENDING
+            record.status.agent = self.agent_id
+            return None
+
+        updated = await self._claim_with(waiting, mutate)
+        if updated is None:
+            return False
+        status = updated.status
+        job = Job(
+            status.spec,
+            status.attempt,
+            status.deadline.ToMilliseconds(),
+            ["backlog"],
+            enqueued_ms=waiting.enqueued_ms,
+        )
+        self._placements.spawn(job)
+        return True
+
+    async def _end(self, waiting: Waiting) -> int:
+        """End the entry's task as its record says (cancelled, or past its deadline) and
+        take the entry, in one transaction; 1 if this call ended it."""
+
+        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+            ending = ENDINGS.get(backlog.judge(record, now_ms()))
+            if ending is None:
+                return False
+            end(record.status, *ending)
+            return None
+
+        updated = await self._claim_with(waiting, mutate)
+        if updated is None:
+            return 0
+        metrics.BACKLOG_ENDED.labels(updated.status.error.code).inc()
+        return 1
+
+
+async def describe(client: aetcd.Client, keys: KeySpace, queues: list[str]) -> pb.QueueResponse:
+    """The DC's queue as anyone can read it: its owner and term, and its backlog."""
+    election = Election(client, keys.election, lambda: 0, b"")
+    leader = await election.leader()
+    try:
+        listing = await client.get_prefix(keys.backlog, keys_only=True)
+    except ETCD_ERRORS as exc:
+        raise Unavailable(f"etcd: {exc}") from exc
+    names = {kv.key[len(keys.backlog) :].decode(): b"" for kv in listing}
+    now = now_ms()
+    reply = pb.QueueResponse(dc=keys.dc)
+    if leader is not None:
+        reply.owner, reply.term = leader[0].decode().split()[0], leader[1]
+    waiting = backlog.by_class(names)
+    for name in sorted({*queues, *waiting}):
+        entries = waiting.get(name, [])
+        oldest = (now - entries[0].enqueued_ms) / 1000 if entries else 0.0
+        reply.classes.add(name=name, depth=len(entries), oldest_wait_s=max(0.0, oldest))
+    return reply

@@ -1,0 +1,98 @@
+"""This agent's part in DC summaries: hearing other DCs, and speaking for its own.
+
+Every agent mirrors the summaries its DC's speakers stored in etcd (the router skips DCs
+they say are full; overflow reaches the live agents they list). The first few agents by
+id speak (``mesh.core.summaries.speaks``): they swap summaries with the other DCs of the
+topology over ``PeerService.Summary`` and store what they hear under their lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+
+import aetcd
+import grpc
+
+from mesh.agent.remote import RemoteDcs
+from mesh.core import summaries
+from mesh.core.clock import now_ms
+from mesh.core.router import Router
+from mesh.errors import MeshError
+from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.keys import KeySpace
+from mesh.store.mirror import PrefixMirror
+from mesh.store.registry import AgentRecord
+from mesh.v1 import peer_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Speaker:
+    def __init__(
+        self,
+        dc: str,
+        agent_id: str,
+        client: aetcd.Client,
+        keys: KeySpace,
+        lease: Callable[[], int],
+        router: Router,
+        peers: Callable[[], Mapping[str, AgentRecord]],
+        remote: RemoteDcs,
+        active: Callable[[], bool],
+    ) -> None:
+        """``peers`` gives the DC's members as the registry sees them; ``active`` whether
+        this agent still takes work (a draining agent stops speaking)."""
+        self._dc = dc
+        self._agent_id = agent_id
+        self._client = client
+        self._keys = keys
+        self._lease = lease
+        self._router = router
+        self._peers = peers
+        self._remote = remote
+        self._active = active
+        self.heard: dict[str, peer_pb2.DcSummary] = {}  # other DCs, as last stored
+        self.mirror = PrefixMirror(client, keys.summaries, self._stored)
+
+    def _stored(self, items: Mapping[str, bytes]) -> None:
+        decoded = {}
+        for dc, raw in items.items():
+            try:
+                decoded[dc] = summaries.decode(raw)
+            except ValueError as exc:
+                log.warning("ignoring unreadable summary of DC %s: %s", dc, exc)
+        self.heard = decoded
+
+    def summary(self) -> peer_pb2.DcSummary:
+        """This DC as this agent sees it."""
+        addresses = {a: r.address for a, r in self._peers().items()}
+        return summaries.build(self._dc, self._router, addresses, now_ms())
+
+    async def received(self, theirs: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
+        """Another DC's speaker calls: keep its summary for our DC, answer with ours."""
+        if theirs.dc and theirs.dc != self._dc:
+            await self._store(theirs)
+        return self.summary()
+
+    async def _store(self, summary: peer_pb2.DcSummary) -> None:
+        try:
+            await self._client.put(
+                self._keys.summary(summary.dc), summaries.encode(summary), lease=self._lease()
+            )
+        except ETCD_ERRORS as exc:
+            log.debug("could not store the summary of %s: %s", summary.dc, exc)
+
+    async def speak(self) -> None:
+        """Forever: while this agent is one of its DC's speakers, swap summaries."""
+        while True:
+            await asyncio.sleep(summaries.INTERVAL_S)
+            if not self._active() or not summaries.speaks(self._agent_id, self._peers()):
+                continue
+            mine = self.summary()
+            for dc in self._remote.known():
+                try:
+                    await self._store(await self._remote.summary(dc, mine))
+                except (grpc.aio.AioRpcError, MeshError) as exc:
+                    log.debug("no summary from DC %s: %s", dc, exc)

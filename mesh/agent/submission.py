@@ -1,0 +1,124 @@
+"""Submit: record the task, then place it — one step, since a record that nobody places
+is a lost task.
+
+The record is created only if its id is new (an idempotent Submit returns the first
+task). If placing fails, the record is deleted again: nothing was accepted. When the DC's
+etcd cannot take the record, the task goes to the topology's overflow DCs, which record
+and run it; when the write timed out and may have happened, the client is told
+``UNAVAILABLE`` and this agent places the task once etcd shows it was recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from mesh import metrics
+from mesh.agent.placement import Placement
+from mesh.agent.retry import patient
+from mesh.config import AgentConfig
+from mesh.core.jobs import Job
+from mesh.core.lifecycle import new_record
+from mesh.core.task import Admitted
+from mesh.errors import MeshError, Unavailable, Unsure
+from mesh.store.records import Stored, TaskStore
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Submission:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: TaskStore,
+        placement: Placement,
+        spawn: Callable[[str, Coroutine[Any, Any, None]], object],
+    ) -> None:
+        """``spawn`` runs background work the agent cancels when it stops."""
+        self._cfg = cfg
+        self._store = store
+        self._placement = placement
+        self._spawn = spawn
+
+    def _record(self, admitted: Admitted) -> peer_pb2.TaskRecord:
+        return new_record(
+            admitted.spec,
+            admitted.digest,
+            admitted.deadline_ms,
+            attempt=1,
+            path=(),
+            agent_id=self._cfg.agent_id,
+            dc=self._cfg.dc,
+            inline_payload_bytes=self._cfg.inline_payload_bytes,
+        )
+
+    async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
+        spec = admitted.spec
+        record = self._record(admitted)
+        try:
+            stored, created = await self._store.create(record)
+        except Unsure:
+            self._spawn(f"settle {spec.task_id}", self._settle_unsure(admitted))
+            raise
+        except Unavailable as trouble:
+            return await self._submit_elsewhere(record, admitted, trouble), True
+        if not created:
+            return stored, False
+        try:
+            await self._placement.place(Job(spec, attempt=1, deadline_ms=admitted.deadline_ms))
+        except MeshError:
+            with contextlib.suppress(MeshError):
+                await self._store.delete(stored)  # never accepted: leave no trace
+            raise
+        metrics.SUBMITTED.inc()
+        return await self._store.get(spec.task_id), True
+
+    async def _settle_unsure(self, admitted: Admitted) -> None:
+        """Our record may have been written after the call gave up (etcd applied it once
+        quorum was back): when etcd answers, place the task if it is still ours to place.
+        The client, told UNAVAILABLE, finds it by its id when it retries."""
+        spec = admitted.spec
+        try:
+            stored = await patient(self._cfg.lease_ttl_s + self._cfg.etcd_outage_grace_s).run(
+                lambda: self._store.get(spec.task_id)
+            )
+        except MeshError:
+            return  # not written (or etcd never came back): nothing to place
+        status = stored.status
+        if (
+            status.state != pb.TASK_STATE_PENDING
+            or status.agent != self._cfg.agent_id
+            or stored.record.spec_digest != admitted.digest
+        ):
+            return
+        log.info("a submit that timed out was recorded after all: placing %s", spec.task_id)
+        job = Job(spec, attempt=status.attempt, deadline_ms=admitted.deadline_ms)
+        try:
+            await self._placement.place(job)
+        except MeshError as exc:
+            await self._placement.fail(job, exc.code, f"could not be placed: {exc.message}")
+
+    async def _submit_elsewhere(
+        self, record: peer_pb2.TaskRecord, admitted: Admitted, trouble: Unavailable
+    ) -> Stored:
+        """Our DC's etcd cannot take the task: hand it to the overflow DCs, in the
+        topology's order of weight, which record and run it (an idempotent hand-over: a
+        retry finds it there). Nothing is recorded here, so only they can answer for it."""
+        job = Job(admitted.spec, attempt=1, deadline_ms=admitted.deadline_ms)
+        refused = []
+        for overflow in sorted(self._placement.view.overflow, key=lambda o: -o.weight):
+            accepted, reason = await self._placement.offer_dc(overflow.dc, job)
+            if accepted:
+                log.info("etcd down: %s went to DC %s", job.task_id, overflow.dc)
+                record.forwarded_to_dc = record.status.dc = overflow.dc
+                return Stored(record, 0)
+            refused.append(f"{overflow.dc}: {reason}")
+        raise Unavailable(
+            f"{trouble.message}; no overflow DC took the task",
+            task_id=job.task_id,
+            **({"refused": "; ".join(refused)} if refused else {}),
+        )

@@ -1,0 +1,58 @@
+"""Every etcd key the mesh writes in a DC, in one place: ``/{prefix}/{dc}/...``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Every etcd key the mesh writes, in one place: ``/{prefix}/{dc}/...``."""
+
+    prefix: str
+    dc: str
+
+    @property
+    def root(self) -> bytes:
+        return f"/{self.prefix}/{self.dc}/".encode()
+
+    @property
+    def agents(self) -> bytes:
+        return self.root + b"agents/"
+
+    def agent(self, agent_id: str) -> bytes:
+        return self.agents + agent_id.encode()
+
+    @property
+    def tasks(self) -> bytes:
+        return self.root + b"tasks/"
+
+    def task(self, task_id: str) -> bytes:
+        return self.tasks + task_id.encode()
+
+    @property
+    def running(self) -> bytes:
+        return self.root + b"running/"
+
+    def running_marker(self, task_id: str) -> bytes:
+        return self.running + task_id.encode()
+
+    @property
+    def election(self) -> bytes:
+        """Candidates for the DC's queue owner: ``etcdctl elect -l`` on it names the owner."""
+        return self.root + b"election/queue-owner"
+
+    @property
+    def backlog(self) -> bytes:
+        return self.root + b"backlog/"
+
+    def backlog_entry(self, queue_class: str, enqueued_ms: int, task_id: str) -> bytes:
+        """Sorted by class, then age: the oldest of a class lists first."""
+        return self.backlog + f"{queue_class}/{enqueued_ms:013d}-{task_id}".encode()
+
+    @property
+    def summaries(self) -> bytes:
+        return self.root + b"summaries/"
+
+    def summary(self, dc: str) -> bytes:
+        return self.summaries + dc.encode()
