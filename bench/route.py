@@ -27,7 +27,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh.core.ring import HashRing, key_point
-from mesh.core.router import AGENT, Member, Policy, Request, Router
+from mesh.core.router import Router
+from mesh.core.routing import AGENT, Member, Policy, Request
 from mesh.gpus import DEFAULT_GPU_WEIGHTS
 
 # (class, memory GB, share of the fleet)

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mesh.core.ring import HashRing, key_point
-from mesh.core.router import (
+from mesh.core.router import Router
+from mesh.core.routing import (
     AGENT,
     BACKLOG,
     DC,
@@ -21,7 +22,6 @@ from mesh.core.router import (
     Overflow,
     Policy,
     Request,
-    Router,
     Spill,
 )
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from mesh.agent.decisionlog import DecisionLog, replay
-from mesh.core.router import Member, Overflow, Policy, Request, Router, Spill
+from mesh.core.router import Router
+from mesh.core.routing import Member, Overflow, Policy, Request, Spill
 from mesh.core.spill import SpillShare
 
 

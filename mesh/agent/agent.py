@@ -21,7 +21,9 @@ import logging
 from mesh.agent.api import AgentApi
 from mesh.agent.duties import Duties
 from mesh.agent.executor import Executor
+from mesh.agent.handover import Handover
 from mesh.agent.history import History
+from mesh.agent.intake import Intake
 from mesh.agent.owner import QueueOwner
 from mesh.agent.peers import PeerClients
 from mesh.agent.placement import Placement
@@ -33,10 +35,8 @@ from mesh.agent.tasks import Tasks
 from mesh.agent.view import View
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ms
-from mesh.core.jobs import Job
 from mesh.core.queue import Discipline
-from mesh.core.task import TERMINAL
-from mesh.errors import MeshError, StaleWrite, Unavailable
+from mesh.errors import MeshError, Unavailable
 from mesh.gossip.transport import GossipNode
 from mesh.gpus import inventory, weight_of
 from mesh.pipelines import Models, load_pipelines
@@ -48,8 +48,6 @@ from mesh.store.mirror import PrefixMirror
 from mesh.store.records import TaskStore
 from mesh.store.registry import ACTIVE, DRAINING, AgentRecord, Registry
 from mesh.store.session import Session
-from mesh.v1 import peer_pb2
-from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +111,10 @@ class Agent:
             self.peers,
             self.remote,
             self.executor,
-            self.duties.spawn,
+            lambda job, most: self.intake.accept(job, most),
             lambda: self.speaker.heard,
         )
+        self.intake = Intake(cfg, self.store, self.view, self.executor, self.placement.place)
         self.submission = Submission(cfg, self.store, self.placement, self.duties.spawn)
         self.tasks = Tasks(
             cfg.agent_id,
@@ -126,6 +125,7 @@ class Agent:
             self.executor,
             self._capacity_changed,
         )
+        self.handover = Handover(cfg.agent_id, self.store, self.placement, self.history)
         self.api = AgentApi(self)
         self.owner: QueueOwner | None = None
         self._owner_task: asyncio.Task[None] | None = None
@@ -281,7 +281,7 @@ class Agent:
                 continue
             self.history.write("lease", "new", lease=self.session.lease_id)
             for job in dropped:
-                await self._hand_back(job, after_loss=True)
+                await self.handover.give_back(job, after_loss=True)
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -297,11 +297,11 @@ class Agent:
             await self.owner.election.resign()
         # Queued jobs go to peers at once, while the running ones get their grace.
         queued = self.executor.close_queue()
-        handing = asyncio.gather(*(self._hand_back(job) for job in queued))
+        handing = asyncio.gather(*(self.handover.give_back(job) for job in queued))
         interrupted = await self.executor.drain(grace_s)
         await handing
         for job in interrupted:
-            await self._hand_back(job)
+            await self.handover.give_back(job)
         await self.session.close(revoke=True)
         await self.duties.stop()
         await self.peers.close()
@@ -310,48 +310,3 @@ class Agent:
         self.history.close()
         with contextlib.suppress(Exception):
             await self.client.close()
-
-    async def _hand_back(self, job: Job, *, after_loss: bool = False) -> None:
-        """Give a job this agent will not finish to a peer; fail it if none takes it.
-
-        Until a peer takes it, its record names this agent (pending): should this agent
-        die first, the DC's owner finds it among the dead agent's tasks. A job whose
-        record has moved on (another attempt, or with ``after_loss`` another agent) is
-        someone else's now and is left alone.
-        """
-        me = self.cfg.agent_id
-        interrupted = False
-        moved_on = False
-
-        def reset(record: peer_pb2.TaskRecord) -> bool | None:
-            nonlocal interrupted, moved_on
-            status = record.status
-            if status.state in TERMINAL or (after_loss and status.agent != me):
-                moved_on = True
-                return False
-            interrupted = status.state == pb.TASK_STATE_RUNNING
-            status.state = pb.TASK_STATE_PENDING
-            status.agent = me
-            if interrupted:
-                status.attempt += 1
-            return None
-
-        try:
-            await self.store.update(job.task_id, reset, attempt=job.attempt)
-        except StaleWrite:
-            return
-        except MeshError as exc:
-            log.warning("could not hand back %s: %s", job.task_id, exc)
-            return
-        if moved_on:
-            return
-        if interrupted:
-            job.attempt += 1
-        job.path = [*job.path, me]
-        try:
-            where = await self.placement.place(job)
-            log.info("handed back %s", job.task_id)
-            self.history.write("handback", "ok", task=job.task_id, attempt=job.attempt, to=where)
-        except MeshError as exc:
-            log.warning("could not hand back %s: %s", job.task_id, exc)
-            await self.placement.fail(job, "UNAVAILABLE", f"agent {me} shut down: {exc}")

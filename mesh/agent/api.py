@@ -143,7 +143,7 @@ class AgentApi:
     # -- PeerService ---------------------------------------------------------------------
 
     async def offer(self, request: peer_pb2.Envelope) -> peer_pb2.OfferResponse:
-        accepted, reason = await self._agent.placement.offer(request)
+        accepted, reason = await self._agent.intake.offer(request)
         return peer_pb2.OfferResponse(
             accepted=accepted, reason=reason, load=self._agent.view.load()
         )

@@ -15,14 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from mesh.core.router import (
-    Decision,
-    Request,
-    Router,
-    Spill,
-    spill_from_dict,
-    spill_to_dict,
-)
+from mesh.core.router import Router, from_snapshot, snapshot
+from mesh.core.routing import Decision, Request, Spill, spill_from_dict, spill_to_dict
 
 
 class DecisionLog:
@@ -43,7 +37,7 @@ class DecisionLog:
             "request": asdict(request),
             "visited": sorted(visited),
             "spill": spill_to_dict(spill),
-            "view": router.snapshot(),
+            "view": snapshot(router),
             "decision": decision.to_dict(),
         }
         self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
@@ -69,7 +63,7 @@ def replay(path: Path) -> Iterator[Replayed]:
     with path.open() as f:
         for number, line in enumerate(f, 1):
             entry = json.loads(line)
-            router = Router.from_snapshot(entry["view"])
+            router = from_snapshot(entry["view"])
             request = Request(**entry["request"])
             again = router.route(request, entry["visited"], spill_from_dict(entry["spill"]))
             now = json.loads(json.dumps(again.to_dict()))  # the same JSON round trip

@@ -1,18 +1,16 @@
-"""Where tasks go, seen from both ends of an offer.
+"""Where tasks go: the sending end of an offer.
 
-The sending end asks the pure ``Router`` for targets and offers the task to each in turn:
-agents of this DC first, then (with the replies' fresher loads) a second decision that
-may hand it to another DC or leave it in the DC's durable backlog. The receiving end
-checks its own live load against the bound the offer carries, or, for a task from
-another DC, takes it into this DC's records.
+It asks the pure ``Router`` for targets and offers the task to each in turn: agents of
+this DC first, then (with the replies' fresher loads) a second decision that may hand it
+to another DC or leave it in the DC's durable backlog. The receiving end is
+``mesh.agent.intake``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import grpc
 
@@ -27,19 +25,8 @@ from mesh.core import backlog, summaries
 from mesh.core.backlog import Room
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
-from mesh.core.lifecycle import new_record
-from mesh.core.router import (
-    AGENT,
-    BACKLOG,
-    DC,
-    NO_SPILL,
-    NONE_ELIGIBLE,
-    Decision,
-    Request,
-    Spill,
-)
-from mesh.core.task import spec_digest
-from mesh.errors import InvalidTask, MeshError, NoCapacity, StaleWrite, Unavailable
+from mesh.core.routing import AGENT, BACKLOG, DC, NO_SPILL, NONE_ELIGIBLE, Decision, Request, Spill
+from mesh.errors import MeshError, NoCapacity, Unavailable
 from mesh.store.keys import KeySpace
 from mesh.store.records import TaskStore
 from mesh.store.registry import Registry
@@ -63,13 +50,13 @@ class Placement:
         peers: PeerClients,
         remote: RemoteDcs,
         executor: Executor,
-        spawn: Callable[[str, Coroutine[Any, Any, None]], object],
+        accept_here: Callable[[Job, float], Awaitable[tuple[bool, str]]],
         other_dcs: Callable[[], Mapping[str, peer_pb2.DcSummary]],
     ) -> None:
         """``view`` is the router's view of the DC and the applied topology's overflow;
-        ``spawn`` runs background work the agent cancels when it stops; ``other_dcs``
-        gives the other DCs' summaries as last heard. Of ``cfg``, only the identity and
-        the limits are read (the agent swaps its queues on a new topology)."""
+        ``accept_here`` is this agent's own receiving end (``Intake.accept``), for the
+        targets that name it; ``other_dcs`` gives the other DCs' summaries as last
+        heard. Of ``cfg``, only the identity and the limits are read."""
         self.cfg = cfg
         self.keys = keys
         self.store = store
@@ -79,7 +66,7 @@ class Placement:
         self.peers = peers
         self.remote = remote
         self.executor = executor
-        self._spawn = spawn
+        self._accept_here = accept_here
         self._summaries = other_dcs
         self.decisions = DecisionLog(cfg.decision_log) if cfg.decision_log else None
 
@@ -188,7 +175,7 @@ class Placement:
 
     async def _offer_agent(self, agent_id: str, max_tasks: float, job: Job) -> tuple[bool, str]:
         if agent_id == self.cfg.agent_id:
-            return await self.accept(job, max_tasks)
+            return await self._accept_here(job, max_tasks)
         peer = self.registry.peers.get(agent_id)
         if peer is None:
             return False, "not a member now"
@@ -244,101 +231,6 @@ class Placement:
     @staticmethod
     def _offer_timeout(job: Job) -> float:
         return min(OFFER_TIMEOUT_S, max(0.05, (job.deadline_ms - now_ms()) / 1000))
-
-    # -- the receiving end -----------------------------------------------------------------
-
-    async def offer(self, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
-        """Another agent asks us to take a task: decided by our own live load, not gossip."""
-        if self.cfg.agent_id in envelope.path:
-            return False, "loop: already visited"
-        if envelope.hops > self.view.max_hops:
-            return False, "hop limit"
-        if not 0 < envelope.deadline_unix_ms <= MAX_DEADLINE_MS:
-            raise InvalidTask("deadline out of range", deadline_unix_ms=envelope.deadline_unix_ms)
-        job = Job(envelope.spec, envelope.attempt, envelope.deadline_unix_ms, list(envelope.path))
-        if envelope.origin_dc and envelope.origin_dc != self.cfg.dc:
-            accepted, reason = await self._adopt(job)
-        else:
-            accepted, reason = await self.accept(job, envelope.max_tasks)
-        metrics.OFFERS.labels("accepted" if accepted else "refused").inc()
-        return accepted, reason
-
-    async def _adopt(self, job: Job) -> tuple[bool, str]:
-        """Take a task from another DC into this one: record it here and place it here
-        (never onward to a third DC: overflow is one step)."""
-        if job.deadline_ms <= now_ms():
-            return False, "deadline passed"
-        digest = spec_digest(job.spec)
-        record = new_record(
-            job.spec,
-            digest,
-            job.deadline_ms,
-            attempt=job.attempt,
-            path=job.path,
-            agent_id=self.cfg.agent_id,
-            dc=self.cfg.dc,
-            inline_payload_bytes=self.cfg.inline_payload_bytes,
-        )
-        stored, created = await self.store.create(record)
-        if not created:
-            if stored.record.spec_digest != digest:
-                return False, "task id already used here by another task"
-            if stored.record.forwarded_to_dc:
-                # It left this DC once: taking it back would leave both records pointing
-                # at each other and nobody running it. The DC that has it keeps it.
-                return False, f"it was handed from here to DC {stored.record.forwarded_to_dc}"
-            return True, "already here"
-        try:
-            where = await self.place(job, spill=False, wait=False)
-        except MeshError as exc:
-            with contextlib.suppress(MeshError):
-                await self.store.delete(stored)
-            return False, f"{self.cfg.dc} is full too: {exc.message}"
-        log.info("took %s from DC %s, placed on %s", job.task_id, job.path[0], where)
-        return True, "accepted"
-
-    async def accept(self, job: Job, max_tasks: float) -> tuple[bool, str]:
-        """Queue ``job`` here if our live load allows: within ``max_tasks`` running and
-        queued after it, or (0) within our hard limit, slots plus queue length."""
-        if job.deadline_ms <= now_ms():
-            return False, "deadline passed"
-        try:
-            self.executor.check(job.spec)
-        except MeshError as exc:
-            return False, exc.message
-        tasks = self.executor.running + self.executor.queued
-        limit = max_tasks or self.executor.slots + self.cfg.max_queue_length
-        if tasks + 1 > limit:
-            return False, f"over the bound ({tasks + 1} > {limit:g} tasks)"
-        # Enqueue before any await, so the check above still holds; the record follows.
-        self.executor.enqueue(job)
-
-        def mutate(record: peer_pb2.TaskRecord) -> None:
-            status = record.status
-            status.agent, status.dc = self.cfg.agent_id, self.cfg.dc
-            del status.path[:]
-            status.path.extend(job.path)
-            if status.state == pb.TASK_STATE_PENDING:
-                status.state = pb.TASK_STATE_QUEUED
-                status.queued_at.CopyFrom(now_ts())
-
-        try:
-            await self.store.update(job.task_id, mutate, attempt=job.attempt)
-        except MeshError as exc:
-            if isinstance(exc, StaleWrite) and await self._runs_here(job):
-                return True, "accepted"
-            self.executor.cancel(job.task_id, "record refused")
-            return False, f"record: {exc.message}"
-        return True, "accepted"
-
-    async def _runs_here(self, job: Job) -> bool:
-        """Whether the record shows this agent running (or having run) ``job``'s attempt:
-        a short task can start, even finish, before the accepting write lands."""
-        try:
-            status = (await self.store.get(job.task_id)).status
-        except MeshError:
-            return False
-        return status.agent == self.cfg.agent_id and status.attempt == job.attempt
 
     async def fail(self, job: Job, code: str, message: str) -> None:
         with contextlib.suppress(MeshError):

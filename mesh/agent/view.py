@@ -18,7 +18,8 @@ from mesh.agent.executor import Executor
 from mesh.agent.remote import RemoteDcs
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ms
-from mesh.core.router import Member, Overflow, Policy, Router
+from mesh.core.router import Router
+from mesh.core.routing import Member, Overflow, Policy
 from mesh.core.spill import SpillShare
 from mesh.errors import ConfigError
 from mesh.gossip.protocol import GossipConfig, Gossiper

@@ -1,0 +1,77 @@
+"""Giving work back: the tasks an agent will not finish (it is stopping, or it lost its
+lease) go to its peers, or fail with the reason if none takes them.
+
+An interrupted run becomes a new attempt (its writes are fenced from then on); a queued
+one keeps its attempt. Until a peer takes a task, its record names this agent (pending),
+so should the agent die first, the DC's owner finds it among the dead agent's tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from mesh.agent.history import History
+from mesh.agent.placement import Placement
+from mesh.core.jobs import Job
+from mesh.core.task import TERMINAL
+from mesh.errors import MeshError, StaleWrite
+from mesh.store.records import TaskStore
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class Handover:
+    def __init__(
+        self, agent_id: str, store: TaskStore, placement: Placement, history: History
+    ) -> None:
+        self._me = agent_id
+        self._store = store
+        self._placement = placement
+        self._history = history
+
+    async def give_back(self, job: Job, *, after_loss: bool = False) -> None:
+        """Give a job this agent will not finish to a peer; fail it if none takes it.
+
+        Until a peer takes it, its record names this agent (pending): should this agent
+        die first, the DC's owner finds it among the dead agent's tasks. A job whose
+        record has moved on (another attempt, or with ``after_loss`` another agent) is
+        someone else's now and is left alone.
+        """
+        me = self._me
+        interrupted = False
+        moved_on = False
+
+        def reset(record: peer_pb2.TaskRecord) -> bool | None:
+            nonlocal interrupted, moved_on
+            status = record.status
+            if status.state in TERMINAL or (after_loss and status.agent != me):
+                moved_on = True
+                return False
+            interrupted = status.state == pb.TASK_STATE_RUNNING
+            status.state = pb.TASK_STATE_PENDING
+            status.agent = me
+            if interrupted:
+                status.attempt += 1
+            return None
+
+        try:
+            await self._store.update(job.task_id, reset, attempt=job.attempt)
+        except StaleWrite:
+            return
+        except MeshError as exc:
+            log.warning("could not hand back %s: %s", job.task_id, exc)
+            return
+        if moved_on:
+            return
+        if interrupted:
+            job.attempt += 1
+        job.path = [*job.path, me]
+        try:
+            where = await self._placement.place(job)
+            log.info("handed back %s", job.task_id)
+            self._history.write("handback", "ok", task=job.task_id, attempt=job.attempt, to=where)
+        except MeshError as exc:
+            log.warning("could not hand back %s: %s", job.task_id, exc)
+            await self._placement.fail(job, "UNAVAILABLE", f"agent {me} shut down: {exc}")

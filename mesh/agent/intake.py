@@ -1,0 +1,141 @@
+"""Where tasks arrive: the receiving end of an offer.
+
+A peer of this DC offers a task with the most tasks this agent may hold after taking it
+(its bounded-load view); this agent decides by its own live count, which gossip may not
+have caught up with, and records the task as its own. A task offered from another DC is
+taken into this DC's records and placed here, never onward: overflow is one step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from mesh import metrics
+from mesh.agent.executor import Executor
+from mesh.agent.view import View
+from mesh.config import AgentConfig
+from mesh.core.clock import now_ms, now_ts
+from mesh.core.jobs import Job
+from mesh.core.lifecycle import new_record
+from mesh.core.task import spec_digest
+from mesh.errors import InvalidTask, MeshError, StaleWrite
+from mesh.store.records import TaskStore
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MAX_DEADLINE_MS = 253402300799_000  # 9999-12-31: the last instant a record can hold
+
+
+class Intake:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        store: TaskStore,
+        view: View,
+        executor: Executor,
+        place: Callable[..., Awaitable[str]],
+    ) -> None:
+        """``place`` is this agent's sending end (``Placement.place``), for tasks taken
+        from another DC."""
+        self._cfg = cfg
+        self._store = store
+        self._view = view
+        self._executor = executor
+        self._place = place
+
+    async def offer(self, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
+        """Another agent asks us to take a task: decided by our own live load, not gossip."""
+        if self._cfg.agent_id in envelope.path:
+            return False, "loop: already visited"
+        if envelope.hops > self._view.max_hops:
+            return False, "hop limit"
+        if not 0 < envelope.deadline_unix_ms <= MAX_DEADLINE_MS:
+            raise InvalidTask("deadline out of range", deadline_unix_ms=envelope.deadline_unix_ms)
+        job = Job(envelope.spec, envelope.attempt, envelope.deadline_unix_ms, list(envelope.path))
+        if envelope.origin_dc and envelope.origin_dc != self._cfg.dc:
+            accepted, reason = await self._adopt(job)
+        else:
+            accepted, reason = await self.accept(job, envelope.max_tasks)
+        metrics.OFFERS.labels("accepted" if accepted else "refused").inc()
+        return accepted, reason
+
+    async def _adopt(self, job: Job) -> tuple[bool, str]:
+        """Take a task from another DC into this one: record it here and place it here
+        (never onward to a third DC: overflow is one step)."""
+        if job.deadline_ms <= now_ms():
+            return False, "deadline passed"
+        digest = spec_digest(job.spec)
+        record = new_record(
+            job.spec,
+            digest,
+            job.deadline_ms,
+            attempt=job.attempt,
+            path=job.path,
+            agent_id=self._cfg.agent_id,
+            dc=self._cfg.dc,
+            inline_payload_bytes=self._cfg.inline_payload_bytes,
+        )
+        stored, created = await self._store.create(record)
+        if not created:
+            if stored.record.spec_digest != digest:
+                return False, "task id already used here by another task"
+            if stored.record.forwarded_to_dc:
+                # It left this DC once: taking it back would leave both records pointing
+                # at each other and nobody running it. The DC that has it keeps it.
+                return False, f"it was handed from here to DC {stored.record.forwarded_to_dc}"
+            return True, "already here"
+        try:
+            where = await self._place(job, spill=False, wait=False)
+        except MeshError as exc:
+            with contextlib.suppress(MeshError):
+                await self._store.delete(stored)
+            return False, f"{self._cfg.dc} is full too: {exc.message}"
+        log.info("took %s from DC %s, placed on %s", job.task_id, job.path[0], where)
+        return True, "accepted"
+
+    async def accept(self, job: Job, max_tasks: float) -> tuple[bool, str]:
+        """Queue ``job`` here if our live load allows: within ``max_tasks`` running and
+        queued after it, or (0) within our hard limit, slots plus queue length."""
+        if job.deadline_ms <= now_ms():
+            return False, "deadline passed"
+        try:
+            self._executor.check(job.spec)
+        except MeshError as exc:
+            return False, exc.message
+        tasks = self._executor.running + self._executor.queued
+        limit = max_tasks or self._executor.slots + self._cfg.max_queue_length
+        if tasks + 1 > limit:
+            return False, f"over the bound ({tasks + 1} > {limit:g} tasks)"
+        # Enqueue before any await, so the check above still holds; the record follows.
+        self._executor.enqueue(job)
+
+        def mutate(record: peer_pb2.TaskRecord) -> None:
+            status = record.status
+            status.agent, status.dc = self._cfg.agent_id, self._cfg.dc
+            del status.path[:]
+            status.path.extend(job.path)
+            if status.state == pb.TASK_STATE_PENDING:
+                status.state = pb.TASK_STATE_QUEUED
+                status.queued_at.CopyFrom(now_ts())
+
+        try:
+            await self._store.update(job.task_id, mutate, attempt=job.attempt)
+        except MeshError as exc:
+            if isinstance(exc, StaleWrite) and await self._runs_here(job):
+                return True, "accepted"
+            self._executor.cancel(job.task_id, "record refused")
+            return False, f"record: {exc.message}"
+        return True, "accepted"
+
+    async def _runs_here(self, job: Job) -> bool:
+        """Whether the record shows this agent running (or having run) ``job``'s attempt:
+        a short task can start, even finish, before the accepting write lands."""
+        try:
+            status = (await self._store.get(job.task_id)).status
+        except MeshError:
+            return False
+        return status.agent == self._cfg.agent_id and status.attempt == job.attempt
