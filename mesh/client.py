@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mesh.agent.peers import channel_options
+from mesh.channels import channel_options
 from mesh.v1 import tasks_pb2 as pb
 from mesh.v1 import tasks_pb2_grpc
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import msgpack
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mesh.errors import BadPacket
 from mesh.gossip.memory import EPOCH_MS, KEYRING, Network
 from mesh.gossip.protocol import GossipConfig
-from mesh.gossip.state import AgentState, make_version
+from mesh.gossip.state import AgentState, GossipTable, make_version
 from mesh.gossip.wire import MAC_BYTES, Keyring, Kind, decode, encode
 
 
@@ -181,3 +183,50 @@ def test_key_rotation_accepts_old_and_new_while_both_are_listed() -> None:
         decode(Keyring((old,)), data_new)  # signed with the new key: the old ring refuses
     with pytest.raises(ValueError, match="16 bytes"):
         Keyring((b"short",))
+
+
+# -- the merge rule, as properties ----------------------------------------------------------
+
+PEERS = ["p1", "p2", "p3"]
+offered = st.lists(
+    st.tuples(st.sampled_from(PEERS), st.integers(1, 50), st.integers(0, 8)), max_size=30
+)
+
+
+def table_after(states: list[tuple[str, int, int]]) -> dict[str, tuple[int, int]]:
+    """Merge ``(agent, version, running)`` states into a fresh table, in the given order;
+    what it holds: agent -> (version, running)."""
+    table = GossipTable("me", stale_s=60, on_update=lambda *_: None)
+    table.set_members(["me", *PEERS])
+    for agent, version, running in states:
+        state = AgentState(agent, "dc", version, slots=2, running={"normal": running})
+        table.merge(state.to_wire(), now=0.0)
+    return {s.agent_id: (s.version, s.tasks[0]) for s in table.states()}
+
+
+@given(offered, st.randoms())
+def test_merge_is_order_free_and_the_newest_version_wins(states, rng) -> None:
+    # Versions are unique per agent, as an agent never reuses one for another state.
+    unique = list({(a, v): (a, v, r) for a, v, r in states}.values())
+    shuffled = list(unique)
+    rng.shuffle(shuffled)
+    held = table_after(unique)
+    assert held == table_after(shuffled)
+    for agent in {a for a, _, _ in unique}:
+        newest = max((v, r) for a, v, r in unique if a == agent)
+        assert held[agent] == newest
+
+
+@given(offered)
+def test_merging_the_same_states_again_changes_nothing(states) -> None:
+    unique = list({(a, v): (a, v, r) for a, v, r in states}.values())
+    assert table_after(unique + unique) == table_after(unique)
+    heard: list[str] = []
+    table = GossipTable("me", stale_s=60, on_update=lambda state, _: heard.append(state.agent_id))
+    table.set_members(["me", *PEERS])
+    wires = [AgentState(a, "dc", v, slots=2).to_wire() for a, v, _ in unique]
+    for wire in wires:
+        table.merge(wire, now=0.0)
+    news = len(heard)
+    assert not any(table.merge(wire, now=1.0) for wire in wires)  # all old news now
+    assert len(heard) == news

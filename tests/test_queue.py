@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
-from mesh.core.queue import WeightedQueue
+from mesh.core.queue import Discipline, WeightedQueue
 from mesh.errors import InvalidTask, LimitExceeded
 
 
@@ -110,3 +112,57 @@ def test_reweight_adds_classes_and_retires_old_ones_once_served() -> None:
     assert sorted(t for t in (q.pop(now=0.0), q.pop(now=0.0)) if t) == ["g", "old"]
     assert q.pop(now=0.0) is None
     assert q.depth() == {"vip": 0, "gold": 0}
+
+
+# -- properties ---------------------------------------------------------------------------
+
+CLASSES = ["a", "b", "c", "d", "e"]
+weights = st.dictionaries(st.sampled_from(CLASSES), st.integers(1, 20), min_size=1, max_size=5)
+
+
+@given(weights, st.integers(20, 60))
+def test_under_saturation_each_class_gets_its_weight_share(w: dict[str, int], cycles: int) -> None:
+    """Every class always has work and nothing ages: over many pops each class's share
+    is its weight's share, within 5%."""
+    discipline = Discipline(w, aging_s=1e9)
+    heads = dict.fromkeys(w, 0.0)
+    pops = cycles * sum(w.values())
+    served = Counter(discipline.choose(heads, now=1.0) for _ in range(pops))
+    total = sum(w.values())
+    for name, weight in w.items():
+        assert abs(served[name] / pops - weight / total) <= 0.05
+
+
+# Bursts: (tick, class index, how many), so that several classes hold aged heads at once.
+arrivals = st.lists(
+    st.tuples(st.integers(0, 20), st.integers(0, 4), st.integers(1, 8)), max_size=20
+)
+
+
+@given(weights, arrivals, st.integers(1, 15))
+@example({"a": 1, "b": 100}, [(0, 0, 10), (1, 1, 10)], 2)
+def test_once_aged_a_task_is_overtaken_only_by_older_ones(
+    w: dict[str, int], arriving: list[tuple[int, int, int]], aging_s: int
+) -> None:
+    """Starvation-freedom: one pop per tick, arrivals at any tick. Once a task has waited
+    ``aging_s``, every task served before it is older than it, so its wait is bounded by
+    the aging time plus the work that was queued before it."""
+    q: WeightedQueue[tuple[int, int]] = WeightedQueue(w, 10_000, aging_s)
+    names = sorted(w)
+    schedule = sorted((at, names[i % len(names)]) for at, i, n in arriving for _ in range(n))
+    queued: set[tuple[int, int]] = set()  # (enqueued at, serial)
+    serial = 0
+    tick = 0
+    while schedule or queued:
+        while schedule and schedule[0][0] <= tick:
+            at, name = schedule.pop(0)
+            q.push(name, (at, serial), now=float(at))
+            queued.add((at, serial))
+            serial += 1
+        served = q.pop(now=float(tick))
+        if served is not None:
+            queued.discard(served)
+            aged = [item for item in queued if tick - item[0] >= aging_s]
+            assert all(served[0] <= item[0] for item in aged), (served, aged)
+        tick += 1
+        assert tick < 10_000

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mesh.agent.agent import Agent
 from mesh.agent.api import AgentApi
-from mesh.agent.peers import channel_options
+from mesh.channels import channel_options
 from mesh.errors import MeshError
 from mesh.store.etcd import ETCD_ERRORS
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc

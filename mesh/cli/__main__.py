@@ -1,0 +1,5 @@
+"""``python -m mesh.cli``: the same as ``meshctl``."""
+
+from mesh.cli import app
+
+app()

@@ -1,0 +1,149 @@
+"""The package layering, read from the source: no import runs upward, and the pure core
+reaches no I/O library through any chain of imports.
+
+Layers, lowest first: ``core`` and the shared base modules (errors, config, topology,
+gpus, metrics, logs, the generated stubs, pipelines, channels, client); the adapters
+``store`` and ``gossip``; ``agent``; ``local``; ``cli``. A module may import its own
+package and anything in a lower layer; the core and the base modules, both pure or
+shared data, may import each other. Imports under ``if TYPE_CHECKING:`` are types only
+and do not count.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import deque
+from pathlib import Path
+
+import mesh
+
+ROOT = Path(mesh.__file__).parent
+FORBIDDEN_IN_CORE = {"grpc", "aetcd", "msgpack", "yaml"}
+BASE = {
+    "mesh",
+    "mesh.errors",
+    "mesh.config",
+    "mesh.topology",
+    "mesh.gpus",
+    "mesh.metrics",
+    "mesh.logs",
+    "mesh.protogen",
+    "mesh.channels",
+    "mesh.client",
+}
+RANKS = {"core": 0, "base": 0, "store": 1, "gossip": 1, "agent": 2, "local": 3, "cli": 4}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
+
+
+def layer(module: str) -> str:
+    if module in BASE or module.startswith(("mesh.v1", "mesh.pipelines")):
+        return "base"
+    package = module.split(".")[1]
+    if package not in RANKS:
+        raise AssertionError(f"{module} is in no layer: add its package to the layering test")
+    return package
+
+
+def _runtime_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
+                continue  # types only
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                found.append(child)
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def imports(module: str) -> tuple[set[str], set[str]]:
+    """The mesh modules and the third-party top-level packages ``module`` imports."""
+    internal, external = set(), set()
+    for node in _runtime_imports(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            assert node.level == 0, f"{module}: relative import"
+            base = node.module or ""
+            # ``from mesh.x import y``: y may be a module of its own.
+            names = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names
+            ]
+        for name in names:
+            if name.split(".")[0] != "mesh":
+                external.add(name.split(".")[0])
+                continue
+            parts = name.split(".")
+            while ".".join(parts) not in MODULES:  # an attribute of a module
+                parts.pop()
+            internal.add(".".join(parts))
+            for i in range(1, len(parts)):  # importing a.b.c runs a and a.b first
+                internal.add(".".join(parts[:i]))
+    internal.discard(module)
+    return internal, external
+
+
+GRAPH = {m: imports(m) for m in MODULES}
+
+
+def test_every_module_is_in_a_layer() -> None:
+    for module in MODULES:
+        layer(module)
+
+
+def test_no_import_runs_upward_or_across() -> None:
+    wrong = []
+    for module, (internal, _) in GRAPH.items():
+        mine = layer(module)
+        for target in internal:
+            theirs = layer(target)
+            shared = {mine, theirs} == {"core", "base"}
+            if theirs != mine and not shared and RANKS[theirs] >= RANKS[mine]:
+                wrong.append(f"{module} ({mine}) imports {target} ({theirs})")
+    assert not wrong, "\n".join(sorted(wrong))
+
+
+def chain_to_forbidden(start: str) -> list[str] | None:
+    """A chain of mesh imports from ``start`` to a module that imports a forbidden
+    library, ending with that library; None if there is none."""
+    came_from: dict[str, str | None] = {start: None}
+    todo = deque([start])
+    while todo:
+        module = todo.popleft()
+        internal, external = GRAPH[module]
+        bad = sorted(external & FORBIDDEN_IN_CORE)
+        if bad:
+            chain = [bad[0]]
+            at: str | None = module
+            while at is not None:
+                chain.append(at)
+                at = came_from[at]
+            return chain[::-1]
+        for target in internal:
+            if target not in came_from:
+                came_from[target] = module
+                todo.append(target)
+    return None
+
+
+def test_the_core_reaches_no_io_library() -> None:
+    chains = [chain_to_forbidden(m) for m in MODULES if layer(m) == "core"]
+    found = [" -> ".join(c) for c in chains if c is not None]
+    assert not found, "\n".join(found)
+
+
+def test_the_walk_sees_a_chain_when_there_is_one() -> None:
+    """The checker itself: the agent reaches grpc (through its service), so a chain
+    from it must be found, or the core test above would prove nothing."""
+    chain = chain_to_forbidden("mesh.agent.service")
+    assert chain is not None and chain[-1] in FORBIDDEN_IN_CORE
