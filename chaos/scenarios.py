@@ -308,7 +308,7 @@ async def agent_stop(ctx: Context, staged: Staged) -> None:
 
 
 async def owner_kill(ctx: Context, staged: Staged) -> None:
-    owner = await ctx.mesh.agent.owner("west")
+    owner = await ctx.mesh.owner("west")
     assert owner is not None, "west has no queue owner"
     ctx.load.burst("west", 8)  # the owner runs tasks too: some of them die with it
     await asyncio.sleep(0.5)
@@ -316,7 +316,7 @@ async def owner_kill(ctx: Context, staged: Staged) -> None:
 
 
 async def owner_stop(ctx: Context, staged: Staged) -> None:
-    owner = await ctx.mesh.agent.owner("west")
+    owner = await ctx.mesh.owner("west")
     assert owner is not None, "west has no queue owner"
     # A backlog in the paused owner's view, so that it has work to claim when it wakes.
     ctx.load.burst("west", 40)
@@ -357,7 +357,7 @@ async def etcd_leader_kill(ctx: Context, staged: Staged) -> None:
 
 async def _etcd_down(ctx: Context, staged: Staged, dc: str, count: int) -> None:
     staged.dc = dc
-    members = ctx.mesh.store.etcd[dc][:count]
+    members = ctx.mesh.etcd[dc][:count]
     staged.victim = ",".join(m.name for m in members)
     staged.start = ctx.mark("kill-etcd", target=staged.victim, dc=dc)
     for member in members:
@@ -432,7 +432,7 @@ async def _sample_backlogs(ctx: Context) -> None:
     try:
         while True:
             for dc in DCS:
-                depth, oldest = await ctx.mesh.core.backlog(dc)
+                depth, oldest = await ctx.mesh.backlog(dc)
                 idle = await _idle_slots(ctx, dc, clients)
                 ctx.marks.write(
                     "sample", "backlog", dc=dc, depth=depth, oldest_s=round(oldest, 3), idle=idle
@@ -475,7 +475,7 @@ async def burst(ctx: Context, staged: Staged) -> None:
         await flooding
 
         async def drained() -> bool:
-            return all([(await ctx.mesh.core.backlog(dc))[0] == 0 for dc in DCS])
+            return all([(await ctx.mesh.backlog(dc))[0] == 0 for dc in DCS])
 
         if await _poll(drained, BURST_SETTLE_S) is None:
             staged.notes.append(f"the backlogs had not drained {BURST_SETTLE_S:g}s after")

@@ -127,6 +127,7 @@ async def owners(
             Discipline({"vip": 8, "normal": 2}, aging_s=30),
             max_attempts=3,
             history=History(None, name, "west"),
+            handoffs=None,  # type: ignore[arg-type]  # no hand-off in these tests
         )
         if campaign:
             await election.campaign()

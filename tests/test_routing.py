@@ -179,7 +179,7 @@ async def test_a_full_dc_spills_to_the_next_dc_in_topology_order(
         )  # fmt: skip
         async with grpc.aio.insecure_channel(agents["west"].address) as channel:
             refused = await peer_pb2_grpc.PeerServiceStub(channel).Offer(back)
-        assert not refused.accepted and "handed from here to DC east" in refused.reason
+        assert not refused.accepted and "it belongs to DC east" in refused.reason
         cancelled = await west.cancel("t2", "not needed")
         assert state_name(cancelled.state) == "CANCELLED"
         assert state_name((await final(west, "t2")).state) == "CANCELLED"

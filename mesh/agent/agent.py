@@ -113,6 +113,7 @@ class Agent:
             self.executor,
             lambda job, most: self.intake.accept(job, most),
             lambda: self.speaker.heard,
+            self.duties.spawn,
         )
         self.intake = Intake(cfg, self.store, self.view, self.executor, self.placement.place)
         self.submission = Submission(cfg, self.store, self.placement, self.duties.spawn)
@@ -194,6 +195,7 @@ class Agent:
             Discipline(self.cfg.queues, self.cfg.queue_aging_s),
             self.cfg.max_attempts,
             self.history,
+            self.placement.handoffs,
         )
         self.owner.members_changed(self.registry.peers)
         self._owner_task = self.duties.keep("queue owner", self.owner.run)

@@ -8,8 +8,9 @@ which part answers what.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mesh import metrics
 from mesh.agent.dispatch import describe
@@ -23,14 +24,37 @@ from mesh.v1 import tasks_pb2 as pb
 if TYPE_CHECKING:
     from mesh.agent.agent import Agent
 
+T = TypeVar("T")
+
 
 class AgentApi:
     def __init__(self, agent: Agent) -> None:
         self._agent = agent
+        self._unfinished: set[asyncio.Task[Any]] = set()
+
+    def _to_the_end(self, work: Coroutine[Any, Any, T]) -> Awaitable[T]:
+        """Run ``work`` to its end even if the caller goes away meanwhile.
+
+        gRPC cancels a handler whose client disconnects or times out; a Submit or an
+        Offer cancelled between recording a task and placing it would leave a record
+        that nobody places. The caller still gets the answer if it is still there.
+        """
+        task = asyncio.ensure_future(work)
+        self._unfinished.add(task)
+        task.add_done_callback(self._finished)
+        return asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task[Any]) -> None:
+        self._unfinished.discard(task)
+        if not task.cancelled():
+            task.exception()  # seen: nobody may be left to await it
 
     # -- TaskService ---------------------------------------------------------------------
 
     async def submit(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
+        return await self._to_the_end(self._submit(request))
+
+    async def _submit(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
         agent = self._agent
         try:
             admitted = admit(request.spec, agent.cfg, self._known_pipelines(), now_ms())
@@ -143,13 +167,16 @@ class AgentApi:
     # -- PeerService ---------------------------------------------------------------------
 
     async def offer(self, request: peer_pb2.Envelope) -> peer_pb2.OfferResponse:
-        accepted, reason = await self._agent.intake.offer(request)
+        accepted, reason = await self._to_the_end(self._agent.intake.offer(request))
         return peer_pb2.OfferResponse(
             accepted=accepted, reason=reason, load=self._agent.view.load()
         )
 
     async def summary(self, request: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
         return await self._agent.speaker.received(request)
+
+    async def settle(self, request: peer_pb2.SettleRequest) -> peer_pb2.SettleResponse:
+        return await self._to_the_end(self._agent.intake.settle(request))
 
     async def cancel_local(self, request: pb.CancelRequest) -> pb.TaskStatus:
         return await self._agent.tasks.cancel_local(request.task_id, request.reason)

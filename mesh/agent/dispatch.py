@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from enum import Enum
+from typing import Any
 
 import aetcd
 
@@ -84,6 +85,12 @@ class Placements:
     def cancel(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+    def track(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        """Other work on a taken task that must end by itself (settling a hand-off)."""
+        task = asyncio.create_task(work, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
 
     def spawn(self, job: Job) -> None:
         task = asyncio.create_task(self._placed(job), name=f"place {job.task_id}")

@@ -19,7 +19,7 @@ from mesh.config import AgentConfig
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import new_record
-from mesh.core.task import spec_digest
+from mesh.core.task import check_id, spec_digest
 from mesh.errors import InvalidTask, MeshError, StaleWrite
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
@@ -81,12 +81,12 @@ class Intake:
         )
         stored, created = await self._store.create(record)
         if not created:
+            if stored.record.forwarded_to_dc:
+                # It left this DC once, or a settle decided it stays in its origin:
+                # taking it would leave two records answering for it.
+                return False, f"it belongs to DC {stored.record.forwarded_to_dc}"
             if stored.record.spec_digest != digest:
                 return False, "task id already used here by another task"
-            if stored.record.forwarded_to_dc:
-                # It left this DC once: taking it back would leave both records pointing
-                # at each other and nobody running it. The DC that has it keeps it.
-                return False, f"it was handed from here to DC {stored.record.forwarded_to_dc}"
             return True, "already here"
         try:
             where = await self._place(job, spill=False, wait=False)
@@ -96,6 +96,22 @@ class Intake:
             return False, f"{self._cfg.dc} is full too: {exc.message}"
         log.info("took %s from DC %s, placed on %s", job.task_id, job.path[0], where)
         return True, "accepted"
+
+    async def settle(self, request: peer_pb2.SettleRequest) -> peer_pb2.SettleResponse:
+        """The origin DC does not know whether its offer of a task reached us (it timed
+        out, or the offering agent died). Answer from our record; with none, record that
+        the task stays in its origin, in the same create-if-absent transaction a late
+        offer would need, so that offer can never be adopted afterwards."""
+        outcome = peer_pb2.SettleResponse
+        check_id(request.task_id)
+        if not request.origin_dc or request.origin_dc == self._cfg.dc:
+            raise InvalidTask("origin_dc must name another DC")
+        stored, created = await self._store.create(pointer(request.task_id, request.origin_dc))
+        if created or stored.record.forwarded_to_dc == request.origin_dc:
+            return outcome(outcome=outcome.OUTCOME_NOT_HELD)
+        if stored.status.state == pb.TASK_STATE_PENDING:
+            return outcome(outcome=outcome.OUTCOME_IN_PROGRESS)  # being adopted or placed
+        return outcome(outcome=outcome.OUTCOME_HELD)
 
     async def accept(self, job: Job, max_tasks: float) -> tuple[bool, str]:
         """Queue ``job`` here if our live load allows: within ``max_tasks`` running and
@@ -116,6 +132,7 @@ class Intake:
         def mutate(record: peer_pb2.TaskRecord) -> None:
             status = record.status
             status.agent, status.dc = self._cfg.agent_id, self._cfg.dc
+            record.forwarded_to_dc = ""  # it is here, whatever a hand-off tried before
             del status.path[:]
             status.path.extend(job.path)
             if status.state == pb.TASK_STATE_PENDING:
@@ -139,3 +156,10 @@ class Intake:
         except MeshError:
             return False
         return status.agent == self._cfg.agent_id and status.attempt == job.attempt
+
+
+def pointer(task_id: str, dc: str) -> peer_pb2.TaskRecord:
+    """A record that only says the task lives in DC ``dc``."""
+    status = pb.TaskStatus(task_id=task_id, state=pb.TASK_STATE_PENDING, dc=dc)
+    status.created_at.CopyFrom(now_ts())
+    return peer_pb2.TaskRecord(status=status, forwarded_to_dc=dc)

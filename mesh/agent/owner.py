@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from mesh import metrics
 from mesh.agent.dispatch import Deposed, Dispatcher, Placements, still_leading
+from mesh.agent.handoff import HELD, NOT_HELD, Handoffs
 from mesh.agent.history import History
 from mesh.core.backlog import Room
 from mesh.core.jobs import Job
@@ -52,11 +53,15 @@ class QueueOwner:
         discipline: Discipline,
         max_attempts: int,
         history: History,
+        handoffs: Handoffs,
     ) -> None:
         """``place`` places a job (into the backlog if nothing can take it); the room
-        functions are the router's view (``Dispatcher``). ``history`` hears every term
-        and every fenced write with the token it carried."""
+        functions are the router's view (``Dispatcher``); ``handoffs`` settles what a
+        dead agent was handing to another DC. ``history`` hears every term and every
+        fenced write with the token it carried."""
         self.election = election
+        self._handoffs = handoffs
+        self._dc = keys.dc
         self.discipline = discipline
         self._store = store
         self._max_attempts = max_attempts
@@ -124,22 +129,52 @@ class QueueOwner:
     async def _sweep(self, dead: Callable[[str], bool]) -> None:
         for stored in await self._store.scan():
             status = stored.status
-            if status.state in TERMINAL or stored.record.forwarded_to_dc:
+            if status.state in TERMINAL or not status.agent or not dead(status.agent):
                 continue
-            if status.agent and dead(status.agent):
-                try:
-                    await self._requeue(stored)
-                except Deposed:
-                    raise
-                except MeshError as exc:
-                    log.warning("could not re-queue %s: %s", status.task_id, exc)
+            if stored.record.forwarded_to_dc:  # it died handing the task to another DC
+                name = f"settle {status.task_id}"
+                self._placements.track(name, self._settle(stored))
+                continue
+            try:
+                await self._requeue(stored)
+            except Deposed:
+                raise
+            except MeshError as exc:
+                log.warning("could not re-queue %s: %s", status.task_id, exc)
 
-    async def _requeue(self, stored: Stored) -> None:
+    async def _settle(self, stored: Stored) -> None:
+        """Decide a dead agent's hand-off with the DC it was handing the task to: point
+        there if that DC holds the task, else take it back and run it here."""
+        record, status = stored.record, stored.status
+        deadline = status.deadline.ToMilliseconds()
+        outcome = await self._handoffs.settle(record.forwarded_to_dc, status.task_id, deadline)
+        try:
+            if outcome == HELD:
+                await self._handoffs.confirm(status.task_id, status.attempt, self.election.fence())
+            elif outcome == NOT_HELD:
+                await self._requeue(stored, reclaim=True)
+            else:
+                await self._store.finish(
+                    status.task_id,
+                    pb.TASK_STATE_FAILED,
+                    "UNAVAILABLE",
+                    f"DC {record.forwarded_to_dc} never answered for it before its deadline",
+                    attempt=status.attempt,
+                )
+        except MeshError as exc:
+            log.warning("could not settle %s: %s", status.task_id, exc)
+
+    async def _requeue(self, stored: Stored, reclaim: bool = False) -> None:
+        """Re-queue a dead agent's task; with ``reclaim``, one it was handing to another
+        DC that does not hold it: the pointer goes, the task is this DC's again."""
         dead_agent = stored.status.agent
         verdict = ""
 
         def mutate(record: peer_pb2.TaskRecord) -> bool | None:
             nonlocal verdict
+            if reclaim:
+                record.forwarded_to_dc = ""
+                record.status.dc = self._dc
             verdict = requeue(record, dead_agent, self._max_attempts)
             return None if verdict else False
 

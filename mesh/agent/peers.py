@@ -45,6 +45,11 @@ class PeerClients:
     ) -> peer_pb2.DcSummary:
         return await self._stub(address).Summary(mine, timeout=timeout_s)
 
+    async def settle(
+        self, address: str, request: peer_pb2.SettleRequest, timeout_s: float
+    ) -> peer_pb2.SettleResponse:
+        return await self._stub(address).Settle(request, timeout=timeout_s)
+
     async def cancel_local(
         self, address: str, request: tasks_pb2.CancelRequest, timeout_s: float
     ) -> tasks_pb2.TaskStatus:

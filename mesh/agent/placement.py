@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any
 
 import grpc
 
 from mesh import metrics
 from mesh.agent.decisionlog import DecisionLog
 from mesh.agent.executor import Executor
+from mesh.agent.handoff import Handoffs
 from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
 from mesh.agent.view import View
@@ -26,7 +28,7 @@ from mesh.core.backlog import Room
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
 from mesh.core.routing import AGENT, BACKLOG, DC, NO_SPILL, NONE_ELIGIBLE, Decision, Request, Spill
-from mesh.errors import MeshError, NoCapacity, Unavailable
+from mesh.errors import MeshError, NoCapacity
 from mesh.store.keys import KeySpace
 from mesh.store.records import TaskStore
 from mesh.store.registry import Registry
@@ -52,11 +54,13 @@ class Placement:
         executor: Executor,
         accept_here: Callable[[Job, float], Awaitable[tuple[bool, str]]],
         other_dcs: Callable[[], Mapping[str, peer_pb2.DcSummary]],
+        spawn: Callable[[str, Coroutine[Any, Any, None]], object],
     ) -> None:
         """``view`` is the router's view of the DC and the applied topology's overflow;
         ``accept_here`` is this agent's own receiving end (``Intake.accept``), for the
         targets that name it; ``other_dcs`` gives the other DCs' summaries as last
-        heard. Of ``cfg``, only the identity and the limits are read."""
+        heard; ``spawn`` runs background work the agent cancels when it stops. Of
+        ``cfg``, only the identity and the limits are read."""
         self.cfg = cfg
         self.keys = keys
         self.store = store
@@ -67,6 +71,7 @@ class Placement:
         self.remote = remote
         self.executor = executor
         self._accept_here = accept_here
+        self.handoffs = Handoffs(cfg.dc, store, remote, spawn, self.place)
         self._summaries = other_dcs
         self.decisions = DecisionLog(cfg.decision_log) if cfg.decision_log else None
 
@@ -115,6 +120,7 @@ class Placement:
         def mutate(record: peer_pb2.TaskRecord) -> None:
             status = record.status
             status.state, status.agent, status.dc = pb.TASK_STATE_QUEUED, "", self.cfg.dc
+            record.forwarded_to_dc = ""
             del status.path[:]
             status.path.extend(job.path)
             status.queued_at.CopyFrom(now_ts())
@@ -193,28 +199,16 @@ class Placement:
         return reply.accepted, reply.reason
 
     async def offer_dc(self, dc: str, job: Job) -> tuple[bool, str]:
-        """Hand ``job`` to DC ``dc``: its record moves there, ours points to it."""
+        """Hand ``job`` to DC ``dc``: its record moves there, ours points to it
+        (``mesh.agent.handoff`` keeps the two DCs from both answering for it)."""
         if len(job.path) + 1 > self.view.max_hops:
             return False, "hop limit"
+        return await self.handoffs.offer(dc, job, self.dc_envelope(job))
+
+    def dc_envelope(self, job: Job) -> peer_pb2.Envelope:
         envelope = self._envelope(job, 0.0)
         envelope.origin_dc = self.cfg.dc
-        try:
-            reply = await self.remote.offer(dc, envelope)
-        except (grpc.aio.AioRpcError, Unavailable) as exc:
-            metrics.FORWARDS.labels("error").inc()
-            return False, f"unreachable ({exc})"
-        metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
-        if not reply.accepted:
-            return False, reply.reason
-
-        def point(record: peer_pb2.TaskRecord) -> None:
-            record.forwarded_to_dc = dc
-            record.status.dc = dc
-            record.status.agent = ""
-
-        with contextlib.suppress(MeshError):  # the task runs there either way
-            await self.store.update(job.task_id, point, attempt=job.attempt)
-        return True, "accepted"
+        return envelope
 
     def _envelope(self, job: Job, max_tasks: float) -> peer_pb2.Envelope:
         envelope = peer_pb2.Envelope(

@@ -84,6 +84,12 @@ class RemoteDcs:
             lambda a: self._peers.offer(a, envelope, CALL_TIMEOUT_S),
         )
 
+    async def settle(self, dc: str, task_id: str, origin_dc: str) -> peer_pb2.SettleResponse:
+        request = peer_pb2.SettleRequest(task_id=task_id, origin_dc=origin_dc)
+        return await self._first_answer(
+            dc, task_id, lambda a: self._peers.settle(a, request, CALL_TIMEOUT_S)
+        )
+
     async def get(self, dc: str, task_id: str) -> pb.TaskStatus:
         return await self._translated(
             dc,

@@ -116,6 +116,10 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
         return await self.api.summary(request)
 
     @unary
+    async def Settle(self, request, context):
+        return await self.api.settle(request)
+
+    @unary
     async def CancelLocal(self, request, context):
         return await self.api.cancel_local(request)
 

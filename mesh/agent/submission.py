@@ -15,6 +15,8 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+import grpc
+
 from mesh import metrics
 from mesh.agent.placement import Placement
 from mesh.agent.retry import patient
@@ -43,6 +45,15 @@ class Submission:
         self._store = store
         self._placement = placement
         self._spawn = spawn
+
+    async def _offer_unrecorded(self, dc: str, job: Job) -> tuple[bool, str]:
+        """Offer a task we could not record: an answer lost on the way is the client's to
+        retry (with the same id, the other DC answers "already here")."""
+        try:
+            reply = await self._placement.remote.offer(dc, self._placement.dc_envelope(job))
+        except (grpc.aio.AioRpcError, Unavailable) as exc:
+            return False, f"unreachable ({exc})"
+        return reply.accepted, reply.reason
 
     def _record(self, admitted: Admitted) -> peer_pb2.TaskRecord:
         return new_record(
@@ -111,7 +122,7 @@ class Submission:
         job = Job(admitted.spec, attempt=1, deadline_ms=admitted.deadline_ms)
         refused = []
         for overflow in sorted(self._placement.view.overflow, key=lambda o: -o.weight):
-            accepted, reason = await self._placement.offer_dc(overflow.dc, job)
+            accepted, reason = await self._offer_unrecorded(overflow.dc, job)
             if accepted:
                 log.info("etcd down: %s went to DC %s", job.task_id, overflow.dc)
                 record.forwarded_to_dc = record.status.dc = overflow.dc

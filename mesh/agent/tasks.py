@@ -2,9 +2,10 @@
 
 A task's record lives in its DC's etcd, so any agent of the DC answers ``Get``, ``Watch``
 and ``List``; a record that only points to the DC the task overflowed to is followed
-there through that DC's agents. A cancel is recorded on the task (``cancel_requested``)
-and then carried out where the task is: by the queue owner if it waits in the backlog,
-by the executing agent if it is queued or running there.
+there through that DC's agents, once the hand-off is confirmed (until then the other DC
+may not have it, and the record here answers). A cancel is recorded on the task
+(``cancel_requested``) and then carried out where the task is: by the queue owner if it
+waits in the backlog, by the executing agent if it is queued or running there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from mesh.agent.executor import Executor
+from mesh.agent.handoff import unconfirmed
 from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
 from mesh.core.task import TERMINAL, public
@@ -50,14 +52,14 @@ class Tasks:
 
     async def get(self, task_id: str) -> pb.TaskStatus:
         stored = await self._store.get(task_id)
-        if stored.record.forwarded_to_dc:
+        if confirmed_pointer(stored.record):
             return await self._remote.get(stored.record.forwarded_to_dc, task_id)
         return public(stored.status)
 
     async def follow(self, task_id: str) -> AsyncIterator[pb.TaskStatus]:
         """The task's statuses until it ends; from its DC's agents if it overflowed."""
         async for stored in self._store.follow(task_id):
-            if stored.record.forwarded_to_dc:
+            if confirmed_pointer(stored.record):
                 async for status in self._remote.watch(stored.record.forwarded_to_dc, task_id):
                     yield status
                 return
@@ -76,7 +78,7 @@ class Tasks:
             return None
 
         stored = await self._store.get(task_id)
-        if stored.record.forwarded_to_dc:
+        if confirmed_pointer(stored.record):
             return await self._remote.cancel(stored.record.forwarded_to_dc, task_id, reason)
         stored = await self._store.update(task_id, request)
         status = stored.status
@@ -117,3 +119,7 @@ class Tasks:
                     if stored.status.state in TERMINAL:
                         break
         return public((await self._store.get(task_id)).status)
+
+
+def confirmed_pointer(record: peer_pb2.TaskRecord) -> bool:
+    return bool(record.forwarded_to_dc) and not unconfirmed(record)

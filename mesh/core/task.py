@@ -18,7 +18,7 @@ from mesh.errors import DeadlinePassed, InvalidTask, LimitExceeded
 from mesh.v1 import tasks_pb2 as pb
 
 TERMINAL = frozenset({pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED})
-TASK_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+TASK_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 NAME = re.compile(NAME_PATTERN)
 
 
@@ -56,6 +56,12 @@ def spec_digest(spec: pb.TaskSpec) -> str:
     return hashlib.sha256(same.SerializeToString(deterministic=True)).hexdigest()
 
 
+def check_id(task_id: str) -> None:
+    """A task id as every request must carry it: 1-128 of ``[A-Za-z0-9._:-]``, whole."""
+    if not TASK_ID.fullmatch(task_id):
+        raise InvalidTask("task_id must be 1-128 characters of [A-Za-z0-9._:-]")
+
+
 def admit(
     spec: pb.TaskSpec,
     cfg: AgentConfig,
@@ -66,8 +72,7 @@ def admit(
     out = pb.TaskSpec()
     out.CopyFrom(spec)
     if out.task_id:
-        if not TASK_ID.match(out.task_id):
-            raise InvalidTask("task_id must be 1-128 characters of [A-Za-z0-9._:-]")
+        check_id(out.task_id)
     else:
         out.task_id = uuid.uuid4().hex
     if not out.user.id:
@@ -83,7 +88,7 @@ def admit(
             f"unknown pipeline {out.pipeline!r}; this DC runs {sorted(known_pipelines)}",
             task_id=out.task_id,
         )
-    if not out.model or not NAME.match(out.model):
+    if not out.model or not NAME.fullmatch(out.model):
         raise InvalidTask("model is required: 1-128 characters of [A-Za-z0-9._:/-]")
     if not out.queue:
         out.queue = cfg.default_queue

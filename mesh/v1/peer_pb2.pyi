@@ -1,5 +1,6 @@
 from mesh.v1 import tasks_pb2 as _tasks_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -66,6 +67,30 @@ class DcSummary(_message.Message):
     models_loaded: _containers.RepeatedScalarFieldContainer[str]
     live: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, dc: _Optional[str] = ..., ts_unix_ms: _Optional[int] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., models_loaded: _Optional[_Iterable[str]] = ..., live: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SettleRequest(_message.Message):
+    __slots__ = ("task_id", "origin_dc")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_DC_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    origin_dc: str
+    def __init__(self, task_id: _Optional[str] = ..., origin_dc: _Optional[str] = ...) -> None: ...
+
+class SettleResponse(_message.Message):
+    __slots__ = ("outcome",)
+    class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        OUTCOME_UNSPECIFIED: _ClassVar[SettleResponse.Outcome]
+        OUTCOME_HELD: _ClassVar[SettleResponse.Outcome]
+        OUTCOME_NOT_HELD: _ClassVar[SettleResponse.Outcome]
+        OUTCOME_IN_PROGRESS: _ClassVar[SettleResponse.Outcome]
+    OUTCOME_UNSPECIFIED: SettleResponse.Outcome
+    OUTCOME_HELD: SettleResponse.Outcome
+    OUTCOME_NOT_HELD: SettleResponse.Outcome
+    OUTCOME_IN_PROGRESS: SettleResponse.Outcome
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    outcome: SettleResponse.Outcome
+    def __init__(self, outcome: _Optional[_Union[SettleResponse.Outcome, str]] = ...) -> None: ...
 
 class TaskRecord(_message.Message):
     __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept")

@@ -50,6 +50,11 @@ class PeerServiceStub:
                 request_serializer=mesh_dot_v1_dot_peer__pb2.DcSummary.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_peer__pb2.DcSummary.FromString,
                 _registered_method=True)
+        self.Settle = channel.unary_unary(
+                '/mesh.v1.PeerService/Settle',
+                request_serializer=mesh_dot_v1_dot_peer__pb2.SettleRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_peer__pb2.SettleResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -76,6 +81,13 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Settle(self, request, context):
+        """Settle a hand-off of a task to this DC whose outcome the origin does not know.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +105,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Summary,
                     request_deserializer=mesh_dot_v1_dot_peer__pb2.DcSummary.FromString,
                     response_serializer=mesh_dot_v1_dot_peer__pb2.DcSummary.SerializeToString,
+            ),
+            'Settle': grpc.unary_unary_rpc_method_handler(
+                    servicer.Settle,
+                    request_deserializer=mesh_dot_v1_dot_peer__pb2.SettleRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_peer__pb2.SettleResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +193,33 @@ class PeerService:
             '/mesh.v1.PeerService/Summary',
             mesh_dot_v1_dot_peer__pb2.DcSummary.SerializeToString,
             mesh_dot_v1_dot_peer__pb2.DcSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Settle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.PeerService/Settle',
+            mesh_dot_v1_dot_peer__pb2.SettleRequest.SerializeToString,
+            mesh_dot_v1_dot_peer__pb2.SettleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,156 @@
+"""Handing a task to another DC, without ever letting two DCs answer for it.
+
+A task's record lives in one DC at a time. To hand a task on, the holder first writes
+an *intent* into its own record (``forwarded_to_dc`` set, ``status.agent`` still naming
+the holder), then offers the task to an agent of the other DC, which records it there:
+
+- accepted: the record is confirmed as a pointer (``status.agent`` cleared);
+- refused: the intent is reverted and the task is placed elsewhere;
+- no answer (a timeout, a broken connection): the holder *settles* with that DC, which
+  answers from its own record, and if it has none, records a pointer back in the same
+  create-if-absent transaction a late offer would need, so the task can never be
+  adopted there afterwards. Until a settle answers, the task is in doubt and nobody
+  places it elsewhere.
+
+If the holder dies with an intent written, the DC's queue owner settles in its place
+(``mesh.agent.owner``). Reads of a record whose intent is not confirmed are answered
+from it, not from the other DC, which may not have the task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import grpc
+
+from mesh import metrics
+from mesh.agent.remote import RemoteDcs
+from mesh.core.clock import now_ms
+from mesh.core.jobs import Job
+from mesh.errors import MeshError, StaleWrite, Unavailable
+from mesh.store.records import TaskStore
+from mesh.v1 import peer_pb2
+
+log = logging.getLogger(__name__)
+
+Outcome = peer_pb2.SettleResponse.Outcome
+HELD = peer_pb2.SettleResponse.OUTCOME_HELD
+NOT_HELD = peer_pb2.SettleResponse.OUTCOME_NOT_HELD
+SETTLE_RETRY_S = (0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class Handoffs:
+    def __init__(
+        self,
+        dc: str,
+        store: TaskStore,
+        remote: RemoteDcs,
+        spawn: Callable[[str, Coroutine[Any, Any, None]], object],
+        place_again: Callable[[Job], Awaitable[str]],
+    ) -> None:
+        """``spawn`` runs background work the agent cancels when it stops;
+        ``place_again`` places a task whose hand-off came to nothing."""
+        self._dc = dc
+        self._store = store
+        self._remote = remote
+        self._spawn = spawn
+        self._place_again = place_again
+
+    async def offer(self, dc: str, job: Job, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
+        """Offer ``job`` to DC ``dc``; True once that DC holds it (or a settle is under
+        way, which decides it: the task is then placed by the settle, not by the caller)."""
+        try:
+            await self._store.update(job.task_id, intent(dc), attempt=job.attempt)
+        except StaleWrite as exc:
+            return False, f"moved on: {exc.message}"
+        except Unavailable as exc:
+            return False, f"cannot record the hand-off: {exc.message}"
+        try:
+            reply = await self._remote.offer(dc, envelope)
+        except (grpc.aio.AioRpcError, Unavailable) as exc:
+            metrics.FORWARDS.labels("error").inc()
+            outcome = await self._settle_once(dc, job.task_id)
+            if outcome not in (HELD, NOT_HELD):
+                log.warning("hand-off of %s to %s in doubt (%s); settling", job.task_id, dc, exc)
+                self._spawn(f"settle {job.task_id}", self._settle_later(dc, job))
+                return True, f"in doubt: settling with DC {dc}"
+            accepted, reason = outcome == HELD, f"no answer ({exc}); settled"
+        else:
+            metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
+            accepted, reason = reply.accepted, reply.reason
+        if accepted:
+            await self.confirm(job.task_id, job.attempt)
+            return True, "accepted"
+        await self._revert(job)
+        return False, reason
+
+    async def confirm(self, task_id: str, attempt: int, *fence: object) -> None:
+        """The other DC holds the task: our record is only a pointer from now on."""
+
+        def confirmed(record: peer_pb2.TaskRecord) -> bool | None:
+            if not record.forwarded_to_dc:
+                return False
+            record.status.agent = ""
+            return None
+
+        with contextlib.suppress(StaleWrite):
+            await self._store.update(task_id, confirmed, attempt=attempt, fence=fence)
+
+    async def _revert(self, job: Job) -> None:
+        def back(record: peer_pb2.TaskRecord) -> None:
+            record.forwarded_to_dc = ""
+            record.status.dc = self._dc
+
+        # Placing it here clears the pointer too, should this write fail.
+        with contextlib.suppress(MeshError):
+            await self._store.update(job.task_id, back, attempt=job.attempt)
+
+    async def _settle_once(self, dc: str, task_id: str) -> Outcome | None:
+        try:
+            reply = await self._remote.settle(dc, task_id, self._dc)
+        except (grpc.aio.AioRpcError, MeshError) as exc:
+            log.info("settling %s with DC %s: %s", task_id, dc, exc)
+            return None
+        return reply.outcome
+
+    async def settle(self, dc: str, task_id: str, deadline_ms: int) -> Outcome | None:
+        """Settle until DC ``dc`` answers for good, or the task's deadline passes (None)."""
+        tries = 0
+        while now_ms() < deadline_ms:
+            outcome = await self._settle_once(dc, task_id)
+            if outcome in (HELD, NOT_HELD):
+                return outcome
+            await asyncio.sleep(SETTLE_RETRY_S[min(tries, len(SETTLE_RETRY_S) - 1)])
+            tries += 1
+        return None
+
+    async def _settle_later(self, dc: str, job: Job) -> None:
+        outcome = await self.settle(dc, job.task_id, job.deadline_ms)
+        if outcome == HELD:
+            await self.confirm(job.task_id, job.attempt)
+            return
+        if outcome == NOT_HELD:
+            await self._revert(job)
+            try:
+                await self._place_again(job)
+            except MeshError as exc:
+                log.warning("could not place %s after its hand-off failed: %s", job.task_id, exc)
+            return
+        log.error("hand-off of %s to %s never settled before its deadline", job.task_id, dc)
+
+
+def intent(dc: str) -> Callable[[peer_pb2.TaskRecord], None]:
+    def mark(record: peer_pb2.TaskRecord) -> None:
+        record.forwarded_to_dc = dc
+        record.status.dc = dc
+
+    return mark
+
+
+def unconfirmed(record: peer_pb2.TaskRecord) -> bool:
+    """A hand-off written but not yet known to have landed."""
+    return bool(record.forwarded_to_dc and record.status.agent)

@@ -1,0 +1,149 @@
+"""Cross-DC hand-offs with real agents and real etcd: settling decides, once and for
+good, which DC answers for a task whose hand-off nobody saw end; the queue owner settles
+the hand-offs of agents that died in the middle of one."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import aetcd
+import grpc
+from support import AgentProc, Cluster, eventually, sleep_spec, wait_log
+
+from mesh.agent.handoff import intent
+from mesh.client import MeshClient
+from mesh.core.clock import now_ms
+from mesh.core.lifecycle import new_record
+from mesh.core.task import TERMINAL, spec_digest, state_name
+from mesh.local.etcdserver import EtcdMember
+from mesh.store import topostore
+from mesh.store.keys import KeySpace
+from mesh.store.records import TaskStore
+from mesh.topology import parse
+from mesh.v1 import peer_pb2, peer_pb2_grpc
+from mesh.v1 import tasks_pb2 as pb
+
+SettleOutcome = peer_pb2.SettleResponse
+
+
+def spec(task_id: str) -> pb.TaskSpec:
+    """An admitted spec, as an entry agent sends it on."""
+    return sleep_spec(task_id, seconds=0.1, steps=1, model="m", queue="normal", gpu_count=1)
+
+
+def two_dcs(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember]
+) -> tuple[dict[str, EtcdMember], Callable[[str], AgentProc]]:
+    """Two DCs with an etcd each; returns the etcds and a starter for their agents."""
+    etcds = {dc: more_etcd(dc) for dc in ("west", "east")}
+
+    def start(dc: str) -> AgentProc:
+        return cluster.start(f"{dc}-1", dc=dc, etcd_endpoints=json.dumps([etcds[dc].endpoint]))
+
+    return etcds, start
+
+
+async def apply_topology(prefix: str, etcds: dict[str, EtcdMember], seeds: dict[str, str]) -> None:
+    dcs = {
+        dc: {"etcd": [etcds[dc].endpoint], "seeds": [seeds[dc]] if dc in seeds else []}
+        for dc in etcds
+    }
+    report = await topostore.apply(parse({"prefix": prefix, "dcs": dcs}, "test topology"))
+    assert all(r.startswith("applied") for r in report.values()), report
+
+
+async def settle(address: str, task_id: str, origin: str) -> int:
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await peer_pb2_grpc.PeerServiceStub(channel).Settle(
+            peer_pb2.SettleRequest(task_id=task_id, origin_dc=origin)
+        )
+    return reply.outcome
+
+
+async def offer_from(dc: str, address: str, task_id: str) -> peer_pb2.OfferResponse:
+    envelope = peer_pb2.Envelope(
+        spec=spec(task_id), path=[f"{dc}-9"], hops=1, attempt=1,
+        deadline_unix_ms=now_ms() + 60_000, origin_dc=dc,
+    )  # fmt: skip
+    async with grpc.aio.insecure_channel(address) as channel:
+        return await peer_pb2_grpc.PeerServiceStub(channel).Offer(envelope)
+
+
+async def record_intent(etcd: EtcdMember, prefix: str, task_id: str, holder: str) -> None:
+    """What an agent of west leaves behind when it dies right after writing the intent
+    to hand ``task_id`` to east (and maybe after offering it)."""
+    async with aetcd.Client(host=etcd.host, port=etcd.client_port) as client:
+        store = TaskStore(client, KeySpace(prefix, "west"))
+        task = spec(task_id)
+        record = new_record(
+            task, spec_digest(task), now_ms() + 60_000, attempt=1, path=(),
+            agent_id=holder, dc="west", inline_payload_bytes=65536,
+        )  # fmt: skip
+        await store.create(record)
+        await store.update(task_id, intent("east"), attempt=1)
+
+
+async def final(client: MeshClient, task_id: str) -> pb.TaskStatus:
+    async def ended() -> pb.TaskStatus | None:
+        status = await client.get(task_id)
+        return status if status.state in TERMINAL else None
+
+    return await eventually(ended, timeout_s=30, what=f"{task_id} to end")
+
+
+async def test_settling_an_unknown_task_keeps_it_in_its_origin_for_good(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+) -> None:
+    _, start = two_dcs(cluster, more_etcd)
+    east = start("east")
+    assert await settle(east.address, "ghost", "west") == SettleOutcome.OUTCOME_NOT_HELD
+    # The offer that was in flight arrives now: east must not take what it gave back.
+    late = await offer_from("west", east.address, "ghost")
+    assert not late.accepted and "belongs to DC west" in late.reason
+    assert await settle(east.address, "ghost", "west") == SettleOutcome.OUTCOME_NOT_HELD
+
+
+async def test_a_task_the_other_dc_took_settles_as_held(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+) -> None:
+    _, start = two_dcs(cluster, more_etcd)
+    east = start("east")
+    taken = await offer_from("west", east.address, "adopted")
+    assert taken.accepted, taken.reason
+    outcome = await eventually(
+        lambda: settle(east.address, "adopted", "west"),
+        what="a settled answer",
+    )
+    assert outcome == SettleOutcome.OUTCOME_HELD
+
+
+async def test_the_owner_takes_back_a_dead_agents_hand_off_the_other_dc_never_got(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+) -> None:
+    etcds, start = two_dcs(cluster, more_etcd)
+    east = start("east")
+    await record_intent(etcds["west"], prefix, "orphan", holder="west-gone")
+    west = start("west")
+    await apply_topology(prefix, etcds, {"west": west.address, "east": east.address})
+    wait_log(west, "topology version 1 applied")
+    async with MeshClient(west.address) as client:
+        ended = await final(client, "orphan")
+    assert (state_name(ended.state), ended.dc, ended.attempt) == ("SUCCEEDED", "west", 2)
+    # And east, asked to settle, keeps a pointer back: it will never run it.
+    assert await settle(east.address, "orphan", "west") == SettleOutcome.OUTCOME_NOT_HELD
+
+
+async def test_the_owner_points_to_the_dc_that_holds_a_dead_agents_hand_off(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+) -> None:
+    etcds, start = two_dcs(cluster, more_etcd)
+    east = start("east")
+    assert (await offer_from("west", east.address, "landed")).accepted  # before it died
+    await record_intent(etcds["west"], prefix, "landed", holder="west-gone")
+    west = start("west")
+    await apply_topology(prefix, etcds, {"west": west.address, "east": east.address})
+    wait_log(west, "topology version 1 applied")
+    async with MeshClient(west.address) as client:
+        ended = await final(client, "landed")  # answered from east once confirmed
+    assert (state_name(ended.state), ended.dc, ended.attempt) == ("SUCCEEDED", "east", 1)
