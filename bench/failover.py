@@ -26,7 +26,7 @@ TTL_S = 5.0  # the agents' default lease_ttl_s
 
 
 async def _owner(mesh: LocalMesh) -> str | None:
-    client = client_for(mesh.topology.dcs["dc"].etcd)
+    client = client_for(mesh.topology.dcs["dc"].etcd, security=mesh.operator)
     await client.connect()
     try:
         keys = KeySpace(mesh.topology.prefix, "dc")
@@ -50,7 +50,8 @@ async def measure(mesh: LocalMesh) -> dict[str, float]:
     owner_gap = time.monotonic() - killed
     entry = next(a for name, a in agents.items() if name != first)
 
-    async with MeshClient(entry.address) as client:
+    assert mesh.trust is not None
+    async with MeshClient(entry.address, mesh.trust.user("bench")) as client:
         spec = pb.TaskSpec(
             task_id="orphan",
             user=pb.User(id="bench"),

@@ -22,6 +22,7 @@ import time
 from bench.localdc import one_dc, until
 from mesh.gossip.memory import Network
 from mesh.gossip.state import AgentState
+from mesh.local.localmesh import LocalMesh
 
 WARM_UP_S = 2.5
 
@@ -63,12 +64,14 @@ def real_agents(count: int) -> tuple[float, float]:
         return asyncio.run(_converge(mesh))
 
 
-async def _converge(mesh: object) -> tuple[float, float]:
+async def _converge(mesh: LocalMesh) -> tuple[float, float]:
     from mesh.client import MeshClient
     from mesh.v1 import tasks_pb2 as pb
 
-    agents = [s for s in mesh.started if s.kind == "agent"]  # type: ignore[attr-defined]
-    clients = {s.name: MeshClient(s.address) for s in agents}
+    agents = [s for s in mesh.started if s.kind == "agent"]
+    assert mesh.trust is not None
+    security = mesh.trust.user("bench")
+    clients = {s.name: MeshClient(s.address, security) for s in agents}
     try:
         for client in clients.values():  # everyone sees everyone, through etcd
             await until(lambda c=client: _sees_all(c, len(agents)))

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from mesh.agent.history import History
+from mesh.channels import Security
 from mesh.client import MeshClient
 from mesh.v1 import tasks_pb2 as pb
 
@@ -31,6 +32,7 @@ MAX_TRIES = 6
 SUBMIT_TIMEOUT_S = 5.0
 BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 2.0)
 TASK_TIMEOUT_S = 120  # generous: a task that fails by deadline is a failure, not a loss
+USER = "chaos"  # the load's user: its token names it
 
 
 class Load:
@@ -41,9 +43,10 @@ class Load:
         rate_per_s: float,
         model: str,
         rng: random.Random,
+        security: Security,
         task_s: tuple[float, float] = (0.6, 1.4),
     ) -> None:
-        """``agents``: per DC, agent name to address."""
+        """``agents``: per DC, agent name to address; ``security``: the load's user."""
         self._agents = agents
         self._history = history
         self._interval_s = 1 / rate_per_s
@@ -51,7 +54,9 @@ class Load:
         self._rng = rng
         self._task_s = task_s
         self._clients = {
-            address: MeshClient(address) for dc in agents.values() for address in dc.values()
+            address: MeshClient(address, security)
+            for dc in agents.values()
+            for address in dc.values()
         }
         self._inflight: set[asyncio.Task[None]] = set()
         self.sent = 0
@@ -107,7 +112,7 @@ class Load:
         seconds = self._rng.uniform(*task_s)
         return pb.TaskSpec(
             task_id=key,
-            user=pb.User(id="chaos"),
+            user=pb.User(id=USER),
             task_type=pb.TASK_TYPE_T2I,
             pipeline="sleep",
             model=self._model,

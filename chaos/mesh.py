@@ -1,7 +1,9 @@
 """The mesh under test: two DCs of real processes, and the levers the faults pull.
 
 ``west`` has a 3-member etcd cluster, ``east`` a single member; each DC has
-``agents_per_dc`` agents with two fake GPUs. Every agent writes its history (``mesh
+``agents_per_dc`` agents with two fake GPUs. It runs as secure as a fleet: etcd with TLS,
+client certificates and RBAC, agents with their own certificates and the gossip key,
+clients with tokens (``mesh.local.trust``). Every agent writes its history (``mesh
 .history``) under ``workdir/history``, where the load generator and the fault schedule
 write theirs, so the checker reads one timeline. Everything started is stopped by
 ``close()``, which the runner calls whatever happened.
@@ -17,18 +19,21 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aetcd
+import aetcd.rpc
+import grpc
 
 from chaos.net import Loopback, Namespaces, Network
+from mesh.channels import Security
 from mesh.core import backlog
 from mesh.local.etcdserver import EtcdMember, find_etcd
-from mesh.local.localmesh import agent_healthy, free_port
+from mesh.local.localmesh import MESH, agent_healthy, free_port
+from mesh.local.trust import LocalTrust
 from mesh.store import topostore
-from mesh.store.etcd import client_for
+from mesh.store.etcd import client_for, stub_options
 from mesh.store.keys import KeySpace
 from mesh.topology import Topology
 
@@ -96,6 +101,12 @@ class ChaosMesh:
     agents_per_dc: int = 3
     etcd: dict[str, list[EtcdMember]] = field(default_factory=dict)
     agents: dict[str, Agent] = field(default_factory=dict)
+    trust: LocalTrust | None = None
+
+    @property
+    def operator(self) -> Security:
+        assert self.trust is not None
+        return self.trust.operator()
 
     @property
     def history_dir(self) -> Path:
@@ -116,13 +127,14 @@ class ChaosMesh:
     def start(self) -> None:
         (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
         self.history_dir.mkdir(parents=True, exist_ok=True)
+        self.trust = LocalTrust.create(self.workdir / "pki", MESH)
         binary = find_etcd()
         for dc, members in DCS.items():
             host = self.net.host(dc)
             ports = [(self._port(23790 + i), self._port(23800 + i)) for i in range(members)]
             names = [f"etcd-{dc}-{i}" for i in range(members)]
             cluster = ",".join(
-                f"{n}=http://{host}:{peer}" for n, (_, peer) in zip(names, ports, strict=True)
+                f"{n}=https://{host}:{peer}" for n, (_, peer) in zip(names, ports, strict=True)
             )
             self.etcd[dc] = [
                 EtcdMember(
@@ -133,9 +145,11 @@ class ChaosMesh:
                     host=host,
                     initial_cluster=cluster,
                     binary=binary,
+                    tls=self.trust.etcd(name, [host]),
+                    metrics_port=self._port(23810 + i),
                     wrap=self.net.prefix(dc),
                 )
-                for name, (client, peer) in zip(names, ports, strict=True)
+                for i, (name, (client, peer)) in enumerate(zip(names, ports, strict=True))
             ]
         for dc in DCS:
             for member in self.etcd[dc]:
@@ -143,17 +157,21 @@ class ChaosMesh:
         for dc in DCS:
             for member in self.etcd[dc]:
                 member.wait_healthy(20)
-        addresses = {
-            dc: [f"{self.net.host(dc)}:{self._port(50100 + i)}" for i in range(self.agents_per_dc)]
-            for dc in DCS
-        }
-        self._apply_topology(addresses)
         for dc in DCS:
-            for i, address in enumerate(addresses[dc], start=1):
-                agent = self._agent(f"{dc}-{i}", dc, address)
+            self.trust.secure_etcd_now(self.endpoints(dc), PREFIX, [dc])
+        addresses = {dc: [self._addresses(dc, i) for i in range(self.agents_per_dc)] for dc in DCS}
+        self._apply_topology({dc: [peer for _, peer in pairs] for dc, pairs in addresses.items()})
+        for dc in DCS:
+            for i, (address, peer) in enumerate(addresses[dc], start=1):
+                agent = self._agent(f"{dc}-{i}", dc, address, peer)
                 self.agents[agent.name] = agent
                 agent.start()
         self.wait_serving(60)
+
+    def _addresses(self, dc: str, i: int) -> tuple[str, str]:
+        """Agent ``i`` of ``dc``: its API port and its mTLS port."""
+        host = self.net.host(dc)
+        return f"{host}:{self._port(50100 + i)}", f"{host}:{self._port(50200 + i)}"
 
     def _apply_topology(self, addresses: dict[str, list[str]]) -> None:
         topology = Topology.model_validate(
@@ -172,22 +190,29 @@ class ChaosMesh:
                 "queues": {"vip": 8, "normal": 2},
             }
         )
-        report = asyncio.run(topostore.apply(topology))
+        report = asyncio.run(topostore.apply(topology, self.operator))
         failed = {dc: what for dc, what in report.items() if not what.startswith("applied")}
         if failed:
             raise RuntimeError(f"could not apply the topology: {failed}")
 
-    def _agent(self, name: str, dc: str, address: str) -> Agent:
+    def _agent(self, name: str, dc: str, address: str, peer: str) -> Agent:
+        assert self.trust is not None
+        files = self.trust.agent(name, dc)
         flags = {
             "agent_id": name,
             "dc": dc,
             "prefix": PREFIX,
             "etcd_endpoints": json.dumps(self.endpoints(dc)),
             "listen": address,
+            "peer_listen": peer,
+            "mesh_name": MESH,
+            "tls_ca": str(files.ca),
+            "tls_cert": str(files.cert),
+            "tls_key": str(files.key),
+            "gossip_key_file": str(self.trust.gossip_key_file),
             "lease_ttl_s": str(self.ttl_s),
             "result_dir": str(self.workdir / "results"),
             "history": str(self.history_dir / f"{name}.jsonl"),
-            "gossip_keys": json.dumps(["chaos-suite-gossip-key"]),
             **AGENT_FLAGS,
         }
         argv = [*self.net.prefix(dc), sys.executable, "-m", "mesh.agent.main"]
@@ -204,7 +229,7 @@ class ChaosMesh:
             for agent in waiting:
                 if not agent.alive():
                     raise RuntimeError(f"agent {agent.name} exited; see {agent.log_path}")
-            waiting = [a for a in waiting if not agent_healthy(a.address)]
+            waiting = [a for a in waiting if not agent_healthy(a.address, self.operator)]
             if waiting and time.monotonic() > deadline:
                 raise RuntimeError(f"agents not serving: {[a.name for a in waiting]}")
             time.sleep(0.1)
@@ -213,7 +238,8 @@ class ChaosMesh:
     # -- what the checker and the scenarios read --------------------------------------------
 
     def client(self, dc: str) -> aetcd.Client:
-        return client_for(self.endpoints(dc))
+        """etcd of ``dc``, as the operator (it reads everything the checker needs)."""
+        return client_for(self.endpoints(dc), security=self.operator)
 
     async def members(self, dc: str) -> set[str]:
         keys = KeySpace(PREFIX, dc)
@@ -242,20 +268,20 @@ class ChaosMesh:
         first = min(candidates, key=lambda kv: kv.create_revision)
         return first.value.decode().split()[0]
 
-    def etcd_leader(self, dc: str) -> EtcdMember | None:
-        """The member of ``dc``'s cluster that leads now, by its own status."""
+    async def etcd_leader(self, dc: str) -> EtcdMember | None:
+        """The member of ``dc``'s cluster that leads now, by its own status (over gRPC:
+        etcd's HTTP gateway refuses client certificates that name a user)."""
         for member in self.etcd[dc]:
             if member.process is None or member.process.poll() is not None:
                 continue
-            request = urllib.request.Request(
-                f"{member.client_url}/v3/maintenance/status", data=b"{}", method="POST"
-            )
             try:
-                with urllib.request.urlopen(request, timeout=1) as reply:
-                    status = json.loads(reply.read())
-            except OSError:
+                async with client_for([member.endpoint], 1, self.operator) as client:
+                    status = await client.maintenancestub.Status(
+                        aetcd.rpc.StatusRequest(), **stub_options(client)
+                    )
+            except (aetcd.ClientError, grpc.aio.AioRpcError):
                 continue
-            if status.get("leader") == status.get("header", {}).get("member_id"):
+            if status.leader == status.header.member_id:
                 return member
         return None
 
@@ -263,7 +289,7 @@ class ChaosMesh:
         """Why a write to ``dc``'s etcd fails now, as the agents' client reports it; None
         if it succeeds."""
         try:
-            async with client_for(self.endpoints(dc), timeout_s=1) as client:
+            async with client_for(self.endpoints(dc), 1, self.operator) as client:
                 await client.put(f"/{PREFIX}/{dc}/probe".encode(), b"1")
         except aetcd.ClientError as exc:
             return f"{type(exc).__name__}: {exc}"

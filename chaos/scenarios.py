@@ -336,7 +336,7 @@ async def _poll(check: Callable[[], Awaitable[bool]], timeout_s: float) -> float
 
 async def etcd_leader_kill(ctx: Context, staged: Staged) -> None:
     staged.dc = "west"
-    leader = ctx.mesh.etcd_leader("west")
+    leader = await ctx.mesh.etcd_leader("west")
     assert leader is not None and leader.process is not None, "west's etcd has no leader"
     staged.victim = leader.name
     staged.start = ctx.mark("kill-etcd", target=leader.name, dc="west")
@@ -344,7 +344,7 @@ async def etcd_leader_kill(ctx: Context, staged: Staged) -> None:
     leader.process.wait()
 
     async def new_leader() -> bool:
-        return await asyncio.to_thread(ctx.mesh.etcd_leader, "west") is not None
+        return await ctx.mesh.etcd_leader("west") is not None
 
     staged.measured["detect_s"] = await _poll(new_leader, 10)  # a new leader elected
     await _poll(lambda: ctx.mesh.etcd_writable("west"), 10)
@@ -428,7 +428,9 @@ async def wan_latency_loss(ctx: Context, staged: Staged) -> None:
 async def _sample_backlogs(ctx: Context) -> None:
     """Every ``SAMPLE_S``, each DC's backlog depth and oldest age (from etcd) and its idle
     slots (from an agent's view: active agents that are not suspect), into the history."""
-    clients = {a.address: MeshClient(a.address) for a in ctx.mesh.agents.values()}
+    assert ctx.mesh.trust is not None
+    reader = ctx.mesh.trust.user("chaos-monitor", roles=["reader"])
+    clients = {a.address: MeshClient(a.address, reader) for a in ctx.mesh.agents.values()}
     try:
         while True:
             for dc in DCS:

@@ -1,14 +1,93 @@
-"""gRPC channel settings every client of an agent uses: the agents among themselves,
-``meshctl``, the SDK. One place, so a message cap or a reconnect back-off is the same
-on every channel."""
+"""How anything reaches an agent: one ``Security`` and one ``open_channel`` for the agents
+among themselves, ``meshctl`` and the SDK alike.
+
+Every channel is TLS, verified against the mesh's CA. An agent's certificate is checked
+against a name, not the address dialled: ``agent.<mesh>`` for any agent, or
+``<dc>.agent.<mesh>`` when the caller means an agent of DC ``dc`` (so an address learnt
+from another DC's summary can only ever be one of that DC's agents). A caller proves who
+it is with its client certificate (to an agent's mTLS port) or a bearer token (to its API
+port). ``insecure`` (plaintext, no identity) exists for the ``--insecure`` flag alone.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+from pathlib import Path
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+import grpc
+
+from mesh.errors import ConfigError
+from mesh.trust.pki import agent_host
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     return [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
     ]
+
+
+@dataclass(frozen=True, slots=True)
+class Security:
+    """TLS material and an optional token, for dialling agents of mesh ``mesh``."""
+
+    mesh: str = "gpumesh"
+    ca: bytes | None = None
+    cert: bytes | None = None
+    key: bytes | None = None
+    token: str | None = None
+    insecure: bool = False
+
+    @classmethod
+    def from_files(
+        cls,
+        mesh: str,
+        ca: Path | None,
+        cert: Path | None = None,
+        key: Path | None = None,
+        token: str | None = None,
+    ) -> Security:
+        if ca is None:
+            raise ConfigError("TLS needs the mesh's CA certificate (ca file)")
+        if (cert is None) != (key is None):
+            raise ConfigError("a client certificate needs its key, and a key its certificate")
+        try:
+            return cls(
+                mesh,
+                ca.read_bytes(),
+                cert.read_bytes() if cert else None,
+                key.read_bytes() if key else None,
+                token,
+            )
+        except OSError as exc:
+            raise ConfigError(f"cannot read TLS material: {exc}") from None
+
+    def with_token(self, token: str | None) -> Security:
+        return replace(self, token=token)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        if self.ca is None:
+            raise ConfigError("TLS needs the mesh's CA certificate")
+        tls = grpc.ssl_channel_credentials(self.ca, self.key, self.cert)
+        if self.token:
+            return grpc.composite_channel_credentials(
+                tls, grpc.access_token_call_credentials(self.token)
+            )
+        return tls
+
+
+def open_channel(
+    address: str,
+    security: Security,
+    max_message_bytes: int,
+    dc: str = "",
+    extra: list[tuple[str, int | str]] | None = None,
+) -> grpc.aio.Channel:
+    """A channel to the agent at ``address`` (of DC ``dc``, when the caller needs one)."""
+    options = channel_options(max_message_bytes) + list(extra or [])
+    if security.insecure:
+        return grpc.aio.insecure_channel(address, options=options)
+    options.append(("grpc.ssl_target_name_override", agent_host(security.mesh, dc)))
+    return grpc.aio.secure_channel(address, security.credentials(), options=options)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-import grpc
-
-from mesh.channels import channel_options
+from mesh.channels import Security, open_channel
 from mesh.v1 import tasks_pb2 as pb
 from mesh.v1 import tasks_pb2_grpc
 
@@ -18,11 +16,13 @@ DEFAULT_MAX_MESSAGE = 8 * 1024 * 1024
 
 
 class MeshClient:
-    def __init__(self, endpoint: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE) -> None:
+    def __init__(
+        self, endpoint: str, security: Security, max_message_bytes: int = DEFAULT_MAX_MESSAGE
+    ) -> None:
+        """``security`` says how to reach the agent: the mesh's CA and a client certificate
+        (for its mTLS port) or a token (for its API port)."""
         self.endpoint = endpoint
-        self.channel = grpc.aio.insecure_channel(
-            endpoint, options=channel_options(max_message_bytes)
-        )
+        self.channel = open_channel(endpoint, security, max_message_bytes)
         self.tasks = tasks_pb2_grpc.TaskServiceStub(self.channel)
         self.agents_stub = tasks_pb2_grpc.AgentServiceStub(self.channel)
 
@@ -49,11 +49,28 @@ class MeshClient:
         )
 
     async def list(
-        self, user_id: str = "", state: int = 0, limit: int = 0, timeout_s: float = 10.0
+        self,
+        user_id: str = "",
+        state: int = 0,
+        limit: int = 0,
+        page_token: str = "",
+        timeout_s: float = 10.0,
     ) -> pb.ListResponse:
-        return await self.tasks.List(
-            pb.ListRequest(user_id=user_id, state=state, limit=limit), timeout=timeout_s
-        )
+        request = pb.ListRequest(user_id=user_id, state=state, limit=limit, page_token=page_token)
+        return await self.tasks.List(request, timeout=timeout_s)
+
+    async def list_all(
+        self, user_id: str = "", state: int = 0, timeout_s: float = 10.0
+    ) -> list[pb.TaskStatus]:
+        """Every page of ``list``, one after the other."""
+        found: list[pb.TaskStatus] = []
+        token = ""
+        while True:
+            page = await self.list(user_id, state, page_token=token, timeout_s=timeout_s)
+            found.extend(page.tasks)
+            token = page.next_page_token
+            if not token:
+                return found
 
     def watch(self, task_id: str, timeout_s: float | None = None) -> AsyncIterator[pb.TaskEvent]:
         return self.tasks.Watch(pb.WatchRequest(task_id=task_id), timeout=timeout_s)
@@ -70,6 +87,9 @@ class MeshClient:
 
     async def drain(self, timeout_s: float = 5.0) -> pb.AgentInfo:
         return await self.agents_stub.Drain(pb.DrainRequest(), timeout=timeout_s)
+
+    async def undrain(self, timeout_s: float = 5.0) -> pb.AgentInfo:
+        return await self.agents_stub.Undrain(pb.UndrainRequest(), timeout=timeout_s)
 
     async def agents(self, timeout_s: float = 5.0) -> list[pb.AgentInfo]:
         reply = await self.agents_stub.ListAgents(pb.ListAgentsRequest(), timeout=timeout_s)

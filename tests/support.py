@@ -1,8 +1,10 @@
 """Real agent processes for integration tests, and polling helpers that never assert time.
 
-An agent listens on port 0 and the test reads the address it bound from its "agent ready"
-log line, so no two tests race for a port. Every process started here is killed when its
-test ends, whatever the outcome.
+An agent listens on port 0 (both its API and its mTLS port) and the test reads the
+addresses it bound from its "agent ready" log line, so no two tests race for a port.
+Every agent runs with its own certificate and the mesh's gossip key; tests reach it as
+user "ada" with a token (``proc.client()``). Every process started here is killed when
+its test ends, whatever the outcome.
 """
 
 from __future__ import annotations
@@ -20,9 +22,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import grpc
+
+from mesh.channels import Security, open_channel
+from mesh.client import MeshClient
+from mesh.config import AgentConfig
+from mesh.core.access import OPERATOR
+from mesh.local.trust import LocalTrust
+from mesh.trust.pki import write_secret
 from mesh.v1 import tasks_pb2 as pb
 
 T = TypeVar("T")
+DCS = ("west", "east", "north", "local")  # the DCs tests name: each test's grants cover them
+USER = "ada"  # who the tests are: an operator, who may also submit and read
+GROUPS = ["research"]
+
+
+def config(**fields: object) -> AgentConfig:
+    """An agent's configuration for tests that start no agent: valid as a secure
+    agent's (TLS files named, never read here; a gossip key), with ``fields`` on top."""
+    secure: dict[str, object] = {
+        "tls_ca": "ca.crt",
+        "tls_cert": "agent.crt",
+        "tls_key": "agent.key",
+        "gossip_keys": ["a test gossip key of some length"],
+    }
+    return AgentConfig(**{**secure, **fields})  # type: ignore[arg-type]
 
 
 def sleep_spec(
@@ -56,7 +81,13 @@ class AgentProc:
     dc: str
     process: subprocess.Popen[bytes]
     log_path: Path
+    security: Security
     address: str = ""
+    peer_address: str = ""
+
+    def client(self, security: Security | None = None) -> MeshClient:
+        """A client of this agent's API port, as the tests' user (or ``security``)."""
+        return MeshClient(self.address, security or self.security)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -78,7 +109,12 @@ class Cluster:
     etcd_endpoint: str
     prefix: str
     workdir: Path
+    trust: LocalTrust
     agents: list[AgentProc] = field(default_factory=list)
+
+    @property
+    def security(self) -> Security:
+        return self.trust.user(USER, groups=GROUPS, roles=[OPERATOR])
 
     def argv(self, agent_id: str, dc: str, **flags: object) -> list[str]:
         options: dict[str, object] = {
@@ -87,17 +123,42 @@ class Cluster:
             "prefix": self.prefix,
             "etcd_endpoints": json.dumps([self.etcd_endpoint]),
             "listen": "127.0.0.1:0",
+            "peer_listen": "127.0.0.1:0",
             "fake_gpus": "1xA100-80GB",
             "lease_ttl_s": 2,
             "model_load_s": 0,
             "drain_grace_s": 0,
             "result_dir": self.workdir / "results",
+            "gossip_key_file": self.trust.gossip_key_file,
+            **self._tls(agent_id, dc),
             **flags,
         }
         argv = [sys.executable, "-m", "mesh.agent.main"]
         for key, value in options.items():
             argv += [f"--{key.replace('_', '-')}", str(value)]
         return argv
+
+    def key_file(self, *keys: str) -> Path:
+        """A gossip key file holding ``keys``: keys never go on a command line."""
+        path = self.workdir / f"gossip-{abs(hash(keys))}.keys"
+        write_secret(path, "\n".join(keys).encode())
+        return path
+
+    def as_agent(self, agent_id: str, dc: str = "west") -> Security:
+        """The certificate of an agent ``agent_id`` of ``dc``: for calling PeerService."""
+        files = self.trust.agent(agent_id, dc)
+        return Security.from_files(self.trust.mesh, files.ca, files.cert, files.key)
+
+    def cli_user(self) -> list[str]:
+        """``meshctl``'s global options for the tests' user: a token, for API ports."""
+        return ["--ca", str(self.trust.ca), "--token", self.security.token or ""]
+
+    def cli_operator(self) -> list[str]:
+        return cli_operator(self.trust)
+
+    def _tls(self, agent_id: str, dc: str) -> dict[str, object]:
+        files = self.trust.agent(agent_id, dc)
+        return {"tls_ca": files.ca, "tls_cert": files.cert, "tls_key": files.key}
 
     def start(self, agent_id: str, dc: str = "west", **flags: object) -> AgentProc:
         """Start an agent and return once it serves; fail with its log if it cannot."""
@@ -109,13 +170,14 @@ class Cluster:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        proc = AgentProc(agent_id, dc, process, log_path)
+        proc = AgentProc(agent_id, dc, process, log_path, self.security)
         self.agents.append(proc)
         deadline = time.monotonic() + START_TIMEOUT_S
         while not proc.address:
             for line in proc.log().splitlines():
                 if line.startswith("{") and json.loads(line).get("msg") == "agent ready":
-                    proc.address = json.loads(line)["address"]
+                    ready = json.loads(line)
+                    proc.address, proc.peer_address = ready["address"], ready["peer_address"]
             if proc.process.poll() is not None:
                 raise AssertionError(f"agent {agent_id} exited at start:\n{proc.log_tail()}")
             if time.monotonic() > deadline:
@@ -150,16 +212,14 @@ async def eventually(
         await asyncio.sleep(0.05)
 
 
-async def until_peers(address: str, expected: list[str]) -> None:
-    """Wait until the agent at ``address`` sees exactly ``expected`` as its DC's agents."""
-    from mesh.client import MeshClient
-
-    async with MeshClient(address) as client:
+async def until_peers(agent: AgentProc, expected: list[str]) -> None:
+    """Wait until ``agent`` sees exactly ``expected`` as its DC's agents."""
+    async with agent.client() as client:
 
         async def seen() -> bool:
             return sorted(a.agent_id for a in await client.agents()) == sorted(expected)
 
-        await eventually(seen, what=f"{address} to see {expected}")
+        await eventually(seen, what=f"{agent.agent_id} to see {expected}")
 
 
 def wait_log(proc: AgentProc, text: str, timeout_s: float = 20.0) -> None:
@@ -169,3 +229,15 @@ def wait_log(proc: AgentProc, text: str, timeout_s: float = 20.0) -> None:
         if proc.process.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"{proc.agent_id} never logged {text!r}:\n{proc.log_tail()}")
         time.sleep(0.05)
+
+
+def peer_channel(address: str, security: Security, dc: str = "west") -> grpc.aio.Channel:
+    """A channel to an agent's mTLS port, as the agent ``security`` names."""
+    return open_channel(address, security, 8 * 1024 * 1024, dc)
+
+
+def cli_operator(trust: LocalTrust) -> list[str]:
+    """``meshctl``'s global options for the operator's certificate (mTLS ports, etcd)."""
+    pki = trust.root
+    return ["--ca", str(pki / "ca.crt"), "--cert", str(pki / "operator.crt"),
+            "--key", str(pki / "operator.key")]  # fmt: skip

@@ -35,7 +35,7 @@ def dispatch_order(statuses: list[pb.TaskStatus]) -> list[pb.TaskStatus]:
 
 async def test_under_saturation_vip_gets_eight_dispatches_in_ten(cluster: Cluster) -> None:
     solo = cluster.start("solo", max_queue_length=1)
-    async with MeshClient(solo.address) as client:
+    async with solo.client() as client:
         for i in range(60):  # interleaved, so arrival order favours nobody
             await client.submit(task(f"v{i:02d}", "vip", 0.02))
             await client.submit(task(f"n{i:02d}", "normal", 0.02))
@@ -62,9 +62,12 @@ async def test_aging_bounds_how_long_a_light_class_waits(cluster: Cluster) -> No
         },
         "test",
     )
-    assert all(r.startswith("applied") for r in (await topostore.apply(topology)).values())
+    assert all(
+        r.startswith("applied")
+        for r in (await topostore.apply(topology, cluster.trust.operator())).values()
+    )
     wait_log(solo, "topology version 1 applied")
-    async with MeshClient(solo.address) as client:
+    async with solo.client() as client:
         for i in range(2):  # fill the agent: what follows goes to the backlog
             await client.submit(task(f"block{i}", "vip", 0.3))
         await client.submit(task("patient", "normal", 0.01))
@@ -80,7 +83,7 @@ async def test_aging_bounds_how_long_a_light_class_waits(cluster: Cluster) -> No
 
 async def test_the_backlog_outlives_every_agent(cluster: Cluster) -> None:
     first = cluster.start("first", max_queue_length=1, lease_ttl_s=2)
-    async with MeshClient(first.address) as client:
+    async with first.client() as client:
         for i in range(6):
             await client.submit(task(f"t{i}", "normal", 0.5))
         waiting = [t for t in (await client.list(user_id=USER)).tasks if not t.agent]
@@ -88,7 +91,7 @@ async def test_the_backlog_outlives_every_agent(cluster: Cluster) -> None:
     first.signal(signal.SIGKILL)
     first.wait()
     second = cluster.start("second", max_queue_length=1, lease_ttl_s=2)
-    async with MeshClient(second.address) as client:
+    async with second.client() as client:
         statuses = await eventually(
             lambda: all_done(client, 6), timeout_s=60, what="the backlog to drain on the new agent"
         )

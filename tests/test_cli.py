@@ -15,51 +15,53 @@ from mesh.cli import app
 runner = CliRunner()
 
 
-def meshctl(address: str, *args: str) -> tuple[int, str]:
-    result = runner.invoke(app, [*args, "--endpoint", address])
+def meshctl(cluster: Cluster, address: str, *args: str) -> tuple[int, str]:
+    """``meshctl`` as the tests' user, with a token, against the agent's API port."""
+    result = runner.invoke(app, [*cluster.cli_user(), *args, "--endpoint", address])
     return result.exit_code, result.output
 
 
 def test_meshctl_verbs(cluster: Cluster) -> None:
     agent = cluster.start("cli", fake_gpus="2xL40S-48GB")
-    code, out = meshctl(agent.address, "agents", "-o", "json")
+    code, out = meshctl(cluster, agent.address, "agents", "-o", "json")
     assert code == 0, out
     assert [a["agent_id"] for a in json.loads(out)] == ["cli"]
 
     code, out = meshctl(
-        agent.address, "submit", "--pipeline", "sleep", "--model", "sdxl", "--type", "t2i",
+        cluster, agent.address, "submit", "--pipeline", "sleep", "--model", "sdxl", "--type", "t2i",
         "--id", "c1", "-p", "seconds=0", "-p", "steps=2", "--wait", "-o", "json",
     )  # fmt: skip
     assert code == 0, out
     events = [json.loads(line) for line in out.splitlines()]
     assert events[-1]["status"]["state"] == "TASK_STATE_SUCCEEDED"
 
-    code, out = meshctl(agent.address, "get", "c1", "-o", "yaml")
+    code, out = meshctl(cluster, agent.address, "get", "c1", "-o", "yaml")
     assert code == 0 and yaml.safe_load(out)["agent"] == "cli"
-    code, out = meshctl(agent.address, "list", "--state", "succeeded", "-o", "json")
+    code, out = meshctl(cluster, agent.address, "list", "--state", "succeeded", "-o", "json")
     assert code == 0 and [t["task_id"] for t in json.loads(out)["tasks"]] == ["c1"]
-    code, out = meshctl(agent.address, "get", "c1")
+    code, out = meshctl(cluster, agent.address, "get", "c1")
     assert code == 0 and "c1" in out and "cli" in out  # the table
 
     code, out = meshctl(
-        agent.address, "submit", "--pipeline", "sleep", "--model", "sdxl", "--id", "c2",
+        cluster, agent.address, "submit", "--pipeline", "sleep", "--model", "sdxl", "--id", "c2",
         "-p", "seconds=300",
     )  # fmt: skip
     assert code == 0, out
-    code, out = meshctl(agent.address, "cancel", "c2", "--reason", "test", "-o", "json")
+    code, out = meshctl(cluster, agent.address, "cancel", "c2", "--reason", "test", "-o", "json")
     assert code == 0 and json.loads(out)["error"]["message"] == "test"
 
 
 def test_meshctl_reports_errors_in_one_line(cluster: Cluster) -> None:
     agent = cluster.start("cli")
-    code, out = meshctl(agent.address, "get", "missing")
+    code, out = meshctl(cluster, agent.address, "get", "missing")
     assert code == 1 and "NOT_FOUND" in out and "Traceback" not in out
-    code, out = meshctl(agent.address, "submit", "--pipeline", "paint", "--model", "m")
+    code, out = meshctl(cluster, agent.address, "submit", "--pipeline", "paint", "--model", "m")
     assert code == 1 and "INVALID_ARGUMENT" in out and "unknown pipeline" in out
-    code, out = meshctl(agent.address, "submit", "--pipeline", "sleep", "--model", "m",
+    code, out = meshctl(
+cluster, agent.address, "submit", "--pipeline", "sleep", "--model", "m",
                         "--type", "video")  # fmt: skip
     assert code == 2 and "unknown --type" in out
-    code, out = meshctl(agent.address, "list", "--state", "sleepy")
+    code, out = meshctl(cluster, agent.address, "list", "--state", "sleepy")
     assert code == 2 and "unknown --state" in out
 
 

@@ -7,9 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
-from support import eventually
+from support import config, eventually
 
-from mesh.config import AgentConfig
 from mesh.errors import PipelineError
 from mesh.gpus import parse_fake
 from mesh.pipelines import Models, RunContext
@@ -44,7 +43,7 @@ def context(command: str, payload: bytes = b"", gpus: str = "1xA100-80GB,1xH100-
 @pytest.fixture
 def pipeline() -> CommandPipeline:
     return CommandPipeline(
-        AgentConfig(commands=COMMANDS, max_payload_bytes=1024, inline_payload_bytes=512)
+        config(commands=COMMANDS, max_payload_bytes=1024, inline_payload_bytes=512)
     )
 
 

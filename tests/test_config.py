@@ -10,15 +10,50 @@ from mesh.config import AgentConfig, load_agent_config
 from mesh.errors import ConfigError
 
 
-def test_defaults_are_valid() -> None:
+@pytest.fixture
+def secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """What a secure agent needs besides its flags: a gossip key, and TLS files."""
+    keys = tmp_path / "gossip.keys"
+    keys.write_text("a-gossip-key-of-sufficient-length\n")
+    monkeypatch.setenv("MESH_GOSSIP_KEY_FILE", str(keys))
+    for name in ("ca", "cert", "key"):
+        monkeypatch.setenv(f"MESH_TLS_{name.upper()}", str(tmp_path / f"{name}.pem"))
+    return keys
+
+
+def test_defaults_are_valid_with_the_secrets(secrets: Path) -> None:
     cfg = load_agent_config([])
     assert cfg.queues == {"vip": 8, "normal": 2}
     assert cfg.default_queue in cfg.queues
     assert cfg.max_message_bytes > cfg.max_payload_bytes
+    assert not cfg.insecure
+
+
+def test_no_secure_default_is_silent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without TLS material and a gossip key the agent refuses to start, saying which."""
+    with pytest.raises(ConfigError, match="gossip needs a key"):
+        load_agent_config([])
+    keys = tmp_path / "gossip.keys"
+    keys.write_text("a-gossip-key-of-sufficient-length\n")
+    with pytest.raises(ConfigError, match="tls_ca, tls_cert, tls_key unset"):
+        load_agent_config(["--gossip-key-file", str(keys)])
+
+
+def test_gossip_keys_never_come_from_the_command_line(secrets: Path) -> None:
+    with pytest.raises(ConfigError, match="never go on the command line"):
+        load_agent_config(["--gossip-keys", '["a-gossip-key-of-sufficient-length"]'])
+
+
+def test_a_placeholder_gossip_key_is_refused(
+    secrets: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MESH_GOSSIP_KEYS", '["change-me-to-a-long-random-secret"]')
+    with pytest.raises(ConfigError, match="a placeholder is no key"):
+        load_agent_config([])
 
 
 def test_flags_override_environment_which_overrides_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, secrets: Path
 ) -> None:
     config = tmp_path / "agent.yaml"
     config.write_text("lease_ttl_s: 7\ndc: from-file\nmodel_load_s: 1.5\n")
@@ -41,7 +76,7 @@ def test_flags_override_environment_which_overrides_file(
         (["--commands", '{"x": []}'], "commands.x: argv is empty"),
     ],
 )
-def test_bad_values_are_named(argv: list[str], field: str) -> None:
+def test_bad_values_are_named(argv: list[str], field: str, secrets: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_agent_config(argv)
     assert field in caught.value.message
@@ -69,7 +104,14 @@ def test_every_field_documents_itself() -> None:
     assert undocumented == []
 
 
-def test_the_deploy_example_config_is_valid() -> None:
+def test_the_deploy_example_config_is_valid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As written, with its gossip key file where the example says it is (here: a
+    variable pointing at a temporary one)."""
     example = Path(__file__).resolve().parent.parent / "deploy" / "agent.yaml"
+    keys = tmp_path / "gossip.keys"
+    keys.write_text("a-gossip-key-of-sufficient-length\n")
+    monkeypatch.setenv("MESH_GOSSIP_KEY_FILE", str(keys))
     cfg = load_agent_config(["--config", str(example)])
-    assert cfg.dc == "eu-west" and cfg.gossip_keys
+    assert cfg.dc == "eu-west" and cfg.gossip_keys and cfg.tls_cert and not cfg.insecure

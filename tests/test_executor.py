@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
+from support import config
 
 from mesh.agent.executor import Executor
-from mesh.config import AgentConfig
 from mesh.core.jobs import Job, Outcome, Output
 from mesh.core.task import state_name
 from mesh.errors import InvalidTask, LimitExceeded, PipelineError, Unavailable
@@ -93,7 +93,7 @@ def job(
 
 @pytest.fixture
 async def rig() -> AsyncIterator[tuple[Executor, Recorder, Gated]]:
-    cfg = AgentConfig(max_queue_length=4, model_load_s=0)
+    cfg = config(max_queue_length=4, model_load_s=0)
     recorder, gated = Recorder(), Gated()
     executor = Executor(
         cfg,

@@ -11,7 +11,6 @@ import urllib.request
 import aetcd
 from support import AgentProc, Cluster, eventually, sleep_spec, until_peers
 
-from mesh.client import MeshClient
 from mesh.local.localmesh import free_port
 from mesh.store.keys import KeySpace
 from mesh.v1 import tasks_pb2 as pb
@@ -26,37 +25,37 @@ def busy_task(task_id: str) -> pb.TaskSpec:
 def start_trio(cluster: Cluster, **flags: object) -> tuple[AgentProc, AgentProc, AgentProc]:
     """``a`` runs anything; ``b`` and ``c`` serve another model, so a task for ``hot``
     submitted to ``a`` runs on ``a`` and nobody offers it anywhere."""
-    keys = json.dumps([OLD_KEY])
-    a = cluster.start("a", gossip_keys=keys, **flags)
-    b = cluster.start("b", models='["other"]', gossip_keys=keys, **flags)
-    c = cluster.start("c", models='["other"]', gossip_keys=keys, **flags)
+    keys = cluster.key_file(OLD_KEY)
+    a = cluster.start("a", gossip_key_file=keys, **flags)
+    b = cluster.start("b", models='["other"]', gossip_key_file=keys, **flags)
+    c = cluster.start("c", models='["other"]', gossip_key_file=keys, **flags)
     return a, b, c
 
 
 async def seen_running(observer: AgentProc, agent_id: str, running: int) -> bool:
-    async with MeshClient(observer.address) as client:
+    async with observer.client() as client:
         infos = {i.agent_id: i for i in await client.agents()}
     return agent_id in infos and infos[agent_id].running == running
 
 
 async def test_the_router_sees_gossiped_load(cluster: Cluster) -> None:
     a, b, c = start_trio(cluster)
-    await until_peers(b.address, ["a", "b", "c"])
-    async with MeshClient(a.address) as client:
+    await until_peers(b, ["a", "b", "c"])
+    async with a.client() as client:
         await client.submit(busy_task("busy"))
     for observer in (b, c):
         await eventually(
             lambda o=observer: seen_running(o, "a", 1), what="gossip to carry a's load"
         )
-    async with MeshClient(b.address) as client:
+    async with b.client() as client:
         route = await client.route(pb.TaskSpec(model="hot", pipeline="sleep"), explain=True)
     assert {c.agent_id: c.tasks for c in route.candidates}["a"] == 1
 
 
 async def test_gossip_gets_through_packet_loss(cluster: Cluster) -> None:
     a, b, _ = start_trio(cluster, gossip_drop_rate=0.4)
-    await until_peers(b.address, ["a", "b", "c"])
-    async with MeshClient(a.address) as client:
+    await until_peers(b, ["a", "b", "c"])
+    async with a.client() as client:
         await client.submit(busy_task("lossy"))
     await eventually(lambda: seen_running(b, "a", 1), what="gossip through 40% loss")
 
@@ -76,7 +75,8 @@ async def test_bad_datagrams_are_dropped_and_counted(
     cluster: Cluster, etcd_client: aetcd.Client, prefix: str
 ) -> None:
     port = free_port()
-    a = cluster.start("a", gossip_keys=json.dumps([OLD_KEY]), metrics_listen=f"127.0.0.1:{port}")
+    old = cluster.key_file(OLD_KEY)
+    a = cluster.start("a", gossip_key_file=old, metrics_listen=f"127.0.0.1:{port}")
     target = await gossip_address(etcd_client, prefix, "a")
     garbage = [
         b"",
@@ -96,18 +96,18 @@ async def test_bad_datagrams_are_dropped_and_counted(
         return text if all(f'reason="{r}"' in text for r in reasons) else None
 
     await eventually(counted, what="every bad datagram counted")
-    async with MeshClient(a.address) as client:
+    async with a.client() as client:
         assert [i.agent_id for i in await client.agents()] == ["a"]  # still serving
 
 
 async def test_key_rotation_between_agents(cluster: Cluster) -> None:
     port = free_port()
-    rotated = cluster.start("rotated", gossip_keys=json.dumps([NEW_KEY, OLD_KEY]))
+    rotated = cluster.start("rotated", gossip_key_file=cluster.key_file(NEW_KEY, OLD_KEY))
     behind = cluster.start(
-        "behind", gossip_keys=json.dumps([OLD_KEY]), metrics_listen=f"127.0.0.1:{port}"
+        "behind", gossip_key_file=cluster.key_file(OLD_KEY), metrics_listen=f"127.0.0.1:{port}"
     )
-    await until_peers(rotated.address, ["behind", "rotated"])
-    async with MeshClient(behind.address) as client:
+    await until_peers(rotated, ["behind", "rotated"])
+    async with behind.client() as client:
         await client.submit(busy_task("old-key-load"))
     # rotated accepts the old key, so it hears behind; behind cannot check the new key.
     await eventually(lambda: seen_running(rotated, "behind", 1), what="old key accepted")
@@ -116,9 +116,9 @@ async def test_key_rotation_between_agents(cluster: Cluster) -> None:
 
 async def test_a_member_leaving_etcd_leaves_the_view(cluster: Cluster) -> None:
     a, _, c = start_trio(cluster)
-    await until_peers(a.address, ["a", "b", "c"])
+    await until_peers(a, ["a", "b", "c"])
     c.signal(signal.SIGTERM)
     assert c.wait() == 0
-    await until_peers(a.address, ["a", "b"])
-    async with MeshClient(a.address) as client:
+    await until_peers(a, ["a", "b"])
+    async with a.client() as client:
         assert "c" not in {i.agent_id for i in await client.agents()}

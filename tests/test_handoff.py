@@ -7,9 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-import aetcd
-import grpc
-from support import AgentProc, Cluster, eventually, sleep_spec, wait_log
+from support import AgentProc, Cluster, eventually, peer_channel, sleep_spec, wait_log
 
 from mesh.agent.handoff import intent
 from mesh.client import MeshClient
@@ -18,6 +16,7 @@ from mesh.core.lifecycle import new_record
 from mesh.core.task import TERMINAL, spec_digest, state_name
 from mesh.local.etcdserver import EtcdMember
 from mesh.store import topostore
+from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
 from mesh.store.records import TaskStore
 from mesh.topology import parse
@@ -44,36 +43,46 @@ def two_dcs(
     return etcds, start
 
 
-async def apply_topology(prefix: str, etcds: dict[str, EtcdMember], seeds: dict[str, str]) -> None:
+async def apply_topology(
+    cluster: Cluster, prefix: str, etcds: dict[str, EtcdMember], seeds: dict[str, str]
+) -> None:
     dcs = {
         dc: {"etcd": [etcds[dc].endpoint], "seeds": [seeds[dc]] if dc in seeds else []}
         for dc in etcds
     }
-    report = await topostore.apply(parse({"prefix": prefix, "dcs": dcs}, "test topology"))
+    topology = parse({"prefix": prefix, "dcs": dcs}, "test topology")
+    report = await topostore.apply(topology, cluster.trust.operator())
     assert all(r.startswith("applied") for r in report.values()), report
 
 
-async def settle(address: str, task_id: str, origin: str) -> int:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def settle(cluster: Cluster, agent: AgentProc, task_id: str, origin: str) -> int:
+    """Settle, as an agent of ``origin`` asks ``agent`` (of the other DC)."""
+    asking = cluster.as_agent(f"{origin}-9", origin)
+    async with peer_channel(agent.peer_address, asking, agent.dc) as channel:
         reply = await peer_pb2_grpc.PeerServiceStub(channel).Settle(
             peer_pb2.SettleRequest(task_id=task_id, origin_dc=origin)
         )
     return reply.outcome
 
 
-async def offer_from(dc: str, address: str, task_id: str) -> peer_pb2.OfferResponse:
+async def offer_from(
+    cluster: Cluster, dc: str, agent: AgentProc, task_id: str
+) -> peer_pb2.OfferResponse:
     envelope = peer_pb2.Envelope(
         spec=spec(task_id), path=[f"{dc}-9"], hops=1, attempt=1,
         deadline_unix_ms=now_ms() + 60_000, origin_dc=dc,
     )  # fmt: skip
-    async with grpc.aio.insecure_channel(address) as channel:
+    asking = cluster.as_agent(f"{dc}-9", dc)
+    async with peer_channel(agent.peer_address, asking, agent.dc) as channel:
         return await peer_pb2_grpc.PeerServiceStub(channel).Offer(envelope)
 
 
-async def record_intent(etcd: EtcdMember, prefix: str, task_id: str, holder: str) -> None:
+async def record_intent(
+    cluster: Cluster, etcd: EtcdMember, prefix: str, task_id: str, holder: str
+) -> None:
     """What an agent of west leaves behind when it dies right after writing the intent
     to hand ``task_id`` to east (and maybe after offering it)."""
-    async with aetcd.Client(host=etcd.host, port=etcd.client_port) as client:
+    async with client_for([etcd.endpoint], security=cluster.trust.operator()) as client:
         store = TaskStore(client, KeySpace(prefix, "west"))
         task = spec(task_id)
         record = new_record(
@@ -97,11 +106,11 @@ async def test_settling_an_unknown_task_keeps_it_in_its_origin_for_good(
 ) -> None:
     _, start = two_dcs(cluster, more_etcd)
     east = start("east")
-    assert await settle(east.address, "ghost", "west") == SettleOutcome.OUTCOME_NOT_HELD
+    assert await settle(cluster, east, "ghost", "west") == SettleOutcome.OUTCOME_NOT_HELD
     # The offer that was in flight arrives now: east must not take what it gave back.
-    late = await offer_from("west", east.address, "ghost")
+    late = await offer_from(cluster, "west", east, "ghost")
     assert not late.accepted and "belongs to DC west" in late.reason
-    assert await settle(east.address, "ghost", "west") == SettleOutcome.OUTCOME_NOT_HELD
+    assert await settle(cluster, east, "ghost", "west") == SettleOutcome.OUTCOME_NOT_HELD
 
 
 async def test_a_task_the_other_dc_took_settles_as_held(
@@ -109,10 +118,10 @@ async def test_a_task_the_other_dc_took_settles_as_held(
 ) -> None:
     _, start = two_dcs(cluster, more_etcd)
     east = start("east")
-    taken = await offer_from("west", east.address, "adopted")
+    taken = await offer_from(cluster, "west", east, "adopted")
     assert taken.accepted, taken.reason
     outcome = await eventually(
-        lambda: settle(east.address, "adopted", "west"),
+        lambda: settle(cluster, east, "adopted", "west"),
         what="a settled answer",
     )
     assert outcome == SettleOutcome.OUTCOME_HELD
@@ -123,15 +132,17 @@ async def test_the_owner_takes_back_a_dead_agents_hand_off_the_other_dc_never_go
 ) -> None:
     etcds, start = two_dcs(cluster, more_etcd)
     east = start("east")
-    await record_intent(etcds["west"], prefix, "orphan", holder="west-gone")
+    await record_intent(cluster, etcds["west"], prefix, "orphan", holder="west-gone")
     west = start("west")
-    await apply_topology(prefix, etcds, {"west": west.address, "east": east.address})
+    await apply_topology(
+        cluster, prefix, etcds, {"west": west.peer_address, "east": east.peer_address}
+    )
     wait_log(west, "topology version 1 applied")
-    async with MeshClient(west.address) as client:
+    async with west.client() as client:
         ended = await final(client, "orphan")
     assert (state_name(ended.state), ended.dc, ended.attempt) == ("SUCCEEDED", "west", 2)
     # And east, asked to settle, keeps a pointer back: it will never run it.
-    assert await settle(east.address, "orphan", "west") == SettleOutcome.OUTCOME_NOT_HELD
+    assert await settle(cluster, east, "orphan", "west") == SettleOutcome.OUTCOME_NOT_HELD
 
 
 async def test_the_owner_points_to_the_dc_that_holds_a_dead_agents_hand_off(
@@ -139,11 +150,13 @@ async def test_the_owner_points_to_the_dc_that_holds_a_dead_agents_hand_off(
 ) -> None:
     etcds, start = two_dcs(cluster, more_etcd)
     east = start("east")
-    assert (await offer_from("west", east.address, "landed")).accepted  # before it died
-    await record_intent(etcds["west"], prefix, "landed", holder="west-gone")
+    assert (await offer_from(cluster, "west", east, "landed")).accepted  # before it died
+    await record_intent(cluster, etcds["west"], prefix, "landed", holder="west-gone")
     west = start("west")
-    await apply_topology(prefix, etcds, {"west": west.address, "east": east.address})
+    await apply_topology(
+        cluster, prefix, etcds, {"west": west.peer_address, "east": east.peer_address}
+    )
     wait_log(west, "topology version 1 applied")
-    async with MeshClient(west.address) as client:
+    async with west.client() as client:
         ended = await final(client, "landed")  # answered from east once confirmed
     assert (state_name(ended.state), ended.dc, ended.attempt) == ("SUCCEEDED", "east", 1)

@@ -2,7 +2,7 @@
 reaches no I/O library through any chain of imports.
 
 Layers, lowest first: ``core`` and the shared base modules (errors, config, topology,
-gpus, metrics, logs, the generated stubs, pipelines, channels, client); the adapters
+gpus, metrics, logs, the generated stubs, pipelines, trust, channels, client); the adapters
 ``store`` and ``gossip``; ``agent``; ``local``; ``cli``. A module may import its own
 package and anything in a lower layer; the core and the base modules, both pure or
 shared data, may import each other. Imports under ``if TYPE_CHECKING:`` are types only
@@ -43,7 +43,7 @@ MODULES = {module_name(p): p for p in ROOT.rglob("*.py")}
 
 
 def layer(module: str) -> str:
-    if module in BASE or module.startswith(("mesh.v1", "mesh.pipelines")):
+    if module in BASE or module.startswith(("mesh.v1", "mesh.pipelines", "mesh.trust")):
         return "base"
     package = module.split(".")[1]
     if package not in RANKS:

@@ -31,7 +31,7 @@ async def test_agents_register_and_see_each_other(
     assert [g["gpu_class"] for g in keys["a"]["gpus"]] == ["H100", "H100"]
     assert keys["a"]["weight"] > keys["b"]["weight"]
     assert keys["a"]["models"] == ["sdxl"] and keys["a"]["state"] == "active"
-    await until_peers(a.address, ["a", "b"])
+    await until_peers(a, ["a", "b"])
 
 
 async def test_sigkill_frees_the_key_within_ttl(
@@ -48,7 +48,7 @@ async def test_sigkill_frees_the_key_within_ttl(
         what=f"the dead agent's key to expire within TTL+1 s ({TTL_S + 1} s)",
     )
     assert time.monotonic() - killed_at <= TTL_S + 1
-    await until_peers(cluster.agents[0].address, ["survivor"])
+    await until_peers(cluster.agents[0], ["survivor"])
 
 
 async def _gone(client: aetcd.Client, prefix: str, agent_id: str) -> bool:

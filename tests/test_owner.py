@@ -55,6 +55,7 @@ async def final(client: MeshClient, task_id: str) -> pb.TaskStatus:
 
 
 def test_etcdctl_elect_names_the_owner(cluster: Cluster, etcd: EtcdMember, prefix: str) -> None:
+    pki = cluster.trust.root
     cluster.start("first")
     cluster.start("second")
     etcdctl = etcdctl_for(etcd.binary)
@@ -62,7 +63,16 @@ def test_etcdctl_elect_names_the_owner(cluster: Cluster, etcd: EtcdMember, prefi
     key = KeySpace(prefix, "west").election.decode()
     try:  # -l keeps listening; what it printed before the timeout is the answer
         subprocess.run(
-            [str(etcdctl), f"--endpoints={etcd.client_url}", "elect", "-l", key],
+            [
+                str(etcdctl),
+                f"--endpoints={etcd.client_url}",
+                f"--cacert={pki / 'ca.crt'}",
+                f"--cert={pki / 'operator.crt'}",
+                f"--key={pki / 'operator.key'}",
+                "elect",
+                "-l",
+                key,
+            ],
             capture_output=True,
             timeout=3,
         )
@@ -78,8 +88,8 @@ async def test_owner_failover_within_ttl_keeps_the_backlog(
     owner = cluster.start("a", lease_ttl_s=TTL_S, models='["other"]')
     worker = cluster.start("b", lease_ttl_s=TTL_S, max_queue_length=1)
     assert await eventually(lambda: leader(etcd_client, prefix)) == "a"
-    await until_peers(owner.address, ["a", "b"])
-    async with MeshClient(worker.address) as client:
+    await until_peers(owner, ["a", "b"])
+    async with worker.client() as client:
         for i in range(6):  # two on b, four in the backlog
             await client.submit(sleep_task(f"t{i}", seconds=0.5))
         owner.signal(signal.SIGKILL)
@@ -114,8 +124,8 @@ async def test_sigterm_hands_ownership_over_at_once(
 async def test_a_task_whose_agent_dies_runs_again_elsewhere(cluster: Cluster) -> None:
     cluster.start("owner", lease_ttl_s=TTL_S, models='["other"]')
     workers = {n: cluster.start(n, lease_ttl_s=TTL_S) for n in ("w1", "w2")}
-    await until_peers(workers["w1"].address, ["owner", "w1", "w2"])
-    async with MeshClient(cluster.agents[0].address) as client:
+    await until_peers(workers["w1"], ["owner", "w1", "w2"])
+    async with cluster.agents[0].client() as client:
         await client.submit(sleep_task("orphan", seconds=3))
 
         async def running() -> pb.TaskStatus | None:
@@ -138,9 +148,9 @@ async def test_a_paused_agent_loses_its_task_and_its_process(cluster: Cluster) -
     commands = json.dumps({"slow": ["sh", "-c", script]})
     cluster.start("owner", lease_ttl_s=TTL_S, models='["other"]')
     workers = {n: cluster.start(n, lease_ttl_s=TTL_S, commands=commands) for n in ("w1", "w2")}
-    await until_peers(workers["w1"].address, ["owner", "w1", "w2"])
+    await until_peers(workers["w1"], ["owner", "w1", "w2"])
     spec = slow_command("paused")
-    async with MeshClient(cluster.agents[0].address) as client:
+    async with cluster.agents[0].client() as client:
         await client.submit(spec)
         pid_file = marks / "pid-1"
         await eventually(pid_file.exists, what="attempt 1 to start its process")
@@ -177,12 +187,15 @@ def test_meshctl_queue_and_drain(cluster: Cluster) -> None:
     runner = CliRunner()
     owner = cluster.start("a")
     cluster.start("b")
-    shown = runner.invoke(app, ["queue", "-o", "json", "--endpoint", owner.address])
+    as_user = cluster.cli_user()
+    shown = runner.invoke(app, [*as_user, "queue", "-o", "json", "--endpoint", owner.address])
     assert shown.exit_code == 0, shown.output
     reply = json.loads(shown.output)
     assert reply["owner"] == "a" and int(reply["term"]) > 0
     assert {c["name"] for c in reply["classes"]} == {"vip", "normal"}
-    drained = runner.invoke(app, ["drain", "b", "-o", "json", "--endpoint", owner.address])
+    drained = runner.invoke(
+        app, [*as_user, "drain", "b", "-o", "json", "--endpoint", owner.address]
+    )
     assert drained.exit_code == 0, drained.output
     assert json.loads(drained.output)["state"] == "draining"
 
@@ -193,7 +206,7 @@ async def test_a_killed_agent_takes_its_program_with_it(cluster: Cluster) -> Non
     commands = json.dumps({"slow": ["sh", "-c", f"echo $$ > {marks}/pid; exec sleep 300"]})
     agent = cluster.start("runner", commands=commands)
     spec = slow_command("held")
-    async with MeshClient(agent.address) as client:
+    async with agent.client() as client:
         await client.submit(spec)
     pid_file = marks / "pid"
     await eventually(pid_file.exists, what="the program to start")

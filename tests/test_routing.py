@@ -8,10 +8,17 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import aetcd
 import grpc
 import pytest
-from support import Cluster, eventually, sleep_spec, until_peers, wait_log
+from support import (
+    Cluster,
+    cli_operator,
+    eventually,
+    peer_channel,
+    sleep_spec,
+    until_peers,
+    wait_log,
+)
 from typer.testing import CliRunner
 
 from mesh.cli import app
@@ -19,7 +26,9 @@ from mesh.client import MeshClient
 from mesh.core import summaries
 from mesh.core.task import TERMINAL, state_name
 from mesh.local.etcdserver import EtcdMember
+from mesh.local.trust import LocalTrust
 from mesh.store import topostore
+from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
 from mesh.topology import Topology, parse
 from mesh.v1 import peer_pb2, peer_pb2_grpc
@@ -36,8 +45,8 @@ def topology(prefix: str, dcs: dict[str, dict], **routing: float) -> Topology:
     return parse({"prefix": prefix, "dcs": dcs, "routing": routing}, "test topology")
 
 
-async def apply(t: Topology) -> None:
-    report = await topostore.apply(t)
+async def apply(t: Topology, cluster: Cluster) -> None:
+    report = await topostore.apply(t, cluster.trust.operator())
     assert all(r.startswith("applied") for r in report.values()), report
 
 
@@ -64,8 +73,8 @@ async def placed(client: MeshClient, task_id: str) -> pb.TaskStatus:
 async def test_a_hot_model_spills_to_a_second_agent(cluster: Cluster) -> None:
     a = cluster.start("a")
     cluster.start("b")
-    await until_peers(a.address, ["a", "b"])
-    async with MeshClient(a.address) as client:
+    await until_peers(a, ["a", "b"])
+    async with a.client() as client:
         first = await client.submit(task("hot-1"))
         second = await client.submit(task("hot-2"))
         route = await client.route(task("probe"), explain=True)
@@ -82,11 +91,11 @@ async def test_a_refused_offer_goes_to_the_next_candidate(cluster: Cluster) -> N
     entry = cluster.start(
         "entry",
         decision_log=cluster.workdir / "entry.jsonl",
-        gossip_keys='["a key nobody else has"]',
+        gossip_key_file=cluster.key_file("a key nobody else has"),
     )
     others = [cluster.start(name) for name in ("x", "y")]
-    await until_peers(entry.address, ["entry", "x", "y"])
-    async with MeshClient(entry.address) as client:
+    await until_peers(entry, ["entry", "x", "y"])
+    async with entry.client() as client:
         # A model whose home is a peer: we want a peer to refuse, not the entry itself.
         for model in (f"m{i}" for i in range(50)):
             home = (await client.route(task("probe", model=model))).targets[0].name
@@ -94,7 +103,7 @@ async def test_a_refused_offer_goes_to_the_next_candidate(cluster: Cluster) -> N
                 break
         home_proc = next(p for p in others if p.agent_id == home)
         # Fill the home behind the entry's back: the entry still thinks it is idle.
-        async with MeshClient(home_proc.address) as direct:
+        async with home_proc.client() as direct:
             await direct.submit(task("filler", model="other"))
         done = await client.submit(task("refused-then-placed", model=model))
     assert done.status.agent != home
@@ -113,18 +122,20 @@ async def test_loops_and_hop_limits_are_refused(cluster: Cluster) -> None:
     envelope = peer_pb2.Envelope(
         spec=task("loop"), path=["x", "a"], hops=2, attempt=1, deadline_unix_ms=2**62
     )
-    async with grpc.aio.insecure_channel(agent.address) as channel:
+    async with peer_channel(agent.peer_address, cluster.as_agent("x")) as channel:
         peer = peer_pb2_grpc.PeerServiceStub(channel)
         looped = await peer.Offer(envelope)
         envelope.path[:] = ["x", "y", "z"]
         envelope.hops = 4
         too_far = await peer.Offer(envelope)
-        # A deadline no record can hold, from another DC: refused, not a crash.
-        envelope.path[:], envelope.hops, envelope.origin_dc = ["x"], 1, "elsewhere"
-        envelope.spec.queue = "normal"
-        envelope.deadline_unix_ms = 2**62
+    # A deadline no record can hold, from another DC: refused, not a crash.
+    envelope.path[:], envelope.hops, envelope.origin_dc = ["x"], 1, "elsewhere"
+    envelope.spec.queue = "normal"
+    envelope.deadline_unix_ms = 2**62
+    elsewhere = cluster.as_agent("x", "elsewhere")
+    async with peer_channel(agent.peer_address, elsewhere) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await peer.Offer(envelope)
+            await peer_pb2_grpc.PeerServiceStub(channel).Offer(envelope)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
         assert "deadline out of range" in (caught.value.details() or "")
     assert not looped.accepted and "loop" in looped.reason
@@ -145,7 +156,7 @@ async def test_a_full_dc_spills_to_the_next_dc_in_topology_order(
     dcs = {
         dc: {
             "etcd": [etcds[dc].endpoint],
-            "seeds": [agents[dc].address],
+            "seeds": [agents[dc].peer_address],
             "overflow": (
                 [{"dc": "east", "weight": 1000}, {"dc": "north", "weight": 0.001}]
                 if dc == "west"
@@ -155,10 +166,10 @@ async def test_a_full_dc_spills_to_the_next_dc_in_topology_order(
         }
         for dc in etcds
     }
-    await apply(topology(prefix, dcs))
+    await apply(topology(prefix, dcs), cluster)
     for proc in agents.values():
         wait_log(proc, "topology version 1 applied")
-    async with MeshClient(agents["west"].address) as west:
+    async with agents["west"].client() as west:
         where = []
         for i in range(6):  # each DC holds two: one running, one queued
             reply = await west.submit(task(f"t{i}"))
@@ -177,14 +188,15 @@ async def test_a_full_dc_spills_to_the_next_dc_in_topology_order(
             spec=remote.spec, path=["east-1"], hops=1, attempt=2,
             deadline_unix_ms=remote.deadline.ToMilliseconds(), origin_dc="east",
         )  # fmt: skip
-        async with grpc.aio.insecure_channel(agents["west"].address) as channel:
+        east_agent = cluster.as_agent("east-9", "east")
+        async with peer_channel(agents["west"].peer_address, east_agent) as channel:
             refused = await peer_pb2_grpc.PeerServiceStub(channel).Offer(back)
         assert not refused.accepted and "it belongs to DC east" in refused.reason
         cancelled = await west.cancel("t2", "not needed")
         assert state_name(cancelled.state) == "CANCELLED"
         assert state_name((await final(west, "t2")).state) == "CANCELLED"
         assert "t2" not in [t.task_id for t in (await west.list()).tasks]  # listed in east
-    async with MeshClient(agents["east"].address) as east:
+    async with agents["east"].client() as east:
         assert "t2" in [t.task_id for t in (await east.list()).tasks]
 
 
@@ -193,11 +205,11 @@ async def test_agents_follow_topology_versions_and_ignore_bad_ones(
 ) -> None:
     agent = cluster.start("a")
     dcs = {"west": {"etcd": [etcd.endpoint]}}
-    await apply(topology(prefix, dcs, load_factor=1.25))
+    await apply(topology(prefix, dcs, load_factor=1.25), cluster)
     wait_log(agent, "topology version 1 applied")
-    async with MeshClient(agent.address) as client:
+    async with agent.client() as client:
         before = (await client.route(task("probe"))).bound
-        await apply(topology(prefix, dcs, load_factor=2.5))
+        await apply(topology(prefix, dcs, load_factor=2.5), cluster)
         wait_log(agent, "topology version 2 applied")
         after = (await client.route(task("probe"))).bound
         assert after == pytest.approx(before * 2)
@@ -206,23 +218,26 @@ async def test_agents_follow_topology_versions_and_ignore_bad_ones(
         assert (await client.route(task("probe"))).bound == after
 
 
-def test_meshctl_topology_commands(tmp_path: Path, more_etcd, prefix: str) -> None:
+def test_meshctl_topology_commands(
+    tmp_path: Path, more_etcd, prefix: str, trust: LocalTrust
+) -> None:
     etcd = more_etcd("solo")
+    operator = cli_operator(trust)
     path = tmp_path / "t.yaml"
     path.write_text(f"prefix: {prefix}\ndcs: {{west: {{etcd: ['{etcd.endpoint}']}}}}\n")
     assert runner.invoke(app, ["topology", "validate", str(path)]).exit_code == 0
-    differs = runner.invoke(app, ["topology", "diff", str(path)])
+    differs = runner.invoke(app, [*operator, "topology", "diff", str(path)])
     assert differs.exit_code == 1 and "+prefix:" in differs.output
-    applied = runner.invoke(app, ["topology", "apply", str(path)])
+    applied = runner.invoke(app, [*operator, "topology", "apply", str(path)])
     assert applied.exit_code == 0 and "applied v1" in applied.output
-    again = runner.invoke(app, ["topology", "apply", str(path)])
+    again = runner.invoke(app, [*operator, "topology", "apply", str(path)])
     assert "unchanged (v1)" in again.output
-    assert runner.invoke(app, ["topology", "diff", str(path)]).exit_code == 0
+    assert runner.invoke(app, [*operator, "topology", "diff", str(path)]).exit_code == 0
     path.write_text(path.read_text() + "routing: {load_factor: 1.5}\n")
-    changed = runner.invoke(app, ["topology", "diff", str(path)])
+    changed = runner.invoke(app, [*operator, "topology", "diff", str(path)])
     assert changed.exit_code == 1 and "+  load_factor: 1.5" in changed.output
-    assert "applied v2" in runner.invoke(app, ["topology", "apply", str(path)]).output
-    shown = runner.invoke(app, ["topology", "show", str(path)])
+    assert "applied v2" in runner.invoke(app, [*operator, "topology", "apply", str(path)]).output
+    shown = runner.invoke(app, [*operator, "topology", "show", str(path)])
     assert "v2" in shown.output and "load_factor: 1.5" in shown.output
     path.write_text("dcs: {West: {etcd: []}}")
     bad = runner.invoke(app, ["topology", "validate", str(path)])
@@ -232,11 +247,12 @@ def test_meshctl_topology_commands(tmp_path: Path, more_etcd, prefix: str) -> No
 async def test_meshctl_route_explains(cluster: Cluster) -> None:
     agent = cluster.start("a", fake_gpus="2xH100-80GB")
     cluster.start("b", models='["other"]')
-    await until_peers(agent.address, ["a", "b"])
+    await until_peers(agent, ["a", "b"])
     result = await asyncio.to_thread(
         runner.invoke,
         app,
         [
+            *cluster.cli_user(),
             "route",
             "--model",
             "sdxl",
@@ -269,15 +285,15 @@ async def test_dc_summaries_give_live_agents_and_say_when_a_dc_is_full(
     dcs = {
         "west": {
             "etcd": [etcds["west"].endpoint],
-            "seeds": [west.address],
+            "seeds": [west.peer_address],
             "overflow": [{"dc": "east"}],
             "max_spill_share": 1.0,
         },
         # No way to reach east from its seeds: only its summary can say where its agents are.
         "east": {"etcd": [etcds["east"].endpoint], "seeds": ["127.0.0.1:1"]},
     }
-    await apply(topology(prefix, dcs))
-    west_etcd = aetcd.Client(host=etcds["west"].host, port=etcds["west"].client_port)
+    await apply(topology(prefix, dcs), cluster)
+    west_etcd = client_for([etcds["west"].endpoint], security=cluster.trust.operator())
     await west_etcd.connect()
 
     async def east_summary(tasks: int) -> bool:
@@ -286,12 +302,12 @@ async def test_dc_summaries_give_live_agents_and_say_when_a_dc_is_full(
 
     try:
         await eventually(lambda: east_summary(0), what="east's summary stored in west")
-        async with MeshClient(west.address) as client:
+        async with west.client() as client:
             for i in range(2):  # w1: one running, one queued: full
                 await client.submit(task(f"w{i}"))
             await client.submit(task("spills"))
             assert (await placed(client, "spills")).agent == "e1"
-            async with MeshClient(east.address) as direct:
+            async with east.client() as direct:
                 await direct.submit(task("fills-east"))
             await eventually(lambda: east_summary(2), what="east's summary to show it full")
             decision = await client.route(task("probe"))

@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from support import config
 
-from mesh.config import AgentConfig
 from mesh.core.task import admit, spec_digest
 from mesh.errors import DeadlinePassed, InvalidTask, LimitExceeded, MeshError
 from mesh.v1 import tasks_pb2 as pb
 
 NOW_MS = 1_800_000_000_000
 PIPELINES = {"sleep", "echo"}
-CFG = AgentConfig(
+CFG = config(
     max_payload_bytes=1024,
     inline_payload_bytes=512,
     max_params=2,

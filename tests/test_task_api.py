@@ -11,8 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from support import AgentProc, Cluster, eventually, sleep_spec, until_peers
+from support import AgentProc, Cluster, eventually, peer_channel, sleep_spec, until_peers
 
+from mesh.channels import Security
 from mesh.client import MeshClient
 from mesh.core.task import TERMINAL, state_name
 from mesh.local.localmesh import free_port
@@ -22,7 +23,7 @@ MiB = 1024 * 1024
 
 
 def sleep_task(task_id: str, seconds: float = 0.3, steps: int = 3, **fields: object) -> pb.TaskSpec:
-    user = pb.User(id="ada", group="research", role="user")
+    user = pb.User(id="ada", group="research")
     return sleep_spec(task_id, seconds=seconds, steps=steps, model="sdxl", user=user, **fields)
 
 
@@ -50,13 +51,13 @@ async def front_and_worker(cluster: Cluster) -> tuple[AgentProc, AgentProc]:
                           inline_payload_bytes=1024)  # fmt: skip
     worker = cluster.start("worker", max_queue_length=1)
     for agent in (front, worker):
-        await until_peers(agent.address, ["front", "worker"])
+        await until_peers(agent, ["front", "worker"])
     return front, worker
 
 
 async def test_runs_on_a_peer_and_is_watched_from_the_entry(front_and_worker) -> None:
     front, worker = front_and_worker
-    async with MeshClient(front.address) as entry, MeshClient(worker.address) as runner:
+    async with front.client() as entry, worker.client() as runner:
         reply = await entry.submit(sleep_task("w-1"))
         assert not reply.existing
         assert reply.status.agent == "worker" and reply.status.path == ["front"]
@@ -75,7 +76,7 @@ async def test_runs_on_a_peer_and_is_watched_from_the_entry(front_and_worker) ->
 
 async def test_cancel_through_another_agent_stops_the_run(front_and_worker) -> None:
     front, _ = front_and_worker
-    async with MeshClient(front.address) as entry:
+    async with front.client() as entry:
         await entry.submit(sleep_task("long", seconds=300))
         await until_state(entry, "long", pb.TASK_STATE_RUNNING)
         cancelled = await entry.cancel("long", "user gave up")
@@ -91,7 +92,7 @@ async def test_cancel_through_another_agent_stops_the_run(front_and_worker) -> N
 
 async def test_resubmit_is_idempotent_and_a_reused_id_is_refused(front_and_worker) -> None:
     front, worker = front_and_worker
-    async with MeshClient(front.address) as entry, MeshClient(worker.address) as other:
+    async with front.client() as entry, worker.client() as other:
         first = await entry.submit(sleep_task("same", seconds=0))
         retried = sleep_task("same", seconds=0)
         retried.timeout.FromSeconds(30)  # a retry with a fresh timeout is the same task
@@ -115,7 +116,7 @@ def bad(change) -> pb.TaskSpec:
     [
         (bad(lambda s: setattr(s, "pipeline", "paint")), "INVALID_ARGUMENT", "unknown pipeline"),
         (bad(lambda s: setattr(s, "queue", "gold")), "INVALID_ARGUMENT", "unknown queue"),
-        (bad(lambda s: s.ClearField("user")), "INVALID_ARGUMENT", "user.id"),
+        (bad(lambda s: setattr(s.user, "id", "bob")), "PERMISSION_DENIED", "may not submit as"),
         (bad(lambda s: s.ClearField("model")), "INVALID_ARGUMENT", "model"),
         (
             bad(lambda s: setattr(s, "payload", b"x" * (64 * 1024 + 1))),
@@ -131,7 +132,7 @@ async def test_bad_input_gets_a_precise_status(
     front_and_worker, spec: pb.TaskSpec, code: str, words: str
 ) -> None:
     front, _ = front_and_worker
-    async with MeshClient(front.address) as entry:
+    async with front.client() as entry:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await entry.submit(spec)
         assert caught.value.code().name == code
@@ -146,7 +147,7 @@ async def test_bad_input_gets_a_precise_status(
 
 async def test_unknown_ids_are_not_found(front_and_worker) -> None:
     front, _ = front_and_worker
-    async with MeshClient(front.address) as entry:
+    async with front.client() as entry:
         for call in (entry.get("nope"), entry.cancel("nope"), follow(entry, "nope")):
             with pytest.raises(grpc.aio.AioRpcError) as caught:
                 await call
@@ -157,7 +158,7 @@ async def test_a_full_dc_backlogs_what_it_can_keep_and_refuses_the_rest(
     front_and_worker,
 ) -> None:
     front, _ = front_and_worker
-    async with MeshClient(front.address) as entry:
+    async with front.client() as entry:
         await entry.submit(sleep_task("runs", seconds=300))
         await until_state(entry, "runs", pb.TASK_STATE_RUNNING)
         queued = await entry.submit(sleep_task("waits", seconds=0))
@@ -181,21 +182,29 @@ async def test_a_full_dc_backlogs_what_it_can_keep_and_refuses_the_rest(
     assert state_name(done.state) == "SUCCEEDED" and done.path[0] == "backlog"
 
 
-async def test_list_filters_by_user_and_state(front_and_worker) -> None:
+async def test_list_filters_by_user_and_state_and_pages(front_and_worker, cluster) -> None:
     front, _ = front_and_worker
-    async with MeshClient(front.address) as entry:
+    bob = cluster.trust.user("bob", ["research"], ["submitter"])  # his own tasks only
+    async with front.client() as entry, front.client(bob) as bobs:
         await entry.submit(sleep_task("mine", seconds=0))
         other = sleep_task("theirs", seconds=0)
         other.user.id = "bob"
-        await entry.submit(other)
+        await bobs.submit(other)
         await follow(entry, "mine")
         await follow(entry, "theirs")
         assert [t.task_id for t in (await entry.list(user_id="bob")).tasks] == ["theirs"]
+        assert [t.task_id for t in (await bobs.list()).tasks] == ["theirs"]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await bobs.list(user_id="ada")
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
         succeeded = await entry.list(state=pb.TASK_STATE_SUCCEEDED)
         assert sorted(t.task_id for t in succeeded.tasks) == ["mine", "theirs"]
         assert not (await entry.list(state=pb.TASK_STATE_FAILED)).tasks
-        page = await entry.list(limit=1)
-        assert len(page.tasks) == 1 and page.truncated
+        first = await entry.list(limit=1)
+        assert len(first.tasks) == 1 and first.truncated and first.next_page_token
+        second = await entry.list(limit=1, page_token=first.next_page_token)
+        assert [t.task_id for t in [*first.tasks, *second.tasks]] == ["mine", "theirs"]
+        assert not second.next_page_token
         assert all(not t.spec.payload for t in succeeded.tasks)
 
 
@@ -203,34 +212,38 @@ async def test_large_payloads_stay_out_of_etcd(front_and_worker) -> None:
     front, _ = front_and_worker
     echo = pb.TaskSpec(task_id="big", user=pb.User(id="ada"), task_type=pb.TASK_TYPE_CUSTOM,
                        pipeline="echo", model="any", payload=b"z" * 4096)  # fmt: skip
-    async with MeshClient(front.address) as entry:
+    async with front.client() as entry:
         reply = await entry.submit(echo)
         assert not reply.status.spec.payload  # over inline_payload_bytes: not in the record
         assert (await follow(entry, "big"))[-1].status.result.inline == b"z" * 4096
 
 
 async def test_health_and_reflection_on_every_port(cluster: Cluster) -> None:
+    """Open to any caller that completed TLS: no token on the API port, any certificate
+    of the mesh on the mTLS port."""
     agent = cluster.start("solo")
-    async with grpc.aio.insecure_channel(agent.address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "mesh.v1.TaskService", "mesh.v1.PeerService"):
-            reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
-            assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
-        )
-        async for answer in stream:
-            names = {s.name for s in answer.list_services_response.service}
-            break
-    assert {"mesh.v1.TaskService", "mesh.v1.PeerService", "grpc.health.v1.Health"} <= names
+    anyone = Security(cluster.trust.mesh, cluster.trust.ca.read_bytes())
+    for address, security in ((agent.address, anyone), (agent.peer_address, cluster.as_agent("x"))):
+        async with peer_channel(address, security) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "mesh.v1.TaskService", "mesh.v1.PeerService"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            stream = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            async for answer in stream:
+                names = {s.name for s in answer.list_services_response.service}
+                break
+        assert {"mesh.v1.TaskService", "mesh.v1.PeerService", "grpc.health.v1.Health"} <= names
 
 
 async def test_sigterm_hands_an_interrupted_task_to_a_peer(cluster: Cluster) -> None:
     leaving = cluster.start("leaving", drain_grace_s=0)
     staying = cluster.start("staying")
-    await until_peers(leaving.address, ["leaving", "staying"])
-    async with MeshClient(staying.address) as client:
-        async with MeshClient(leaving.address) as entry:
+    await until_peers(leaving, ["leaving", "staying"])
+    async with staying.client() as client:
+        async with leaving.client() as entry:
             await entry.submit(sleep_task("moved", seconds=1, steps=2))
         await until_state(client, "moved", pb.TASK_STATE_RUNNING)
         leaving.signal(signal.SIGTERM)
@@ -247,7 +260,7 @@ async def test_command_pipeline_through_an_agent(cluster: Cluster) -> None:
     spec = pb.TaskSpec(task_id="cmd", user=pb.User(id="ada"), task_type=pb.TASK_TYPE_CUSTOM,
                        pipeline="command", model="tool", gpu_count=2)  # fmt: skip
     spec.params["command"] = "gpus"
-    async with MeshClient(agent.address) as client:
+    async with agent.client() as client:
         await client.submit(spec)
         done = (await follow(client, "cmd"))[-1].status
     assert state_name(done.state) == "SUCCEEDED" and done.result.inline == b"0,1"
@@ -256,7 +269,7 @@ async def test_command_pipeline_through_an_agent(cluster: Cluster) -> None:
 async def test_metrics_count_the_work(cluster: Cluster) -> None:
     port = free_port()
     agent = cluster.start("counted", metrics_listen=f"127.0.0.1:{port}")
-    async with MeshClient(agent.address) as client:
+    async with agent.client() as client:
         await client.submit(sleep_task("m-1", seconds=0))
         await follow(client, "m-1")
         with pytest.raises(grpc.aio.AioRpcError):

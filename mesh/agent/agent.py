@@ -33,6 +33,7 @@ from mesh.agent.speaker import Speaker
 from mesh.agent.submission import Submission
 from mesh.agent.tasks import Tasks
 from mesh.agent.view import View
+from mesh.channels import Security
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ms
 from mesh.core.queue import Discipline
@@ -48,6 +49,8 @@ from mesh.store.mirror import PrefixMirror
 from mesh.store.records import TaskStore
 from mesh.store.registry import ACTIVE, DRAINING, AgentRecord, Registry
 from mesh.store.session import Session
+from mesh.store.topostore import token_keys
+from mesh.trust.tokens import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,12 @@ class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.keys = KeySpace(cfg.prefix, cfg.dc)
-        self.client = client_for(cfg.etcd_endpoints)
+        self.security = (
+            Security(cfg.mesh_name, insecure=True)
+            if cfg.insecure
+            else Security.from_files(cfg.mesh_name, cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
+        )
+        self.client = client_for(cfg.etcd_endpoints, security=self.security)
         self.history = History(cfg.history, cfg.agent_id, cfg.dc)
         self.session = self._new_session()
         self.duties = Duties()
@@ -64,7 +72,7 @@ class Agent:
         self.registry = Registry(
             self.client, self.keys, lambda: self.session.lease_id, self._members_changed
         )
-        self.peers = PeerClients(cfg.max_message_bytes)
+        self.peers = PeerClients(self.security, cfg.max_message_bytes)
         self.remote = RemoteDcs(self.peers)
         self.gpus = inventory(cfg.fake_gpus, cfg.gpu_weights)
         self.pipelines = load_pipelines(cfg)
@@ -84,6 +92,11 @@ class Agent:
         )
         self.topology_mirror = PrefixMirror(
             self.client, topostore.directory(cfg.prefix), self.view.topology_changed
+        )
+        # The public keys bearer tokens are checked against, as the operator publishes them.
+        self.verifier = Verifier(cfg.mesh_name)
+        self.token_keys = PrefixMirror(
+            self.client, token_keys(cfg.prefix), self._token_keys_changed
         )
         self.gossip = GossipNode(
             self.view.gossiper,
@@ -131,14 +144,17 @@ class Agent:
         self.owner: QueueOwner | None = None
         self._owner_task: asyncio.Task[None] | None = None
         self.address = ""
+        self.peer_address = ""
         self.gossip_address = ""
         self._incarnation = 0
+        self.stopping = False
 
     # -- starting ------------------------------------------------------------------------
 
-    async def start(self, address: str) -> None:
-        """Register and begin work; ``address`` is where peers and clients reach us."""
-        self.address = address
+    async def start(self, address: str, peer_address: str) -> None:
+        """Register and begin work; clients reach us at ``address`` (the API port), peers
+        and certificate holders at ``peer_address`` (the mTLS port)."""
+        self.address, self.peer_address = address, peer_address
         try:
             await self.client.connect()
             await self.session.open()
@@ -149,6 +165,7 @@ class Agent:
         bound = await self.gossip.start()
         self.gossip_address = self.cfg.gossip_advertise or bound
         self.duties.keep("topology", self.topology_mirror.run)
+        self.duties.keep("token keys", self.token_keys.run)
         await asyncio.wait_for(self.topology_mirror.ready.wait(), timeout=10)
         self._incarnation = now_ms()
         await self.registry.publish(self.record())
@@ -163,7 +180,12 @@ class Agent:
         version = self.view.topology.version if self.view.topology else 0
         log.info(
             "agent ready",
-            extra={"address": address, "gpus": len(self.gpus), "topology": version},
+            extra={
+                "address": address,
+                "peer_address": peer_address,
+                "gpus": len(self.gpus),
+                "topology": version,
+            },
         )
 
     def _new_session(self) -> Session:
@@ -180,7 +202,7 @@ class Agent:
             self.client,
             self.keys.election,
             lambda: self.session.lease_id,
-            f"{self.cfg.agent_id} {self.address}".encode(),
+            f"{self.cfg.agent_id} {self.peer_address}".encode(),
         )
         router = self.view.router
         self.owner = QueueOwner(
@@ -217,6 +239,7 @@ class Agent:
             queues=tuple(self.cfg.queues),
             queue_limit=self.cfg.max_queue_length,
             gossip_address=self.gossip_address,
+            peer_address=self.peer_address,
         )
 
     def _republish_soon(self) -> None:
@@ -236,7 +259,20 @@ class Agent:
         await self.registry.publish(self.record(DRAINING))
         return self.record(DRAINING)
 
+    async def undrain(self) -> AgentRecord:
+        """Take work again after a drain (not after a stop: that one is for good)."""
+        if self.stopping:
+            raise Unavailable("the agent is shutting down")
+        self.executor.accepting = True
+        await self.registry.publish(self.record(ACTIVE))
+        self.view.local_changed()
+        return self.record(ACTIVE)
+
     # -- what it hears -------------------------------------------------------------------
+
+    def _token_keys_changed(self, items: dict[str, bytes]) -> None:
+        self.verifier.update(items)
+        log.info("token keys: %s", ", ".join(self.verifier.kids) or "none")
 
     def _members_changed(self, records: dict[str, AgentRecord]) -> None:
         self.view.members_changed(records)
@@ -264,7 +300,7 @@ class Agent:
         """
         while True:
             await self.session.lost.wait()
-            if not self.executor.accepting:
+            if self.stopping:
                 return
             log.error("membership lease lost: dropping my tasks and registering again")
             # The DC's owner re-queues them elsewhere; finishing them here would race it.
@@ -288,8 +324,9 @@ class Agent:
     # -- stopping ------------------------------------------------------------------------
 
     async def stop(self, grace_s: float) -> None:
-        if not self.executor.accepting:
+        if self.stopping:
             return
+        self.stopping = True
         with contextlib.suppress(MeshError):
             await self.registry.publish(self.record(DRAINING))
         if self.owner is not None:  # hand the DC's queue over at once

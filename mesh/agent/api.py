@@ -9,13 +9,15 @@ which part answers what.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mesh import metrics
 from mesh.agent.dispatch import describe
+from mesh.core.access import ANYONE, Grant, Identity, PermissionDenied
 from mesh.core.clock import now_ms
-from mesh.core.task import admit, public
+from mesh.core.task import admit, check_id, page_start, page_token, public
 from mesh.errors import InvalidTask, MeshError, TaskConflict
 from mesh.store.registry import AgentRecord
 from mesh.v1 import peer_pb2
@@ -23,6 +25,8 @@ from mesh.v1 import tasks_pb2 as pb
 
 if TYPE_CHECKING:
     from mesh.agent.agent import Agent
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -51,13 +55,16 @@ class AgentApi:
 
     # -- TaskService ---------------------------------------------------------------------
 
-    async def submit(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
-        return await self._to_the_end(self._submit(request))
+    async def submit(self, request: pb.SubmitRequest, grant: Grant) -> pb.SubmitResponse:
+        return await self._to_the_end(self._submit(request, grant))
 
-    async def _submit(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
+    async def _submit(self, request: pb.SubmitRequest, grant: Grant) -> pb.SubmitResponse:
         agent = self._agent
         try:
-            admitted = admit(request.spec, agent.cfg, self._known_pipelines(), now_ms())
+            spec = pb.TaskSpec()
+            spec.CopyFrom(request.spec)
+            spec.user.CopyFrom(owner_of(spec.user, grant.identity))
+            admitted = admit(spec, agent.cfg, self._known_pipelines(), now_ms())
             stored, created = await agent.submission.submit(admitted)
         except MeshError as exc:
             metrics.REJECTED.labels(exc.code).inc()
@@ -74,14 +81,18 @@ class AgentApi:
             known.update(peer.pipelines)
         return known
 
-    async def get(self, request: pb.GetRequest) -> pb.TaskStatus:
-        return await self._agent.tasks.get(request.task_id)
+    async def get(self, request: pb.GetRequest, grant: Grant) -> pb.TaskStatus:
+        check_id(request.task_id)
+        return may_see(await self._agent.tasks.get(request.task_id), grant)
 
-    async def watch(self, request: pb.WatchRequest) -> AsyncIterator[pb.TaskEvent]:
+    async def watch(self, request: pb.WatchRequest, grant: Grant) -> AsyncIterator[pb.TaskEvent]:
         """The task's events until it ends: the first is its state now; a status in the
         same state as the one before is progress."""
+        check_id(request.task_id)
         previous = None
         async for status in self._agent.tasks.follow(request.task_id):
+            if previous is None:
+                may_see(status, grant)
             kind = (
                 pb.TaskEvent.KIND_PROGRESS
                 if previous is not None and status.state == previous
@@ -90,19 +101,38 @@ class AgentApi:
             previous = status.state
             yield pb.TaskEvent(kind=kind, status=status)
 
-    async def cancel(self, request: pb.CancelRequest) -> pb.TaskStatus:
-        return await self._agent.tasks.cancel(request.task_id, request.reason)
+    async def cancel(self, request: pb.CancelRequest, grant: Grant) -> pb.TaskStatus:
+        check_id(request.task_id)
+        if len(request.reason) > MAX_REASON:
+            raise InvalidTask(f"reason is longer than {MAX_REASON} characters")
+        tasks = self._agent.tasks
+        may_see(await tasks.get(request.task_id), grant)
+        return await tasks.cancel(request.task_id, request.reason)
 
-    async def list(self, request: pb.ListRequest) -> pb.ListResponse:
+    async def list(self, request: pb.ListRequest, grant: Grant) -> pb.ListResponse:
+        user = request.user_id
+        if not grant.all_tasks:
+            if user and user != grant.identity.name:
+                raise PermissionDenied(f"{grant.identity} may list only its own tasks")
+            user = grant.identity.name
         most = self._agent.cfg.max_list
-        tasks, truncated = await self._agent.tasks.list(
-            user_id=request.user_id, state=request.state, limit=min(request.limit or most, most)
+        page = await self._agent.tasks.list(
+            user_id=user,
+            state=request.state,
+            limit=min(request.limit or most, most),
+            after=page_start(request.page_token),
         )
-        return pb.ListResponse(tasks=tasks, truncated=truncated)
+        return pb.ListResponse(
+            tasks=page.tasks,
+            truncated=bool(page.last),
+            next_page_token=page_token(page.last) if page.last else "",
+        )
 
     # -- AgentService --------------------------------------------------------------------
 
-    async def list_agents(self, request: pb.ListAgentsRequest) -> pb.ListAgentsResponse:
+    async def list_agents(
+        self, request: pb.ListAgentsRequest, grant: Grant
+    ) -> pb.ListAgentsResponse:
         peers = sorted(self._agent.registry.peers.values(), key=lambda a: a.agent_id)
         return pb.ListAgentsResponse(agents=[self._info(a) for a in peers])
 
@@ -113,6 +143,7 @@ class AgentApi:
             agent_id=a.agent_id,
             dc=a.dc,
             address=a.address,
+            mtls_address=a.peer_address,
             gpus=[
                 pb.Gpu(
                     index=g.index,
@@ -134,7 +165,7 @@ class AgentApi:
             suspect=router.is_suspect(a.agent_id),
         )
 
-    async def route(self, request: pb.RouteRequest) -> pb.RouteResponse:
+    async def route(self, request: pb.RouteRequest, grant: Grant) -> pb.RouteResponse:
         if not request.spec.model or not request.spec.pipeline:
             raise InvalidTask("model and pipeline are required to route")
         agent = self._agent
@@ -157,26 +188,70 @@ class AgentApi:
             ],
         )
 
-    async def queue(self, request: pb.QueueRequest) -> pb.QueueResponse:
+    async def queue(self, request: pb.QueueRequest, grant: Grant) -> pb.QueueResponse:
         agent = self._agent
         return await describe(agent.client, agent.keys, list(agent.cfg.queues))
 
-    async def drain(self, request: pb.DrainRequest) -> pb.AgentInfo:
+    async def drain(self, request: pb.DrainRequest, grant: Grant) -> pb.AgentInfo:
+        log.warning("draining at the request of %s", grant.identity)
         return self._info(await self._agent.drain())
+
+    async def undrain(self, request: pb.UndrainRequest, grant: Grant) -> pb.AgentInfo:
+        log.warning("taken back into service at the request of %s", grant.identity)
+        return self._info(await self._agent.undrain())
 
     # -- PeerService ---------------------------------------------------------------------
 
-    async def offer(self, request: peer_pb2.Envelope) -> peer_pb2.OfferResponse:
+    async def offer(self, request: peer_pb2.Envelope, grant: Grant) -> peer_pb2.OfferResponse:
+        dc = self._agent.cfg.dc
+        speaks_for(grant, request.origin_dc or dc, what="an offer")
         accepted, reason = await self._to_the_end(self._agent.intake.offer(request))
         return peer_pb2.OfferResponse(
             accepted=accepted, reason=reason, load=self._agent.view.load()
         )
 
-    async def summary(self, request: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
+    async def summary(self, request: peer_pb2.DcSummary, grant: Grant) -> peer_pb2.DcSummary:
+        speaks_for(grant, request.dc, what="a summary")
         return await self._agent.speaker.received(request)
 
-    async def settle(self, request: peer_pb2.SettleRequest) -> peer_pb2.SettleResponse:
+    async def settle(
+        self, request: peer_pb2.SettleRequest, grant: Grant
+    ) -> peer_pb2.SettleResponse:
+        speaks_for(grant, request.origin_dc, what="a settle")
         return await self._to_the_end(self._agent.intake.settle(request))
 
-    async def cancel_local(self, request: pb.CancelRequest) -> pb.TaskStatus:
-        return await self._agent.tasks.cancel_local(request.task_id, request.reason)
+    async def cancel_local(self, request: pb.CancelRequest, grant: Grant) -> pb.TaskStatus:
+        speaks_for(grant, self._agent.cfg.dc, what="a local cancel")
+        check_id(request.task_id)
+        return await self._agent.tasks.cancel_local(request.task_id, request.reason[:MAX_REASON])
+
+
+MAX_REASON = 1024
+
+
+def owner_of(declared: pb.User, identity: Identity) -> pb.User:
+    """Whose task this is: the caller's, never what the request says. A request may name
+    the caller (and one of its groups); naming anyone else is refused."""
+    if identity is ANYONE:
+        return declared
+    if declared.id and declared.id != identity.name:
+        raise PermissionDenied(f"{identity} may not submit as {declared.id!r}")
+    if declared.group and declared.group not in identity.groups:
+        raise PermissionDenied(f"{identity} is not in group {declared.group!r}")
+    if declared.role and declared.role not in identity.roles:
+        raise PermissionDenied(f"{identity} does not hold role {declared.role!r}")
+    group = declared.group or (identity.groups[0] if identity.groups else "")
+    return pb.User(id=identity.name, group=group, role=declared.role)
+
+
+def may_see(status: pb.TaskStatus, grant: Grant) -> pb.TaskStatus:
+    if not grant.all_tasks and status.spec.user.id != grant.identity.name:
+        raise PermissionDenied(f"{grant.identity} may act only on its own tasks")
+    return status
+
+
+def speaks_for(grant: Grant, dc: str, what: str) -> None:
+    """An agent speaks for its own DC only."""
+    identity = grant.identity
+    if identity is not ANYONE and identity.dc != dc:
+        raise PermissionDenied(f"{identity} may not send {what} for DC {dc!r}")

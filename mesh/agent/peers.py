@@ -1,7 +1,10 @@
-"""gRPC channels to other agents, one per address, shared by every call to that agent.
+"""gRPC channels to other agents, one per (address, DC), shared by every call to it.
 
-Peers of the DC are reached over ``PeerService``; agents of other DCs also over the public
-``TaskService``, to answer Get, Watch and Cancel for tasks that overflowed there.
+Agents reach each other on their mTLS ports, with their own certificates. Each channel
+verifies that the agent it reaches belongs to the DC the caller means (its certificate
+names ``<dc>.agent.<mesh>``), so an address learnt from another DC's summary can only
+ever lead to one of that DC's agents. Peers of the DC are reached over ``PeerService``;
+agents of other DCs also over ``TaskService``, for the tasks that overflowed there.
 """
 
 from __future__ import annotations
@@ -10,50 +13,51 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from mesh.channels import channel_options
+from mesh.channels import Security, open_channel
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
 
 class PeerClients:
-    def __init__(self, max_message_bytes: int) -> None:
-        self._options = channel_options(max_message_bytes)
-        self._channels: dict[str, grpc.aio.Channel] = {}
+    def __init__(self, security: Security, max_message_bytes: int) -> None:
+        self._security = security
+        self._max_message_bytes = max_message_bytes
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
+    def _channel(self, address: str, dc: str) -> grpc.aio.Channel:
+        channel = self._channels.get((address, dc))
         if channel is None:
-            channel = grpc.aio.insecure_channel(address, options=self._options)
-            self._channels[address] = channel
+            channel = open_channel(address, self._security, self._max_message_bytes, dc)
+            self._channels[(address, dc)] = channel
         return channel
 
-    def _stub(self, address: str) -> peer_pb2_grpc.PeerServiceStub:
-        return peer_pb2_grpc.PeerServiceStub(self._channel(address))
+    def _stub(self, address: str, dc: str) -> peer_pb2_grpc.PeerServiceStub:
+        return peer_pb2_grpc.PeerServiceStub(self._channel(address, dc))
 
-    def tasks(self, address: str) -> tasks_pb2_grpc.TaskServiceStub:
-        return tasks_pb2_grpc.TaskServiceStub(self._channel(address))
+    def tasks(self, address: str, dc: str) -> tasks_pb2_grpc.TaskServiceStub:
+        return tasks_pb2_grpc.TaskServiceStub(self._channel(address, dc))
 
-    def watch(self, address: str, task_id: str) -> AsyncIterator[tasks_pb2.TaskEvent]:
-        return self.tasks(address).Watch(tasks_pb2.WatchRequest(task_id=task_id))
+    def watch(self, address: str, dc: str, task_id: str) -> AsyncIterator[tasks_pb2.TaskEvent]:
+        return self.tasks(address, dc).Watch(tasks_pb2.WatchRequest(task_id=task_id))
 
     async def offer(
-        self, address: str, envelope: peer_pb2.Envelope, timeout_s: float
+        self, address: str, dc: str, envelope: peer_pb2.Envelope, timeout_s: float
     ) -> peer_pb2.OfferResponse:
-        return await self._stub(address).Offer(envelope, timeout=timeout_s)
+        return await self._stub(address, dc).Offer(envelope, timeout=timeout_s)
 
     async def summary(
-        self, address: str, mine: peer_pb2.DcSummary, timeout_s: float
+        self, address: str, dc: str, mine: peer_pb2.DcSummary, timeout_s: float
     ) -> peer_pb2.DcSummary:
-        return await self._stub(address).Summary(mine, timeout=timeout_s)
+        return await self._stub(address, dc).Summary(mine, timeout=timeout_s)
 
     async def settle(
-        self, address: str, request: peer_pb2.SettleRequest, timeout_s: float
+        self, address: str, dc: str, request: peer_pb2.SettleRequest, timeout_s: float
     ) -> peer_pb2.SettleResponse:
-        return await self._stub(address).Settle(request, timeout=timeout_s)
+        return await self._stub(address, dc).Settle(request, timeout=timeout_s)
 
     async def cancel_local(
-        self, address: str, request: tasks_pb2.CancelRequest, timeout_s: float
+        self, address: str, dc: str, request: tasks_pb2.CancelRequest, timeout_s: float
     ) -> tasks_pb2.TaskStatus:
-        return await self._stub(address).CancelLocal(request, timeout=timeout_s)
+        return await self._stub(address, dc).CancelLocal(request, timeout=timeout_s)
 
     async def close(self) -> None:
         for channel in self._channels.values():

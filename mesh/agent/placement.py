@@ -189,7 +189,9 @@ class Placement:
             return False, "hop limit"
         envelope = self._envelope(job, max_tasks)
         try:
-            reply = await self.peers.offer(peer.address, envelope, self._offer_timeout(job))
+            reply = await self.peers.offer(
+                peer.peer_address, self.cfg.dc, envelope, self._offer_timeout(job)
+            )
         except grpc.aio.AioRpcError as exc:
             metrics.FORWARDS.labels("error").inc()
             self.router.set_suspect(agent_id, True)

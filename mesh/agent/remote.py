@@ -57,7 +57,7 @@ class RemoteDcs:
 
     async def summary(self, dc: str, mine: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
         return await self._first_answer(
-            dc, mine.dc, lambda a: self._peers.summary(a, mine, CALL_TIMEOUT_S)
+            dc, mine.dc, lambda a: self._peers.summary(a, dc, mine, CALL_TIMEOUT_S)
         )
 
     async def _first_answer(self, dc: str, task_id: str, call: Callable[[str], Awaitable[T]]) -> T:
@@ -81,20 +81,20 @@ class RemoteDcs:
         return await self._first_answer(
             dc,
             envelope.spec.task_id,
-            lambda a: self._peers.offer(a, envelope, CALL_TIMEOUT_S),
+            lambda a: self._peers.offer(a, dc, envelope, CALL_TIMEOUT_S),
         )
 
     async def settle(self, dc: str, task_id: str, origin_dc: str) -> peer_pb2.SettleResponse:
         request = peer_pb2.SettleRequest(task_id=task_id, origin_dc=origin_dc)
         return await self._first_answer(
-            dc, task_id, lambda a: self._peers.settle(a, request, CALL_TIMEOUT_S)
+            dc, task_id, lambda a: self._peers.settle(a, dc, request, CALL_TIMEOUT_S)
         )
 
     async def get(self, dc: str, task_id: str) -> pb.TaskStatus:
         return await self._translated(
             dc,
             task_id,
-            lambda a: self._peers.tasks(a).Get(
+            lambda a: self._peers.tasks(a, dc).Get(
                 pb.GetRequest(task_id=task_id), timeout=CALL_TIMEOUT_S
             ),
         )
@@ -103,7 +103,7 @@ class RemoteDcs:
         return await self._translated(
             dc,
             task_id,
-            lambda a: self._peers.tasks(a).Cancel(
+            lambda a: self._peers.tasks(a, dc).Cancel(
                 pb.CancelRequest(task_id=task_id, reason=reason), timeout=CALL_TIMEOUT_S
             ),
         )
@@ -120,7 +120,7 @@ class RemoteDcs:
         """The task's statuses as a seed of ``dc`` streams them, until it ends."""
         for address in self.seeds(dc, task_id):
             try:
-                async for event in self._peers.watch(address, task_id):
+                async for event in self._peers.watch(address, dc, task_id):
                     yield event.status
                 return
             except grpc.aio.AioRpcError as exc:

@@ -18,8 +18,9 @@ from grpc_reflection.v1alpha import reflection
 
 from mesh.agent.agent import Agent
 from mesh.agent.api import AgentApi
+from mesh.agent.auth import Authenticator, caller
 from mesh.channels import channel_options
-from mesh.errors import MeshError
+from mesh.errors import ConfigError, MeshError
 from mesh.store.etcd import ETCD_ERRORS
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from mesh.v1 import tasks_pb2 as pb
@@ -59,15 +60,15 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
 
     @unary
     async def Submit(self, request, context):
-        return await self.api.submit(request)
+        return await self.api.submit(request, caller())
 
     @unary
     async def Get(self, request, context):
-        return await self.api.get(request)
+        return await self.api.get(request, caller())
 
     async def Watch(self, request, context) -> AsyncIterator[pb.TaskEvent]:
         try:
-            async for event in self.api.watch(request):
+            async for event in self.api.watch(request, caller()):
                 yield event
         except Exception as exc:
             code, message = status_for(exc)
@@ -75,11 +76,11 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
 
     @unary
     async def Cancel(self, request, context):
-        return await self.api.cancel(request)
+        return await self.api.cancel(request, caller())
 
     @unary
     async def List(self, request, context):
-        return await self.api.list(request)
+        return await self.api.list(request, caller())
 
 
 class AgentServicer(tasks_pb2_grpc.AgentServiceServicer):
@@ -88,19 +89,23 @@ class AgentServicer(tasks_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def ListAgents(self, request, context):
-        return await self.api.list_agents(request)
+        return await self.api.list_agents(request, caller())
 
     @unary
     async def Queue(self, request, context):
-        return await self.api.queue(request)
+        return await self.api.queue(request, caller())
 
     @unary
     async def Drain(self, request, context):
-        return await self.api.drain(request)
+        return await self.api.drain(request, caller())
+
+    @unary
+    async def Undrain(self, request, context):
+        return await self.api.undrain(request, caller())
 
     @unary
     async def Route(self, request, context):
-        return await self.api.route(request)
+        return await self.api.route(request, caller())
 
 
 class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
@@ -109,19 +114,19 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
 
     @unary
     async def Offer(self, request, context):
-        return await self.api.offer(request)
+        return await self.api.offer(request, caller())
 
     @unary
     async def Summary(self, request, context):
-        return await self.api.summary(request)
+        return await self.api.summary(request, caller())
 
     @unary
     async def Settle(self, request, context):
-        return await self.api.settle(request)
+        return await self.api.settle(request, caller())
 
     @unary
     async def CancelLocal(self, request, context):
-        return await self.api.cancel_local(request)
+        return await self.api.cancel_local(request, caller())
 
 
 SERVICE_NAMES = (
@@ -132,12 +137,24 @@ SERVICE_NAMES = (
 
 
 class Server:
-    """The agent's gRPC port: the mesh services, health and reflection."""
+    """The agent's two gRPC ports: the mesh services, health and reflection on both.
+
+    The API port is TLS and knows its callers by bearer token; the mTLS port demands a
+    certificate of the mesh (agents, operators, users who hold one). grpcio cannot ask
+    for a client certificate without requiring it, hence two ports rather than one (as
+    Consul keeps its mTLS RPC port apart from its token-checked API). One interceptor
+    serves both: it reads the certificate when there is one, the token otherwise.
+    """
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
+        cfg = agent.cfg
         self.health = health.aio.HealthServicer()
-        self.grpc = grpc.aio.server(options=channel_options(agent.cfg.max_message_bytes))
+        self.grpc = grpc.aio.server(
+            options=channel_options(cfg.max_message_bytes),
+            interceptors=[Authenticator(cfg.mesh_name, None if cfg.insecure else agent.verifier)],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+        )
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(agent.api), self.grpc)
         tasks_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent.api), self.grpc)
         peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(agent.api), self.grpc)
@@ -146,15 +163,34 @@ class Server:
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
         )
 
-    async def start(self) -> str:
-        """Bind, start the agent, and return the address peers should dial."""
-        port = self.grpc.add_insecure_port(self.agent.cfg.listen)
+    def _bind(self, listen: str, mutual: bool) -> int:
+        cfg = self.agent.cfg
+        if cfg.insecure:
+            port = self.grpc.add_insecure_port(listen)
+        else:
+            assert cfg.tls_ca and cfg.tls_cert and cfg.tls_key  # the config checked it
+            try:
+                pair = (cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())
+                ca = cfg.tls_ca.read_bytes()
+            except OSError as exc:
+                raise ConfigError(f"cannot read TLS material: {exc}") from None
+            credentials = grpc.ssl_server_credentials([pair], ca, require_client_auth=mutual)
+            port = self.grpc.add_secure_port(listen, credentials)
         if port == 0:
-            raise MeshError(f"cannot listen on {self.agent.cfg.listen}")
+            raise MeshError(f"cannot listen on {listen}")
+        return port
+
+    async def start(self) -> str:
+        """Bind both ports, start the agent, and return the API address."""
+        cfg = self.agent.cfg
+        if cfg.insecure:
+            log.warning("INSECURE: plaintext gRPC and etcd, and every caller may do anything")
+        port = self._bind(cfg.listen, mutual=False)
+        peer_port = self._bind(cfg.peer_listen, mutual=True)
         await self.grpc.start()
-        host = self.agent.cfg.listen.rpartition(":")[0]
-        address = self.agent.cfg.advertise or f"{host}:{port}"
-        await self.agent.start(address)
+        address = cfg.advertise or f"{cfg.listen.rpartition(':')[0]}:{port}"
+        peer = cfg.peer_advertise or f"{cfg.peer_listen.rpartition(':')[0]}:{peer_port}"
+        await self.agent.start(address, peer)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return address

@@ -67,7 +67,7 @@ class Speaker:
 
     def summary(self) -> peer_pb2.DcSummary:
         """This DC as this agent sees it."""
-        addresses = {a: r.address for a, r in self._peers().items()}
+        addresses = {a: r.peer_address for a, r in self._peers().items()}
         return summaries.build(self._dc, self._router, addresses, now_ms())
 
     async def received(self, theirs: peer_pb2.DcSummary) -> peer_pb2.DcSummary:

@@ -22,7 +22,7 @@ from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
 from mesh.core.task import TERMINAL, public
 from mesh.errors import StaleWrite, TaskNotFound, Unavailable
-from mesh.store.records import TaskStore
+from mesh.store.records import Page, TaskStore
 from mesh.store.registry import Registry
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -65,10 +65,8 @@ class Tasks:
                 return
             yield public(stored.status)
 
-    async def list(
-        self, *, user_id: str, state: int, limit: int
-    ) -> tuple[list[pb.TaskStatus], bool]:
-        return await self._store.list(user_id=user_id, state=state, limit=limit)
+    async def list(self, *, user_id: str, state: int, limit: int, after: str) -> Page:
+        return await self._store.list(user_id=user_id, state=state, limit=limit, after=after)
 
     async def cancel(self, task_id: str, reason: str) -> pb.TaskStatus:
         def request(record: peer_pb2.TaskRecord) -> bool | None:
@@ -92,7 +90,10 @@ class Tasks:
             raise Unavailable("the executing agent is not a member now", agent=status.agent)
         try:
             return await self._peers.cancel_local(
-                peer.address, pb.CancelRequest(task_id=task_id, reason=reason), CALL_TIMEOUT_S
+                peer.peer_address,
+                self._registry.dc,
+                pb.CancelRequest(task_id=task_id, reason=reason),
+                CALL_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(

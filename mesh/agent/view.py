@@ -32,8 +32,6 @@ from mesh.v1 import peer_pb2
 
 log = logging.getLogger(__name__)
 
-INSECURE_GOSSIP_KEY = "gpumesh-insecure-default-gossip-key"
-
 
 class View:
     def __init__(
@@ -66,10 +64,7 @@ class View:
         self.gossiper = self._gossiper()
 
     def _gossiper(self) -> Gossiper:
-        keys = self._cfg.gossip_keys
-        if not keys:
-            log.warning("gossip_keys unset: gossip uses a built-in key and is not authenticated")
-            keys = [INSECURE_GOSSIP_KEY]
+        keys = [k.get_secret_value() for k in self._cfg.gossip_keys]
         own = AgentState(
             self._cfg.agent_id,
             self._cfg.dc,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -17,9 +18,12 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
+from mesh.channels import Security
 from mesh.client import MeshClient
 from mesh.core.task import state_name
+from mesh.errors import ConfigError
 from mesh.local import localmesh
+from mesh.local.trust import LocalTrust
 from mesh.v1 import tasks_pb2 as pb
 
 console = Console()
@@ -51,20 +55,80 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def resolve_endpoint(endpoint: str | None, home: Path) -> str:
+@dataclass
+class Credentials:
+    """The caller's credentials, from the global options (``meshctl --token ... list``)
+    or their ``MESH_*`` twins. None given: the local mesh's operator certificate."""
+
+    token: str | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    mesh: str = localmesh.MESH
+    insecure: bool = False
+
+    @property
+    def given(self) -> bool:
+        return bool(self.token or self.cert or self.ca or self.insecure)
+
+    def security(self) -> Security:
+        if self.insecure:
+            return Security(self.mesh, insecure=True)
+        try:
+            return Security.from_files(self.mesh, self.ca, self.cert, self.key, self.token)
+        except ConfigError as exc:
+            raise fail(f"{exc.message} (--ca, --cert/--key or --token)", 2) from None
+
+
+CREDENTIALS = Credentials()
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """An agent to call, and how."""
+
+    address: str
+    security: Security
+
+    def at(self, info: pb.AgentInfo) -> Target:
+        """The same caller, at another agent: its mTLS port with a certificate, else its
+        API port."""
+        mtls = self.security.cert is not None or self.security.insecure
+        return Target(info.mtls_address if mtls else info.address, self.security)
+
+
+def resolve_endpoint(endpoint: str | None, home: Path) -> Target:
+    """``--endpoint`` with the given credentials; else the local mesh's first agent, with
+    its operator certificate, found under ``home``."""
     if endpoint:
-        return endpoint
+        return Target(endpoint, CREDENTIALS.security())
     agents = [s for s in localmesh.read_state(home) if s.kind == "agent"]
     if not agents:
         raise fail("no endpoint: give --endpoint, set MESH_ENDPOINT, or run 'meshctl up'", 2)
-    return agents[0].address
+    if CREDENTIALS.given:
+        security = CREDENTIALS.security()
+        return Target(agents[0].peer_address if security.cert else agents[0].address, security)
+    return Target(agents[0].peer_address, local_operator(home))
 
 
-def call(endpoint: str, work: Callable[[MeshClient], Awaitable[T]]) -> T:
+def local_operator(home: Path) -> Security:
+    try:
+        return LocalTrust(home / "pki", CREDENTIALS.mesh).operator()
+    except ConfigError as exc:
+        raise fail(f"no credentials of the local mesh: {exc.message}", 2) from None
+
+
+def etcd_security(home: Path) -> Security:
+    """Who ``meshctl`` is to etcd: the given certificate (its CN an etcd user, e.g. the
+    operator), else the local mesh's operator."""
+    return CREDENTIALS.security() if CREDENTIALS.given else local_operator(home)
+
+
+def call(target: Target, work: Callable[[MeshClient], Awaitable[T]]) -> T:
     """Run one client interaction, turning gRPC errors into a one-line message."""
 
     async def run() -> T:
-        async with MeshClient(endpoint) as client:
+        async with MeshClient(target.address, target.security) as client:
             return await work(client)
 
     try:

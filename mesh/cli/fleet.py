@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -14,14 +15,17 @@ from mesh.cli.common import (
     HomeOpt,
     Output,
     OutputOpt,
+    Target,
     as_dict,
     call,
     console,
     emit,
     err,
     fail,
+    local_operator,
     resolve_endpoint,
 )
+from mesh.client import MeshClient
 from mesh.local import localmesh
 from mesh.v1 import tasks_pb2 as pb
 
@@ -62,11 +66,11 @@ def agents(
     emit([as_dict(a) for a in found], output, table)
 
 
-def _endpoint_in(dc: str, home: Path) -> str:
+def _endpoint_in(dc: str, home: Path) -> Target:
     agents = [s for s in localmesh.read_state(home) if s.kind == "agent" and s.dc == dc]
     if not agents:
         raise fail(f"no agent of DC {dc!r} in the local mesh; give --endpoint", 2)
-    return agents[0].address
+    return Target(agents[0].peer_address, local_operator(home))
 
 
 @app.command()
@@ -91,8 +95,8 @@ def route(
         gpu_count=gpus,
         min_gpu_memory_mb=min_memory,
     )
-    address = endpoint or (_endpoint_in(dc, home) if dc else resolve_endpoint(None, home))
-    reply = call(address, lambda c: c.route(spec, explain))
+    target = _endpoint_in(dc, home) if dc and not endpoint else resolve_endpoint(endpoint, home)
+    reply = call(target, lambda c: c.route(spec, explain))
 
     def tables() -> Table:
         targets = Table(
@@ -186,11 +190,33 @@ def drain(
     home: HomeOpt = localmesh.DEFAULT_HOME,
 ) -> None:
     """Mark AGENT draining: no new tasks; its running and queued ones finish."""
-    infos = call(resolve_endpoint(endpoint, home), lambda c: c.agents())
+    _drain(agent, endpoint, output, home, lambda c: c.drain())
+
+
+@app.command()
+def undrain(
+    agent: Annotated[str, typer.Argument(help="agent id")],
+    endpoint: EndpointOpt = None,
+    output: OutputOpt = Output.table,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
+) -> None:
+    """Take a drained AGENT back into service."""
+    _drain(agent, endpoint, output, home, lambda c: c.undrain())
+
+
+def _drain(
+    agent: str,
+    endpoint: str | None,
+    output: Output,
+    home: Path,
+    change: Callable[[MeshClient], Awaitable[pb.AgentInfo]],
+) -> None:
+    where = resolve_endpoint(endpoint, home)
+    infos = call(where, lambda c: c.agents())
     target = next((i for i in infos if i.agent_id == agent), None)
     if target is None:
         raise fail(f"no agent {agent!r} in that DC; see 'meshctl agents'")
-    info = call(target.address, lambda c: c.drain())
+    info = call(where.at(target), change)
     emit(
         as_dict(info),
         output,

@@ -47,7 +47,7 @@ def submit(
     task_type: Annotated[
         str, typer.Option("--type", help="t2i, i2i, super_resolution, tts, llm or custom")
     ] = "custom",
-    user: Annotated[str, typer.Option(help="user id")] = "cli",
+    user: Annotated[str, typer.Option(help="user id; default: who the credentials name")] = "",
     queue: Annotated[str, typer.Option(help="queue class; empty: the default")] = "",
     param: Annotated[list[str], typer.Option("--param", "-p", help="KEY=VALUE")] = [],  # noqa: B006
     payload_file: Annotated[

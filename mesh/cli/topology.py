@@ -11,12 +11,9 @@ import typer
 import yaml
 from rich.table import Table
 
-from mesh.cli.common import (
-    DEFAULT_TOPOLOGY,
-    console,
-    fail,
-)
+from mesh.cli.common import DEFAULT_TOPOLOGY, HomeOpt, console, etcd_security, fail
 from mesh.errors import ConfigError
+from mesh.local import localmesh
 from mesh.topology import load as load_topology
 
 app = typer.Typer(no_args_is_help=True, help="Validate, compare and apply topologies.")
@@ -52,11 +49,12 @@ def topology_schema() -> None:
 @app.command("show")
 def topology_show(
     file: Annotated[Path, typer.Argument(help="file naming the DCs")] = DEFAULT_TOPOLOGY,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
 ) -> None:
     """What each DC's etcd holds (the DCs and etcd endpoints come from FILE)."""
     from mesh.store import topostore
 
-    states = asyncio.run(topostore.read_all(_load(file)))
+    states = asyncio.run(topostore.read_all(_load(file), etcd_security(home)))
     table = Table("dc", "version", "digest", "note")
     for s in states:
         version = f"v{s.applied.version}" if s.applied else "-"
@@ -73,7 +71,7 @@ def topology_show(
 
 
 @app.command("diff")
-def topology_diff(file: TopologyArg) -> None:
+def topology_diff(file: TopologyArg, home: HomeOpt = localmesh.DEFAULT_HOME) -> None:
     """How FILE differs from what is applied (exit 1 if it does)."""
     import difflib
 
@@ -81,7 +79,7 @@ def topology_diff(file: TopologyArg) -> None:
 
     topology = _load(file)
     changed = False
-    for s in asyncio.run(topostore.read_all(topology)):
+    for s in asyncio.run(topostore.read_all(topology, etcd_security(home))):
         if s.error:
             raise fail(f"{s.dc}: {s.error}")
         before = _as_yaml(s.applied.topology) if s.applied else ""
@@ -103,11 +101,11 @@ def topology_diff(file: TopologyArg) -> None:
 
 
 @app.command("apply")
-def topology_apply(file: TopologyArg) -> None:
+def topology_apply(file: TopologyArg, home: HomeOpt = localmesh.DEFAULT_HOME) -> None:
     """Write FILE to every DC's etcd as a new version; agents switch without restart."""
     from mesh.store import topostore
 
-    report = asyncio.run(topostore.apply(_load(file)))
+    report = asyncio.run(topostore.apply(_load(file), etcd_security(home)))
     table = Table("dc", "result")
     for dc, what in report.items():
         table.add_row(dc, what)

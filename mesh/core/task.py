@@ -7,6 +7,7 @@ already late → ``DeadlinePassed`` (DEADLINE_EXCEEDED). No I/O, so it is tested
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import re
 import uuid
@@ -131,3 +132,21 @@ def _deadline_ms(spec: pb.TaskSpec, cfg: AgentConfig, now_ms: int) -> int:
     if deadline <= now_ms:
         raise DeadlinePassed("the task's deadline has already passed", task_id=spec.task_id)
     return min(deadline, now_ms + int(cfg.max_deadline_s * 1000))
+
+
+def page_token(last_task_id: str) -> str:
+    """An opaque continuation for List: the last task id a page covered."""
+    return base64.urlsafe_b64encode(last_task_id.encode()).decode().rstrip("=")
+
+
+def page_start(token: str) -> str:
+    """The task id a page token continues after ("" for none); ``InvalidTask`` if the
+    token is not one this mesh made."""
+    if not token:
+        return ""
+    try:
+        task_id = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidTask("page_token is not one this mesh issued") from None
+    check_id(task_id)
+    return task_id

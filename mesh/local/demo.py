@@ -56,7 +56,7 @@ def workload(count: int, seed: int) -> list[pb.TaskSpec]:
         model, task_type, _ = rng.choices(MODELS, weights)[0]
         spec = pb.TaskSpec(
             task_id=f"demo-{seed}-{i:04d}",
-            user=pb.User(id=USER, group="demo", role="tester"),
+            user=pb.User(id=USER, group="demo"),
             task_type=task_type,
             model=model,
             queue="vip" if rng.random() < 0.2 else "normal",
@@ -134,8 +134,7 @@ async def _cancel_some(
 async def _statuses(clients: dict[str, list[MeshClient]]) -> dict[str, pb.TaskStatus]:
     found: dict[str, pb.TaskStatus] = {}
     for dc_clients in clients.values():
-        reply = await dc_clients[0].list(user_id=USER, limit=100_000)
-        found.update({s.task_id: s for s in reply.tasks})
+        found.update({s.task_id: s for s in await dc_clients[0].list_all(user_id=USER)})
     return found
 
 
@@ -151,9 +150,11 @@ async def _backlog_depth(clients: dict[str, list[MeshClient]]) -> int:
 async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
     rng = random.Random(seed)
     by_dc: dict[str, list[MeshClient]] = defaultdict(list)
+    assert mesh.trust is not None
+    security = mesh.trust.user(USER, groups=["demo"])  # a token, as a user of the mesh has
     for s in mesh.started:
         if s.kind == "agent":
-            by_dc[s.dc].append(MeshClient(s.address))
+            by_dc[s.dc].append(MeshClient(s.address, security))
     dc_of = {s.name: s.dc for s in mesh.started if s.kind == "agent"}
     specs = workload(count, seed)
     tally = Tally({}, Counter())

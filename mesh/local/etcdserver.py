@@ -62,15 +62,31 @@ def etcdctl_for(etcd: Path) -> Path | None:
     return found if found.exists() else (Path(p) if (p := shutil.which("etcdctl")) else None)
 
 
+@dataclass(frozen=True, slots=True)
+class MemberTls:
+    """A member's certificate and key, and the CA it trusts for clients and peers."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
 @dataclass
 class EtcdMember:
-    """One etcd member as a child process: the real binary, so its PID is the server's."""
+    """One etcd member as a child process: the real binary, so its PID is the server's.
+
+    With ``tls``, clients and peers speak TLS and must present a certificate of the
+    mesh's CA (``--client-cert-auth``: its CN is the etcd user). Health is probed on a
+    plaintext metrics URL that serves ``/health`` and ``/metrics`` only, no keys.
+    """
 
     name: str
     data_dir: Path
     client_port: int
     peer_port: int
     host: str = "127.0.0.1"
+    tls: MemberTls | None = None
+    metrics_port: int = 0  # 0: no metrics URL; health is then probed on the client URL
     initial_cluster: str = ""  # "n1=http://...,n2=http://..."; empty: a cluster of one
     fast_election: bool = True  # 50 ms heartbeat / 250 ms election: quick tests, not production
     binary: Path = field(default_factory=find_etcd)
@@ -78,12 +94,22 @@ class EtcdMember:
     process: subprocess.Popen[bytes] | None = None
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
+
+    @property
+    def health_url(self) -> str:
+        if self.metrics_port:
+            return f"http://{self.host}:{self.metrics_port}/health"
+        return f"{self.client_url}/health"
 
     @property
     def endpoint(self) -> str:
@@ -104,6 +130,16 @@ class EtcdMember:
         ]  # fmt: skip
         if self.fast_election:
             argv += ["--heartbeat-interval", "50", "--election-timeout", "250"]
+        if self.tls:
+            t = self.tls
+            argv += [
+                "--cert-file", str(t.cert), "--key-file", str(t.key),
+                "--trusted-ca-file", str(t.ca), "--client-cert-auth",
+                "--peer-cert-file", str(t.cert), "--peer-key-file", str(t.key),
+                "--peer-trusted-ca-file", str(t.ca), "--peer-client-cert-auth",
+            ]  # fmt: skip
+        if self.metrics_port:
+            argv += ["--listen-metrics-urls", f"http://{self.host}:{self.metrics_port}"]
         return argv
 
     def start(self, log_path: Path | None = None) -> None:
@@ -118,7 +154,7 @@ class EtcdMember:
 
     def healthy(self) -> bool:
         try:
-            with urllib.request.urlopen(f"{self.client_url}/health", timeout=0.5) as reply:
+            with urllib.request.urlopen(self.health_url, timeout=0.5) as reply:
                 return b'"true"' in reply.read()
         except OSError:
             return False

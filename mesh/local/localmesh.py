@@ -1,7 +1,10 @@
 """A whole mesh on one machine: one etcd per DC and agents with fake GPUs, as processes.
 
-``meshctl up`` and ``meshctl demo`` use it. What it started is written to a state file,
-so ``meshctl down`` (another process, later) stops exactly that and nothing else.
+``meshctl up`` and ``meshctl demo`` use it. It is secure with no extra step: it makes the
+mesh's CA and every certificate under the state folder (``mesh.local.trust``), runs each
+etcd with TLS, client certificates and RBAC, and each agent with its own certificate
+and the mesh's gossip key. What it started is written to a state file, so ``meshctl
+down`` (another process, later) stops exactly that and nothing else.
 """
 
 from __future__ import annotations
@@ -10,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -23,12 +25,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mesh.channels import Security
 from mesh.errors import ConfigError, Unavailable
 from mesh.local.etcdserver import EtcdMember
+from mesh.local.trust import LocalTrust
 from mesh.store import topostore
 from mesh.topology import Topology
+from mesh.trust.pki import agent_host, private_dir, write_secret
 
 STATE_FILE = "state.json"
+MESH = "gpumesh"  # the local mesh's trust domain
 
 
 DEFAULT_HOME = Path.home() / ".gpumesh" / "local"  # meshctl's --home; MESH_HOME overrides
@@ -48,7 +54,20 @@ class Started:
     name: str
     dc: str
     pid: int
-    address: str
+    address: str  # an agent's API port (tokens); an etcd member's client endpoint
+    peer_address: str = ""  # an agent's mTLS port
+    since: float = 0.0  # when the process started, by the kernel's clock (proc_started)
+
+
+def proc_started(pid: int) -> float:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat``); 0.0
+    if there is no such process. With the PID, it names one process for good: a PID the
+    kernel gave to another process since has another start time."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    return float(stat.rsplit(")", 1)[1].split()[19])  # field 22, counted after "(comm)"
 
 
 def _alive(pid: int) -> bool:
@@ -77,8 +96,14 @@ def _stop_pids(pids: list[int], timeout_s: float) -> None:
                 os.killpg(pid, signal.SIGKILL)
 
 
-def agent_healthy(address: str, timeout_s: float = 0.5) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def agent_healthy(address: str, security: Security, timeout_s: float = 0.5) -> bool:
+    """Whether the agent at ``address`` answers SERVING (health is open to any TLS caller)."""
+    if security.insecure:
+        channel = grpc.insecure_channel(address)
+    else:
+        options = [("grpc.ssl_target_name_override", agent_host(security.mesh))]
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(security.ca), options)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
@@ -89,24 +114,32 @@ def agent_healthy(address: str, timeout_s: float = 0.5) -> bool:
 
 
 class LocalMesh:
-    def __init__(self, topology: Topology, home: Path) -> None:
+    def __init__(self, topology: Topology, home: Path, mesh: str = MESH) -> None:
         if topology.local is None:
             raise ConfigError("the topology has no 'local' section: nothing to start")
         self.topology = topology
         self.local = topology.local
         self.home = home
+        self.mesh = mesh
         self.started: list[Started] = []
+        self.trust: LocalTrust | None = None
+
+    @property
+    def operator(self) -> Security:
+        assert self.trust is not None, "up() makes the trust material"
+        return self.trust.operator()
 
     @property
     def state_path(self) -> Path:
         return self.home / STATE_FILE
 
     def _save(self) -> None:
-        self.state_path.write_text(
+        write_secret(
+            self.state_path,
             json.dumps(
                 {"prefix": self.topology.prefix, "started": [asdict(s) for s in self.started]},
                 indent=2,
-            )
+            ).encode(),
         )
 
     def up(self, timeout_s: float = 30.0) -> list[Started]:
@@ -115,15 +148,14 @@ class LocalMesh:
                 f"a local mesh is already running from {self.home}; run 'meshctl down' first"
             )
         shutil.rmtree(self.home, ignore_errors=True)
-        (self.home / "logs").mkdir(parents=True)
+        private_dir(self.home)
+        private_dir(self.home / "logs")
+        self.trust = LocalTrust.create(self.home / "pki", self.mesh)
         try:
             self._start_etcds()
-            addresses = {
-                spec.id: f"127.0.0.1:{free_port()}"
-                for agents in self.local.agents.values()
-                for spec in agents
-            }
-            self._apply_topology(addresses)
+            ids = [spec.id for agents in self.local.agents.values() for spec in agents]
+            addresses = {i: (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}") for i in ids}
+            self._apply_topology({i: peer for i, (_, peer) in addresses.items()})
             self._start_agents(addresses)
             self._wait_agents(timeout_s)
         except BaseException:
@@ -132,21 +164,31 @@ class LocalMesh:
         return self.started
 
     def _start_etcds(self) -> None:
+        assert self.trust is not None
         members = []
         for name, dc in self.topology.dcs.items():
             host, _, port = dc.etcd[0].rpartition(":")
             member = EtcdMember(
-                f"etcd-{name}", self.home / "etcd" / name, int(port), free_port(), host=host
+                f"etcd-{name}",
+                self.home / "etcd" / name,
+                int(port),
+                free_port(),
+                host=host,
+                tls=self.trust.etcd(f"etcd-{name}", [host]),
+                metrics_port=free_port(),
             )
             member.start(self.home / "logs" / f"etcd-{name}.log")
             assert member.process is not None
+            pid = member.process.pid
             self.started.append(
-                Started("etcd", member.name, name, member.process.pid, member.endpoint)
+                Started("etcd", member.name, name, pid, member.endpoint, since=proc_started(pid))
             )
             self._save()
             members.append(member)
         for member in members:
             member.wait_healthy()
+        for name, dc in self.topology.dcs.items():
+            self.trust.secure_etcd_now(dc.etcd, self.topology.prefix, [name])
 
     def _apply_topology(self, addresses: dict[str, str]) -> None:
         """Apply the topology to every DC's etcd, seeds filled in with our agents."""
@@ -158,16 +200,19 @@ class LocalMesh:
             )
             for name, dc in self.topology.dcs.items()
         }
-        report = asyncio.run(topostore.apply(self.topology.model_copy(update={"dcs": dcs})))
+        report = asyncio.run(
+            topostore.apply(self.topology.model_copy(update={"dcs": dcs}), self.operator)
+        )
         failed = {dc: what for dc, what in report.items() if not what.startswith("applied")}
         if failed:
             raise Unavailable(f"could not apply the topology: {failed}")
 
-    def _start_agents(self, addresses: dict[str, str]) -> None:
-        gossip_key = secrets.token_hex(16)  # this mesh's own: its gossip is authenticated
+    def _start_agents(self, addresses: dict[str, tuple[str, str]]) -> None:
+        assert self.trust is not None
         for dc, agents in self.local.agents.items():
             for spec in agents:
-                address = addresses[spec.id]
+                address, peer = addresses[spec.id]
+                files = self.trust.agent(spec.id, dc)
                 argv = [
                     sys.executable, "-m", "mesh.agent.main",
                     "--agent-id", spec.id,
@@ -175,6 +220,12 @@ class LocalMesh:
                     "--prefix", self.topology.prefix,
                     "--etcd-endpoints", json.dumps(self.topology.dcs[dc].etcd),
                     "--listen", address,
+                    "--peer-listen", peer,
+                    "--mesh-name", self.mesh,
+                    "--tls-ca", str(files.ca),
+                    "--tls-cert", str(files.cert),
+                    "--tls-key", str(files.key),
+                    "--gossip-key-file", str(self.trust.gossip_key_file),
                     "--fake-gpus", spec.fake_gpus,
                     "--queues", json.dumps(self.topology.queues),
                     "--commands", json.dumps(self.local.commands),
@@ -182,7 +233,6 @@ class LocalMesh:
                     "--result-dir", str(self.home / "results"),
                     "--drain-grace-s", "3",
                     "--max-queue-length", str(self.local.max_queue_length),
-                    "--gossip-keys", json.dumps([gossip_key]),
                     "--decision-log", str(self.home / "logs" / f"decisions-{spec.id}.jsonl"),
                 ]  # fmt: skip
                 # Only non-empty lists: the CLI parser reads '[]' as [''].
@@ -196,7 +246,9 @@ class LocalMesh:
                     proc = subprocess.Popen(
                         argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                     )
-                self.started.append(Started("agent", spec.id, dc, proc.pid, address))
+                self.started.append(
+                    Started("agent", spec.id, dc, proc.pid, address, peer, proc_started(proc.pid))
+                )
                 self._save()
 
     def _wait_agents(self, timeout_s: float) -> None:
@@ -206,7 +258,7 @@ class LocalMesh:
             for s in waiting:
                 if not _alive(s.pid) or _reaped(s.pid):
                     raise Unavailable(f"agent {s.name} exited; see {self.home}/logs/{s.name}.log")
-            waiting = [s for s in waiting if not agent_healthy(s.address)]
+            waiting = [s for s in waiting if not agent_healthy(s.address, self.operator)]
             if waiting and time.monotonic() > deadline:
                 raise Unavailable(
                     f"agents not serving after {timeout_s:.0f}s: {[s.name for s in waiting]}"
@@ -234,9 +286,11 @@ def read_state(home: Path) -> list[Started]:
 
 
 def stop(home: Path, timeout_s: float = 10.0) -> list[Started]:
-    """Stop what the state file lists: agents first (they drain), then etcd."""
-    started = read_state(home)
-    _stop_pids([s.pid for s in started if s.kind == "agent"], timeout_s)
-    _stop_pids([s.pid for s in started if s.kind == "etcd"], timeout_s)
+    """Stop what the state file lists, agents first (they drain), then etcd: only the
+    processes that are provably the ones started (same PID, same start time), never a
+    process that happens to hold a recorded PID now."""
+    ours = [s for s in read_state(home) if s.since and proc_started(s.pid) == s.since]
+    _stop_pids([s.pid for s in ours if s.kind == "agent"], timeout_s)
+    _stop_pids([s.pid for s in ours if s.kind == "etcd"], timeout_s)
     (home / STATE_FILE).unlink(missing_ok=True)
-    return started
+    return ours

@@ -11,14 +11,17 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aetcd
+import aetcd.rpc
+import grpc
 from google.protobuf import json_format
 
 from mesh.core.lifecycle import end
 from mesh.core.task import TERMINAL, public
 from mesh.errors import StaleWrite, TaskNotFound, Unavailable, Unsure
-from mesh.store.etcd import ETCD_ERRORS, never_applied, watch_events
+from mesh.store.etcd import ETCD_ERRORS, never_applied, stub_options, watch_events
 from mesh.store.keys import KeySpace
 from mesh.v1 import peer_pb2, tasks_pb2
 
@@ -204,26 +207,61 @@ class TaskStore:
                 stored = await self.get(task_id)
                 yield stored
 
-    async def list(
-        self, *, user_id: str, state: int, limit: int
-    ) -> tuple[list[tasks_pb2.TaskStatus], bool]:
-        """Tasks that run in this DC, filtered; the flag says whether more matched than
-        ``limit``. A task that overflowed to another DC is listed there."""
-        try:
-            listing = await self._client.get_prefix(self._keys.tasks)
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
+    async def list(self, *, user_id: str, state: int, limit: int, after: str = "") -> Page:
+        """One page of the tasks that run in this DC, filtered, in task-id order, from
+        the task after ``after``. A task that overflowed to another DC is listed there.
+        At most ``SCAN_PER_PAGE`` x ``limit`` records are read for one page, so a filter
+        that matches little costs short pages, never an unbounded scan."""
+        start = self._keys.task(after) + b"\0" if after else self._keys.tasks
+        end = prefix_end(self._keys.tasks)
         found: list[tasks_pb2.TaskStatus] = []
-        for kv in listing:
-            record = decode(kv.value)
-            if record.forwarded_to_dc:
-                continue  # listed in the DC it overflowed to
-            status = record.status
-            if user_id and status.spec.user.id != user_id:
-                continue
-            if state and status.state != state:
-                continue
-            if len(found) == limit:
-                return found, True
-            found.append(public(status))
-        return found, False
+        budget = SCAN_PER_PAGE * max(1, limit)
+        while budget > 0:
+            batch = min(budget, SCAN_BATCH)
+            kvs, more = await self._range(start, end, batch)
+            budget -= len(kvs)
+            for kv in kvs:
+                record = decode(kv.value)
+                status = record.status
+                if record.forwarded_to_dc:
+                    continue  # listed in the DC it overflowed to
+                if (user_id and status.spec.user.id != user_id) or (
+                    state and status.state != state
+                ):
+                    continue
+                found.append(public(status))
+                if len(found) == limit:
+                    return Page(found, status.task_id if (more or kv is not kvs[-1]) else "")
+            if not more:
+                return Page(found, "")
+            start = kvs[-1].key + b"\0"
+        return Page(found, decode_id(start, self._keys))  # the scan budget is spent
+
+    async def _range(self, start: bytes, end: bytes, limit: int) -> tuple[list[Any], bool]:
+        """Up to ``limit`` keys of [start, end), and whether more follow. aetcd has no
+        limited range, so this calls etcd's KV service with its stub and metadata."""
+        request = aetcd.rpc.RangeRequest(key=start, range_end=end, limit=limit)
+        try:
+            reply = await self._client.kvstub.Range(request, **stub_options(self._client))
+        except (grpc.aio.AioRpcError, *ETCD_ERRORS) as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        return list(reply.kvs), reply.more
+
+
+SCAN_PER_PAGE = 20
+SCAN_BATCH = 500
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    tasks: list[tasks_pb2.TaskStatus]
+    last: str  # the last task id this page covered; "" when nothing is left
+
+
+def prefix_end(prefix: bytes) -> bytes:
+    """The first key after every key that starts with ``prefix`` (etcd's range end)."""
+    return prefix[:-1] + bytes([prefix[-1] + 1])
+
+
+def decode_id(key: bytes, keys: KeySpace) -> str:
+    return key.rstrip(b"\0")[len(keys.tasks) :].decode()

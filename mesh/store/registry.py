@@ -30,7 +30,7 @@ DRAINING = "draining"
 class AgentRecord:
     agent_id: str
     dc: str
-    address: str
+    address: str  # host:port of its API port (TLS, bearer tokens)
     gpus: tuple[Gpu, ...]
     weight: float
     pipelines: tuple[str, ...]
@@ -41,6 +41,7 @@ class AgentRecord:
     queues: tuple[str, ...] = field(default=())
     queue_limit: int = 256  # its max_queue_length: with its slots, its hard limit
     gossip_address: str = ""  # host:port of its gossip UDP socket
+    peer_address: str = ""  # host:port of its mTLS port: PeerService, certificate holders
 
     @property
     def slots(self) -> int:
@@ -70,6 +71,7 @@ class Registry:
     ) -> None:
         self._client = client
         self._keys = keys
+        self.dc = keys.dc
         self._lease = lease
         self._listener = on_change
         self.me: AgentRecord | None = None

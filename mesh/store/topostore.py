@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import aetcd
 
+from mesh.channels import Security
 from mesh.errors import ConfigError, MeshError, Unavailable
 from mesh.store.etcd import ETCD_ERRORS, client_for
 from mesh.topology import Topology, parse
@@ -22,6 +23,12 @@ CURRENT = "current"
 
 def directory(prefix: str) -> bytes:
     return f"/{prefix}/topology/".encode()
+
+
+def token_keys(prefix: str) -> bytes:
+    """Where the operator publishes the public keys bearer tokens are checked against,
+    shared by every DC (``/{prefix}/trust/token-keys/{kid}``)."""
+    return f"/{prefix}/trust/token-keys/".encode()
 
 
 def key(prefix: str) -> bytes:
@@ -90,11 +97,11 @@ class DcState:
     error: str = ""
 
 
-async def read_all(topology: Topology) -> list[DcState]:
+async def read_all(topology: Topology, security: Security) -> list[DcState]:
     """The applied topology in each DC that ``topology`` lists."""
     states = []
     for name, dc in topology.dcs.items():
-        client = client_for(dc.etcd)
+        client = client_for(dc.etcd, security=security)
         try:
             await client.connect()
             applied, revision = await read(client, topology.prefix)
@@ -106,13 +113,13 @@ async def read_all(topology: Topology) -> list[DcState]:
     return states
 
 
-async def apply(topology: Topology) -> dict[str, str]:
+async def apply(topology: Topology, security: Security) -> dict[str, str]:
     """Write ``topology`` to every DC's etcd as one new version; what happened, per DC.
 
     Nothing is written unless every DC could be read, so a version number is never
     reused; a DC changed by someone else meanwhile is reported and left alone.
     """
-    states = await read_all(topology)
+    states = await read_all(topology, security)
     unreadable = [s for s in states if s.error]
     if unreadable:
         return {s.dc: f"not applied anywhere: {s.dc} unreadable ({s.error})" for s in states}
@@ -124,7 +131,7 @@ async def apply(topology: Topology) -> dict[str, str]:
         if state.applied is not None and state.applied.digest == wanted:
             report[state.dc] = f"unchanged (v{state.applied.version})"
             continue
-        client = client_for(topology.dcs[state.dc].etcd)
+        client = client_for(topology.dcs[state.dc].etcd, security=security)
         try:
             await client.connect()
             written = await write(client, topology.prefix, new, state.revision)

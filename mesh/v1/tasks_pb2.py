@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/v1/tasks.proto\x12\x07mesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"\x9b\x03\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1b\n\x04user\x18\x02 \x01(\x0b\x32\r.mesh.v1.User\x12$\n\ttask_type\x18\x03 \x01(\x0e\x32\x11.mesh.v1.TaskType\x12\x10\n\x08pipeline\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05queue\x18\x06 \x01(\t\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12-\n\x06params\x18\x08 \x03(\x0b\x32\x1d.mesh.v1.TaskSpec.ParamsEntry\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x66\x66inity_key\x18\n \x01(\t\x12\x11\n\tgpu_count\x18\x0b \x01(\r\x12\x19\n\x11min_gpu_memory_mb\x18\x0c \x01(\x04\x12*\n\x07timeout\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\"E\n\x06Result\x12\x10\n\x06inline\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x12\x12\n\nmedia_type\x18\x03 \x01(\tB\x06\n\x04\x62ody\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf2\x03\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.mesh.v1.TaskState\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\n\n\x02\x64\x63\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12#\n\x08progress\x18\x06 \x01(\x0b\x32\x11.mesh.v1.Progress\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tqueued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x06result\x18\x0b \x01(\x0b\x32\x0f.mesh.v1.Result\x12!\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x12.mesh.v1.TaskError\x12\x1f\n\x04spec\x18\r \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12,\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04path\x18\x0f \x03(\t\"0\n\rSubmitRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\"G\n\x0eSubmitResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TaskStatus\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x1f\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x98\x01\n\tTaskEvent\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.mesh.v1.TaskEvent.Kind\x12#\n\x06status\x18\x02 \x01(\x0b\x32\x13.mesh.v1.TaskStatus\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_STATE\x10\x01\x12\x11\n\rKIND_PROGRESS\x10\x02\"0\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"P\n\x0bListRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.mesh.v1.TaskState\x12\r\n\x05limit\x18\x03 \x01(\r\"E\n\x0cListResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.mesh.v1.TaskStatus\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"V\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tmemory_mb\x18\x04 \x01(\x04\x12\x11\n\tgpu_class\x18\x05 \x01(\t\"\xf6\x01\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\n\n\x02\x64\x63\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1a\n\x04gpus\x18\x04 \x03(\x0b\x32\x0c.mesh.v1.Gpu\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x11\n\tpipelines\x18\x06 \x03(\t\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x15\n\rmodels_loaded\x18\x08 \x03(\t\x12\r\n\x05state\x18\t \x01(\t\x12\x13\n\x0bincarnation\x18\n \x01(\x04\x12\x0f\n\x07running\x18\x0b \x01(\r\x12\x0e\n\x06queued\x18\x0c \x01(\r\x12\x0f\n\x07suspect\x18\r \x01(\x08\"\x13\n\x11ListAgentsRequest\"8\n\x12ListAgentsResponse\x12\"\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x12.mesh.v1.AgentInfo\"@\n\x0cRouteRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12\x0f\n\x07\x65xplain\x18\x02 \x01(\x08\"L\n\x0bRouteTarget\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tmax_tasks\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"}\n\x0eRouteCandidate\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05tasks\x18\x02 \x01(\r\x12\x11\n\tmax_tasks\x18\x03 \x01(\x01\x12\x10\n\x08\x65ligible\x18\x04 \x01(\x08\x12\x14\n\x0cmodel_loaded\x18\x05 \x01(\x08\x12\x0f\n\x07verdict\x18\x06 \x01(\t\"\x90\x01\n\rRouteResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\n\n\x02\x64\x63\x18\x02 \x01(\t\x12\r\n\x05\x62ound\x18\x03 \x01(\x01\x12%\n\x07targets\x18\x04 \x03(\x0b\x32\x14.mesh.v1.RouteTarget\x12+\n\ncandidates\x18\x05 \x03(\x0b\x32\x17.mesh.v1.RouteCandidate\"\x0e\n\x0cQueueRequest\"@\n\nQueueClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12\x15\n\roldest_wait_s\x18\x03 \x01(\x01\"^\n\rQueueResponse\x12\n\n\x02\x64\x63\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x03\x12$\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x13.mesh.v1.QueueClass\"\x0e\n\x0c\x44rainRequest*\xa7\x01\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_TYPE_T2I\x10\x01\x12\x11\n\rTASK_TYPE_I2I\x10\x02\x12\x1e\n\x1aTASK_TYPE_SUPER_RESOLUTION\x10\x03\x12\x11\n\rTASK_TYPE_TTS\x10\x04\x12\x11\n\rTASK_TYPE_LLM\x10\x05\x12\x14\n\x10TASK_TYPE_CUSTOM\x10\x06*\xb9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x15\n\x11TASK_STATE_QUEUED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x04\x12\x15\n\x11TASK_STATE_FAILED\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x32\x9b\x02\n\x0bTaskService\x12\x39\n\x06Submit\x12\x16.mesh.v1.SubmitRequest\x1a\x17.mesh.v1.SubmitResponse\x12/\n\x03Get\x12\x13.mesh.v1.GetRequest\x1a\x13.mesh.v1.TaskStatus\x12\x34\n\x05Watch\x12\x15.mesh.v1.WatchRequest\x1a\x12.mesh.v1.TaskEvent0\x01\x12\x35\n\x06\x43\x61ncel\x12\x16.mesh.v1.CancelRequest\x1a\x13.mesh.v1.TaskStatus\x12\x33\n\x04List\x12\x14.mesh.v1.ListRequest\x1a\x15.mesh.v1.ListResponse2\xf9\x01\n\x0c\x41gentService\x12\x45\n\nListAgents\x12\x1a.mesh.v1.ListAgentsRequest\x1a\x1b.mesh.v1.ListAgentsResponse\x12\x36\n\x05Route\x12\x15.mesh.v1.RouteRequest\x1a\x16.mesh.v1.RouteResponse\x12\x36\n\x05Queue\x12\x15.mesh.v1.QueueRequest\x1a\x16.mesh.v1.QueueResponse\x12\x32\n\x05\x44rain\x12\x15.mesh.v1.DrainRequest\x1a\x12.mesh.v1.AgentInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13mesh/v1/tasks.proto\x12\x07mesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"/\n\x04User\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05group\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\"\x9b\x03\n\x08TaskSpec\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1b\n\x04user\x18\x02 \x01(\x0b\x32\r.mesh.v1.User\x12$\n\ttask_type\x18\x03 \x01(\x0e\x32\x11.mesh.v1.TaskType\x12\x10\n\x08pipeline\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\r\n\x05queue\x18\x06 \x01(\t\x12\x0f\n\x07payload\x18\x07 \x01(\x0c\x12-\n\x06params\x18\x08 \x03(\x0b\x32\x1d.mesh.v1.TaskSpec.ParamsEntry\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x61\x66\x66inity_key\x18\n \x01(\t\x12\x11\n\tgpu_count\x18\x0b \x01(\r\x12\x19\n\x11min_gpu_memory_mb\x18\x0c \x01(\x04\x12*\n\x07timeout\x18\r \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bParamsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\x12\x0f\n\x07message\x18\x03 \x01(\t\"E\n\x06Result\x12\x10\n\x06inline\x18\x01 \x01(\x0cH\x00\x12\r\n\x03uri\x18\x02 \x01(\tH\x00\x12\x12\n\nmedia_type\x18\x03 \x01(\tB\x06\n\x04\x62ody\"*\n\tTaskError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xf2\x03\n\nTaskStatus\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.mesh.v1.TaskState\x12\r\n\x05\x61gent\x18\x03 \x01(\t\x12\n\n\x02\x64\x63\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12#\n\x08progress\x18\x06 \x01(\x0b\x32\x11.mesh.v1.Progress\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tqueued_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x06result\x18\x0b \x01(\x0b\x32\x0f.mesh.v1.Result\x12!\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x12.mesh.v1.TaskError\x12\x1f\n\x04spec\x18\r \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12,\n\x08\x64\x65\x61\x64line\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04path\x18\x0f \x03(\t\"0\n\rSubmitRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\"G\n\x0eSubmitResponse\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TaskStatus\x12\x10\n\x08\x65xisting\x18\x02 \x01(\x08\"\x1d\n\nGetRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x1f\n\x0cWatchRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x98\x01\n\tTaskEvent\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.mesh.v1.TaskEvent.Kind\x12#\n\x06status\x18\x02 \x01(\x0b\x32\x13.mesh.v1.TaskStatus\"?\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_STATE\x10\x01\x12\x11\n\rKIND_PROGRESS\x10\x02\"0\n\rCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"d\n\x0bListRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12!\n\x05state\x18\x02 \x01(\x0e\x32\x12.mesh.v1.TaskState\x12\r\n\x05limit\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"^\n\x0cListResponse\x12\"\n\x05tasks\x18\x01 \x03(\x0b\x32\x13.mesh.v1.TaskStatus\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"V\n\x03Gpu\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x11\n\tmemory_mb\x18\x04 \x01(\x04\x12\x11\n\tgpu_class\x18\x05 \x01(\t\"\x8c\x02\n\tAgentInfo\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\n\n\x02\x64\x63\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x1a\n\x04gpus\x18\x04 \x03(\x0b\x32\x0c.mesh.v1.Gpu\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x11\n\tpipelines\x18\x06 \x03(\t\x12\x0e\n\x06models\x18\x07 \x03(\t\x12\x15\n\rmodels_loaded\x18\x08 \x03(\t\x12\r\n\x05state\x18\t \x01(\t\x12\x13\n\x0bincarnation\x18\n \x01(\x04\x12\x0f\n\x07running\x18\x0b \x01(\r\x12\x0e\n\x06queued\x18\x0c \x01(\r\x12\x0f\n\x07suspect\x18\r \x01(\x08\x12\x14\n\x0cmtls_address\x18\x0e \x01(\t\"\x13\n\x11ListAgentsRequest\"8\n\x12ListAgentsResponse\x12\"\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x12.mesh.v1.AgentInfo\"@\n\x0cRouteRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12\x0f\n\x07\x65xplain\x18\x02 \x01(\x08\"L\n\x0bRouteTarget\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\tmax_tasks\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"}\n\x0eRouteCandidate\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\r\n\x05tasks\x18\x02 \x01(\r\x12\x11\n\tmax_tasks\x18\x03 \x01(\x01\x12\x10\n\x08\x65ligible\x18\x04 \x01(\x08\x12\x14\n\x0cmodel_loaded\x18\x05 \x01(\x08\x12\x0f\n\x07verdict\x18\x06 \x01(\t\"\x90\x01\n\rRouteResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\n\n\x02\x64\x63\x18\x02 \x01(\t\x12\r\n\x05\x62ound\x18\x03 \x01(\x01\x12%\n\x07targets\x18\x04 \x03(\x0b\x32\x14.mesh.v1.RouteTarget\x12+\n\ncandidates\x18\x05 \x03(\x0b\x32\x17.mesh.v1.RouteCandidate\"\x0e\n\x0cQueueRequest\"@\n\nQueueClass\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\r\x12\x15\n\roldest_wait_s\x18\x03 \x01(\x01\"^\n\rQueueResponse\x12\n\n\x02\x64\x63\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x03\x12$\n\x07\x63lasses\x18\x04 \x03(\x0b\x32\x13.mesh.v1.QueueClass\"\x0e\n\x0c\x44rainRequest\"\x10\n\x0eUndrainRequest*\xa7\x01\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_TYPE_T2I\x10\x01\x12\x11\n\rTASK_TYPE_I2I\x10\x02\x12\x1e\n\x1aTASK_TYPE_SUPER_RESOLUTION\x10\x03\x12\x11\n\rTASK_TYPE_TTS\x10\x04\x12\x11\n\rTASK_TYPE_LLM\x10\x05\x12\x14\n\x10TASK_TYPE_CUSTOM\x10\x06*\xb9\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATE_PENDING\x10\x01\x12\x15\n\x11TASK_STATE_QUEUED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x04\x12\x15\n\x11TASK_STATE_FAILED\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x32\x9b\x02\n\x0bTaskService\x12\x39\n\x06Submit\x12\x16.mesh.v1.SubmitRequest\x1a\x17.mesh.v1.SubmitResponse\x12/\n\x03Get\x12\x13.mesh.v1.GetRequest\x1a\x13.mesh.v1.TaskStatus\x12\x34\n\x05Watch\x12\x15.mesh.v1.WatchRequest\x1a\x12.mesh.v1.TaskEvent0\x01\x12\x35\n\x06\x43\x61ncel\x12\x16.mesh.v1.CancelRequest\x1a\x13.mesh.v1.TaskStatus\x12\x33\n\x04List\x12\x14.mesh.v1.ListRequest\x1a\x15.mesh.v1.ListResponse2\xb1\x02\n\x0c\x41gentService\x12\x45\n\nListAgents\x12\x1a.mesh.v1.ListAgentsRequest\x1a\x1b.mesh.v1.ListAgentsResponse\x12\x36\n\x05Route\x12\x15.mesh.v1.RouteRequest\x1a\x16.mesh.v1.RouteResponse\x12\x36\n\x05Queue\x12\x15.mesh.v1.QueueRequest\x1a\x16.mesh.v1.QueueResponse\x12\x32\n\x05\x44rain\x12\x15.mesh.v1.DrainRequest\x1a\x12.mesh.v1.AgentInfo\x12\x36\n\x07Undrain\x12\x17.mesh.v1.UndrainRequest\x1a\x12.mesh.v1.AgentInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,10 +35,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASKSPEC_PARAMSENTRY']._loaded_options = None
   _globals['_TASKSPEC_PARAMSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKTYPE']._serialized_start=2808
-  _globals['_TASKTYPE']._serialized_end=2975
-  _globals['_TASKSTATE']._serialized_start=2978
-  _globals['_TASKSTATE']._serialized_end=3163
+  _globals['_TASKTYPE']._serialized_start=2893
+  _globals['_TASKTYPE']._serialized_end=3060
+  _globals['_TASKSTATE']._serialized_start=3063
+  _globals['_TASKSTATE']._serialized_end=3248
   _globals['_USER']._serialized_start=97
   _globals['_USER']._serialized_end=144
   _globals['_TASKSPEC']._serialized_start=147
@@ -68,35 +68,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CANCELREQUEST']._serialized_start=1576
   _globals['_CANCELREQUEST']._serialized_end=1624
   _globals['_LISTREQUEST']._serialized_start=1626
-  _globals['_LISTREQUEST']._serialized_end=1706
-  _globals['_LISTRESPONSE']._serialized_start=1708
-  _globals['_LISTRESPONSE']._serialized_end=1777
-  _globals['_GPU']._serialized_start=1779
-  _globals['_GPU']._serialized_end=1865
-  _globals['_AGENTINFO']._serialized_start=1868
-  _globals['_AGENTINFO']._serialized_end=2114
-  _globals['_LISTAGENTSREQUEST']._serialized_start=2116
-  _globals['_LISTAGENTSREQUEST']._serialized_end=2135
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=2137
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=2193
-  _globals['_ROUTEREQUEST']._serialized_start=2195
-  _globals['_ROUTEREQUEST']._serialized_end=2259
-  _globals['_ROUTETARGET']._serialized_start=2261
-  _globals['_ROUTETARGET']._serialized_end=2337
-  _globals['_ROUTECANDIDATE']._serialized_start=2339
-  _globals['_ROUTECANDIDATE']._serialized_end=2464
-  _globals['_ROUTERESPONSE']._serialized_start=2467
-  _globals['_ROUTERESPONSE']._serialized_end=2611
-  _globals['_QUEUEREQUEST']._serialized_start=2613
-  _globals['_QUEUEREQUEST']._serialized_end=2627
-  _globals['_QUEUECLASS']._serialized_start=2629
-  _globals['_QUEUECLASS']._serialized_end=2693
-  _globals['_QUEUERESPONSE']._serialized_start=2695
-  _globals['_QUEUERESPONSE']._serialized_end=2789
-  _globals['_DRAINREQUEST']._serialized_start=2791
-  _globals['_DRAINREQUEST']._serialized_end=2805
-  _globals['_TASKSERVICE']._serialized_start=3166
-  _globals['_TASKSERVICE']._serialized_end=3449
-  _globals['_AGENTSERVICE']._serialized_start=3452
-  _globals['_AGENTSERVICE']._serialized_end=3701
+  _globals['_LISTREQUEST']._serialized_end=1726
+  _globals['_LISTRESPONSE']._serialized_start=1728
+  _globals['_LISTRESPONSE']._serialized_end=1822
+  _globals['_GPU']._serialized_start=1824
+  _globals['_GPU']._serialized_end=1910
+  _globals['_AGENTINFO']._serialized_start=1913
+  _globals['_AGENTINFO']._serialized_end=2181
+  _globals['_LISTAGENTSREQUEST']._serialized_start=2183
+  _globals['_LISTAGENTSREQUEST']._serialized_end=2202
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=2204
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=2260
+  _globals['_ROUTEREQUEST']._serialized_start=2262
+  _globals['_ROUTEREQUEST']._serialized_end=2326
+  _globals['_ROUTETARGET']._serialized_start=2328
+  _globals['_ROUTETARGET']._serialized_end=2404
+  _globals['_ROUTECANDIDATE']._serialized_start=2406
+  _globals['_ROUTECANDIDATE']._serialized_end=2531
+  _globals['_ROUTERESPONSE']._serialized_start=2534
+  _globals['_ROUTERESPONSE']._serialized_end=2678
+  _globals['_QUEUEREQUEST']._serialized_start=2680
+  _globals['_QUEUEREQUEST']._serialized_end=2694
+  _globals['_QUEUECLASS']._serialized_start=2696
+  _globals['_QUEUECLASS']._serialized_end=2760
+  _globals['_QUEUERESPONSE']._serialized_start=2762
+  _globals['_QUEUERESPONSE']._serialized_end=2856
+  _globals['_DRAINREQUEST']._serialized_start=2858
+  _globals['_DRAINREQUEST']._serialized_end=2872
+  _globals['_UNDRAINREQUEST']._serialized_start=2874
+  _globals['_UNDRAINREQUEST']._serialized_end=2890
+  _globals['_TASKSERVICE']._serialized_start=3251
+  _globals['_TASKSERVICE']._serialized_end=3534
+  _globals['_AGENTSERVICE']._serialized_start=3537
+  _globals['_AGENTSERVICE']._serialized_end=3842
 # @@protoc_insertion_point(module_scope)

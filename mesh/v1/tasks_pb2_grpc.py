@@ -298,6 +298,11 @@ class AgentServiceStub:
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.DrainRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_tasks__pb2.AgentInfo.FromString,
                 _registered_method=True)
+        self.Undrain = channel.unary_unary(
+                '/mesh.v1.AgentService/Undrain',
+                request_serializer=mesh_dot_v1_dot_tasks__pb2.UndrainRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_tasks__pb2.AgentInfo.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -328,6 +333,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Undrain(self, request, context):
+        """Take a drained agent back into service.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -349,6 +361,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
             'Drain': grpc.unary_unary_rpc_method_handler(
                     servicer.Drain,
                     request_deserializer=mesh_dot_v1_dot_tasks__pb2.DrainRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_tasks__pb2.AgentInfo.SerializeToString,
+            ),
+            'Undrain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Undrain,
+                    request_deserializer=mesh_dot_v1_dot_tasks__pb2.UndrainRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_tasks__pb2.AgentInfo.SerializeToString,
             ),
     }
@@ -459,6 +476,33 @@ class AgentService:
             target,
             '/mesh.v1.AgentService/Drain',
             mesh_dot_v1_dot_tasks__pb2.DrainRequest.SerializeToString,
+            mesh_dot_v1_dot_tasks__pb2.AgentInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Undrain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.AgentService/Undrain',
+            mesh_dot_v1_dot_tasks__pb2.UndrainRequest.SerializeToString,
             mesh_dot_v1_dot_tasks__pb2.AgentInfo.FromString,
             options,
             channel_credentials,

@@ -1,0 +1,128 @@
+"""Who is calling, and what each RPC requires: identities and the one table of rules.
+
+An ``Identity`` is resolved once per call, from the caller's certificate or its bearer
+token (``mesh.agent.auth``); nothing in a request decides it. Every RPC of the mesh has
+exactly one ``Rule`` here, naming the roles that may call it; some roles may act only on
+their own tasks (a submitter reads and cancels its own, a reader reads all, an operator
+cancels any). ``tests/test_access.py`` walks every RPC the protos declare and fails if
+one has no rule. Pure: no certificate, token or transport in sight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mesh.errors import MeshError
+
+SUBMITTER = "submitter"
+READER = "reader"
+OPERATOR = "operator"
+AGENT = "agent"
+ROLES = frozenset({SUBMITTER, READER, OPERATOR, AGENT})
+# What a role brings with it: an operator may also read and submit.
+IMPLIES = {OPERATOR: frozenset({READER, SUBMITTER})}
+
+
+class Unauthenticated(MeshError):
+    """No identity could be established: no credential, or one that does not hold."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(MeshError):
+    """The caller is known, and may not do this."""
+
+    code = "PERMISSION_DENIED"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    kind: str  # "agent", "user", or "anonymous" (insecure mode only)
+    name: str  # the agent id, or the user name
+    dc: str = ""  # an agent's DC
+    groups: tuple[str, ...] = ()
+    roles: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def held(self) -> frozenset[str]:
+        """Its roles with what they imply."""
+        out = set(self.roles)
+        for role in self.roles:
+            out |= IMPLIES.get(role, frozenset())
+        return frozenset(out)
+
+    def __str__(self) -> str:
+        return f"agent {self.name} of {self.dc}" if self.kind == "agent" else f"user {self.name}"
+
+
+# Insecure mode: every caller is this, holding every role (``--insecure``, logged loudly).
+ANYONE = Identity("anonymous", "anonymous", roles=ROLES)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """The roles that may call an RPC; holders of only an ``own`` role act on their own
+    tasks alone."""
+
+    roles: frozenset[str]
+    own: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a caller may do in this call: all tasks, or only its own."""
+
+    identity: Identity
+    all_tasks: bool
+
+
+def rule(*roles: str, own: tuple[str, ...] = ()) -> Rule:
+    return Rule(frozenset(roles), frozenset(own))
+
+
+TASKS = "/mesh.v1.TaskService/"
+AGENTS = "/mesh.v1.AgentService/"
+PEERS = "/mesh.v1.PeerService/"
+# Agents read and cancel tasks in other DCs for the users they serve, having checked
+# that user's right on the record that points there.
+RULES: dict[str, Rule] = {
+    TASKS + "Submit": rule(SUBMITTER),
+    TASKS + "Get": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
+    TASKS + "Watch": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
+    TASKS + "List": rule(SUBMITTER, READER, own=(SUBMITTER,)),
+    TASKS + "Cancel": rule(SUBMITTER, OPERATOR, AGENT, own=(SUBMITTER,)),
+    AGENTS + "ListAgents": rule(SUBMITTER, READER),
+    AGENTS + "Route": rule(SUBMITTER, READER),
+    AGENTS + "Queue": rule(SUBMITTER, READER),
+    AGENTS + "Drain": rule(OPERATOR),
+    AGENTS + "Undrain": rule(OPERATOR),
+    PEERS + "Offer": rule(AGENT),
+    PEERS + "CancelLocal": rule(AGENT),
+    PEERS + "Summary": rule(AGENT),
+    PEERS + "Settle": rule(AGENT),
+}
+# Open to anyone who completed the TLS handshake: liveness probes and the schema, which
+# is public in proto/ anyway.
+PUBLIC = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    }
+)
+
+
+def authorize(identity: Identity, method: str) -> Grant:
+    """Whether ``identity`` may call ``method``, and on which tasks; ``PermissionDenied``
+    if not (also for a method with no rule: nothing is allowed by default)."""
+    found = RULES.get(method)
+    if found is None:
+        raise PermissionDenied("no rule allows this call", method=method)
+    held = identity.held & found.roles
+    if not held:
+        raise PermissionDenied(
+            f"{identity} may not call {method.rsplit('/', 1)[-1]}",
+            needs=" or ".join(sorted(found.roles)),
+        )
+    return Grant(identity, all_tasks=bool(held - found.own))
