@@ -1,12 +1,17 @@
-"""``python -m bench {route,gossip,failover} [--json]``."""
+"""``python -m bench {route,gossip,failover,fuzz} [--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import failover, gossip, route
+from bench import failover, fuzz, gossip, route
 
-BENCHMARKS = {"route": route.main, "gossip": gossip.main, "failover": failover.main}
+BENCHMARKS = {
+    "route": route.main,
+    "gossip": gossip.main,
+    "failover": failover.main,
+    "fuzz": fuzz.main,
+}
 
 
 def main() -> None:

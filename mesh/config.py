@@ -141,6 +141,12 @@ class AgentConfig(BaseSettings):
         description="argv per command name for the 'command' pipeline. Users pick a name with "
         "params['command']; they never supply argv, so they cannot run arbitrary programs.",
     )
+    command_env: list[str] = Field(
+        default_factory=lambda: ["PATH", "LANG", "LC_ALL", "TZ", "HOME"],
+        description="Variables of the agent's environment a 'command' program sees (beside "
+        "CUDA_VISIBLE_DEVICES and MESH_TASK_ID, MESH_ATTEMPT, MESH_MODEL); nothing else, so "
+        "a program never reads the agent's secrets.",
+    )
     model_load_s: float = Field(
         2.0, ge=0, description="Simulated model-load delay of the 'sleep' pipeline."
     )

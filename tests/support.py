@@ -144,6 +144,10 @@ class Cluster:
         write_secret(path, "\n".join(keys).encode())
         return path
 
+    def key_file_key(self) -> bytes:
+        """The mesh's gossip key, as the agents read it from their key file."""
+        return self.trust.gossip_key_file.read_text().split()[0].encode()
+
     def as_agent(self, agent_id: str, dc: str = "west") -> Security:
         """The certificate of an agent ``agent_id`` of ``dc``: for calling PeerService."""
         files = self.trust.agent(agent_id, dc)

@@ -17,6 +17,7 @@ from mesh.v1 import tasks_pb2 as pb
 
 COMMANDS = {
     "env": ["sh", "-c", 'printf "%s|%s|%s" "$CUDA_VISIBLE_DEVICES" "$MESH_TASK_ID" "$MESH_MODEL"'],
+    "secrets": ["sh", "-c", 'printf "%s|%s" "${MESH_GOSSIP_KEYS:-none}" "${PATH:+path}"'],
     "upper": ["tr", "a-z", "A-Z"],
     "steps": ["sh", "-c", 'for i in 1 2 3; do echo "PROGRESS $i/3 step $i" >&2; done; echo ok'],
     "fail": ["sh", "-c", "echo 'model file missing' >&2; exit 3"],
@@ -50,6 +51,15 @@ def pipeline() -> CommandPipeline:
 async def test_program_sees_its_gpus_and_task(pipeline: CommandPipeline) -> None:
     ctx, _ = context("env")
     assert (await pipeline.run(ctx)).data == b"0,1|c-1|m1"
+
+
+async def test_program_sees_no_secret_of_the_agent(
+    pipeline: CommandPipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the allow-listed variables pass: the agent's gossip keys stay with it."""
+    monkeypatch.setenv("MESH_GOSSIP_KEYS", '["the-mesh-gossip-secret-key"]')
+    ctx, _ = context("secrets")
+    assert (await pipeline.run(ctx)).data == b"none|path"
 
 
 async def test_payload_in_result_out(pipeline: CommandPipeline) -> None:

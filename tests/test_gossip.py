@@ -107,10 +107,12 @@ def frame(
     keyring: Keyring = KEYRING,
     sender: str = "a0001",
     payload: dict | None = None,
+    incarnation: int = EPOCH_MS,
+    version: int = make_version(EPOCH_MS, 1),
 ) -> bytes:
-    own = AgentState(sender, "sim", make_version(EPOCH_MS, 1), slots=1).to_wire()
+    own = AgentState(sender, "sim", version, slots=1).to_wire()
     body = payload if payload is not None else {"own": own, "digest": b"", "states": []}
-    return encode(keyring, kind, sender, EPOCH_MS, seq, ts_ms, body)
+    return encode(keyring, kind, sender, incarnation, seq, ts_ms, body)
 
 
 def reason(data: bytes) -> str:
@@ -152,11 +154,42 @@ def resign(data: bytes, body: bytes) -> bytes:
         (lambda: frame(payload={"own": [], "digest": b"\x00" * 15}), "malformed"),
         (lambda: frame(sender="stranger"), "unknown sender"),
         (lambda: frame(ts_ms=NOW_MS - 60_000), "stale"),
+        (lambda: frame(incarnation=NOW_MS + 31_000), "incarnation from the future"),
+        (lambda: frame(version=make_version(NOW_MS + 31_000, 1)), "malformed"),
         (lambda: with_kind(frame(), 99), "malformed"),
     ],
 )
 def test_bad_datagrams_are_refused_with_a_reason(make, why: str) -> None:
     assert reason(make()) == why
+
+
+def test_a_version_that_leaps_ahead_is_refused() -> None:
+    """Accepting it would pin the sender's entry: no real version would ever be newer."""
+    net = Network(3, seed=8)
+    agent = net.agents["a0000"]
+    agent.receive(frame(seq=1, version=make_version(EPOCH_MS, 5)), 5.0, NOW_MS)
+    leap = frame(seq=2, version=make_version(EPOCH_MS, 5 + (1 << 17)))
+    with pytest.raises(BadPacket, match="malformed"):
+        agent.receive(leap, 5.1, NOW_MS)
+    assert agent.table.get("a0001").version == make_version(EPOCH_MS, 5)  # type: ignore[union-attr]
+
+
+def test_without_the_key_nobody_joins_or_changes_anything() -> None:
+    """A sender with another key, even one that names a member, is dropped before a
+    byte of its payload is read: it can neither join nor change any state."""
+    net = Network(4, seed=9)
+    net.run_until(3.0)
+    before = {a: {s.agent_id: s.version for s in g.table.states()} for a, g in net.agents.items()}
+    outsider = Keyring((b"a key that is not the mesh's",))
+    for sender in ("a0001", "intruder"):
+        lie = AgentState(sender, "sim", make_version(NOW_MS, 999), slots=64).to_wire()
+        forged = {"own": lie, "digest": b"", "states": [lie]}
+        data = frame(keyring=outsider, sender=sender, payload=forged)
+        for agent in net.agents.values():
+            with pytest.raises(BadPacket, match="bad mac"):
+                agent.receive(data, 3.0, NOW_MS)
+    after = {a: {s.agent_id: s.version for s in g.table.states()} for a, g in net.agents.items()}
+    assert after == before and all("intruder" not in held for held in after.values())
 
 
 def test_a_replayed_datagram_is_refused() -> None:
@@ -200,7 +233,7 @@ def table_after(states: list[tuple[str, int, int]]) -> dict[str, tuple[int, int]
     table.set_members(["me", *PEERS])
     for agent, version, running in states:
         state = AgentState(agent, "dc", version, slots=2, running={"normal": running})
-        table.merge(state.to_wire(), now=0.0)
+        table.merge(state.to_wire(), now=0.0, now_ms=0)
     return {s.agent_id: (s.version, s.tasks[0]) for s in table.states()}
 
 
@@ -226,7 +259,7 @@ def test_merging_the_same_states_again_changes_nothing(states) -> None:
     table.set_members(["me", *PEERS])
     wires = [AgentState(a, "dc", v, slots=2).to_wire() for a, v, _ in unique]
     for wire in wires:
-        table.merge(wire, now=0.0)
+        table.merge(wire, now=0.0, now_ms=0)
     news = len(heard)
-    assert not any(table.merge(wire, now=1.0) for wire in wires)  # all old news now
+    assert not any(table.merge(wire, now=1.0, now_ms=0) for wire in wires)  # old news now
     assert len(heard) == news

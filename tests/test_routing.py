@@ -37,8 +37,8 @@ from mesh.v1 import tasks_pb2 as pb
 runner = CliRunner()
 
 
-def task(task_id: str, model: str = "hot", seconds: float = 300) -> pb.TaskSpec:
-    return sleep_spec(task_id, seconds=seconds, steps=2, model=model)
+def task(task_id: str, model: str = "hot", seconds: float = 300, **fields: object) -> pb.TaskSpec:
+    return sleep_spec(task_id, seconds=seconds, steps=2, model=model, **fields)
 
 
 def topology(prefix: str, dcs: dict[str, dict], **routing: float) -> Topology:
@@ -119,8 +119,9 @@ async def test_a_refused_offer_goes_to_the_next_candidate(cluster: Cluster) -> N
 
 async def test_loops_and_hop_limits_are_refused(cluster: Cluster) -> None:
     agent = cluster.start("a")
+    admitted = task("loop", queue="normal", gpu_count=1)  # as its entry agent sends it
     envelope = peer_pb2.Envelope(
-        spec=task("loop"), path=["x", "a"], hops=2, attempt=1, deadline_unix_ms=2**62
+        spec=admitted, path=["x", "a"], hops=2, attempt=1, deadline_unix_ms=2**62
     )
     async with peer_channel(agent.peer_address, cluster.as_agent("x")) as channel:
         peer = peer_pb2_grpc.PeerServiceStub(channel)
@@ -130,7 +131,6 @@ async def test_loops_and_hop_limits_are_refused(cluster: Cluster) -> None:
         too_far = await peer.Offer(envelope)
     # A deadline no record can hold, from another DC: refused, not a crash.
     envelope.path[:], envelope.hops, envelope.origin_dc = ["x"], 1, "elsewhere"
-    envelope.spec.queue = "normal"
     envelope.deadline_unix_ms = 2**62
     elsewhere = cluster.as_agent("x", "elsewhere")
     async with peer_channel(agent.peer_address, elsewhere) as channel:

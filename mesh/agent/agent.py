@@ -128,7 +128,9 @@ class Agent:
             lambda: self.speaker.heard,
             self.duties.spawn,
         )
-        self.intake = Intake(cfg, self.store, self.view, self.executor, self.placement.place)
+        self.intake = Intake(
+            cfg, self.store, self.view, self.executor, self.placement.place, self.known_pipelines
+        )
         self.submission = Submission(cfg, self.store, self.placement, self.duties.spawn)
         self.tasks = Tasks(
             cfg.agent_id,
@@ -221,6 +223,13 @@ class Agent:
         )
         self.owner.members_changed(self.registry.peers)
         self._owner_task = self.duties.keep("queue owner", self.owner.run)
+
+    def known_pipelines(self) -> set[str]:
+        """The pipelines some agent of this DC runs."""
+        known = set(self.pipelines)
+        for peer in self.registry.peers.values():
+            known.update(peer.pipelines)
+        return known
 
     # -- what it tells the DC ------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -17,7 +18,7 @@ from mesh import metrics
 from mesh.agent.dispatch import describe
 from mesh.core.access import ANYONE, Grant, Identity, PermissionDenied
 from mesh.core.clock import now_ms
-from mesh.core.task import admit, check_id, page_start, page_token, public
+from mesh.core.task import NAME, admit, check_id, page_start, page_token, public
 from mesh.errors import InvalidTask, MeshError, TaskConflict
 from mesh.store.registry import AgentRecord
 from mesh.v1 import peer_pb2
@@ -64,7 +65,7 @@ class AgentApi:
             spec = pb.TaskSpec()
             spec.CopyFrom(request.spec)
             spec.user.CopyFrom(owner_of(spec.user, grant.identity))
-            admitted = admit(spec, agent.cfg, self._known_pipelines(), now_ms())
+            admitted = admit(spec, agent.cfg, agent.known_pipelines(), now_ms())
             stored, created = await agent.submission.submit(admitted)
         except MeshError as exc:
             metrics.REJECTED.labels(exc.code).inc()
@@ -74,12 +75,6 @@ class AgentApi:
                 "task_id already used by a different task", task_id=admitted.spec.task_id
             )
         return pb.SubmitResponse(status=public(stored.status), existing=not created)
-
-    def _known_pipelines(self) -> set[str]:
-        known = set(self._agent.pipelines)
-        for peer in self._agent.registry.peers.values():
-            known.update(peer.pipelines)
-        return known
 
     async def get(self, request: pb.GetRequest, grant: Grant) -> pb.TaskStatus:
         check_id(request.task_id)
@@ -111,6 +106,8 @@ class AgentApi:
 
     async def list(self, request: pb.ListRequest, grant: Grant) -> pb.ListResponse:
         user = request.user_id
+        if user and not USER_NAME.fullmatch(user):
+            raise InvalidTask("user_id is no user name")
         if not grant.all_tasks:
             if user and user != grant.identity.name:
                 raise PermissionDenied(f"{grant.identity} may list only its own tasks")
@@ -166,8 +163,11 @@ class AgentApi:
         )
 
     async def route(self, request: pb.RouteRequest, grant: Grant) -> pb.RouteResponse:
-        if not request.spec.model or not request.spec.pipeline:
-            raise InvalidTask("model and pipeline are required to route")
+        spec = request.spec
+        if not (NAME.fullmatch(spec.model) and NAME.fullmatch(spec.pipeline)):
+            raise InvalidTask("model and pipeline are required to route, as names")
+        if len(spec.affinity_key) > MAX_AFFINITY or spec.gpu_count > MAX_GPUS:
+            raise InvalidTask("affinity_key or gpu_count out of bounds")
         agent = self._agent
         decision = agent.placement.route(request.spec, explain=request.explain)
         return pb.RouteResponse(
@@ -227,6 +227,9 @@ class AgentApi:
 
 
 MAX_REASON = 1024
+MAX_AFFINITY = 256
+MAX_GPUS = 64
+USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}")
 
 
 def owner_of(declared: pb.User, identity: Identity) -> pb.User:

@@ -19,7 +19,7 @@ from mesh.config import AgentConfig
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import new_record
-from mesh.core.task import check_id, spec_digest
+from mesh.core.task import DC_NAME, check_id, check_offer, spec_digest
 from mesh.errors import InvalidTask, MeshError, StaleWrite
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
@@ -38,17 +38,21 @@ class Intake:
         view: View,
         executor: Executor,
         place: Callable[..., Awaitable[str]],
+        known_pipelines: Callable[[], set[str]],
     ) -> None:
         """``place`` is this agent's sending end (``Placement.place``), for tasks taken
-        from another DC."""
+        from another DC; ``known_pipelines`` are the pipelines of this DC's agents."""
         self._cfg = cfg
         self._store = store
         self._view = view
         self._executor = executor
         self._place = place
+        self._known_pipelines = known_pipelines
 
     async def offer(self, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
-        """Another agent asks us to take a task: decided by our own live load, not gossip."""
+        """Another agent asks us to take a task: decided by our own live load, not gossip.
+        Its fields are checked as a Submit's are, before anything is touched."""
+        check_offer(envelope, self._cfg, self._known_pipelines(), now_ms())
         if self._cfg.agent_id in envelope.path:
             return False, "loop: already visited"
         if envelope.hops > self._view.max_hops:
@@ -104,7 +108,7 @@ class Intake:
         offer would need, so that offer can never be adopted afterwards."""
         outcome = peer_pb2.SettleResponse
         check_id(request.task_id)
-        if not request.origin_dc or request.origin_dc == self._cfg.dc:
+        if not DC_NAME.fullmatch(request.origin_dc) or request.origin_dc == self._cfg.dc:
             raise InvalidTask("origin_dc must name another DC")
         stored, created = await self._store.create(pointer(request.task_id, request.origin_dc))
         if created or stored.record.forwarded_to_dc == request.origin_dc:
@@ -129,7 +133,11 @@ class Intake:
         # Enqueue before any await, so the check above still holds; the record follows.
         self._executor.enqueue(job)
 
-        def mutate(record: peer_pb2.TaskRecord) -> None:
+        digest = spec_digest(job.spec)
+
+        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+            if record.spec_digest and record.spec_digest != digest:
+                raise InvalidTask("the offered spec is not the recorded one")
             status = record.status
             status.agent, status.dc = self._cfg.agent_id, self._cfg.dc
             record.forwarded_to_dc = ""  # it is here, whatever a hand-off tried before
@@ -138,6 +146,7 @@ class Intake:
             if status.state == pb.TASK_STATE_PENDING:
                 status.state = pb.TASK_STATE_QUEUED
                 status.queued_at.CopyFrom(now_ts())
+            return None
 
         try:
             await self._store.update(job.task_id, mutate, attempt=job.attempt)

@@ -9,7 +9,10 @@ a second per task however chatty a pipeline is, and the last step is never dropp
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import os
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +28,7 @@ from mesh.core.task import state_name
 from mesh.errors import MeshError, StaleWrite
 from mesh.gpus import Gpu
 from mesh.store.records import Mutation, Stored, TaskStore
+from mesh.trust.pki import private_dir
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -113,10 +117,8 @@ class RecordReporter:
         data, media_type = outcome.output.data, outcome.output.media_type
         if len(data) <= self._cfg.inline_result_bytes:
             return pb.Result(inline=data, media_type=media_type)
-        path = Path(self._cfg.result_dir) / f"{job.task_id}.{job.attempt}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return pb.Result(uri=path.resolve().as_uri(), media_type=media_type)
+        path = write_result(Path(self._cfg.result_dir), job.task_id, job.attempt, data)
+        return pb.Result(uri=path.as_uri(), media_type=media_type)
 
     async def finished(self, job: Job, outcome: Outcome) -> None:
         flusher = self._flushers.pop(job.task_id, None)
@@ -161,3 +163,20 @@ class RecordReporter:
         except MeshError as exc:
             log.error("cannot record %s of %s: %s", what, job.task_id, exc)
         return None
+
+
+def write_result(folder: Path, task_id: str, attempt: int, data: bytes) -> Path:
+    """Store a result too big for the record, under ``folder`` (0700) and nowhere else.
+
+    The name is a hash of the task id, never the id itself: no id, however crafted,
+    names a path (``/abs``, ``../x``). The file is created new (``O_EXCL``), never
+    through a link (``O_NOFOLLOW``), readable by the agent alone; a random tail keeps
+    two runs of one attempt (a zombie, say) from colliding.
+    """
+    private_dir(folder)
+    digest = hashlib.sha256(task_id.encode()).hexdigest()[:32]
+    path = folder.resolve() / f"{digest}.{attempt}.{secrets.token_hex(4)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    with os.fdopen(os.open(path, flags, 0o600), "wb") as out:
+        out.write(data)
+    return path

@@ -72,7 +72,8 @@ class Speaker:
 
     async def received(self, theirs: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
         """Another DC's speaker calls: keep its summary for our DC, answer with ours."""
-        if theirs.dc and theirs.dc != self._dc:
+        summaries.check(theirs, now_ms())
+        if theirs.dc != self._dc:
             await self._store(theirs)
         return self.summary()
 

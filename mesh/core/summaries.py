@@ -11,11 +11,13 @@ etcd codec.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 from google.protobuf import json_format
 
 from mesh.core.router import Router
+from mesh.errors import InvalidTask
 from mesh.v1 import peer_pb2
 
 SPEAKERS = 2
@@ -42,6 +44,27 @@ def build(dc: str, router: Router, addresses: Mapping[str, str], now_ms: int) ->
         models_loaded=sorted(models)[:MAX_MODELS],
         live=[addresses[m.agent_id] for m in by_load[:LIVE_ADDRESSES] if m.agent_id in addresses],
     )
+
+
+ADDRESS = re.compile(r"[A-Za-z0-9.:\[\]-]{1,255}")
+MODEL = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+DC_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+MAX_FUTURE_MS = 30_000
+
+
+def check(summary: peer_pb2.DcSummary, now_ms: int) -> None:
+    """Refuse a summary whose fields are out of bounds: it is stored, mirrored by every
+    agent of this DC, and its addresses are dialled."""
+    if not DC_NAME.fullmatch(summary.dc):
+        raise InvalidTask("summary: dc is no DC name")
+    if summary.ts_unix_ms > now_ms + MAX_FUTURE_MS:
+        raise InvalidTask("summary: from the future (it would never go stale)")
+    if len(summary.live) > LIVE_ADDRESSES or not all(map(ADDRESS.fullmatch, summary.live)):
+        raise InvalidTask(f"summary: at most {LIVE_ADDRESSES} host:port addresses")
+    if len(summary.models_loaded) > MAX_MODELS or not all(
+        map(MODEL.fullmatch, summary.models_loaded)
+    ):
+        raise InvalidTask(f"summary: at most {MAX_MODELS} model names")
 
 
 def speaks(me: str, members: Mapping[str, object]) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from mesh.config import NAME_PATTERN, AgentConfig
 from mesh.errors import DeadlinePassed, InvalidTask, LimitExceeded
+from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
 TERMINAL = frozenset({pb.TASK_STATE_SUCCEEDED, pb.TASK_STATE_FAILED, pb.TASK_STATE_CANCELLED})
@@ -55,6 +56,42 @@ def spec_digest(spec: pb.TaskSpec) -> str:
     same.ClearField("deadline")
     same.ClearField("timeout")
     return hashlib.sha256(same.SerializeToString(deterministic=True)).hexdigest()
+
+
+AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+DC_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+MAX_PATH = 16
+
+
+def check_offer(
+    envelope: peer_pb2.Envelope, cfg: AgentConfig, known_pipelines: Collection[str], now_ms: int
+) -> None:
+    """An offer is validated as a Submit is: its spec must pass ``admit`` unchanged (the
+    entry agent admitted it), and the envelope's own fields are bounded."""
+    if envelope.origin_dc and not DC_NAME.fullmatch(envelope.origin_dc):
+        raise InvalidTask("origin_dc is no DC name")
+    if len(envelope.path) > MAX_PATH or not all(
+        step == "backlog" or AGENT_ID.fullmatch(step) for step in envelope.path
+    ):
+        raise InvalidTask(f"path must be at most {MAX_PATH} agent ids")
+    if envelope.entry_agent and not AGENT_ID.fullmatch(envelope.entry_agent):
+        raise InvalidTask("entry_agent is no agent id")
+    if not 1 <= envelope.attempt <= MAX_ATTEMPT:
+        raise InvalidTask(f"attempt must be 1-{MAX_ATTEMPT}")
+    if not 0 <= envelope.max_tasks <= MAX_TASKS:  # NaN fails too
+        raise InvalidTask(f"max_tasks must be 0-{MAX_TASKS}")
+    if not envelope.spec.task_id:
+        raise InvalidTask("an offered task has its id")
+    spec = pb.TaskSpec()
+    spec.CopyFrom(envelope.spec)
+    spec.ClearField("deadline")  # the envelope's deadline governs an offered task
+    spec.ClearField("timeout")
+    if admit(spec, cfg, known_pipelines, now_ms).spec != spec:
+        raise InvalidTask("the offered spec is not as its entry agent admitted it")
+
+
+MAX_ATTEMPT = 100
+MAX_TASKS = 1_000_000
 
 
 def check_id(task_id: str) -> None:

@@ -212,8 +212,8 @@ class Gossiper:
     def _handle(self, frame: Frame, reply_to: str, now: float, now_ms: int) -> list[Datagram]:
         p = frame.payload
         if frame.kind in (Kind.SYN, Kind.ACK):
-            self.table.merge(p["own"], now, sender=frame.sender)
-        self._merge_all(p.get("states", []), now)
+            self.table.merge(p["own"], now, now_ms, sender=frame.sender)
+        self._merge_all(p.get("states", []), now, now_ms)
         if frame.kind == Kind.SYN:
             return [(reply_to, self._ack(_digest(p["digest"]), now_ms))]
         if frame.kind == Kind.ACK:
@@ -226,11 +226,11 @@ class Gossiper:
             return []
         raise BadPacket("unexpected kind")
 
-    def _merge_all(self, raws: object, now: float) -> None:
+    def _merge_all(self, raws: object, now: float, now_ms: int) -> None:
         if not isinstance(raws, list):
             raise BadPacket("malformed")
         for raw in raws:
-            self.table.merge(raw, now)
+            self.table.merge(raw, now, now_ms)
 
     def _ack(self, digest: dict[int, int], now_ms: int) -> bytes:
         newer, want = [], []

@@ -15,10 +15,27 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 COUNTER_BITS = 20
+MAX_SKEW_MS = 30_000  # a version's incarnation (its agent's start, in ms) may be this far ahead
+# Most an agent's counter may move between two versions we hear: it bumps at most a few
+# times a second, so even a long silence stays far below this; a bigger jump is forged.
+MAX_COUNTER_JUMP = 1 << 16
 
 
 def make_version(incarnation_ms: int, counter: int) -> int:
     return incarnation_ms << COUNTER_BITS | (counter & ((1 << COUNTER_BITS) - 1))
+
+
+def plausible(version: int, previous: int | None, now_ms: int) -> bool:
+    """Whether ``version`` could be a real agent's next one: its incarnation (the agent's
+    start time) not in the future, its counter not leaping past ``previous`` in the
+    same incarnation. A state failing this would pin a peer's entry for ever."""
+    incarnation = version >> COUNTER_BITS
+    if incarnation > now_ms + MAX_SKEW_MS:
+        return False
+    if previous is not None and previous >> COUNTER_BITS == incarnation:
+        mask = (1 << COUNTER_BITS) - 1
+        return (version & mask) - (previous & mask) <= MAX_COUNTER_JUMP
+    return True
 
 
 def id_hash(agent_id: str) -> int:
@@ -132,7 +149,7 @@ class GossipTable:
         self._held[state.agent_id] = Held(state, now, state.to_wire())
         self._held.move_to_end(state.agent_id)
 
-    def merge(self, raw: object, now: float, sender: str | None = None) -> bool:
+    def merge(self, raw: object, now: float, now_ms: int, sender: str | None = None) -> bool:
         """Take a state as it came off the wire if it is about a member other than us and
         newer than ours; True if taken. Cheap checks first: most states offered are old
         news, and are dropped without being validated whole. With ``sender``, the state
@@ -147,6 +164,8 @@ class GossipTable:
         previous = self._held.get(agent_id)
         if previous is not None and previous.state.version >= version:
             return False
+        if not plausible(version, previous.state.version if previous else None, now_ms):
+            raise ValueError("agent state: version from the future, or too big a jump")
         state = AgentState.from_wire(raw)
         self._held[agent_id] = Held(state, now, raw)
         self._held.move_to_end(agent_id)

@@ -134,6 +134,8 @@ class ReplayGuard:
     def accept(self, frame: Frame, now_ms: int) -> None:
         if abs(now_ms - frame.ts_ms) > MAX_SKEW_MS:
             raise BadPacket("stale")
+        if frame.incarnation > now_ms + MAX_SKEW_MS:  # an incarnation is a start time
+            raise BadPacket("incarnation from the future")
         seen = self._seen.get(frame.sender)
         if seen is None or frame.incarnation > seen.incarnation:
             self._seen[frame.sender] = _Seen(frame.incarnation, frame.seq, 1)

@@ -30,6 +30,9 @@ from mesh.errors import ConfigError, Unavailable
 from mesh.local.etcdserver import EtcdMember
 from mesh.local.trust import LocalTrust
 from mesh.store import topostore
+from mesh.store.etcd import client_for
+from mesh.store.keys import KeySpace
+from mesh.store.registry import AgentRecord
 from mesh.topology import Topology
 from mesh.trust.pki import agent_host, private_dir, write_secret
 
@@ -264,6 +267,18 @@ class LocalMesh:
                     f"agents not serving after {timeout_s:.0f}s: {[s.name for s in waiting]}"
                 )
             time.sleep(0.1)
+
+    def gossip_address(self, agent_id: str) -> str:
+        """Where agent ``agent_id`` listens for gossip, as it registered."""
+        dc = next(s.dc for s in self.started if s.kind == "agent" and s.name == agent_id)
+
+        async def read() -> str:
+            async with client_for(self.topology.dcs[dc].etcd, security=self.operator) as etcd:
+                got = await etcd.get(KeySpace(self.topology.prefix, dc).agent(agent_id))
+            assert got is not None, f"{agent_id} is not registered"
+            return AgentRecord.from_json(got.value).gossip_address
+
+        return asyncio.run(read())
 
     def down(self) -> None:
         stop(self.home)

@@ -5,10 +5,12 @@ a user can never choose what runs. The payload goes to stdin (from an unlinked t
 file, not a pipe: uvloop can report a fresh stdin pipe as closed under load, and a file
 also lets the program seek) and stdout, read to its end, is the result.
 ``CUDA_VISIBLE_DEVICES`` holds the slot's GPU indexes, so the program sees exactly the
-GPUs it was given. A stderr line ``PROGRESS step/total message`` reports progress. The
-exit code gives the state; on cancel or deadline the whole process group is killed, and
-should the agent itself die (SIGKILL, OOM), the kernel kills the program with it, so a dead
-agent leaves no job holding its GPU while the task runs again elsewhere.
+GPUs it was given. Its environment is that and the variables ``command_env`` names, not
+the agent's own (which may hold secrets: the gossip keys, a token). A stderr line
+``PROGRESS step/total message`` reports progress. The exit code gives the state; on
+cancel or deadline the whole process group is killed, and should the agent itself die
+(SIGKILL, OOM), the kernel kills the program with it, so a dead agent leaves no job
+holding its GPU while the task runs again elsewhere.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class CommandPipeline:
     def __init__(self, cfg: AgentConfig) -> None:
         self._commands = cfg.commands
         self._max_output = cfg.max_payload_bytes
+        self._passed = cfg.command_env
 
     async def run(self, ctx: RunContext) -> Output:
         name = ctx.spec.params.get("command", "")
@@ -48,7 +51,7 @@ class CommandPipeline:
                 "INVALID_ARGUMENT",
             )
         env = {
-            **os.environ,
+            **{name: os.environ[name] for name in self._passed if name in os.environ},
             "CUDA_VISIBLE_DEVICES": ",".join(str(g.index) for g in ctx.gpus),
             "MESH_TASK_ID": ctx.task_id,
             "MESH_ATTEMPT": str(ctx.attempt),

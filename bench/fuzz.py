@@ -1,0 +1,242 @@
+"""``python -m bench fuzz [--examples N] [--json]``: hypothesis against a live agent.
+
+Three campaigns, each ``N`` generated cases: Submits with any value in any field of
+``TaskSpec`` (as a submitter), Offers with any value in any field of ``Envelope`` (as an
+agent of another DC, with a real certificate), and raw gossip datagrams (random bytes,
+and frames signed with the mesh's key but bent in every field). Every gRPC answer must be
+a precise status (never INTERNAL or UNKNOWN) within its timeout, and after the datagrams
+the agent must still answer its health check and count none of them as an internal
+error. The tests run a few hundred of each; this runs thousands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import socket
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mesh.channels import Security
+from mesh.gossip.wire import Keyring, Kind, encode
+from mesh.trust.pki import agent_host
+from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2_grpc
+from mesh.v1 import tasks_pb2 as pb
+
+PRECISE = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.FAILED_PRECONDITION,
+}
+CALL_TIMEOUT_S = 10.0  # an answer later than this is a hang
+MAX_MESSAGE = 8 * 1024 * 1024
+
+text = st.text(st.characters(exclude_categories=["Cs"]), max_size=160)
+names = st.one_of(text, st.sampled_from(["sleep", "echo", "command", "m", "normal", "vip", ""]))
+uint32 = st.integers(0, 2**32 - 1)
+int64 = st.integers(-(2**63), 2**63 - 1)
+
+
+@st.composite
+def specs(draw: st.DrawFn, user: str = "fuzzer") -> pb.TaskSpec:
+    """Any spec; most name the caller (or nobody), so validation beyond the owner runs."""
+    owner = draw(st.one_of(st.just(pb.User()), st.just(pb.User(id=user)), st.builds(
+        pb.User, id=text, group=text, role=text)))  # fmt: skip
+    spec = pb.TaskSpec(
+        task_id=draw(st.one_of(text, st.from_regex(r"[A-Za-z0-9._:-]{1,130}", fullmatch=True))),
+        user=owner,
+        task_type=draw(st.integers(-(2**31), 2**31 - 1)),
+        pipeline=draw(names),
+        model=draw(names),
+        queue=draw(names),
+        payload=draw(st.binary(max_size=4096)),
+        params=draw(st.dictionaries(text, text, max_size=8)),
+        affinity_key=draw(text),
+        gpu_count=draw(uint32),
+        min_gpu_memory_mb=draw(st.integers(0, 2**64 - 1)),
+    )
+    when = draw(st.sampled_from(["none", "deadline", "timeout"]))
+    if when == "deadline":
+        spec.deadline.seconds, spec.deadline.nanos = draw(int64), draw(st.integers(0, 999_999_999))
+    elif when == "timeout":
+        spec.timeout.seconds = draw(st.integers(-(10**12), 10**12))
+    return spec
+
+
+@st.composite
+def envelopes(draw: st.DrawFn, origin_dc: str) -> peer_pb2.Envelope:
+    return peer_pb2.Envelope(
+        spec=draw(specs()),
+        path=draw(st.lists(text, max_size=20)),
+        hops=draw(uint32),
+        deadline_unix_ms=draw(int64),
+        attempt=draw(uint32),
+        entry_agent=draw(text),
+        max_tasks=draw(st.floats(allow_nan=True, allow_infinity=True)),
+        origin_dc=draw(st.one_of(st.just(origin_dc), st.just(origin_dc), text)),
+    )
+
+
+@st.composite
+def datagrams(draw: st.DrawFn, keyring: Keyring, members: list[str]) -> bytes:
+    """Random bytes, or a frame signed with the mesh's key and bent anywhere."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=1500))
+    leaf = st.one_of(st.integers(-(2**63), 2**64 - 1), text, st.binary(max_size=64), st.none())
+    payload = draw(
+        st.dictionaries(
+            st.sampled_from(["own", "digest", "states", "want", "junk"]),
+            st.recursive(leaf, lambda inner: st.lists(inner, max_size=12), max_leaves=40),
+            max_size=5,
+        )
+    )
+    return encode(
+        keyring,
+        draw(st.sampled_from(list(Kind))),
+        draw(st.one_of(st.sampled_from(members), text)),
+        draw(st.integers(0, 2**63)),
+        draw(st.integers(0, 2**63)),
+        int(time.time() * 1000) + draw(st.integers(-60_000, 60_000)),
+        payload,
+    )
+
+
+@dataclass
+class Tally:
+    statuses: Counter[str] = field(default_factory=Counter)
+    failures: list[str] = field(default_factory=list)
+
+
+def _channel(address: str, security: Security, dc: str = "") -> grpc.Channel:
+    options = [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.ssl_target_name_override", agent_host(security.mesh, dc)),
+    ]
+    return grpc.secure_channel(address, security.credentials(), options)
+
+
+def _answer(tally: Tally, what: str, call: Callable[[], object]) -> None:
+    try:
+        call()
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as exc:
+        code = exc.code()  # type: ignore[attr-defined]
+        if code not in PRECISE or code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            tally.failures.append(f"{what}: {code.name}: {exc.details()}")  # type: ignore[attr-defined]
+    tally.statuses[f"{what} {code.name}"] += 1
+
+
+def fuzz_submit(address: str, user: Security, examples: int, tally: Tally) -> None:
+    with _channel(address, user) as channel:
+        submit = tasks_pb2_grpc.TaskServiceStub(channel).Submit
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(specs())
+        def case(spec: pb.TaskSpec) -> None:
+            _answer(
+                tally, "Submit", lambda: submit(pb.SubmitRequest(spec=spec), timeout=CALL_TIMEOUT_S)
+            )
+
+        case()
+
+
+def fuzz_offer(
+    peer_address: str, agent: Security, dc: str, origin: str, examples: int, tally: Tally
+) -> None:
+    with _channel(peer_address, agent, dc) as channel:
+        offer = peer_pb2_grpc.PeerServiceStub(channel).Offer
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(envelopes(origin))
+        def case(envelope: peer_pb2.Envelope) -> None:
+            _answer(tally, "Offer", lambda: offer(envelope, timeout=CALL_TIMEOUT_S))
+
+        case()
+
+
+def fuzz_gossip(
+    gossip_address: str, keyring: Keyring, members: list[str], examples: int, tally: Tally
+) -> None:
+    host, _, port = gossip_address.rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(datagrams(keyring, members))
+        def case(data: bytes) -> None:
+            sock.sendto(data, (host, int(port)))
+            tally.statuses["datagram sent"] += 1
+
+        case()
+
+
+def still_well(address: str, anyone: Security, metrics_url: str | None, tally: Tally) -> None:
+    """After the storm: the agent answers its health check, and no datagram was an
+    internal error (its handler raised) rather than a reasoned drop."""
+    with _channel(address, anyone) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT_S
+        )
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        tally.failures.append("the agent stopped serving")
+    if metrics_url:
+        with urllib.request.urlopen(metrics_url, timeout=5) as page:
+            found = re.search(
+                r'gpumesh_gossip_dropped_total\{reason="internal"\} (\d+)', page.read().decode()
+            )
+        if found and int(found[1]):
+            tally.failures.append(f"{found[1]} datagram(s) raised inside the agent")
+
+
+def main(argv: list[str]) -> None:
+    from bench.localdc import one_dc
+
+    parser = argparse.ArgumentParser(prog="python -m bench fuzz", description=__doc__)
+    parser.add_argument("--examples", type=int, default=3000, help="cases per campaign")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    agents = [{"id": "fuzzed", "fake_gpus": "2xA100-80GB"}]
+    tally = Tally()
+    started = time.monotonic()
+    with one_dc("fuzz", agents, timeout_s=60) as mesh:
+        assert mesh.trust is not None
+        agent = next(s for s in mesh.started if s.kind == "agent")
+        trust = mesh.trust
+        fuzz_submit(agent.address, trust.user("fuzzer"), args.examples, tally)
+        files = trust.agent("elsewhere-1", "elsewhere")
+        other = Security.from_files(trust.mesh, files.ca, files.cert, files.key)
+        fuzz_offer(agent.peer_address, other, "dc", "elsewhere", args.examples, tally)
+        keyring = Keyring((trust.gossip_key_file.read_text().split()[0].encode(),))
+        gossip = mesh.gossip_address(agent.name)
+        fuzz_gossip(gossip, keyring, [agent.name], args.examples, tally)
+        still_well(agent.address, Security(trust.mesh, trust.ca.read_bytes()), None, tally)
+    result = {
+        "examples_per_campaign": args.examples,
+        "statuses": dict(sorted(tally.statuses.items())),
+        "failures": tally.failures[:20],
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for name, count in result["statuses"].items():
+            print(f"{count:>7}  {name}")
+        print(f"failures: {len(tally.failures)}; {result['seconds']} s")
+    raise SystemExit(1 if tally.failures else 0)
