@@ -1,16 +1,17 @@
-"""``python -m bench {route,gossip,failover,fuzz} [--json]``."""
+"""``python -m bench {route,gossip,failover,fuzz,hop} [--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import failover, fuzz, gossip, route
+from bench import failover, fuzz, gossip, hop, route
 
 BENCHMARKS = {
     "route": route.main,
     "gossip": gossip.main,
     "failover": failover.main,
     "fuzz": fuzz.main,
+    "hop": hop.main,
 }
 
 

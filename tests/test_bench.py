@@ -69,3 +69,23 @@ def test_bench_failover_reports_both_gaps() -> None:
     result = json.loads(done.stdout)
     assert set(result) == {"owner_failover_s", "orphan_rerun_s", "lease_ttl_s"}
     assert result["owner_failover_s"] > 0 and result["orphan_rerun_s"] > 0
+
+
+def test_bench_hop_reports_every_hop() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "hop", "--json", "--calls", "200"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    for hop in ("plaintext", "tls", "mtls", "agent offer"):
+        assert set(result[hop]) == {"p50_us", "p99_us"} and result[hop]["p50_us"] > 0
+
+
+def test_bench_fuzz_finds_nothing_in_a_short_run() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "fuzz", "--json", "--examples", "50"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    assert done.returncode == 0 and result["failures"] == [], result["failures"]
+    assert result["statuses"]["datagram sent"] == 50
