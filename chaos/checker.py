@@ -255,6 +255,7 @@ def check(observed: Observed) -> Verdict:
             )
 
     verdict.violations.extend(check_tokens(events, observed.terms))
+    verdict.violations.extend(check_watches(events, records))
     for dc, expected in observed.expected.items():
         seen = observed.membership.get(dc, set())
         if seen != expected:
@@ -265,14 +266,32 @@ def check(observed: Observed) -> Verdict:
     return verdict
 
 
+def check_watches(events: list[Event], records: dict[str, dict[str, object]]) -> list[str]:
+    """Every watch the clients opened ended with its task's terminal event, whichever
+    agents died under it: the state it saw last is the one the record holds."""
+    problems = []
+    ended = {str(e["key"]): e for e in events if e["op"] == "watch" and e["phase"] != "invoke"}
+    for opened in select(events, "watch", "invoke"):
+        key = str(opened["key"])
+        end, record = ended.get(key), records.get(key)
+        if end is None:
+            problems.append(
+                f"watch of {key} never ended (its task is {record and record['state']})"
+            )
+        elif end["phase"] == "fail":
+            problems.append(f"watch of {key} broke: {end['code']} {end['detail']}")
+        elif record is not None and end["state"] != record["state"]:
+            problems.append(f"watch of {key} ended {end['state']}, its record is {record['state']}")
+    return problems
+
+
 def error_rate(events: list[Event], start: float, end: float) -> float | None:
-    """Share of Submit tries in [start, end] that the client saw fail."""
-    tries = errors = 0
-    for event in select(events, "submit"):
-        if not start <= float(event["mono"]) <= end:  # type: ignore[arg-type]
-            continue
-        if event["phase"] == "invoke":
-            tries += 1
-        elif event["phase"] in ("error", "fail"):
-            errors += 1
-    return errors / tries if tries else None
+    """Share of the Submits sent in [start, end] whose caller saw an error (the SDK's
+    own retries inside one Submit are not the caller's)."""
+    sent = {
+        str(e["key"])
+        for e in select(events, "submit", "invoke")
+        if start <= float(e["mono"]) <= end  # type: ignore[arg-type]
+    }
+    failed = {str(e["key"]) for e in select(events, "submit", "fail")}
+    return len(sent & failed) / len(sent) if sent else None

@@ -1,12 +1,13 @@
-"""The load generator: tasks at a steady rate to random agents, retried as a client would.
+"""The load generator: tasks at a steady rate through the public SDK, as users send them.
 
-Each task's id is its idempotency key, drawn once; every retry sends the same id, so a
-Submit that reached etcd before its answer was lost returns the task it created rather
-than a second one. Retries stay in the DC first chosen: ids are unique per DC's etcd,
-so a retry sent to another DC could create a second task. ``UNAVAILABLE``,
-``DEADLINE_EXCEEDED`` and ``RESOURCE_EXHAUSTED`` are retried with backoff (to another
-agent of the DC), within a bounded number of tries; anything else is final. Every try
-and its answer goes to the history, stamped with the shared monotonic clock.
+Each DC's users hold one ``mesh.sdk.AsyncClient``; it balances over the DC's agents,
+retries a Submit that found its agent gone on another with the same task id (the
+idempotency key: a retry never makes a second task) and resumes a watch on another agent
+when its agent dies. The history records what the caller's code sees, one ``invoke`` per
+task and then ``ok`` or ``fail``; the SDK's own tries stay inside it, so ``error_rate``
+counts only the errors a user would have had to handle. Tasks of the steady rate and of
+bursts are watched to their end (``watch`` ``ok`` with the terminal state, or ``fail``);
+a flood's are not, to keep thousands of streams off a two-core machine.
 """
 
 from __future__ import annotations
@@ -15,22 +16,15 @@ import asyncio
 import random
 from collections.abc import Awaitable, Mapping
 
-import grpc
 from google.protobuf.duration_pb2 import Duration
 
 from mesh.agent.history import History
 from mesh.channels import Security
-from mesh.client import MeshClient
+from mesh.core.task import state_name
+from mesh.errors import MeshError
+from mesh.sdk import AsyncClient, Task
 from mesh.v1 import tasks_pb2 as pb
 
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
-MAX_TRIES = 6
-SUBMIT_TIMEOUT_S = 5.0
-BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 2.0)
 TASK_TIMEOUT_S = 120  # generous: a task that fails by deadline is a failure, not a loss
 USER = "chaos"  # the load's user: its token names it
 
@@ -47,18 +41,15 @@ class Load:
         task_s: tuple[float, float] = (0.6, 1.4),
     ) -> None:
         """``agents``: per DC, agent name to address; ``security``: the load's user."""
-        self._agents = agents
+        self._dcs = sorted(agents)
         self._history = history
         self._interval_s = 1 / rate_per_s
         self._model = model
         self._rng = rng
         self._task_s = task_s
-        self._clients = {
-            address: MeshClient(address, security)
-            for dc in agents.values()
-            for address in dc.values()
-        }
+        self._clients = {dc: AsyncClient(list(agents[dc].values()), security) for dc in agents}
         self._inflight: set[asyncio.Task[None]] = set()
+        self._watching: set[asyncio.Task[None]] = set()
         self.sent = 0
         self.accepted = 0
 
@@ -82,22 +73,31 @@ class Load:
             self._spawn(dc)
 
     async def flood(self, count: int, concurrency: int, task_s: tuple[float, float]) -> None:
-        """``count`` short tasks to random agents of both DCs, at most ``concurrency``
-        Submits in flight at once, beside the steady rate: deep backlogs, fast. Returns
-        once every one of them was answered for good (accepted, or given up)."""
+        """``count`` short tasks to random DCs, at most ``concurrency`` Submits in flight
+        at once, beside the steady rate: deep backlogs, fast. Returns once every one of
+        them was answered for good (accepted, or given up)."""
         gate = asyncio.Semaphore(concurrency)
-        await asyncio.gather(*(self._spawn(gate=gate, task_s=task_s) for _ in range(count)))
+        await asyncio.gather(
+            *(self._spawn(gate=gate, task_s=task_s, watch=False) for _ in range(count))
+        )
+
+    async def watches_ended(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for every watch to end; how many are still open."""
+        if self._watching:
+            await asyncio.wait(self._watching, timeout=timeout_s)
+        return sum(not w.done() for w in self._watching)
 
     def _spawn(
         self,
         dc: str | None = None,
         gate: asyncio.Semaphore | None = None,
         task_s: tuple[float, float] | None = None,
+        watch: bool = True,
     ) -> asyncio.Task[None]:
         self.sent += 1
         key = f"c{self.sent:05d}-{self._rng.randrange(16**6):06x}"
         spec = self._spec(key, task_s or self._task_s)
-        submit = self._submit(spec, dc or self._rng.choice(sorted(self._agents)))
+        submit = self._submit(spec, dc or self._rng.choice(self._dcs), watch)
         task = asyncio.create_task(self._gated(gate, submit) if gate else submit)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -121,39 +121,36 @@ class Load:
             timeout=Duration(seconds=TASK_TIMEOUT_S),
         )
 
-    async def _submit(self, spec: pb.TaskSpec, dc: str) -> None:
+    async def _submit(self, spec: pb.TaskSpec, dc: str, watch: bool) -> None:
         key = spec.task_id
-        names = list(self._agents[dc])
-        self._rng.shuffle(names)
-        for attempt in range(MAX_TRIES):
-            name = names[attempt % len(names)]
-            self._history.write("submit", "invoke", key=key, target=name, target_dc=dc)
-            try:
-                reply = await self._clients[self._agents[dc][name]].submit(
-                    spec, timeout_s=SUBMIT_TIMEOUT_S
-                )
-            except grpc.aio.AioRpcError as exc:
-                code = exc.code()
-                final = code not in RETRYABLE or attempt == MAX_TRIES - 1
-                self._history.write(
-                    "submit", "fail" if final else "error", key=key, target=name,
-                    code=code.name, detail=exc.details(),
-                )  # fmt: skip
-                if final:
-                    return
-                await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
-                continue
-            self._history.write(
-                "submit", "ok", key=key, task=reply.status.task_id, target=name,
-                dc=reply.status.dc, existing=reply.existing,
-            )  # fmt: skip
-            self.accepted += 1
+        self._history.write("submit", "invoke", key=key, target_dc=dc)
+        try:
+            task = await self._clients[dc].submit_spec(spec)
+        except MeshError as exc:
+            self._history.write("submit", "fail", key=key, code=exc.code, detail=str(exc))
             return
+        self._history.write(
+            "submit", "ok", key=key, task=task.task_id, dc=task.last.dc if task.last else dc
+        )
+        self.accepted += 1
+        if watch:
+            watching = asyncio.create_task(self._watch(task))
+            self._watching.add(watching)
+
+    async def _watch(self, task: Task) -> None:
+        self._history.write("watch", "invoke", key=task.task_id)
+        try:
+            status = await task.wait()
+        except MeshError as exc:
+            self._history.write("watch", "fail", key=task.task_id, code=exc.code, detail=str(exc))
+            return
+        self._history.write("watch", "ok", key=task.task_id, state=state_name(status.state))
 
     async def close(self) -> None:
-        """Abandon the submissions still retrying, then close the channels."""
-        for task in self._inflight:
+        """Abandon the submissions still retrying and the watches still open, then close
+        the clients."""
+        for task in self._inflight | self._watching:
             task.cancel()
-        await asyncio.gather(*self._inflight, return_exceptions=True)
+        await asyncio.gather(*self._inflight, *self._watching, return_exceptions=True)
         for client in self._clients.values():
             await client.close()

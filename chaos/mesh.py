@@ -46,6 +46,7 @@ AGENT_FLAGS = {
     "model_load_s": "0.2",
     "max_queue_length": "4",
     "drain_grace_s": "2",
+    "drain_notice_s": "1",
     "gossip_interval_s": "0.2",
     "progress_interval_s": "0.5",
 }

@@ -33,6 +33,7 @@ TTL_S = 3
 RATE_PER_S = 6.0
 WARMUP_S = 3.0
 AFTER_S = 3.0
+WATCH_END_S = 10.0  # for a watch to see the end its task's record shows
 
 
 @dataclass
@@ -191,6 +192,7 @@ async def _staged(scenario: Scenario, workdir: Path, seed: int, quick: bool) -> 
         events = checker.read_events(mesh.history_dir)
         accepted = {str(e["key"]) for e in checker.select(events, "submit", "ok")}
         await _settle(mesh, accepted, scenario.settle_s)
+        await load.watches_ended(WATCH_END_S)  # the records ended: so must their watches
         records, problems = await _records(mesh)
         observed = Observed(
             events=checker.read_events(mesh.history_dir),
@@ -227,6 +229,9 @@ def _outcome(scenario: Scenario, observed: Observed, staged: Staged) -> Outcome:
             missed.append(f"{target.figure}: not observed")
         elif value > limit:
             missed.append(f"{target.figure}: {value:.2f}s > {limit:g}s")
+    errors = checker.error_rate(observed.events, staged.start, staged.heal)
+    if scenario.max_error_rate is not None and (errors or 0.0) > scenario.max_error_rate:
+        missed.append(f"client errors: {errors:.1%} > {scenario.max_error_rate:.0%}")
     if verdict.zombie_s:
         staged.notes.append(
             f"a paused run went on {verdict.zombie_s * 1000:.0f} ms after it woke, written "
@@ -247,7 +252,7 @@ def _outcome(scenario: Scenario, observed: Observed, staged: Staged) -> Outcome:
         detect_s=figures.get("detect_s"),
         recover_s=figures.get("recover_s"),
         failover_s=figures.get("failover_s"),
-        error_rate=checker.error_rate(observed.events, staged.start, staged.heal),
+        error_rate=errors,
         zombie_s=round(verdict.zombie_s, 3),
         missed=missed,
         violations=violations,

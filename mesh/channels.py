@@ -19,6 +19,8 @@ import grpc
 from mesh.errors import ConfigError
 from mesh.trust.pki import agent_host
 
+KEEPALIVE_MS = 5000  # a call whose agent stopped answering fails within twice this
+
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
     return [
@@ -26,6 +28,20 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
+        # Pings while a call is open: a watch on a paused or vanished agent breaks (and
+        # resumes elsewhere) instead of waiting for ever.
+        ("grpc.keepalive_time_ms", KEEPALIVE_MS),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_MS),
+    ]
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int | str]]:
+    """An agent's server: the same caps, and the clients' pings welcome."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_MS // 2),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 

@@ -72,8 +72,14 @@ class MeshClient:
             if not token:
                 return found
 
-    def watch(self, task_id: str, timeout_s: float | None = None) -> AsyncIterator[pb.TaskEvent]:
-        return self.tasks.Watch(pb.WatchRequest(task_id=task_id), timeout=timeout_s)
+    def watch(
+        self, task_id: str, timeout_s: float | None = None, resume_token: str = ""
+    ) -> AsyncIterator[pb.TaskEvent]:
+        request = pb.WatchRequest(task_id=task_id, resume_token=resume_token)
+        return self.tasks.Watch(request, timeout=timeout_s)
+
+    def result(self, task_id: str, timeout_s: float | None = None) -> AsyncIterator[pb.ResultChunk]:
+        return self.tasks.GetResult(pb.GetResultRequest(task_id=task_id), timeout=timeout_s)
 
     async def route(
         self, spec: pb.TaskSpec, explain: bool = False, timeout_s: float = 5.0

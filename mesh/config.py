@@ -202,6 +202,14 @@ class AgentConfig(BaseSettings):
         "reason. Tasks run at least once, so a pipeline dedups by (task_id, attempt).",
     )
     max_list: int = Field(500, ge=1, description="Most tasks one List call returns.")
+    drain_notice_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="On SIGTERM, how long the agent still answers and forwards calls after it "
+        "reported NOT_SERVING and showed as draining, so clients move away without an error. "
+        "Longer: safer for slow balancers; shorter: a quicker stop.",
+    )
     drain_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, time running tasks get to finish before hand-back."
     )

@@ -72,6 +72,12 @@ class Unsure(Unavailable):
     the caller must read before it acts as if nothing was written."""
 
 
+class NoResult(MeshError):
+    """The task has no result to give (yet, or ever: it did not succeed)."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class StaleWrite(MeshError):
     """A write lost a compare-and-swap: someone else changed the record first."""
 

@@ -28,7 +28,10 @@ from mesh.channels import Security, open_channel
 from mesh.client import MeshClient
 from mesh.config import AgentConfig
 from mesh.core.access import OPERATOR
+from mesh.local.etcdserver import EtcdMember
 from mesh.local.trust import LocalTrust
+from mesh.store import topostore
+from mesh.topology import parse
 from mesh.trust.pki import write_secret
 from mesh.v1 import tasks_pb2 as pb
 
@@ -128,6 +131,7 @@ class Cluster:
             "lease_ttl_s": 2,
             "model_load_s": 0,
             "drain_grace_s": 0,
+            "drain_notice_s": 0.3,
             "result_dir": self.workdir / "results",
             "gossip_key_file": self.trust.gossip_key_file,
             **self._tls(agent_id, dc),
@@ -245,3 +249,37 @@ def cli_operator(trust: LocalTrust) -> list[str]:
     pki = trust.root
     return ["--ca", str(pki / "ca.crt"), "--cert", str(pki / "operator.crt"),
             "--key", str(pki / "operator.key")]  # fmt: skip
+
+
+def two_dcs(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember]
+) -> tuple[dict[str, EtcdMember], Callable[[str], AgentProc]]:
+    """Two DCs with an etcd each; returns the etcds and a starter for their agents."""
+    etcds = {dc: more_etcd(dc) for dc in ("west", "east")}
+
+    def start(dc: str, **flags: object) -> AgentProc:
+        endpoints = json.dumps([etcds[dc].endpoint])
+        return cluster.start(f"{dc}-1", dc=dc, etcd_endpoints=endpoints, **flags)
+
+    return etcds, start
+
+
+async def apply_topology(
+    cluster: Cluster,
+    prefix: str,
+    etcds: dict[str, EtcdMember],
+    seeds: dict[str, str],
+    overflow: dict[str, str] | None = None,
+) -> None:
+    """Version 1 of a topology of ``etcds``' DCs; ``overflow``: DC to the one it spills to."""
+    dcs = {
+        dc: {
+            "etcd": [etcds[dc].endpoint],
+            "seeds": [seeds[dc]] if dc in seeds else [],
+            "overflow": [{"dc": (overflow or {})[dc]}] if dc in (overflow or {}) else [],
+        }
+        for dc in etcds
+    }
+    topology = parse({"prefix": prefix, "dcs": dcs}, "test topology")
+    report = await topostore.apply(topology, cluster.trust.operator())
+    assert all(r.startswith("applied") for r in report.values()), report

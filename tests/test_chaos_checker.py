@@ -3,7 +3,7 @@ violation, so a clean verdict from the suite means something."""
 
 from __future__ import annotations
 
-from chaos.checker import Observed, Term, check, error_rate, leader_at, runs
+from chaos.checker import Observed, Term, check, check_watches, error_rate, leader_at, runs
 
 AGENTS = {"west": {"w1", "w2"}}
 
@@ -153,13 +153,28 @@ def test_membership_must_be_restored() -> None:
     assert verdict.violations == ["membership of west not restored: missing ['w2'], unexpected []"]
 
 
-def test_error_rate_counts_failed_tries_in_the_window() -> None:
+def test_error_rate_counts_the_submits_whose_caller_saw_an_error() -> None:
     events = [
         ev(1, "submit", "invoke", "client", key="a"),
-        ev(1.1, "submit", "error", "client", key="a", code="UNAVAILABLE"),
-        ev(1.3, "submit", "invoke", "client", key="a"),
         ev(1.4, "submit", "ok", "client", key="a"),
-        ev(9, "submit", "invoke", "client", key="b"),
+        ev(1.5, "submit", "invoke", "client", key="b"),
+        ev(2.5, "submit", "fail", "client", key="b", code="UNAVAILABLE"),  # after the window
+        ev(9, "submit", "invoke", "client", key="c"),
     ]
     assert error_rate(events, 0, 2) == 0.5
     assert error_rate(events, 10, 11) is None
+
+
+def test_every_watch_ends_with_the_state_its_record_holds() -> None:
+    records: dict[str, dict[str, object]] = {
+        k: {"state": "SUCCEEDED"} for k in ("fine", "broke", "open", "wrong")
+    }
+    events = [ev(1, "watch", "invoke", "client", key=k) for k in records]
+    events += [
+        ev(2, "watch", "ok", "client", key="fine", state="SUCCEEDED"),
+        ev(2, "watch", "fail", "client", key="broke", code="INTERNAL", detail="internal error"),
+        ev(2, "watch", "ok", "client", key="wrong", state="FAILED"),
+    ]
+    problems = check_watches(events, records)
+    assert len(problems) == 3
+    assert [p.split()[2] for p in problems] == ["broke", "open", "wrong"]

@@ -4,10 +4,18 @@ the hand-offs of agents that died in the middle of one."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
-from support import AgentProc, Cluster, eventually, peer_channel, sleep_spec, wait_log
+from support import (
+    AgentProc,
+    Cluster,
+    apply_topology,
+    eventually,
+    peer_channel,
+    sleep_spec,
+    two_dcs,
+    wait_log,
+)
 
 from mesh.agent.handoff import intent
 from mesh.client import MeshClient
@@ -15,11 +23,9 @@ from mesh.core.clock import now_ms
 from mesh.core.lifecycle import new_record
 from mesh.core.task import TERMINAL, spec_digest, state_name
 from mesh.local.etcdserver import EtcdMember
-from mesh.store import topostore
 from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
 from mesh.store.records import TaskStore
-from mesh.topology import parse
 from mesh.v1 import peer_pb2, peer_pb2_grpc
 from mesh.v1 import tasks_pb2 as pb
 
@@ -29,30 +35,6 @@ SettleOutcome = peer_pb2.SettleResponse
 def spec(task_id: str) -> pb.TaskSpec:
     """An admitted spec, as an entry agent sends it on."""
     return sleep_spec(task_id, seconds=0.1, steps=1, model="m", queue="normal", gpu_count=1)
-
-
-def two_dcs(
-    cluster: Cluster, more_etcd: Callable[[str], EtcdMember]
-) -> tuple[dict[str, EtcdMember], Callable[[str], AgentProc]]:
-    """Two DCs with an etcd each; returns the etcds and a starter for their agents."""
-    etcds = {dc: more_etcd(dc) for dc in ("west", "east")}
-
-    def start(dc: str) -> AgentProc:
-        return cluster.start(f"{dc}-1", dc=dc, etcd_endpoints=json.dumps([etcds[dc].endpoint]))
-
-    return etcds, start
-
-
-async def apply_topology(
-    cluster: Cluster, prefix: str, etcds: dict[str, EtcdMember], seeds: dict[str, str]
-) -> None:
-    dcs = {
-        dc: {"etcd": [etcds[dc].endpoint], "seeds": [seeds[dc]] if dc in seeds else []}
-        for dc in etcds
-    }
-    topology = parse({"prefix": prefix, "dcs": dcs}, "test topology")
-    report = await topostore.apply(topology, cluster.trust.operator())
-    assert all(r.startswith("applied") for r in report.values()), report
 
 
 async def settle(cluster: Cluster, agent: AgentProc, task_id: str, origin: str) -> int:

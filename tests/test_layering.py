@@ -3,10 +3,10 @@ reaches no I/O library through any chain of imports.
 
 Layers, lowest first: ``core`` and the shared base modules (errors, config, topology,
 gpus, metrics, logs, the generated stubs, pipelines, trust, channels, client); the adapters
-``store`` and ``gossip``; ``agent``; ``local``; ``cli``. A module may import its own
-package and anything in a lower layer; the core and the base modules, both pure or
-shared data, may import each other. Imports under ``if TYPE_CHECKING:`` are types only
-and do not count.
+``store`` and ``gossip``, and the ``sdk`` beside them; ``agent``; ``local``; ``cli``. A
+module may import its own package and anything in a lower layer; the core and the base
+modules, both pure or shared data, may import each other. Imports under
+``if TYPE_CHECKING:`` are types only and do not count.
 """
 
 from __future__ import annotations
@@ -31,7 +31,16 @@ BASE = {
     "mesh.channels",
     "mesh.client",
 }
-RANKS = {"core": 0, "base": 0, "store": 1, "gossip": 1, "agent": 2, "local": 3, "cli": 4}
+RANKS = {
+    "core": 0,
+    "base": 0,
+    "store": 1,
+    "gossip": 1,
+    "sdk": 1,
+    "agent": 2,
+    "local": 3,
+    "cli": 4,
+}
 
 
 def module_name(path: Path) -> str:

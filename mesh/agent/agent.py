@@ -140,6 +140,7 @@ class Agent:
             self.remote,
             self.executor,
             self._capacity_changed,
+            cfg.result_dir,
         )
         self.handover = Handover(cfg.agent_id, self.store, self.placement, self.history)
         self.api = AgentApi(self)
@@ -150,6 +151,8 @@ class Agent:
         self.gossip_address = ""
         self._incarnation = 0
         self.stopping = False
+        self.leaving = asyncio.Event()  # set as the agent lets go of etcd: streams end
+        self._handing: asyncio.Future[list[None]] | None = None
 
     # -- starting ------------------------------------------------------------------------
 
@@ -332,7 +335,10 @@ class Agent:
 
     # -- stopping ------------------------------------------------------------------------
 
-    async def stop(self, grace_s: float) -> None:
+    async def begin_drain(self) -> None:
+        """The first step of a stop: peers and clients see this agent draining, the DC's
+        queue and this agent's queued jobs go to others at once. It still serves calls
+        (and forwards Submits) until ``stop``, so a client in flight is not refused."""
         if self.stopping:
             return
         self.stopping = True
@@ -343,13 +349,20 @@ class Agent:
                 self._owner_task.cancel()
                 await asyncio.gather(self._owner_task, return_exceptions=True)
             await self.owner.election.resign()
-        # Queued jobs go to peers at once, while the running ones get their grace.
         queued = self.executor.close_queue()
-        handing = asyncio.gather(*(self.handover.give_back(job) for job in queued))
+        self._handing = asyncio.gather(*(self.handover.give_back(job) for job in queued))
+
+    async def stop(self, grace_s: float) -> None:
+        """Let running tasks finish within ``grace_s``, hand over the rest, and leave."""
+        if not self.stopping:
+            await self.begin_drain()
         interrupted = await self.executor.drain(grace_s)
-        await handing
+        if self._handing is not None:
+            await self._handing
         for job in interrupted:
             await self.handover.give_back(job)
+        self.leaving.set()
+        await asyncio.sleep(0)  # the streams that end now see it before etcd is gone
         await self.session.close(revoke=True)
         await self.duties.stop()
         await self.peers.close()

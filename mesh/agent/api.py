@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from mesh import metrics
@@ -19,7 +19,7 @@ from mesh.agent.dispatch import describe
 from mesh.core.access import ANYONE, Grant, Identity, PermissionDenied
 from mesh.core.clock import now_ms
 from mesh.core.task import NAME, admit, check_id, page_start, page_token, public
-from mesh.errors import InvalidTask, MeshError, TaskConflict
+from mesh.errors import InvalidTask, MeshError, TaskConflict, Unavailable
 from mesh.store.registry import AgentRecord
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -84,8 +84,11 @@ class AgentApi:
         """The task's events until it ends: the first is its state now; a status in the
         same state as the one before is progress."""
         check_id(request.task_id)
+        if len(request.resume_token) > MAX_TOKEN:
+            raise InvalidTask("resume_token is not one this mesh issued")
         previous = None
-        async for status in self._agent.tasks.follow(request.task_id):
+        follow = self._agent.tasks.follow(request.task_id, request.resume_token)
+        async for status, resume_token in until_set(follow, self._agent.leaving):
             if previous is None:
                 may_see(status, grant)
             kind = (
@@ -94,7 +97,23 @@ class AgentApi:
                 else pb.TaskEvent.KIND_STATE
             )
             previous = status.state
-            yield pb.TaskEvent(kind=kind, status=status)
+            yield pb.TaskEvent(kind=kind, status=status, resume_token=resume_token)
+
+    async def get_result(
+        self, request: pb.GetResultRequest, grant: Grant
+    ) -> AsyncIterator[pb.ResultChunk]:
+        check_id(request.task_id)
+        may_see(await self._agent.tasks.get(request.task_id), grant)
+        async for chunk in self._agent.tasks.result(request.task_id):
+            yield chunk
+
+    async def fetch_result(
+        self, request: pb.GetResultRequest, grant: Grant
+    ) -> AsyncIterator[pb.ResultChunk]:
+        speaks_for(grant, self._agent.cfg.dc, what="a result fetch")
+        check_id(request.task_id)
+        async for chunk in self._agent.tasks.stored_result(request.task_id):
+            yield chunk
 
     async def cancel(self, request: pb.CancelRequest, grant: Grant) -> pb.TaskStatus:
         check_id(request.task_id)
@@ -227,9 +246,32 @@ class AgentApi:
 
 
 MAX_REASON = 1024
+MAX_TOKEN = 128
 MAX_AFFINITY = 256
 MAX_GPUS = 64
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}")
+
+
+async def until_set(items: AsyncGenerator[T], leaving: asyncio.Event) -> AsyncIterator[T]:
+    """``items`` until ``leaving`` is set, then ``Unavailable``: a stream on an agent
+    that lets go of etcd ends with a status its client resumes from, not a broken read."""
+    waiting = asyncio.ensure_future(leaving.wait())
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(items))
+            await asyncio.wait((following, waiting), return_when=asyncio.FIRST_COMPLETED)
+            if waiting.done():  # whatever the read gave: etcd may be gone under it
+                following.cancel()
+                await asyncio.gather(following, return_exceptions=True)
+                raise Unavailable("this agent is leaving: watch again elsewhere from the token")
+            try:
+                item = following.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        waiting.cancel()
+        await items.aclose()
 
 
 def owner_of(declared: pb.User, identity: Identity) -> pb.User:

@@ -36,8 +36,16 @@ class PeerClients:
     def tasks(self, address: str, dc: str) -> tasks_pb2_grpc.TaskServiceStub:
         return tasks_pb2_grpc.TaskServiceStub(self._channel(address, dc))
 
-    def watch(self, address: str, dc: str, task_id: str) -> AsyncIterator[tasks_pb2.TaskEvent]:
-        return self.tasks(address, dc).Watch(tasks_pb2.WatchRequest(task_id=task_id))
+    def watch(
+        self, address: str, dc: str, task_id: str, resume_token: str = ""
+    ) -> AsyncIterator[tasks_pb2.TaskEvent]:
+        request = tasks_pb2.WatchRequest(task_id=task_id, resume_token=resume_token)
+        return self.tasks(address, dc).Watch(request)
+
+    def fetch_result(
+        self, address: str, dc: str, task_id: str
+    ) -> AsyncIterator[tasks_pb2.ResultChunk]:
+        return self._stub(address, dc).FetchResult(tasks_pb2.GetResultRequest(task_id=task_id))
 
     async def offer(
         self, address: str, dc: str, envelope: peer_pb2.Envelope, timeout_s: float

@@ -116,14 +116,43 @@ class RemoteDcs:
                 raise TaskNotFound(f"not found in DC {dc}", task_id=task_id) from exc
             raise Unavailable(f"DC {dc}: {exc.code().name}: {exc.details()}") from exc
 
-    async def watch(self, dc: str, task_id: str) -> AsyncIterator[pb.TaskStatus]:
-        """The task's statuses as a seed of ``dc`` streams them, until it ends."""
+    async def result(self, dc: str, task_id: str) -> AsyncIterator[pb.ResultChunk]:
+        """A task's result, from an agent of ``dc`` (which reads it where it is)."""
+
+        def opened(address: str) -> AsyncIterator[pb.ResultChunk]:
+            request = pb.GetResultRequest(task_id=task_id)
+            return self._peers.tasks(address, dc).GetResult(request)
+
+        async for chunk in self._streamed(dc, task_id, opened, resumes=False):
+            yield chunk
+
+    async def watch(
+        self, dc: str, task_id: str, resume_token: str = ""
+    ) -> AsyncIterator[pb.TaskEvent]:
+        """The task's events as an agent of ``dc`` streams them, until it ends; a broken
+        stream resumes on the next agent after the last event seen."""
+
+        def opened(address: str) -> AsyncIterator[pb.TaskEvent]:
+            return self._peers.watch(address, dc, task_id, resume_token)  # the latest token
+
+        async for event in self._streamed(dc, task_id, opened, resumes=True):
+            resume_token = event.resume_token
+            yield event
+
+    async def _streamed(
+        self, dc: str, task_id: str, opened: Callable[[str], AsyncIterator[T]], resumes: bool
+    ) -> AsyncIterator[T]:
+        """A stream from one agent of ``dc`` after another until one ends it; a stream
+        that broke after its first item goes on elsewhere only if it ``resumes`` (a
+        result restarted elsewhere would repeat its first chunks)."""
         for address in self.seeds(dc, task_id):
+            started = False
             try:
-                async for event in self._peers.watch(address, dc, task_id):
-                    yield event.status
+                async for item in opened(address):
+                    started = True
+                    yield item
                 return
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in NEXT_SEED:
+                if exc.code() not in NEXT_SEED or (started and not resumes):
                     raise Unavailable(f"DC {dc}: {exc.code().name}: {exc.details()}") from exc
         raise Unavailable(f"no seed of DC {dc} answered", dc=dc)

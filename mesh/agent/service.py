@@ -7,6 +7,7 @@ traceback and answered INTERNAL without details, never a crashed agent.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from mesh.agent.agent import Agent
 from mesh.agent.api import AgentApi
 from mesh.agent.auth import Authenticator, caller
-from mesh.channels import channel_options
+from mesh.channels import server_options
 from mesh.errors import ConfigError, MeshError
 from mesh.store.etcd import ETCD_ERRORS
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
@@ -54,6 +55,16 @@ def unary(
     return wrapper
 
 
+async def streamed(items: AsyncIterator[R], context: grpc.aio.ServicerContext) -> AsyncIterator[R]:
+    """A server stream whose errors end it with their status, as ``unary`` does."""
+    try:
+        async for item in items:
+            yield item
+    except Exception as exc:
+        code, message = status_for(exc)
+        await context.abort(code, message)
+
+
 class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     def __init__(self, api: AgentApi) -> None:
         self.api = api
@@ -67,12 +78,12 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         return await self.api.get(request, caller())
 
     async def Watch(self, request, context) -> AsyncIterator[pb.TaskEvent]:
-        try:
-            async for event in self.api.watch(request, caller()):
-                yield event
-        except Exception as exc:
-            code, message = status_for(exc)
-            await context.abort(code, message)
+        async for event in streamed(self.api.watch(request, caller()), context):
+            yield event
+
+    async def GetResult(self, request, context) -> AsyncIterator[pb.ResultChunk]:
+        async for chunk in streamed(self.api.get_result(request, caller()), context):
+            yield chunk
 
     @unary
     async def Cancel(self, request, context):
@@ -124,6 +135,10 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     async def Settle(self, request, context):
         return await self.api.settle(request, caller())
 
+    async def FetchResult(self, request, context) -> AsyncIterator[pb.ResultChunk]:
+        async for chunk in streamed(self.api.fetch_result(request, caller()), context):
+            yield chunk
+
     @unary
     async def CancelLocal(self, request, context):
         return await self.api.cancel_local(request, caller())
@@ -151,7 +166,7 @@ class Server:
         cfg = agent.cfg
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
-            options=channel_options(cfg.max_message_bytes),
+            options=server_options(cfg.max_message_bytes),
             interceptors=[Authenticator(cfg.mesh_name, None if cfg.insecure else agent.verifier)],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
@@ -196,7 +211,13 @@ class Server:
         return address
 
     async def stop(self, grace_s: float) -> None:
+        """Drain without an error for anyone: health says NOT_SERVING (balancers stop
+        sending), the agent shows as draining and gives its queue away, and for
+        ``drain_notice_s`` it still answers and forwards what reaches it; then running
+        tasks get ``grace_s``, and the port closes last."""
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.agent.begin_drain()
+        await asyncio.sleep(self.agent.cfg.drain_notice_s)
         await self.agent.stop(grace_s)
         await self.grpc.stop(1.0)

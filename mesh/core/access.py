@@ -91,6 +91,7 @@ RULES: dict[str, Rule] = {
     TASKS + "Watch": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     TASKS + "List": rule(SUBMITTER, READER, own=(SUBMITTER,)),
     TASKS + "Cancel": rule(SUBMITTER, OPERATOR, AGENT, own=(SUBMITTER,)),
+    TASKS + "GetResult": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     AGENTS + "ListAgents": rule(SUBMITTER, READER),
     AGENTS + "Route": rule(SUBMITTER, READER),
     AGENTS + "Queue": rule(SUBMITTER, READER),
@@ -100,6 +101,7 @@ RULES: dict[str, Rule] = {
     PEERS + "CancelLocal": rule(AGENT),
     PEERS + "Summary": rule(AGENT),
     PEERS + "Settle": rule(AGENT),
+    PEERS + "FetchResult": rule(AGENT),
 }
 # Open to anyone who completed the TLS handshake: liveness probes and the schema, which
 # is public in proto/ anyway.

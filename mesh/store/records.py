@@ -185,27 +185,36 @@ class TaskStore:
             raise Unavailable(f"etcd: {exc}") from exc
         return bool(ok)
 
-    async def follow(self, task_id: str) -> AsyncIterator[Stored]:
-        """The current record, then every later version, until it is terminal."""
+    async def follow(self, task_id: str, after: int = 0) -> AsyncIterator[Stored]:
+        """Every version of the record after revision ``after`` until it is terminal; with
+        no ``after``, the current one first. Versions are replayed from etcd's history,
+        so a follower that resumes after the last revision it saw misses none and sees
+        none twice (unless history was compacted: then it gets the current version)."""
         stored = await self.get(task_id)
-        yield stored
-        while stored.status.state not in TERMINAL:
+        if not after:
+            yield stored
+            after = stored.revision
+        if stored.revision <= after and stored.status.state in TERMINAL:
+            return  # nothing after what the follower saw, and nothing will come
+        while True:
             try:
                 async for event in watch_events(
-                    self._client,
-                    self._keys.task(task_id),
-                    prefix=False,
-                    start_revision=stored.revision + 1,
+                    self._client, self._keys.task(task_id), prefix=False, start_revision=after + 1
                 ):
                     if event.kind != aetcd.EventKind.PUT:
                         raise TaskNotFound("task record was deleted", task_id=task_id)
                     stored = Stored(decode(event.kv.value), event.kv.mod_revision)
+                    after = stored.revision
                     yield stored
                     if stored.status.state in TERMINAL:
                         return
             except aetcd.RevisionCompactedError:
                 stored = await self.get(task_id)
-                yield stored
+                if stored.revision > after:
+                    after = stored.revision
+                    yield stored
+                if stored.status.state in TERMINAL:
+                    return
 
     async def list(self, *, user_id: str, state: int, limit: int, after: str = "") -> Page:
         """One page of the tasks that run in this DC, filtered, in task-id order, from

@@ -55,6 +55,11 @@ class PeerServiceStub:
                 request_serializer=mesh_dot_v1_dot_peer__pb2.SettleRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_peer__pb2.SettleResponse.FromString,
                 _registered_method=True)
+        self.FetchResult = channel.unary_stream(
+                '/mesh.v1.PeerService/FetchResult',
+                request_serializer=mesh_dot_v1_dot_tasks__pb2.GetResultRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_tasks__pb2.ResultChunk.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -88,6 +93,13 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchResult(self, request, context):
+        """The result of a task this agent ran, from its disk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Settle,
                     request_deserializer=mesh_dot_v1_dot_peer__pb2.SettleRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_peer__pb2.SettleResponse.SerializeToString,
+            ),
+            'FetchResult': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchResult,
+                    request_deserializer=mesh_dot_v1_dot_tasks__pb2.GetResultRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_tasks__pb2.ResultChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class PeerService:
             '/mesh.v1.PeerService/Settle',
             mesh_dot_v1_dot_peer__pb2.SettleRequest.SerializeToString,
             mesh_dot_v1_dot_peer__pb2.SettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mesh.v1.PeerService/FetchResult',
+            mesh_dot_v1_dot_tasks__pb2.GetResultRequest.SerializeToString,
+            mesh_dot_v1_dot_tasks__pb2.ResultChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -175,13 +175,15 @@ class GetRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "resume_token")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    resume_token: str
+    def __init__(self, task_id: _Optional[str] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class TaskEvent(_message.Message):
-    __slots__ = ("kind", "status")
+    __slots__ = ("kind", "status", "resume_token")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[TaskEvent.Kind]
@@ -192,9 +194,11 @@ class TaskEvent(_message.Message):
     KIND_PROGRESS: TaskEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_TOKEN_FIELD_NUMBER: _ClassVar[int]
     kind: TaskEvent.Kind
     status: TaskStatus
-    def __init__(self, kind: _Optional[_Union[TaskEvent.Kind, str]] = ..., status: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
+    resume_token: str
+    def __init__(self, kind: _Optional[_Union[TaskEvent.Kind, str]] = ..., status: _Optional[_Union[TaskStatus, _Mapping]] = ..., resume_token: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("task_id", "reason")
@@ -225,6 +229,20 @@ class ListResponse(_message.Message):
     truncated: bool
     next_page_token: str
     def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., truncated: _Optional[bool] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class GetResultRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class ResultChunk(_message.Message):
+    __slots__ = ("data", "media_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MEDIA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    media_type: str
+    def __init__(self, data: _Optional[bytes] = ..., media_type: _Optional[str] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "name", "memory_mb", "gpu_class")

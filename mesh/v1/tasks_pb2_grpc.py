@@ -59,6 +59,11 @@ class TaskServiceStub:
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.ListRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_tasks__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.GetResult = channel.unary_stream(
+                '/mesh.v1.TaskService/GetResult',
+                request_serializer=mesh_dot_v1_dot_tasks__pb2.GetResultRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_tasks__pb2.ResultChunk.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -94,6 +99,12 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetResult(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=mesh_dot_v1_dot_tasks__pb2.ListRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_tasks__pb2.ListResponse.SerializeToString,
+            ),
+            'GetResult': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetResult,
+                    request_deserializer=mesh_dot_v1_dot_tasks__pb2.GetResultRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_tasks__pb2.ResultChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class TaskService:
             '/mesh.v1.TaskService/List',
             mesh_dot_v1_dot_tasks__pb2.ListRequest.SerializeToString,
             mesh_dot_v1_dot_tasks__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mesh.v1.TaskService/GetResult',
+            mesh_dot_v1_dot_tasks__pb2.GetResultRequest.SerializeToString,
+            mesh_dot_v1_dot_tasks__pb2.ResultChunk.FromString,
             options,
             channel_credentials,
             insecure,
