@@ -1,10 +1,10 @@
-"""``python -m bench {route,gossip,failover,fuzz,hop} [--json]``."""
+"""``python -m bench {route,gossip,failover,fuzz,hop,cancel} [--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import failover, fuzz, gossip, hop, route
+from bench import cancel, failover, fuzz, gossip, hop, route
 
 BENCHMARKS = {
     "route": route.main,
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "failover": failover.main,
     "fuzz": fuzz.main,
     "hop": hop.main,
+    "cancel": cancel.main,
 }
 
 

@@ -1,4 +1,4 @@
-"""What the process benchmarks share: a one-DC local mesh, and polling a condition."""
+"""What the process benchmarks share: local meshes torn down after, and polling a condition."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mesh.local.localmesh import LocalMesh, free_port
 from mesh.topology import parse
@@ -18,14 +19,25 @@ POLL_S = 0.02
 @contextmanager
 def one_dc(prefix: str, agents: list[dict[str, object]], timeout_s: float) -> Iterator[LocalMesh]:
     """A local mesh of one DC named ``dc`` (its own etcd, these agents), torn down after."""
-    topology = parse(
+    with local_mesh(
         {
             "prefix": prefix,
-            "dcs": {"dc": {"etcd": [f"127.0.0.1:{free_port()}"]}},
+            "dcs": {"dc": {}},
             "local": {"model_load_s": 0, "agents": {"dc": agents}},
         },
-        f"{prefix} topology",
-    )
+        timeout_s,
+    ) as mesh:
+        yield mesh
+
+
+@contextmanager
+def local_mesh(document: dict[str, Any], timeout_s: float) -> Iterator[LocalMesh]:
+    """The local mesh a topology document describes, on this machine, torn down after;
+    each DC's etcd on a free port (so it runs beside ``meshctl up``)."""
+    for dc in document["dcs"].values():
+        dc["etcd"] = [f"127.0.0.1:{free_port()}"]
+    prefix = document["prefix"]
+    topology = parse(document, f"{prefix} topology")
     mesh = LocalMesh(topology, Path(tempfile.mkdtemp(prefix=f"gpumesh-{prefix}-")))
     try:
         mesh.up(timeout_s=timeout_s)

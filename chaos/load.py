@@ -5,9 +5,11 @@ retries a Submit that found its agent gone on another with the same task id (the
 idempotency key: a retry never makes a second task) and resumes a watch on another agent
 when its agent dies. The history records what the caller's code sees, one ``invoke`` per
 task and then ``ok`` or ``fail``; the SDK's own tries stay inside it, so ``error_rate``
-counts only the errors a user would have had to handle. Tasks of the steady rate and of
-bursts are watched to their end (``watch`` ``ok`` with the terminal state, or ``fail``);
-a flood's are not, to keep thousands of streams off a two-core machine.
+counts only the errors a user would have had to handle. A tenth of the steady rate's ids
+go through both DCs at once (*twins*): one task each, or the checker says why not. Tasks
+of the steady rate and of bursts are watched to their end (``watch`` ``ok`` with the
+terminal state, or ``fail``); a flood's are not, to keep thousands of streams off a
+two-core machine.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mesh.v1 import tasks_pb2 as pb
 
 TASK_TIMEOUT_S = 120  # generous: a task that fails by deadline is a failure, not a loss
 USER = "chaos"  # the load's user: its token names it
+TWIN_SHARE = 0.1  # of the steady rate's ids, submitted through both DCs at once
 
 
 class Load:
@@ -97,7 +100,10 @@ class Load:
         self.sent += 1
         key = f"c{self.sent:05d}-{self._rng.randrange(16**6):06x}"
         spec = self._spec(key, task_s or self._task_s)
-        submit = self._submit(spec, dc or self._rng.choice(self._dcs), watch)
+        if dc is None and watch and self._rng.random() < TWIN_SHARE:
+            submit = self._twins(spec)
+        else:
+            submit = self._submit(spec, dc or self._rng.choice(self._dcs), watch)
         task = asyncio.create_task(self._gated(gate, submit) if gate else submit)
         self._inflight.add(task)
         task.add_done_callback(self._inflight.discard)
@@ -136,6 +142,13 @@ class Load:
         if watch:
             watching = asyncio.create_task(self._watch(task))
             self._watching.add(watching)
+
+    async def _twins(self, spec: pb.TaskSpec) -> None:
+        """One task id through every DC at once, as a client retrying through another
+        DC would: the mesh must make one task of it (watched once)."""
+        await asyncio.gather(
+            *(self._submit(spec, dc, watch=i == 0) for i, dc in enumerate(self._dcs))
+        )
 
     async def _watch(self, task: Task) -> None:
         self._history.write("watch", "invoke", key=task.task_id)

@@ -53,6 +53,7 @@ class Outcome:
     recover_s: float | None = None
     failover_s: float | None = None
     error_rate: float | None = None
+    split_ids: int = 0
     zombie_s: float = 0.0
     ttl_s: int = TTL_S
     missed: list[str] = field(default_factory=list)
@@ -79,10 +80,12 @@ def unmet_needs() -> dict[str, str | None]:
     }
 
 
-async def _records(mesh: ChaosMesh) -> tuple[dict[str, dict[str, object]], list[str]]:
-    """The final record of every task, from the DC that ran it (hand-overs followed)."""
+async def _records(mesh: ChaosMesh) -> tuple[dict[str, dict[str, object]], dict[str, list[str]]]:
+    """The final record of every task, from the DC that ran it (hand-overs followed),
+    and the ids recorded in more than one DC (the record kept is the one not ended as
+    a duplicate)."""
     found: dict[str, dict[str, object]] = {}
-    problems = []
+    split: dict[str, list[str]] = {}
     for dc in DCS:
         keys = KeySpace(PREFIX, dc)
         async with mesh.client(dc) as client:
@@ -91,15 +94,20 @@ async def _records(mesh: ChaosMesh) -> tuple[dict[str, dict[str, object]], list[
                 if record.forwarded_to_dc:
                     continue
                 status = record.status
-                if status.task_id in found:
-                    problems.append(f"{status.task_id} is recorded in two DCs")
-                found[status.task_id] = {
+                mine = {
                     "state": state_name(status.state),
                     "attempt": status.attempt,
                     "dc": dc,
                     "agent": status.agent,
+                    "duplicate": status.error.message.startswith("duplicate:"),
                 }
-    return found, problems
+                if status.task_id in found:
+                    split.setdefault(status.task_id, [str(found[status.task_id]["dc"])])
+                    split[status.task_id].append(dc)
+                    if mine["duplicate"]:
+                        continue
+                found[status.task_id] = mine
+    return found, split
 
 
 async def _terms(mesh: ChaosMesh, dc: str) -> list[Term]:
@@ -193,14 +201,15 @@ async def _staged(scenario: Scenario, workdir: Path, seed: int, quick: bool) -> 
         accepted = {str(e["key"]) for e in checker.select(events, "submit", "ok")}
         await _settle(mesh, accepted, scenario.settle_s)
         await load.watches_ended(WATCH_END_S)  # the records ended: so must their watches
-        records, problems = await _records(mesh)
+        records, split = await _records(mesh)
         observed = Observed(
             events=checker.read_events(mesh.history_dir),
             records=records,
             terms={dc: await _terms(mesh, dc) for dc in DCS},
             membership={dc: await mesh.members(dc) for dc in DCS},
             expected={dc: {a.name for a in mesh.in_dc(dc)} for dc in DCS},
-            extra_violations=problems,
+            split=split,
+            fault=(staged.start, staged.heal),
             settle_s=scenario.settle_s,
         )
         return _outcome(scenario, observed, staged)
@@ -232,6 +241,11 @@ def _outcome(scenario: Scenario, observed: Observed, staged: Staged) -> Outcome:
     errors = checker.error_rate(observed.events, staged.start, staged.heal)
     if scenario.max_error_rate is not None and (errors or 0.0) > scenario.max_error_rate:
         missed.append(f"client errors: {errors:.1%} > {scenario.max_error_rate:.0%}")
+    if verdict.split_ids:
+        staged.notes.append(
+            f"{verdict.split_ids} id(s) accepted in both DCs while they were apart (the home "
+            f"DC's claim won afterwards); {verdict.split_ran_twice} of them ran in both"
+        )
     if verdict.zombie_s:
         staged.notes.append(
             f"a paused run went on {verdict.zombie_s * 1000:.0f} ms after it woke, written "
@@ -249,6 +263,7 @@ def _outcome(scenario: Scenario, observed: Observed, staged: Staged) -> Outcome:
         rejected=verdict.rejected,
         lost=verdict.lost,
         duplicates=verdict.duplicates,
+        split_ids=verdict.split_ids,
         detect_s=figures.get("detect_s"),
         recover_s=figures.get("recover_s"),
         failover_s=figures.get("failover_s"),

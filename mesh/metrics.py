@@ -28,6 +28,10 @@ BACKLOG_STALLS = Counter(
 BACKLOG_ENDED = Counter(
     "gpumesh_backlog_ended_total", "Backlog entries ended without running, by reason", ["code"]
 )
+DUPLICATE_IDS = Counter(
+    "gpumesh_duplicate_ids_total",
+    "Tasks recorded here while their id's home DC was unreachable, that another DC held",
+)
 OWNER_TERMS = Counter("gpumesh_owner_terms_total", "Terms this agent began as queue owner")
 DUTY_ERRORS = Counter(
     "gpumesh_duty_errors_total", "Errors that stopped a background duty (it restarts)", ["duty"]

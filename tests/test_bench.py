@@ -89,3 +89,15 @@ def test_bench_fuzz_finds_nothing_in_a_short_run() -> None:
     result = json.loads(done.stdout)
     assert done.returncode == 0 and result["failures"] == [], result["failures"]
     assert result["statuses"]["datagram sent"] == 50
+
+
+def test_bench_cancel_reaches_every_task_through_any_agent() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "cancel", "--json", "--tasks", "60"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    assert result["accepted"] == 60
+    assert result["get_cancel_ok"] == 1.0, result["errors"]
+    cancelled = result["cancel_waiting"]["count"] + result["cancel_running"]["count"]
+    assert cancelled > 0 and result["floor_get"]["count"] == 60

@@ -35,6 +35,8 @@ def observe(events: list[dict], records: dict | None = None, **kw: object) -> Ob
         membership=kw.get("membership", AGENTS),  # type: ignore[arg-type]
         expected=AGENTS,
         settle_s=kw.get("settle_s", 60.0),  # type: ignore[arg-type]
+        split=kw.get("split", {}),  # type: ignore[arg-type]
+        fault=kw.get("fault", (0.0, 0.0)),  # type: ignore[arg-type]
     )
 
 
@@ -178,3 +180,17 @@ def test_every_watch_ends_with_the_state_its_record_holds() -> None:
     problems = check_watches(events, records)
     assert len(problems) == 3
     assert [p.split()[2] for p in problems] == ["broke", "open", "wrong"]
+
+
+def test_an_id_split_between_dcs_is_counted_in_the_fault_and_a_violation_outside_it() -> None:
+    events = [*submitted("apart", at=10), *submitted("together", at=1)]
+    for key, at in (("apart", 10), ("together", 1)):  # ran in both DCs, one commit each
+        for agent in ("w1", "e1"):
+            events += ran(key, agent, at + 1, at + 2)
+            events.append(ev(at + 2.1, "commit", "ok", agent, task=key, attempt=1))
+    split = {"apart": ["east", "west"], "together": ["east", "west"]}
+    records = {"apart": done(), "together": done()}
+    verdict = check(observe(events, records, split=split, fault=(9.0, 12.0)))
+    assert (verdict.split_ids, verdict.split_ran_twice) == (1, 1)
+    assert any("together is recorded in east and west" in v for v in verdict.violations)
+    assert not any("apart" in v for v in verdict.violations), verdict.violations

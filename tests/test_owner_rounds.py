@@ -128,6 +128,7 @@ async def owners(
             max_attempts=3,
             history=History(None, name, "west"),
             handoffs=None,  # type: ignore[arg-type]  # no hand-off in these tests
+            reconcile=asyncio.Event().wait,  # one DC: no claim is ever pending
         )
         if campaign:
             await election.campaign()

@@ -172,6 +172,29 @@ async def test_a_stream_ends_unavailable_once_its_agent_lets_go_of_etcd() -> Non
         async for item in until_set(follow(), leaving):
             seen.append(item)
     assert seen == [1]
+    # A client that goes away mid-read: the read under way ends first, then the stream
+    # (closing a generator that is still being read would raise instead).
+    closed = asyncio.Event()
+
+    async def slow() -> AsyncGenerator[int]:
+        try:
+            yield 1
+            await asyncio.Event().wait()
+            yield 2
+        finally:
+            closed.set()
+
+    got: list[int] = []
+
+    async def consume() -> None:
+        async for item in until_set(slow(), asyncio.Event()):
+            got.append(item)
+
+    reading = asyncio.create_task(consume())
+    await eventually(lambda: got == [1])  # it now waits in the read of the next one
+    reading.cancel()
+    results = await asyncio.gather(reading, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError) and closed.is_set()
 
 
 def test_the_sync_client_reads_like_the_async_one(cluster: Cluster) -> None:

@@ -254,6 +254,23 @@ async def test_sigterm_hands_an_interrupted_task_to_a_peer(cluster: Cluster) -> 
     assert "leaving" in done.path
 
 
+async def test_an_agent_restarted_under_its_id_runs_again_what_its_last_run_left(
+    cluster: Cluster,
+) -> None:
+    """Restarted before any owner saw it die (it was the owner, and the only agent), it
+    is a member again at once: nobody else would ever write off the task it was running."""
+    solo = cluster.start("solo", lease_ttl_s=5)
+    async with solo.client() as client:
+        await client.submit(sleep_task("left", seconds=2, steps=2))
+        await until_state(client, "left", pb.TASK_STATE_RUNNING)
+    solo.signal(signal.SIGKILL)
+    solo.wait()
+    again = cluster.start("solo", lease_ttl_s=5)  # well within the dead run's lease
+    async with again.client() as client:
+        done = (await follow(client, "left"))[-1].status
+    assert (state_name(done.state), done.attempt) == ("SUCCEEDED", 2)
+
+
 async def test_command_pipeline_through_an_agent(cluster: Cluster) -> None:
     commands = {"gpus": ["sh", "-c", 'printf "$CUDA_VISIBLE_DEVICES"']}
     agent = cluster.start("runner", fake_gpus="2xA100-80GB", commands=json.dumps(commands))

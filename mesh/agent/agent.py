@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 
+from mesh.agent.addressing import Addressing
 from mesh.agent.api import AgentApi
 from mesh.agent.duties import Duties
 from mesh.agent.executor import Executor
@@ -36,12 +37,14 @@ from mesh.agent.view import View
 from mesh.channels import Security
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ms
+from mesh.core.jobs import Job
 from mesh.core.queue import Discipline
 from mesh.errors import MeshError, Unavailable
 from mesh.gossip.transport import GossipNode
 from mesh.gpus import inventory, weight_of
 from mesh.pipelines import Models, load_pipelines
 from mesh.store import topostore
+from mesh.store.claims import ClaimStore
 from mesh.store.election import Election
 from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
@@ -131,7 +134,16 @@ class Agent:
         self.intake = Intake(
             cfg, self.store, self.view, self.executor, self.placement.place, self.known_pipelines
         )
-        self.submission = Submission(cfg, self.store, self.placement, self.duties.spawn)
+        self.addressing = Addressing(
+            cfg.dc,
+            self.store,
+            ClaimStore(self.client, self.keys),
+            self.remote,
+            self._dcs,
+        )
+        self.submission = Submission(
+            cfg, self.store, self.placement, self.addressing, self.duties.spawn
+        )
         self.tasks = Tasks(
             cfg.agent_id,
             self.store,
@@ -141,6 +153,8 @@ class Agent:
             self.executor,
             self._capacity_changed,
             cfg.result_dir,
+            self.addressing,
+            self._dcs,
         )
         self.handover = Handover(cfg.agent_id, self.store, self.placement, self.history)
         self.api = AgentApi(self)
@@ -172,6 +186,7 @@ class Agent:
         self.duties.keep("topology", self.topology_mirror.run)
         self.duties.keep("token keys", self.token_keys.run)
         await asyncio.wait_for(self.topology_mirror.ready.wait(), timeout=10)
+        leftovers = await self.handover.release_leftovers(self.cfg.max_attempts)
         self._incarnation = now_ms()
         await self.registry.publish(self.record())
         self.duties.keep("membership", self.registry.mirror.run)
@@ -182,6 +197,8 @@ class Agent:
         self.duties.keep("dc summaries", self.speaker.speak)
         await asyncio.wait_for(self.registry.mirror.ready.wait(), timeout=10)
         self._start_owner()  # after the mirror: an owner must know who is alive
+        for job in leftovers:
+            self.duties.spawn(f"re-place {job.task_id}", self._place_leftover(job))
         version = self.view.topology.version if self.view.topology else 0
         log.info(
             "agent ready",
@@ -192,6 +209,12 @@ class Agent:
                 "topology": version,
             },
         )
+
+    async def _place_leftover(self, job: Job) -> None:
+        try:
+            await self.placement.place(job, patient=True)
+        except MeshError as exc:
+            await self.placement.fail(job, exc.code, f"could not be placed again: {exc.message}")
 
     def _new_session(self) -> Session:
         def on_state(state: str) -> None:
@@ -223,9 +246,16 @@ class Agent:
             self.cfg.max_attempts,
             self.history,
             self.placement.handoffs,
+            lambda: self.addressing.reconcile(
+                lambda task_id, why: self.tasks.cancel(task_id, why, forward=False)
+            ),
         )
         self.owner.members_changed(self.registry.peers)
         self._owner_task = self.duties.keep("queue owner", self.owner.run)
+
+    def _dcs(self) -> list[str]:
+        """The DCs of the applied topology (none before one is applied)."""
+        return sorted(self.view.topology.topology.dcs) if self.view.topology else []
 
     def known_pipelines(self) -> set[str]:
         """The pipelines some agent of this DC runs."""

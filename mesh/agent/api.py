@@ -65,7 +65,9 @@ class AgentApi:
             spec = pb.TaskSpec()
             spec.CopyFrom(request.spec)
             spec.user.CopyFrom(owner_of(spec.user, grant.identity))
-            admitted = admit(spec, agent.cfg, agent.known_pipelines(), now_ms())
+            admitted = admit(
+                spec, agent.cfg, agent.known_pipelines(), now_ms(), agent.addressing.new_id
+            )
             stored, created = await agent.submission.submit(admitted)
         except MeshError as exc:
             metrics.REJECTED.labels(exc.code).inc()
@@ -78,7 +80,7 @@ class AgentApi:
 
     async def get(self, request: pb.GetRequest, grant: Grant) -> pb.TaskStatus:
         check_id(request.task_id)
-        return may_see(await self._agent.tasks.get(request.task_id), grant)
+        return may_see(await self._agent.tasks.get(request.task_id, forwards(grant)), grant)
 
     async def watch(self, request: pb.WatchRequest, grant: Grant) -> AsyncIterator[pb.TaskEvent]:
         """The task's events until it ends: the first is its state now; a status in the
@@ -87,7 +89,7 @@ class AgentApi:
         if len(request.resume_token) > MAX_TOKEN:
             raise InvalidTask("resume_token is not one this mesh issued")
         previous = None
-        follow = self._agent.tasks.follow(request.task_id, request.resume_token)
+        follow = self._agent.tasks.follow(request.task_id, request.resume_token, forwards(grant))
         async for status, resume_token in until_set(follow, self._agent.leaving):
             if previous is None:
                 may_see(status, grant)
@@ -103,8 +105,9 @@ class AgentApi:
         self, request: pb.GetResultRequest, grant: Grant
     ) -> AsyncIterator[pb.ResultChunk]:
         check_id(request.task_id)
-        may_see(await self._agent.tasks.get(request.task_id), grant)
-        async for chunk in self._agent.tasks.result(request.task_id):
+        forward = forwards(grant)
+        may_see(await self._agent.tasks.get(request.task_id, forward), grant)
+        async for chunk in self._agent.tasks.result(request.task_id, forward):
             yield chunk
 
     async def fetch_result(
@@ -119,9 +122,9 @@ class AgentApi:
         check_id(request.task_id)
         if len(request.reason) > MAX_REASON:
             raise InvalidTask(f"reason is longer than {MAX_REASON} characters")
-        tasks = self._agent.tasks
-        may_see(await tasks.get(request.task_id), grant)
-        return await tasks.cancel(request.task_id, request.reason)
+        tasks, forward = self._agent.tasks, forwards(grant)
+        may_see(await tasks.get(request.task_id, forward), grant)
+        return await tasks.cancel(request.task_id, request.reason, forward)
 
     async def list(self, request: pb.ListRequest, grant: Grant) -> pb.ListResponse:
         user = request.user_id
@@ -132,16 +135,18 @@ class AgentApi:
                 raise PermissionDenied(f"{grant.identity} may list only its own tasks")
             user = grant.identity.name
         most = self._agent.cfg.max_list
-        page = await self._agent.tasks.list(
+        page, unreachable = await self._agent.tasks.list(
             user_id=user,
             state=request.state,
             limit=min(request.limit or most, most),
             after=page_start(request.page_token),
+            forward=forwards(grant),
         )
         return pb.ListResponse(
-            tasks=page.tasks,
+            tasks=page.items,
             truncated=bool(page.last),
             next_page_token=page_token(page.last) if page.last else "",
+            unreachable_dcs=unreachable,
         )
 
     # -- AgentService --------------------------------------------------------------------
@@ -239,6 +244,13 @@ class AgentApi:
         speaks_for(grant, request.origin_dc, what="a settle")
         return await self._to_the_end(self._agent.intake.settle(request))
 
+    async def claim(self, request: peer_pb2.ClaimRequest, grant: Grant) -> peer_pb2.ClaimResponse:
+        speaks_for(grant, request.dc, what="a claim")
+        check_id(request.task_id)
+        if len(request.spec_digest) > MAX_TOKEN or len(request.stale_holder) > MAX_TOKEN:
+            raise InvalidTask("spec_digest or stale_holder out of bounds")
+        return await self._to_the_end(self._agent.addressing.answer(request))
+
     async def cancel_local(self, request: pb.CancelRequest, grant: Grant) -> pb.TaskStatus:
         speaks_for(grant, self._agent.cfg.dc, what="a local cancel")
         check_id(request.task_id)
@@ -256,21 +268,23 @@ async def until_set(items: AsyncGenerator[T], leaving: asyncio.Event) -> AsyncIt
     """``items`` until ``leaving`` is set, then ``Unavailable``: a stream on an agent
     that lets go of etcd ends with a status its client resumes from, not a broken read."""
     waiting = asyncio.ensure_future(leaving.wait())
+    following: asyncio.Future[T] | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(items))
             await asyncio.wait((following, waiting), return_when=asyncio.FIRST_COMPLETED)
             if waiting.done():  # whatever the read gave: etcd may be gone under it
-                following.cancel()
-                await asyncio.gather(following, return_exceptions=True)
                 raise Unavailable("this agent is leaving: watch again elsewhere from the token")
             try:
                 item = following.result()
             except StopAsyncIteration:
                 return
             yield item
-    finally:
+    finally:  # also when the caller went away: the read under way ends before the stream
         waiting.cancel()
+        if following is not None and not following.done():
+            following.cancel()
+            await asyncio.gather(following, return_exceptions=True)
         await items.aclose()
 
 
@@ -287,6 +301,12 @@ def owner_of(declared: pb.User, identity: Identity) -> pb.User:
         raise PermissionDenied(f"{identity} does not hold role {declared.role!r}")
     group = declared.group or (identity.groups[0] if identity.groups else "")
     return pb.User(id=identity.name, group=group, role=declared.role)
+
+
+def forwards(grant: Grant) -> bool:
+    """Whether a call about a task this DC has no record of goes on to the DC that has
+    it: for users, yes; an agent asking is itself forwarding, and gets this DC's answer."""
+    return grant.identity.kind != "agent"
 
 
 def may_see(status: pb.TaskStatus, grant: Grant) -> pb.TaskStatus:

@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from mesh.core.access import ANYONE, PUBLIC, Grant, Identity, Unauthenticated, authorize
+from mesh.core.access import ANY_AGENT, ANYONE, PUBLIC, Grant, Identity, Unauthenticated, authorize
 from mesh.errors import MeshError
 from mesh.trust.pki import identity_of
 from mesh.trust.tokens import Verifier
@@ -88,7 +88,8 @@ class Authenticator(grpc.aio.ServerInterceptor):
 
     def _identity(self, context: grpc.aio.ServicerContext) -> Identity:
         if self._verifier is None:
-            return ANYONE
+            forwarded = any(k == "mesh-forwarded" for k, _ in context.invocation_metadata() or ())
+            return ANY_AGENT if forwarded else ANYONE
         certificate = context.auth_context().get("x509_pem_cert")
         if certificate:
             identity = identity_of(certificate[0], self._mesh)

@@ -307,6 +307,7 @@ class Dispatcher:
         def apply(record: peer_pb2.TaskRecord) -> bool | None:
             nonlocal applied
             applied = mutate(record) is not False
+            record.backlog_entry = ""  # the entry goes with this write
             return None if applied else False
 
         try:

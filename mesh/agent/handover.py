@@ -13,6 +13,7 @@ import logging
 from mesh.agent.history import History
 from mesh.agent.placement import Placement
 from mesh.core.jobs import Job
+from mesh.core.lifecycle import requeue, requeued_job
 from mesh.core.task import TERMINAL
 from mesh.errors import MeshError, StaleWrite
 from mesh.store.records import TaskStore
@@ -30,6 +31,38 @@ class Handover:
         self._store = store
         self._placement = placement
         self._history = history
+
+    async def release_leftovers(self, max_attempts: int) -> list[Job]:
+        """Tasks an earlier run of this agent left under way: their runs died with it.
+
+        An agent restarted under the same id before the DC's owner saw it die (the owner
+        died too, say) is a member again at once, so no owner will ever write those
+        tasks off. This run does, before it takes any work (anything under its name now
+        is its predecessor's), as the owner would have: a new attempt, or failed after
+        ``max_attempts``. Returns the jobs to place."""
+        me = self._me
+        jobs = []
+        for stored in await self._store.scan():
+            status = stored.status
+            if status.agent != me or status.state in TERMINAL or stored.record.forwarded_to_dc:
+                continue
+            verdict = ""
+
+            def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+                nonlocal verdict
+                verdict = requeue(record, me, max_attempts)
+                return None if verdict else False
+
+            updated = await self._store.update(status.task_id, mutate)
+            if not verdict:
+                continue
+            self._history.write(
+                "requeue", verdict, task=status.task_id, attempt=updated.status.attempt, dead=me
+            )
+            log.info("a task my previous run left %s: %s", verdict, status.task_id)
+            if verdict == "requeued":
+                jobs.append(requeued_job(updated.status))
+        return jobs
 
     async def give_back(self, job: Job, *, after_loss: bool = False) -> None:
         """Give a job this agent will not finish to a peer; fail it if none takes it.

@@ -26,7 +26,7 @@ from mesh.agent.handoff import HELD, NOT_HELD, Handoffs
 from mesh.agent.history import History
 from mesh.core.backlog import Room
 from mesh.core.jobs import Job
-from mesh.core.lifecycle import requeue
+from mesh.core.lifecycle import requeue, requeued_job
 from mesh.core.queue import Discipline
 from mesh.core.task import TERMINAL
 from mesh.errors import MeshError, StaleWrite
@@ -54,12 +54,15 @@ class QueueOwner:
         max_attempts: int,
         history: History,
         handoffs: Handoffs,
+        reconcile: Callable[[], Awaitable[None]],
     ) -> None:
         """``place`` places a job (into the backlog if nothing can take it); the room
         functions are the router's view (``Dispatcher``); ``handoffs`` settles what a
-        dead agent was handing to another DC. ``history`` hears every term and every
+        dead agent was handing to another DC; ``reconcile`` claims the ids recorded
+        while their home DC could not be asked. ``history`` hears every term and every
         fenced write with the token it carried."""
         self.election = election
+        self._reconcile = reconcile
         self._handoffs = handoffs
         self._dc = keys.dc
         self.discipline = discipline
@@ -104,9 +107,10 @@ class QueueOwner:
                     log.info("queue owner of the DC", extra={"term": term})
                     self._history.write("owner", "elected", token=term)
                     metrics.OWNER_TERMS.inc()
-                    async with asyncio.TaskGroup() as duties:  # one fails: both stop
+                    async with asyncio.TaskGroup() as duties:  # one fails: all stop
                         duties.create_task(self._recover_orphans())
                         duties.create_task(self.dispatcher.run())
+                        duties.create_task(self._reconcile())
                 except* MeshError as trouble:
                     current = asyncio.current_task()
                     if current is not None and current.cancelling():
@@ -201,14 +205,6 @@ class QueueOwner:
             if verdict:
                 log.info("task %s failed: its agent %s died", updated.status.task_id, dead_agent)
             return
-        status = updated.status
-        # It keeps its age: should it wait in the backlog, it goes before younger tasks
-        # of its class, rather than paying for its agent's death with a second wait.
-        job = Job(
-            status.spec,
-            status.attempt,
-            status.deadline.ToMilliseconds(),
-            enqueued_ms=status.created_at.ToMilliseconds(),
-        )
+        job = requeued_job(updated.status)
         log.info("re-queued %s as attempt %d (agent %s died)", job.task_id, job.attempt, dead_agent)
         self._placements.spawn(job)

@@ -16,6 +16,11 @@ import grpc
 from mesh.channels import Security, open_channel
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 
+# On an agent's calls to another DC's TaskService for the users it serves: the callee
+# answers from its own DC and asks no further (in insecure mode, where no certificate
+# says the caller is an agent, this says it).
+FORWARDED = (("mesh-forwarded", "1"),)
+
 
 class PeerClients:
     def __init__(self, security: Security, max_message_bytes: int) -> None:
@@ -40,7 +45,7 @@ class PeerClients:
         self, address: str, dc: str, task_id: str, resume_token: str = ""
     ) -> AsyncIterator[tasks_pb2.TaskEvent]:
         request = tasks_pb2.WatchRequest(task_id=task_id, resume_token=resume_token)
-        return self.tasks(address, dc).Watch(request)
+        return self.tasks(address, dc).Watch(request, metadata=FORWARDED)
 
     def fetch_result(
         self, address: str, dc: str, task_id: str
@@ -61,6 +66,11 @@ class PeerClients:
         self, address: str, dc: str, request: peer_pb2.SettleRequest, timeout_s: float
     ) -> peer_pb2.SettleResponse:
         return await self._stub(address, dc).Settle(request, timeout=timeout_s)
+
+    async def claim(
+        self, address: str, dc: str, request: peer_pb2.ClaimRequest, timeout_s: float
+    ) -> peer_pb2.ClaimResponse:
+        return await self._stub(address, dc).Claim(request, timeout=timeout_s)
 
     async def cancel_local(
         self, address: str, dc: str, request: tasks_pb2.CancelRequest, timeout_s: float

@@ -121,6 +121,7 @@ class Placement:
             status = record.status
             status.state, status.agent, status.dc = pb.TASK_STATE_QUEUED, "", self.cfg.dc
             record.forwarded_to_dc = ""
+            record.backlog_entry = entry[len(self.keys.backlog) :].decode()
             del status.path[:]
             status.path.extend(job.path)
             status.queued_at.CopyFrom(now_ts())

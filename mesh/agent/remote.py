@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import grpc
 
-from mesh.agent.peers import PeerClients
+from mesh.agent.peers import FORWARDED, PeerClients
 from mesh.errors import TaskNotFound, Unavailable
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -90,12 +90,27 @@ class RemoteDcs:
             dc, task_id, lambda a: self._peers.settle(a, dc, request, CALL_TIMEOUT_S)
         )
 
+    async def claim(self, dc: str, request: peer_pb2.ClaimRequest) -> peer_pb2.ClaimResponse:
+        return await self._first_answer(
+            dc, request.task_id, lambda a: self._peers.claim(a, dc, request, CALL_TIMEOUT_S)
+        )
+
+    async def list(self, dc: str, request: pb.ListRequest) -> pb.ListResponse:
+        """One page of ``dc``'s own tasks (its agent, asked by an agent, asks no further)."""
+        return await self._translated(
+            dc,
+            request.user_id,
+            lambda a: self._peers.tasks(a, dc).List(
+                request, timeout=CALL_TIMEOUT_S, metadata=FORWARDED
+            ),
+        )
+
     async def get(self, dc: str, task_id: str) -> pb.TaskStatus:
         return await self._translated(
             dc,
             task_id,
             lambda a: self._peers.tasks(a, dc).Get(
-                pb.GetRequest(task_id=task_id), timeout=CALL_TIMEOUT_S
+                pb.GetRequest(task_id=task_id), timeout=CALL_TIMEOUT_S, metadata=FORWARDED
             ),
         )
 
@@ -104,7 +119,9 @@ class RemoteDcs:
             dc,
             task_id,
             lambda a: self._peers.tasks(a, dc).Cancel(
-                pb.CancelRequest(task_id=task_id, reason=reason), timeout=CALL_TIMEOUT_S
+                pb.CancelRequest(task_id=task_id, reason=reason),
+                timeout=CALL_TIMEOUT_S,
+                metadata=FORWARDED,
             ),
         )
 
@@ -121,7 +138,7 @@ class RemoteDcs:
 
         def opened(address: str) -> AsyncIterator[pb.ResultChunk]:
             request = pb.GetResultRequest(task_id=task_id)
-            return self._peers.tasks(address, dc).GetResult(request)
+            return self._peers.tasks(address, dc).GetResult(request, metadata=FORWARDED)
 
         async for chunk in self._streamed(dc, task_id, opened, resumes=False):
             yield chunk

@@ -135,6 +135,10 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     async def Settle(self, request, context):
         return await self.api.settle(request, caller())
 
+    @unary
+    async def Claim(self, request, context):
+        return await self.api.claim(request, caller())
+
     async def FetchResult(self, request, context) -> AsyncIterator[pb.ResultChunk]:
         async for chunk in streamed(self.api.fetch_result(request, caller()), context):
             yield chunk

@@ -64,6 +64,10 @@ class Speaker:
             except ValueError as exc:
                 log.warning("ignoring unreadable summary of DC %s: %s", dc, exc)
         self.heard = decoded
+        # Other DCs' live agents, for every call there (not only overflow's): an agent
+        # that moved since the topology named it is reached at once.
+        fresh = summaries.fresh(decoded, now_ms())
+        self._remote.set_live({dc: list(s.live) for dc, s in fresh.items()})
 
     def summary(self) -> peer_pb2.DcSummary:
         """This DC as this agent sees it."""

@@ -1,11 +1,13 @@
-"""Submit: record the task, then place it — one step, since a record that nobody places
-is a lost task.
+"""Submit: claim the id, record the task, then place it — one step, since a record that
+nobody places is a lost task.
 
-The record is created only if its id is new (an idempotent Submit returns the first
-task). If placing fails, the record is deleted again: nothing was accepted. When the DC's
-etcd cannot take the record, the task goes to the topology's overflow DCs, which record
-and run it; when the write timed out and may have happened, the client is told
-``UNAVAILABLE`` and this agent places the task once etcd shows it was recorded.
+The id is claimed first, mesh-wide, in its home DC (``mesh.agent.addressing``): when
+another DC holds it, that DC's task is the answer. The record is created only if its id
+is new (an idempotent Submit returns the first task). If placing fails, the record is
+deleted again: nothing was accepted. When the DC's etcd cannot take the record, the task
+goes to the topology's overflow DCs, which record and run it; when the write timed out
+and may have happened, the client is told ``UNAVAILABLE`` and this agent places the task
+once etcd shows it was recorded.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import grpc
 
 from mesh import metrics
+from mesh.agent.addressing import Addressing
 from mesh.agent.placement import Placement
 from mesh.agent.retry import patient
 from mesh.config import AgentConfig
@@ -38,12 +41,14 @@ class Submission:
         cfg: AgentConfig,
         store: TaskStore,
         placement: Placement,
+        addressing: Addressing,
         spawn: Callable[[str, Coroutine[Any, Any, None]], object],
     ) -> None:
         """``spawn`` runs background work the agent cancels when it stops."""
         self._cfg = cfg
         self._store = store
         self._placement = placement
+        self._addressing = addressing
         self._spawn = spawn
 
     async def _offer_unrecorded(self, dc: str, job: Job) -> tuple[bool, str]:
@@ -69,9 +74,16 @@ class Submission:
 
     async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
         spec = admitted.spec
+        claimed = await self._addressing.claim(spec.task_id, admitted.digest)
+        if claimed.elsewhere is not None:  # another DC holds the id: its task answers
+            assert claimed.claim is not None
+            held = peer_pb2.TaskRecord(spec_digest=claimed.claim.digest)
+            held.status.CopyFrom(claimed.elsewhere)
+            return Stored(held, 0), False
         record = self._record(admitted)
+        unclaimed = [] if claimed.claim else [self._addressing.claims.mark_unclaimed(spec.task_id)]
         try:
-            stored, created = await self._store.create(record)
+            stored, created = await self._store.create(record, also=unclaimed)
         except Unsure:
             self._spawn(f"settle {spec.task_id}", self._settle_unsure(admitted))
             raise

@@ -1,37 +1,48 @@
-"""Reading and cancelling tasks, wherever they run.
+"""Reading and cancelling tasks, wherever they run: any agent answers for any task.
 
 A task's record lives in its DC's etcd, so any agent of the DC answers ``Get``, ``Watch``
 and ``List``; a record that only points to the DC the task overflowed to is followed
 there through that DC's agents, once the hand-off is confirmed (until then the other DC
-may not have it, and the record here answers). A cancel is recorded on the task
-(``cancel_requested``) and then carried out where the task is: by the queue owner if it
-waits in the backlog, by the executing agent if it is queued or running there.
+may not have it, and the record here answers). A task this DC has no record of is found
+through its id's home (``mesh.agent.addressing``) and asked for in the DC that has it;
+``List`` merges every DC's pages. An agent asked by another agent answers from its own
+DC only (``forward`` off), so a question never travels in circles.
+
+A cancel takes effect at once wherever the task is: one waiting in the DC's backlog ends
+with its entry taken, in one transaction; one queued on an agent is dropped there; a
+running one has its process group killed by its agent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
 import grpc
 
+from mesh import metrics
+from mesh.agent.addressing import Addressing
 from mesh.agent.executor import Executor
 from mesh.agent.handoff import unconfirmed
 from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
-from mesh.core.task import TERMINAL, public, state_name
-from mesh.errors import NoResult, StaleWrite, TaskNotFound, Unavailable
-from mesh.store.records import Page, TaskStore
+from mesh.core.lifecycle import end
+from mesh.core.listing import Page, merge
+from mesh.core.task import TERMINAL, page_start, page_token, public, state_name
+from mesh.errors import MeshError, NoResult, StaleWrite, TaskNotFound, Unavailable
+from mesh.store.records import Stored, TaskStore
 from mesh.store.registry import Registry
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
-CALL_TIMEOUT_S = 2.0
-CHUNK_BYTES = 64 * 1024  # a peer's CancelLocal, and how long a cancelled run may take to unwind
+UNWIND_S = 1.0  # how long a cancel waits for a running task to record its end
+CALL_TIMEOUT_S = 3 * UNWIND_S  # a peer's CancelLocal: its wait, and the way there and back
+CHUNK_BYTES = 64 * 1024
+MOVES = 3  # agents a cancel follows a task through as it is placed
 
 
 class Tasks:
@@ -45,6 +56,8 @@ class Tasks:
         executor: Executor,
         backlog_changed: Callable[[], None],
         results: Path,
+        addressing: Addressing,
+        dcs: Callable[[], Iterable[str]],
     ) -> None:
         """``backlog_changed`` wakes the DC's queue owner, if this agent is it;
         ``results`` is where this agent stores results too big for a record."""
@@ -56,40 +69,92 @@ class Tasks:
         self._remote = remote
         self._executor = executor
         self._backlog_changed = backlog_changed
+        self._addressing = addressing
+        self._dcs = dcs
 
-    async def get(self, task_id: str) -> pb.TaskStatus:
-        stored = await self._store.get(task_id)
+    async def _here(self, task_id: str, forward: bool) -> Stored | str:
+        """The record here, or the DC that answers for the task: the one a confirmed
+        pointer names, or (``forward``) the one that has it when this DC has no record."""
+        try:
+            stored = await self._store.get(task_id)
+        except TaskNotFound:
+            if not forward:
+                raise
+            dc, _ = await self._addressing.find(task_id)
+            return dc
+        return stored.record.forwarded_to_dc if confirmed_pointer(stored.record) else stored
+
+    async def get(self, task_id: str, forward: bool = True) -> pb.TaskStatus:
+        try:
+            stored = await self._store.get(task_id)
+        except TaskNotFound:
+            if not forward:
+                raise
+            _, status = await self._addressing.find(task_id)
+            return status
         if confirmed_pointer(stored.record):
             return await self._remote.get(stored.record.forwarded_to_dc, task_id)
         return public(stored.status)
 
     async def follow(
-        self, task_id: str, resume_token: str = ""
+        self, task_id: str, resume_token: str = "", forward: bool = True
     ) -> AsyncGenerator[tuple[pb.TaskStatus, str]]:
-        """The task's statuses until it ends, each with its resume token; from its DC's
-        agents if it overflowed there. A token (``"<dc>:<revision>"``) resumes after the
-        version it names, if the record still lives in that DC."""
+        """The task's statuses until it ends, each with its resume token; from the DC
+        that has it if that is not this one. A token (``"<dc>:<revision>"``) resumes
+        after the version it names, if the record still lives in that DC."""
         dc, _, revision = resume_token.partition(":")
         after = int(revision) if dc == self._registry.dc and revision.isdigit() else 0
-        async for stored in self._store.follow(task_id, after):
-            if confirmed_pointer(stored.record):
-                elsewhere = stored.record.forwarded_to_dc
-                async for event in self._remote.watch(elsewhere, task_id, resume_token):
-                    yield event.status, event.resume_token
-                return
-            yield public(stored.status), f"{self._registry.dc}:{stored.revision}"
+        elsewhere = ""
+        try:
+            async for stored in self._store.follow(task_id, after):
+                if confirmed_pointer(stored.record):
+                    elsewhere = stored.record.forwarded_to_dc
+                    break
+                yield public(stored.status), f"{self._registry.dc}:{stored.revision}"
+        except TaskNotFound:
+            if not forward or after:
+                raise
+            elsewhere, _ = await self._addressing.find(task_id)
+        if elsewhere:
+            async for event in self._remote.watch(elsewhere, task_id, resume_token):
+                yield event.status, event.resume_token
 
-    async def list(self, *, user_id: str, state: int, limit: int, after: str) -> Page:
-        return await self._store.list(user_id=user_id, state=state, limit=limit, after=after)
+    async def list(
+        self, *, user_id: str, state: int, limit: int, after: str, forward: bool = True
+    ) -> tuple[Page[pb.TaskStatus], list[str]]:
+        """One page of the tasks of every DC (``forward``) or of this one, and the DCs
+        that did not answer."""
+        mine = self._store.list(user_id=user_id, state=state, limit=limit, after=after)
+        if not forward:
+            return await mine, []
+        others = sorted(set(self._dcs()) - {self._registry.dc})
+        request = pb.ListRequest(
+            user_id=user_id, state=state, limit=limit, page_token=page_token(after) if after else ""
+        )
+        answers = await asyncio.gather(
+            mine, *(self._remote.list(dc, request) for dc in others), return_exceptions=True
+        )
+        if isinstance(answers[0], BaseException):
+            raise answers[0]
+        pages: list[Page[pb.TaskStatus]] = [answers[0]]
+        unreachable = []
+        for dc, answer in zip(others, answers[1:], strict=True):
+            if isinstance(answer, MeshError):
+                unreachable.append(dc)
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                pages.append(Page(list(answer.tasks), page_start(answer.next_page_token)))
+        return merge(pages, limit, key=lambda status: status.task_id), unreachable
 
-    async def result(self, task_id: str) -> AsyncIterator[pb.ResultChunk]:
+    async def result(self, task_id: str, forward: bool = True) -> AsyncIterator[pb.ResultChunk]:
         """The task's result in chunks: inline, or from the agent that stored it."""
-        stored = await self._store.get(task_id)
-        if confirmed_pointer(stored.record):
-            async for chunk in self._remote.result(stored.record.forwarded_to_dc, task_id):
+        here = await self._here(task_id, forward)
+        if isinstance(here, str):
+            async for chunk in self._remote.result(here, task_id):
                 yield chunk
             return
-        status = stored.status
+        status = here.status
         if status.state != pb.TASK_STATE_SUCCEEDED or not status.HasField("result"):
             raise NoResult(f"no result: the task is {state_name(status.state)}", task_id=task_id)
         result = status.result
@@ -128,26 +193,69 @@ class Tasks:
             raise TaskNotFound("the result is not in this agent's result folder")
         return path.open("rb")
 
-    async def cancel(self, task_id: str, reason: str) -> pb.TaskStatus:
+    async def _end_waiting(self, stored: Stored, reason: str) -> pb.TaskStatus | None:
+        """End a task waiting in the DC's backlog and take its entry, in one transaction
+        that holds only if the entry is still there and the record unchanged; None if
+        the owner took it meanwhile (then it is cancelled where it went)."""
+        task_id = stored.status.task_id
+        entry = self._store.keys.backlog + stored.record.backlog_entry.encode()
+        tx = self._store.client.transactions
+
+        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+            if (
+                record.status.state in TERMINAL
+                or record.backlog_entry != stored.record.backlog_entry
+            ):
+                return False
+            record.cancel_requested = True
+            record.backlog_entry = ""
+            end(record.status, pb.TASK_STATE_CANCELLED, "CANCELLED", reason or "cancelled by user")
+            return None
+
+        try:
+            ended = await self._store.update(
+                task_id, mutate, fence=[tx.version(entry) > 0], also=[tx.delete(entry)]
+            )
+        except StaleWrite:
+            return None
+        if ended.status.state not in TERMINAL:
+            return None
+        metrics.BACKLOG_ENDED.labels("CANCELLED").inc()
+        self._backlog_changed()  # its place in the backlog is free: the owner may move on
+        return public(ended.status)
+
+    async def cancel(self, task_id: str, reason: str, forward: bool = True) -> pb.TaskStatus:
         def request(record: peer_pb2.TaskRecord) -> bool | None:
             if record.status.state in TERMINAL or record.cancel_requested:
                 return False
             record.cancel_requested = True
             return None
 
-        stored = await self._store.get(task_id)
-        if confirmed_pointer(stored.record):
-            return await self._remote.cancel(stored.record.forwarded_to_dc, task_id, reason)
+        here = await self._here(task_id, forward)
+        if isinstance(here, str):
+            return await self._remote.cancel(here, task_id, reason)
+        if here.record.backlog_entry:
+            ended = await self._end_waiting(here, reason)
+            if ended is not None:
+                return ended
         stored = await self._store.update(task_id, request)
-        status = stored.status
-        if status.state in TERMINAL or not status.agent:
-            self._backlog_changed()  # a backlogged task: the owner ends it
-            return public(status)
-        if status.agent == self._me:
+        for _ in range(MOVES):
+            status = stored.status
+            if status.state in TERMINAL or not status.agent:
+                self._backlog_changed()  # placed meanwhile, or being placed: the owner ends it
+                return public(status)
+            try:
+                return await self._cancel_on(status.agent, task_id, reason)
+            except TaskNotFound:  # it moved on from that agent: look where it is now
+                stored = await self._store.get(task_id)
+        return public(stored.status)  # still moving: recorded, it ends where it starts
+
+    async def _cancel_on(self, agent: str, task_id: str, reason: str) -> pb.TaskStatus:
+        if agent == self._me:
             return await self.cancel_local(task_id, reason)
-        peer = self._registry.peers.get(status.agent)
+        peer = self._registry.peers.get(agent)
         if peer is None:
-            raise Unavailable("the executing agent is not a member now", agent=status.agent)
+            raise Unavailable("the executing agent is not a member now", agent=agent)
         try:
             return await self._peers.cancel_local(
                 peer.peer_address,
@@ -156,8 +264,10 @@ class Tasks:
                 CALL_TIMEOUT_S,
             )
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise TaskNotFound("not on that agent now", task_id=task_id) from exc
             raise Unavailable(
-                f"executing agent unreachable: {exc.code().name}", agent=status.agent
+                f"executing agent unreachable: {exc.code().name}", agent=agent
             ) from exc
 
     async def cancel_local(self, task_id: str, reason: str) -> pb.TaskStatus:
@@ -175,7 +285,7 @@ class Tasks:
                 raise TaskNotFound("task is not on this agent", task_id=task_id)
         # A running task records CANCELLED itself as it unwinds; wait briefly for that.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(CALL_TIMEOUT_S):
+            async with asyncio.timeout(UNWIND_S):
                 async for stored in self._store.follow(task_id):
                     if stored.status.state in TERMINAL:
                         break

@@ -55,8 +55,10 @@ class Identity:
         return f"agent {self.name} of {self.dc}" if self.kind == "agent" else f"user {self.name}"
 
 
-# Insecure mode: every caller is this, holding every role (``--insecure``, logged loudly).
+# Insecure mode: every caller is this, holding every role (``--insecure``, logged loudly);
+# an agent forwarding a user's call says so, and is this.
 ANYONE = Identity("anonymous", "anonymous", roles=ROLES)
+ANY_AGENT = Identity("agent", "anonymous", roles=ROLES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,13 +85,13 @@ def rule(*roles: str, own: tuple[str, ...] = ()) -> Rule:
 TASKS = "/mesh.v1.TaskService/"
 AGENTS = "/mesh.v1.AgentService/"
 PEERS = "/mesh.v1.PeerService/"
-# Agents read and cancel tasks in other DCs for the users they serve, having checked
-# that user's right on the record that points there.
+# Agents read, list and cancel tasks in other DCs for the users they serve, having checked
+# that user's right on the task as that DC reports it (or asked only for that user's).
 RULES: dict[str, Rule] = {
     TASKS + "Submit": rule(SUBMITTER),
     TASKS + "Get": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     TASKS + "Watch": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
-    TASKS + "List": rule(SUBMITTER, READER, own=(SUBMITTER,)),
+    TASKS + "List": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     TASKS + "Cancel": rule(SUBMITTER, OPERATOR, AGENT, own=(SUBMITTER,)),
     TASKS + "GetResult": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     AGENTS + "ListAgents": rule(SUBMITTER, READER),
@@ -102,6 +104,7 @@ RULES: dict[str, Rule] = {
     PEERS + "Summary": rule(AGENT),
     PEERS + "Settle": rule(AGENT),
     PEERS + "FetchResult": rule(AGENT),
+    PEERS + "Claim": rule(AGENT),
 }
 # Open to anyone who completed the TLS handshake: liveness probes and the schema, which
 # is public in proto/ anyway.

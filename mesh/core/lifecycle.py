@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from mesh.core.clock import now_ts
+from mesh.core.jobs import Job
 from mesh.core.task import TERMINAL
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -73,3 +74,15 @@ def requeue(record: peer_pb2.TaskRecord, dead_agent: str, max_attempts: int) -> 
     status.ClearField("progress")
     status.ClearField("started_at")
     return "requeued"
+
+
+def requeued_job(status: pb.TaskStatus) -> Job:
+    """The job to place for a task re-queued after its agent died. It keeps its age:
+    should it wait in the backlog, it goes before younger tasks of its class, rather
+    than paying for its agent's death with a second wait."""
+    return Job(
+        status.spec,
+        status.attempt,
+        status.deadline.ToMilliseconds(),
+        enqueued_ms=status.created_at.ToMilliseconds(),
+    )

@@ -11,7 +11,7 @@ import base64
 import hashlib
 import re
 import uuid
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from mesh.config import NAME_PATTERN, AgentConfig
@@ -105,14 +105,16 @@ def admit(
     cfg: AgentConfig,
     known_pipelines: Collection[str],
     now_ms: int,
+    new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
 ) -> Admitted:
-    """Validate and normalise a submitted spec, or raise the error the client should see."""
+    """Validate and normalise a submitted spec, or raise the error the client should see;
+    ``new_id`` names a task submitted without an id."""
     out = pb.TaskSpec()
     out.CopyFrom(spec)
     if out.task_id:
         check_id(out.task_id)
     else:
-        out.task_id = uuid.uuid4().hex
+        out.task_id = new_id()
     if not out.user.id:
         raise InvalidTask("user.id is required", task_id=out.task_id)
     if out.task_type == pb.TASK_TYPE_UNSPECIFIED:

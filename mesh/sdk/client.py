@@ -46,6 +46,7 @@ class AsyncClient:
         try_timeout_s: float = 5.0,
         tries: int = 6,
         refresh_s: float = 10.0,
+        watch_patience_s: float = 90.0,
         discover: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -58,6 +59,7 @@ class AsyncClient:
         self._try_timeout_s = try_timeout_s
         self._tries = tries
         self._refresh_s = refresh_s
+        self._watch_patience_s = watch_patience_s
         self._clock = clock
         self._clients: dict[str, MeshClient] = {}
         self._refreshed = float("-inf") if discover else float("inf")
@@ -184,14 +186,18 @@ class AsyncClient:
         raise error_of(failure) from None
 
     async def _watch(self, task_id: str) -> AsyncIterator[pb.TaskEvent]:
+        """A watch rides through deaths, drains and outages: it resumes on another agent
+        after any break, and gives up only after ``watch_patience_s`` with no event
+        (longer than a DC's etcd takes to come back)."""
         token = ""
         failures = 0
-        while failures < self._tries:
+        quiet_since = self._clock()
+        while True:
             await self._refresh()
             address = self._picker.pick(self._clock())
             try:
                 async for event in self._client(address).watch(task_id, resume_token=token):
-                    failures = 0  # it answers: a later death starts a fresh count
+                    failures, quiet_since = 0, self._clock()
                     token = event.resume_token
                     yield event
                     if event.status.state in TERMINAL:
@@ -200,10 +206,11 @@ class AsyncClient:
                 if exc.code() not in RETRYABLE:
                     raise error_of(exc) from None
                 self._picker.failed(address, self._clock())
+            if self._clock() - quiet_since > self._watch_patience_s:
+                raise Unavailable(f"no agent could follow task {task_id}")
             failures += 1  # broken, or ended before the task did: resume elsewhere
             await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
             await self._refresh(force=True)
-        raise Unavailable(f"no agent could follow task {task_id}")
 
 
 class Task:

@@ -51,6 +51,22 @@ class KeySpace:
         return self.backlog + f"{queue_class}/{enqueued_ms:013d}-{task_id}".encode()
 
     @property
+    def claims(self) -> bytes:
+        """Ids homed in this DC, each naming the DC that recorded its task."""
+        return self.root + b"claims/"
+
+    def claim(self, task_id: str) -> bytes:
+        return self.claims + task_id.encode()
+
+    @property
+    def unclaimed(self) -> bytes:
+        """Tasks recorded here while their home DC could not be asked: still to claim."""
+        return self.root + b"unclaimed/"
+
+    def unclaimed_task(self, task_id: str) -> bytes:
+        return self.unclaimed + task_id.encode()
+
+    @property
     def summaries(self) -> bytes:
         return self.root + b"summaries/"
 

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import json_format
 
 from mesh.core.lifecycle import end
+from mesh.core.listing import Page
 from mesh.core.task import TERMINAL, public
 from mesh.errors import StaleWrite, TaskNotFound, Unavailable, Unsure
 from mesh.store.etcd import ETCD_ERRORS, never_applied, stub_options, watch_events
@@ -64,8 +65,15 @@ class TaskStore:
     def client(self) -> aetcd.Client:
         return self._client
 
-    async def create(self, record: peer_pb2.TaskRecord) -> tuple[Stored, bool]:
-        """Write the record unless its id exists; return what is stored and whether it is new.
+    @property
+    def keys(self) -> KeySpace:
+        return self._keys
+
+    async def create(
+        self, record: peer_pb2.TaskRecord, also: Sequence[object] = ()
+    ) -> tuple[Stored, bool]:
+        """Write the record unless its id exists; return what is stored and whether it is
+        new. ``also`` are more operations done with the write, in its transaction.
 
         ``Unavailable`` means nothing was written; ``Unsure`` that it may have been."""
         key = self._keys.task(record.status.task_id)
@@ -73,7 +81,7 @@ class TaskStore:
         try:
             ok, responses = await self._client.transaction(
                 compare=[self._tx.create(key) == 0],
-                success=[self._tx.put(key, raw)],
+                success=[self._tx.put(key, raw), *also],
                 failure=[self._tx.get(key)],
             )
         except ETCD_ERRORS as exc:
@@ -216,7 +224,9 @@ class TaskStore:
                 if stored.status.state in TERMINAL:
                     return
 
-    async def list(self, *, user_id: str, state: int, limit: int, after: str = "") -> Page:
+    async def list(
+        self, *, user_id: str, state: int, limit: int, after: str = ""
+    ) -> Page[tasks_pb2.TaskStatus]:
         """One page of the tasks that run in this DC, filtered, in task-id order, from
         the task after ``after``. A task that overflowed to another DC is listed there.
         At most ``SCAN_PER_PAGE`` x ``limit`` records are read for one page, so a filter
@@ -259,12 +269,6 @@ class TaskStore:
 
 SCAN_PER_PAGE = 20
 SCAN_BATCH = 500
-
-
-@dataclass(frozen=True, slots=True)
-class Page:
-    tasks: list[tasks_pb2.TaskStatus]
-    last: str  # the last task id this page covered; "" when nothing is left
 
 
 def prefix_end(prefix: bytes) -> bytes:

@@ -92,16 +92,44 @@ class SettleResponse(_message.Message):
     outcome: SettleResponse.Outcome
     def __init__(self, outcome: _Optional[_Union[SettleResponse.Outcome, str]] = ...) -> None: ...
 
+class ClaimRequest(_message.Message):
+    __slots__ = ("task_id", "dc", "spec_digest", "lookup", "stale_holder")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    DC_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LOOKUP_FIELD_NUMBER: _ClassVar[int]
+    STALE_HOLDER_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    dc: str
+    spec_digest: str
+    lookup: bool
+    stale_holder: str
+    def __init__(self, task_id: _Optional[str] = ..., dc: _Optional[str] = ..., spec_digest: _Optional[str] = ..., lookup: _Optional[bool] = ..., stale_holder: _Optional[str] = ...) -> None: ...
+
+class ClaimResponse(_message.Message):
+    __slots__ = ("held", "dc", "spec_digest", "claimed_at_ms")
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    DC_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    held: bool
+    dc: str
+    spec_digest: str
+    claimed_at_ms: int
+    def __init__(self, held: _Optional[bool] = ..., dc: _Optional[str] = ..., spec_digest: _Optional[str] = ..., claimed_at_ms: _Optional[int] = ...) -> None: ...
+
 class TaskRecord(_message.Message):
-    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept")
+    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept", "backlog_entry")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     FORWARDED_TO_DC_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_NOT_KEPT_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_ENTRY_FIELD_NUMBER: _ClassVar[int]
     status: _tasks_pb2.TaskStatus
     spec_digest: str
     cancel_requested: bool
     forwarded_to_dc: str
     payload_not_kept: bool
-    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ...) -> None: ...
+    backlog_entry: str
+    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ..., backlog_entry: _Optional[str] = ...) -> None: ...

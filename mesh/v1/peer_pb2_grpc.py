@@ -60,6 +60,11 @@ class PeerServiceStub:
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.GetResultRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_tasks__pb2.ResultChunk.FromString,
                 _registered_method=True)
+        self.Claim = channel.unary_unary(
+                '/mesh.v1.PeerService/Claim',
+                request_serializer=mesh_dot_v1_dot_peer__pb2.ClaimRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_peer__pb2.ClaimResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -100,6 +105,14 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Claim(self, request, context):
+        """Claim a task id for the caller's DC in this, the id's home DC: the first DC to
+        claim an id holds it, mesh-wide. With lookup, only say which DC holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.FetchResult,
                     request_deserializer=mesh_dot_v1_dot_tasks__pb2.GetResultRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_tasks__pb2.ResultChunk.SerializeToString,
+            ),
+            'Claim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Claim,
+                    request_deserializer=mesh_dot_v1_dot_peer__pb2.ClaimRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_peer__pb2.ClaimResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class PeerService:
             '/mesh.v1.PeerService/FetchResult',
             mesh_dot_v1_dot_tasks__pb2.GetResultRequest.SerializeToString,
             mesh_dot_v1_dot_tasks__pb2.ResultChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Claim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.PeerService/Claim',
+            mesh_dot_v1_dot_peer__pb2.ClaimRequest.SerializeToString,
+            mesh_dot_v1_dot_peer__pb2.ClaimResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -221,14 +221,16 @@ class ListRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("tasks", "truncated", "next_page_token")
+    __slots__ = ("tasks", "truncated", "next_page_token", "unreachable_dcs")
     TASKS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    UNREACHABLE_DCS_FIELD_NUMBER: _ClassVar[int]
     tasks: _containers.RepeatedCompositeFieldContainer[TaskStatus]
     truncated: bool
     next_page_token: str
-    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., truncated: _Optional[bool] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    unreachable_dcs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., truncated: _Optional[bool] = ..., next_page_token: _Optional[str] = ..., unreachable_dcs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetResultRequest(_message.Message):
     __slots__ = ("task_id",)

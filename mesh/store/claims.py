@@ -1,0 +1,106 @@
+"""Claims on task ids, kept by the ids' home DC (``mesh.core.home``), and the tasks this
+DC recorded without one.
+
+A claim is written once, by compare-and-create: the first DC to claim an id holds it,
+and every later claim reads who did. Its value is small JSON, ``{"dc", "digest", "at_ms"}``,
+so a second Submit of the id through another DC can tell the same task from a different
+one, and a claim whose DC never recorded the task can be told from one being recorded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import aetcd
+
+from mesh.errors import Unavailable
+from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.keys import KeySpace
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    dc: str  # the DC that recorded the task
+    digest: str  # its spec digest
+    at_ms: int  # when it was claimed
+
+    def encode(self) -> bytes:
+        data = {"dc": self.dc, "digest": self.digest, "at_ms": self.at_ms}
+        return json.dumps(data, sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Claim:
+        data = json.loads(raw)
+        return cls(str(data["dc"]), str(data["digest"]), int(data["at_ms"]))
+
+
+class ClaimStore:
+    def __init__(self, client: aetcd.Client, keys: KeySpace) -> None:
+        self._client = client
+        self._keys = keys
+        self._tx = client.transactions
+
+    async def claim(self, task_id: str, claim: Claim) -> Claim:
+        """Claim ``task_id`` for ``claim.dc`` unless it is held: the claim that holds."""
+        key = self._keys.claim(task_id)
+        try:
+            ok, responses = await self._client.transaction(
+                compare=[self._tx.create(key) == 0],
+                success=[self._tx.put(key, claim.encode())],
+                failure=[self._tx.get(key)],
+            )
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        if ok:
+            return claim
+        value, _ = responses[0][0]
+        return Claim.decode(value)
+
+    async def drop_stale(self, task_id: str, holder: str, claimed_before_ms: int) -> bool:
+        """Drop the claim on ``task_id`` if ``holder`` still holds it and claimed it
+        before ``claimed_before_ms``; whether it was dropped."""
+        key = self._keys.claim(task_id)
+        try:
+            got = await self._client.get(key)
+            if got is None:
+                return True
+            found = Claim.decode(got.value)
+            if found.dc != holder or found.at_ms >= claimed_before_ms:
+                return False
+            ok, _ = await self._client.transaction(
+                compare=[self._tx.mod(key) == got.mod_revision],
+                success=[self._tx.delete(key)],
+                failure=[],
+            )
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        return bool(ok)
+
+    async def get(self, task_id: str) -> Claim | None:
+        try:
+            got = await self._client.get(self._keys.claim(task_id))
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        return None if got is None else Claim.decode(got.value)
+
+    def mark_unclaimed(self, task_id: str) -> object:
+        """The operation that notes a task recorded here without its home's claim: done
+        in the transaction that records it, so none is ever left unnoted."""
+        return self._tx.put(self._keys.unclaimed_task(task_id), b"")
+
+    async def unclaimed(self, limit: int) -> list[str]:
+        """Up to ``limit`` tasks recorded here that still need their home's claim."""
+        try:
+            listing = await self._client.get_prefix(self._keys.unclaimed, keys_only=True)
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
+        start = len(self._keys.unclaimed)
+        return [kv.key[start:].decode() for kv in listing][:limit]
+
+    async def claimed(self, task_id: str) -> None:
+        """The home answered for ``task_id``: nothing left to claim."""
+        try:
+            await self._client.delete(self._keys.unclaimed_task(task_id))
+        except ETCD_ERRORS as exc:
+            raise Unavailable(f"etcd: {exc}") from exc
