@@ -15,10 +15,10 @@ from typing import Any
 
 import aetcd
 import aetcd.rpc
-import aetcd.watcher
 import grpc
 
 from mesh.channels import Security
+from mesh.store.watcher import KeyedWatcher
 from mesh.trust.pki import etcd_host
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,13 @@ class LeaderClient(aetcd.Client):
     knows it was not written: without quorum, a submit can go to another DC safely."""
 
     async def connect(self) -> None:
-        await super().connect()
-        if ("hasleader", "true") not in (self.metadata or ()):
-            self.metadata = (*(self.metadata or ()), ("hasleader", "true"))
+        if self._connected.is_set():
+            return
+        await super().connect()  # no user name: nothing awaited, so nothing watched yet
+        self.metadata = (*(self.metadata or ()), ("hasleader", "true"))
+        self._watcher = KeyedWatcher(
+            aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
 
 
 class TlsClient(LeaderClient):
@@ -84,7 +88,7 @@ class TlsClient(LeaderClient):
         self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
         self.leasestub = aetcd.rpc.LeaseStub(self.channel)
         self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
-        self._watcher = aetcd.watcher.Watcher(
+        self._watcher = KeyedWatcher(
             aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
         )
         self._connected.set()
