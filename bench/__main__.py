@@ -1,10 +1,10 @@
-"""``python -m bench {route,gossip,failover,fuzz,hop,cancel} [--json]``."""
+"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e} [--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import cancel, failover, fuzz, gossip, hop, route
+from bench import cancel, e2e, failover, fuzz, gossip, hop, route
 
 BENCHMARKS = {
     "route": route.main,
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "fuzz": fuzz.main,
     "hop": hop.main,
     "cancel": cancel.main,
+    "e2e": e2e.main,
 }
 
 

@@ -193,6 +193,12 @@ class AgentConfig(BaseSettings):
     max_queue_length: int = Field(
         256, ge=1, description="Local queue bound; a full agent refuses offers."
     )
+    task_retention_s: float = Field(
+        86400.0,
+        ge=1,
+        description="How long a finished task's record, claim and stored result are kept "
+        "(etcd deletes records through leases shared by time bucket: no sweep).",
+    )
     max_hops: int = Field(3, ge=1, le=16, description="Most forwards a task may take.")
     max_attempts: int = Field(
         3,

@@ -86,6 +86,14 @@ class Local(Strict):
         default_factory=dict, description="argv per command of the 'command' pipeline"
     )
     max_queue_length: int = Field(256, ge=1, description="each local agent's queue bound")
+    task_retention_s: float = Field(
+        86400.0, ge=1, description="each local agent's retention of finished tasks"
+    )
+    etcd_compaction: str = Field(
+        "10m",
+        pattern=r"^[0-9]+[smh]$",
+        description="history each local etcd keeps (--auto-compaction-retention, periodic)",
+    )
 
 
 class Topology(Strict):

@@ -101,3 +101,17 @@ def test_bench_cancel_reaches_every_task_through_any_agent() -> None:
     assert result["get_cancel_ok"] == 1.0, result["errors"]
     cancelled = result["cancel_waiting"]["count"] + result["cancel_running"]["count"]
     assert cancelled > 0 and result["floor_get"]["count"] == 60
+
+
+def test_bench_e2e_reports_every_figure_from_one_run() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "e2e", "--json", "--tasks", "100", "--concurrency", "16"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    assert result["tasks"] == 100
+    assert result["completed_per_s"] > 0 and result["accepted_per_s"] > 0
+    assert 0 < result["etcd_writes_per_task"] <= result["etcd_keys_per_task"]
+    assert set(result["cpu_ms_per_task"]) == {"agents", "etcd", "client"}
+    assert result["db_bytes_after"] >= result["db_bytes_before"] > 0
+    assert result["submit_p50_ms"] > 0 and result["health_p50_ms"] > 0

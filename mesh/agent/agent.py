@@ -29,7 +29,7 @@ from mesh.agent.owner import QueueOwner
 from mesh.agent.peers import PeerClients
 from mesh.agent.placement import Placement
 from mesh.agent.remote import RemoteDcs
-from mesh.agent.reporting import RecordReporter
+from mesh.agent.reporting import RecordReporter, prune_results
 from mesh.agent.speaker import Speaker
 from mesh.agent.submission import Submission
 from mesh.agent.tasks import Tasks
@@ -47,10 +47,12 @@ from mesh.store import topostore
 from mesh.store.claims import ClaimStore
 from mesh.store.election import Election
 from mesh.store.etcd import client_for
+from mesh.store.group import GroupCommit
 from mesh.store.keys import KeySpace
 from mesh.store.mirror import PrefixMirror
 from mesh.store.records import TaskStore
 from mesh.store.registry import ACTIVE, DRAINING, AgentRecord, Registry
+from mesh.store.retention import Retention
 from mesh.store.session import Session
 from mesh.store.topostore import token_keys
 from mesh.trust.tokens import Verifier
@@ -71,7 +73,9 @@ class Agent:
         self.history = History(cfg.history, cfg.agent_id, cfg.dc)
         self.session = self._new_session()
         self.duties = Duties()
-        self.store = TaskStore(self.client, self.keys)
+        keep_s = cfg.task_retention_s
+        self.retention = Retention(self.client, keep_s, keep_s / 24, cfg.max_deadline_s)
+        self.store = TaskStore(self.client, self.keys, self.retention, GroupCommit(self.client))
         self.registry = Registry(
             self.client, self.keys, lambda: self.session.lease_id, self._members_changed
         )
@@ -137,7 +141,7 @@ class Agent:
         self.addressing = Addressing(
             cfg.dc,
             self.store,
-            ClaimStore(self.client, self.keys),
+            ClaimStore(self.client, self.keys, self.retention, self.store.commits),
             self.remote,
             self._dcs,
         )
@@ -191,6 +195,11 @@ class Agent:
         await self.registry.publish(self.record())
         self.duties.keep("membership", self.registry.mirror.run)
         self.duties.keep("executor", self.executor.run)
+        keep_s = self.cfg.task_retention_s
+        self.duties.keep(
+            "result retention",
+            lambda: prune_results(self.cfg.result_dir, keep_s, min(60.0, keep_s / 4)),
+        )
         self.duties.keep("session", self._watch_session)
         self.duties.keep("gossip", self.gossip.run)
         self.duties.keep("summaries", self.speaker.mirror.run)

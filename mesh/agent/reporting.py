@@ -9,6 +9,7 @@ a second per task however chatty a pipeline is, and the last step is never dropp
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -180,3 +181,23 @@ def write_result(folder: Path, task_id: str, attempt: int, data: bytes) -> Path:
     with os.fdopen(os.open(path, flags, 0o600), "wb") as out:
         out.write(data)
     return path
+
+
+async def prune_results(folder: Path, keep_s: float, every_s: float) -> None:
+    """Forever: delete the results stored in ``folder`` longer ago than ``keep_s``, as
+    their records expire (files only, never through a link, nothing outside it)."""
+    while True:
+        await asyncio.to_thread(_prune, folder, time.time() - keep_s)
+        await asyncio.sleep(every_s)
+
+
+def _prune(folder: Path, before: float) -> None:
+    if not folder.is_dir():
+        return
+    for entry in os.scandir(folder):
+        with contextlib.suppress(FileNotFoundError):
+            if (
+                entry.is_file(follow_symlinks=False)
+                and entry.stat(follow_symlinks=False).st_mtime < before
+            ):
+                os.unlink(entry.path)

@@ -82,6 +82,8 @@ class Speaker:
         return self.summary()
 
     async def _store(self, summary: peer_pb2.DcSummary) -> None:
+        if not summaries.worth_storing(summary, self.heard.get(summary.dc)):
+            return
         try:
             await self._client.put(
                 self._keys.summary(summary.dc), summaries.encode(summary), lease=self._lease()

@@ -21,8 +21,9 @@ from mesh.errors import InvalidTask
 from mesh.v1 import peer_pb2
 
 SPEAKERS = 2
-INTERVAL_S = 1.0
-STALE_S = 5.0
+INTERVAL_S = 1.0  # how often speakers swap summaries (calls, not etcd writes)
+REFRESH_S = 30.0  # an unchanged summary is stored again this often, no more
+STALE_S = 3 * REFRESH_S  # older than this, a summary says nothing
 LIVE_ADDRESSES = 3
 MAX_MODELS = 256
 
@@ -65,6 +66,24 @@ def check(summary: peer_pb2.DcSummary, now_ms: int) -> None:
         map(MODEL.fullmatch, summary.models_loaded)
     ):
         raise InvalidTask(f"summary: at most {MAX_MODELS} model names")
+
+
+def worth_storing(
+    heard: peer_pb2.DcSummary, stored: peer_pb2.DcSummary | None, refresh_s: float = REFRESH_S
+) -> bool:
+    """Whether a summary just heard must be written to etcd: it says something the stored
+    one does not, or the stored one is ``refresh_s`` old (so it never goes stale while
+    its DC is there). Speakers swap summaries every second; etcd hears of a change."""
+    if stored is None or heard.ts_unix_ms - stored.ts_unix_ms >= refresh_s * 1000:
+        return True
+    return _content(heard) != _content(stored)
+
+
+def _content(summary: peer_pb2.DcSummary) -> bytes:
+    timeless = peer_pb2.DcSummary()
+    timeless.CopyFrom(summary)
+    timeless.ts_unix_ms = 0
+    return timeless.SerializeToString(deterministic=True)
 
 
 def speaks(me: str, members: Mapping[str, object]) -> bool:

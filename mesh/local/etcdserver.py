@@ -89,6 +89,9 @@ class EtcdMember:
     metrics_port: int = 0  # 0: no metrics URL; health is then probed on the client URL
     initial_cluster: str = ""  # "n1=http://...,n2=http://..."; empty: a cluster of one
     fast_election: bool = True  # 50 ms heartbeat / 250 ms election: quick tests, not production
+    # History older than this is compacted away (watches resume within it): without it,
+    # every version of every record is kept and the db only grows.
+    compaction: str = "10m"
     binary: Path = field(default_factory=find_etcd)
     wrap: list[str] = field(default_factory=list)  # e.g. ["ip", "netns", "exec", NS]: execs
     process: subprocess.Popen[bytes] | None = None
@@ -127,6 +130,8 @@ class EtcdMember:
             "--initial-cluster", self.initial_cluster or f"{self.name}={self.peer_url}",
             "--initial-cluster-state", "new",
             "--log-level", "error",
+            "--auto-compaction-mode", "periodic",
+            "--auto-compaction-retention", self.compaction,
         ]  # fmt: skip
         if self.fast_election:
             argv += ["--heartbeat-interval", "50", "--election-timeout", "250"]

@@ -60,6 +60,7 @@ class Started:
     address: str  # an agent's API port (tokens); an etcd member's client endpoint
     peer_address: str = ""  # an agent's mTLS port
     since: float = 0.0  # when the process started, by the kernel's clock (proc_started)
+    metrics: str = ""  # an etcd member's plain-HTTP metrics endpoint (host:port)
 
 
 def proc_started(pid: int) -> float:
@@ -179,12 +180,21 @@ class LocalMesh:
                 host=host,
                 tls=self.trust.etcd(f"etcd-{name}", [host]),
                 metrics_port=free_port(),
+                compaction=self.local.etcd_compaction,
             )
             member.start(self.home / "logs" / f"etcd-{name}.log")
             assert member.process is not None
             pid = member.process.pid
             self.started.append(
-                Started("etcd", member.name, name, pid, member.endpoint, since=proc_started(pid))
+                Started(
+                    "etcd",
+                    member.name,
+                    name,
+                    pid,
+                    member.endpoint,
+                    since=proc_started(pid),
+                    metrics=f"{host}:{member.metrics_port}",
+                )
             )
             self._save()
             members.append(member)
@@ -236,6 +246,7 @@ class LocalMesh:
                     "--result-dir", str(self.home / "results"),
                     "--drain-grace-s", "3",
                     "--max-queue-length", str(self.local.max_queue_length),
+                    "--task-retention-s", str(self.local.task_retention_s),
                     "--decision-log", str(self.home / "logs" / f"decisions-{spec.id}.jsonl"),
                 ]  # fmt: skip
                 # Only non-empty lists: the CLI parser reads '[]' as [''].

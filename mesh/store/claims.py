@@ -16,7 +16,9 @@ import aetcd
 
 from mesh.errors import Unavailable
 from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.group import GroupCommit
 from mesh.store.keys import KeySpace
+from mesh.store.retention import Retention
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,18 +38,30 @@ class Claim:
 
 
 class ClaimStore:
-    def __init__(self, client: aetcd.Client, keys: KeySpace) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        keys: KeySpace,
+        retention: Retention | None = None,
+        commits: GroupCommit | None = None,
+    ) -> None:
+        """``retention``: claims expire as the tasks they name would (with a pointer's
+        extra time: the task may run that long before its record is kept)."""
         self._client = client
         self._keys = keys
         self._tx = client.transactions
+        self._retention = retention
+        self._commits = commits or GroupCommit(client)
 
     async def claim(self, task_id: str, claim: Claim) -> Claim:
         """Claim ``task_id`` for ``claim.dc`` unless it is held: the claim that holds."""
         key = self._keys.claim(task_id)
+        retention = self._retention
+        lease = await retention.lease(retention.pointer_extra_s) if retention else None
         try:
-            ok, responses = await self._client.transaction(
+            ok, responses = await self._commits.transaction(
                 compare=[self._tx.create(key) == 0],
-                success=[self._tx.put(key, claim.encode())],
+                success=[self._tx.put(key, claim.encode(), lease=lease)],
                 failure=[self._tx.get(key)],
             )
         except ETCD_ERRORS as exc:
@@ -68,7 +82,7 @@ class ClaimStore:
             found = Claim.decode(got.value)
             if found.dc != holder or found.at_ms >= claimed_before_ms:
                 return False
-            ok, _ = await self._client.transaction(
+            ok, _ = await self._commits.transaction(
                 compare=[self._tx.mod(key) == got.mod_revision],
                 success=[self._tx.delete(key)],
                 failure=[],

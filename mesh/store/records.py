@@ -9,6 +9,7 @@ a zombie's late write never overwrites the current run's record.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,14 +22,17 @@ from google.protobuf import json_format
 from mesh.core.lifecycle import end
 from mesh.core.listing import Page
 from mesh.core.task import TERMINAL, public
-from mesh.errors import StaleWrite, TaskNotFound, Unavailable, Unsure
+from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable, Unsure
 from mesh.store.etcd import ETCD_ERRORS, never_applied, stub_options, watch_events
+from mesh.store.group import GroupCommit
 from mesh.store.keys import KeySpace
+from mesh.store.retention import Retention
 from mesh.v1 import peer_pb2, tasks_pb2
 
 log = logging.getLogger(__name__)
 
 CAS_RETRIES = 16
+KNOWN = 4096  # records an agent remembers having written, for its next update of them
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +46,27 @@ class Stored:
 
 
 def encode(record: peer_pb2.TaskRecord) -> bytes:
-    return json_format.MessageToJson(
-        record, preserving_proto_field_name=True, indent=None, sort_keys=True
-    ).encode()
+    """Binary protobuf: a third of the agent's record CPU that JSON cost, and smaller."""
+    return record.SerializeToString()
 
 
 def decode(raw: bytes) -> peer_pb2.TaskRecord:
-    return json_format.Parse(raw, peer_pb2.TaskRecord(), ignore_unknown_fields=True)
+    """A stored record; one an older agent wrote as JSON is read as such."""
+    if raw[:1] == b"{":
+        return json_format.Parse(raw, peer_pb2.TaskRecord(), ignore_unknown_fields=True)
+    return peer_pb2.TaskRecord.FromString(raw)
+
+
+def _check_attempt(record: peer_pb2.TaskRecord, attempt: int) -> None:
+    if record.status.attempt != attempt:
+        raise StaleWrite(
+            "task moved to another attempt",
+            task_id=record.status.task_id,
+            mine=attempt,
+            current=record.status.attempt,
+        )
+    if record.status.state in TERMINAL:
+        raise StaleWrite("task already finished", task_id=record.status.task_id)
 
 
 # A mutation edits the record in place; returning False means "nothing to write".
@@ -56,10 +74,35 @@ Mutation = Callable[[peer_pb2.TaskRecord], bool | None]
 
 
 class TaskStore:
-    def __init__(self, client: aetcd.Client, keys: KeySpace) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        keys: KeySpace,
+        retention: Retention | None = None,
+        commits: GroupCommit | None = None,
+    ) -> None:
+        """``retention``: finished records and pointers expire under its leases.
+        ``commits``: the agent's group commit, shared by all it writes per task."""
         self._client = client
         self._keys = keys
         self._tx = client.transactions
+        self._retention = retention
+        self.commits = commits or GroupCommit(client)
+        self._known: OrderedDict[str, Stored] = OrderedDict()
+
+    async def _kept(self, record: peer_pb2.TaskRecord) -> int | None:
+        """The retention lease a record is put under: a finished one, or one that only
+        points to another DC; None for a task still under way here (it stays)."""
+        if self._retention is None:
+            return None
+        if record.status.state in TERMINAL:
+            return await self._retention.lease()
+        if record.forwarded_to_dc:
+            return await self._retention.lease(self._retention.pointer_extra_s)
+        return None
+
+    def _put(self, key: bytes, record: peer_pb2.TaskRecord, lease: int | None) -> object:
+        return self._tx.put(key, encode(record), lease=lease)
 
     @property
     def client(self) -> aetcd.Client:
@@ -77,11 +120,11 @@ class TaskStore:
 
         ``Unavailable`` means nothing was written; ``Unsure`` that it may have been."""
         key = self._keys.task(record.status.task_id)
-        raw = encode(record)
+        kept = await self._kept(record)
         try:
-            ok, responses = await self._client.transaction(
+            ok, responses = await self.commits.transaction(
                 compare=[self._tx.create(key) == 0],
-                success=[self._tx.put(key, raw), *also],
+                success=[self._put(key, record, kept), *also],
                 failure=[self._tx.get(key)],
             )
         except ETCD_ERRORS as exc:
@@ -89,7 +132,7 @@ class TaskStore:
                 raise Unavailable(f"etcd: {exc}") from exc
             raise Unsure(f"etcd: {exc}; the task may have been recorded") from exc
         if ok:
-            return Stored(record, responses[0].response_put.header.revision), True
+            return self._remember(Stored(record, responses[0].response_put.header.revision)), True
         value, kv = responses[0][0]
         return Stored(decode(value), kv.mod_revision), False
 
@@ -122,23 +165,28 @@ class TaskStore:
         operations done in the same transaction (the backlog entry that goes with it).
         """
         key = self._keys.task(task_id)
+        current = self._known.pop(task_id, None)  # what this agent wrote last, unread
+        checked = current is None
         for _ in range(CAS_RETRIES):
-            current = await self.get(task_id)
+            if current is None:
+                current = await self.get(task_id)
             record = peer_pb2.TaskRecord()
             record.CopyFrom(current.record)
-            if attempt is not None:
-                if record.status.attempt != attempt:
-                    raise StaleWrite(
-                        "task moved to another attempt",
-                        task_id=task_id,
-                        mine=attempt,
-                        current=record.status.attempt,
-                    )
-                if record.status.state in TERMINAL:
-                    raise StaleWrite("task already finished", task_id=task_id)
-            if mutate(record) is False:
-                return current
-            ops = [self._tx.put(key, encode(record)), *also]
+            try:
+                if attempt is not None:
+                    _check_attempt(record, attempt)
+                unchanged = mutate(record) is False
+            except MeshError:
+                if checked:
+                    raise
+                current, checked = None, True  # judged on our own last write: read it
+                continue
+            if unchanged:
+                if checked:
+                    return current
+                current, checked = None, True
+                continue
+            ops = [self._put(key, record, await self._kept(record)), *also]
             if lease:
                 marker = self._keys.running_marker(task_id)
                 if record.status.state in TERMINAL:
@@ -146,7 +194,7 @@ class TaskStore:
                 else:
                     ops.append(self._tx.put(marker, record.status.agent.encode(), lease=lease))
             try:
-                ok, responses = await self._client.transaction(
+                ok, responses = await self.commits.transaction(
                     compare=[self._tx.mod(key) == current.revision, *fence],
                     success=ops,
                     failure=[self._tx.get(key)],
@@ -154,10 +202,29 @@ class TaskStore:
             except ETCD_ERRORS as exc:
                 raise Unavailable(f"etcd: {exc}") from exc
             if ok:
-                return Stored(record, responses[0].response_put.header.revision)
-            if fence and responses[0] and responses[0][0][1].mod_revision == current.revision:
+                return self._remember(Stored(record, responses[0].response_put.header.revision))
+            if not responses[0]:
+                raise TaskNotFound("no such task", task_id=task_id)
+            value, kv = responses[0][0]
+            if fence and kv.mod_revision == current.revision:
                 raise StaleWrite("fenced out: no longer the queue owner", task_id=task_id)
+            current, checked = Stored(decode(value), kv.mod_revision), True
         raise StaleWrite("too much contention on the task record", task_id=task_id)
+
+    def _remember(self, stored: Stored) -> Stored:
+        """Keep a copy of a record this agent wrote, for its next update to start from
+        (a wrong guess costs one failed compare, which returns the record as it is)."""
+        task_id = stored.status.task_id
+        if stored.status.state in TERMINAL:
+            self._known.pop(task_id, None)
+            return stored
+        copy = peer_pb2.TaskRecord()
+        copy.CopyFrom(stored.record)
+        self._known[task_id] = Stored(copy, stored.revision)
+        self._known.move_to_end(task_id)
+        if len(self._known) > KNOWN:
+            self._known.popitem(last=False)
+        return stored
 
     async def finish(
         self, task_id: str, state: int, code: str, message: str, *, attempt: int | None = None
@@ -184,7 +251,7 @@ class TaskStore:
         """Delete the record if it is still exactly ``stored``."""
         key = self._keys.task(stored.status.task_id)
         try:
-            ok, _ = await self._client.transaction(
+            ok, _ = await self.commits.transaction(
                 compare=[self._tx.mod(key) == stored.revision],
                 success=[self._tx.delete(key)],
                 failure=[],

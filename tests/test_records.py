@@ -1,0 +1,70 @@
+"""Task records on a real etcd, written by two stores as two agents would: an update that
+starts from the record its agent wrote last still lands on the record as it is."""
+
+from __future__ import annotations
+
+import aetcd
+import pytest
+from google.protobuf import json_format
+
+from mesh.core.clock import now_ms
+from mesh.core.lifecycle import new_record
+from mesh.core.task import spec_digest
+from mesh.errors import StaleWrite
+from mesh.store.keys import KeySpace
+from mesh.store.records import TaskStore, decode, encode
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
+
+
+def record(task_id: str, attempt: int = 1) -> peer_pb2.TaskRecord:
+    spec = pb.TaskSpec(task_id=task_id, user=pb.User(id="ada"), pipeline="echo", model="m")
+    return new_record(
+        spec, spec_digest(spec), now_ms() + 60_000, attempt=attempt, path=(),
+        agent_id="a", dc="west", inline_payload_bytes=65536,
+    )  # fmt: skip
+
+
+def note(text: str):  # type: ignore[no-untyped-def]
+    def mutate(r: peer_pb2.TaskRecord) -> None:
+        r.status.progress.message = text
+
+    return mutate
+
+
+async def test_an_update_from_a_stale_memory_lands_on_the_record_as_it_is(
+    etcd_client: aetcd.Client, prefix: str
+) -> None:
+    mine, theirs = (TaskStore(etcd_client, KeySpace(prefix, "west")) for _ in range(2))
+    await mine.create(record("t1"))
+    await mine.update("t1", note("mine, first"))
+    await theirs.update("t1", lambda r: r.status.path.append("theirs"))  # behind my back
+    stored = await mine.update("t1", note("mine, second"))
+    assert list(stored.status.path) == ["theirs"]  # their change kept, not overwritten
+    assert decode((await etcd_client.get(KeySpace(prefix, "west").task("t1"))).value) == (
+        stored.record
+    )
+
+
+async def test_a_new_attempt_is_not_refused_on_the_memory_of_the_old_one(
+    etcd_client: aetcd.Client, prefix: str
+) -> None:
+    mine, owner = (TaskStore(etcd_client, KeySpace(prefix, "west")) for _ in range(2))
+    await mine.create(record("t2"))
+    await mine.update("t2", note("attempt 1 runs"), attempt=1)
+
+    def requeue(r: peer_pb2.TaskRecord) -> None:
+        r.status.attempt = 2
+
+    await owner.update("t2", requeue)  # the owner re-queued it: attempt 2, here again
+    stored = await mine.update("t2", note("attempt 2 runs"), attempt=2)
+    assert stored.status.progress.message == "attempt 2 runs"
+    with pytest.raises(StaleWrite):
+        await mine.update("t2", note("a zombie of attempt 1"), attempt=1)
+
+
+def test_records_are_binary_and_old_json_ones_still_read() -> None:
+    original = record("t3")
+    assert decode(encode(original)) == original
+    old = json_format.MessageToJson(original, preserving_proto_field_name=True).encode()
+    assert decode(old) == original
