@@ -1,10 +1,10 @@
-"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e} [--json]``."""
+"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e,scale} [--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import cancel, e2e, failover, fuzz, gossip, hop, route
+from bench import cancel, e2e, failover, fuzz, gossip, hop, route, scale
 
 BENCHMARKS = {
     "route": route.main,
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "hop": hop.main,
     "cancel": cancel.main,
     "e2e": e2e.main,
+    "scale": scale.main,
 }
 
 

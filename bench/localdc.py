@@ -17,13 +17,16 @@ POLL_S = 0.02
 
 
 @contextmanager
-def one_dc(prefix: str, agents: list[dict[str, object]], timeout_s: float) -> Iterator[LocalMesh]:
-    """A local mesh of one DC named ``dc`` (its own etcd, these agents), torn down after."""
+def one_dc(
+    prefix: str, agents: list[dict[str, object]], timeout_s: float, **local: object
+) -> Iterator[LocalMesh]:
+    """A local mesh of one DC named ``dc`` (its own etcd, these agents, ``local`` settings
+    of the topology's ``local`` section), torn down after."""
     with local_mesh(
         {
             "prefix": prefix,
             "dcs": {"dc": {}},
-            "local": {"model_load_s": 0, "agents": {"dc": agents}},
+            "local": {"model_load_s": 0, "agents": {"dc": agents}, **local},
         },
         timeout_s,
     ) as mesh:

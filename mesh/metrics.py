@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 SUBMITTED = Counter("gpumesh_tasks_submitted_total", "Tasks accepted by Submit on this agent")
 REJECTED = Counter("gpumesh_submit_rejected_total", "Submit calls refused", ["code"])
@@ -12,6 +12,12 @@ FORWARDS = Counter("gpumesh_forwards_total", "Offers sent to peers", ["result"])
 BACKLOGGED = Counter("gpumesh_tasks_backlogged_total", "Tasks put in the DC's backlog")
 RUNNING = Gauge("gpumesh_tasks_running", "Tasks running on this agent")
 QUEUED = Gauge("gpumesh_tasks_queued", "Tasks in this agent's local queue")
+MEMBERS = Gauge("gpumesh_members", "Agents of this DC in this agent's view")
+LOOP_LAG = Histogram(
+    "gpumesh_event_loop_lag_seconds",
+    "How late the event loop ran a timer: time nothing else on the agent could move",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
 
 BACKLOG_DEPTH = Gauge(
     "gpumesh_backlog_depth", "Tasks waiting in the DC's backlog (queue owner only)", ["queue"]

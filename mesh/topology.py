@@ -89,6 +89,9 @@ class Local(Strict):
     task_retention_s: float = Field(
         86400.0, ge=1, description="each local agent's retention of finished tasks"
     )
+    decision_log: bool = Field(
+        True, description="each local agent logs its routing decisions (with its whole view)"
+    )
     etcd_compaction: str = Field(
         "10m",
         pattern=r"^[0-9]+[smh]$",

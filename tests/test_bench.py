@@ -115,3 +115,17 @@ def test_bench_e2e_reports_every_figure_from_one_run() -> None:
     assert set(result["cpu_ms_per_task"]) == {"agents", "etcd", "client"}
     assert result["db_bytes_after"] >= result["db_bytes_before"] > 0
     assert result["submit_p50_ms"] > 0 and result["health_p50_ms"] > 0
+
+
+def test_bench_scale_reports_every_figure_per_size() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "scale", "--json", "--sizes", "100",
+         "--changes", "10", "--churn-s", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)["100"]
+    assert result["false_death"] is False
+    assert result["ring_update_ms_p99"] >= result["ring_update_ms_p50"] > 0
+    assert result["full_rebuild_ms"] > 0 and result["route_p50_us"] > 0
+    assert result["health_ms_max"] >= result["health_ms_p99"] > 0
+    assert result["loop_lag_ms_p99"] > 0 and result["rss_mb"] > 0

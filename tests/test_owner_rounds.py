@@ -256,7 +256,7 @@ async def test_a_task_claimed_by_an_owner_that_died_is_placed_by_the_next(
     assert (state_name(claimed.state), claimed.agent) == ("PENDING", "first")
     placed = Placed()
     second = await owners(name="second", place=placed, campaign=False)  # type: ignore[operator]
-    second.members_changed(["second"])  # "first" is no member: dead
+    second.members_changed({"second": "its record"})  # "first" is no member: dead
     leading = asyncio.create_task(second.run())
     try:
         await eventually(

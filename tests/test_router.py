@@ -11,7 +11,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mesh.core.ring import HashRing, key_point
+from mesh.core.ring import HashRing, SortedInts, key_point
 from mesh.core.router import Router
 from mesh.core.routing import (
     AGENT,
@@ -214,3 +214,109 @@ def test_long_run_share_follows_weight(weights: list[float], salt: int) -> None:
     total = sum(named.values())
     distance = sum(abs(owned[a] / keys - w / total) for a, w in named.items()) / 2
     assert distance <= 0.1
+
+
+# -- a view changed in place is the view built fresh ----------------------------------------
+
+CHANGE = st.tuples(
+    st.integers(0, 11),  # which agent
+    st.sampled_from(["join", "leave", "drain", "reweigh", "models"]),
+    WEIGHTS,
+)
+
+
+def changed(base: Member, how: str, weight: float) -> Member | None:
+    if how == "leave":
+        return None
+    if how == "drain":
+        return Member(**{**_fields(base), "draining": not base.draining})  # type: ignore[arg-type]
+    if how == "reweigh":
+        return Member(**{**_fields(base), "weight": weight})  # type: ignore[arg-type]
+    if how == "models":
+        return Member(**{**_fields(base), "models": frozenset({"m1", "m2"}) - base.models})  # type: ignore[arg-type]
+    return base
+
+
+def _fields(m: Member) -> dict[str, object]:
+    return {f: getattr(m, f) for f in Member.__slots__}  # type: ignore[attr-defined]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(CHANGE, max_size=40), st.lists(st.integers(0, 5), min_size=12, max_size=12))
+def test_a_router_changed_agent_by_agent_decides_as_one_built_fresh(changes, loads) -> None:
+    kept = Router()
+    members: dict[str, Member] = {}
+    requests = [ask(model=f"m{k % 4}", task_id=f"t{k}", gpu_count=1 + k % 2) for k in range(8)]
+    for step, (i, how, weight) in enumerate(changes):
+        agent_id = f"agent-{i}"
+        base = members.get(agent_id) or member(agent_id, weight, slots=1 + i % 3)
+        after = changed(base, how, weight)
+        if after is None:
+            members.pop(agent_id, None)
+        else:
+            members[agent_id] = after
+        kept.update_members({agent_id: after})
+        if step % 5 == 0:  # classes made midway must follow the changes after them too
+            kept.route(requests[step % len(requests)])
+    fresh = Router()
+    fresh.set_members(members.values())
+    for agent_id, load in zip(sorted(members), loads, strict=False):
+        kept.set_load(agent_id, load, 0)
+        fresh.set_load(agent_id, load, 0)
+    for request in requests:
+        assert kept.route(request, explain=True) == fresh.route(request, explain=True)
+        assert kept.bound(request) == fresh.bound(request)
+    active = [m for m in members.values() if not m.draining]
+    tasks = {a: kept.tasks_of(a) for a in members}
+    running = {a: kept.load(a)[0] for a in members}
+    assert kept.free_slots() == sum(max(0, m.slots - running[m.agent_id]) for m in active)
+    assert kept.room_left() == sum(
+        max(0, m.slots + m.queue_limit - tasks[m.agent_id]) for m in active
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 15), st.one_of(st.none(), WEIGHTS)), max_size=50))
+def test_a_ring_changed_in_place_walks_as_a_fresh_one(changes) -> None:
+    ring, weights = HashRing(), {}
+    for i, weight in changes:
+        if weight is None:
+            ring.remove(f"n{i}")
+            weights.pop(f"n{i}", None)
+        else:
+            ring.add(f"n{i}", weight)
+            weights[f"n{i}"] = weight
+    fresh = HashRing(weights)
+    assert set(ring.nodes) == set(weights)
+    for k in range(50):
+        point = key_point(f"key-{k}")
+        assert list(ring.walk(point)) == list(fresh.walk(point))
+        among = {n for n in weights if int(n[1:]) % 2}
+        assert list(ring.walk(point, among)) == list(
+            HashRing({n: w for n, w in weights.items() if n in among}).walk(point)
+        )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(st.integers(0, 50), max_size=20),
+    st.lists(st.tuples(st.booleans(), st.integers(0, 50)), max_size=120),
+    st.integers(0, 60),
+)
+def test_sorted_ints_keep_order_through_adds_removes_and_splits(start, changes, probe) -> None:
+    kept, model = SortedInts(start, block=3), sorted(start)
+    for adding, value in changes:
+        if adding:
+            kept.add(value)
+            model.append(value)
+            model.sort()
+        elif value in model:
+            kept.remove(value)
+            model.remove(value)
+    assert [v for block in kept.blocks for v in block] == model and len(kept) == len(model)
+    assert all(block for block in kept.blocks)  # no empty block is left behind
+    b, j = kept.start(probe)
+    after = [v for v in model if v >= probe]
+    assert (kept.blocks[b][j] if model else None) == (
+        after[0] if after else model[0] if model else None
+    )

@@ -25,6 +25,7 @@ from mesh.agent.executor import Executor
 from mesh.agent.handover import Handover
 from mesh.agent.history import History
 from mesh.agent.intake import Intake
+from mesh.agent.lag import measure_lag
 from mesh.agent.owner import QueueOwner
 from mesh.agent.peers import PeerClients
 from mesh.agent.placement import Placement
@@ -201,6 +202,7 @@ class Agent:
             lambda: prune_results(self.cfg.result_dir, keep_s, min(60.0, keep_s / 4)),
         )
         self.duties.keep("session", self._watch_session)
+        self.duties.keep("loop lag", measure_lag)
         self.duties.keep("gossip", self.gossip.run)
         self.duties.keep("summaries", self.speaker.mirror.run)
         self.duties.keep("dc summaries", self.speaker.speak)
@@ -325,10 +327,10 @@ class Agent:
         self.verifier.update(items)
         log.info("token keys: %s", ", ".join(self.verifier.kids) or "none")
 
-    def _members_changed(self, records: dict[str, AgentRecord]) -> None:
-        self.view.members_changed(records)
+    def _members_changed(self, changes: dict[str, AgentRecord | None]) -> None:
+        self.view.members_changed(changes)
         if self.owner is not None:
-            self.owner.members_changed(records)
+            self.owner.members_changed(changes)
 
     def _capacity_changed(self) -> None:
         if self.owner is not None:

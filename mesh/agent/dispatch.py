@@ -169,7 +169,9 @@ class Dispatcher:
     async def run(self) -> None:
         """Each tick (or sooner, when the backlog or capacity changes): end what expired,
         then one dispatch round over a snapshot of the backlog, then look again."""
-        mirror = PrefixMirror(self._store.client, self._keys.backlog, lambda _: self._wake.set())
+        mirror = PrefixMirror(
+            self._store.client, self._keys.backlog, on_delta=lambda _: self._wake.set()
+        )
         watching = asyncio.create_task(mirror.run(), name="backlog mirror")
         try:
             await mirror.ready.wait()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Mapping
 
 from mesh import metrics
 from mesh.agent.dispatch import Deposed, Dispatcher, Placements, still_leading
@@ -70,7 +70,7 @@ class QueueOwner:
         self._max_attempts = max_attempts
         self._history = history
         self._wake = asyncio.Event()
-        self._members: frozenset[str] = frozenset()
+        self._members: set[str] = set()
         self._departed: asyncio.Queue[str] = asyncio.Queue()
         self._placements = Placements(store, place, self._wake.set)
         self.dispatcher = Dispatcher(
@@ -87,11 +87,14 @@ class QueueOwner:
             self._wake,
         )
 
-    def members_changed(self, members: Iterable[str]) -> None:
-        current = frozenset(members)
-        for agent_id in sorted(self._members - current):
-            self._departed.put_nowait(agent_id)
-        self._members = current
+    def members_changed(self, changes: Mapping[str, object | None]) -> None:
+        """Agents that joined or changed (a record) or left (None)."""
+        for agent_id, record in sorted(changes.items()):
+            if record is not None:
+                self._members.add(agent_id)
+            elif agent_id in self._members:
+                self._members.discard(agent_id)
+                self._departed.put_nowait(agent_id)
 
     def capacity_changed(self) -> None:
         self._wake.set()

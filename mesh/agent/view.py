@@ -81,15 +81,18 @@ class View:
 
     # -- membership, load, gossip --------------------------------------------------------
 
-    def members_changed(self, records: Mapping[str, AgentRecord]) -> None:
-        self.router.set_members(member_of(r) for r in records.values())
-        self.gossiper.set_members({a: r.gossip_address for a, r in records.items()})
-        for record in records.values():
-            if record.agent_id == self._cfg.agent_id:
+    def members_changed(self, changes: Mapping[str, AgentRecord | None]) -> None:
+        """Agents that joined or changed (their record) or left (None): work in
+        proportion to them, never to the DC."""
+        self.router.update_members({a: r and member_of(r) for a, r in changes.items()})
+        self.gossiper.update_members({a: r and r.gossip_address for a, r in changes.items()})
+        for agent_id, record in changes.items():
+            if record is None or agent_id == self._cfg.agent_id:
                 continue
-            if self.gossiper.table.get(record.agent_id) is None:
+            if self.gossiper.table.get(agent_id) is None:
                 # Until gossip speaks, the record's list is what we know.
-                self.router.set_loaded(record.agent_id, record.models_loaded)
+                self.router.set_loaded(agent_id, record.models_loaded)
+        metrics.MEMBERS.set(len(self.router.members))
         self.local_changed()
 
     def local_changed(self) -> None:

@@ -6,8 +6,12 @@ to the nodes met walking clockwise from the key's point. A node gets
 three times the keys of an A40 one. Adding or removing a node moves only the keys of the
 arcs it gains or loses, about ``1/N`` of them.
 
-Points live in flat arrays, not lists of tuples: a ring of 10,000 agents has a few
-million points, and tuples would cost memory and long garbage-collector pauses.
+A node's points depend on its name alone, so the ring changes in place: ``add`` and
+``remove`` touch that node's points only, never the fleet's. A DC of 10,000 agents has 1.6
+million points; a join or a leave costs ~160 insertions into a sorted list of blocks (the
+layout of ``sortedcontainers``, kept here so that a walk reads the blocks directly: a
+decision walks a few points, and must cost microseconds). Each point is one integer (the
+point, then the node's index in its low bits).
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ from __future__ import annotations
 import bisect
 import hashlib
 import struct
-from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 
 VNODES_PER_WEIGHT = 160
 _POINTS_PER_DIGEST = 8
 _UNPACK = struct.Struct(">8Q").unpack
 _INDEX_BITS = 24  # up to 16 million nodes
+_MASK = (1 << _INDEX_BITS) - 1
+_BLOCK = 1000  # a block splits at twice this: an insertion moves at most ~2,000 pointers
 
 
 def key_point(key: str) -> int:
@@ -38,40 +43,137 @@ def _node_points(node: str, count: int) -> list[int]:
     return points[:count]
 
 
-class HashRing:
-    def __init__(
-        self, weights: Mapping[str, float], vnodes_per_weight: int = VNODES_PER_WEIGHT
-    ) -> None:
-        self._names = sorted(weights)
-        tagged: list[int] = []
-        for index, node in enumerate(self._names):
-            count = max(1, round(weights[node] * vnodes_per_weight))
-            tagged.extend(p << _INDEX_BITS | index for p in _node_points(node, count))
-        tagged.sort()
-        mask = (1 << _INDEX_BITS) - 1
-        self._points = array("Q", (t >> _INDEX_BITS for t in tagged))
-        self._owners = array("I", (t & mask for t in tagged))
-        self.nodes = frozenset(weights)
+class SortedInts:
+    """Integers in ascending order, in blocks: insertion and removal in O(log n) plus a
+    block's length, iteration from any value without copying."""
+
+    def __init__(self, values: Iterable[int] = (), block: int = _BLOCK) -> None:
+        ordered = sorted(values)
+        self._block = block
+        self.blocks = [ordered[i : i + block] for i in range(0, len(ordered), block)]
+        self.maxes = [block[-1] for block in self.blocks]
+        self._len = len(ordered)
 
     def __len__(self) -> int:
-        return len(self.nodes)
+        return self._len
 
-    def walk(self, point: int) -> Iterator[str]:
-        """Each node once, in clockwise order from ``point``."""
-        owners, names = self._owners, self._names
-        total = len(owners)
-        if not total:
+    def add(self, value: int) -> None:
+        self._len += 1
+        if not self.blocks:
+            self.blocks, self.maxes = [[value]], [value]
             return
-        start = bisect.bisect_left(self._points, point)
+        i = min(bisect.bisect_left(self.maxes, value), len(self.maxes) - 1)
+        block = self.blocks[i]
+        bisect.insort(block, value)
+        self.maxes[i] = block[-1]
+        half = self._block
+        if len(block) > 2 * half:
+            self.blocks[i : i + 1] = [block[:half], block[half:]]
+            self.maxes[i : i + 1] = [block[half - 1], block[-1]]
+
+    def remove(self, value: int) -> None:
+        i = bisect.bisect_left(self.maxes, value)
+        block = self.blocks[i] if i < len(self.blocks) else []
+        j = bisect.bisect_left(block, value)
+        if j == len(block) or block[j] != value:
+            raise KeyError(value)
+        del block[j]
+        self._len -= 1
+        if block:
+            self.maxes[i] = block[-1]
+        else:
+            del self.blocks[i], self.maxes[i]
+
+    def start(self, value: int) -> tuple[int, int]:
+        """Block and offset of the first integer >= ``value`` (wrapping to the first)."""
+        i = bisect.bisect_left(self.maxes, value)
+        if i == len(self.maxes):
+            return 0, 0
+        return i, bisect.bisect_left(self.blocks[i], value)
+
+
+class HashRing:
+    def __init__(
+        self, weights: Mapping[str, float] | None = None, vnodes_per_weight: int = VNODES_PER_WEIGHT
+    ) -> None:
+        self._vnodes = vnodes_per_weight
+        self._names: list[str | None] = []  # index: name (None: a free index)
+        self._index: dict[str, int] = {}
+        self._weights: dict[str, float] = {}
+        self._free: list[int] = []
+        weights = weights or {}
+        self._tagged = SortedInts(  # one sort for a whole fleet
+            t for node in sorted(weights) for t in self._tags(node, weights[node])
+        )
+
+    @property
+    def nodes(self) -> Collection[str]:
+        return self._index.keys()
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def weight(self, node: str) -> float | None:
+        return self._weights.get(node)
+
+    def add(self, node: str, weight: float) -> None:
+        """Put ``node`` on the ring with ``weight`` (moving it if it was there with another)."""
+        if self._weights.get(node) == weight:
+            return
+        self.remove(node)
+        for tag in self._tags(node, weight):
+            self._tagged.add(tag)
+
+    def remove(self, node: str) -> None:
+        index = self._index.pop(node, None)
+        if index is None:
+            return
+        weight = self._weights.pop(node)
+        for point in _node_points(node, self._count(weight)):
+            self._tagged.remove(point << _INDEX_BITS | index)
+        self._names[index] = None
+        self._free.append(index)
+
+    def _count(self, weight: float) -> int:
+        return max(1, round(weight * self._vnodes))
+
+    def _tags(self, node: str, weight: float) -> list[int]:
+        """Give ``node`` an index and return its tagged points (not yet on the ring)."""
+        if self._free:
+            index = self._free.pop()
+            self._names[index] = node
+        else:
+            index = len(self._names)
+            self._names.append(node)
+        self._index[node] = index
+        self._weights[node] = weight
+        return [p << _INDEX_BITS | index for p in _node_points(node, self._count(weight))]
+
+    def walk(self, point: int, among: Collection[str] | None = None) -> Iterator[str]:
+        """Each node once (each of ``among`` only, if given), clockwise from ``point``.
+
+        Walking the whole ring among some nodes meets them in the order a ring of just
+        those nodes would: a node's points are its own, whoever else is on the ring."""
+        blocks, names = self._tagged.blocks, self._names
+        if not blocks:
+            return
+        b, j = self._tagged.start(point << _INDEX_BITS)
+        want = len(self._index) if among is None else len(among)
         seen: set[int] = set()
-        want = len(names)
-        for i in range(start, start + total):
-            index = owners[i - total] if i >= total else owners[i]
-            if index not in seen:
+        for _ in range(len(blocks) + 1):  # from the start, round, back to the start
+            block = blocks[b]
+            for k in range(j, len(block)):
+                index = block[k] & _MASK
+                if index in seen:
+                    continue
                 seen.add(index)
-                yield names[index]
-                if len(seen) == want:
-                    return
+                name = names[index]
+                if among is None or name in among:
+                    yield name  # type: ignore[misc]
+                    want -= 1
+                    if not want:
+                        return
+            b, j = (b + 1) % len(blocks), 0
 
     def owner(self, point: int) -> str | None:
         return next(self.walk(point), None)

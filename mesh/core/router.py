@@ -27,12 +27,20 @@ is what lets the decision log be replayed offline and lets hypothesis check the 
 A target carries the most tasks its agent may hold after taking the task; the receiver
 checks that against its own live count, so a stale view costs a refused offer and the next
 target, never an overloaded agent.
+
+The view changes in place: a join, a leave or a change of one agent costs that agent's
+ring points and one check per class of request seen (``update_members``), never a
+rebuild, whatever the size of the DC. One ring holds every member; a class walks it
+skipping the agents it may not use, which meets them in the order a ring of its own
+would. A class of less than a quarter of the members keeps a ring of its own, so that
+walk never wades through the rest.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -56,18 +64,54 @@ from mesh.core.routing import (
 )
 
 EXPLAIN_LIMIT = 64  # candidates an explained decision lists
+SMALL_CLASS = 4  # a class of under 1/SMALL_CLASS of the members walks a ring of its own
+Needs = tuple[str, str, int, int]
 
 
 @dataclass(slots=True)
 class _Class:
-    """Agents eligible for one kind of request, with their ring and running totals."""
+    """Agents eligible for one kind of request, with their running totals; kept current
+    agent by agent as members come, change and go."""
 
-    eligible: frozenset[str]
-    order: tuple[str, ...]  # the eligible ids, sorted: what two-choices draws from
-    ring: HashRing
-    shape: dict[str, tuple[float, float, int]]  # agent: (GPU weight, floor, hard limit)
-    weight: float
-    tasks: int
+    needs: Needs
+    ring: HashRing | None  # a small class's own ring; None: the router's, filtered
+    eligible: set[str] = field(default_factory=set)
+    order: list[str] = field(default_factory=list)  # sorted: what two-choices draws from
+    shape: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    micro_weight: int = 0  # GPU weight in millionths: a sum that no order of joins changes
+    tasks: int = 0
+
+    @property
+    def weight(self) -> float:
+        return self.micro_weight / 1e6
+
+    def add(self, member: Member, floor: float, tasks: int) -> None:
+        agent_id = member.agent_id
+        self.eligible.add(agent_id)
+        bisect.insort(self.order, agent_id)
+        self.shape[agent_id] = (
+            member.weight,
+            floor * member.slots,
+            member.slots + member.queue_limit,
+        )
+        self.micro_weight += _micro(member.weight)
+        self.tasks += tasks
+        if self.ring is not None:
+            self.ring.add(agent_id, member.weight)
+
+    def remove(self, member: Member, tasks: int) -> None:
+        agent_id = member.agent_id
+        self.eligible.discard(agent_id)
+        del self.order[bisect.bisect_left(self.order, agent_id)]
+        del self.shape[agent_id]
+        self.micro_weight -= _micro(member.weight)
+        self.tasks -= tasks
+        if self.ring is not None:
+            self.ring.remove(agent_id)
+
+
+def _micro(weight: float) -> int:
+    return round(weight * 1_000_000)
 
 
 @dataclass(slots=True)
@@ -91,23 +135,60 @@ class Router:
     _members: dict[str, Member] = field(default_factory=dict)
     _loads: dict[str, _Load] = field(default_factory=dict)
     _loaded: dict[str, frozenset[str]] = field(default_factory=dict)
-    _classes: dict[tuple[str, str, int, int], _Class] = field(default_factory=dict)
-    _rings: dict[frozenset[str], HashRing] = field(default_factory=dict)  # shared by classes
+    _classes: dict[Needs, _Class] = field(default_factory=dict)
+    _ring: HashRing = field(default_factory=HashRing)  # every member
     _suspects: set[str] = field(default_factory=set)
+    _free_slots: int = 0  # free_slots() and room_left(), kept as agents and loads change
+    _room_left: int = 0
 
     # -- the view ------------------------------------------------------------------------
 
     def set_members(self, members: Iterable[Member]) -> None:
-        """Replace the membership; loads and models of agents that stay are kept."""
+        """Replace the membership; loads and models of agents that stay are kept. Only
+        the agents that differ cost anything (``update_members``)."""
         new = {m.agent_id: m for m in members}
-        if new == self._members:
-            return
-        self._members = new
-        self._loads = {a: self._loads.get(a, _Load()) for a in new}
-        self._loaded = {a: self._loaded.get(a, frozenset()) for a in new}
-        self._suspects &= new.keys()
-        self._classes.clear()
-        self._rings.clear()
+        changes: dict[str, Member | None] = {
+            a: m for a, m in new.items() if self._members.get(a) != m
+        }
+        changes.update(dict.fromkeys(self._members.keys() - new.keys()))
+        self.update_members(changes)
+
+    def update_members(self, changes: Mapping[str, Member | None]) -> None:
+        """Apply joins and changes (the agent's new ``Member``) and leaves (``None``), in
+        work proportional to them: the agents' own ring points, one eligibility check
+        per class."""
+        for agent_id, member in changes.items():
+            old = self._members.get(agent_id)
+            if old == member:
+                continue
+            if old is not None:
+                self._leave(old, staying=member is not None)
+            if member is not None:
+                self._join(member)
+
+    def _join(self, member: Member) -> None:
+        agent_id = member.agent_id
+        self._members[agent_id] = member
+        load = self._loads.setdefault(agent_id, _Load())
+        self._loaded.setdefault(agent_id, frozenset())
+        self._count(agent_id, +1)
+        self._ring.add(agent_id, member.weight)
+        for needs, cls in self._classes.items():
+            if eligible(member, needs):
+                cls.add(member, self.policy.load_floor, load.tasks)
+
+    def _leave(self, member: Member, staying: bool) -> None:
+        agent_id = member.agent_id
+        tasks = self._loads[agent_id].tasks
+        self._count(agent_id, -1)
+        for cls in self._classes.values():
+            if agent_id in cls.eligible:
+                cls.remove(member, tasks)
+        if staying:
+            return  # its load, models and place on the ring stay for its new self
+        self._ring.remove(agent_id)
+        del self._members[agent_id], self._loads[agent_id], self._loaded[agent_id]
+        self._suspects.discard(agent_id)
 
     def set_policy(self, policy: Policy) -> None:
         if policy != self.policy:
@@ -119,7 +200,9 @@ class Router:
         if load is None:
             return
         delta = running + queued - load.tasks
+        self._count(agent_id, -1)
         load.running, load.queued = running, queued
+        self._count(agent_id, +1)
         if delta:
             for cls in self._classes.values():
                 if agent_id in cls.eligible:
@@ -153,46 +236,43 @@ class Router:
 
     def free_slots(self) -> int:
         """GPU slots of active members with no task on them, as the view has it."""
-        loads = self._loads
-        return sum(
-            max(0, m.slots - loads[a].running) for a, m in self._members.items() if not m.draining
-        )
+        return self._free_slots
 
     def room_left(self) -> int:
         """Tasks active members could still take up to their hard limits (slots and
         queue room), as the view has it."""
-        loads = self._loads
-        return sum(
-            max(0, m.slots + m.queue_limit - loads[a].tasks)
-            for a, m in self._members.items()
-            if not m.draining
-        )
+        return self._room_left
+
+    def _count(self, agent_id: str, sign: int) -> None:
+        """Add (``sign`` 1) or take out (-1) an agent's share of the two totals above."""
+        member, load = self._members[agent_id], self._loads[agent_id]
+        if not member.draining:
+            self._free_slots += sign * max(0, member.slots - load.running)
+            self._room_left += sign * max(0, member.slots + member.queue_limit - load.tasks)
 
     @property
     def members(self) -> dict[str, Member]:
         return self._members
 
-    def _class(self, needs: tuple[str, str, int, int]) -> _Class:
+    def _class(self, needs: Needs) -> _Class:
+        """The class of ``needs``, made at its first request (one pass over the members;
+        from then on it changes with them)."""
         cls = self._classes.get(needs)
         if cls is None:
-            chosen = {a: m for a, m in self._members.items() if eligible(m, needs)}
-            ids = frozenset(chosen)
-            ring = self._rings.get(ids)
-            if ring is None:
-                ring = self._rings[ids] = HashRing({a: m.weight for a, m in chosen.items()})
-            cls = _Class(
-                eligible=ids,
-                order=tuple(sorted(chosen)),
-                ring=ring,
-                shape={
-                    a: (m.weight, self.policy.load_floor * m.slots, m.slots + m.queue_limit)
-                    for a, m in chosen.items()
-                },
-                weight=math.fsum(m.weight for m in chosen.values()),  # order-independent
-                tasks=sum(self._loads[a].tasks for a in chosen),
-            )
+            chosen = [m for m in self._members.values() if eligible(m, needs)]
+            small = len(chosen) * SMALL_CLASS < len(self._members)
+            cls = _Class(needs, HashRing() if small else None)
+            for member in chosen:
+                cls.add(member, self.policy.load_floor, self._loads[member.agent_id].tasks)
             self._classes[needs] = cls
         return cls
+
+    def _walk(self, cls: _Class, point: int) -> Iterator[str]:
+        if cls.ring is not None:
+            return cls.ring.walk(point)
+        if len(cls.eligible) == len(self._members):
+            return self._ring.walk(point)
+        return self._ring.walk(point, cls.eligible)
 
     # -- the decision --------------------------------------------------------------------
 
@@ -225,7 +305,7 @@ class Router:
         window, loads, shape = self.policy.affinity_window, self._loads, cls.shape
         fits: list[tuple[str, float]] = []
         candidates: list[Candidate] = []
-        for agent_id in cls.ring.walk(key_point(request.key)):
+        for agent_id in self._walk(cls, key_point(request.key)):
             weight, floor, hard = shape[agent_id]
             most = bound * weight if bound * weight > floor else floor
             if most > hard:

@@ -19,10 +19,11 @@ an agent sends are bounded by ``fanout`` and the interval, not by the size of th
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from mesh.errors import BadPacket
@@ -108,9 +109,28 @@ class Gossiper:
 
     def set_members(self, addresses: dict[str, str]) -> list[str]:
         """etcd's members of the DC and their gossip addresses; returns ids dropped."""
-        self._peers = {a: addr for a, addr in addresses.items() if a != self.me and addr}
-        self._peer_ids = sorted(self._peers)
-        gone = self.table.set_members([*addresses, self.me])
+        changes: dict[str, str | None] = dict(addresses)
+        changes.update(dict.fromkeys(self.table.members - addresses.keys() - {self.me}))
+        return self.update_members(changes)
+
+    def update_members(self, changes: Mapping[str, str | None]) -> list[str]:
+        """Members that joined or moved (their gossip address; empty: one that does not
+        gossip) or left (None), in work proportional to them; returns ids dropped."""
+        self.table.add_member(self.me)
+        gone = []
+        for agent_id, address in changes.items():
+            if agent_id == self.me:
+                continue
+            if address is not None:
+                self.table.add_member(agent_id)
+            elif self.table.remove_member(agent_id):
+                gone.append(agent_id)
+            if address:
+                if agent_id not in self._peers:
+                    bisect.insort(self._peer_ids, agent_id)
+                self._peers[agent_id] = address
+            elif self._peers.pop(agent_id, None) is not None:
+                del self._peer_ids[bisect.bisect_left(self._peer_ids, agent_id)]
         self.guard.forget(gone)
         for agent_id in gone:
             self._news.pop(agent_id, None)

@@ -131,19 +131,30 @@ class GossipTable:
         self.stale_s = stale_s
         self._on_update = on_update
         self._held: OrderedDict[str, Held] = OrderedDict()  # least recently updated first
-        self.members: frozenset[str] = frozenset()
+        self.members: set[str] = set()
         self.hashes: dict[str, int] = {}  # member id -> id_hash, for digests
         self.by_hash: dict[int, str] = {}
 
     def set_members(self, members: Iterable[str]) -> list[str]:
         """Adopt etcd's membership; return the ids whose state was dropped."""
-        self.members = frozenset(members)
-        self.hashes = {a: self.hashes.get(a) or id_hash(a) for a in self.members}
-        self.by_hash = {h: a for a, h in self.hashes.items()}
-        gone = [a for a in self._held if a not in self.members]
-        for agent_id in gone:
-            del self._held[agent_id]
-        return gone
+        wanted = set(members)
+        for agent_id in wanted - self.members:
+            self.add_member(agent_id)
+        return [a for a in self.members - wanted if self.remove_member(a)]
+
+    def add_member(self, agent_id: str) -> None:
+        if agent_id not in self.members:
+            self.members.add(agent_id)
+            self.hashes[agent_id] = digest = id_hash(agent_id)
+            self.by_hash[digest] = agent_id
+
+    def remove_member(self, agent_id: str) -> bool:
+        """Forget a member; whether a state of it was dropped."""
+        if agent_id not in self.members:
+            return False
+        self.members.discard(agent_id)
+        self.by_hash.pop(self.hashes.pop(agent_id), None)
+        return self._held.pop(agent_id, None) is not None
 
     def put_own(self, state: AgentState, now: float) -> None:
         self._held[state.agent_id] = Held(state, now, state.to_wire())

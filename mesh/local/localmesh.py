@@ -247,8 +247,12 @@ class LocalMesh:
                     "--drain-grace-s", "3",
                     "--max-queue-length", str(self.local.max_queue_length),
                     "--task-retention-s", str(self.local.task_retention_s),
-                    "--decision-log", str(self.home / "logs" / f"decisions-{spec.id}.jsonl"),
                 ]  # fmt: skip
+                if self.local.decision_log:
+                    argv += [
+                        "--decision-log",
+                        str(self.home / "logs" / f"decisions-{spec.id}.jsonl"),
+                    ]
                 # Only non-empty lists: the CLI parser reads '[]' as [''].
                 for flag, names in (
                     ("--models", spec.models),

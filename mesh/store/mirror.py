@@ -2,6 +2,10 @@
 
 List, then watch from the listed revision + 1, so no change falls between the two. A
 broken watch resumes by itself (``watch_events``); a compacted revision forces a fresh list.
+
+``on_delta`` hears what changed (a name's new value, or None when it went), in work
+proportional to the change: the DC's 10,000 agent records are never copied for one
+join. ``on_change`` hears the whole copy, for the small prefixes that want it.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ class PrefixMirror:
         client: aetcd.Client,
         prefix: bytes,
         on_change: Callable[[dict[str, bytes]], None] | None = None,
+        on_delta: Callable[[dict[str, bytes | None]], None] | None = None,
     ) -> None:
         self._client = client
         self._prefix = prefix
         self._on_change = on_change
+        self._on_delta = on_delta
         self.items: dict[str, bytes] = {}
         self.ready = asyncio.Event()
         self.revision = 0
@@ -34,8 +40,10 @@ class PrefixMirror:
     def _name(self, key: bytes) -> str:
         return key[len(self._prefix) :].decode()
 
-    def _changed(self) -> None:
+    def _changed(self, delta: dict[str, bytes | None]) -> None:
         self.ready.set()
+        if self._on_delta is not None:
+            self._on_delta(delta)
         if self._on_change is not None:
             self._on_change(dict(self.items))
 
@@ -50,9 +58,14 @@ class PrefixMirror:
                 failures += 1
                 log.warning("listing %s failed (%s); again in %.1fs", self._prefix, exc, delay)
                 await asyncio.sleep(delay)
-        self.items = {self._name(kv.key): kv.value for kv in listing}
+        listed: dict[str, bytes] = {self._name(kv.key): kv.value for kv in listing}
+        delta: dict[str, bytes | None] = dict.fromkeys(self.items.keys() - listed.keys())
+        delta.update(
+            (name, value) for name, value in listed.items() if self.items.get(name) != value
+        )
+        self.items = listed
         self.revision = listing.header.revision
-        self._changed()
+        self._changed(delta)
 
     async def run(self) -> None:
         """Mirror forever; cancel the task to stop."""
@@ -64,11 +77,12 @@ class PrefixMirror:
             try:
                 async for event in events:
                     name = self._name(event.kv.key)
+                    value: bytes | None = None
                     if event.kind == aetcd.EventKind.PUT:
-                        self.items[name] = event.kv.value
+                        value = self.items[name] = event.kv.value
                     else:
                         self.items.pop(name, None)
                     self.revision = max(self.revision, event.kv.mod_revision)
-                    self._changed()
+                    self._changed({name: value})
             except aetcd.RevisionCompactedError:
                 log.info("watch on %s compacted; listing again", self._prefix)

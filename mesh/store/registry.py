@@ -67,8 +67,9 @@ class Registry:
         client: aetcd.Client,
         keys: KeySpace,
         lease: Callable[[], int],
-        on_change: Callable[[dict[str, AgentRecord]], None] = lambda _: None,
+        on_change: Callable[[dict[str, AgentRecord | None]], None] = lambda _: None,
     ) -> None:
+        """``on_change`` hears the records that changed (None: the agent left)."""
         self._client = client
         self._keys = keys
         self.dc = keys.dc
@@ -76,17 +77,26 @@ class Registry:
         self._listener = on_change
         self.me: AgentRecord | None = None
         self.peers: dict[str, AgentRecord] = {}
-        self.mirror = PrefixMirror(client, keys.agents, self._on_change)
+        self.mirror = PrefixMirror(client, keys.agents, on_delta=self._on_delta)
 
-    def _on_change(self, items: dict[str, bytes]) -> None:
-        peers = {}
-        for name, raw in items.items():
-            try:
-                peers[name] = AgentRecord.from_json(raw)
-            except (ValueError, TypeError, KeyError) as exc:
-                log.warning("ignoring unreadable agent record %s: %s", name, exc)
-        self.peers = peers
-        self._listener(peers)
+    def _on_delta(self, delta: dict[str, bytes | None]) -> None:
+        """Only the records that changed are decoded: a join costs one, not the DC's."""
+        changes: dict[str, AgentRecord | None] = {}
+        for name, raw in delta.items():
+            record = None
+            if raw is not None:
+                try:
+                    record = AgentRecord.from_json(raw)
+                except (ValueError, TypeError, KeyError) as exc:
+                    log.warning("ignoring unreadable agent record %s: %s", name, exc)
+            if record is None:
+                if self.peers.pop(name, None) is None:
+                    continue
+            else:
+                self.peers[name] = record
+            changes[name] = record
+        if changes:
+            self._listener(changes)
 
     async def publish(self, record: AgentRecord) -> None:
         self.me = record
