@@ -127,9 +127,12 @@ class QueueOwner:
     async def _recover_orphans(self) -> None:
         await self._sweep(lambda agent: agent not in self._members)
         while True:
-            gone = await self._departed.get()
-            self._history.write("departed", "seen", member=gone, token=self.election.term)
-            await self._sweep(lambda agent, gone=gone: agent == gone)
+            gone = {await self._departed.get()}
+            while not self._departed.empty():  # one sweep for all who left meanwhile
+                gone.add(self._departed.get_nowait())
+            for member in sorted(gone):
+                self._history.write("departed", "seen", member=member, token=self.election.term)
+            await self._sweep(gone.__contains__)
 
     # -- dead agents ---------------------------------------------------------------------
 

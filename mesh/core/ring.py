@@ -19,13 +19,12 @@ from __future__ import annotations
 import bisect
 import hashlib
 import struct
+from array import array
 from collections.abc import Collection, Iterable, Iterator, Mapping
 
 VNODES_PER_WEIGHT = 160
 _POINTS_PER_DIGEST = 8
 _UNPACK = struct.Struct(">8Q").unpack
-_INDEX_BITS = 24  # up to 16 million nodes
-_MASK = (1 << _INDEX_BITS) - 1
 _BLOCK = 1000  # a block splits at twice this: an insertion moves at most ~2,000 pointers
 
 
@@ -44,45 +43,67 @@ def _node_points(node: str, count: int) -> list[int]:
 
 
 class SortedInts:
-    """Integers in ascending order, in blocks: insertion and removal in O(log n) plus a
-    block's length, iteration from any value without copying."""
+    """64-bit integers in ascending order, each with a 32-bit tag, in blocks of flat
+    arrays: insertion and removal in O(log n) plus a block's length, iteration from any
+    value without copying. Flat arrays, not lists of ints: 12 bytes a point, read in
+    order from memory (a walk at 10,000 agents is otherwise slowed by cache misses)."""
 
-    def __init__(self, values: Iterable[int] = (), block: int = _BLOCK) -> None:
-        ordered = sorted(values)
+    def __init__(self, pairs: Iterable[tuple[int, int]] = (), block: int = _BLOCK) -> None:
+        ordered = sorted(pairs)
         self._block = block
-        self.blocks = [ordered[i : i + block] for i in range(0, len(ordered), block)]
-        self.maxes = [block[-1] for block in self.blocks]
+        self.blocks = [
+            array("Q", (v for v, _ in ordered[i : i + block]))
+            for i in range(0, len(ordered), block)
+        ]
+        self.tags = [
+            array("I", (t for _, t in ordered[i : i + block]))
+            for i in range(0, len(ordered), block)
+        ]
+        self.maxes = [b[-1] for b in self.blocks]
         self._len = len(ordered)
 
     def __len__(self) -> int:
         return self._len
 
-    def add(self, value: int) -> None:
+    def add(self, value: int, tag: int) -> None:
+        """Insert ``value`` with ``tag`` (equal values in the order of their tags)."""
         self._len += 1
         if not self.blocks:
-            self.blocks, self.maxes = [[value]], [value]
+            self.blocks, self.tags, self.maxes = [array("Q", [value])], [array("I", [tag])], [value]
             return
         i = min(bisect.bisect_left(self.maxes, value), len(self.maxes) - 1)
-        block = self.blocks[i]
-        bisect.insort(block, value)
+        block, tags = self.blocks[i], self.tags[i]
+        j = bisect.bisect_left(block, value)
+        while j < len(block) and block[j] == value and tags[j] < tag:
+            j += 1
+        block.insert(j, value)
+        tags.insert(j, tag)
         self.maxes[i] = block[-1]
         half = self._block
         if len(block) > 2 * half:
             self.blocks[i : i + 1] = [block[:half], block[half:]]
+            self.tags[i : i + 1] = [tags[:half], tags[half:]]
             self.maxes[i : i + 1] = [block[half - 1], block[-1]]
 
-    def remove(self, value: int) -> None:
+    def remove(self, value: int, tag: int) -> None:
         i = bisect.bisect_left(self.maxes, value)
-        block = self.blocks[i] if i < len(self.blocks) else []
-        j = bisect.bisect_left(block, value)
-        if j == len(block) or block[j] != value:
-            raise KeyError(value)
-        del block[j]
-        self._len -= 1
-        if block:
-            self.maxes[i] = block[-1]
-        else:
-            del self.blocks[i], self.maxes[i]
+        while i < len(self.blocks):  # equal values may run on into the next block
+            block, tags = self.blocks[i], self.tags[i]
+            j = bisect.bisect_left(block, value)
+            while j < len(block) and block[j] == value:
+                if tags[j] == tag:
+                    del block[j], tags[j]
+                    self._len -= 1
+                    if block:
+                        self.maxes[i] = block[-1]
+                    else:
+                        del self.blocks[i], self.tags[i], self.maxes[i]
+                    return
+                j += 1
+            if j < len(block):
+                break
+            i += 1
+        raise KeyError(value)
 
     def start(self, value: int) -> tuple[int, int]:
         """Block and offset of the first integer >= ``value`` (wrapping to the first)."""
@@ -90,6 +111,13 @@ class SortedInts:
         if i == len(self.maxes):
             return 0, 0
         return i, bisect.bisect_left(self.blocks[i], value)
+
+    def values(self) -> list[tuple[int, int]]:
+        return [
+            (v, t)
+            for b, ts in zip(self.blocks, self.tags, strict=True)
+            for v, t in zip(b, ts, strict=True)
+        ]
 
 
 class HashRing:
@@ -102,7 +130,7 @@ class HashRing:
         self._weights: dict[str, float] = {}
         self._free: list[int] = []
         weights = weights or {}
-        self._tagged = SortedInts(  # one sort for a whole fleet
+        self._points = SortedInts(  # one sort for a whole fleet
             t for node in sorted(weights) for t in self._tags(node, weights[node])
         )
 
@@ -121,8 +149,8 @@ class HashRing:
         if self._weights.get(node) == weight:
             return
         self.remove(node)
-        for tag in self._tags(node, weight):
-            self._tagged.add(tag)
+        for point, index in self._tags(node, weight):
+            self._points.add(point, index)
 
     def remove(self, node: str) -> None:
         index = self._index.pop(node, None)
@@ -130,14 +158,14 @@ class HashRing:
             return
         weight = self._weights.pop(node)
         for point in _node_points(node, self._count(weight)):
-            self._tagged.remove(point << _INDEX_BITS | index)
+            self._points.remove(point, index)
         self._names[index] = None
         self._free.append(index)
 
     def _count(self, weight: float) -> int:
         return max(1, round(weight * self._vnodes))
 
-    def _tags(self, node: str, weight: float) -> list[int]:
+    def _tags(self, node: str, weight: float) -> list[tuple[int, int]]:
         """Give ``node`` an index and return its tagged points (not yet on the ring)."""
         if self._free:
             index = self._free.pop()
@@ -147,23 +175,23 @@ class HashRing:
             self._names.append(node)
         self._index[node] = index
         self._weights[node] = weight
-        return [p << _INDEX_BITS | index for p in _node_points(node, self._count(weight))]
+        return [(p, index) for p in _node_points(node, self._count(weight))]
 
     def walk(self, point: int, among: Collection[str] | None = None) -> Iterator[str]:
         """Each node once (each of ``among`` only, if given), clockwise from ``point``.
 
         Walking the whole ring among some nodes meets them in the order a ring of just
         those nodes would: a node's points are its own, whoever else is on the ring."""
-        blocks, names = self._tagged.blocks, self._names
+        blocks, names = self._points.tags, self._names
         if not blocks:
             return
-        b, j = self._tagged.start(point << _INDEX_BITS)
+        b, j = self._points.start(point)
         want = len(self._index) if among is None else len(among)
         seen: set[int] = set()
         for _ in range(len(blocks) + 1):  # from the start, round, back to the start
             block = blocks[b]
             for k in range(j, len(block)):
-                index = block[k] & _MASK
+                index = block[k]
                 if index in seen:
                     continue
                 seen.add(index)
