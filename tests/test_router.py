@@ -244,7 +244,7 @@ def _fields(m: Member) -> dict[str, object]:
 @settings(max_examples=60, deadline=None)
 @given(st.lists(CHANGE, max_size=40), st.lists(st.integers(0, 5), min_size=12, max_size=12))
 def test_a_router_changed_agent_by_agent_decides_as_one_built_fresh(changes, loads) -> None:
-    kept = Router()
+    kept = Router(bulk_at=10**6)  # never rebuilt: every change applied in place
     members: dict[str, Member] = {}
     requests = [ask(model=f"m{k % 4}", task_id=f"t{k}", gpu_count=1 + k % 2) for k in range(8)]
     for step, (i, how, weight) in enumerate(changes):
@@ -258,7 +258,7 @@ def test_a_router_changed_agent_by_agent_decides_as_one_built_fresh(changes, loa
         kept.update_members({agent_id: after})
         if step % 5 == 0:  # classes made midway must follow the changes after them too
             kept.route(requests[step % len(requests)])
-    fresh = Router()
+    fresh = Router(bulk_at=0)  # built in one go, not agent by agent
     fresh.set_members(members.values())
     for agent_id, load in zip(sorted(members), loads, strict=False):
         kept.set_load(agent_id, load, 0)

@@ -50,17 +50,27 @@ class SortedInts:
 
     def __init__(self, pairs: Iterable[tuple[int, int]] = (), block: int = _BLOCK) -> None:
         ordered = sorted(pairs)
+        self._fill(array("Q", [v for v, _ in ordered]), array("I", [t for _, t in ordered]), block)
+
+    @classmethod
+    def of(cls, values: array[int], tags: array[int], block: int = _BLOCK) -> SortedInts:
+        """Values with their tags, sorted by value then tag: one sort of plain integers
+        (the value above the tag), the fastest a fleet's 1.6 million points go in order."""
+        ordered = sorted([v << 32 | t for v, t in zip(values, tags, strict=True)])
+        made = cls.__new__(cls)
+        made._fill(
+            array("Q", [o >> 32 for o in ordered]),
+            array("I", [o & 0xFFFFFFFF for o in ordered]),
+            block,
+        )
+        return made
+
+    def _fill(self, values: array[int], tags: array[int], block: int) -> None:
         self._block = block
-        self.blocks = [
-            array("Q", (v for v, _ in ordered[i : i + block]))
-            for i in range(0, len(ordered), block)
-        ]
-        self.tags = [
-            array("I", (t for _, t in ordered[i : i + block]))
-            for i in range(0, len(ordered), block)
-        ]
+        self.blocks = [values[i : i + block] for i in range(0, len(values), block)]
+        self.tags = [tags[i : i + block] for i in range(0, len(tags), block)]
         self.maxes = [b[-1] for b in self.blocks]
-        self._len = len(ordered)
+        self._len = len(values)
 
     def __len__(self) -> int:
         return self._len
@@ -129,10 +139,12 @@ class HashRing:
         self._index: dict[str, int] = {}
         self._weights: dict[str, float] = {}
         self._free: list[int] = []
-        weights = weights or {}
-        self._points = SortedInts(  # one sort for a whole fleet
-            t for node in sorted(weights) for t in self._tags(node, weights[node])
-        )
+        values, tags = array("Q"), array("I")
+        for node in sorted(weights or {}):
+            points = self._tags(node, (weights or {})[node])
+            values.extend([p for p, _ in points])
+            tags.extend(array("I", [points[0][1]]) * len(points))
+        self._points = SortedInts.of(values, tags)  # one sort for a whole fleet
 
     @property
     def nodes(self) -> Collection[str]:

@@ -140,6 +140,7 @@ class Router:
     _suspects: set[str] = field(default_factory=set)
     _free_slots: int = 0  # free_slots() and room_left(), kept as agents and loads change
     _room_left: int = 0
+    bulk_at: int = 64  # more changes than this (and a quarter of the DC) at once: rebuild
 
     # -- the view ------------------------------------------------------------------------
 
@@ -156,7 +157,11 @@ class Router:
     def update_members(self, changes: Mapping[str, Member | None]) -> None:
         """Apply joins and changes (the agent's new ``Member``) and leaves (``None``), in
         work proportional to them: the agents' own ring points, one eligibility check
-        per class."""
+        per class. A change of much of the DC at once (the first listing) builds the
+        view afresh instead: one sort, not thousands of insertions."""
+        if len(changes) > self.bulk_at + len(self._members) // 4:
+            self._rebuild(changes)
+            return
         for agent_id, member in changes.items():
             old = self._members.get(agent_id)
             if old == member:
@@ -165,6 +170,23 @@ class Router:
                 self._leave(old, staying=member is not None)
             if member is not None:
                 self._join(member)
+
+    def _rebuild(self, changes: Mapping[str, Member | None]) -> None:
+        members = dict(self._members)
+        for agent_id, member in changes.items():
+            if member is None:
+                members.pop(agent_id, None)
+            else:
+                members[agent_id] = member
+        self._members = members
+        self._loads = {a: self._loads.get(a, _Load()) for a in members}
+        self._loaded = {a: self._loaded.get(a, frozenset()) for a in members}
+        self._suspects &= members.keys()
+        self._ring = HashRing({a: m.weight for a, m in members.items()})
+        self._classes.clear()
+        self._free_slots = self._room_left = 0
+        for agent_id in members:
+            self._count(agent_id, +1)
 
     def _join(self, member: Member) -> None:
         agent_id = member.agent_id
