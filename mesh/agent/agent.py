@@ -270,10 +270,7 @@ class Agent:
 
     def known_pipelines(self) -> set[str]:
         """The pipelines some agent of this DC runs."""
-        known = set(self.pipelines)
-        for peer in self.registry.peers.values():
-            known.update(peer.pipelines)
-        return known
+        return set(self.pipelines) | self.registry.pipelines()
 
     # -- what it tells the DC ------------------------------------------------------------
 

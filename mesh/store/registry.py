@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -77,6 +78,7 @@ class Registry:
         self._listener = on_change
         self.me: AgentRecord | None = None
         self.peers: dict[str, AgentRecord] = {}
+        self._pipelines: Counter[str] = Counter()  # agents that run each pipeline
         self.mirror = PrefixMirror(client, keys.agents, on_delta=self._on_delta)
 
     def _on_delta(self, delta: dict[str, bytes | None]) -> None:
@@ -89,14 +91,21 @@ class Registry:
                     record = AgentRecord.from_json(raw)
                 except (ValueError, TypeError, KeyError) as exc:
                     log.warning("ignoring unreadable agent record %s: %s", name, exc)
-            if record is None:
-                if self.peers.pop(name, None) is None:
-                    continue
-            else:
+            old = self.peers.pop(name, None) if record is None else self.peers.get(name)
+            if record is None and old is None:
+                continue
+            if old is not None:
+                self._pipelines.subtract(old.pipelines)
+            if record is not None:
                 self.peers[name] = record
+                self._pipelines.update(record.pipelines)
             changes[name] = record
         if changes:
             self._listener(changes)
+
+    def pipelines(self) -> set[str]:
+        """The pipelines some agent of the DC runs (kept as records come and go)."""
+        return {name for name, agents in self._pipelines.items() if agents > 0}
 
     async def publish(self, record: AgentRecord) -> None:
         self.me = record
