@@ -273,6 +273,14 @@ def test_a_router_changed_agent_by_agent_decides_as_one_built_fresh(changes, loa
     assert kept.room_left() == sum(
         max(0, m.slots + m.queue_limit - tasks[m.agent_id]) for m in active
     )
+    totals = kept.totals()
+    assert (totals.agents, totals.slots, totals.tasks, totals.capacity) == (
+        len(active),
+        sum(m.slots for m in active),
+        sum(tasks[m.agent_id] for m in active),
+        sum(m.slots + m.queue_limit for m in active),
+    )
+    assert totals == fresh.totals()
 
 
 @settings(max_examples=40, deadline=None)

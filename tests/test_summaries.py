@@ -29,3 +29,24 @@ def test_any_change_is_written_at_once() -> None:
     stored = summary(100)
     assert summaries.worth_storing(summary(101, tasks=1), stored)
     assert summaries.worth_storing(summary(101, live=("10.0.0.2:1",)), stored)
+
+
+def test_a_summary_counts_active_agents_and_names_the_least_loaded_that_have_an_address() -> None:
+    from mesh.core.router import Router
+    from mesh.core.routing import Member
+
+    router = Router()
+    router.set_members(
+        Member(f"a{i}", 1.0, (81920,) * 2, frozenset({"echo"}), queue_limit=4, draining=i == 5)
+        for i in range(6)
+    )
+    for i in range(6):
+        router.set_load(f"a{i}", i % 3, 0)
+    router.set_loaded("a2", {"m"})
+    addresses = {f"a{i}": f"10.0.0.{i}:1" for i in range(6) if i != 0}
+    built = summaries.build("west", router, addresses.get, 1)
+    assert (built.agents, built.slots, built.capacity) == (5, 10, 30)
+    assert built.tasks == 0 + 1 + 2 + 0 + 1
+    assert list(built.models_loaded) == ["m"]
+    # least loaded first (a0 has no address, a5 drains): a3 (0), then a1 and a4 (1 each)
+    assert list(built.live) == ["10.0.0.3:1", "10.0.0.1:1", "10.0.0.4:1"]

@@ -71,8 +71,13 @@ class Speaker:
 
     def summary(self) -> peer_pb2.DcSummary:
         """This DC as this agent sees it."""
-        addresses = {a: r.peer_address for a, r in self._peers().items()}
-        return summaries.build(self._dc, self._router, addresses, now_ms())
+        peers = self._peers()
+
+        def address(agent_id: str) -> str | None:
+            record = peers.get(agent_id)
+            return record.peer_address if record else None
+
+        return summaries.build(self._dc, self._router, address, now_ms())
 
     async def received(self, theirs: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
         """Another DC's speaker calls: keep its summary for our DC, answer with ours."""

@@ -39,9 +39,11 @@ walk never wades through the rest.
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from mesh.core.ring import HashRing, key_point
@@ -115,6 +117,29 @@ def _micro(weight: float) -> int:
 
 
 @dataclass(slots=True)
+class Totals:
+    """The active (not draining) members' sums, kept as agents and loads change."""
+
+    agents: int = 0
+    slots: int = 0
+    tasks: int = 0
+    capacity: int = 0  # slots + queue room: the most tasks they may hold
+    free_slots: int = 0  # slots with no task running
+    room_left: int = 0  # tasks they could still take
+
+    def count(self, member: Member, running: int, tasks: int, sign: int) -> None:
+        if member.draining:
+            return
+        hard = member.slots + member.queue_limit
+        self.agents += sign
+        self.slots += sign * member.slots
+        self.tasks += sign * tasks
+        self.capacity += sign * hard
+        self.free_slots += sign * max(0, member.slots - running)
+        self.room_left += sign * max(0, hard - tasks)
+
+
+@dataclass(slots=True)
 class _Load:
     running: int = 0
     queued: int = 0
@@ -138,8 +163,8 @@ class Router:
     _classes: dict[Needs, _Class] = field(default_factory=dict)
     _ring: HashRing = field(default_factory=HashRing)  # every member
     _suspects: set[str] = field(default_factory=set)
-    _free_slots: int = 0  # free_slots() and room_left(), kept as agents and loads change
-    _room_left: int = 0
+    _totals: Totals = field(default_factory=lambda: Totals())  # kept as agents and loads change
+    _models: Counter[str] = field(default_factory=Counter)  # agents that have each loaded
     bulk_at: int = 64  # more changes than this (and a quarter of the DC) at once: rebuild
 
     # -- the view ------------------------------------------------------------------------
@@ -184,9 +209,10 @@ class Router:
         self._suspects &= members.keys()
         self._ring = HashRing({a: m.weight for a, m in members.items()})
         self._classes.clear()
-        self._free_slots = self._room_left = 0
+        self._totals = Totals()
         for agent_id in members:
             self._count(agent_id, +1)
+        self._models = Counter(m for models in self._loaded.values() for m in models)
 
     def _join(self, member: Member) -> None:
         agent_id = member.agent_id
@@ -209,6 +235,7 @@ class Router:
         if staying:
             return  # its load, models and place on the ring stay for its new self
         self._ring.remove(agent_id)
+        self._models.subtract(self._loaded[agent_id])
         del self._members[agent_id], self._loads[agent_id], self._loaded[agent_id]
         self._suspects.discard(agent_id)
 
@@ -231,8 +258,14 @@ class Router:
                     cls.tasks += delta
 
     def set_loaded(self, agent_id: str, models: Iterable[str]) -> None:
-        if agent_id in self._loaded:
-            self._loaded[agent_id] = frozenset(models)
+        old = self._loaded.get(agent_id)
+        if old is None:
+            return
+        new = frozenset(models)
+        if new != old:
+            self._models.subtract(old)
+            self._models.update(new)
+            self._loaded[agent_id] = new
 
     def set_suspect(self, agent_id: str, suspect: bool) -> None:
         """A suspect (it just refused or failed an offer, or went quiet) is offered tasks
@@ -258,19 +291,29 @@ class Router:
 
     def free_slots(self) -> int:
         """GPU slots of active members with no task on them, as the view has it."""
-        return self._free_slots
+        return self._totals.free_slots
 
     def room_left(self) -> int:
         """Tasks active members could still take up to their hard limits (slots and
         queue room), as the view has it."""
-        return self._room_left
+        return self._totals.room_left
+
+    def totals(self) -> Totals:
+        return replace(self._totals)
+
+    def models_loaded(self) -> list[str]:
+        """Models some member has loaded, sorted."""
+        return sorted(m for m, agents in self._models.items() if agents > 0)
+
+    def sample(self, point: int, count: int) -> list[str]:
+        """Up to ``count`` members met walking the ring from ``point``: a deterministic,
+        evenly spread sample of the DC, in O(count)."""
+        return list(itertools.islice(self._ring.walk(point), count))
 
     def _count(self, agent_id: str, sign: int) -> None:
-        """Add (``sign`` 1) or take out (-1) an agent's share of the two totals above."""
-        member, load = self._members[agent_id], self._loads[agent_id]
-        if not member.draining:
-            self._free_slots += sign * max(0, member.slots - load.running)
-            self._room_left += sign * max(0, member.slots + member.queue_limit - load.tasks)
+        """Add (``sign`` 1) or take out (-1) an agent's share of the totals."""
+        load = self._loads[agent_id]
+        self._totals.count(self._members[agent_id], load.running, load.tasks, sign)
 
     @property
     def members(self) -> dict[str, Member]:
