@@ -84,6 +84,10 @@ class StaleWrite(MeshError):
     code = "ABORTED"
 
 
+class QuotaBusy(StaleWrite):
+    """A start lost the race for its tenant's quota slot: the task waits for the next."""
+
+
 class ConfigError(MeshError):
     code = "FAILED_PRECONDITION"
 

@@ -51,6 +51,7 @@ from mesh.store.etcd import client_for
 from mesh.store.group import GroupCommit
 from mesh.store.keys import KeySpace
 from mesh.store.mirror import PrefixMirror
+from mesh.store.quota import QuotaStore
 from mesh.store.records import TaskStore
 from mesh.store.registry import ACTIVE, DRAINING, AgentRecord, Registry
 from mesh.store.retention import Retention
@@ -85,9 +86,20 @@ class Agent:
         self.gpus = inventory(cfg.fake_gpus, cfg.gpu_weights)
         self.pipelines = load_pipelines(cfg)
         self.models = Models(cfg.preloaded_models, self._republish_soon)
-        reporter = RecordReporter(cfg, self.store, lambda: self.session.lease_id, self.history)
+        self.quota = QuotaStore(self.client, self.keys, lambda: self.executor.quota_changed())
+        reporter = RecordReporter(
+            cfg, self.store, lambda: self.session.lease_id, self.history, self.quota
+        )
         self.executor = Executor(
-            cfg, self.gpus, self.pipelines, self.models, reporter, lambda: self.view.local_changed()
+            cfg,
+            self.gpus,
+            self.pipelines,
+            self.models,
+            reporter,
+            lambda: self.view.local_changed(),
+            quota=lambda job: self.quota.waits(
+                job.spec.user.id, job.spec.user.group, max(1, job.spec.gpu_count)
+            ),
         )
         self.view = View(
             cfg,
@@ -195,6 +207,7 @@ class Agent:
         self._incarnation = now_ms()
         await self.registry.publish(self.record())
         self.duties.keep("membership", self.registry.mirror.run)
+        self.duties.keep("quota", self.quota.mirror.run)
         self.duties.keep("executor", self.executor.run)
         keep_s = self.cfg.task_retention_s
         self.duties.keep(

@@ -19,7 +19,7 @@ from mesh.config import AgentConfig
 from mesh.core.jobs import Job, Outcome
 from mesh.core.queue import WeightedQueue
 from mesh.core.task import state_name
-from mesh.errors import InvalidTask, LimitExceeded, PipelineError, Unavailable
+from mesh.errors import InvalidTask, LimitExceeded, PipelineError, QuotaBusy, Unavailable
 from mesh.gpus import Gpu
 from mesh.pipelines import Models, Pipeline, RunContext
 from mesh.v1 import tasks_pb2 as pb
@@ -61,8 +61,11 @@ class Executor:
         reporter: Reporter,
         on_load: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
+        quota: Callable[[Job], str | None] = lambda _: None,
     ) -> None:
-        """``on_load`` is called whenever ``running`` or ``queued`` changes."""
+        """``on_load`` is called whenever ``running`` or ``queued`` changes. ``quota``
+        says why a job must wait for its tenant's quota (None: it may start); a job that
+        must waits aside, never blocking others, until ``quota_changed``."""
         self._cfg = cfg
         self._gpus = list(gpus)
         self._free = list(gpus)
@@ -75,6 +78,8 @@ class Executor:
             cfg.queues, cfg.max_queue_length, cfg.queue_aging_s
         )
         self._running: dict[str, _Run] = {}
+        self._quota = quota
+        self._waiting: dict[str, Job] = {}  # jobs over their tenant's quota, in order
         self._wake = asyncio.Event()
         self.accepting = True
 
@@ -86,14 +91,18 @@ class Executor:
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._waiting)
 
     @property
     def slots(self) -> int:
         return len(self._gpus)
 
     def holds(self, task_id: str) -> bool:
-        return task_id in self._running or any(j.task_id == task_id for j in self._queue)
+        return (
+            task_id in self._running
+            or task_id in self._waiting
+            or any(j.task_id == task_id for j in self._queue)
+        )
 
     def depth(self) -> dict[str, int]:
         return self._queue.depth()
@@ -112,7 +121,7 @@ class Executor:
                 f"needs {max(1, spec.gpu_count)} GPU(s) with >= {spec.min_gpu_memory_mb} MB; "
                 f"this agent has {len(big_enough)}"
             )
-        if len(self._queue) >= self._cfg.max_queue_length:
+        if self.queued >= self._cfg.max_queue_length:
             raise LimitExceeded(
                 "queue full", limit="max_queue_length", max=self._cfg.max_queue_length
             )
@@ -151,6 +160,9 @@ class Executor:
             await self._wake.wait()
             self._wake.clear()
             while (job := self._queue.pop(self._clock(), self._fits)) is not None:
+                if (reason := self._quota(job)) is not None:
+                    self._wait(job, reason)
+                    continue
                 gpus = tuple(self._fitting(job.spec)[: max(1, job.spec.gpu_count)])
                 for gpu in gpus:
                     self._free.remove(gpu)
@@ -159,14 +171,37 @@ class Executor:
                 self._on_load()
                 run.task = asyncio.create_task(self._execute(run), name=f"task-{job.task_id}")
 
+    def _wait(self, job: Job, reason: str) -> None:
+        """Set ``job`` aside until its tenant's quota changes; its record says why."""
+        if job.task_id not in self._waiting:
+            self._reporter.progress(job, 0, 0, reason)
+        self._waiting[job.task_id] = job
+
+    def quota_changed(self) -> None:
+        """A quota slot was given back or the policy changed: the waiting jobs go back to
+        the front of the queue, to be judged again."""
+        if not self._waiting:
+            return
+        for job in reversed(self._waiting.values()):
+            self._queue.push(job.spec.queue, job, self._clock(), first=True)
+        self._waiting.clear()
+        self._wake.set()
+
     async def _execute(self, run: _Run) -> None:
         job = run.job
         outcome: Outcome | None = None
         how = "torn-down"
         try:
-            if not await self._reporter.started(job, run.gpus):
-                log.info("task %s attempt %d is stale; not running it", job.task_id, job.attempt)
-                how = "stale"
+            try:
+                if not await self._reporter.started(job, run.gpus):
+                    log.info(
+                        "task %s attempt %d is stale; not running it", job.task_id, job.attempt
+                    )
+                    how = "stale"
+                    return
+            except QuotaBusy as busy:  # another agent took the slot first: wait for the next
+                self._wait(job, busy.message)
+                how = "waiting for quota"
                 return
             ctx = RunContext(
                 task_id=job.task_id,
@@ -222,7 +257,9 @@ class Executor:
     def cancel(self, task_id: str, reason: str) -> Job | None:
         """Stop a queued or running task here. A queued one is returned for the caller to
         record as cancelled; a running one records its own end when its run unwinds."""
-        queued = self._queue.remove(lambda j: j.task_id == task_id)
+        queued = self._queue.remove(lambda j: j.task_id == task_id) or self._waiting.pop(
+            task_id, None
+        )
         if queued is not None:
             self._on_load()
             return queued
@@ -257,6 +294,8 @@ class Executor:
         taken = list(self._queue)
         for job in taken:
             self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
+        taken += self._waiting.values()
+        self._waiting.clear()
         return taken
 
     async def drain(self, grace_s: float) -> list[Job]:

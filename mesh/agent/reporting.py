@@ -15,7 +15,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mesh import metrics
@@ -26,8 +26,10 @@ from mesh.core.clock import now_ts
 from mesh.core.jobs import Job, Outcome
 from mesh.core.lifecycle import end
 from mesh.core.task import state_name
-from mesh.errors import MeshError, StaleWrite
+from mesh.errors import MeshError, QuotaBusy, StaleWrite
 from mesh.gpus import Gpu
+from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.quota import QuotaStore
 from mesh.store.records import Mutation, Stored, TaskStore
 from mesh.trust.pki import private_dir
 from mesh.v1 import peer_pb2
@@ -43,11 +45,16 @@ class RecordReporter:
         store: TaskStore,
         lease: Callable[[], int],
         history: History,
+        quota: QuotaStore | None = None,
     ) -> None:
+        """``quota``: a capped tenant's task takes its GPUs' quota slots in its start
+        write and gives them back in its end write."""
         self._cfg = cfg
         self._store = store
         self._lease = lease
         self._history = history
+        self._quota = quota
+        self._slots: dict[str, list[bytes]] = {}  # quota slots a run holds
         # A run's start and end wait out an etcd outage as long as its lease may live.
         self._retry = patient(cfg.lease_ttl_s + cfg.etcd_outage_grace_s)
         self._progress: dict[str, pb.Progress] = {}
@@ -77,13 +84,32 @@ class RecordReporter:
                 )
             )
 
-        stored = await self._write(job, mutate, "start")
+        compares, puts, slots = self._claim(job)
+        stored = await self._write(job, mutate, "start", fence=compares, also=puts)
         if stored is None or cancelled:
+            if stored is not None and slots:
+                await self._give_back(slots)
             return False
+        if slots:
+            self._slots[job.task_id] = slots
         self._history.write(
             "run", "start", task=job.task_id, attempt=job.attempt, rev=stored.revision
         )
         return True
+
+    def _claim(self, job: Job) -> tuple[list, list, list[bytes]]:
+        if self._quota is None:
+            return [], [], []
+        user, gpus = job.spec.user, max(1, job.spec.gpu_count)
+        if reason := self._quota.waits(user.id, user.group, gpus):
+            raise QuotaBusy(reason, task_id=job.task_id)
+        return self._quota.claim(user.id, user.group, gpus, self._lease())
+
+    async def _give_back(self, slots: list[bytes]) -> None:
+        """Free quota slots outside a record write (the write that should have was refused)."""
+        assert self._quota is not None
+        with contextlib.suppress(*ETCD_ERRORS):
+            await self._store.commits.transaction([], self._quota.give_back(slots))
 
     def stopped(self, job: Job, how: str) -> None:
         self._history.write("run", "end", task=job.task_id, attempt=job.attempt, how=how)
@@ -141,7 +167,11 @@ class RecordReporter:
                 status.progress.step = status.progress.total
 
         metrics.FINISHED.labels(state_name(outcome.state)).inc()
-        stored = await self._write(job, mutate, "end")
+        slots = self._slots.pop(job.task_id, [])
+        give_back = self._quota.give_back(slots) if self._quota and slots else []
+        stored = await self._write(job, mutate, "end", also=give_back)
+        if stored is None and slots:
+            await self._give_back(slots)
         self._history.write(
             "commit",
             "rejected" if stored is None else "ok",
@@ -151,14 +181,30 @@ class RecordReporter:
             rev=stored.revision if stored else None,
         )
 
-    async def _write(self, job: Job, mutate: Mutation, what: str) -> Stored | None:
-        """A fenced write of this run's record (and its running marker); None if refused."""
+    async def _write(
+        self,
+        job: Job,
+        mutate: Mutation,
+        what: str,
+        fence: Sequence[object] = (),
+        also: Sequence[object] = (),
+    ) -> Stored | None:
+        """A fenced write of this run's record (and its running marker, and quota slots
+        taken or given back); None if refused. ``QuotaBusy`` if a slot was taken first."""
         try:
             return await self._retry.run(
                 lambda: self._store.update(
-                    job.task_id, mutate, attempt=job.attempt, lease=self._lease()
+                    job.task_id,
+                    mutate,
+                    attempt=job.attempt,
+                    lease=self._lease(),
+                    fence=fence,
+                    also=also,
+                    refusal=QuotaBusy,
                 )
             )
+        except QuotaBusy:
+            raise
         except StaleWrite as exc:
             log.warning("%s of %s attempt %d rejected: %s", what, job.task_id, job.attempt, exc)
         except MeshError as exc:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from mesh.cli import fleet, local, pki, tasks, topology
+from mesh.cli import fleet, local, pki, quota, tasks, topology
 from mesh.cli.common import CREDENTIALS
 from mesh.local.localmesh import MESH
 
@@ -44,3 +44,4 @@ def credentials(
 for group in (local, tasks, fleet, pki):  # their commands at the top level
     app.add_typer(group.app)
 app.add_typer(topology.app, name="topology")
+app.add_typer(quota.app, name="quota")

@@ -67,6 +67,14 @@ class KeySpace:
         return self.unclaimed + task_id.encode()
 
     @property
+    def quota(self) -> bytes:
+        """The tenants policy and the quota slots of capped tenants (``mesh.store.quota``)."""
+        return self.root + b"quota/"
+
+    def quota_slot(self, scope: str, name: str, index: int) -> bytes:
+        return self.quota + f"slots/{scope}/{name}/{index}".encode()
+
+    @property
     def summaries(self) -> bytes:
         return self.root + b"summaries/"
 

@@ -154,6 +154,7 @@ class TaskStore:
         lease: int = 0,
         fence: Sequence[object] = (),
         also: Sequence[object] = (),
+        refusal: type[StaleWrite] = StaleWrite,
     ) -> Stored:
         """Apply ``mutate`` by compare-and-swap, retrying on concurrent changes.
 
@@ -161,7 +162,7 @@ class TaskStore:
         attempt or is already terminal. With ``lease``, the write also puts (while the
         task runs) or deletes (once it is terminal) the running marker bound to it. With
         ``fence``, the write also needs those comparisons to hold (the queue owner's
-        leadership), and ``StaleWrite`` says when they did not. ``also`` are more
+        leadership, free quota slots), and ``refusal`` says when they did not. ``also`` are more
         operations done in the same transaction (the backlog entry that goes with it).
         """
         key = self._keys.task(task_id)
@@ -207,7 +208,7 @@ class TaskStore:
                 raise TaskNotFound("no such task", task_id=task_id)
             value, kv = responses[0][0]
             if fence and kv.mod_revision == current.revision:
-                raise StaleWrite("fenced out: no longer the queue owner", task_id=task_id)
+                raise refusal("fenced out", task_id=task_id)
             current, checked = Stored(decode(value), kv.mod_revision), True
         raise StaleWrite("too much contention on the task record", task_id=task_id)
 

@@ -1,0 +1,101 @@
+"""Tenants and their quota: ``meshctl quota apply``, ``show`` and ``schema``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from rich.table import Table
+
+from mesh.cli.common import DEFAULT_TOPOLOGY, HomeOpt, console, etcd_security, fail
+from mesh.core.tenants import Tenants, caps, parse
+from mesh.errors import ConfigError
+from mesh.local import localmesh
+from mesh.store.etcd import ETCD_ERRORS, client_for
+from mesh.store.keys import KeySpace
+from mesh.store.quota import POLICY, apply_policy
+from mesh.topology import load as load_topology
+
+app = typer.Typer(no_args_is_help=True, help="Tenants' caps: apply a policy, see usage.")
+TopologyOpt = Annotated[Path, typer.Option("--topology", help="the mesh's topology file")]
+
+
+@app.command("schema")
+def quota_schema() -> None:
+    """The tenants file's JSON Schema."""
+    print(json.dumps(Tenants.model_json_schema(), indent=2))
+
+
+@app.command("apply")
+def quota_apply(
+    file: Annotated[Path, typer.Argument(help="tenants file (YAML or JSON)")],
+    topology: TopologyOpt = DEFAULT_TOPOLOGY,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
+) -> None:
+    """Check FILE and store it in every DC's etcd; agents apply it at once."""
+    text = file.read_text()
+    try:
+        parse(yaml.safe_load(text), str(file))
+        mesh = load_topology(topology)
+    except (ConfigError, yaml.YAMLError) as exc:
+        raise fail(str(exc)) from None
+    security = etcd_security(home)
+
+    async def apply_all() -> dict[str, str]:
+        report = {}
+        for dc, spec in mesh.dcs.items():
+            try:
+                async with client_for(spec.etcd, security=security) as client:
+                    await apply_policy(client, KeySpace(mesh.prefix, dc), text)
+                report[dc] = "applied"
+            except ETCD_ERRORS as exc:
+                report[dc] = f"failed: {exc}"
+        return report
+
+    report = asyncio.run(apply_all())
+    for dc, outcome in report.items():
+        console.print(f"{dc}: {outcome}")
+    if any(o != "applied" for o in report.values()):
+        raise typer.Exit(1)
+
+
+@app.command("show")
+def quota_show(
+    topology: TopologyOpt = DEFAULT_TOPOLOGY, home: HomeOpt = localmesh.DEFAULT_HOME
+) -> None:
+    """GPUs held against each cap, per DC."""
+    mesh = load_topology(topology)
+    security = etcd_security(home)
+    table = Table("dc", "cap", "held", "limit")
+
+    async def read() -> None:
+        for dc, spec in mesh.dcs.items():
+            keys = KeySpace(mesh.prefix, dc)
+            async with client_for(spec.etcd, security=security) as client:
+                policy = await client.get(keys.quota + POLICY.encode())
+                held: Counter[tuple[str, str]] = Counter()
+                for kv in await client.get_prefix(keys.quota + b"slots/"):
+                    scope, who, _ = kv.key[len(keys.quota) + 6 :].decode().split("/")
+                    held[(scope, who)] += 1
+            if policy is None:
+                table.add_row(dc, "(no policy)", "", "")
+                continue
+            tenants = parse(yaml.safe_load(policy.value), f"{dc}'s policy")
+            for group, spec_ in sorted(tenants.groups.items()):
+                for user in [None, *sorted(spec_.users)]:
+                    for cap in caps(tenants, user or "", group):
+                        if (cap.scope == "group") == (user is None):
+                            table.add_row(
+                                dc,
+                                f"{cap.scope} {cap.name}",
+                                str(held[(cap.scope, cap.name)]),
+                                str(cap.limit),
+                            )
+
+    asyncio.run(read())
+    console.print(table)

@@ -1,0 +1,101 @@
+"""Tenants: groups, their users, and how many GPUs each may hold at once in a DC. Pure.
+
+The policy is a file (``meshctl quota apply``) that every DC keeps in its etcd. A group
+has a cap; its admin splits it among the group's users, and the users' caps never add up
+to more than the group's (refused when the file is read). A task over a cap waits, with
+the reason, and never fails for it; ``blocked`` says whether and why.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mesh.errors import ConfigError
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,62}$"  # user and group names, as tokens carry them
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class UserLimits(_Strict):
+    max_gpus: int | None = Field(None, ge=0, description="GPUs the user's tasks hold at once")
+
+
+class Group(_Strict):
+    max_gpus: int | None = Field(None, ge=0, description="GPUs the group's tasks hold at once")
+    users: dict[str, UserLimits] = Field(
+        default_factory=dict, description="the group admin's split of the group's cap"
+    )
+
+    @model_validator(mode="after")
+    def _split_fits(self) -> Group:
+        if self.max_gpus is None:
+            return self
+        split = sum(u.max_gpus for u in self.users.values() if u.max_gpus is not None)
+        if split > self.max_gpus:
+            raise ValueError(
+                f"the users' caps add up to {split} GPUs, more than the group's {self.max_gpus}"
+            )
+        return self
+
+
+class Tenants(_Strict):
+    version: int = Field(1, ge=1, description="format version of this file")
+    groups: dict[str, Group] = Field(default_factory=dict, description="groups, by name")
+
+    @model_validator(mode="after")
+    def _names(self) -> Tenants:
+        pattern = re.compile(NAME)
+        for group, spec in self.groups.items():
+            for name in (group, *spec.users):
+                if not pattern.fullmatch(name):
+                    raise ValueError(f"{name!r} is no user or group name")
+        return self
+
+
+class Cap(NamedTuple):
+    scope: str  # "user" or "group"
+    name: str
+    limit: int
+
+
+def parse(document: object, where: str) -> Tenants:
+    try:
+        return Tenants.model_validate(document)
+    except ValidationError as exc:
+        lines = [
+            f"{where}: {'.'.join(map(str, e['loc'])) or '(top)'}: "
+            f"{e['msg'].removeprefix('Value error, ')}"
+            for e in exc.errors()
+        ]
+        raise ConfigError("\n".join(lines)) from None
+
+
+def caps(tenants: Tenants | None, user: str, group: str) -> list[Cap]:
+    """The caps a task of ``user`` in ``group`` counts against (none without a policy)."""
+    if tenants is None or group not in tenants.groups:
+        return []
+    spec = tenants.groups[group]
+    found = []
+    limits = spec.users.get(user)
+    if limits is not None and limits.max_gpus is not None:
+        found.append(Cap("user", user, limits.max_gpus))
+    if spec.max_gpus is not None:
+        found.append(Cap("group", group, spec.max_gpus))
+    return found
+
+
+def blocked(found: list[Cap], held: Mapping[tuple[str, str], int], gpus: int) -> str | None:
+    """Why a task needing ``gpus`` must wait, given the GPUs ``held`` per cap; None if
+    every cap has room."""
+    for cap in found:
+        now = held.get((cap.scope, cap.name), 0)
+        if now + gpus > cap.limit:
+            return f"waiting for quota: {cap.scope} {cap.name} at {now}/{cap.limit} GPUs"
+    return None

@@ -1,0 +1,100 @@
+"""Quota in the DC's etcd: the tenants policy, and one key per GPU a capped task holds.
+
+A capped tenant's GPUs are numbered slots, ``quota/slots/<scope>/<name>/<n>`` for ``n``
+below its cap. A task takes free slots in the same transaction that records its start
+(each slot compared absent, then put under the running agent's lease), and gives them
+back in the transaction that records its end. So no cap is ever exceeded, whatever the
+agents race: two agents cannot both create one key. A dead agent's slots go with its
+lease. Every agent mirrors the prefix (one watch), so it knows which slots look free
+and which tasks can start; a wrong guess costs one failed start, and the task waits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+import aetcd
+import yaml
+
+from mesh.core.tenants import Cap, Tenants, blocked, caps, parse
+from mesh.errors import ConfigError
+from mesh.store.keys import KeySpace
+from mesh.store.mirror import PrefixMirror
+
+log = logging.getLogger(__name__)
+POLICY = "policy"
+
+
+class QuotaStore:
+    def __init__(self, client: aetcd.Client, keys: KeySpace, on_change: Callable[[], None]) -> None:
+        """``on_change``: the policy changed or a slot was given back (waiting tasks may
+        start)."""
+        self._keys = keys
+        self._tx = client.transactions
+        self._on_change = on_change
+        self.tenants: Tenants | None = None
+        self._taken: dict[tuple[str, str], set[int]] = {}
+        self.mirror = PrefixMirror(client, keys.quota, on_delta=self._changed)
+
+    @property
+    def held(self) -> Counter[tuple[str, str]]:
+        return Counter({cap: len(slots) for cap, slots in self._taken.items()})
+
+    def _changed(self, delta: dict[str, bytes | None]) -> None:
+        for name, raw in delta.items():
+            if name == POLICY:
+                self.tenants = self._read_policy(raw)
+                continue
+            scope, _, rest = name.removeprefix("slots/").partition("/")
+            who, _, index = rest.rpartition("/")
+            if not index.isdigit():
+                continue
+            taken = self._taken.setdefault((scope, who), set())
+            if raw is None:
+                taken.discard(int(index))
+            else:
+                taken.add(int(index))
+        self._on_change()
+
+    @staticmethod
+    def _read_policy(raw: bytes | None) -> Tenants | None:
+        if raw is None:
+            return None
+        try:
+            return parse(yaml.safe_load(raw), "the tenants policy in etcd")
+        except (ConfigError, yaml.YAMLError) as exc:
+            log.error("ignoring a tenants policy that does not parse: %s", exc)
+            return None
+
+    def caps(self, user: str, group: str) -> list[Cap]:
+        return caps(self.tenants, user, group)
+
+    def waits(self, user: str, group: str, gpus: int) -> str | None:
+        """Why a task of ``user`` in ``group`` needing ``gpus`` must wait, as the mirror
+        sees the slots; None if it may try to start."""
+        return blocked(self.caps(user, group), self.held, gpus)
+
+    def claim(self, user: str, group: str, gpus: int, lease: int) -> tuple[list, list, list[bytes]]:
+        """Compares and puts that take ``gpus`` free slots of every cap, and the keys they
+        name (to give back at the end). Empty when the task is not capped."""
+        compares, puts, names = [], [], []
+        for cap in self.caps(user, group):
+            taken = self._taken.get((cap.scope, cap.name), set())
+            free = [n for n in range(cap.limit) if n not in taken][:gpus]
+            for n in free:
+                key = self._keys.quota_slot(cap.scope, cap.name, n)
+                compares.append(self._tx.create(key) == 0)
+                puts.append(self._tx.put(key, b"", lease=lease))
+                names.append(key)
+        return compares, puts, names
+
+    def give_back(self, names: list[bytes]) -> list:
+        return [self._tx.delete(key) for key in names]
+
+
+async def apply_policy(client: aetcd.Client, keys: KeySpace, text: str) -> None:
+    """Store the tenants policy ``text`` (checked first) in one DC's etcd."""
+    parse(yaml.safe_load(text), "tenants")
+    await client.put(keys.quota + POLICY.encode(), text.encode())

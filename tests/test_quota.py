@@ -1,0 +1,71 @@
+"""Caps that hold with no scheduler, on real agents and a real etcd: a user capped at 2
+GPUs who submits 10 tasks never has more than 2 running, on whichever agents, and every
+task still runs (it waits, it never fails for its cap)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aetcd
+import yaml
+from support import USER, Cluster, eventually, sleep_spec
+
+from mesh.core.task import TERMINAL
+from mesh.store.etcd import watch_events
+from mesh.store.keys import KeySpace
+from mesh.store.quota import apply_policy
+from mesh.store.records import decode
+from mesh.v1 import tasks_pb2 as pb
+
+POLICY = {"groups": {"research": {"max_gpus": 3, "users": {USER: {"max_gpus": 2}}}}}
+
+
+async def test_a_user_capped_at_two_never_runs_more_than_two(
+    cluster: Cluster, etcd_client: aetcd.Client, prefix: str
+) -> None:
+    keys = KeySpace(prefix, "west")
+    await apply_policy(etcd_client, keys, yaml.safe_dump(POLICY))  # before any agent starts
+    revision = (await etcd_client.get_prefix(keys.tasks)).header.revision
+    running: set[str] = set()
+    most = 0
+    ended: set[str] = set()
+
+    async def follow() -> None:
+        nonlocal most
+        async for event in watch_events(
+            etcd_client, keys.tasks, prefix=True, start_revision=revision + 1
+        ):
+            if not event.kv.value:
+                continue
+            status = decode(event.kv.value).status
+            if status.state == pb.TASK_STATE_RUNNING:
+                running.add(status.task_id)
+            else:
+                running.discard(status.task_id)
+            if status.state in TERMINAL:
+                ended.add(status.task_id)
+            most = max(most, len(running))
+
+    watching = asyncio.create_task(follow())
+    agents = [cluster.start(name, fake_gpus="2xA100-80GB") for name in ("q1", "q2")]
+    try:
+        async with agents[0].client() as client:
+            ids = [f"capped-{i}" for i in range(10)]
+            for i, task_id in enumerate(ids):
+                await client.submit(sleep_spec(task_id, seconds=0.4, steps=2, model=f"m{i % 3}"))
+
+            async def told_why() -> bool:
+                statuses = [await client.get(t) for t in ids]
+                return any(
+                    s.progress.message.startswith("waiting for quota: user") for s in statuses
+                )
+
+            await eventually(told_why, what="a waiting task to say why")
+            await eventually(lambda: len(ended) == len(ids), timeout_s=60, what="every task to end")
+            states = {t: (await client.get(t)).state for t in ids}
+        assert set(states.values()) == {pb.TASK_STATE_SUCCEEDED}, states
+        assert most == 2  # the cap was reached, and never passed (4 GPUs were free)
+        slots = await etcd_client.get_prefix(keys.quota + b"slots/")
+        assert list(slots) == []  # every slot given back at the end
+    finally:
+        watching.cancel()

@@ -1,0 +1,71 @@
+"""The tenants policy, pure: caps a task counts against, why it waits, and the rule that a
+group admin cannot give out more than the group has."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from mesh.cli import app
+from mesh.core.tenants import Cap, Tenants, blocked, caps, parse
+from mesh.errors import ConfigError
+
+POLICY = {
+    "groups": {
+        "vision": {"max_gpus": 8, "users": {"ada": {"max_gpus": 2}, "bob": {"max_gpus": 6}}},
+        "open": {},
+    }
+}
+
+
+def test_a_task_counts_against_its_users_cap_and_its_groups() -> None:
+    tenants = parse(POLICY, "t")
+    assert caps(tenants, "ada", "vision") == [Cap("user", "ada", 2), Cap("group", "vision", 8)]
+    assert caps(tenants, "cy", "vision") == [Cap("group", "vision", 8)]  # no split of its own
+    assert caps(tenants, "ada", "open") == [] and caps(tenants, "ada", "elsewhere") == []
+    assert caps(None, "ada", "vision") == []  # no policy: nobody capped
+
+
+def test_a_task_waits_with_the_cap_that_holds_it() -> None:
+    found = caps(parse(POLICY, "t"), "ada", "vision")
+    assert blocked(found, {}, 2) is None
+    assert blocked(found, {("user", "ada"): 1}, 2) == "waiting for quota: user ada at 1/2 GPUs"
+    held = {("user", "ada"): 0, ("group", "vision"): 8}
+    assert blocked(found, held, 1) == "waiting for quota: group vision at 8/8 GPUs"
+
+
+def test_users_caps_never_add_up_to_more_than_the_groups() -> None:
+    greedy = {
+        "groups": {
+            "vision": {"max_gpus": 4, "users": {"ada": {"max_gpus": 3}, "bob": {"max_gpus": 2}}}
+        }
+    }
+    with pytest.raises(ConfigError, match="add up to 5 GPUs, more than the group's 4"):
+        parse(greedy, "t")
+    with pytest.raises(ConfigError, match="no user or group name"):
+        parse({"groups": {"../etc": {}}}, "t")
+
+
+def test_meshctl_quota_refuses_a_split_larger_than_the_group_before_touching_etcd(
+    tmp_path: Path,
+) -> None:
+    greedy = tmp_path / "tenants.yaml"
+    greedy.write_text("groups:\n  vision:\n    max_gpus: 2\n    users:\n      ada: {max_gpus: 3}\n")
+    result = CliRunner().invoke(app, ["quota", "apply", str(greedy), "--home", str(tmp_path)])
+    assert result.exit_code != 0
+    assert "add up to 3 GPUs, more than the group's 2" in " ".join(result.output.split())
+    schema = CliRunner().invoke(app, ["quota", "schema"])
+    assert schema.exit_code == 0 and '"groups"' in schema.output
+
+
+def test_the_shipped_example_parses_and_its_schema_is_current() -> None:
+    shipped = Path(__file__).resolve().parent.parent / "topology"
+    parse(yaml.safe_load((shipped / "tenants.yaml").read_text()), "tenants.yaml")
+    current = json.loads((shipped / "tenants.schema.json").read_text())
+    assert current == Tenants.model_json_schema(), (
+        "regenerate: meshctl quota schema > topology/tenants.schema.json"
+    )
