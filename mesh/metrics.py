@@ -13,6 +13,57 @@ BACKLOGGED = Counter("gpumesh_tasks_backlogged_total", "Tasks put in the DC's ba
 RUNNING = Gauge("gpumesh_tasks_running", "Tasks running on this agent")
 QUEUED = Gauge("gpumesh_tasks_queued", "Tasks in this agent's local queue")
 MEMBERS = Gauge("gpumesh_members", "Agents of this DC in this agent's view")
+# Latencies, in seconds (Prometheus base units). Calls and hops span 0.5 ms to 10 s; waits and
+# runs span 5 ms to an hour.
+CALL_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+TASK_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600)
+SUBMIT_SECONDS = Histogram(
+    "gpumesh_submit_duration_seconds", "Submit, received to answered", buckets=CALL_BUCKETS
+)
+ROUTE_SECONDS = Histogram(
+    "gpumesh_route_decision_seconds",
+    "One routing decision",
+    buckets=(0.000005, 0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.001, 0.01),
+)
+OFFER_SECONDS = Histogram(
+    "gpumesh_offer_duration_seconds",
+    "An offer to a peer agent, sent to answered",
+    buckets=CALL_BUCKETS,
+)
+ETCD_SECONDS = Histogram(
+    "gpumesh_etcd_transaction_seconds",
+    "A transaction (or a group-commit batch of them), sent to answered",
+    buckets=CALL_BUCKETS,
+)
+QUEUE_WAIT_SECONDS = Histogram(
+    "gpumesh_queue_wait_seconds",
+    "A task queued (here or in the backlog) to started",
+    buckets=TASK_BUCKETS,
+)
+RUN_SECONDS = Histogram(
+    "gpumesh_run_duration_seconds",
+    "A run on this agent, started to ended",
+    ["pipeline"],
+    buckets=TASK_BUCKETS,
+)
+TASK_SECONDS = Histogram(
+    "gpumesh_task_duration_seconds", "A task created to ended, end to end", buckets=TASK_BUCKETS
+)
 LOOP_LAG = Histogram(
     "gpumesh_event_loop_lag_seconds",
     "How late the event loop ran a timer: time nothing else on the agent could move",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -88,3 +89,18 @@ def test_agent_without_etcd_exits_with_a_reason(cluster: Cluster) -> None:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert "cannot start" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_tables_are_not_cut_to_80_columns_when_piped() -> None:
+    """A table printed into a pipe or a CI log keeps every header whole."""
+    headers = [f"a-rather-long-header-{i}" for i in range(8)]  # ~200 columns
+    program = (
+        "from rich.table import Table\n"
+        "from mesh.cli.common import console\n"
+        f"console.print(Table(*{headers!r}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    out = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True, env=env
+    ).stdout
+    assert all(h in out for h in headers), out

@@ -6,8 +6,12 @@ from __future__ import annotations
 import aetcd
 import pytest
 from google.protobuf import json_format
+from support import config
 
+from mesh.agent.history import History
+from mesh.agent.reporting import RecordReporter
 from mesh.core.clock import now_ms
+from mesh.core.jobs import Job
 from mesh.core.lifecycle import new_record
 from mesh.core.task import spec_digest
 from mesh.errors import StaleWrite
@@ -68,3 +72,23 @@ def test_records_are_binary_and_old_json_ones_still_read() -> None:
     assert decode(encode(original)) == original
     old = json_format.MessageToJson(original, preserving_proto_field_name=True).encode()
     assert decode(old) == original
+
+
+async def test_an_attempt_running_on_one_agent_is_never_started_on_another(
+    etcd_client: aetcd.Client, prefix: str
+) -> None:
+    """A task placed twice (two settles of one unsure Submit, say) runs once: the second
+    agent's start write finds the attempt running elsewhere and does not run it."""
+    store = TaskStore(etcd_client, KeySpace(prefix, "west"))
+    stored, _ = await store.create(record("twice"))
+    spec = stored.status.spec
+
+    def reporter(agent_id: str) -> RecordReporter:
+        return RecordReporter(
+            config(agent_id=agent_id), store, lambda: 0, History(None, agent_id, "west")
+        )
+
+    job = Job(spec, attempt=1, deadline_ms=now_ms() + 60_000)
+    assert await reporter("first").started(job, ())
+    assert not await reporter("second").started(job, ())
+    assert (await store.get("twice")).status.agent == "first"

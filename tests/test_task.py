@@ -44,7 +44,6 @@ def with_(change: Callable[[pb.TaskSpec], object]) -> pb.TaskSpec:
     [
         (with_(lambda s: setattr(s, "task_id", "has space")), InvalidTask, "task_id"),
         (with_(lambda s: s.user.ClearField("id")), InvalidTask, "user.id"),
-        (with_(lambda s: s.ClearField("task_type")), InvalidTask, "task_type"),
         (with_(lambda s: setattr(s, "task_type", 99)), InvalidTask, "unknown task_type"),
         (with_(lambda s: s.ClearField("pipeline")), InvalidTask, "pipeline is required"),
         (with_(lambda s: setattr(s, "pipeline", "paint")), InvalidTask, "unknown pipeline"),
@@ -85,6 +84,8 @@ def test_payload_at_the_limit_is_accepted() -> None:
 def test_defaults_are_filled_in() -> None:
     admitted = admit(with_(lambda s: s.ClearField("task_id")), CFG, PIPELINES, NOW_MS)
     assert len(admitted.spec.task_id) == 32
+    bare = with_(lambda s: s.ClearField("task_type"))  # pipeline and model are enough
+    assert admit(bare, CFG, PIPELINES, NOW_MS).spec.task_type == pb.TASK_TYPE_CUSTOM
     assert admitted.spec.queue == "normal"
     assert admitted.spec.gpu_count == 1
     assert admitted.deadline_ms == NOW_MS + 60_000

@@ -57,7 +57,8 @@ class AgentApi:
     # -- TaskService ---------------------------------------------------------------------
 
     async def submit(self, request: pb.SubmitRequest, grant: Grant) -> pb.SubmitResponse:
-        return await self._to_the_end(self._submit(request, grant))
+        with metrics.SUBMIT_SECONDS.time():
+            return await self._to_the_end(self._submit(request, grant))
 
     async def _submit(self, request: pb.SubmitRequest, grant: Grant) -> pb.SubmitResponse:
         agent = self._agent

@@ -99,7 +99,8 @@ class Placement:
         """What the router decides for ``spec`` now; every decision goes to the log."""
         request = request_of(spec)
         options = self.spill() if spill else NO_SPILL
-        decision = self.router.route(request, visited, options, explain=explain)
+        with metrics.ROUTE_SECONDS.time():
+            decision = self.router.route(request, visited, options, explain=explain)
         if self.decisions is not None and not explain:
             self.decisions.write(self.router, request, visited, options, decision)
         return decision
@@ -190,9 +191,10 @@ class Placement:
             return False, "hop limit"
         envelope = self._envelope(job, max_tasks)
         try:
-            reply = await self.peers.offer(
-                peer.peer_address, self.cfg.dc, envelope, self._offer_timeout(job)
-            )
+            with metrics.OFFER_SECONDS.time():
+                reply = await self.peers.offer(
+                    peer.peer_address, self.cfg.dc, envelope, self._offer_timeout(job)
+                )
         except grpc.aio.AioRpcError as exc:
             metrics.FORWARDS.labels("error").inc()
             self.router.set_suspect(agent_id, True)

@@ -62,10 +62,16 @@ class RecordReporter:
 
     async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool:
         cancelled = False
+        waited: list[float] = []  # the queue wait the written record shows
+        me = self._cfg.agent_id
 
         def mutate(record: peer_pb2.TaskRecord) -> None:
             nonlocal cancelled
             status = record.status
+            if status.state == pb.TASK_STATE_RUNNING and status.agent not in ("", me):
+                # This attempt already runs elsewhere (it was placed twice): a run that
+                # is interrupted or re-queued always gets a new attempt, so never two.
+                raise StaleWrite(f"attempt already running on {status.agent}", task_id=job.task_id)
             status.agent = self._cfg.agent_id
             status.dc = self._cfg.dc
             # The accepting write may land after this one, or, for a short task, never
@@ -78,6 +84,8 @@ class RecordReporter:
                 return
             status.state = pb.TASK_STATE_RUNNING
             status.started_at.CopyFrom(now_ts())
+            since = status.queued_at if status.HasField("queued_at") else status.created_at
+            waited.append((status.started_at.ToNanoseconds() - since.ToNanoseconds()) / 1e9)
             status.progress.CopyFrom(
                 pb.Progress(
                     step=0, total=0, message=f"on GPUs {','.join(str(g.index) for g in gpus)}"
@@ -92,6 +100,8 @@ class RecordReporter:
             return False
         if slots:
             self._slots[job.task_id] = slots
+        if waited:
+            metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, waited[-1]))
         self._history.write(
             "run", "start", task=job.task_id, attempt=job.attempt, rev=stored.revision
         )
@@ -172,6 +182,13 @@ class RecordReporter:
         stored = await self._write(job, mutate, "end", also=give_back)
         if stored is None and slots:
             await self._give_back(slots)
+        if stored is not None:
+            status = stored.status
+            end = status.finished_at.ToNanoseconds()
+            if status.HasField("started_at"):
+                run_s = (end - status.started_at.ToNanoseconds()) / 1e9
+                metrics.RUN_SECONDS.labels(job.spec.pipeline).observe(max(0.0, run_s))
+            metrics.TASK_SECONDS.observe(max(0.0, (end - status.created_at.ToNanoseconds()) / 1e9))
         self._history.write(
             "commit",
             "rejected" if stored is None else "ok",

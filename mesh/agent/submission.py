@@ -50,6 +50,7 @@ class Submission:
         self._placement = placement
         self._addressing = addressing
         self._spawn = spawn
+        self._settling: set[str] = set()  # ids whose unsure Submit is being settled
 
     async def _offer_unrecorded(self, dc: str, job: Job) -> tuple[bool, str]:
         """Offer a task we could not record: an answer lost on the way is the client's to
@@ -85,7 +86,9 @@ class Submission:
         try:
             stored, created = await self._store.create(record, also=unclaimed)
         except Unsure:
-            self._spawn(f"settle {spec.task_id}", self._settle_unsure(admitted))
+            if spec.task_id not in self._settling:  # one settle per id: two would place twice
+                self._settling.add(spec.task_id)
+                self._spawn(f"settle {spec.task_id}", self._settle_unsure(admitted))
             raise
         except Unavailable as trouble:
             return await self._submit_elsewhere(record, admitted, trouble), True
@@ -104,6 +107,13 @@ class Submission:
         """Our record may have been written after the call gave up (etcd applied it once
         quorum was back): when etcd answers, place the task if it is still ours to place.
         The client, told UNAVAILABLE, finds it by its id when it retries."""
+        spec = admitted.spec
+        try:
+            await self._settle(admitted)
+        finally:
+            self._settling.discard(spec.task_id)
+
+    async def _settle(self, admitted: Admitted) -> None:
         spec = admitted.spec
         try:
             stored = await patient(self._cfg.lease_ttl_s + self._cfg.etcd_outage_grace_s).run(

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TextIO, TypeVar
 
 import grpc
 import typer
@@ -26,8 +28,17 @@ from mesh.local import localmesh
 from mesh.local.trust import LocalTrust
 from mesh.v1 import tasks_pb2 as pb
 
-console = Console()
-err = Console(stderr=True)
+
+def _width(stream: TextIO) -> int | None:
+    """The terminal's width; piped or logged, ``COLUMNS`` or no limit to speak of, so a
+    table is never cut to 80 columns in a CI log."""
+    if stream.isatty() or os.environ.get("COLUMNS"):
+        return None  # rich asks the terminal, or reads COLUMNS
+    return 1000
+
+
+console = Console(width=_width(sys.stdout))
+err = Console(stderr=True, width=_width(sys.stderr))
 
 T = TypeVar("T")
 # The repository's topology/local.yaml, wherever meshctl is run from (an editable install).

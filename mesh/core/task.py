@@ -118,7 +118,7 @@ def admit(
     if not out.user.id:
         raise InvalidTask("user.id is required", task_id=out.task_id)
     if out.task_type == pb.TASK_TYPE_UNSPECIFIED:
-        raise InvalidTask("task_type is required", task_id=out.task_id)
+        out.task_type = pb.TASK_TYPE_CUSTOM  # pipeline and model are enough to start
     if out.task_type not in pb.TaskType.values():
         raise InvalidTask(f"unknown task_type {out.task_type}", task_id=out.task_id)
     if not out.pipeline:

@@ -25,6 +25,7 @@ import aetcd.transactions as tx
 import grpc
 from aetcd import rtypes
 
+from mesh import metrics
 from mesh.store.etcd import stub_options
 
 MAX_BATCH = 64  # etcd's default --max-txn-ops is 128 operations per transaction
@@ -110,6 +111,10 @@ class GroupCommit:
     async def _send(self, batch: list[_Txn]) -> list[Outcome | BaseException]:
         self.batches += 1
         self.carried += len(batch)
+        with metrics.ETCD_SECONDS.time():
+            return await self._send_now(batch)
+
+    async def _send_now(self, batch: list[_Txn]) -> list[Outcome | BaseException]:
         if len(batch) == 1:
             return [await self._alone(batch[0])]
         client: Any = self._client
