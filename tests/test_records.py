@@ -3,6 +3,8 @@ starts from the record its agent wrote last still lands on the record as it is."
 
 from __future__ import annotations
 
+import asyncio
+
 import aetcd
 import pytest
 from google.protobuf import json_format
@@ -15,6 +17,7 @@ from mesh.core.jobs import Job
 from mesh.core.lifecycle import new_record
 from mesh.core.task import spec_digest
 from mesh.errors import StaleWrite
+from mesh.store import records
 from mesh.store.keys import KeySpace
 from mesh.store.records import TaskStore, decode, encode
 from mesh.v1 import peer_pb2
@@ -92,3 +95,22 @@ async def test_an_attempt_running_on_one_agent_is_never_started_on_another(
     assert await reporter("first").started(job, ())
     assert not await reporter("second").started(job, ())
     assert (await store.get("twice")).status.agent == "first"
+
+
+async def test_a_follower_whose_watch_lost_the_end_still_ends(
+    etcd_client: aetcd.Client, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch that hears nothing (an event lost on the way) does not hold the follower:
+    after a silence it reads the record, and ends with it."""
+
+    async def deaf(*_: object, **__: object):  # type: ignore[no-untyped-def]
+        await asyncio.Event().wait()
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(records, "watch_events", deaf)
+    monkeypatch.setattr(records, "QUIET_S", 0.1)
+    store = TaskStore(etcd_client, KeySpace(prefix, "west"))
+    stored, _ = await store.create(record("quiet"))
+    await store.finish("quiet", pb.TASK_STATE_SUCCEEDED, "", "")
+    seen = [s.status.state async for s in store.follow("quiet", after=stored.revision)]
+    assert seen == [pb.TASK_STATE_SUCCEEDED]

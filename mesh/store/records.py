@@ -8,6 +8,7 @@ a zombie's late write never overwrites the current run's record.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -32,6 +33,7 @@ from mesh.v1 import peer_pb2, tasks_pb2
 log = logging.getLogger(__name__)
 
 CAS_RETRIES = 16
+QUIET_S = 5.0  # a follower that hears nothing this long reads the record itself
 KNOWN = 4096  # records an agent remembers having written, for its next update of them
 
 
@@ -265,7 +267,9 @@ class TaskStore:
         """Every version of the record after revision ``after`` until it is terminal; with
         no ``after``, the current one first. Versions are replayed from etcd's history,
         so a follower that resumes after the last revision it saw misses none and sees
-        none twice (unless history was compacted: then it gets the current version)."""
+        none twice (unless history was compacted: then it gets the current version).
+        Should the watch stay silent for ``QUIET_S``, the record is read instead: a
+        follower never waits on a watch event that was lost on the way."""
         stored = await self.get(task_id)
         if not after:
             yield stored
@@ -274,12 +278,9 @@ class TaskStore:
             return  # nothing after what the follower saw, and nothing will come
         while True:
             try:
-                async for event in watch_events(
-                    self._client, self._keys.task(task_id), prefix=False, start_revision=after + 1
-                ):
-                    if event.kind != aetcd.EventKind.PUT:
-                        raise TaskNotFound("task record was deleted", task_id=task_id)
-                    stored = Stored(decode(event.kv.value), event.kv.mod_revision)
+                async for stored in self._versions(task_id, after):
+                    if stored.revision <= after:
+                        continue  # a read got ahead of the watch: seen already
                     after = stored.revision
                     yield stored
                     if stored.status.state in TERMINAL:
@@ -291,6 +292,38 @@ class TaskStore:
                     yield stored
                 if stored.status.state in TERMINAL:
                     return
+
+    async def _versions(self, task_id: str, after: int) -> AsyncIterator[Stored]:
+        """The record's versions from its watch, and a read after each ``QUIET_S`` of
+        silence. The watch runs in a task of its own, so a silence ends no stream."""
+        heard: asyncio.Queue[aetcd.Event | BaseException] = asyncio.Queue()
+        key = self._keys.task(task_id)
+
+        async def pump() -> None:
+            try:
+                async for event in watch_events(
+                    self._client, key, prefix=False, start_revision=after + 1
+                ):
+                    heard.put_nowait(event)
+            except Exception as exc:  # handed to the follower, who raises it
+                heard.put_nowait(exc)
+
+        pumping = asyncio.create_task(pump())
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(QUIET_S):
+                        item = await heard.get()
+                except TimeoutError:
+                    yield await self.get(task_id)
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                if item.kind != aetcd.EventKind.PUT:
+                    raise TaskNotFound("task record was deleted", task_id=task_id)
+                yield Stored(decode(item.kv.value), item.kv.mod_revision)
+        finally:
+            pumping.cancel()
 
     async def list(
         self, *, user_id: str, state: int, limit: int, after: str = ""
