@@ -170,6 +170,8 @@ class RemoteDcs:
                     yield item
                 return
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.NOT_FOUND and not started:
+                    raise TaskNotFound(f"DC {dc} has no such task", task_id=task_id) from exc
                 if exc.code() not in NEXT_SEED or (started and not resumes):
                     raise Unavailable(f"DC {dc}: {exc.code().name}: {exc.details()}") from exc
         raise Unavailable(f"no seed of DC {dc} answered", dc=dc)

@@ -45,6 +45,9 @@ CHUNK_BYTES = 64 * 1024
 MOVES = 3  # agents a cancel follows a task through as it is placed
 
 
+POINTER_RETRY_S = 1.0  # a pointer whose DC lacks the task: look here again after this
+
+
 class Tasks:
     def __init__(
         self,
@@ -101,23 +104,40 @@ class Tasks:
     ) -> AsyncGenerator[tuple[pb.TaskStatus, str]]:
         """The task's statuses until it ends, each with its resume token; from the DC
         that has it if that is not this one. A token (``"<dc>:<revision>"``) resumes
-        after the version it names, if the record still lives in that DC."""
+        after the version it names, if the record still lives in that DC.
+
+        A record here that points to another DC is followed there (only when
+        ``forward``: an agent that asks follows pointers itself, so two DCs never pass
+        a watch back and forth). Should that DC not have the task (the hand-off was
+        undone), the record here is followed again from the pointer on."""
         dc, _, revision = resume_token.partition(":")
         after = int(revision) if dc == self._registry.dc and revision.isdigit() else 0
-        elsewhere = ""
-        try:
-            async for stored in self._store.follow(task_id, after):
-                if confirmed_pointer(stored.record):
-                    elsewhere = stored.record.forwarded_to_dc
-                    break
-                yield public(stored.status), f"{self._registry.dc}:{stored.revision}"
-        except TaskNotFound:
-            if not forward or after:
-                raise
-            elsewhere, _ = await self._addressing.find(task_id)
-        if elsewhere:
-            async for event in self._remote.watch(elsewhere, task_id, resume_token):
-                yield event.status, event.resume_token
+        while True:
+            elsewhere = ""
+            try:
+                async for stored in self._store.follow(task_id, after):
+                    after = stored.revision
+                    if confirmed_pointer(stored.record):
+                        elsewhere = stored.record.forwarded_to_dc
+                        break
+                    yield public(stored.status), f"{self._registry.dc}:{stored.revision}"
+            except TaskNotFound:
+                if not forward or after:
+                    raise
+                elsewhere, _ = await self._addressing.find(task_id)
+            if not elsewhere:
+                return
+            if not forward:
+                raise TaskNotFound(f"the task lives in DC {elsewhere}", task_id=task_id)
+            try:
+                async for event in self._remote.watch(elsewhere, task_id, resume_token):
+                    resume_token = event.resume_token
+                    yield event.status, event.resume_token
+                return
+            except TaskNotFound:
+                if not after:
+                    raise
+                await asyncio.sleep(POINTER_RETRY_S)  # then the record here, from the pointer on
 
     async def list(
         self, *, user_id: str, state: int, limit: int, after: str, forward: bool = True
