@@ -122,9 +122,12 @@ class Tasks:
                         break
                     yield public(stored.status), f"{self._registry.dc}:{stored.revision}"
             except TaskNotFound:
-                if not forward or after:
+                if not forward:
                     raise
+                # Never here, or its record here was deleted under us (a hand-off taken
+                # back by its origin): wherever the mesh has it now.
                 elsewhere, _ = await self._addressing.find(task_id)
+                after = 0
             if not elsewhere:
                 return
             if not forward:
