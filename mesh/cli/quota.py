@@ -18,7 +18,7 @@ from mesh.errors import ConfigError
 from mesh.local import localmesh
 from mesh.store.etcd import ETCD_ERRORS, client_for
 from mesh.store.keys import KeySpace
-from mesh.store.quota import POLICY, apply_policy
+from mesh.store.quota import POLICY, apply_policy, parse_slot
 from mesh.topology import load as load_topology
 
 app = typer.Typer(no_args_is_help=True, help="Tenants' caps: apply a policy, see usage.")
@@ -80,8 +80,9 @@ def quota_show(
                 policy = await client.get(keys.quota + POLICY.encode())
                 held: Counter[tuple[str, str]] = Counter()
                 for kv in await client.get_prefix(keys.quota + b"slots/"):
-                    scope, who, _ = kv.key[len(keys.quota) + 6 :].decode().split("/")
-                    held[(scope, who)] += 1
+                    slot = parse_slot(kv.key[len(keys.quota) :].decode())
+                    if slot is not None:
+                        held[slot[:2]] += 1
             if policy is None:
                 table.add_row(dc, "(no policy)", "", "")
                 continue

@@ -12,7 +12,6 @@ and which tasks can start; a wrong guess costs one failed start, and the task wa
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 
 import aetcd
@@ -29,8 +28,8 @@ POLICY = "policy"
 
 class QuotaStore:
     def __init__(self, client: aetcd.Client, keys: KeySpace, on_change: Callable[[], None]) -> None:
-        """``on_change``: the policy changed or a slot was given back (waiting tasks may
-        start)."""
+        """``on_change``: the policy or the slots changed (waiting tasks are judged
+        again)."""
         self._keys = keys
         self._tx = client.transactions
         self._on_change = on_change
@@ -38,24 +37,21 @@ class QuotaStore:
         self._taken: dict[tuple[str, str], set[int]] = {}
         self.mirror = PrefixMirror(client, keys.quota, on_delta=self._changed)
 
-    @property
-    def held(self) -> Counter[tuple[str, str]]:
-        return Counter({cap: len(slots) for cap, slots in self._taken.items()})
-
     def _changed(self, delta: dict[str, bytes | None]) -> None:
         for name, raw in delta.items():
             if name == POLICY:
                 self.tenants = self._read_policy(raw)
                 continue
-            scope, _, rest = name.removeprefix("slots/").partition("/")
-            who, _, index = rest.rpartition("/")
-            if not index.isdigit():
+            slot = parse_slot(name)
+            if slot is None:
                 continue
+            scope, who, index = slot
             taken = self._taken.setdefault((scope, who), set())
             if raw is None:
-                taken.discard(int(index))
+                taken.discard(index)
             else:
-                taken.add(int(index))
+                taken.add(index)
+        # Any change: a task that lost a slot it thought free may find another now.
         self._on_change()
 
     @staticmethod
@@ -74,7 +70,9 @@ class QuotaStore:
     def waits(self, user: str, group: str, gpus: int) -> str | None:
         """Why a task of ``user`` in ``group`` needing ``gpus`` must wait, as the mirror
         sees the slots; None if it may try to start."""
-        return blocked(self.caps(user, group), self.held, gpus)
+        found = self.caps(user, group)
+        held = {(c.scope, c.name): len(self._taken.get((c.scope, c.name), ())) for c in found}
+        return blocked(found, held, gpus)
 
     def claim(self, user: str, group: str, gpus: int, lease: int) -> tuple[list, list, list[bytes]]:
         """Compares and puts that take ``gpus`` free slots of every cap, and the keys they
@@ -92,6 +90,15 @@ class QuotaStore:
 
     def give_back(self, names: list[bytes]) -> list:
         return [self._tx.delete(key) for key in names]
+
+
+def parse_slot(name: str) -> tuple[str, str, int] | None:
+    """Scope, name and index of a slot key's name under ``quota/`` (None: not a slot)."""
+    scope, _, rest = name.removeprefix("slots/").partition("/")
+    who, _, index = rest.rpartition("/")
+    if not name.startswith("slots/") or not index.isdigit():
+        return None
+    return scope, who, int(index)
 
 
 async def apply_policy(client: aetcd.Client, keys: KeySpace, text: str) -> None:

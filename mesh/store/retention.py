@@ -49,7 +49,3 @@ class Retention:
                 self._leases = {b: i for b, i in self._leases.items() if b >= bucket - 1}
                 self._leases[bucket] = granted.id
         return self._leases[bucket]
-
-    def forget(self, lease_id: int) -> None:
-        """A write said ``lease_id`` is gone (etcd lost it, or it expired early)."""
-        self._leases = {b: i for b, i in self._leases.items() if i != lease_id}
