@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Protocol
 
 PROXY_PORT = 7070  # the delay proxy's port in the WAN namespace
+EPHEMERAL = "50300 60999"  # outgoing ports inside a DC: above every port the mesh listens on
 
 
 class NetError(RuntimeError):
@@ -127,6 +128,10 @@ class Namespaces:
             self._in("wan", "ip", "link", "set", f"d{index}", "up")
             self._in(dc, "ip", "addr", "add", f"{net}.2/24", "dev", "eth0")
             self._in(dc, "ip", "link", "set", "eth0", "up")
+            # The mesh listens on fixed ports inside a DC's namespace (etcd 2379x/2380x/
+            # 2381x, agents 501xx/502xx); keep outgoing connections' ephemeral ports above
+            # them, or one may take a port an agent is about to bind.
+            self._in(dc, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={EPHEMERAL}")
             self._in(dc, "ip", "route", "add", "default", "via", f"{net}.1")
             _run("ip", "route", "add", f"{net}.0/24", "via", "10.77.0.2", "dev", root_if)
 

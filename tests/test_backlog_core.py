@@ -3,13 +3,15 @@ and the owner's decision for a dead agent's task — no etcd, no clock."""
 
 from __future__ import annotations
 
+import json
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh.core import backlog
 from mesh.core.backlog import Round, Verdict, Waiting, judge
 from mesh.core.lifecycle import requeue
-from mesh.core.queue import Discipline
+from mesh.core.priority import Traits, Weighted
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -25,19 +27,39 @@ def record(
     return peer_pb2.TaskRecord(status=status, **flags)  # type: ignore[arg-type]
 
 
-def test_an_entry_holds_class_age_task_and_deadline() -> None:
-    value = backlog.entry_value(NOW_MS)
-    assert backlog.parse("vip/0000000001234-a-b", value) == Waiting(1234, "a-b", "vip", NOW_MS)
+def test_an_entry_holds_class_age_task_deadline_and_traits() -> None:
+    value = backlog.entry_value(NOW_MS, Traits("vip", "research", "sleep/m", 2))
+    entry = backlog.parse("vip/0000000001234-a-b", value)
+    assert entry == Waiting(1234, "a-b", "vip", NOW_MS, "research", "sleep/m", 2)
+    assert entry is not None and entry.traits == Traits("vip", "research", "sleep/m", 2)
     assert backlog.parse("vip/0000000001234-a", b"a") == Waiting(1234, "a", "vip", 0)
     for bad in ("vip", "vip/x-a", "/1-a", "vip/12"):
         assert backlog.parse(bad) is None
 
 
+FIELDS = ["deadline_ms", "tenant", "kind", "gpus", "other"]
+ANY_JSON = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300)
+hostile = st.binary(max_size=200) | st.dictionaries(st.sampled_from(FIELDS), ANY_JSON).map(
+    json.dumps
+)
+
+
+@given(hostile)
+def test_a_hostile_entry_value_leaves_safe_defaults(value: bytes | str) -> None:
+    entry = backlog.parse("vip/0000000001234-a", value)
+    assert entry is not None
+    assert entry.gpus >= 1 and entry.deadline_ms >= 0
+    assert len(entry.tenant) <= backlog.MAX_TEXT and len(entry.kind) <= backlog.MAX_TEXT
+
+
+NORMAL = Traits("normal")
+
+
 def test_only_entries_whose_deadline_passed_expire() -> None:
     entries = {
-        "normal/0000000000001-late": backlog.entry_value(NOW_MS - 1),
-        "normal/0000000000002-now": backlog.entry_value(NOW_MS),
-        "normal/0000000000003-fresh": backlog.entry_value(NOW_MS + 1),
+        "normal/0000000000001-late": backlog.entry_value(NOW_MS - 1, NORMAL),
+        "normal/0000000000002-now": backlog.entry_value(NOW_MS, NORMAL),
+        "normal/0000000000003-fresh": backlog.entry_value(NOW_MS + 1, NORMAL),
         "normal/0000000000004-unknown": b"unknown",
     }
     assert [w.task_id for w in backlog.expired(entries, NOW_MS)] == ["late", "now"]
@@ -65,7 +87,7 @@ def test_a_round_hands_out_each_entry_once_then_ends(
     waiting: list[tuple[str, int]], now_s: int
 ) -> None:
     snapshot = {f"{c}/{at:013d}-t{at}": b"" for c, at in waiting}
-    dispatching = Round(backlog.by_class(snapshot), Discipline({"vip": 8, "normal": 2}, 30))
+    dispatching = Round(backlog.entries(snapshot), Weighted({"vip": 8, "normal": 2}, 30))
     handed = []
     while (w := dispatching.pop(now_s * 1000)) is not None:
         handed.append(w.task_id)
@@ -75,13 +97,13 @@ def test_a_round_hands_out_each_entry_once_then_ends(
 
 
 def test_a_refund_leaves_the_credit_as_if_nothing_was_popped() -> None:
-    discipline = Discipline({"vip": 8, "normal": 2}, 30)
+    policy = Weighted({"vip": 8, "normal": 2}, 30)
     snapshot = {"vip/0000000000001-a": b"", "normal/0000000000002-b": b""}
-    before = discipline.snapshot()
-    dispatching = Round(backlog.by_class(snapshot), discipline)
+    before = policy.snapshot()
+    dispatching = Round(backlog.entries(snapshot), policy)
     assert dispatching.pop(3_000) is not None
     dispatching.refund()
-    assert discipline.snapshot() == before
+    assert policy.snapshot() == before
 
 
 def test_a_dead_agents_task_is_requeued_with_the_next_attempt() -> None:

@@ -16,6 +16,7 @@ from support import config
 
 from mesh.agent.executor import Executor
 from mesh.core.jobs import Job, Outcome, Output
+from mesh.core.priority import Weighted
 from mesh.core.task import state_name
 from mesh.errors import InvalidTask, LimitExceeded, PipelineError, Unavailable
 from mesh.gpus import Gpu, parse_fake
@@ -101,6 +102,7 @@ async def rig() -> AsyncIterator[tuple[Executor, Recorder, Gated]]:
         {"gated": gated, "echo": EchoPipeline(cfg), "sleep": SleepPipeline(cfg)},
         Models([], lambda: None),
         recorder,
+        Weighted(cfg.queues, cfg.queue_aging_s),
     )
     loop = asyncio.create_task(executor.run())
     yield executor, recorder, gated

@@ -22,7 +22,7 @@ from mesh.core import backlog
 from mesh.core.backlog import Room
 from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
-from mesh.core.queue import Discipline
+from mesh.core.priority import Traits, Weighted
 from mesh.core.task import state_name
 from mesh.store.election import Election
 from mesh.store.keys import KeySpace
@@ -77,7 +77,7 @@ class Backlog:
         record = peer_pb2.TaskRecord(status=status, cancel_requested=cancel_requested)
         await self.store.create(record)
         key = self.keys.backlog_entry("normal", enqueued_ms, task_id)
-        value = backlog.entry_value(deadline)
+        value = backlog.entry_value(deadline, Traits("normal"))
         if entry_in_etcd:
             await self.client.put(key, value)
         self.snapshot[key[len(self.keys.backlog) :].decode()] = value
@@ -124,7 +124,7 @@ async def owners(
             room,
             lambda: 1,
             lambda: 1,
-            Discipline({"vip": 8, "normal": 2}, aging_s=30),
+            Weighted({"vip": 8, "normal": 2}, aging_s=30),
             max_attempts=3,
             history=History(None, name, "west"),
             handoffs=None,  # type: ignore[arg-type]  # no hand-off in these tests
@@ -287,7 +287,9 @@ class BouncingStore(TaskStore):
                 record.status.state, record.status.agent = pb.TASK_STATE_QUEUED, ""
 
             key = self._waiting.keys.backlog_entry("normal", 1_000, task_id)
-            put = self.client.transactions.put(key, backlog.entry_value(now_ms() + HOUR_MS))
+            put = self.client.transactions.put(
+                key, backlog.entry_value(now_ms() + HOUR_MS, Traits("normal"))
+            )
             await self.update(task_id, back, also=[put])
         return stored
 

@@ -1,4 +1,5 @@
-"""The queue discipline, driven by an explicit clock: weights, interleaving, aging, bounds."""
+"""The local queue under the weighted policy, driven by an explicit clock: weights,
+interleaving, aging, bounds. Items are ``class-name`` strings."""
 
 from __future__ import annotations
 
@@ -8,15 +9,22 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from mesh.core.queue import Discipline, WeightedQueue
+from mesh.core.priority import Traits, Weighted
+from mesh.core.queue import LaneQueue
 from mesh.errors import InvalidTask, LimitExceeded
 
 
-def filled(per_class: int, aging_s: float = 1e9) -> WeightedQueue[str]:
-    q: WeightedQueue[str] = WeightedQueue({"vip": 8, "normal": 2}, 10_000, aging_s)
+def weighted(weights: dict[str, int], max_len: int, aging_s: float) -> LaneQueue[str]:
+    return LaneQueue(
+        Weighted(weights, aging_s), lambda item: Traits(item.split("-")[0]), weights, max_len
+    )
+
+
+def filled(per_class: int, aging_s: float = 1e9) -> LaneQueue[str]:
+    q = weighted({"vip": 8, "normal": 2}, 10_000, aging_s)
     for i in range(per_class):
-        q.push("vip", f"vip-{i}", now=0.0)
-        q.push("normal", f"normal-{i}", now=0.0)
+        q.push(f"vip-{i}", now=0.0)
+        q.push(f"normal-{i}", now=0.0)
     return q
 
 
@@ -41,35 +49,35 @@ def test_order_within_a_class_is_fifo() -> None:
 
 
 def test_a_rerun_goes_first_in_its_class() -> None:
-    q: WeightedQueue[str] = WeightedQueue({"normal": 1}, 10, aging_s=1e9)
-    q.push("normal", "young", now=5.0)
-    q.push("normal", "rerun", now=9.0, first=True)
-    assert [q.pop(now=10.0), q.pop(now=10.0)] == ["rerun", "young"]
+    q = weighted({"normal": 1}, 10, aging_s=1e9)
+    q.push("normal-young", now=5.0)
+    q.push("normal-rerun", now=9.0, first=True)
+    assert [q.pop(now=10.0), q.pop(now=10.0)] == ["normal-rerun", "normal-young"]
 
 
 def test_a_lone_class_takes_every_pop() -> None:
-    q: WeightedQueue[str] = WeightedQueue({"vip": 8, "normal": 2}, 100, 1e9)
+    q = weighted({"vip": 8, "normal": 2}, 100, 1e9)
     for i in range(5):
-        q.push("normal", f"n{i}", now=0.0)
-    assert [q.pop(now=0.0) for _ in range(5)] == [f"n{i}" for i in range(5)]
+        q.push(f"normal-{i}", now=0.0)
+    assert [q.pop(now=0.0) for _ in range(5)] == [f"normal-{i}" for i in range(5)]
 
 
 def test_aging_bounds_the_wait_of_a_light_class() -> None:
-    q: WeightedQueue[str] = WeightedQueue({"vip": 1000, "normal": 1}, 10_000, aging_s=30.0)
-    q.push("normal", "old", now=0.0)
+    q = weighted({"vip": 1000, "normal": 1}, 10_000, aging_s=30.0)
+    q.push("normal-old", now=0.0)
     for i in range(100):
-        q.push("vip", f"v{i}", now=10.0)
-    assert q.pop(now=29.0) == "v0"  # before the bound, weight rules
-    assert q.pop(now=30.0) == "old"  # at the bound, the oldest head goes first
+        q.push(f"vip-{i}", now=10.0)
+    assert q.pop(now=29.0) == "vip-0"  # before the bound, weight rules
+    assert q.pop(now=30.0) == "normal-old"  # at the bound, the oldest head goes first
 
 
 def test_a_head_that_does_not_fit_blocks_without_moving_anything() -> None:
-    q: WeightedQueue[str] = WeightedQueue({"only": 1}, 10, 1e9)
-    q.push("only", "big", now=0.0)
-    q.push("only", "small", now=0.0)
-    assert q.pop(now=0.0, fits=lambda item: item != "big") is None
+    q = weighted({"only": 1}, 10, 1e9)
+    q.push("only-big", now=0.0)
+    q.push("only-small", now=0.0)
+    assert q.pop(now=0.0, fits=lambda item: item != "only-big") is None
     assert len(q) == 2
-    assert q.pop(now=0.0) == "big"
+    assert q.pop(now=0.0) == "only-big"
 
 
 def test_refused_pop_keeps_the_weighted_order() -> None:
@@ -80,14 +88,14 @@ def test_refused_pop_keeps_the_weighted_order() -> None:
 
 
 def test_bounds_and_unknown_classes_are_precise_errors() -> None:
-    q: WeightedQueue[str] = WeightedQueue({"vip": 8, "normal": 2}, 2, 1e9)
-    q.push("vip", "a", now=0.0)
-    q.push("normal", "b", now=0.0)
+    q = weighted({"vip": 8, "normal": 2}, 2, 1e9)
+    q.push("vip-a", now=0.0)
+    q.push("normal-b", now=0.0)
     with pytest.raises(LimitExceeded) as caught:
-        q.push("vip", "c", now=0.0)
+        q.push("vip-c", now=0.0)
     assert caught.value.fields["limit"] == "max_queue_length"
     with pytest.raises(InvalidTask, match="unknown queue 'gold'"):
-        q.push("gold", "d", now=0.0)
+        q.push("gold-d", now=0.0)
 
 
 def test_remove_and_depth() -> None:
@@ -99,17 +107,18 @@ def test_remove_and_depth() -> None:
 
 def test_weights_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
-        WeightedQueue({"vip": 0}, 10, 1.0)
+        Weighted({"vip": 0}, 1.0)
 
 
-def test_reweight_adds_classes_and_retires_old_ones_once_served() -> None:
-    q: WeightedQueue[str] = WeightedQueue({"vip": 8, "normal": 2}, 100, 1e9)
-    q.push("normal", "old", now=0.0)
-    q.reweight({"gold": 5, "vip": 1})
+def test_new_classes_come_and_old_ones_retire_once_served() -> None:
+    q = weighted({"vip": 8, "normal": 2}, 100, 1e9)
+    q.push("normal-old", now=0.0)
+    q.policy = Weighted({"gold": 5, "vip": 1}, 1e9)
+    q.accept(["gold", "vip"])
     with pytest.raises(InvalidTask, match="unknown queue 'normal'"):
-        q.push("normal", "new", now=0.0)
-    q.push("gold", "g", now=0.0)
-    assert sorted(t for t in (q.pop(now=0.0), q.pop(now=0.0)) if t) == ["g", "old"]
+        q.push("normal-new", now=0.0)
+    q.push("gold-g", now=0.0)
+    assert sorted(t for t in (q.pop(now=0.0), q.pop(now=0.0)) if t) == ["gold-g", "normal-old"]
     assert q.pop(now=0.0) is None
     assert q.depth() == {"vip": 0, "gold": 0}
 
@@ -124,10 +133,12 @@ weights = st.dictionaries(st.sampled_from(CLASSES), st.integers(1, 20), min_size
 def test_under_saturation_each_class_gets_its_weight_share(w: dict[str, int], cycles: int) -> None:
     """Every class always has work and nothing ages: over many pops each class's share
     is its weight's share, within 5%."""
-    discipline = Discipline(w, aging_s=1e9)
-    heads = dict.fromkeys(w, 0.0)
+    policy = Weighted(w, aging_s=1e9)
+    heads = {Traits(name): 0.0 for name in w}
     pops = cycles * sum(w.values())
-    served = Counter(discipline.choose(heads, now=1.0) for _ in range(pops))
+    served = Counter(
+        lane.queue_class for lane in (policy.choose(heads, 1.0) for _ in range(pops)) if lane
+    )
     total = sum(w.values())
     for name, weight in w.items():
         assert abs(served[name] / pops - weight / total) <= 0.05
@@ -147,17 +158,19 @@ def test_once_aged_a_task_is_overtaken_only_by_older_ones(
     """Starvation-freedom: one pop per tick, arrivals at any tick. Once a task has waited
     ``aging_s``, every task served before it is older than it, so its wait is bounded by
     the aging time plus the work that was queued before it."""
-    q: WeightedQueue[tuple[int, int]] = WeightedQueue(w, 10_000, aging_s)
+    q: LaneQueue[tuple[int, int, str]] = LaneQueue(
+        Weighted(w, aging_s), lambda item: Traits(item[2]), w, 10_000
+    )
     names = sorted(w)
     schedule = sorted((at, names[i % len(names)]) for at, i, n in arriving for _ in range(n))
-    queued: set[tuple[int, int]] = set()  # (enqueued at, serial)
+    queued: set[tuple[int, int, str]] = set()  # (enqueued at, serial, class)
     serial = 0
     tick = 0
     while schedule or queued:
         while schedule and schedule[0][0] <= tick:
             at, name = schedule.pop(0)
-            q.push(name, (at, serial), now=float(at))
-            queued.add((at, serial))
+            q.push((at, serial, name), now=float(at))
+            queued.add((at, serial, name))
             serial += 1
         served = q.pop(now=float(tick))
         if served is not None:

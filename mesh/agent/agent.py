@@ -37,9 +37,9 @@ from mesh.agent.tasks import Tasks
 from mesh.agent.view import View
 from mesh.channels import Security
 from mesh.config import AgentConfig
+from mesh.core import priority
 from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
-from mesh.core.queue import Discipline
 from mesh.errors import MeshError, Unavailable
 from mesh.gossip.transport import GossipNode
 from mesh.gpus import inventory, weight_of
@@ -86,7 +86,10 @@ class Agent:
         self.gpus = inventory(cfg.fake_gpus, cfg.gpu_weights)
         self.pipelines = load_pipelines(cfg)
         self.models = Models(cfg.preloaded_models, self._republish_soon)
-        self.quota = QuotaStore(self.client, self.keys, lambda: self.executor.quota_changed())
+        self.quota = QuotaStore(
+            self.client, self.keys, lambda: self.executor.quota_changed(), self._priorities_changed
+        )
+        self.estimates = priority.Estimates()
         reporter = RecordReporter(
             cfg, self.store, lambda: self.session.lease_id, self.history, self.quota
         )
@@ -96,6 +99,7 @@ class Agent:
             self.pipelines,
             self.models,
             reporter,
+            self._priority(),
             lambda: self.view.local_changed(),
             quota=lambda job: self.quota.waits(
                 job.spec.user.id, job.spec.user.group, max(1, job.spec.gpu_count)
@@ -266,7 +270,7 @@ class Agent:
             self.placement.room_for,
             router.free_slots,
             router.room_left,
-            Discipline(self.cfg.queues, self.cfg.queue_aging_s),
+            self._priority(),
             self.cfg.max_attempts,
             self.history,
             self.placement.handoffs,
@@ -348,9 +352,26 @@ class Agent:
 
     def _queues_changed(self, queues: dict[str, int]) -> None:
         self.cfg = self.cfg.model_copy(update={"queues": queues})
-        self.executor.reweight(queues)
+        self._priorities_changed()
+
+    def _priority(self) -> priority.Policy:
+        """A fresh policy as the topology's queues and the tenants file set it now (run
+        times learned so far are kept)."""
+        tenants = self.quota.tenants
+        if tenants is None:
+            return priority.Weighted(self.cfg.queues, self.cfg.queue_aging_s, self.estimates)
+        return priority.make(
+            tenants.priority.policy,
+            self.cfg.queues,
+            {group: spec.share for group, spec in tenants.groups.items()},
+            tenants.priority.aging_s or self.cfg.queue_aging_s,
+            self.estimates,
+        )
+
+    def _priorities_changed(self) -> None:
+        self.executor.set_priority(self._priority(), list(self.cfg.queues))
         if self.owner is not None:
-            self.owner.discipline.reweight(queues)
+            self.owner.dispatcher.policy = self._priority()
 
     async def _watch_session(self) -> None:
         """A lost lease means peers think we are dead: come back as a new incarnation.

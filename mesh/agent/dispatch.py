@@ -26,7 +26,7 @@ from mesh.core.backlog import Room, Verdict, Waiting
 from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import end
-from mesh.core.queue import Discipline
+from mesh.core.priority import Policy
 from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable
 from mesh.store.election import Election
 from mesh.store.etcd import ETCD_ERRORS
@@ -144,7 +144,7 @@ class Dispatcher:
         room_for: Callable[[pb.TaskSpec], Room],
         free_slots: Callable[[], int],
         room_left: Callable[[], int],
-        discipline: Discipline,
+        policy: Policy,
         history: History,
         placements: Placements,
         wake: asyncio.Event,
@@ -159,7 +159,7 @@ class Dispatcher:
         self._room_for = room_for
         self._free_slots = free_slots
         self._room_left = room_left
-        self._discipline = discipline
+        self.policy = policy  # replaced when the priority settings change
         self._history = history
         self._placements = placements
         self._wake = wake
@@ -205,7 +205,7 @@ class Dispatcher:
         Raises ``Deposed`` once another owner leads.
         """
         now = now_ms()
-        dispatching = backlog.Round(backlog.by_class(snapshot), self._discipline)
+        dispatching = backlog.Round(backlog.entries(snapshot), self.policy)
         dispatched = 0
         while (waiting := dispatching.pop(now)) is not None:
             outcome = await self._consider(waiting, now)

@@ -17,7 +17,8 @@ from typing import Protocol
 
 from mesh.config import AgentConfig
 from mesh.core.jobs import Job, Outcome
-from mesh.core.queue import WeightedQueue
+from mesh.core.priority import Policy
+from mesh.core.queue import LaneQueue
 from mesh.core.task import state_name
 from mesh.errors import InvalidTask, LimitExceeded, PipelineError, QuotaBusy, Unavailable
 from mesh.gpus import Gpu
@@ -59,6 +60,7 @@ class Executor:
         pipelines: dict[str, Pipeline],
         models: Models,
         reporter: Reporter,
+        policy: Policy,
         on_load: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         quota: Callable[[Job], str | None] = lambda _: None,
@@ -74,8 +76,8 @@ class Executor:
         self._reporter = reporter
         self._on_load = on_load
         self._clock = clock
-        self._queue: WeightedQueue[Job] = WeightedQueue(
-            cfg.queues, cfg.max_queue_length, cfg.queue_aging_s
+        self._queue: LaneQueue[Job] = LaneQueue(
+            policy, lambda job: job.traits, cfg.queues, cfg.max_queue_length
         )
         self._running: dict[str, _Run] = {}
         self._quota = quota
@@ -137,12 +139,14 @@ class Executor:
     def free_memory_mb(self) -> tuple[int, ...]:
         return tuple(g.memory_mb for g in self._free)
 
-    def reweight(self, queues: dict[str, int]) -> None:
-        self._queue.reweight(queues)
+    def set_priority(self, policy: Policy, classes: list[str]) -> None:
+        """Order the queue by ``policy`` from now on, taking tasks of ``classes``."""
+        self._queue.policy = policy
+        self._queue.accept(classes)
 
     def enqueue(self, job: Job) -> None:
         self.check(job.spec)
-        self._queue.push(job.spec.queue, job, self._clock(), first=job.attempt > 1)
+        self._queue.push(job, self._clock(), first=job.attempt > 1)
         self._wake.set()
         self._on_load()
 
@@ -183,7 +187,7 @@ class Executor:
         if not self._waiting:
             return
         for job in reversed(self._waiting.values()):
-            self._queue.push(job.spec.queue, job, self._clock(), first=True)
+            self._queue.push(job, self._clock(), first=True)
         self._waiting.clear()
         self._wake.set()
 
@@ -211,9 +215,11 @@ class Executor:
                 models=self._models,
                 progress=lambda s, t, m: self._reporter.progress(job, s, t, m),
             )
+            began = self._clock()
             async with asyncio.timeout((job.deadline_ms - _now_ms()) / 1000):
                 output = await self._pipelines[job.spec.pipeline].run(ctx)
             outcome = Outcome(pb.TASK_STATE_SUCCEEDED, output=output)
+            self._queue.policy.estimates.learn(job.traits.kind, self._clock() - began)
         except TimeoutError:
             outcome = Outcome(
                 pb.TASK_STATE_FAILED,

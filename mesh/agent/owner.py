@@ -27,7 +27,7 @@ from mesh.agent.history import History
 from mesh.core.backlog import Room
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import requeue, requeued_job
-from mesh.core.queue import Discipline
+from mesh.core.priority import Policy
 from mesh.core.task import TERMINAL
 from mesh.errors import MeshError, StaleWrite
 from mesh.store.election import Election
@@ -50,7 +50,7 @@ class QueueOwner:
         room_for: Callable[[pb.TaskSpec], Room],
         free_slots: Callable[[], int],
         room_left: Callable[[], int],
-        discipline: Discipline,
+        policy: Policy,
         max_attempts: int,
         history: History,
         handoffs: Handoffs,
@@ -65,7 +65,6 @@ class QueueOwner:
         self._reconcile = reconcile
         self._handoffs = handoffs
         self._dc = keys.dc
-        self.discipline = discipline
         self._store = store
         self._max_attempts = max_attempts
         self._history = history
@@ -81,7 +80,7 @@ class QueueOwner:
             room_for,
             free_slots,
             room_left,
-            discipline,
+            policy,
             history,
             self._placements,
             self._wake,

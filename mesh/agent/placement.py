@@ -127,7 +127,8 @@ class Placement:
             status.path.extend(job.path)
             status.queued_at.CopyFrom(now_ts())
 
-        put = self.store.client.transactions.put(entry, backlog.entry_value(job.deadline_ms))
+        value = backlog.entry_value(job.deadline_ms, job.traits)
+        put = self.store.client.transactions.put(entry, value)
         await self.store.update(job.task_id, mutate, attempt=job.attempt, also=[put])
         metrics.BACKLOGGED.inc()
 

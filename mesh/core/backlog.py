@@ -1,10 +1,11 @@
 """The DC's durable backlog: tasks waiting for capacity, in etcd, one key per task.
 
-``/{prefix}/{dc}/backlog/{class}/{enqueued_ms}-{task_id}`` holds ``{"deadline_ms": …}``:
-the key alone says the class and the age, and the value the deadline, so the queue owner
-orders the backlog and expires what waited too long from a mirror of the prefix, without
-reading a record per entry. Entries are ordered with the same ``Discipline`` as every
-agent's local queue (weights, and aging so nothing starves).
+``/{prefix}/{dc}/backlog/{class}/{enqueued_ms}-{task_id}`` holds ``{"deadline_ms": …,
+"tenant": …, "kind": …, "gpus": …}``: the key says the class and the age, the value the
+deadline and what a priority policy looks at, so the queue owner orders the backlog and
+expires what waited too long from a mirror of the prefix, without reading a record per
+entry. Entries are ordered by the same priority policy as every agent's local queue
+(``mesh.core.priority``, with aging so nothing starves).
 
 A task enters with its record in one transaction. An entry leaves only by a *claim*: one
 transaction, fenced by the owner's term, that deletes the entry if it still exists and
@@ -18,11 +19,11 @@ leaves the round, whatever becomes of it, so a round always ends.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
-from mesh.core.queue import Discipline
+from mesh.core.priority import Policy, Traits
 from mesh.core.task import TERMINAL
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -34,47 +35,80 @@ class Waiting:
     task_id: str
     queue_class: str
     deadline_ms: int = 0  # 0: not known from the entry (read the record)
+    tenant: str = ""
+    kind: str = ""
+    gpus: int = 1
+
+    @property
+    def traits(self) -> Traits:
+        return Traits(self.queue_class, self.tenant, self.kind, self.gpus)
 
 
-def entry_value(deadline_ms: int) -> bytes:
-    return json.dumps({"deadline_ms": deadline_ms}, separators=(",", ":")).encode()
+MAX_TEXT = 256  # longest tenant or kind an entry may carry
 
 
-def _deadline(raw: object) -> int:
+def entry_value(deadline_ms: int, traits: Traits) -> bytes:
+    fields = {"deadline_ms": deadline_ms, "tenant": traits.tenant, "kind": traits.kind}
+    return json.dumps({**fields, "gpus": traits.gpus}, separators=(",", ":")).encode()
+
+
+def _fields(raw: object) -> dict[str, object]:
     if not isinstance(raw, bytes | str):
-        return 0
+        return {}
     try:
-        value = json.loads(raw).get("deadline_ms", 0)
-    except (ValueError, AttributeError):
-        return 0
-    return value if isinstance(value, int) and value > 0 else 0
+        value = json.loads(raw)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _positive(value: object, default: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return default
+    return value
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) and len(value) <= MAX_TEXT else ""
 
 
 def parse(name: str, value: object = b"") -> Waiting | None:
-    """A backlog key's tail (``class/enqueued-task``) and its value; None if not ours."""
+    """A backlog key's tail (``class/enqueued-task``) and its value; None if not ours. A
+    value that does not parse leaves the defaults (the record is read before dispatch)."""
     queue_class, _, rest = name.partition("/")
     stamp, _, task_id = rest.partition("-")
     if not queue_class or not task_id or not stamp.isdigit():
         return None
-    return Waiting(int(stamp), task_id, queue_class, _deadline(value))
+    fields = _fields(value)
+    return Waiting(
+        int(stamp),
+        task_id,
+        queue_class,
+        _positive(fields.get("deadline_ms"), 0),
+        _text(fields.get("tenant")),
+        _text(fields.get("kind")),
+        _positive(fields.get("gpus"), 1),
+    )
 
 
-def by_class(entries: Mapping[str, object]) -> dict[str, list[Waiting]]:
+def entries(snapshot: Mapping[str, object]) -> list[Waiting]:
+    """Every entry of a backlog snapshot (key tails and values) that parses."""
+    return [w for w in map(parse, snapshot, snapshot.values()) if w is not None]
+
+
+def by_class(snapshot: Mapping[str, object]) -> dict[str, list[Waiting]]:
     """The backlog per class, oldest first."""
     classes: dict[str, list[Waiting]] = {}
-    for name, value in entries.items():
-        waiting = parse(name, value)
-        if waiting is not None:
-            classes.setdefault(waiting.queue_class, []).append(waiting)
+    for waiting in entries(snapshot):
+        classes.setdefault(waiting.queue_class, []).append(waiting)
     for waiting_list in classes.values():
         waiting_list.sort()
     return classes
 
 
-def expired(entries: Mapping[str, object], now_ms: int) -> list[Waiting]:
+def expired(snapshot: Mapping[str, object], now_ms: int) -> list[Waiting]:
     """Entries whose task's deadline has passed: they end without waiting for room."""
-    found = [w for w in map(parse, entries, entries.values()) if w is not None]
-    return sorted(w for w in found if w.deadline_ms and w.deadline_ms <= now_ms)
+    return sorted(w for w in entries(snapshot) if w.deadline_ms and w.deadline_ms <= now_ms)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,37 +125,39 @@ def depths(classes: Mapping[str, list[Waiting]]) -> dict[str, Depth]:
 
 
 class Round:
-    """One dispatch pass over a snapshot, best entry first by the discipline.
+    """One dispatch pass over a snapshot, best entry first by the priority policy.
 
     ``pop`` hands out each entry at most once, so a round over ``n`` entries ends after
-    at most ``n`` pops, whatever the caller does with them. ``refund`` gives back the
-    discipline's credit for the last pop when it moved nothing (no room): the round then
-    ends, and the entry is first again next time.
+    at most ``n`` pops, whatever the caller does with them. ``refund`` undoes the policy's
+    accounting for the last pop when it moved nothing (no room): the round then ends, and
+    the entry is first again next time.
     """
 
-    def __init__(self, classes: Mapping[str, list[Waiting]], discipline: Discipline) -> None:
-        self._classes = {name: list(waiting) for name, waiting in classes.items() if waiting}
-        self._discipline = discipline
-        self._credit: dict[str, int] | None = None
+    def __init__(self, entries: Iterable[Waiting], policy: Policy) -> None:
+        self._lanes: dict[Traits, list[Waiting]] = {}
+        for waiting in sorted(entries):
+            self._lanes.setdefault(waiting.traits, []).append(waiting)
+        self._policy = policy
+        self._state: object = None
 
     def __len__(self) -> int:
-        return sum(len(waiting) for waiting in self._classes.values())
+        return sum(len(waiting) for waiting in self._lanes.values())
 
     def pop(self, now_ms: int) -> Waiting | None:
-        heads = {c: waiting[0].enqueued_ms / 1000 for c, waiting in self._classes.items()}
-        self._credit = self._discipline.snapshot()
-        chosen = self._discipline.choose(heads, now_ms / 1000)
+        heads = {lane: waiting[0].enqueued_ms / 1000 for lane, waiting in self._lanes.items()}
+        self._state = self._policy.snapshot()
+        chosen = self._policy.choose(heads, now_ms / 1000)
         if chosen is None:
             return None
-        waiting = self._classes[chosen].pop(0)
-        if not self._classes[chosen]:
-            del self._classes[chosen]
+        waiting = self._lanes[chosen].pop(0)
+        if not self._lanes[chosen]:
+            del self._lanes[chosen]
         return waiting
 
     def refund(self) -> None:
-        if self._credit is not None:
-            self._discipline.restore(self._credit)
-            self._credit = None
+        if self._state is not None:
+            self._policy.restore(self._state)
+            self._state = None
 
 
 class Room(Enum):

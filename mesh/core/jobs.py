@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mesh.core.priority import Traits
 from mesh.v1 import tasks_pb2 as pb
+
+
+def traits(spec: pb.TaskSpec) -> Traits:
+    """What a priority policy may know of a task: its class, tenant, kind and size."""
+    return Traits(
+        spec.queue,
+        spec.user.group or spec.user.id,
+        f"{spec.pipeline}/{spec.model}",
+        max(1, spec.gpu_count),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +38,10 @@ class Job:
     @property
     def task_id(self) -> str:
         return self.spec.task_id
+
+    @property
+    def traits(self) -> Traits:
+        return traits(self.spec)
 
 
 @dataclass(frozen=True, slots=True)

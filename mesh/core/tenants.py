@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -29,6 +29,9 @@ class UserLimits(_Strict):
 
 class Group(_Strict):
     max_gpus: int | None = Field(None, ge=0, description="GPUs the group's tasks hold at once")
+    share: float = Field(
+        1.0, gt=0, description="weight of the group's GPU time under the fair_share policy"
+    )
     users: dict[str, UserLimits] = Field(
         default_factory=dict, description="the group admin's split of the group's cap"
     )
@@ -45,8 +48,26 @@ class Group(_Strict):
         return self
 
 
+class Priority(_Strict):
+    policy: Literal["weighted", "fair_share", "shortest_first"] = Field(
+        "weighted",
+        description="weighted: queue classes by their weights; fair_share: the group "
+        "furthest below its share of GPU time first; shortest_first: the task expected to "
+        "take the fewest GPU-seconds first (learned per pipeline and model)",
+    )
+    aging_s: float | None = Field(
+        None,
+        gt=0,
+        description="a task that waited this long goes before every younger one, whatever "
+        "the policy; unset: each agent's queue_aging_s",
+    )
+
+
 class Tenants(_Strict):
     version: int = Field(1, ge=1, description="format version of this file")
+    priority: Priority = Field(
+        default_factory=Priority, description="which waiting task goes next, in every queue"
+    )
     groups: dict[str, Group] = Field(default_factory=dict, description="groups, by name")
 
     @model_validator(mode="after")

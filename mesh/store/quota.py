@@ -27,12 +27,19 @@ POLICY = "policy"
 
 
 class QuotaStore:
-    def __init__(self, client: aetcd.Client, keys: KeySpace, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        keys: KeySpace,
+        on_change: Callable[[], None],
+        on_policy: Callable[[], None],
+    ) -> None:
         """``on_change``: the policy or the slots changed (waiting tasks are judged
-        again)."""
+        again); ``on_policy``: the policy changed (priorities are set again)."""
         self._keys = keys
         self._tx = client.transactions
         self._on_change = on_change
+        self._on_policy = on_policy
         self.tenants: Tenants | None = None
         self._taken: dict[tuple[str, str], set[int]] = {}
         self.mirror = PrefixMirror(client, keys.quota, on_delta=self._changed)
@@ -41,6 +48,7 @@ class QuotaStore:
         for name, raw in delta.items():
             if name == POLICY:
                 self.tenants = self._read_policy(raw)
+                self._on_policy()
                 continue
             slot = parse_slot(name)
             if slot is None:
