@@ -38,8 +38,11 @@ def test_an_entry_holds_class_age_task_deadline_and_traits() -> None:
 
 
 FIELDS = ["deadline_ms", "tenant", "kind", "gpus", "other"]
-ANY_JSON = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=300)
-hostile = st.binary(max_size=200) | st.dictionaries(st.sampled_from(FIELDS), ANY_JSON).map(
+LONG = "x" * (backlog.MAX_TEXT + 1)
+ANY_JSON = (
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8) | st.just(LONG)
+)
+hostile = st.binary(max_size=64) | st.dictionaries(st.sampled_from(FIELDS), ANY_JSON).map(
     json.dumps
 )
 
