@@ -94,6 +94,19 @@ DUTY_ERRORS = Counter(
     "gpumesh_duty_errors_total", "Errors that stopped a background duty (it restarts)", ["duty"]
 )
 
+# Per group (the tenant a task counts against), never per user: groups are few and
+# configured, users are many.
+NO_GROUP = "(none)"
+GROUP_GPU_SECONDS = Counter(
+    "gpumesh_group_gpu_seconds_total", "GPU-seconds of runs that ended on this agent", ["group"]
+)
+PREEMPTED = Counter(
+    "gpumesh_tasks_preempted_total", "Batch runs given back to online work", ["group"]
+)
+QUOTA_WAITING = Gauge(
+    "gpumesh_quota_waiting_tasks", "Tasks on this agent waiting for their quota", ["group"]
+)
+
 GOSSIP_RECEIVED = Counter("gpumesh_gossip_received_total", "Gossip datagrams accepted")
 GOSSIP_DROPPED = Counter(
     "gpumesh_gossip_dropped_total", "Gossip datagrams dropped, by reason", ["reason"]

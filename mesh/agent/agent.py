@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 
+from mesh import metrics
 from mesh.agent.addressing import Addressing
 from mesh.agent.api import AgentApi
 from mesh.agent.duties import Duties
@@ -40,6 +41,7 @@ from mesh.config import AgentConfig
 from mesh.core import priority
 from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
+from mesh.core.tenants import online_share
 from mesh.errors import MeshError, Unavailable
 from mesh.gossip.transport import GossipNode
 from mesh.gpus import inventory, weight_of
@@ -104,6 +106,8 @@ class Agent:
             quota=lambda job: self.quota.waits(
                 job.spec.user.id, job.spec.user.group, max(1, job.spec.gpu_count)
             ),
+            online_share=lambda: online_share(self.quota.tenants, cfg.dc),
+            on_preempted=self._preempted,
         )
         self.view = View(
             cfg,
@@ -353,6 +357,10 @@ class Agent:
     def _queues_changed(self, queues: dict[str, int]) -> None:
         self.cfg = self.cfg.model_copy(update={"queues": queues})
         self._priorities_changed()
+
+    def _preempted(self, job: Job) -> None:
+        metrics.PREEMPTED.labels(job.spec.user.group or metrics.NO_GROUP).inc()
+        self.duties.spawn(f"preempted {job.task_id}", self.handover.give_back(job, preempted=True))
 
     def _priority(self) -> priority.Policy:
         """A fresh policy as the topology's queues and the tenants file set it now (run

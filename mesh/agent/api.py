@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from mesh import metrics
 from mesh.agent.dispatch import describe
-from mesh.core.access import ANYONE, Grant, Identity, PermissionDenied
+from mesh.core import classes
+from mesh.core.access import ANYONE, OPERATOR, Grant, Identity, PermissionDenied
 from mesh.core.clock import now_ms
 from mesh.core.task import NAME, admit, check_id, page_start, page_token, public
 from mesh.errors import InvalidTask, MeshError, TaskConflict, Unavailable
@@ -66,6 +67,7 @@ class AgentApi:
             spec = pb.TaskSpec()
             spec.CopyFrom(request.spec)
             spec.user.CopyFrom(owner_of(spec.user, grant.identity))
+            may_ask_online(spec, grant.identity)
             admitted = admit(
                 spec, agent.cfg, agent.known_pipelines(), now_ms(), agent.addressing.new_id
             )
@@ -302,6 +304,19 @@ def owner_of(declared: pb.User, identity: Identity) -> pb.User:
         raise PermissionDenied(f"{identity} does not hold role {declared.role!r}")
     group = declared.group or (identity.groups[0] if identity.groups else "")
     return pb.User(id=identity.name, group=group, role=declared.role)
+
+
+def may_ask_online(spec: pb.TaskSpec, identity: Identity) -> None:
+    """Online work is guaranteed GPUs and preempts batch: asking for it for a task type
+    that is batch by default takes an operator."""
+    if spec.task_class != pb.TASK_CLASS_ONLINE or identity is ANYONE:
+        return
+    default = pb.TaskSpec(task_type=spec.task_type)
+    if classes.task_class(default) != classes.ONLINE and OPERATOR not in identity.held:
+        raise PermissionDenied(
+            f"{identity} may not run a {pb.TaskType.Name(spec.task_type)} task as online "
+            "work (an operator may)"
+        )
 
 
 def forwards(grant: Grant) -> bool:

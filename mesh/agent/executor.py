@@ -11,13 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from mesh import metrics
 from mesh.config import AgentConfig
+from mesh.core import classes
 from mesh.core.jobs import Job, Outcome
-from mesh.core.priority import Policy
+from mesh.core.priority import Policy, Traits
 from mesh.core.queue import LaneQueue
 from mesh.core.task import state_name
 from mesh.errors import InvalidTask, LimitExceeded, PipelineError, QuotaBusy, Unavailable
@@ -43,9 +46,15 @@ class Reporter(Protocol):
 class _Run:
     job: Job
     gpus: tuple[Gpu, ...]
+    started_at: float
     task: asyncio.Task[None] | None = None
     cancel_reason: str | None = None
     handed_back: bool = False
+    preempted: bool = False
+
+
+def _online(lane: Traits) -> bool:
+    return lane.task_class == classes.ONLINE
 
 
 def _now_ms() -> int:
@@ -64,10 +73,14 @@ class Executor:
         on_load: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
         quota: Callable[[Job], str | None] = lambda _: None,
+        online_share: Callable[[], float] = lambda: classes.DEFAULT_ONLINE_SHARE,
+        on_preempted: Callable[[Job], None] = lambda _: None,
     ) -> None:
         """``on_load`` is called whenever ``running`` or ``queued`` changes. ``quota``
         says why a job must wait for its tenant's quota (None: it may start); a job that
-        must waits aside, never blocking others, until ``quota_changed``."""
+        must waits aside, never blocking others, until ``quota_changed``.
+        ``online_share`` is the part of the slots online work is guaranteed; a batch run
+        preempted for online work is handed to ``on_preempted`` once it has stopped."""
         self._cfg = cfg
         self._gpus = list(gpus)
         self._free = list(gpus)
@@ -81,7 +94,10 @@ class Executor:
         )
         self._running: dict[str, _Run] = {}
         self._quota = quota
+        self._online_share = online_share
+        self._on_preempted = on_preempted
         self._waiting: dict[str, Job] = {}  # jobs over their tenant's quota, in order
+        self._waiting_groups: set[str] = set()  # groups the waiting gauge shows
         self._wake = asyncio.Event()
         self.accepting = True
 
@@ -156,30 +172,92 @@ class Executor:
         return [g for g in self._free if g.memory_mb >= spec.min_gpu_memory_mb]
 
     def _fits(self, job: Job) -> bool:
-        return len(self._fitting(job.spec)) >= max(1, job.spec.gpu_count)
+        gpus = max(1, job.spec.gpu_count)
+        if len(self._fitting(job.spec)) < gpus:
+            return False
+        if job.spec.no_preempt and classes.task_class(job.spec) == classes.BATCH:
+            return classes.batch_may_start(self._runs(), gpus, self.slots, self._online_share())
+        return True
+
+    def _runs(self) -> list[classes.Run]:
+        return [
+            classes.Run(
+                run.job.task_id,
+                classes.task_class(run.job.spec),
+                run.job.traits.tenant,
+                len(run.gpus),
+                run.started_at,
+                self._cfg.queues.get(run.job.spec.queue, 1),
+                not run.job.spec.no_preempt and run.cancel_reason is None,
+            )
+            for run in self._running.values()
+        ]
 
     async def run(self) -> None:
-        """Start queued jobs as slots free up, forever; cancel to stop."""
+        """Start queued jobs as slots free up, forever; cancel to stop. An online job
+        that finds no slot takes back the slots batch borrowed."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while (job := self._queue.pop(self._clock(), self._fits)) is not None:
-                if (reason := self._quota(job)) is not None:
-                    self._wait(job, reason)
-                    continue
-                gpus = tuple(self._fitting(job.spec)[: max(1, job.spec.gpu_count)])
-                for gpu in gpus:
-                    self._free.remove(gpu)
-                run = _Run(job, gpus)
-                self._running[job.task_id] = run
-                self._on_load()
-                run.task = asyncio.create_task(self._execute(run), name=f"task-{job.task_id}")
+            blocked = self._start_what_fits()
+            if blocked is not None and classes.task_class(blocked.spec) == classes.ONLINE:
+                self._reclaim(blocked)
+
+    def _start_what_fits(self) -> Job | None:
+        """Start queued jobs while the next one fits; return the one that did not."""
+        blocked: list[Job] = []
+
+        def fits(job: Job) -> bool:
+            if self._fits(job):
+                return True
+            blocked.append(job)
+            return False
+
+        while True:
+            job = self._queue.pop(self._clock(), fits)
+            if job is None and blocked and classes.task_class(blocked[-1].spec) == classes.BATCH:
+                # a batch head waiting for a slot never holds online work back
+                job = self._queue.pop(self._clock(), fits, among=_online)
+            if job is None:
+                break
+            if (reason := self._quota(job)) is not None:
+                self._wait(job, reason)
+                continue
+            gpus = tuple(self._fitting(job.spec)[: max(1, job.spec.gpu_count)])
+            for gpu in gpus:
+                self._free.remove(gpu)
+            run = _Run(job, gpus, self._clock())
+            self._running[job.task_id] = run
+            self._on_load()
+            run.task = asyncio.create_task(self._execute(run), name=f"task-{job.task_id}")
+        return blocked[-1] if blocked else None
+
+    def _reclaim(self, job: Job) -> None:
+        """Preempt the batch runs that borrowed the slots online ``job`` waits for."""
+        need = max(1, job.spec.gpu_count)
+        free = len(self._fitting(job.spec))
+        for task_id in classes.victims(self._runs(), free, need, self.slots, self._online_share()):
+            run = self._running[task_id]
+            log.info("preempting batch task %s for online task %s", task_id, job.task_id)
+            run.preempted = run.handed_back = True
+            run.cancel_reason = f"preempted by online task {job.task_id}"
+            if run.task is not None:
+                run.task.cancel()
 
     def _wait(self, job: Job, reason: str) -> None:
         """Set ``job`` aside until its tenant's quota changes; its record says why."""
         if job.task_id not in self._waiting:
             self._reporter.progress(job, 0, 0, reason)
         self._waiting[job.task_id] = job
+        self._count_waiting()
+
+    def _count_waiting(self) -> None:
+        counts = Counter(j.spec.user.group or metrics.NO_GROUP for j in self._waiting.values())
+        for group in self._waiting_groups - counts.keys():
+            metrics.QUOTA_WAITING.labels(group).set(0)
+        for group, n in counts.items():
+            metrics.QUOTA_WAITING.labels(group).set(n)
+        self._waiting_groups = set(counts)
 
     def quota_changed(self) -> None:
         """A quota slot was given back or the policy changed: the waiting jobs go back to
@@ -189,6 +267,7 @@ class Executor:
         for job in reversed(self._waiting.values()):
             self._queue.push(job, self._clock(), first=True)
         self._waiting.clear()
+        self._count_waiting()
         self._wake.set()
 
     async def _execute(self, run: _Run) -> None:
@@ -243,6 +322,9 @@ class Executor:
                 error_message=f"pipeline crashed: {type(exc).__name__}: {exc}",
             )
         finally:
+            group = job.spec.user.group or metrics.NO_GROUP
+            spent = len(run.gpus) * (self._clock() - run.started_at)
+            metrics.GROUP_GPU_SECONDS.labels(group).inc(max(0.0, spent))
             self._running.pop(job.task_id, None)
             self._free.extend(run.gpus)
             self._wake.set()
@@ -257,6 +339,8 @@ class Executor:
                 )
         if outcome is not None:
             await self._reporter.finished(job, outcome)
+        elif run.preempted:
+            self._on_preempted(job)
 
     # -- cancel and drain ----------------------------------------------------------------
 
@@ -266,6 +350,7 @@ class Executor:
         queued = self._queue.remove(lambda j: j.task_id == task_id) or self._waiting.pop(
             task_id, None
         )
+        self._count_waiting()
         if queued is not None:
             self._on_load()
             return queued
@@ -302,6 +387,7 @@ class Executor:
             self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
         taken += self._waiting.values()
         self._waiting.clear()
+        self._count_waiting()
         return taken
 
     async def drain(self, grace_s: float) -> list[Job]:

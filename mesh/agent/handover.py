@@ -64,13 +64,16 @@ class Handover:
                 jobs.append(requeued_job(updated.status))
         return jobs
 
-    async def give_back(self, job: Job, *, after_loss: bool = False) -> None:
+    async def give_back(
+        self, job: Job, *, after_loss: bool = False, preempted: bool = False
+    ) -> None:
         """Give a job this agent will not finish to a peer; fail it if none takes it.
 
         Until a peer takes it, its record names this agent (pending): should this agent
         die first, the DC's owner finds it among the dead agent's tasks. A job whose
         record has moved on (another attempt, or with ``after_loss`` another agent) is
-        someone else's now and is left alone.
+        someone else's now and is left alone. A ``preempted`` one is counted on its
+        record and placed like any other (here again, if this agent has room first).
         """
         me = self._me
         interrupted = False
@@ -83,6 +86,9 @@ class Handover:
                 moved_on = True
                 return False
             interrupted = status.state == pb.TASK_STATE_RUNNING
+            if preempted:
+                status.preemptions += 1
+                status.progress.CopyFrom(pb.Progress(message="preempted by online work"))
             status.state = pb.TASK_STATE_PENDING
             status.agent = me
             if interrupted:
@@ -104,7 +110,8 @@ class Handover:
         try:
             where = await self._placement.place(job)
             log.info("handed back %s", job.task_id)
-            self._history.write("handback", "ok", task=job.task_id, attempt=job.attempt, to=where)
+            how = "preempted" if preempted else "ok"
+            self._history.write("handback", how, task=job.task_id, attempt=job.attempt, to=where)
         except MeshError as exc:
             log.warning("could not hand back %s: %s", job.task_id, exc)
             await self._placement.fail(job, "UNAVAILABLE", f"agent {me} shut down: {exc}")

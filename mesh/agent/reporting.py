@@ -55,6 +55,7 @@ class RecordReporter:
         self._history = history
         self._quota = quota
         self._slots: dict[str, list[bytes]] = {}  # quota slots a run holds
+        self._dropped: set[asyncio.Task[None]] = set()  # slots of dropped runs, going back
         # A run's start and end wait out an etcd outage as long as its lease may live.
         self._retry = patient(cfg.lease_ttl_s + cfg.etcd_outage_grace_s)
         self._progress: dict[str, pb.Progress] = {}
@@ -123,6 +124,11 @@ class RecordReporter:
 
     def stopped(self, job: Job, how: str) -> None:
         self._history.write("run", "end", task=job.task_id, attempt=job.attempt, how=how)
+        if how.startswith("dropped") and (slots := self._slots.pop(job.task_id, None)):
+            # Handed back unfinished (preempted, drained): its end write, which gives
+            # the slots back, is the next attempt's to make.
+            self._dropped.add(task := asyncio.create_task(self._give_back(slots)))
+            task.add_done_callback(self._dropped.discard)
 
     def progress(self, job: Job, step: int, total: int, message: str) -> None:
         self._progress[job.task_id] = pb.Progress(step=step, total=total, message=message)

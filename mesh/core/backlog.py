@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 
+from mesh.core import classes
 from mesh.core.priority import Policy, Traits
 from mesh.core.task import TERMINAL
 from mesh.v1 import peer_pb2
@@ -38,10 +39,11 @@ class Waiting:
     tenant: str = ""
     kind: str = ""
     gpus: int = 1
+    task_class: str = classes.BATCH
 
     @property
     def traits(self) -> Traits:
-        return Traits(self.queue_class, self.tenant, self.kind, self.gpus)
+        return Traits(self.queue_class, self.tenant, self.kind, self.gpus, self.task_class)
 
 
 MAX_TEXT = 256  # longest tenant or kind an entry may carry
@@ -49,7 +51,8 @@ MAX_TEXT = 256  # longest tenant or kind an entry may carry
 
 def entry_value(deadline_ms: int, traits: Traits) -> bytes:
     fields = {"deadline_ms": deadline_ms, "tenant": traits.tenant, "kind": traits.kind}
-    return json.dumps({**fields, "gpus": traits.gpus}, separators=(",", ":")).encode()
+    fields |= {"gpus": traits.gpus, "class": traits.task_class}
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def _fields(raw: object) -> dict[str, object]:
@@ -88,6 +91,7 @@ def parse(name: str, value: object = b"") -> Waiting | None:
         _text(fields.get("tenant")),
         _text(fields.get("kind")),
         _positive(fields.get("gpus"), 1),
+        classes.ONLINE if fields.get("class") == classes.ONLINE else classes.BATCH,
     )
 
 

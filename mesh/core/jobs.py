@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mesh.core import classes
 from mesh.core.priority import Traits
 from mesh.v1 import tasks_pb2 as pb
 
@@ -16,6 +17,7 @@ def traits(spec: pb.TaskSpec) -> Traits:
         spec.user.group or spec.user.id,
         f"{spec.pipeline}/{spec.model}",
         max(1, spec.gpu_count),
+        classes.task_class(spec),
     )
 
 

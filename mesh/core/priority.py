@@ -41,6 +41,7 @@ class Traits:
     tenant: str = ""  # the user's group; the user when it has none
     kind: str = ""  # pipeline/model: what run times are learned per
     gpus: int = 1
+    task_class: str = "batch"  # or "online" (``mesh.core.classes``)
 
 
 class Estimates:

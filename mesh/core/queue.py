@@ -73,14 +73,21 @@ class LaneQueue(Generic[T]):
         else:
             entries.append(_Entry(item, now))
 
-    def pop(self, now: float, fits: Callable[[T], bool] = lambda _: True) -> T | None:
-        """The next item by the policy, if it ``fits``; else None and nothing moves.
+    def pop(
+        self,
+        now: float,
+        fits: Callable[[T], bool] = lambda _: True,
+        among: Callable[[Traits], bool] = lambda _: True,
+    ) -> T | None:
+        """The next item by the policy, from the lanes ``among`` allows, if it ``fits``;
+        else None and nothing moves.
 
         A head that does not fit (it needs more GPUs than are free) blocks rather than being
         overtaken, so a large task is not starved by a stream of small ones.
         """
         state = self.policy.snapshot()
-        chosen = self.policy.choose({k: q[0].enqueued_at for k, q in self._lanes.items()}, now)
+        heads = {k: q[0].enqueued_at for k, q in self._lanes.items() if among(k)}
+        chosen = self.policy.choose(heads, now)
         if chosen is None:
             return None
         entries = self._lanes[chosen]

@@ -14,6 +14,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from mesh.core.classes import DEFAULT_ONLINE_SHARE
 from mesh.errors import ConfigError
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,62}$"  # user and group names, as tokens carry them
@@ -63,8 +64,23 @@ class Priority(_Strict):
     )
 
 
+class DcShares(_Strict):
+    online_share: float = Field(
+        ge=0, le=1, description="part of this DC's GPUs guaranteed to online work"
+    )
+
+
 class Tenants(_Strict):
     version: int = Field(1, ge=1, description="format version of this file")
+    online_share: float = Field(
+        DEFAULT_ONLINE_SHARE,
+        ge=0,
+        le=1,
+        description="part of each DC's GPUs guaranteed to online work (llm, tts, or asked "
+        "for); batch is guaranteed the rest; either borrows the other's idle GPUs, and "
+        "borrowed batch runs are preempted when online work waits",
+    )
+    dcs: dict[str, DcShares] = Field(default_factory=dict, description="per-DC overrides")
     priority: Priority = Field(
         default_factory=Priority, description="which waiting task goes next, in every queue"
     )
@@ -96,6 +112,14 @@ def parse(document: object, where: str) -> Tenants:
             for e in exc.errors()
         ]
         raise ConfigError("\n".join(lines)) from None
+
+
+def online_share(tenants: Tenants | None, dc: str) -> float:
+    """The part of ``dc``'s GPUs guaranteed to online work."""
+    if tenants is None:
+        return DEFAULT_ONLINE_SHARE
+    override = tenants.dcs.get(dc)
+    return tenants.online_share if override is None else override.online_share
 
 
 def caps(tenants: Tenants | None, user: str, group: str) -> list[Cap]:

@@ -21,6 +21,12 @@ class TaskType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_TYPE_LLM: _ClassVar[TaskType]
     TASK_TYPE_CUSTOM: _ClassVar[TaskType]
 
+class TaskClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_CLASS_UNSPECIFIED: _ClassVar[TaskClass]
+    TASK_CLASS_ONLINE: _ClassVar[TaskClass]
+    TASK_CLASS_BATCH: _ClassVar[TaskClass]
+
 class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TASK_STATE_UNSPECIFIED: _ClassVar[TaskState]
@@ -37,6 +43,9 @@ TASK_TYPE_SUPER_RESOLUTION: TaskType
 TASK_TYPE_TTS: TaskType
 TASK_TYPE_LLM: TaskType
 TASK_TYPE_CUSTOM: TaskType
+TASK_CLASS_UNSPECIFIED: TaskClass
+TASK_CLASS_ONLINE: TaskClass
+TASK_CLASS_BATCH: TaskClass
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_PENDING: TaskState
 TASK_STATE_QUEUED: TaskState
@@ -56,7 +65,7 @@ class User(_message.Message):
     def __init__(self, id: _Optional[str] = ..., group: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("task_id", "user", "task_type", "pipeline", "model", "queue", "payload", "params", "deadline", "affinity_key", "gpu_count", "min_gpu_memory_mb", "timeout")
+    __slots__ = ("task_id", "user", "task_type", "pipeline", "model", "queue", "payload", "params", "deadline", "affinity_key", "gpu_count", "min_gpu_memory_mb", "timeout", "task_class", "no_preempt")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +86,8 @@ class TaskSpec(_message.Message):
     GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     MIN_GPU_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    TASK_CLASS_FIELD_NUMBER: _ClassVar[int]
+    NO_PREEMPT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     user: User
     task_type: TaskType
@@ -90,7 +101,9 @@ class TaskSpec(_message.Message):
     gpu_count: int
     min_gpu_memory_mb: int
     timeout: _duration_pb2.Duration
-    def __init__(self, task_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., task_type: _Optional[_Union[TaskType, str]] = ..., pipeline: _Optional[str] = ..., model: _Optional[str] = ..., queue: _Optional[str] = ..., payload: _Optional[bytes] = ..., params: _Optional[_Mapping[str, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., affinity_key: _Optional[str] = ..., gpu_count: _Optional[int] = ..., min_gpu_memory_mb: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    task_class: TaskClass
+    no_preempt: bool
+    def __init__(self, task_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., task_type: _Optional[_Union[TaskType, str]] = ..., pipeline: _Optional[str] = ..., model: _Optional[str] = ..., queue: _Optional[str] = ..., payload: _Optional[bytes] = ..., params: _Optional[_Mapping[str, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., affinity_key: _Optional[str] = ..., gpu_count: _Optional[int] = ..., min_gpu_memory_mb: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., task_class: _Optional[_Union[TaskClass, str]] = ..., no_preempt: _Optional[bool] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total", "message")
@@ -121,7 +134,7 @@ class TaskError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("task_id", "state", "agent", "dc", "attempt", "progress", "created_at", "queued_at", "started_at", "finished_at", "result", "error", "spec", "deadline", "path")
+    __slots__ = ("task_id", "state", "agent", "dc", "attempt", "progress", "created_at", "queued_at", "started_at", "finished_at", "result", "error", "spec", "deadline", "path", "preemptions")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +150,7 @@ class TaskStatus(_message.Message):
     SPEC_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     agent: str
@@ -152,7 +166,8 @@ class TaskStatus(_message.Message):
     spec: TaskSpec
     deadline: _timestamp_pb2.Timestamp
     path: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., agent: _Optional[str] = ..., dc: _Optional[str] = ..., attempt: _Optional[int] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ...) -> None: ...
+    preemptions: int
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., agent: _Optional[str] = ..., dc: _Optional[str] = ..., attempt: _Optional[int] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., preemptions: _Optional[int] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("spec",)
