@@ -163,6 +163,13 @@ class AgentConfig(BaseSettings):
         description="A task that has waited this long is taken next, whatever its class: the "
         "bound on starvation. Shorter: fairer to light classes; longer: weights hold better.",
     )
+    preempt_after_s: float = Field(
+        0.5,
+        ge=0,
+        description="An online task that waited this long here for a slot batch borrowed takes "
+        "it back (the batch run is preempted). Shorter: online starts sooner; longer: fewer "
+        "batch runs are lost when a slot elsewhere frees first.",
+    )
 
     # Limits: each enforced with a precise gRPC status.
     max_payload_bytes: int = Field(

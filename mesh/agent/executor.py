@@ -51,6 +51,7 @@ class _Run:
     cancel_reason: str | None = None
     handed_back: bool = False
     preempted: bool = False
+    recorded: bool = False  # its start is written: only then may it be preempted
 
 
 def _online(lane: Traits) -> bool:
@@ -99,6 +100,7 @@ class Executor:
         self._waiting: dict[str, Job] = {}  # jobs over their tenant's quota, in order
         self._waiting_groups: set[str] = set()  # groups the waiting gauge shows
         self._wake = asyncio.Event()
+        self._recheck: asyncio.TimerHandle | None = None
         self.accepting = True
 
     # -- what routing needs to know -------------------------------------------------------
@@ -188,7 +190,7 @@ class Executor:
                 len(run.gpus),
                 run.started_at,
                 self._cfg.queues.get(run.job.spec.queue, 1),
-                not run.job.spec.no_preempt and run.cancel_reason is None,
+                run.recorded and not run.job.spec.no_preempt and run.cancel_reason is None,
             )
             for run in self._running.values()
         ]
@@ -201,7 +203,22 @@ class Executor:
             self._wake.clear()
             blocked = self._start_what_fits()
             if blocked is not None and classes.task_class(blocked.spec) == classes.ONLINE:
-                self._reclaim(blocked)
+                self._reclaim_in_time(blocked)
+
+    def _reclaim_in_time(self, job: Job) -> None:
+        """Reclaim for ``job`` once it has waited ``preempt_after_s`` (a slot elsewhere
+        may free first: a preempted run is work lost); until then, look again then."""
+        since = self._queue.since(job)
+        waited = 0.0 if since is None else self._clock() - since
+        left = self._cfg.preempt_after_s - waited
+        if left <= 0:
+            self._reclaim(job)
+        elif self._recheck is None:
+            self._recheck = asyncio.get_running_loop().call_later(left, self._look_again)
+
+    def _look_again(self) -> None:
+        self._recheck = None
+        self._wake.set()
 
     def _start_what_fits(self) -> Job | None:
         """Start queued jobs while the next one fits; return the one that did not."""
@@ -235,7 +252,8 @@ class Executor:
     def _reclaim(self, job: Job) -> None:
         """Preempt the batch runs that borrowed the slots online ``job`` waits for."""
         need = max(1, job.spec.gpu_count)
-        free = len(self._fitting(job.spec))
+        freeing = sum(len(r.gpus) for r in self._running.values() if r.preempted)
+        free = len(self._fitting(job.spec)) + freeing
         for task_id in classes.victims(self._runs(), free, need, self.slots, self._online_share()):
             run = self._running[task_id]
             log.info("preempting batch task %s for online task %s", task_id, job.task_id)
@@ -286,6 +304,7 @@ class Executor:
                 self._wait(job, busy.message)
                 how = "waiting for quota"
                 return
+            run.recorded = True
             ctx = RunContext(
                 task_id=job.task_id,
                 attempt=job.attempt,

@@ -99,6 +99,11 @@ class LaneQueue(Generic[T]):
             del self._lanes[chosen]
         return head.item
 
+    def since(self, item: T) -> float | None:
+        """When ``item`` was enqueued, if it heads its lane (as a blocked item does)."""
+        entries = self._lanes.get(self._traits(item))
+        return entries[0].enqueued_at if entries and entries[0].item is item else None
+
     def remove(self, match: Callable[[T], bool]) -> T | None:
         for lane, q in self._lanes.items():
             for entry in q:
