@@ -27,10 +27,10 @@ import aetcd.rpc
 import grpc
 
 from chaos.net import Loopback, Namespaces, Network
-from mesh.channels import Security
+from mesh.channels import Security, agent_healthy
 from mesh.core import backlog
 from mesh.local.etcdserver import EtcdMember, find_etcd
-from mesh.local.localmesh import MESH, agent_healthy, free_port
+from mesh.local.localmesh import MESH, free_port
 from mesh.local.trust import LocalTrust
 from mesh.store import topostore
 from mesh.store.etcd import client_for, stub_options

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mesh.errors import ConfigError
 from mesh.trust.pki import agent_host
@@ -107,3 +108,20 @@ def open_channel(
         return grpc.aio.insecure_channel(address, options=options)
     options.append(("grpc.ssl_target_name_override", agent_host(security.mesh, dc)))
     return grpc.aio.secure_channel(address, security.credentials(), options=options)
+
+
+def agent_healthy(address: str, security: Security, timeout_s: float = 0.5) -> bool:
+    """Whether the agent at ``address`` answers SERVING (health is open to any TLS caller)."""
+    if security.insecure:
+        channel = grpc.insecure_channel(address)
+    else:
+        options = [("grpc.ssl_target_name_override", agent_host(security.mesh))]
+        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(security.ca), options)
+    with channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING

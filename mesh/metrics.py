@@ -13,6 +13,9 @@ BACKLOGGED = Counter("gpumesh_tasks_backlogged_total", "Tasks put in the DC's ba
 RUNNING = Gauge("gpumesh_tasks_running", "Tasks running on this agent")
 QUEUED = Gauge("gpumesh_tasks_queued", "Tasks in this agent's local queue")
 MEMBERS = Gauge("gpumesh_members", "Agents of this DC in this agent's view")
+GPU_SLOTS = Gauge("gpumesh_gpu_slots", "GPU slots of this agent")
+# 1, labelled with who this agent is: dashboards join on it to group by DC.
+AGENT_INFO = Gauge("gpumesh_agent_info", "This agent's id and DC", ["agent", "dc"])
 # Latencies, in seconds (Prometheus base units). Calls and hops span 0.5 ms to 10 s; waits and
 # runs span 5 ms to an hour.
 CALL_BUCKETS = (

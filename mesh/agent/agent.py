@@ -92,6 +92,8 @@ class Agent:
             self.client, self.keys, lambda: self.executor.quota_changed(), self._priorities_changed
         )
         self.estimates = priority.Estimates()
+        metrics.AGENT_INFO.labels(cfg.agent_id, cfg.dc).set(1)
+        metrics.GPU_SLOTS.set(len(self.gpus))
         reporter = RecordReporter(
             cfg, self.store, lambda: self.session.lease_id, self.history, self.quota
         )

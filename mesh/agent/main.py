@@ -19,6 +19,7 @@ import signal
 import sys
 
 from mesh import logs, metrics
+from mesh.agent.notify import notify
 from mesh.config import load_agent_config
 from mesh.errors import ConfigError, MeshError
 
@@ -65,7 +66,9 @@ async def serve(argv: list[str]) -> int:
             log.error("cannot start: %s", exc)
             await server.stop(0)
             return EXIT_FAILED
+        notify(READY="1", STATUS=f"serving as {cfg.agent_id} of {cfg.dc}")
         await stopping.wait()
+        notify(STOPPING="1", STATUS=f"draining: running tasks get {cfg.drain_grace_s:g} s")
         await server.stop(cfg.drain_grace_s)
         log.info("stopped")
         return 0

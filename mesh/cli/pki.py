@@ -109,6 +109,26 @@ def pki_issue(
     console.print(f"{cert}\n{key}")
 
 
+@pki_app.command("secure-etcd")
+def pki_secure_etcd(
+    endpoints: Annotated[str, typer.Option(help="comma-separated host:port of one DC's etcd")],
+    dc: Annotated[list[str], typer.Option(help="a DC whose agents use this etcd")],
+    prefix: Annotated[str, typer.Option(help="the mesh's etcd key root")] = "gpumesh",
+    mesh: MeshOpt = localmesh.MESH,
+    directory: DirOpt = None,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
+) -> None:
+    """Switch on one DC's etcd authorization (idempotent): each DC's agents confined to
+    their keys, the operator to the topology, and the token key published. Needs the
+    CA's folder (etcd's root certificate is in it)."""
+    trust = _trust(directory, home, mesh)
+    try:
+        trust.secure_etcd_now([e for e in endpoints.split(",") if e], prefix, dc)
+    except ETCD_ERRORS as exc:
+        raise fail(f"etcd at {endpoints}: {exc}") from None
+    console.print(f"etcd at {endpoints}: authorization on for {', '.join(dc)} under /{prefix}/")
+
+
 @token_app.command("issue")
 def token_issue(
     user: Annotated[str, typer.Option(help="the token's user")],

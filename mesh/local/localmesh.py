@@ -22,10 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from mesh.channels import Security
+from mesh.channels import Security, agent_healthy
 from mesh.errors import ConfigError, Unavailable
 from mesh.local.etcdserver import EtcdMember
 from mesh.local.trust import LocalTrust
@@ -34,7 +31,7 @@ from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
 from mesh.store.registry import AgentRecord
 from mesh.topology import Topology
-from mesh.trust.pki import agent_host, private_dir, write_secret
+from mesh.trust.pki import private_dir, write_secret
 
 STATE_FILE = "state.json"
 MESH = "gpumesh"  # the local mesh's trust domain
@@ -98,23 +95,6 @@ def _stop_pids(pids: list[int], timeout_s: float) -> None:
         if _alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-
-
-def agent_healthy(address: str, security: Security, timeout_s: float = 0.5) -> bool:
-    """Whether the agent at ``address`` answers SERVING (health is open to any TLS caller)."""
-    if security.insecure:
-        channel = grpc.insecure_channel(address)
-    else:
-        options = [("grpc.ssl_target_name_override", agent_host(security.mesh))]
-        channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(security.ca), options)
-    with channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
-            )
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 class LocalMesh:
