@@ -47,6 +47,7 @@ class Observed:
     settle_s: float = 60.0  # the records were read this long after the fault cleared
     split: dict[str, list[str]] = field(default_factory=dict)  # ids recorded in two DCs
     fault: tuple[float, float] = (0.0, 0.0)  # when it began, when it cleared
+    caps: dict[tuple[str, str, str], int] = field(default_factory=dict)  # (scope, group, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +59,11 @@ class Run:
     end: float  # when it stopped executing (its end, or its agent's death)
     live_end: float  # when it stopped being the mesh's run of the task
     zombie_s: float = 0.0  # awake time between the two: it executed, written off
+    dc: str = ""
+    user: str = ""
+    group: str = ""
+    gpus: int = 1
+    held_end: float = 0.0  # live, and its agent not frozen: it counts against its caps
 
 
 def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -131,20 +137,20 @@ def runs(events: list[Event]) -> list[Run]:
     written_off: dict[tuple[str, str], list[float]] = defaultdict(list)  # (task, dead agent)
     for event in select(events, "requeue", "requeued"):
         written_off[(str(event["task"]), str(event.get("dead")))].append(float(event["mono"]))  # type: ignore[arg-type]
-    open_runs: dict[tuple[str, str, int], float] = {}
-    found: list[tuple[str, str, int, float, float | None]] = []
+    open_runs: dict[tuple[str, str, int], Event] = {}
+    found: list[tuple[str, str, int, Event, float | None]] = []
     for event in events:
         if event["op"] != "run":
             continue
         key = (str(event["task"]), str(event["agent"]), int(event["attempt"]))  # type: ignore[arg-type]
-        mono = float(event["mono"])  # type: ignore[arg-type]
         if event["phase"] == "start":
-            open_runs[key] = mono
+            open_runs[key] = event
         elif event["phase"] == "end" and key in open_runs:
-            found.append((*key, open_runs.pop(key), mono))
-    found.extend((*key, start, None) for key, start in open_runs.items())
+            found.append((*key, open_runs.pop(key), float(event["mono"])))  # type: ignore[arg-type]
+    found.extend((*key, began, None) for key, began in open_runs.items())
     result = []
-    for task, agent, attempt, start, end in found:
+    for task, agent, attempt, began, end in found:
+        start = float(began["mono"])  # type: ignore[arg-type]
         killed = min((t for t in deaths[agent] if t >= start), default=None)
         stopped = min(x for x in (end, killed, horizon) if x is not None)
         offs = written_off.get((task, agent), ())
@@ -152,8 +158,38 @@ def runs(events: list[Event]) -> list[Run]:
         live_end = min(stopped, off) if off is not None else stopped
         undead = (live_end, stopped)
         zombie = undead[1] - undead[0] - sum(_overlap(undead, f) for f in frozen[agent])
-        result.append(Run(task, agent, attempt, start, stopped, live_end, max(0.0, zombie)))
+        # A frozen agent's lease lapses, and its quota slots with it: from its freeze its
+        # run no longer counts against the caps (should it wake, it is a zombie).
+        freeze = min((at for at, _ in frozen[agent] if at >= start), default=live_end)
+        result.append(
+            Run(
+                task, agent, attempt, start, stopped, live_end, max(0.0, zombie),
+                str(began.get("dc", "")), str(began.get("user", "")),
+                str(began.get("group", "")), int(began.get("gpus", 1)),  # type: ignore[arg-type]
+                min(live_end, freeze),
+            )
+        )  # fmt: skip
     return result
+
+
+def check_caps(all_runs: list[Run], caps: dict[tuple[str, str, str], int]) -> list[str]:
+    """No cap was ever exceeded: per DC, the GPUs of the live runs counted against a cap
+    (``("user", group, user)`` or ``("group", group, "")``) never go above its limit."""
+    problems = []
+    edges: dict[tuple[str, tuple[str, str, str]], list[tuple[float, int]]] = defaultdict(list)
+    for run in all_runs:
+        for cap in (("user", run.group, run.user), ("group", run.group, "")):
+            if cap in caps:
+                edges[(run.dc, cap)] += [(run.start, run.gpus), (run.held_end, -run.gpus)]
+    for (dc, cap), changes in sorted(edges.items()):
+        held = peak = 0
+        for _, delta in sorted(changes, key=lambda c: (c[0], c[1])):  # ends before starts
+            held += delta
+            peak = max(peak, held)
+        if peak > caps[cap]:
+            who = f"user {cap[2]}" if cap[0] == "user" else f"group {cap[1]}"
+            problems.append(f"cap exceeded in {dc}: {who} held {peak} GPUs, cap {caps[cap]}")
+    return problems
 
 
 def concurrent(task_runs: list[Run]) -> list[tuple[Run, Run]]:
@@ -249,7 +285,9 @@ def check(observed: Observed) -> Verdict:
             )
 
     by_task: dict[str, list[Run]] = defaultdict(list)
-    for run in runs(events):
+    all_runs = runs(events)
+    verdict.violations.extend(check_caps(all_runs, observed.caps))
+    for run in all_runs:
         by_task[run.task].append(run)
         verdict.zombie_s = max(verdict.zombie_s, run.zombie_s)
     for task, task_runs in sorted(by_task.items()):

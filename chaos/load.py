@@ -28,7 +28,7 @@ from mesh.sdk import AsyncClient, Task
 from mesh.v1 import tasks_pb2 as pb
 
 TASK_TIMEOUT_S = 120  # generous: a task that fails by deadline is a failure, not a loss
-USER = "chaos"  # the load's user: its token names it
+USER = GROUP = "chaos"  # the load's user and its group: its token names both
 TWIN_SHARE = 0.1  # of the steady rate's ids, submitted through both DCs at once
 
 

@@ -25,19 +25,28 @@ from pathlib import Path
 import aetcd
 import aetcd.rpc
 import grpc
+import yaml
 
+from chaos.load import GROUP, USER
 from chaos.net import Loopback, Namespaces, Network
 from mesh.channels import Security, agent_healthy
 from mesh.core import backlog
+from mesh.core.tenants import Tenants
 from mesh.local.etcdserver import EtcdMember, find_etcd
 from mesh.local.localmesh import MESH, free_port
 from mesh.local.trust import LocalTrust
 from mesh.store import topostore
 from mesh.store.etcd import client_for, stub_options
 from mesh.store.keys import KeySpace
+from mesh.store.quota import apply_policy
 from mesh.topology import Topology
 
 PREFIX = "chaos"
+# The load's tenant is capped a little below the DC's 6 GPUs, so quota is in play in every
+# scenario and the checker proves no cap is ever exceeded (``checker.check_caps``).
+TENANTS = Tenants.model_validate(
+    {"groups": {GROUP: {"max_gpus": 5, "users": {USER: {"max_gpus": 5}}}}}
+)
 DCS = {"west": 3, "east": 1}  # etcd members per DC
 MODEL = "sdxl-1.0"
 AGENT_FLAGS = {
@@ -162,6 +171,7 @@ class ChaosMesh:
             self.trust.secure_etcd_now(self.endpoints(dc), PREFIX, [dc])
         addresses = {dc: [self._addresses(dc, i) for i in range(self.agents_per_dc)] for dc in DCS}
         self._apply_topology({dc: [peer for _, peer in pairs] for dc, pairs in addresses.items()})
+        asyncio.run(self._apply_tenants())
         for dc in DCS:
             for i, (address, peer) in enumerate(addresses[dc], start=1):
                 agent = self._agent(f"{dc}-{i}", dc, address, peer)
@@ -195,6 +205,23 @@ class ChaosMesh:
         failed = {dc: what for dc, what in report.items() if not what.startswith("applied")}
         if failed:
             raise RuntimeError(f"could not apply the topology: {failed}")
+
+    async def _apply_tenants(self) -> None:
+        text = yaml.safe_dump(TENANTS.model_dump(mode="json", exclude_none=True))
+        for dc in DCS:
+            async with self.client(dc) as client:
+                await apply_policy(client, KeySpace(PREFIX, dc), text)
+
+    def caps(self) -> dict[tuple[str, str, str], int]:
+        """The caps the checker holds the run to: (scope, group, user) to GPUs."""
+        found = {}
+        for group, spec in TENANTS.groups.items():
+            if spec.max_gpus is not None:
+                found[("group", group, "")] = spec.max_gpus
+            for user, limits in spec.users.items():
+                if limits.max_gpus is not None:
+                    found[("user", group, user)] = limits.max_gpus
+        return found
 
     def _agent(self, name: str, dc: str, address: str, peer: str) -> Agent:
         assert self.trust is not None

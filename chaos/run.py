@@ -18,7 +18,7 @@ import aetcd
 
 from chaos import checker
 from chaos.checker import Observed, Term
-from chaos.load import USER, Load
+from chaos.load import GROUP, USER, Load
 from chaos.mesh import DCS, MODEL, PREFIX, ChaosMesh, etcd_version
 from chaos.net import Loopback, Namespaces, Network, netns_missing
 from chaos.scenarios import Context, Scenario, Staged
@@ -187,7 +187,7 @@ async def _staged(scenario: Scenario, workdir: Path, seed: int, quick: bool) -> 
         await asyncio.to_thread(mesh.start)
         agents = {dc: {a.name: a.address for a in mesh.in_dc(dc)} for dc in DCS}
         assert mesh.trust is not None
-        user = mesh.trust.user(USER)
+        user = mesh.trust.user(USER, groups=[GROUP])
         load = Load(agents, client_history, RATE_PER_S, MODEL, random.Random(seed), user)
         stop = asyncio.Event()
         generating = asyncio.create_task(load.run(stop))
@@ -211,6 +211,7 @@ async def _staged(scenario: Scenario, workdir: Path, seed: int, quick: bool) -> 
             split=split,
             fault=(staged.start, staged.heal),
             settle_s=scenario.settle_s,
+            caps=mesh.caps(),
         )
         return _outcome(scenario, observed, staged)
     finally:

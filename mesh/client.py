@@ -97,6 +97,12 @@ class MeshClient:
     async def undrain(self, timeout_s: float = 5.0) -> pb.AgentInfo:
         return await self.agents_stub.Undrain(pb.UndrainRequest(), timeout=timeout_s)
 
+    async def split_quota(
+        self, group: str, users: dict[str, int], remove: list[str], timeout_s: float = 10.0
+    ) -> pb.QuotaSplit:
+        request = pb.SplitQuotaRequest(group=group, users=users, remove=remove)
+        return await self.agents_stub.SplitQuota(request, timeout=timeout_s)
+
     async def agents(self, timeout_s: float = 5.0) -> list[pb.AgentInfo]:
         reply = await self.agents_stub.ListAgents(pb.ListAgentsRequest(), timeout=timeout_s)
         return list(reply.agents)

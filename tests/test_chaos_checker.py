@@ -19,8 +19,10 @@ def submitted(key: str, at: float = 0.0) -> list[dict]:
     ]
 
 
-def ran(task: str, agent: str, start: float, end: float | None, attempt: int = 1) -> list[dict]:
-    events = [ev(start, "run", "start", agent, task=task, attempt=attempt)]
+def ran(
+    task: str, agent: str, start: float, end: float | None, attempt: int = 1, **who: object
+) -> list[dict]:
+    events = [ev(start, "run", "start", agent, task=task, attempt=attempt, **who)]
     if end is not None:
         events.append(ev(end, "run", "end", agent, task=task, attempt=attempt, how="SUCCEEDED"))
     return events
@@ -37,6 +39,7 @@ def observe(events: list[dict], records: dict | None = None, **kw: object) -> Ob
         settle_s=kw.get("settle_s", 60.0),  # type: ignore[arg-type]
         split=kw.get("split", {}),  # type: ignore[arg-type]
         fault=kw.get("fault", (0.0, 0.0)),  # type: ignore[arg-type]
+        caps=kw.get("caps", {}),  # type: ignore[arg-type]
     )
 
 
@@ -194,3 +197,40 @@ def test_an_id_split_between_dcs_is_counted_in_the_fault_and_a_violation_outside
     assert (verdict.split_ids, verdict.split_ran_twice) == (1, 1)
     assert any("together is recorded in east and west" in v for v in verdict.violations)
     assert not any("apart" in v for v in verdict.violations), verdict.violations
+
+
+CAPS = {("user", "vision", "ada"): 2, ("group", "vision", ""): 3}
+
+
+def test_no_cap_may_be_exceeded_even_for_an_instant() -> None:
+    ada = {"user": "ada", "group": "vision", "gpus": 1}
+    bob = {"user": "bob", "group": "vision", "gpus": 1}
+    keys = ["a", "b", "c", "d"]
+    fine = [
+        *(e for k in keys for e in submitted(k)),
+        *ran("a", "w1", 1, 3, **ada),
+        *ran("b", "w2", 2, 4, **ada),
+        *ran("c", "w1", 3, 5, **ada),  # starts as "a" ends: never three at once
+        *ran("d", "w2", 2.5, 6, **bob),  # the group at 3 of 3
+    ]
+    records = {k: done() for k in keys}
+    assert check(observe(fine, records, caps=CAPS)).ok
+    over = [e for e in fine if e.get("task") != "c"] + ran("c", "w1", 2.9, 5, **ada)
+    assert check(observe(over, records, caps=CAPS)).violations == [
+        "cap exceeded in west: group vision held 4 GPUs, cap 3",
+        "cap exceeded in west: user ada held 3 GPUs, cap 2",
+    ]
+
+
+def test_a_frozen_agents_run_stops_counting_against_caps_at_its_freeze() -> None:
+    ada = {"user": "ada", "group": "vision", "gpus": 2}
+    events = [
+        *submitted("a"),
+        *submitted("b"),
+        *ran("a", "w1", 1, 9, **ada),
+        ev(1.5, "fault", "stop", "harness", target="w1"),
+        ev(8.75, "fault", "cont", "harness", target="w1"),
+        ev(4, "requeue", "requeued", "w2", task="a", attempt=2, dead="w1", token=5, rev=20),
+        *ran("b", "w2", 3, 6, **ada),  # its lease gone, w1's slots were free again
+    ]
+    assert not check(observe(events, {"a": done(), "b": done()}, caps=CAPS)).violations

@@ -5,11 +5,16 @@ task still runs (it waits, it never fails for its cap)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 
 import aetcd
+import grpc
+import pytest
 import yaml
 from support import USER, Cluster, eventually, sleep_spec
 
+from mesh.core.access import GROUP_ADMIN
 from mesh.core.task import TERMINAL
 from mesh.store.etcd import watch_events
 from mesh.store.keys import KeySpace
@@ -69,3 +74,48 @@ async def test_a_user_capped_at_two_never_runs_more_than_two(
         assert list(slots) == []  # every slot given back at the end
     finally:
         watching.cancel()
+
+
+async def run(*argv: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 120)  # a hang guard
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_a_group_admin_splits_its_groups_cap_and_never_beyond_it(
+    cluster: Cluster, etcd_client: aetcd.Client, prefix: str
+) -> None:
+    keys = KeySpace(prefix, "west")
+    await apply_policy(etcd_client, keys, yaml.safe_dump(POLICY))
+    agent = cluster.start("s1")
+    admin = cluster.trust.user("carol", groups=["research"], roles=[GROUP_ADMIN])
+    async with agent.client(admin) as client:
+        split = await client.split_quota("research", {"eve": 1}, [])
+        assert (split.dc, split.max_gpus, dict(split.users)) == ("west", 3, {USER: 2, "eve": 1})
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.split_quota("research", {"eve": 2}, [])
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "add up to 4 GPUs, more than the group's 3" in (refused.value.details() or "")
+        split = await client.split_quota("research", {"eve": 2}, [USER])  # room made first
+        assert dict(split.users) == {"eve": 2}
+    stored = yaml.safe_load((await etcd_client.get(keys.quota + b"policy")).value)
+    assert stored["groups"]["research"]["users"] == {"eve": {"max_gpus": 2}}
+    token = cluster.trust.token("carol", ["research"], [GROUP_ADMIN])
+    meshctl = [sys.executable, "-m", "mesh.cli", "--ca", str(cluster.trust.ca), "--token", token]
+    where = ["-e", agent.address, "-o", "json"]
+    code, out, err = await run(*meshctl, "quota", "split", "research", "--user", "bob=1", *where)
+    assert code == 0, err
+    assert json.loads(out)["users"] == {"eve": 2, "bob": 1}
+    code, out, err = await run(*meshctl, "quota", "split", "research", "--user", "bob=2", *where)
+    assert code != 0 and "more than the group's 3" in out + err
+    for who in (
+        cluster.trust.user("dave", groups=["vision"], roles=[GROUP_ADMIN]),  # another group's
+        cluster.trust.user("erin", groups=["research"]),  # a member, not its admin
+    ):
+        async with agent.client(who) as client:
+            with pytest.raises(grpc.aio.AioRpcError) as denied:
+                await client.split_quota("research", {"erin": 3}, [])
+            assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED

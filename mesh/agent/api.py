@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from mesh import metrics
 from mesh.agent.dispatch import describe
 from mesh.core import classes
-from mesh.core.access import ANYONE, OPERATOR, Grant, Identity, PermissionDenied
+from mesh.core.access import ANYONE, OPERATOR, Grant, Identity, PermissionDenied, may_administer
 from mesh.core.clock import now_ms
 from mesh.core.task import NAME, admit, check_id, page_start, page_token, public
 from mesh.errors import InvalidTask, MeshError, TaskConflict, Unavailable
+from mesh.store.quota import split_policy
 from mesh.store.registry import AgentRecord
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -227,6 +228,23 @@ class AgentApi:
         log.warning("taken back into service at the request of %s", grant.identity)
         return self._info(await self._agent.undrain())
 
+    async def split_quota(self, request: pb.SplitQuotaRequest, grant: Grant) -> pb.QuotaSplit:
+        may_administer(grant.identity, request.group)
+        if len(request.users) + len(request.remove) > MAX_SPLIT_USERS:
+            raise InvalidTask(f"a split names at most {MAX_SPLIT_USERS} users")
+        agent = self._agent
+        tenants = await split_policy(
+            agent.client, agent.keys, request.group, dict(request.users), list(request.remove)
+        )
+        log.warning("group %s split by %s", request.group, grant.identity)
+        spec = tenants.groups[request.group]
+        users = {
+            u: limits.max_gpus for u, limits in spec.users.items() if limits.max_gpus is not None
+        }
+        return pb.QuotaSplit(
+            group=request.group, dc=agent.cfg.dc, max_gpus=spec.max_gpus or 0, users=users
+        )
+
     # -- PeerService ---------------------------------------------------------------------
 
     async def offer(self, request: peer_pb2.Envelope, grant: Grant) -> peer_pb2.OfferResponse:
@@ -264,6 +282,7 @@ MAX_REASON = 1024
 MAX_TOKEN = 128
 MAX_AFFINITY = 256
 MAX_GPUS = 64
+MAX_SPLIT_USERS = 1000
 USER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}")
 
 

@@ -103,8 +103,16 @@ class RecordReporter:
             self._slots[job.task_id] = slots
         if waited:
             metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, waited[-1]))
+        user = job.spec.user
         self._history.write(
-            "run", "start", task=job.task_id, attempt=job.attempt, rev=stored.revision
+            "run",
+            "start",
+            task=job.task_id,
+            attempt=job.attempt,
+            rev=stored.revision,
+            user=user.id,
+            group=user.group,
+            gpus=len(gpus),
         )
         return True
 

@@ -115,6 +115,10 @@ class AgentServicer(tasks_pb2_grpc.AgentServiceServicer):
         return await self.api.undrain(request, caller())
 
     @unary
+    async def SplitQuota(self, request, context):
+        return await self.api.split_quota(request, caller())
+
+    @unary
     async def Route(self, request, context):
         return await self.api.route(request, caller())
 

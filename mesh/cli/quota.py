@@ -12,7 +12,20 @@ import typer
 import yaml
 from rich.table import Table
 
-from mesh.cli.common import DEFAULT_TOPOLOGY, HomeOpt, console, etcd_security, fail
+from mesh.cli.common import (
+    DEFAULT_TOPOLOGY,
+    EndpointOpt,
+    HomeOpt,
+    Output,
+    OutputOpt,
+    as_dict,
+    call,
+    console,
+    emit,
+    etcd_security,
+    fail,
+    resolve_endpoint,
+)
 from mesh.core.tenants import Tenants, caps, parse
 from mesh.errors import ConfigError
 from mesh.local import localmesh
@@ -62,6 +75,38 @@ def quota_apply(
         console.print(f"{dc}: {outcome}")
     if any(o != "applied" for o in report.values()):
         raise typer.Exit(1)
+
+
+@app.command("split")
+def quota_split(
+    group: Annotated[str, typer.Argument(help="the group whose cap to split")],
+    user: Annotated[
+        list[str], typer.Option("--user", help="USER=GPUS, the user's cap (repeatable)")
+    ] = [],  # noqa: B006
+    remove: Annotated[list[str], typer.Option(help="a user whose own cap goes")] = [],  # noqa: B006
+    endpoint: EndpointOpt = None,
+    output: OutputOpt = Output.table,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
+) -> None:
+    """As GROUP's admin, split its GPU cap among its users in the endpoint's DC (refused if
+    the users' caps would add up to more than the group's)."""
+    users = {}
+    for item in user:
+        name, _, gpus = item.partition("=")
+        if not name or not gpus.isdigit():
+            raise fail(f"--user {item!r}: give USER=GPUS, e.g. --user ada=4", 2)
+        users[name] = int(gpus)
+    split = call(resolve_endpoint(endpoint, home), lambda c: c.split_quota(group, users, remove))
+
+    def table() -> Table:
+        shown = Table(
+            "user", "max GPUs", title=f"{split.dc}: group {group} at {split.max_gpus} GPUs"
+        )
+        for name, gpus in sorted(split.users.items()):
+            shown.add_row(name, str(gpus))
+        return shown
+
+    emit(as_dict(split), output, table)
 
 
 @app.command("show")

@@ -18,9 +18,10 @@ SUBMITTER = "submitter"
 READER = "reader"
 OPERATOR = "operator"
 AGENT = "agent"
-ROLES = frozenset({SUBMITTER, READER, OPERATOR, AGENT})
-# What a role brings with it: an operator may also read and submit.
-IMPLIES = {OPERATOR: frozenset({READER, SUBMITTER})}
+GROUP_ADMIN = "group-admin"  # splits the caps of its own groups among their users
+ROLES = frozenset({SUBMITTER, READER, OPERATOR, AGENT, GROUP_ADMIN})
+# What a role brings with it: an operator may also read and submit, and split any group.
+IMPLIES = {OPERATOR: frozenset({READER, SUBMITTER, GROUP_ADMIN})}
 
 
 class Unauthenticated(MeshError):
@@ -99,6 +100,7 @@ RULES: dict[str, Rule] = {
     AGENTS + "Queue": rule(SUBMITTER, READER),
     AGENTS + "Drain": rule(OPERATOR),
     AGENTS + "Undrain": rule(OPERATOR),
+    AGENTS + "SplitQuota": rule(GROUP_ADMIN),
     PEERS + "Offer": rule(AGENT),
     PEERS + "CancelLocal": rule(AGENT),
     PEERS + "Summary": rule(AGENT),
@@ -116,6 +118,14 @@ PUBLIC = frozenset(
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     }
 )
+
+
+def may_administer(identity: Identity, group: str) -> None:
+    """A group admin acts on its own groups; an operator on any."""
+    if OPERATOR in identity.held or identity is ANYONE:
+        return
+    if GROUP_ADMIN not in identity.held or group not in identity.groups:
+        raise PermissionDenied(f"{identity} is no admin of group {group!r}")
 
 
 def authorize(identity: Identity, method: str) -> Grant:

@@ -9,7 +9,7 @@ the reason, and never fails for it; ``blocked`` says whether and why.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -120,6 +120,21 @@ def online_share(tenants: Tenants | None, dc: str) -> float:
         return DEFAULT_ONLINE_SHARE
     override = tenants.dcs.get(dc)
     return tenants.online_share if override is None else override.online_share
+
+
+def split(
+    tenants: Tenants, group: str, users: Mapping[str, int], remove: Iterable[str] = ()
+) -> Tenants:
+    """``tenants`` with ``group``'s users' caps changed as its admin asks; ``ConfigError``
+    (saying why) if the group has no cap to split or the caps would exceed it."""
+    spec = tenants.groups.get(group)
+    if spec is None or spec.max_gpus is None:
+        raise ConfigError(f"group {group!r} has no GPU cap to split (the operator sets one)")
+    changed = {u: v for u, v in spec.users.items() if u not in set(remove)}
+    changed |= {user: UserLimits(max_gpus=n) for user, n in users.items()}
+    document = tenants.model_dump(mode="json")
+    document["groups"][group]["users"] = {u: v.model_dump() for u, v in changed.items()}
+    return parse(document, f"group {group}")
 
 
 def caps(tenants: Tenants | None, user: str, group: str) -> list[Cap]:

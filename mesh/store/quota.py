@@ -17,8 +17,8 @@ from collections.abc import Callable
 import aetcd
 import yaml
 
-from mesh.core.tenants import Cap, Tenants, blocked, caps, parse
-from mesh.errors import ConfigError
+from mesh.core.tenants import Cap, Tenants, blocked, caps, parse, split
+from mesh.errors import ConfigError, StaleWrite
 from mesh.store.keys import KeySpace
 from mesh.store.mirror import PrefixMirror
 
@@ -98,6 +98,29 @@ class QuotaStore:
 
     def give_back(self, names: list[bytes]) -> list:
         return [self._tx.delete(key) for key in names]
+
+
+async def split_policy(
+    client: aetcd.Client, keys: KeySpace, group: str, users: dict[str, int], remove: list[str]
+) -> Tenants:
+    """A group admin's split, written over this DC's policy only if nobody changed it
+    meanwhile (compare-and-swap on its revision): a concurrent ``quota apply`` is never
+    overwritten with a stale copy."""
+    key = keys.quota + POLICY.encode()
+    current = await client.get(key)
+    if current is None:
+        raise ConfigError("this DC has no tenants policy ('meshctl quota apply' sets one)")
+    tenants = split(parse(yaml.safe_load(current.value), "the policy"), group, users, remove)
+    text = yaml.safe_dump(tenants.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    tx = client.transactions
+    ok, _ = await client.transaction(
+        compare=[tx.mod(key) == current.mod_revision],
+        success=[tx.put(key, text.encode())],
+        failure=[],
+    )
+    if not ok:
+        raise StaleWrite("the tenants policy changed meanwhile; read it again and retry")
+    return tenants
 
 
 def parse_slot(name: str) -> tuple[str, str, int] | None:

@@ -397,6 +397,42 @@ class DrainRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SplitQuotaRequest(_message.Message):
+    __slots__ = ("group", "users", "remove")
+    class UsersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    users: _containers.ScalarMap[str, int]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, group: _Optional[str] = ..., users: _Optional[_Mapping[str, int]] = ..., remove: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class QuotaSplit(_message.Message):
+    __slots__ = ("group", "dc", "max_gpus", "users")
+    class UsersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    DC_FIELD_NUMBER: _ClassVar[int]
+    MAX_GPUS_FIELD_NUMBER: _ClassVar[int]
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    dc: str
+    max_gpus: int
+    users: _containers.ScalarMap[str, int]
+    def __init__(self, group: _Optional[str] = ..., dc: _Optional[str] = ..., max_gpus: _Optional[int] = ..., users: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
 class UndrainRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

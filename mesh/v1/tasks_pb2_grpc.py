@@ -346,6 +346,11 @@ class AgentServiceStub:
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.UndrainRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_tasks__pb2.AgentInfo.FromString,
                 _registered_method=True)
+        self.SplitQuota = channel.unary_unary(
+                '/mesh.v1.AgentService/SplitQuota',
+                request_serializer=mesh_dot_v1_dot_tasks__pb2.SplitQuotaRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_tasks__pb2.QuotaSplit.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -383,6 +388,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SplitQuota(self, request, context):
+        """Split a group's GPU cap among its users (a group admin of that group, or an operator).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -410,6 +422,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.Undrain,
                     request_deserializer=mesh_dot_v1_dot_tasks__pb2.UndrainRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_tasks__pb2.AgentInfo.SerializeToString,
+            ),
+            'SplitQuota': grpc.unary_unary_rpc_method_handler(
+                    servicer.SplitQuota,
+                    request_deserializer=mesh_dot_v1_dot_tasks__pb2.SplitQuotaRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_tasks__pb2.QuotaSplit.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -547,6 +564,33 @@ class AgentService:
             '/mesh.v1.AgentService/Undrain',
             mesh_dot_v1_dot_tasks__pb2.UndrainRequest.SerializeToString,
             mesh_dot_v1_dot_tasks__pb2.AgentInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SplitQuota(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.AgentService/SplitQuota',
+            mesh_dot_v1_dot_tasks__pb2.SplitQuotaRequest.SerializeToString,
+            mesh_dot_v1_dot_tasks__pb2.QuotaSplit.FromString,
             options,
             channel_credentials,
             insecure,
