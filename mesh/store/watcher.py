@@ -81,7 +81,9 @@ class KeyedWatcher(aetcd.watcher.Watcher):
             async with self._lock:
                 wid = self._answered(response.watch_id)
                 creating = self._creating.pop(wid, None)
-                if creating is None:  # abandoned by its caller
+                # Abandoned by its caller: gone, or cancelled while its caller had yet to
+                # run the line that forgets it.
+                if creating is None or creating[1].done():
                     if not response.canceled:
                         await self._enqueue_watch_cancel(watch_id=response.watch_id)
                     return
