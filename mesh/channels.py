@@ -16,6 +16,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
 from mesh.errors import ConfigError
 from mesh.trust.pki import agent_host
@@ -104,10 +105,15 @@ def open_channel(
 ) -> grpc.aio.Channel:
     """A channel to the agent at ``address`` (of DC ``dc``, when the caller needs one)."""
     options = channel_options(max_message_bytes) + list(extra or [])
+    # Each call carries the current trace (W3C traceparent in its metadata); without a
+    # tracer provider (meshctl, the SDK) this costs next to nothing.
+    interceptors = aio_client_interceptors()
     if security.insecure:
-        return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
     options.append(("grpc.ssl_target_name_override", agent_host(security.mesh, dc)))
-    return grpc.aio.secure_channel(address, security.credentials(), options=options)
+    return grpc.aio.secure_channel(
+        address, security.credentials(), options=options, interceptors=interceptors
+    )
 
 
 def agent_healthy(address: str, security: Security, timeout_s: float = 0.5) -> bool:

@@ -163,6 +163,11 @@ class AgentConfig(BaseSettings):
         description="A task that has waited this long is taken next, whatever its class: the "
         "bound on starvation. Shorter: fairer to light classes; longer: weights hold better.",
     )
+    span_dir: Path | None = Field(
+        None,
+        description="Write this agent's trace spans here as JSON lines (meshctl trace reads "
+        "them); OTLP export is set with the standard OTEL_EXPORTER_OTLP_ENDPOINT.",
+    )
     preempt_after_s: float = Field(
         0.5,
         ge=0,

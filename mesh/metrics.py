@@ -117,6 +117,13 @@ GOSSIP_DROPPED = Counter(
 GOSSIP_SENT_BYTES = Counter("gpumesh_gossip_sent_bytes_total", "Gossip bytes sent")
 
 
+def observe(histogram: Histogram, seconds: float, trace_id: str = "") -> None:
+    """Observe ``seconds`` (never below 0), with the task's trace id as the exemplar
+    (OpenMetrics: a heatmap cell links to a trace that landed in it)."""
+    exemplar = {"trace_id": trace_id} if trace_id else None
+    histogram.observe(max(0.0, seconds), exemplar)
+
+
 def serve(listen: str) -> None:
     host, _, port = listen.rpartition(":")
     start_http_server(int(port), addr=host or "127.0.0.1")

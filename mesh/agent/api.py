@@ -14,7 +14,7 @@ import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from mesh import metrics
+from mesh import metrics, tracing
 from mesh.agent.dispatch import describe
 from mesh.core import classes
 from mesh.core.access import ANYONE, OPERATOR, Grant, Identity, PermissionDenied, may_administer
@@ -69,10 +69,14 @@ class AgentApi:
             spec.CopyFrom(request.spec)
             spec.user.CopyFrom(owner_of(spec.user, grant.identity))
             may_ask_online(spec, grant.identity)
-            admitted = admit(
-                spec, agent.cfg, agent.known_pipelines(), now_ms(), agent.addressing.new_id
-            )
-            stored, created = await agent.submission.submit(admitted)
+            with tracing.TRACER.start_as_current_span("admit") as span:
+                admitted = admit(
+                    spec, agent.cfg, agent.known_pipelines(), now_ms(), agent.addressing.new_id
+                )
+                span.set_attributes(
+                    {"task.id": admitted.spec.task_id, "task.pipeline": spec.pipeline}
+                )
+                stored, created = await agent.submission.submit(admitted)
         except MeshError as exc:
             metrics.REJECTED.labels(exc.code).inc()
             raise

@@ -348,6 +348,7 @@ class Dispatcher:
             status.deadline.ToMilliseconds(),
             ["backlog"],
             enqueued_ms=waiting.enqueued_ms,
+            traceparent=updated.record.traceparent,
         )
         self._placements.spawn(job)
         return True

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from mesh import metrics
+from mesh import logs, metrics, tracing
 from mesh.config import AgentConfig
 from mesh.core import classes
 from mesh.core.jobs import Job, Outcome
@@ -314,8 +314,21 @@ class Executor:
                 progress=lambda s, t, m: self._reporter.progress(job, s, t, m),
             )
             began = self._clock()
-            async with asyncio.timeout((job.deadline_ms - _now_ms()) / 1000):
-                output = await self._pipelines[job.spec.pipeline].run(ctx)
+            attributes = {
+                "task.id": job.task_id,
+                "task.attempt": job.attempt,
+                "task.pipeline": job.spec.pipeline,
+                "task.model": job.spec.model,
+                "gpu.slots": [g.index for g in run.gpus],
+            }
+            with (
+                logs.task(job.task_id),
+                tracing.TRACER.start_as_current_span(
+                    "run", context=tracing.joined(job.traceparent), attributes=attributes
+                ),
+            ):
+                async with asyncio.timeout((job.deadline_ms - _now_ms()) / 1000):
+                    output = await self._pipelines[job.spec.pipeline].run(ctx)
             outcome = Outcome(pb.TASK_STATE_SUCCEEDED, output=output)
             self._queue.policy.estimates.learn(job.traits.kind, self._clock() - began)
         except TimeoutError:

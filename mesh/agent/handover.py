@@ -61,7 +61,7 @@ class Handover:
             )
             log.info("a task my previous run left %s: %s", verdict, status.task_id)
             if verdict == "requeued":
-                jobs.append(requeued_job(updated.status))
+                jobs.append(requeued_job(updated.status, updated.record.traceparent))
         return jobs
 
     async def give_back(

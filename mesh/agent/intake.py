@@ -12,7 +12,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from mesh import metrics
+from mesh import metrics, tracing
 from mesh.agent.executor import Executor
 from mesh.agent.view import View
 from mesh.config import AgentConfig
@@ -59,7 +59,13 @@ class Intake:
             return False, "hop limit"
         if not 0 < envelope.deadline_unix_ms <= MAX_DEADLINE_MS:
             raise InvalidTask("deadline out of range", deadline_unix_ms=envelope.deadline_unix_ms)
-        job = Job(envelope.spec, envelope.attempt, envelope.deadline_unix_ms, list(envelope.path))
+        job = Job(
+            envelope.spec,
+            envelope.attempt,
+            envelope.deadline_unix_ms,
+            list(envelope.path),
+            traceparent=envelope.traceparent,
+        )
         if envelope.origin_dc and envelope.origin_dc != self._cfg.dc:
             accepted, reason = await self._adopt(job)
         else:
@@ -82,6 +88,8 @@ class Intake:
             agent_id=self._cfg.agent_id,
             dc=self._cfg.dc,
             inline_payload_bytes=self._cfg.inline_payload_bytes,
+            traceparent=job.traceparent,
+            trace_id=tracing.trace_id(job.traceparent),
         )
         stored, created = await self._store.create(record)
         if not created:

@@ -18,7 +18,7 @@ import logging
 import signal
 import sys
 
-from mesh import logs, metrics
+from mesh import logs, metrics, tracing
 from mesh.agent.notify import notify
 from mesh.config import load_agent_config
 from mesh.errors import ConfigError, MeshError
@@ -36,6 +36,7 @@ async def serve(argv: list[str]) -> int:
         print(f"mesh-agent: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.log_level, agent=cfg.agent_id, dc=cfg.dc)
+    spans = tracing.setup(cfg.agent_id, cfg.dc, cfg.span_dir)
     # Imported after logging is set up: building the agent probes NVML and logs about it.
     from mesh.agent.agent import Agent
     from mesh.agent.service import Server
@@ -73,6 +74,7 @@ async def serve(argv: list[str]) -> int:
         log.info("stopped")
         return 0
     finally:
+        spans.shutdown()  # the last spans reach their file or collector
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

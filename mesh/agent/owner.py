@@ -210,6 +210,6 @@ class QueueOwner:
             if verdict:
                 log.info("task %s failed: its agent %s died", updated.status.task_id, dead_agent)
             return
-        job = requeued_job(updated.status)
+        job = requeued_job(updated.status, updated.record.traceparent)
         log.info("re-queued %s as attempt %d (agent %s died)", job.task_id, job.attempt, dead_agent)
         self._placements.spawn(job)

@@ -14,8 +14,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 import grpc
+from opentelemetry import trace
 
-from mesh import metrics
+from mesh import logs, metrics, tracing
 from mesh.agent.decisionlog import DecisionLog
 from mesh.agent.executor import Executor
 from mesh.agent.handoff import Handoffs
@@ -145,10 +146,34 @@ class Placement:
         ``patient`` one (the owner's: it was accepted long ago) waits in the backlog
         for such an agent until its deadline.
         """
+        parent = tracing.joined(job.traceparent) if job.traceparent else None
+        with (
+            logs.task(job.task_id),
+            tracing.TRACER.start_as_current_span(
+                "place",
+                context=parent,
+                attributes={"task.id": job.task_id, "task.attempt": job.attempt},
+            ) as span,
+        ):
+            where = await self._place(job, spill, wait, patient, span)
+            span.set_attribute("placed", where)
+            return where
+
+    async def _place(
+        self, job: Job, spill: bool, wait: bool, patient: bool, span: trace.Span
+    ) -> str:
         visited = set(job.path)
         refused: list[str] = []
         for final in (False, True):
             decision = self.route(job.spec, visited, spill=spill)
+            span.set_attributes(
+                {
+                    "route.round": 2 if final else 1,
+                    "route.targets": [f"{t.kind}:{t.name}" for t in decision.targets],
+                    "route.reason": decision.first.reason,
+                    "route.bound": decision.bound,
+                }
+            )
             for target in decision.targets:
                 if target.kind == AGENT:
                     accepted, reason = await self._offer_agent(target.name, target.max_tasks, job)
@@ -224,6 +249,7 @@ class Placement:
             attempt=job.attempt,
             entry_agent=job.path[0] if job.path else self.cfg.agent_id,
             max_tasks=max_tasks,
+            traceparent=job.traceparent,
         )
         envelope.spec.CopyFrom(job.spec)
         return envelope

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mesh import metrics
+from mesh import metrics, tracing
 from mesh.agent.history import History
 from mesh.agent.retry import patient
 from mesh.config import AgentConfig
@@ -63,7 +63,7 @@ class RecordReporter:
 
     async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool:
         cancelled = False
-        waited: list[float] = []  # the queue wait the written record shows
+        waited: list[tuple[int, int]] = []  # the queue wait the written record shows (ns)
         me = self._cfg.agent_id
 
         def mutate(record: peer_pb2.TaskRecord) -> None:
@@ -86,7 +86,7 @@ class RecordReporter:
             status.state = pb.TASK_STATE_RUNNING
             status.started_at.CopyFrom(now_ts())
             since = status.queued_at if status.HasField("queued_at") else status.created_at
-            waited.append((status.started_at.ToNanoseconds() - since.ToNanoseconds()) / 1e9)
+            waited.append((since.ToNanoseconds(), status.started_at.ToNanoseconds()))
             status.progress.CopyFrom(
                 pb.Progress(
                     step=0, total=0, message=f"on GPUs {','.join(str(g.index) for g in gpus)}"
@@ -102,7 +102,19 @@ class RecordReporter:
         if slots:
             self._slots[job.task_id] = slots
         if waited:
-            metrics.QUEUE_WAIT_SECONDS.observe(max(0.0, waited[-1]))
+            since_ns, started_ns = waited[-1]
+            wait = tracing.TRACER.start_span(
+                "queue wait",
+                context=tracing.joined(job.traceparent),
+                start_time=since_ns,
+                attributes={"task.id": job.task_id, "task.attempt": job.attempt},
+            )
+            wait.end(end_time=max(since_ns, started_ns))
+            metrics.observe(
+                metrics.QUEUE_WAIT_SECONDS,
+                max(0.0, (started_ns - since_ns) / 1e9),
+                tracing.trace_id(job.traceparent),
+            )
         user = job.spec.user
         self._history.write(
             "run",
@@ -198,11 +210,13 @@ class RecordReporter:
             await self._give_back(slots)
         if stored is not None:
             status = stored.status
+            trace_id = status.trace_id
             end = status.finished_at.ToNanoseconds()
             if status.HasField("started_at"):
                 run_s = (end - status.started_at.ToNanoseconds()) / 1e9
-                metrics.RUN_SECONDS.labels(job.spec.pipeline).observe(max(0.0, run_s))
-            metrics.TASK_SECONDS.observe(max(0.0, (end - status.created_at.ToNanoseconds()) / 1e9))
+                metrics.observe(metrics.RUN_SECONDS.labels(job.spec.pipeline), run_s, trace_id)
+            task_s = (end - status.created_at.ToNanoseconds()) / 1e9
+            metrics.observe(metrics.TASK_SECONDS, task_s, trace_id)
         self._history.write(
             "commit",
             "rejected" if stored is None else "ok",

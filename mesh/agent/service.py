@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
 from mesh.agent.agent import Agent
 from mesh.agent.api import AgentApi
@@ -175,7 +176,12 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.grpc = grpc.aio.server(
             options=server_options(cfg.max_message_bytes),
-            interceptors=[Authenticator(cfg.mesh_name, None if cfg.insecure else agent.verifier)],
+            # OpenTelemetry's first: a call's span (and the caller's trace) is current
+            # before anything else, so even a refused call is traced.
+            interceptors=[
+                aio_server_interceptor(),
+                Authenticator(cfg.mesh_name, None if cfg.insecure else agent.verifier),
+            ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(agent.api), self.grpc)

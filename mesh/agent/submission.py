@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from mesh import metrics
+from mesh import metrics, tracing
 from mesh.agent.addressing import Addressing
 from mesh.agent.placement import Placement
 from mesh.agent.retry import patient
@@ -71,6 +71,8 @@ class Submission:
             agent_id=self._cfg.agent_id,
             dc=self._cfg.dc,
             inline_payload_bytes=self._cfg.inline_payload_bytes,
+            traceparent=(parent := tracing.traceparent()),
+            trace_id=tracing.trace_id(parent),
         )
 
     async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
@@ -95,7 +97,8 @@ class Submission:
         if not created:
             return stored, False
         try:
-            await self._placement.place(Job(spec, attempt=1, deadline_ms=admitted.deadline_ms))
+            job = Job(spec, 1, admitted.deadline_ms, traceparent=record.traceparent)
+            await self._placement.place(job)
         except MeshError:
             with contextlib.suppress(MeshError):
                 await self._store.delete(stored)  # never accepted: leave no trace
@@ -129,7 +132,7 @@ class Submission:
         ):
             return
         log.info("a submit that timed out was recorded after all: placing %s", spec.task_id)
-        job = Job(spec, attempt=status.attempt, deadline_ms=admitted.deadline_ms)
+        job = Job(spec, status.attempt, admitted.deadline_ms, traceparent=stored.record.traceparent)
         try:
             await self._placement.place(job)
         except MeshError as exc:
@@ -141,7 +144,7 @@ class Submission:
         """Our DC's etcd cannot take the task: hand it to the overflow DCs, in the
         topology's order of weight, which record and run it (an idempotent hand-over: a
         retry finds it there). Nothing is recorded here, so only they can answer for it."""
-        job = Job(admitted.spec, attempt=1, deadline_ms=admitted.deadline_ms)
+        job = Job(admitted.spec, 1, admitted.deadline_ms, traceparent=record.traceparent)
         refused = []
         for overflow in sorted(self._placement.view.overflow, key=lambda o: -o.weight):
             accepted, reason = await self._offer_unrecorded(overflow.dc, job)

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from mesh.cli import fleet, local, pki, quota, tasks, topology
+from mesh.cli import fleet, local, pki, quota, tasks, topology, trace
 from mesh.cli.common import CREDENTIALS
 from mesh.local.localmesh import MESH
 
@@ -41,7 +41,7 @@ def credentials(
     CREDENTIALS.mesh, CREDENTIALS.insecure = mesh, insecure
 
 
-for group in (local, tasks, fleet, pki):  # their commands at the top level
+for group in (local, tasks, fleet, pki, trace):  # their commands at the top level
     app.add_typer(group.app)
 app.add_typer(topology.app, name="topology")
 app.add_typer(quota.app, name="quota")

@@ -36,6 +36,7 @@ class Job:
     deadline_ms: int
     path: list[str] = field(default_factory=list)
     enqueued_ms: int = 0  # when it first entered the DC's backlog: its age there
+    traceparent: str = ""  # the task's trace (W3C), from its record
 
     @property
     def task_id(self) -> str:

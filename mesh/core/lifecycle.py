@@ -23,6 +23,8 @@ def new_record(
     agent_id: str,
     dc: str,
     inline_payload_bytes: int,
+    traceparent: str = "",
+    trace_id: str = "",
 ) -> peer_pb2.TaskRecord:
     """A task's first record in a DC: pending, and this agent's until it is placed, so
     that should the agent die first, the DC's owner finds it among its orphans. A
@@ -36,13 +38,16 @@ def new_record(
         attempt=attempt,
         created_at=now_ts(),
         path=list(path),
+        trace_id=trace_id,
     )
     status.spec.CopyFrom(spec)
     too_big = len(spec.payload) > inline_payload_bytes
     if too_big:
         status.spec.ClearField("payload")
     status.deadline.FromMilliseconds(deadline_ms)
-    return peer_pb2.TaskRecord(status=status, spec_digest=digest, payload_not_kept=too_big)
+    return peer_pb2.TaskRecord(
+        status=status, spec_digest=digest, payload_not_kept=too_big, traceparent=traceparent
+    )
 
 
 def end(status: pb.TaskStatus, state: int, code: str, message: str) -> None:
@@ -76,7 +81,7 @@ def requeue(record: peer_pb2.TaskRecord, dead_agent: str, max_attempts: int) -> 
     return "requeued"
 
 
-def requeued_job(status: pb.TaskStatus) -> Job:
+def requeued_job(status: pb.TaskStatus, traceparent: str) -> Job:
     """The job to place for a task re-queued after its agent died. It keeps its age:
     should it wait in the backlog, it goes before younger tasks of its class, rather
     than paying for its agent's death with a second wait."""
@@ -85,4 +90,5 @@ def requeued_job(status: pb.TaskStatus) -> Job:
         status.attempt,
         status.deadline.ToMilliseconds(),
         enqueued_ms=status.created_at.ToMilliseconds(),
+        traceparent=traceparent,
     )

@@ -97,6 +97,10 @@ def _stop_pids(pids: list[int], timeout_s: float) -> None:
                 os.killpg(pid, signal.SIGKILL)
 
 
+def spans_of(home: Path) -> Path:
+    return home / "spans"
+
+
 class LocalMesh:
     def __init__(self, topology: Topology, home: Path, mesh: str = MESH) -> None:
         if topology.local is None:
@@ -116,6 +120,11 @@ class LocalMesh:
     @property
     def state_path(self) -> Path:
         return self.home / STATE_FILE
+
+    @property
+    def spans(self) -> Path:
+        """Where the agents write their trace spans (``meshctl trace`` reads them)."""
+        return spans_of(self.home)
 
     def _save(self) -> None:
         write_secret(
@@ -227,6 +236,7 @@ class LocalMesh:
                     "--drain-grace-s", "3",
                     "--max-queue-length", str(self.local.max_queue_length),
                     "--task-retention-s", str(self.local.task_retention_s),
+                    "--span-dir", str(self.spans),
                 ]  # fmt: skip
                 if self.local.decision_log:
                     argv += [

@@ -24,8 +24,9 @@ import aetcd
 import aetcd.transactions as tx
 import grpc
 from aetcd import rtypes
+from opentelemetry import trace
 
-from mesh import metrics
+from mesh import metrics, tracing
 from mesh.store.etcd import stub_options
 
 MAX_BATCH = 64  # etcd's default --max-txn-ops is 128 operations per transaction
@@ -70,12 +71,18 @@ class GroupCommit:
     async def transaction(
         self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()
     ) -> Outcome:
-        """As ``aetcd.Client.transaction``; raises what it raises."""
+        """As ``aetcd.Client.transaction``; raises what it raises. Inside a traced task's
+        span it is a span of its own: the wait for its batch and the batch's round trip."""
         txn = _Txn(compare, success, failure)
         self._queued.append(txn)
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_all())
-        return await txn.done
+        if not trace.get_current_span().is_recording():
+            return await txn.done
+        with tracing.TRACER.start_as_current_span("etcd txn") as span:
+            outcome = await txn.done
+            span.set_attribute("etcd.succeeded", bool(outcome[0]))
+            return outcome
 
     async def _send_all(self) -> None:
         while batch := self._next_batch():

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("spec", "path", "hops", "deadline_unix_ms", "attempt", "entry_agent", "max_tasks", "origin_dc")
+    __slots__ = ("spec", "path", "hops", "deadline_unix_ms", "attempt", "entry_agent", "max_tasks", "origin_dc", "traceparent")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class Envelope(_message.Message):
     ENTRY_AGENT_FIELD_NUMBER: _ClassVar[int]
     MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_DC_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     spec: _tasks_pb2.TaskSpec
     path: _containers.RepeatedScalarFieldContainer[str]
     hops: int
@@ -26,7 +27,8 @@ class Envelope(_message.Message):
     entry_agent: str
     max_tasks: float
     origin_dc: str
-    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., entry_agent: _Optional[str] = ..., max_tasks: _Optional[float] = ..., origin_dc: _Optional[str] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., entry_agent: _Optional[str] = ..., max_tasks: _Optional[float] = ..., origin_dc: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("running", "queued", "models_loaded")
@@ -119,17 +121,19 @@ class ClaimResponse(_message.Message):
     def __init__(self, held: _Optional[bool] = ..., dc: _Optional[str] = ..., spec_digest: _Optional[str] = ..., claimed_at_ms: _Optional[int] = ...) -> None: ...
 
 class TaskRecord(_message.Message):
-    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept", "backlog_entry")
+    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept", "backlog_entry", "traceparent")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     FORWARDED_TO_DC_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_NOT_KEPT_FIELD_NUMBER: _ClassVar[int]
     BACKLOG_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     status: _tasks_pb2.TaskStatus
     spec_digest: str
     cancel_requested: bool
     forwarded_to_dc: str
     payload_not_kept: bool
     backlog_entry: str
-    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ..., backlog_entry: _Optional[str] = ...) -> None: ...
+    traceparent: str
+    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ..., backlog_entry: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
