@@ -163,6 +163,17 @@ class AgentConfig(BaseSettings):
         description="A task that has waited this long is taken next, whatever its class: the "
         "bound on starvation. Shorter: fairer to light classes; longer: weights hold better.",
     )
+    http_listen: str | None = Field(
+        "127.0.0.1:0",
+        description="host:port of the HTTP/JSON API and the web console (/ui): TLS with the "
+        "agent's certificate, callers present a bearer token. Port 0: any free port; unset: "
+        "no HTTP.",
+    )
+    http_advertise: str = Field("", description="host:port clients use for http_listen")
+    http_cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins whose pages may call the HTTP API (CORS); none by default.",
+    )
     span_dir: Path | None = Field(
         None,
         description="Write this agent's trace spans here as JSON lines (meshctl trace reads "

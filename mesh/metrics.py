@@ -124,6 +124,8 @@ def observe(histogram: Histogram, seconds: float, trace_id: str = "") -> None:
     histogram.observe(max(0.0, seconds), exemplar)
 
 
-def serve(listen: str) -> None:
+def serve(listen: str) -> str:
+    """Serve /metrics on ``listen``; the URL it answers at."""
     host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host or "127.0.0.1")
+    server, _ = start_http_server(int(port), addr=host or "127.0.0.1")
+    return f"http://{host or '127.0.0.1'}:{server.server_port}/metrics"

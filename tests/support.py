@@ -29,6 +29,7 @@ from mesh.client import MeshClient
 from mesh.config import AgentConfig
 from mesh.core.access import OPERATOR
 from mesh.local.etcdserver import EtcdMember
+from mesh.local.localmesh import LOCAL_HOSTS
 from mesh.local.trust import LocalTrust
 from mesh.store import topostore
 from mesh.topology import parse
@@ -87,6 +88,7 @@ class AgentProc:
     security: Security
     address: str = ""
     peer_address: str = ""
+    http_url: str = ""
 
     def client(self, security: Security | None = None) -> MeshClient:
         """A client of this agent's API port, as the tests' user (or ``security``)."""
@@ -165,7 +167,7 @@ class Cluster:
         return cli_operator(self.trust)
 
     def _tls(self, agent_id: str, dc: str) -> dict[str, object]:
-        files = self.trust.agent(agent_id, dc)
+        files = self.trust.agent(agent_id, dc, LOCAL_HOSTS)  # HTTPS at 127.0.0.1 too
         return {"tls_ca": files.ca, "tls_cert": files.cert, "tls_key": files.key}
 
     def start(self, agent_id: str, dc: str = "west", **flags: object) -> AgentProc:
@@ -186,6 +188,7 @@ class Cluster:
                 if line.startswith("{") and json.loads(line).get("msg") == "agent ready":
                     ready = json.loads(line)
                     proc.address, proc.peer_address = ready["address"], ready["peer_address"]
+                    proc.http_url = ready.get("http_url", "")
             if proc.process.poll() is not None:
                 raise AssertionError(f"agent {agent_id} exited at start:\n{proc.log_tail()}")
             if time.monotonic() > deadline:

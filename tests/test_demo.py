@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import yaml
 from mesh.local.localmesh import free_port, read_state
 from mesh.topology import load
 
+CONSOLE_URL = r"console \(while the demo runs\): https://127\.0\.0\.1:\d+/ui/#token=\S{40,}"
 SHIPPED = Path(__file__).resolve().parent.parent / "topology" / "local.yaml"
 
 
@@ -32,6 +34,7 @@ def test_demo_runs_every_task_to_an_end_and_cleans_up(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "every task reached a terminal state" in done.stdout
+    assert re.search(CONSOLE_URL, done.stdout), "no console URL with a token"
     assert "where tasks ran" in done.stdout and "west-1" in done.stdout
     assert read_state(home) == []  # torn down: the state file is gone
     assert _processes_mentioning(str(home)) == []  # and so are its etcds and agents

@@ -2,7 +2,7 @@
 reaches no I/O library through any chain of imports.
 
 Layers, lowest first: ``core`` and the shared base modules (errors, config, topology,
-gpus, metrics, logs, the generated stubs, pipelines, trust, channels, client); the adapters
+gpus, metrics, logs, tracing, the generated stubs, pipelines, trust, channels, client); the adapters
 ``store`` and ``gossip``, and the ``sdk`` beside them; ``agent``; ``local``; ``cli``. A
 module may import its own package and anything in a lower layer; the core and the base
 modules, both pure or shared data, may import each other. Imports under
@@ -27,6 +27,7 @@ BASE = {
     "mesh.gpus",
     "mesh.metrics",
     "mesh.logs",
+    "mesh.tracing",
     "mesh.protogen",
     "mesh.channels",
     "mesh.client",

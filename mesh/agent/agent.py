@@ -189,6 +189,8 @@ class Agent:
         self._owner_task: asyncio.Task[None] | None = None
         self.address = ""
         self.peer_address = ""
+        self.http_url = ""  # set by the server once its HTTP port is bound
+        self.metrics_url = ""  # set by the process once /metrics is served
         self.gossip_address = ""
         self._incarnation = 0
         self.stopping = False
@@ -239,6 +241,7 @@ class Agent:
             extra={
                 "address": address,
                 "peer_address": peer_address,
+                "http_url": self.http_url,
                 "gpus": len(self.gpus),
                 "topology": version,
             },
@@ -313,6 +316,8 @@ class Agent:
             queue_limit=self.cfg.max_queue_length,
             gossip_address=self.gossip_address,
             peer_address=self.peer_address,
+            http_url=self.http_url,
+            metrics_url=self.metrics_url,
         )
 
     def _republish_soon(self) -> None:

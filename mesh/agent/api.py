@@ -173,6 +173,8 @@ class AgentApi:
             dc=a.dc,
             address=a.address,
             mtls_address=a.peer_address,
+            http_url=a.http_url,
+            metrics_url=a.metrics_url,
             gpus=[
                 pb.Gpu(
                     index=g.index,
@@ -222,7 +224,20 @@ class AgentApi:
 
     async def queue(self, request: pb.QueueRequest, grant: Grant) -> pb.QueueResponse:
         agent = self._agent
-        return await describe(agent.client, agent.keys, list(agent.cfg.queues))
+        reply = await describe(agent.client, agent.keys, list(agent.cfg.queues))
+        now = now_ms()
+        in_flight = agent.placement.handoffs.in_flight
+        for dc, summary in sorted(agent.speaker.heard.items()):
+            reply.remote.add(
+                dc=dc,
+                agents=summary.agents,
+                slots=summary.slots,
+                tasks=summary.tasks,
+                capacity=summary.capacity,
+                age_s=max(0.0, (now - summary.ts_unix_ms) / 1000),
+                in_flight=in_flight.get(dc, 0),
+            )
+        return reply
 
     async def drain(self, request: pb.DrainRequest, grant: Grant) -> pb.AgentInfo:
         log.warning("draining at the request of %s", grant.identity)

@@ -28,6 +28,14 @@ log = logging.getLogger(__name__)
 _GRANT: contextvars.ContextVar[Grant] = contextvars.ContextVar("mesh_grant")
 
 
+def identity_from_bearer(header: str, verifier: Verifier) -> Identity:
+    """Who an ``Authorization`` header (gRPC metadata or HTTP) names."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise Unauthenticated("authorization must be 'Bearer <token>'")
+    return verifier.verify(token)
+
+
 def caller() -> Grant:
     """The grant of the call being served (set by ``Authenticator`` before the handler)."""
     return _GRANT.get()
@@ -98,10 +106,7 @@ class Authenticator(grpc.aio.ServerInterceptor):
             return identity
         for key, value in context.invocation_metadata() or ():
             if key == "authorization":
-                scheme, _, token = str(value).partition(" ")
-                if scheme.lower() != "bearer" or not token:
-                    raise Unauthenticated("authorization must be 'Bearer <token>'")
-                return self._verifier.verify(token)
+                return identity_from_bearer(str(value), self._verifier)
         raise Unauthenticated(
             "no credential: a bearer token on the API port, or a mesh certificate on the mTLS port"
         )

@@ -59,10 +59,18 @@ class Handoffs:
         self._remote = remote
         self._spawn = spawn
         self._place_again = place_again
+        self.in_flight: dict[str, int] = {}  # hand-offs under way, per DC: the console's links
 
     async def offer(self, dc: str, job: Job, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
         """Offer ``job`` to DC ``dc``; True once that DC holds it (or a settle is under
         way, which decides it: the task is then placed by the settle, not by the caller)."""
+        self.in_flight[dc] = self.in_flight.get(dc, 0) + 1
+        try:
+            return await self._offer(dc, job, envelope)
+        finally:
+            self.in_flight[dc] -= 1
+
+    async def _offer(self, dc: str, job: Job, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
         try:
             await self._store.update(job.task_id, intent(dc), attempt=job.attempt)
         except StaleWrite as exc:

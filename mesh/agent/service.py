@@ -1,9 +1,6 @@
-"""The gRPC edge: servicers that hand requests to ``AgentApi`` and turn errors into codes.
-
-``MeshError`` subclasses carry their status code (``mesh.errors``); etcd trouble that
-escapes as an aetcd error is UNAVAILABLE; anything else is a bug, logged with its
-traceback and answered INTERNAL without details, never a crashed agent.
-"""
+"""The gRPC edge: servicers that hand requests to ``AgentApi`` and turn errors into codes
+(``mesh.agent.status``), and the ``Server`` that opens the agent's ports: both gRPC ports
+and the HTTP one (``mesh.agent.http.gateway``)."""
 
 from __future__ import annotations
 
@@ -16,29 +13,26 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from opentelemetry.instrumentation.grpc import aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from mesh.agent.agent import Agent
 from mesh.agent.api import AgentApi
 from mesh.agent.auth import Authenticator, caller
+from mesh.agent.http.gateway import Gateway
+from mesh.agent.status import status_for
 from mesh.channels import server_options
 from mesh.errors import ConfigError, MeshError
-from mesh.store.etcd import ETCD_ERRORS
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(exc, MeshError):
-        return grpc.StatusCode[exc.code], str(exc)
-    if isinstance(exc, ETCD_ERRORS):
-        return grpc.StatusCode.UNAVAILABLE, f"etcd unavailable: {exc}"
-    log.exception("unexpected error", exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal error"
+# Probes and the schema are not traced, and their stream handlers are coroutines that
+# OpenTelemetry's aio interceptor cannot wrap (it expects async generators).
+UNTRACED = filters.negate(
+    filters.any_of(filters.health_check(), filters.service_prefix("grpc.reflection"))
+)
 
 
 def unary(
@@ -179,11 +173,13 @@ class Server:
             # OpenTelemetry's first: a call's span (and the caller's trace) is current
             # before anything else, so even a refused call is traced.
             interceptors=[
-                aio_server_interceptor(),
+                aio_server_interceptor(filter_=UNTRACED),
                 Authenticator(cfg.mesh_name, None if cfg.insecure else agent.verifier),
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
+        verifier = None if cfg.insecure else agent.verifier
+        self.http = Gateway(cfg, agent.api, verifier) if cfg.http_listen else None
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(agent.api), self.grpc)
         tasks_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent.api), self.grpc)
         peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(agent.api), self.grpc)
@@ -219,6 +215,9 @@ class Server:
         await self.grpc.start()
         address = cfg.advertise or f"{cfg.listen.rpartition(':')[0]}:{port}"
         peer = cfg.peer_advertise or f"{cfg.peer_listen.rpartition(':')[0]}:{peer_port}"
+        if self.http is not None:
+            assert cfg.http_listen
+            self.agent.http_url = await self.http.start(cfg.http_listen)
         await self.agent.start(address, peer)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -235,3 +234,5 @@ class Server:
         await asyncio.sleep(self.agent.cfg.drain_notice_s)
         await self.agent.stop(grace_s)
         await self.grpc.stop(1.0)
+        if self.http is not None:
+            await self.http.stop()

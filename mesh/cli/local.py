@@ -41,6 +41,7 @@ def up(
     for s in started:
         table.add_row(s.kind, s.name, s.dc, s.address, str(s.pid))
     console.print(table)
+    console.print(f"console: {mesh.console_url()}", soft_wrap=True)  # one line, to copy
     if detach:
         console.print(f"state in {home}; stop with [bold]meshctl down[/bold]")
         return
@@ -83,6 +84,7 @@ def demo(
     try:
         with console.status("starting a local mesh (etcd per DC, agents)"):
             mesh.up()
+        console.print(f"console (while the demo runs): {mesh.console_url()}", soft_wrap=True)
         lost = run_demo(mesh, tasks, seed, console)
     except MeshError as exc:
         raise fail(str(exc)) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mesh.channels import Security, agent_healthy
+from mesh.core.access import OPERATOR
 from mesh.errors import ConfigError, Unavailable
 from mesh.local.etcdserver import EtcdMember
 from mesh.local.trust import LocalTrust
@@ -57,6 +59,7 @@ class Started:
     address: str  # an agent's API port (tokens); an etcd member's client endpoint
     peer_address: str = ""  # an agent's mTLS port
     since: float = 0.0  # when the process started, by the kernel's clock (proc_started)
+    http_url: str = ""  # an agent's HTTP API and console
     metrics: str = ""  # an etcd member's plain-HTTP metrics endpoint (host:port)
 
 
@@ -95,6 +98,11 @@ def _stop_pids(pids: list[int], timeout_s: float) -> None:
         if _alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+# The local agents' certificates also name this machine, so a browser or curl reaches
+# their HTTP ports at https://127.0.0.1:PORT with the mesh's CA.
+LOCAL_HOSTS = ("127.0.0.1", "localhost")
 
 
 def spans_of(home: Path) -> Path:
@@ -214,7 +222,7 @@ class LocalMesh:
         for dc, agents in self.local.agents.items():
             for spec in agents:
                 address, peer = addresses[spec.id]
-                files = self.trust.agent(spec.id, dc)
+                files = self.trust.agent(spec.id, dc, LOCAL_HOSTS)
                 argv = [
                     sys.executable, "-m", "mesh.agent.main",
                     "--agent-id", spec.id,
@@ -237,6 +245,7 @@ class LocalMesh:
                     "--max-queue-length", str(self.local.max_queue_length),
                     "--task-retention-s", str(self.local.task_retention_s),
                     "--span-dir", str(self.spans),
+                    "--http-listen", (http := f"127.0.0.1:{free_port()}"),
                 ]  # fmt: skip
                 if self.local.decision_log:
                     argv += [
@@ -255,9 +264,26 @@ class LocalMesh:
                         argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                     )
                 self.started.append(
-                    Started("agent", spec.id, dc, proc.pid, address, peer, proc_started(proc.pid))
+                    Started(
+                        "agent",
+                        spec.id,
+                        dc,
+                        proc.pid,
+                        address,
+                        peer,
+                        proc_started(proc.pid),
+                        f"https://{http}",
+                    )
                 )
                 self._save()
+
+    def console_url(self) -> str:
+        """The web console of the first agent, with an operator's token for a day in the
+        URL's fragment (a browser never sends a fragment to a server)."""
+        assert self.trust is not None, "up() makes the trust material"
+        first = next(s for s in self.started if s.kind == "agent")
+        token = self.trust.token("console", roles=[OPERATOR], ttl=datetime.timedelta(days=1))
+        return f"{first.http_url}/ui/#token={token}"
 
     def _wait_agents(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -43,6 +43,8 @@ class AgentRecord:
     queue_limit: int = 256  # its max_queue_length: with its slots, its hard limit
     gossip_address: str = ""  # host:port of its gossip UDP socket
     peer_address: str = ""  # host:port of its mTLS port: PeerService, certificate holders
+    http_url: str = ""  # its HTTP/JSON API and console
+    metrics_url: str = ""  # its Prometheus /metrics
 
     @property
     def slots(self) -> int:

@@ -278,7 +278,7 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., memory_mb: _Optional[int] = ..., gpu_class: _Optional[str] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "dc", "address", "gpus", "weight", "pipelines", "models", "models_loaded", "state", "incarnation", "running", "queued", "suspect", "mtls_address")
+    __slots__ = ("agent_id", "dc", "address", "gpus", "weight", "pipelines", "models", "models_loaded", "state", "incarnation", "running", "queued", "suspect", "mtls_address", "http_url", "metrics_url")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     DC_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +293,8 @@ class AgentInfo(_message.Message):
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     SUSPECT_FIELD_NUMBER: _ClassVar[int]
     MTLS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    HTTP_URL_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     dc: str
     address: str
@@ -307,7 +309,9 @@ class AgentInfo(_message.Message):
     queued: int
     suspect: bool
     mtls_address: str
-    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., weight: _Optional[float] = ..., pipelines: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., models_loaded: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., incarnation: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., suspect: _Optional[bool] = ..., mtls_address: _Optional[str] = ...) -> None: ...
+    http_url: str
+    metrics_url: str
+    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., weight: _Optional[float] = ..., pipelines: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., models_loaded: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., incarnation: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., suspect: _Optional[bool] = ..., mtls_address: _Optional[str] = ..., http_url: _Optional[str] = ..., metrics_url: _Optional[str] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()
@@ -384,16 +388,36 @@ class QueueClass(_message.Message):
     def __init__(self, name: _Optional[str] = ..., depth: _Optional[int] = ..., oldest_wait_s: _Optional[float] = ...) -> None: ...
 
 class QueueResponse(_message.Message):
-    __slots__ = ("dc", "owner", "term", "classes")
+    __slots__ = ("dc", "owner", "term", "classes", "remote")
     DC_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_FIELD_NUMBER: _ClassVar[int]
     dc: str
     owner: str
     term: int
     classes: _containers.RepeatedCompositeFieldContainer[QueueClass]
-    def __init__(self, dc: _Optional[str] = ..., owner: _Optional[str] = ..., term: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[QueueClass, _Mapping]]] = ...) -> None: ...
+    remote: _containers.RepeatedCompositeFieldContainer[RemoteDc]
+    def __init__(self, dc: _Optional[str] = ..., owner: _Optional[str] = ..., term: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[QueueClass, _Mapping]]] = ..., remote: _Optional[_Iterable[_Union[RemoteDc, _Mapping]]] = ...) -> None: ...
+
+class RemoteDc(_message.Message):
+    __slots__ = ("dc", "agents", "slots", "tasks", "capacity", "age_s", "in_flight")
+    DC_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    AGE_S_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    dc: str
+    agents: int
+    slots: int
+    tasks: int
+    capacity: int
+    age_s: float
+    in_flight: int
+    def __init__(self, dc: _Optional[str] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., age_s: _Optional[float] = ..., in_flight: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()

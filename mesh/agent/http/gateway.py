@@ -1,0 +1,284 @@
+"""The HTTP/JSON edge: each route of ``mesh.agent.http.routes`` served by the same
+``AgentApi`` as gRPC, on the agent's own event loop.
+
+aiohttp, because it serves from the running asyncio loop (no second loop or thread, so a
+handler calls the agent's API as a gRPC servicer does), streams responses (Server-Sent
+Events for Watch), and is maintained and typed. The caller is known by the bearer token
+in ``Authorization`` only (no cookies: nothing for a cross-site request to ride on), checked
+by the same verifier and the same rule table as gRPC. Requests and responses go through
+protobuf's ``json_format``, so the protos stay the one schema; errors are
+``{code, message, details}`` with the HTTP status grpc-gateway gives the gRPC code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf import json_format, message_factory
+from google.protobuf.message import Message
+
+from mesh import tracing
+from mesh.agent.api import AgentApi
+from mesh.agent.auth import identity_from_bearer
+from mesh.agent.http.openapi import document
+from mesh.agent.http.routes import HTTP_STATUS, ROUTES, TASKS, Route, method_of
+from mesh.agent.status import status_for
+from mesh.config import AgentConfig
+from mesh.core.access import ANYONE, Identity, Unauthenticated, authorize
+from mesh.errors import InvalidTask
+from mesh.trust.tokens import Verifier
+from mesh.v1 import tasks_pb2 as pb
+
+log = logging.getLogger(__name__)
+UI = Path(__file__).parent / "ui"
+# The console is static files from this origin: scripts, styles and requests to it only.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+SECURITY_HEADERS = {
+    "Content-Security-Policy": CSP,
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _aiohttp_path(path: str) -> str:
+    """``{field}`` matches one segment up to a ``:verb`` suffix."""
+    return re.sub(r"\{(\w+)\}", r"{\1:[^/:]+}", path)
+
+
+def error_body(code: grpc.StatusCode, message: str) -> web.Response:
+    status = HTTP_STATUS.get(code.name, 500)
+    body = {"code": code.value[0], "message": message, "details": []}
+    return web.json_response(body, status=status)
+
+
+class Gateway:
+    def __init__(self, cfg: AgentConfig, api: AgentApi, verifier: Verifier | None) -> None:
+        """``verifier`` checks bearer tokens; None means ``--insecure`` (every caller is
+        ``ANYONE``)."""
+        self._cfg = cfg
+        self._api = api
+        self._verifier = verifier
+        self.app = web.Application(
+            middlewares=[self._headers], client_max_size=cfg.max_payload_bytes * 2 + 65536
+        )
+        for route in ROUTES:
+            self.app.router.add_route(route.verb, _aiohttp_path(route.path), self._serve(route))
+        self.app.router.add_get("/v1/openapi.json", self._openapi)
+        self.app.router.add_get("/v1/traces/{trace_id}", self._trace)
+        self.app.router.add_get("/", self._to_console)
+        self.app.router.add_get("/ui", self._to_console)
+        self.app.router.add_get("/ui/", self._console)
+        self.app.router.add_static("/ui/", UI, follow_symlinks=False)
+        self._runner: web.AppRunner | None = None
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def start(self, listen: str) -> str:
+        """Listen on ``listen`` (TLS with the agent's certificate unless insecure) and
+        return the URL it serves."""
+        host, _, port = listen.rpartition(":")
+        context = None
+        if not self._cfg.insecure:
+            assert self._cfg.tls_cert and self._cfg.tls_key
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(self._cfg.tls_cert, self._cfg.tls_key)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host or "127.0.0.1", int(port), ssl_context=context)
+        await site.start()
+        bound = self._runner.addresses[0][1]
+        scheme = "http" if context is None else "https"
+        advertised = self._cfg.http_advertise or f"{host or '127.0.0.1'}:{bound}"
+        return f"{scheme}://{advertised}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @web.middleware
+    async def _headers(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        origin = request.headers.get("Origin", "")
+        allowed = origin in self._cfg.http_cors_origins
+        if request.method == "OPTIONS" and allowed:
+            response: web.StreamResponse = web.Response(status=204)
+            response.headers["Access-Control-Allow-Methods"] = "GET, POST"
+            response.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type"
+        else:
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:
+                response = exc
+        if allowed:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Vary"] = "Origin"
+        if not response.prepared:  # a stream has sent its headers already (set there)
+            response.headers.update(SECURITY_HEADERS)
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    # -- who calls -------------------------------------------------------------------------
+
+    def _identity(self, request: web.Request) -> Identity:
+        if self._verifier is None:
+            return ANYONE
+        header = request.headers.get("Authorization")
+        if header is None:
+            raise Unauthenticated("no credential: send 'Authorization: Bearer <token>'")
+        return identity_from_bearer(header, self._verifier)
+
+    # -- the routes ------------------------------------------------------------------------
+
+    def _serve(self, route: Route) -> Handler:
+        method = method_of(route)
+        request_type = message_factory.GetMessageClass(method.input_type)
+        call = getattr(self._api, _snake(route.name))
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            try:
+                grant = authorize(self._identity(request), route.rpc)
+                message = await self._request(route, request, request_type)
+                if route.name == "Watch":
+                    return await self._watch(request, call(message, grant))
+                if route.name == "GetResult":
+                    return await self._result(request, call(message, grant))
+                with tracing.TRACER.start_as_current_span(f"HTTP {route.verb} {route.path}"):
+                    reply = await call(message, grant)
+            except json_format.ParseError as exc:
+                return error_body(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}")
+            except Exception as exc:
+                return error_body(*status_for(exc))
+            return _json(reply)
+
+        return handle
+
+    async def _request(self, route: Route, request: web.Request, kind: type[Message]) -> Message:
+        message = kind()
+        if route.body:
+            raw = await request.read()
+            if request.content_type == "application/octet-stream" and route.name == "Submit":
+                self._raw_submit(message, request, raw)  # type: ignore[arg-type]
+            else:
+                json_format.Parse(raw or b"{}", message)
+        else:
+            json_format.ParseDict(_nested(request.query), message)
+        for name in route.fields:
+            setattr(message, name, request.match_info[name])
+        if route.name == "Watch" and not getattr(message, "resume_token", ""):
+            resume = request.headers.get("Last-Event-ID", "")
+            message.resume_token = resume  # type: ignore[attr-defined]
+        return message
+
+    @staticmethod
+    def _raw_submit(message: pb.SubmitRequest, request: web.Request, raw: bytes) -> None:
+        """``POST /v1/tasks`` with the payload as the body: the spec from the query."""
+        json_format.ParseDict(_nested(request.query), message.spec)
+        message.spec.payload = raw
+
+    async def _watch(
+        self, request: web.Request, events: AsyncIterator[pb.TaskEvent]
+    ) -> web.StreamResponse:
+        """Server-Sent Events: ``id`` is the resume token (a reconnecting EventSource sends
+        it back as ``Last-Event-ID``); an error before the first event is a plain error."""
+        iterator = aiter(events)
+        first = await anext(iterator, None)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", **SECURITY_HEADERS}
+        )
+        response.headers["Cache-Control"] = "no-store"
+        await response.prepare(request)
+        event: pb.TaskEvent | None = first
+        try:
+            while event is not None:
+                data = json.dumps(json_format.MessageToDict(event), separators=(",", ":"))
+                kind = pb.TaskEvent.Kind.Name(event.kind).removeprefix("KIND_").lower()
+                frame = f"id: {event.resume_token}\nevent: {kind}\ndata: {data}\n\n"
+                await response.write(frame.encode())
+                event = await anext(iterator, None)
+        except Exception as exc:
+            code, text = status_for(exc)
+            body = json.dumps({"code": code.value[0], "message": text, "details": []})
+            await response.write(f"event: error\ndata: {body}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    async def _result(
+        self, request: web.Request, chunks: AsyncIterator[pb.ResultChunk]
+    ) -> web.StreamResponse:
+        """The result's bytes, streamed, with the media type of its first chunk."""
+        iterator = aiter(chunks)
+        first = await anext(iterator)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": first.media_type or "application/octet-stream",
+                **SECURITY_HEADERS,
+            }
+        )
+        await response.prepare(request)
+        await response.write(first.data)
+        async for chunk in iterator:
+            await response.write(chunk.data)
+        await response.write_eof()
+        return response
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(document())
+
+    async def _trace(self, request: web.Request) -> web.StreamResponse:
+        """The spans of a trace from this agent's span files (the console's waterfall).
+        Reading a trace is reading its task: the same rule as Get."""
+        try:
+            authorize(self._identity(request), TASKS + "Get")
+            wanted = request.match_info["trace_id"]
+            if not TRACE_ID.fullmatch(wanted):
+                raise InvalidTask("a trace id is 32 hex digits")
+        except Exception as exc:
+            return error_body(*status_for(exc))
+        folder = self._cfg.span_dir
+        spans = tracing.read_spans(folder, wanted) if folder and folder.is_dir() else []
+        return web.json_response({"spans": spans})
+
+    async def _to_console(self, request: web.Request) -> web.StreamResponse:
+        raise web.HTTPFound("/ui/")
+
+    async def _console(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(UI / "index.html")
+
+
+def _json(reply: Message) -> web.Response:
+    return web.json_response(json_format.MessageToDict(reply))
+
+
+def _nested(query: Any) -> dict[str, Any]:
+    """``spec.model=m&state=RUNNING`` as ``{"spec": {"model": "m"}, "state": "RUNNING"}``
+    (repeated keys become lists)."""
+    found: dict[str, Any] = {}
+    for key in query:
+        values = query.getall(key)
+        node = found
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise json_format.ParseError(f"{key}: {part} is not a message")
+            node = child
+        node[leaf] = values[0] if len(values) == 1 else values
+    return found

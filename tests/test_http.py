@@ -1,0 +1,177 @@
+"""HTTP/JSON on a real agent, over real TLS: every public RPC has a route, the routes
+answer as gRPC does (same identities, same roles, grpc-gateway's statuses), Watch is
+Server-Sent Events, and the OpenAPI document is generated from the protos."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import ssl
+from pathlib import Path
+
+import aiohttp
+import pytest
+from openapi_spec_validator import validate
+from support import AgentProc, Cluster, until_peers
+
+from mesh.agent.http.openapi import document
+from mesh.agent.http.routes import ROUTES, public_rpcs
+from mesh.core.access import OPERATOR, READER
+
+
+def test_every_public_rpc_has_a_route_and_the_document_is_valid_openapi() -> None:
+    routed = {route.rpc for route in ROUTES}
+    assert set(public_rpcs()) <= routed, sorted(set(public_rpcs()) - routed)
+    spec = document()
+    validate(spec)
+    operations = {op["x-grpc-method"] for path in spec["paths"].values() for op in path.values()}
+    assert operations == routed
+    spec_schema = spec["components"]["schemas"]["mesh.v1.TaskSpec"]["properties"]
+    assert spec_schema["payload"] == {"type": "string", "format": "byte"}
+    assert spec_schema["taskType"]["enum"][0] == "TASK_TYPE_UNSPECIFIED"
+
+
+class Http:
+    """An HTTPS client of one agent, checking its certificate against the mesh's CA."""
+
+    def __init__(self, agent: AgentProc, cluster: Cluster, token: str | None) -> None:
+        self.base = agent.http_url
+        self.tls = ssl.create_default_context(cafile=str(cluster.trust.ca))
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    async def call(self, verb: str, path: str, **kw: object) -> tuple[int, dict, dict]:
+        headers = {**self.headers, **kw.pop("headers", {})}  # type: ignore[dict-item]
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(verb, self.base + path, ssl=self.tls, headers=headers, **kw) as reply,
+        ):
+            text = await reply.text()
+            body = json.loads(text) if "json" in reply.content_type else {"raw": text}
+            return reply.status, body, dict(reply.headers)
+
+
+@pytest.fixture
+async def agent(cluster: Cluster) -> AgentProc:
+    started = cluster.start("h1", http_listen="127.0.0.1:0")
+    await until_peers(started, ["h1"])
+    return started
+
+
+async def test_submit_get_list_watch_and_cancel_as_grpc_does(
+    agent: AgentProc, cluster: Cluster
+) -> None:
+    user = Http(agent, cluster, cluster.security.token)
+    spec = {
+        "taskId": "h-1",
+        "pipeline": "echo",
+        "model": "m",
+        "payload": base64.b64encode(b"hi").decode(),
+        "params": {"media_type": "text/plain"},
+    }
+    status, body, headers = await user.call("POST", "/v1/tasks", json={"spec": spec})
+    assert status == 200, body
+    assert body["status"]["taskId"] == "h-1"
+    assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert "Set-Cookie" not in headers and "Access-Control-Allow-Origin" not in headers
+
+    async with aiohttp.ClientSession() as session:  # Server-Sent Events to the end
+        url = f"{user.base}/v1/tasks/h-1:watch"
+        options = {"ssl": user.tls, "headers": user.headers}
+        async with session.get(url, **options) as stream:
+            assert stream.content_type == "text/event-stream"
+            events = []
+            async for line in stream.content:
+                if line.startswith(b"data: "):
+                    events.append(json.loads(line[6:]))
+    assert events[-1]["status"]["state"] == "TASK_STATE_SUCCEEDED"
+
+    status, body, _ = await user.call("GET", "/v1/tasks/h-1")
+    assert (status, body["state"]) == (200, "TASK_STATE_SUCCEEDED"), body
+    status, body, headers = await user.call("GET", "/v1/tasks/h-1:result")
+    assert (status, body["raw"], headers["Content-Type"]) == (200, "hi", "text/plain")
+    status, body, _ = await user.call("GET", "/v1/tasks?state=TASK_STATE_SUCCEEDED")
+    assert [t["taskId"] for t in body["tasks"]] == ["h-1"]
+
+    # The payload as the raw body: the spec's fields from the query string.
+    raw = {"pipeline": "sleep", "model": "m", "taskId": "h-2", "params.seconds": "30"}
+    status, body, _ = await user.call(
+        "POST", "/v1/tasks", params=raw, data=b"\x00\x01",
+        headers={"Content-Type": "application/octet-stream"},
+    )  # fmt: skip
+    assert status == 200, body
+    status, body, _ = await user.call("POST", "/v1/tasks/h-2:cancel", json={"reason": "no"})
+    assert status == 200, body
+
+
+async def test_errors_carry_grpc_gateways_statuses(agent: AgentProc, cluster: Cluster) -> None:
+    anonymous = Http(agent, cluster, None)
+    status, body, _ = await anonymous.call("GET", "/v1/agents")
+    assert status == 401 and body["code"] == 16 and "Bearer" in body["message"]
+    forged = Http(agent, cluster, "not.a.token")
+    assert (await forged.call("GET", "/v1/agents"))[0] == 401
+    reader = Http(agent, cluster, cluster.trust.token("rita", roles=[READER]))
+    status, body, _ = await reader.call("POST", "/v1/agents/self:drain", json={})
+    assert (status, body["code"]) == (403, 7)
+    user = Http(agent, cluster, cluster.security.token)
+    assert (await user.call("GET", "/v1/tasks/nope"))[0] == 404
+    status, body, _ = await user.call("POST", "/v1/tasks", data=b"{not json")
+    assert status == 400 and body["code"] == 3
+    status, body, _ = await user.call("POST", "/v1/tasks", json={"spec": {"pipeline": "echo"}})
+    assert status == 400, body
+    status, body, _ = await user.call("POST", "/v1/tasks", json={"spec": {"gpuCount": -1}})
+    assert status == 400, body
+    status, body, _ = await user.call("GET", "/v1/traces/../../etc")
+    assert status in (400, 404)
+
+
+async def test_agents_route_openapi_and_drain(agent: AgentProc, cluster: Cluster) -> None:
+    operator = Http(agent, cluster, cluster.trust.token("olga", roles=[OPERATOR]))
+    status, body, _ = await operator.call("GET", "/v1/agents")
+    (info,) = body["agents"]
+    assert info["httpUrl"] == agent.http_url and info["agentId"] == "h1"
+    status, body, _ = await operator.call("GET", "/v1/route?spec.model=m&spec.pipeline=echo")
+    assert status == 200 and body["targets"][0]["name"] == "h1"
+    status, body, _ = await operator.call("GET", "/v1/openapi.json")
+    assert status == 200 and body["openapi"].startswith("3.")
+    status, body, _ = await operator.call("POST", "/v1/agents/self:drain", json={})
+    assert (status, body["state"]) == (200, "draining")
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def curl_examples() -> list[str]:
+    """The README's curl examples, one shell command each (continuations joined)."""
+    block = README.read_text().split("<!-- curl-examples")[1].split("<!-- /curl-examples")[0]
+    code = block.split("```sh\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [line for line in code.splitlines() if not line.startswith("export ")]
+
+
+async def test_the_readmes_curl_examples_work(agent: AgentProc, cluster: Cluster) -> None:
+    env = {
+        **os.environ,
+        "CA": str(cluster.trust.ca),
+        "AGENT": agent.http_url,
+        "TOKEN": cluster.trust.token("alice"),
+    }
+    outputs = []
+    for command in curl_examples():
+        shell = await asyncio.create_subprocess_exec(
+            "bash", "-c", command, env=env, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(shell.communicate(), 60)  # a hang guard
+        assert shell.returncode == 0, (command, err)
+        outputs.append(out.decode())
+    submitted, watched, result, raw, listed, agents, openapi = outputs
+    assert json.loads(submitted)["status"]["taskId"] == "hello-1"
+    assert "TASK_STATE_SUCCEEDED" in watched.split("event: state")[-1]
+    assert result == "hi"
+    assert json.loads(raw)["status"]["spec"]["pipeline"] == "echo"
+    assert "hello-1" in [t["taskId"] for t in json.loads(listed)["tasks"]]
+    assert [a["agentId"] for a in json.loads(agents)["agents"]] == ["h1"]
+    assert json.loads(openapi)["openapi"].startswith("3.")
