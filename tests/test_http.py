@@ -54,7 +54,7 @@ class Http:
 
 @pytest.fixture
 async def agent(cluster: Cluster) -> AgentProc:
-    started = cluster.start("h1", http_listen="127.0.0.1:0")
+    started = cluster.start("h1", http_listen="127.0.0.1:0", metrics_listen="127.0.0.1:0")
     await until_peers(started, ["h1"])
     return started
 
@@ -133,6 +133,8 @@ async def test_agents_route_openapi_and_drain(agent: AgentProc, cluster: Cluster
     status, body, _ = await operator.call("GET", "/v1/agents")
     (info,) = body["agents"]
     assert info["httpUrl"] == agent.http_url and info["agentId"] == "h1"
+    async with aiohttp.ClientSession() as session, session.get(info["metricsUrl"]) as metrics:
+        assert "gpumesh_agent_info" in await metrics.text()
     status, body, _ = await operator.call("GET", "/v1/route?spec.model=m&spec.pipeline=echo")
     assert status == 200 and body["targets"][0]["name"] == "h1"
     status, body, _ = await operator.call("GET", "/v1/openapi.json")

@@ -179,3 +179,15 @@ def test_once_aged_a_task_is_overtaken_only_by_older_ones(
             assert all(served[0] <= item[0] for item in aged), (served, aged)
         tick += 1
         assert tick < 10_000
+
+
+def test_an_admitted_item_coming_back_is_never_refused() -> None:
+    """A job that waited aside for its quota comes back to a queue that filled meanwhile
+    (or whose class was retired): it was admitted once, and is not refused now."""
+    q = weighted({"vip": 8, "normal": 2}, 1, 1e9)
+    q.push("vip-a", now=0.0)
+    with pytest.raises(LimitExceeded):
+        q.push("vip-back", now=1.0)
+    q.push("vip-back", now=1.0, first=True, admitted=True)
+    q.push("gold-back", now=1.0, admitted=True)
+    assert [q.pop(now=2.0) for _ in range(3)].count(None) == 0

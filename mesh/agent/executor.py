@@ -283,7 +283,7 @@ class Executor:
         if not self._waiting:
             return
         for job in reversed(self._waiting.values()):
-            self._queue.push(job, self._clock(), first=True)
+            self._queue.push(job, self._clock(), first=True, admitted=True)
         self._waiting.clear()
         self._count_waiting()
         self._wake.set()

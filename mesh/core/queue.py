@@ -59,19 +59,25 @@ class LaneQueue(Generic[T]):
             depth[lane.queue_class] = depth.get(lane.queue_class, 0) + len(q)
         return depth
 
-    def push(self, item: T, now: float, first: bool = False) -> None:
+    def push(self, item: T, now: float, first: bool = False, admitted: bool = False) -> None:
         """Queue ``item`` last in its lane, or ``first``: a task whose run died with its
-        agent has waited once already, and should not wait behind younger ones again."""
+        agent has waited once already, and should not wait behind younger ones again. An
+        ``admitted`` item comes back (it waited aside, counted already): neither its
+        class nor the bound may refuse it now."""
         lane = self._traits(item)
-        if lane.queue_class not in self._accepting:
-            raise InvalidTask(f"unknown queue {lane.queue_class!r}")
-        if len(self) >= self._max_len:
-            raise LimitExceeded("queue full", limit="max_queue_length", max=self._max_len)
+        if not admitted:
+            self._admit(lane)
         entries = self._lanes.setdefault(lane, deque())
         if first:
             entries.appendleft(_Entry(item, min(now, entries[0].enqueued_at) if entries else now))
         else:
             entries.append(_Entry(item, now))
+
+    def _admit(self, lane: Traits) -> None:
+        if lane.queue_class not in self._accepting:
+            raise InvalidTask(f"unknown queue {lane.queue_class!r}")
+        if len(self) >= self._max_len:
+            raise LimitExceeded("queue full", limit="max_queue_length", max=self._max_len)
 
     def pop(
         self,

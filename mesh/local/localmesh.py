@@ -246,6 +246,7 @@ class LocalMesh:
                     "--task-retention-s", str(self.local.task_retention_s),
                     "--span-dir", str(self.spans),
                     "--http-listen", (http := f"127.0.0.1:{free_port()}"),
+                    "--metrics-listen", "127.0.0.1:0",
                 ]  # fmt: skip
                 if self.local.decision_log:
                     argv += [

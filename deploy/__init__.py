@@ -1,0 +1,1 @@
+"""Deployment files, and the rehearsal that proves them (``python -m deploy.rehearse``)."""
