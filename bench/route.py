@@ -8,8 +8,10 @@ Two parts, both measured in the same run as their baselines:
   GPUs where running a model an agent has not loaded costs a load delay and each agent
   keeps only as many models as its GPU memory holds (LRU). Every policy sees the same
   trace: random, round-robin, plain consistent hashing, least-loaded, power-of-two, ours
-  (``mesh.core.router``), and an omniscient central scheduler that knows every queue and
-  picks the earliest finish time.
+  (``mesh.core.router``), ours with the placement planner (``mesh.core.planner``: homes
+  per model from demand, warmed on idle slots, kept from eviction, preferred by the
+  router), and an omniscient central scheduler that knows every queue and picks the
+  earliest finish time.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mesh.core import planner
 from mesh.core.ring import HashRing, key_point
 from mesh.core.router import Router
 from mesh.core.routing import AGENT, Member, Policy, Request
@@ -34,6 +37,10 @@ from mesh.gpus import DEFAULT_GPU_WEIGHTS
 # (class, memory GB, share of the fleet)
 FLEET_MIX = [("H100", 80, 0.25), ("A100", 80, 0.3), ("L40S", 48, 0.25), ("A40", 48, 0.2)]
 PIPELINE = "sleep"
+# The planner's settings in this run: how far past the bound a model's planned home may
+# queue (tasks per unit of GPU weight), how often it replans, over how long demand is
+# averaged, and how much room beyond its share a model's homes get.
+HOME_SLACK, REPLAN_S, DEMAND_WINDOW_S, HEADROOM = 1.5, 5.0, 90.0, 1.25
 
 
 def zipf_weights(n: int, s: float = 1.1) -> list[float]:
@@ -148,6 +155,8 @@ class AgentState:
     busy_until: list[float] = field(default_factory=list)  # heap: finish of each run
     area: float = 0.0  # integral of (running + queued) / GPU weight over time
     last: float = 0.0
+    planned: frozenset[str] = frozenset()  # what the placement plan gives it (if any)
+    warming: set[str] = field(default_factory=set)
 
     @property
     def tasks(self) -> int:
@@ -182,9 +191,26 @@ def make_trace(seed: int, agents: int, models: int, tasks: int, utilisation: flo
 
 
 Policy_ = Callable[[Task, dict[str, AgentState], float], str]
+Planner = Callable[[Task, dict[str, AgentState], float], None]
 
 
-def simulate(trace: Trace, choose: Policy_, on_change: Callable[[AgentState], None]) -> dict:
+def _load(state: AgentState, model: str) -> None:
+    """Load ``model``; past the agent's room, evict the least recently used model the plan
+    does not give it (the least recently used of all if the plan gives it every one)."""
+    state.loaded[model] = None
+    state.loaded.move_to_end(model)
+    while len(state.loaded) > state.agent.model_capacity:
+        spare = [m for m in state.loaded if m not in state.planned and m != model]
+        victim = spare[0] if spare else next(m for m in state.loaded if m != model)
+        del state.loaded[victim]
+
+
+def simulate(
+    trace: Trace,
+    choose: Policy_,
+    on_change: Callable[[AgentState], None],
+    planner: Planner | None = None,
+) -> dict:
     states = {a.name: AgentState(a) for a in trace.fleet}
     events: list[tuple[float, int, str, object]] = []
     seq = itertools.count()
@@ -203,17 +229,43 @@ def simulate(trace: Trace, choose: Policy_, on_change: Callable[[AgentState], No
                 state.loaded.move_to_end(task.model)
             else:
                 cost += trace.load_delay_s
-                state.loaded[task.model] = None
-                while len(state.loaded) > state.agent.model_capacity:
-                    state.loaded.popitem(last=False)
+                _load(state, task.model)
             state.running += 1
             heapq.heappush(state.busy_until, now + cost)
             heapq.heappush(events, (now + cost, next(seq), "finish", (state.agent.name, task)))
+        warm(state, now)
+
+    def warm(state: AgentState, now: float) -> None:
+        """On an idle slot (nothing queued), load a model the plan gives this agent."""
+        wanted = [m for m in sorted(state.planned) if m not in state.loaded]
+        for model in wanted:
+            if state.queue or state.running >= state.agent.slots or model in state.warming:
+                continue
+            state.warming.add(model)
+            state.running += 1
+            done = now + trace.load_delay_s
+            heapq.heappush(state.busy_until, done)
+            heapq.heappush(events, (done, next(seq), "warmed", (state.agent.name, model)))
 
     while events:
         now, _, kind, data = heapq.heappop(events)
+        if kind == "warmed":
+            name, model = data  # type: ignore[misc]
+            state = states[name]
+            state.account(now)
+            state.running -= 1
+            heapq.heappop(state.busy_until)
+            state.warming.discard(model)
+            _load(state, model)
+            start(state, now)
+            on_change(state)
+            continue
         if kind == "arrive":
             task = data  # type: ignore[assignment]
+            if planner is not None:
+                planner(task, states, now)
+                for other in states.values():
+                    warm(other, now)
             state = states[choose(task, states, now)]
             state.account(now)
             state.queue.append(task)
@@ -238,7 +290,9 @@ def simulate(trace: Trace, choose: Policy_, on_change: Callable[[AgentState], No
     }
 
 
-def policies(trace: Trace, seed: int) -> dict[str, tuple[Policy_, Callable[[AgentState], None]]]:
+def policies(
+    trace: Trace, seed: int
+) -> dict[str, tuple[Policy_, Callable[[AgentState], None], Planner | None]]:
     names = [a.name for a in trace.fleet]
     by_name = {a.name: a for a in trace.fleet}
     rng = random.Random(seed)
@@ -287,25 +341,81 @@ def policies(trace: Trace, seed: int) -> dict[str, tuple[Policy_, Callable[[Agen
 
         return min(names, key=lambda n: (finish(n), n))
 
+    planned = Router(Policy(home_slack=HOME_SLACK))
+    planned.set_members(a.member() for a in trace.fleet)
+    placement = Placement(trace.fleet, planned)
+
+    def tell_planned(state: AgentState) -> None:
+        planned.set_load(state.agent.name, state.running, len(state.queue))
+        planned.set_loaded(state.agent.name, state.loaded)
+
+    def ours_planned(task: Task, states: dict[str, AgentState], now: float) -> str:
+        target = planned.route(Request(task.task_id, task.model, PIPELINE)).first
+        assert target.kind == AGENT
+        return target.name
+
     return {
-        "random": (lambda t, s, now: rng.choice(names), nothing),
-        "round_robin": (lambda t, s, now: next(cycle), nothing),
+        "random": (lambda t, s, now: rng.choice(names), nothing, None),
+        "round_robin": (lambda t, s, now: next(cycle), nothing, None),
         "consistent_hash": (
             lambda t, s, now: ring.owner(key_point(f"{t.model}/{PIPELINE}")),
             nothing,
+            None,
         ),
-        "least_loaded": (least_loaded, nothing),
-        "power_of_two": (two, nothing),
-        "ours": (ours, tell),
-        "omniscient": (omniscient, nothing),
+        "least_loaded": (least_loaded, nothing, None),
+        "power_of_two": (two, nothing, None),
+        "ours": (ours, tell, None),
+        "ours+planner": (ours_planned, tell_planned, placement.observe),
+        "omniscient": (omniscient, nothing, None),
     }
+
+
+class Placement:
+    """The planner as every agent runs it (``mesh.core.planner``): demand per model, an
+    exponentially weighted rate of work arriving, replanned every ``every_s``; each agent
+    is told its part (what to warm, what not to evict) and the router the homes."""
+
+    def __init__(
+        self,
+        fleet: list[Agent],
+        router: Router,
+        every_s: float = REPLAN_S,
+        window_s: float = DEMAND_WINDOW_S,
+    ) -> None:
+        self._fleet = fleet
+        self._router = router
+        self._every_s = every_s
+        self._window_s = window_s
+        self._demand: dict[str, float] = {}
+        self._seen_at = 0.0
+        self._next_at = 0.0
+        self._plan: planner.Plan | None = None
+        self.plans = 0
+
+    def observe(self, task: Task, states: dict[str, AgentState], now: float) -> None:
+        fade = math.exp(-(now - self._seen_at) / self._window_s)
+        self._demand = {m: v * fade for m, v in self._demand.items()}
+        self._demand[task.model] = self._demand.get(task.model, 0.0) + task.work / self._window_s
+        self._seen_at = now
+        if now < self._next_at:
+            return
+        self._next_at = now + self._every_s
+        hosts = [
+            planner.Host(a.name, a.weight, a.model_capacity, frozenset(states[a.name].loaded))
+            for a in self._fleet
+        ]
+        self._plan = planner.plan(self._demand, hosts, self._plan, HEADROOM)
+        self.plans += 1
+        self._router.set_homes(dict(self._plan.homes))
+        for name, state in states.items():
+            state.planned = self._plan.for_agent(name)
 
 
 def quality(seed: int, tasks: int) -> dict[str, dict]:
     trace = make_trace(seed, agents=24, models=20, tasks=tasks, utilisation=0.7)
     return {
-        name: simulate(trace, choose, on_change)
-        for name, (choose, on_change) in policies(trace, seed).items()
+        name: simulate(trace, choose, on_change, plan)
+        for name, (choose, on_change, plan) in policies(trace, seed).items()
     }
 
 

@@ -16,6 +16,7 @@ POLICIES = {
     "least_loaded",
     "power_of_two",
     "ours",
+    "ours+planner",
     "omniscient",
 }
 

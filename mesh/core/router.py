@@ -165,6 +165,7 @@ class Router:
     _suspects: set[str] = field(default_factory=set)
     _totals: Totals = field(default_factory=lambda: Totals())  # kept as agents and loads change
     _models: Counter[str] = field(default_factory=Counter)  # agents that have each loaded
+    _homes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the placement plan
     bulk_at: int = 64  # more changes than this (and a quarter of the DC) at once: rebuild
 
     # -- the view ------------------------------------------------------------------------
@@ -266,6 +267,11 @@ class Router:
             self._models.subtract(old)
             self._models.update(new)
             self._loaded[agent_id] = new
+
+    def set_homes(self, homes: dict[str, tuple[str, ...]]) -> None:
+        """The placement plan (``mesh.core.planner``): a model's tasks go to its planned
+        homes, the least loaded with room first, before the ring is walked."""
+        self._homes = dict(homes)
 
     def set_suspect(self, agent_id: str, suspect: bool) -> None:
         """A suspect (it just refused or failed an offer, or went quiet) is offered tasks
@@ -385,6 +391,11 @@ class Router:
         model, loaded = request.model, self._loaded
         warm = [f for f in fits[:window] if model in loaded[f[0]]]
         ordered = warm + [f for f in fits if f not in warm] if warm else fits
+        if model in self._homes:
+            homes = self._planned(model, cls, bound, visited)
+            if homes:
+                taken = {h[0] for h in homes}
+                ordered = homes + [f for f in ordered if f[0] not in taken]
         if self._suspects:
             suspects = self._suspects
             ordered = [f for f in ordered if f[0] not in suspects] + [
@@ -409,6 +420,20 @@ class Router:
             targets += self._overflow(request, spill)
         targets.append(TO_BACKLOG if cls.eligible else NONE_ELIGIBLE)
         return Decision(tuple(targets), bound, tuple(candidates))
+
+    def _planned(
+        self, model: str, cls: _Class, bound: float, visited: frozenset[str]
+    ) -> list[tuple[str, float]]:
+        """The model's planned homes that can take a task now, least loaded first."""
+        found = []
+        for agent_id in self._homes[model]:
+            if agent_id not in cls.shape or agent_id in visited:
+                continue
+            weight, floor, hard = cls.shape[agent_id]
+            most = min(hard, max(bound * weight, floor) + self.policy.home_slack * weight)
+            if self._loads[agent_id].tasks + 1 <= most:
+                found.append((self._loads[agent_id].tasks / weight, agent_id, most))
+        return [(agent_id, most) for _, agent_id, most in sorted(found)]
 
     def _explain(
         self, request: Request, agent_id: str, most: float, visited: frozenset[str]

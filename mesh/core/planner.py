@@ -1,0 +1,88 @@
+"""Model placement: which agents should hold which models, from demand. Pure.
+
+Every agent computes the same plan from the same view (the DC's demand per model, and
+each agent's GPU weight, model room and loaded models, all from gossip), and acts only on
+its own part: it warms a model planned for it on an idle slot, and when it must evict,
+it evicts what is not planned for it first. The router sends a model's tasks to its
+planned homes (the least loaded one that has room) before walking the ring, so hot models
+spread over as many agents as their demand needs and cold ones share.
+
+The plan gives each model GPU weight in proportion to its demand (with ``headroom``),
+hottest first, from agents that already hold it first, then from agents it was planned on,
+then from those with the most weight left: a loaded model stays where it is while it
+needs that much (hysteresis: no flapping, no load paid twice), and a model keeps at least
+one home while it has demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Host:
+    """An agent as the planner sees it."""
+
+    name: str
+    weight: float  # GPU weight: what it can run per second, in H100-seconds
+    room: int  # models its GPU memory holds at once
+    loaded: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    homes: Mapping[str, tuple[str, ...]]  # model: its agents, best first
+    hosting: Mapping[str, frozenset[str]] = field(default_factory=dict)  # agent: its models
+
+    def for_agent(self, name: str) -> frozenset[str]:
+        return self.hosting.get(name, frozenset())
+
+
+def plan(
+    demand: Mapping[str, float],
+    hosts: Sequence[Host],
+    previous: Plan | None = None,
+    headroom: float = 1.25,
+    least: float = 0.1,
+) -> Plan:
+    """Homes for each model with demand (work per second, in H100-seconds). An agent with
+    less than ``least`` of its weight left is no extra home (a load for a sliver of work
+    costs more than it gives), though any agent with room may be a model's only one."""
+    total = sum(v for v in demand.values() if v > 0)
+    if total <= 0 or not hosts:
+        return Plan({}, {})
+    capacity = sum(h.weight for h in hosts)
+    left = {h.name: h.weight for h in hosts}
+    room = {h.name: h.room for h in hosts}
+    by_name = {h.name: h for h in hosts}
+    was = previous.homes if previous else {}
+    homes: dict[str, tuple[str, ...]] = {}
+    for model in sorted(demand, key=lambda m: (-demand[m], m)):
+        if demand[model] <= 0:
+            continue
+        need = demand[model] / total * capacity * headroom
+
+        def rank(name: str, model: str = model) -> tuple[bool, bool, float, str]:
+            holds = model in by_name[name].loaded
+            planned = name in was.get(model, ())
+            return (not holds, not planned, -left[name], name)
+
+        chosen: list[str] = []
+        for name in sorted(by_name, key=rank):
+            if chosen and need <= 0:
+                break
+            if room[name] <= 0 or (chosen and left[name] < least * by_name[name].weight):
+                continue
+            give = max(0.0, min(left[name], need))
+            chosen.append(name)
+            room[name] -= 1
+            left[name] -= give
+            need -= give
+        if chosen:
+            homes[model] = tuple(chosen)
+    hosting: dict[str, set[str]] = {}
+    for model, names in homes.items():
+        for name in names:
+            hosting.setdefault(name, set()).add(model)
+    return Plan(homes, {n: frozenset(ms) for n, ms in hosting.items()})

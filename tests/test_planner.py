@@ -1,0 +1,75 @@
+"""The placement planner and the router's use of it, pure: every model with demand has a
+home while there is room, no agent is given more models than it holds, hot models get
+weight in proportion to their demand, an unchanged view gives an unchanged plan, and the
+router sends a model's tasks to its least loaded home with room."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mesh.core.planner import Host, plan
+from mesh.core.router import Router
+from mesh.core.routing import AGENT, Member, Policy, Request
+
+hosts = st.lists(
+    st.builds(Host, st.uuids().map(lambda u: u.hex[:8]), st.floats(0.5, 8), st.integers(1, 4)),
+    min_size=1,
+    max_size=12,
+    unique_by=lambda h: h.name,
+)
+demands = st.dictionaries(
+    st.sampled_from([f"m{i}" for i in range(15)]), st.floats(0.0, 20.0), max_size=15
+)
+
+
+@given(demands, hosts)
+def test_room_is_respected_and_demand_finds_homes(demand: dict, fleet: list[Host]) -> None:
+    made = plan(demand, fleet)
+    room = {h.name: h.room for h in fleet}
+    for name, models in made.hosting.items():
+        assert len(models) <= room[name]
+    used = sum(len(models) for models in made.hosting.values())
+    for model in (m for m, v in demand.items() if v > 0):
+        # a model with demand goes homeless only when no agent has room left
+        assert made.homes.get(model) or used == sum(room.values()), model
+    assert plan(demand, fleet) == made  # deterministic
+
+
+@given(demands, hosts)
+def test_an_unchanged_view_gives_an_unchanged_plan(demand: dict, fleet: list[Host]) -> None:
+    first = plan(demand, fleet)
+    loaded = [Host(h.name, h.weight, h.room, first.for_agent(h.name)) for h in fleet]
+    assert plan(demand, loaded, first) == plan(demand, loaded, first)
+    again = plan(demand, loaded, first)
+    assert again.hosting == first.hosting  # nothing moves: no load paid for nothing
+
+
+def test_a_hot_model_gets_weight_in_proportion_to_its_demand() -> None:
+    fleet = [Host(f"a{i}", 4.0, 2) for i in range(10)]  # 40 units of weight, 20 model places
+    made = plan({"hot": 6.0, "warm": 3.0, "cold": 1.0}, fleet, headroom=1.0)
+    weight = {m: 4.0 * len(names) for m, names in made.homes.items()}
+    assert weight["hot"] >= 24 and weight["warm"] >= 12 and weight["cold"] >= 4
+    assert len(made.homes["hot"]) > len(made.homes["warm"]) > len(made.homes["cold"]) - 1
+
+
+def member(name: str, weight: float = 1.0) -> Member:
+    return Member(name, weight, (80 * 1024,), frozenset({"sleep"}), queue_limit=100)
+
+
+def test_the_router_sends_a_task_to_its_least_loaded_home_with_room() -> None:
+    router = Router(Policy(home_slack=1.0))
+    router.set_members([member(f"a{i}") for i in range(6)])
+    router.set_homes({"m": ("a3", "a4")})
+    router.set_load("a3", 1, 0)
+    assert (
+        router.route(Request("t1", "m", "sleep")).first
+        == router.route(Request("t2", "m", "sleep")).first
+    )
+    first = router.route(Request("t1", "m", "sleep")).first
+    assert (first.kind, first.name) == (AGENT, "a4")  # a3 is busier
+    router.set_load("a4", 1, 0)
+    router.set_load("a3", 3, 0)  # past bound + slack: a4 it is
+    assert router.route(Request("t3", "m", "sleep")).first.name == "a4"
+    router.set_load("a4", 3, 0)  # both homes full: the ring decides, elsewhere
+    assert router.route(Request("t4", "m", "sleep")).first.name not in {"a3", "a4"}
