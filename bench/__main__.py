@@ -1,10 +1,10 @@
-"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e,scale} [--json]``."""
+"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e,scale,layers} [--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import cancel, e2e, failover, fuzz, gossip, hop, route, scale
+from bench import cancel, e2e, failover, fuzz, gossip, hop, layers, route, scale
 
 BENCHMARKS = {
     "route": route.main,
@@ -15,6 +15,7 @@ BENCHMARKS = {
     "cancel": cancel.main,
     "e2e": e2e.main,
     "scale": scale.main,
+    "layers": layers.main,
 }
 
 

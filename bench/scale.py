@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import time
@@ -43,7 +42,7 @@ from mesh.core.ring import HashRing
 from mesh.core.router import Router
 from mesh.core.routing import Request
 from mesh.gpus import Gpu
-from mesh.local.localmesh import LocalMesh, free_port
+from mesh.local.localmesh import LocalMesh
 from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
 from mesh.store.registry import AgentRecord
@@ -137,12 +136,16 @@ def lag_p99_ms(before: dict, after: dict) -> float:
     return float("inf")
 
 
-async def live(mesh: LocalMesh, metrics_at: str, size: int, per_s: float, churn_s: float) -> dict:
+async def live(mesh: LocalMesh, size: int, per_s: float, churn_s: float) -> dict:
     agent = next(s for s in mesh.started if s.kind == "agent")
     keys = KeySpace(mesh.topology.prefix, "dc")
     assert mesh.trust is not None
     security = mesh.trust.user("bench")
     async with client_for(mesh.topology.dcs["dc"].etcd, security=mesh.operator) as etcd:
+        published = await etcd.get(keys.agent(agent.name))  # where it serves /metrics
+        assert published is not None
+        metrics_at = AgentRecord.from_json(published.value).metrics_url
+        metrics_at = metrics_at.removeprefix("http://").removesuffix("/metrics")
         lease = await etcd.lease(3600)
         tx = etcd.transactions
         for start in range(0, size, BATCH):
@@ -216,14 +219,9 @@ async def _members(metrics_at: str, want: int) -> bool:
 
 
 def measure_live(size: int, per_s: float, churn_s: float) -> dict:
-    metrics_at = f"127.0.0.1:{free_port()}"
-    os.environ["MESH_METRICS_LISTEN"] = metrics_at  # the agent this starts inherits it
-    try:
-        agents = [{"id": "real", "fake_gpus": "1xA100-80GB"}]
-        with one_dc("bench-scale", agents, 90, decision_log=False) as mesh:
-            return asyncio.run(live(mesh, metrics_at, size, per_s, churn_s))
-    finally:
-        del os.environ["MESH_METRICS_LISTEN"]
+    agents = [{"id": "real", "fake_gpus": "1xA100-80GB"}]
+    with one_dc("bench-scale", agents, 90, decision_log=False) as mesh:
+        return asyncio.run(live(mesh, size, per_s, churn_s))
 
 
 def main(argv: list[str]) -> None:

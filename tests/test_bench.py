@@ -130,3 +130,14 @@ def test_bench_scale_reports_every_figure_per_size() -> None:
     assert result["full_rebuild_ms"] > 0 and result["route_p50_us"] > 0
     assert result["health_ms_max"] >= result["health_ms_p99"] > 0
     assert result["loop_lag_ms_p99"] > 0 and result["rss_mb"] > 0
+
+
+def test_bench_layers_compares_both_allocators_with_the_optimum() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "layers", "--json", "--cases", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    assert result["cases"] == 20 and result["feasible"] > 0
+    for name in ("greedy", "dp"):
+        assert result[name]["mean_over_optimum"] >= 1.0  # nothing beats the optimum
