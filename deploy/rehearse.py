@@ -145,7 +145,6 @@ class Rehearsal:
             "peer_advertise": f"{host.ip}:50052",
             "gossip_advertise": f"{host.ip}:7946",
             "http_advertise": f"{host.ip}:8443",
-            "http_listen": "0.0.0.0:8443",
             "tls_ca": str(files.ca),
             "tls_cert": str(files.cert),
             "result_dir": str(host.root / "results"),

@@ -1,0 +1,54 @@
+"""Online work takes back the GPUs batch borrowed, on a real agent: a batch flood holds
+both GPUs, an online task arrives, one batch run is preempted (its record counts it, and it
+runs again as its next attempt), the online task runs, and batch's own share is kept."""
+
+from __future__ import annotations
+
+import aetcd
+import yaml
+from support import Cluster, eventually, sleep_spec, until_peers
+
+from mesh.store.keys import KeySpace
+from mesh.store.quota import apply_policy
+from mesh.v1 import tasks_pb2 as pb
+
+RUNNING, SUCCEEDED = pb.TASK_STATE_RUNNING, pb.TASK_STATE_SUCCEEDED
+
+
+async def test_an_online_task_preempts_a_borrowed_batch_run(
+    cluster: Cluster, etcd_client: aetcd.Client, prefix: str
+) -> None:
+    policy = {"online_share": 0.5}  # of 2 GPUs: one is batch's own, one online's
+    await apply_policy(etcd_client, KeySpace(prefix, "west"), yaml.safe_dump(policy))
+    agent = cluster.start("p1", fake_gpus="2xA100-80GB", preempt_after_s=0)
+    await until_peers(agent, ["p1"])
+    async with agent.client() as client:
+        for name in ("batch-1", "batch-2"):
+            await client.submit(sleep_spec(name, seconds=120, steps=120, model="m"))
+
+        async def both_run() -> bool:
+            states = [(await client.get(t)).state for t in ("batch-1", "batch-2")]
+            return states == [RUNNING, RUNNING]
+
+        await eventually(both_run, what="the batch flood to hold both GPUs")
+        online = sleep_spec("online-1", seconds=0.2, steps=1, model="m")
+        online.task_type = pb.TASK_TYPE_LLM  # online by its type
+        await client.submit(online)
+
+        async def online_done() -> bool:
+            return (await client.get("online-1")).state == SUCCEEDED
+
+        await eventually(online_done, what="the online task to run and end")
+        batch = {t: await client.get(t) for t in ("batch-1", "batch-2")}
+        preempted = [s for s in batch.values() if s.preemptions == 1]
+        kept = [s for s in batch.values() if s.preemptions == 0]
+        assert len(preempted) == 1 and len(kept) == 1, batch
+        assert kept[0].state == RUNNING and kept[0].attempt == 1  # batch's own share
+        assert preempted[0].attempt == 2  # given back, to run again
+
+        async def back() -> bool:
+            return (await client.get(preempted[0].task_id)).state == RUNNING
+
+        await eventually(back, what="the preempted batch task to run again")
+        for name in ("batch-1", "batch-2"):
+            await client.cancel(name, "test over")
