@@ -1,10 +1,10 @@
-"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e,scale,layers} [--json]``."""
+"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e,scale,layers,tenants} [--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import cancel, e2e, failover, fuzz, gossip, hop, layers, route, scale
+from bench import cancel, e2e, failover, fuzz, gossip, hop, layers, route, scale, tenants
 
 BENCHMARKS = {
     "route": route.main,
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "e2e": e2e.main,
     "scale": scale.main,
     "layers": layers.main,
+    "tenants": tenants.main,
 }
 
 

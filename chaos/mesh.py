@@ -241,6 +241,7 @@ class ChaosMesh:
             "lease_ttl_s": str(self.ttl_s),
             "result_dir": str(self.workdir / "results"),
             "history": str(self.history_dir / f"{name}.jsonl"),
+            "span_dir": str(self.workdir / "spans"),  # to read a hop that misbehaved
             **AGENT_FLAGS,
         }
         argv = [*self.net.prefix(dc), sys.executable, "-m", "mesh.agent.main"]

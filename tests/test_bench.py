@@ -141,3 +141,18 @@ def test_bench_layers_compares_both_allocators_with_the_optimum() -> None:
     assert result["cases"] == 20 and result["feasible"] > 0
     for name in ("greedy", "dp"):
         assert result[name]["mean_over_optimum"] >= 1.0  # nothing beats the optimum
+
+
+def test_bench_tenants_reports_shares_waits_and_violations_with_and_without_tenants() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "tenants", "--json", "--seconds", "4"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    for phase in ("tenants_off", "tenants_on"):
+        figures = result[phase]
+        assert set(figures["share"]) == {"heavy", "light", "flood"}
+        assert figures["batch_tasks"] > 0
+        for name in ("max_share_error", "jain_index", "online_wait_p99_s", "reclaim_p99_s"):
+            assert figures[name] >= 0
+    assert result["tenants_on"]["quota_violations"] == 0  # caps hold with no scheduler

@@ -162,3 +162,12 @@ def test_no_task_waits_past_the_bound_of_its_policy(
             running.append((tick + task.duration, task))
         tick += 1
         assert tick < 100_000
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_online_work_goes_before_batch_under_every_policy(name: str) -> None:
+    policy = make(name, {"normal": 1}, {"a": 100.0, "b": 1.0}, aging_s=60)
+    batch = Traits("normal", "a", "sleep/m", 1, "batch")
+    online = Traits("normal", "b", "llm/big", 4, "online")
+    assert policy.choose({batch: 0.0, online: 5.0}, now=6.0) == online
+    assert policy.choose({batch: 0.0, online: 5.0}, now=60.0) == batch  # aged: oldest first

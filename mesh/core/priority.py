@@ -5,8 +5,10 @@ they run, how many GPUs) differ only in age, so within a lane the oldest goes fi
 policy only ever compares lane heads. The same policies order every agent's local queue
 and the queue owner's walk over the DC's backlog.
 
-Every policy shares one rule against starvation: a head that has waited ``aging_s`` goes
-before anything younger, oldest first. Once a task has aged, only tasks enqueued before it
+Every policy serves online work before batch (online is the interactive call someone
+waits on; batch's own share of the GPUs is kept by preemption's rules, not by the queue),
+and shares one rule against starvation: a head that has waited ``aging_s`` goes before
+anything younger, oldest first. Once a task has aged, only tasks enqueued before it
 can still go ahead of it, so its wait is bounded (``wait_bound``) whatever the policy
 prefers.
 
@@ -29,6 +31,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
+
+from mesh.core.classes import ONLINE
 
 DEFAULT_RUN_S = 1.0  # a kind never seen finishing is expected to take this long
 
@@ -82,7 +86,11 @@ class Policy(ABC):
         if not heads:
             return None
         aged = [lane for lane, at in heads.items() if now - at >= self.aging_s]
-        chosen = min(aged, key=lambda lane: (heads[lane], lane)) if aged else self._best(heads)
+        if aged:
+            chosen = min(aged, key=lambda lane: (heads[lane], lane))
+        else:
+            online = {lane: at for lane, at in heads.items() if lane.task_class == ONLINE}
+            chosen = self._best(online or heads)
         self._served(chosen, heads)
         return chosen
 
