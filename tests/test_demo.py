@@ -27,11 +27,16 @@ def test_demo_runs_every_task_to_an_end_and_cleans_up(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(topology))
     load(path)  # still a valid topology
     home = tmp_path / "home"
-    done = subprocess.run(
-        [sys.executable, "-m", "mesh.cli", "demo", "--topology", str(path), "--home",
-         str(home), "--tasks", "40", "--seed", "3"],
-        capture_output=True, text=True, timeout=170,
-    )  # fmt: skip
+    meshctl = [sys.executable, "-m", "mesh.cli"]
+    try:
+        done = subprocess.run(
+            [*meshctl, "demo", "--topology", str(path), "--home", str(home),
+             "--tasks", "40", "--seed", "3"],
+            capture_output=True, text=True, timeout=170,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:  # the demo was killed: its agents were not
+        subprocess.run([*meshctl, "down", "--home", str(home)], timeout=60, check=False)
+        raise
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "every task reached a terminal state" in done.stdout
     assert re.search(CONSOLE_URL, done.stdout), "no console URL with a token"

@@ -217,9 +217,12 @@ class Agent:
         await asyncio.wait_for(self.topology_mirror.ready.wait(), timeout=10)
         leftovers = await self.handover.release_leftovers(self.cfg.max_attempts)
         self._incarnation = now_ms()
+        # The caps are known before any work can come: peers offer tasks as soon as the
+        # record is published, and a task run before the policy is read would take no slot.
+        self.duties.keep("quota", self.quota.mirror.run)
+        await asyncio.wait_for(self.quota.mirror.ready.wait(), timeout=10)
         await self.registry.publish(self.record())
         self.duties.keep("membership", self.registry.mirror.run)
-        self.duties.keep("quota", self.quota.mirror.run)
         self.duties.keep("executor", self.executor.run)
         keep_s = self.cfg.task_retention_s
         self.duties.keep(
