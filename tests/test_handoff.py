@@ -142,3 +142,28 @@ async def test_the_owner_points_to_the_dc_that_holds_a_dead_agents_hand_off(
     async with west.client() as client:
         ended = await final(client, "landed")  # answered from east once confirmed
     assert (state_name(ended.state), ended.dc, ended.attempt) == ("SUCCEEDED", "east", 1)
+
+
+async def test_an_offer_of_an_attempt_running_elsewhere_is_refused(
+    cluster: Cluster, etcd: EtcdMember, prefix: str
+) -> None:
+    """A task placed twice: the placement that lost must not take the record from the one
+    that runs it (its start would then pass the one-run-per-attempt check)."""
+    agent = cluster.start("w1")
+    async with client_for([etcd.endpoint], security=cluster.trust.operator()) as client:
+        store = TaskStore(client, KeySpace(prefix, "west"))
+        task = spec("twice")
+        record = new_record(
+            task, spec_digest(task), now_ms() + 60_000, attempt=1, path=(),
+            agent_id="w9", dc="west", inline_payload_bytes=65536,
+        )  # fmt: skip
+        record.status.state = pb.TASK_STATE_RUNNING
+        await store.create(record)
+        envelope = peer_pb2.Envelope(
+            spec=task, path=["w9"], hops=1, attempt=1, deadline_unix_ms=now_ms() + 60_000
+        )
+        async with peer_channel(agent.peer_address, cluster.as_agent("w9")) as channel:
+            reply = await peer_pb2_grpc.PeerServiceStub(channel).Offer(envelope)
+        assert not reply.accepted and "already running on w9" in reply.reason
+        stored = await store.get("twice")
+    assert (stored.status.agent, stored.status.state) == ("w9", pb.TASK_STATE_RUNNING)

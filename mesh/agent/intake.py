@@ -142,12 +142,18 @@ class Intake:
         self._executor.enqueue(job)
 
         digest = spec_digest(job.spec)
+        me = self._cfg.agent_id
 
         def mutate(record: peer_pb2.TaskRecord) -> bool | None:
             if record.spec_digest and record.spec_digest != digest:
                 raise InvalidTask("the offered spec is not the recorded one")
             status = record.status
-            status.agent, status.dc = self._cfg.agent_id, self._cfg.dc
+            if status.state == pb.TASK_STATE_RUNNING and status.agent not in ("", me):
+                # Placed twice, and the other placement runs it: taking the record now
+                # would let this agent's start pass the check that keeps one run per
+                # attempt (found by etcd-leader-kill: attempt 1 ran on two agents).
+                raise StaleWrite(f"attempt already running on {status.agent}", task_id=job.task_id)
+            status.agent, status.dc = me, self._cfg.dc
             record.forwarded_to_dc = ""  # it is here, whatever a hand-off tried before
             del status.path[:]
             status.path.extend(job.path)
