@@ -4,10 +4,13 @@ runs again as its next attempt), the online task runs, and batch's own share is 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aetcd
 import yaml
 from support import Cluster, eventually, sleep_spec, until_peers
 
+from mesh.agent.decisionlog import replay
 from mesh.store.keys import KeySpace
 from mesh.store.quota import apply_policy
 from mesh.v1 import tasks_pb2 as pb
@@ -16,11 +19,12 @@ RUNNING, SUCCEEDED = pb.TASK_STATE_RUNNING, pb.TASK_STATE_SUCCEEDED
 
 
 async def test_an_online_task_preempts_a_borrowed_batch_run(
-    cluster: Cluster, etcd_client: aetcd.Client, prefix: str
+    cluster: Cluster, etcd_client: aetcd.Client, prefix: str, tmp_path: Path
 ) -> None:
     policy = {"online_share": 0.5}  # of 2 GPUs: one is batch's own, one online's
     await apply_policy(etcd_client, KeySpace(prefix, "west"), yaml.safe_dump(policy))
-    agent = cluster.start("p1", fake_gpus="2xA100-80GB", preempt_after_s=0)
+    decisions = tmp_path / "decisions.jsonl"
+    agent = cluster.start("p1", fake_gpus="2xA100-80GB", preempt_after_s=0, decision_log=decisions)
     await until_peers(agent, ["p1"])
     async with agent.client() as client:
         for name in ("batch-1", "batch-2"):
@@ -52,3 +56,7 @@ async def test_an_online_task_preempts_a_borrowed_batch_run(
         await eventually(back, what="the preempted batch task to run again")
         for name in ("batch-1", "batch-2"):
             await client.cancel(name, "test over")
+    # The preemption is in the decision log, and the pure core decides it again the same.
+    logged = [r for r in replay(decisions) if r.task_id == "online-1"]
+    assert logged and all(r.same for r in logged)  # its routing and its preemption
+    assert [r.now for r in logged if "victims" in r.now] == [{"victims": [preempted[0].task_id]}]

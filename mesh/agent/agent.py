@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from mesh import metrics
 from mesh.agent.addressing import Addressing
@@ -105,11 +106,10 @@ class Agent:
             reporter,
             self._priority(),
             lambda: self.view.local_changed(),
-            quota=lambda job: self.quota.waits(
-                job.spec.user.id, job.spec.user.group, max(1, job.spec.gpu_count)
-            ),
+            quota=self._quota_verdict,
             online_share=lambda: online_share(self.quota.tenants, cfg.dc),
             on_preempted=self._preempted,
+            decided=self._preemption_decided,
         )
         self.view = View(
             cfg,
@@ -367,6 +367,19 @@ class Agent:
     def _queues_changed(self, queues: dict[str, int]) -> None:
         self.cfg = self.cfg.model_copy(update={"queues": queues})
         self._priorities_changed()
+
+    def _quota_verdict(self, job: Job) -> str | None:
+        """Why ``job`` must wait for its tenant's quota (None: it may start); a capped
+        task's verdict goes to the decision log."""
+        user, gpus = job.spec.user, max(1, job.spec.gpu_count)
+        caps, held, reason = self.quota.judge(user.id, user.group, gpus)
+        if caps and self.placement.decisions is not None:
+            self.placement.decisions.quota(job.task_id, caps, held, gpus, reason)
+        return reason
+
+    def _preemption_decided(self, *decision: Any) -> None:
+        if self.placement.decisions is not None:
+            self.placement.decisions.preempt(*decision)
 
     def _preempted(self, job: Job) -> None:
         metrics.PREEMPTED.labels(job.spec.user.group or metrics.NO_GROUP).inc()

@@ -1,22 +1,28 @@
-"""The decision log: every routing decision as one JSON line, replayable offline.
+"""The decision log: every routing, quota and preemption decision as one JSON line,
+replayable offline.
 
-Each line holds the router's whole view at that moment (policy, members, loads, loaded
+A routing line holds the router's whole view at that moment (policy, members, loads, loaded
 models), the request, the agents already visited, the overflow options, and the decision.
-``meshctl replay FILE`` rebuilds a router from each line and routes again: the router is
-pure, so any difference is a bug (or a changed router), never noise.
+A ``quota`` line holds a task's caps and the GPUs held against them, and whether it must
+wait; a ``preempt`` line the runs an online task found, its need, the agent's slots and
+online share, and the batch runs it preempted. ``meshctl replay FILE`` decides each line
+again with the pure core (``Router.route``, ``tenants.blocked``, ``classes.victims``): any
+difference is a bug (or a changed core), never noise.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from mesh.core.classes import Run, victims
 from mesh.core.router import Router, from_snapshot, snapshot
 from mesh.core.routing import Decision, Request, Spill, spill_from_dict, spill_to_dict
+from mesh.core.tenants import Cap, blocked
 
 
 class DecisionLog:
@@ -40,6 +46,40 @@ class DecisionLog:
             "view": snapshot(router),
             "decision": decision.to_dict(),
         }
+        self._line(entry)
+
+    def quota(
+        self, task_id: str, caps: list[Cap], held: Mapping[tuple[str, str], int], gpus: int,
+        reason: str | None,
+    ) -> None:  # fmt: skip
+        self._line(
+            {
+                "kind": "quota",
+                "ts": round(time.time(), 3),
+                "request": {"task_id": task_id, "gpus": gpus},
+                "caps": [list(cap) for cap in caps],
+                "held": [[scope, name, n] for (scope, name), n in sorted(held.items())],
+                "decision": {"wait": reason},
+            }
+        )
+
+    def preempt(
+        self, task_id: str, runs: Sequence[Run], free: int, need: int, slots: int,
+        online_share: float, chosen: list[str],
+    ) -> None:  # fmt: skip
+        self._line(
+            {
+                "kind": "preempt",
+                "ts": round(time.time(), 3),
+                "request": {"task_id": task_id, "need": need, "free": free},
+                "runs": [asdict(run) for run in runs],
+                "slots": slots,
+                "online_share": online_share,
+                "decision": {"victims": chosen},
+            }
+        )
+
+    def _line(self, entry: dict[str, Any]) -> None:
         self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
     def close(self) -> None:
@@ -59,12 +99,34 @@ class Replayed:
 
 
 def replay(path: Path) -> Iterator[Replayed]:
-    """Route every logged request again through a router rebuilt from its logged view."""
+    """Decide every logged line again: route through a router rebuilt from its logged
+    view, judge quota and preemption with the pure functions that decided them."""
     with path.open() as f:
         for number, line in enumerate(f, 1):
             entry = json.loads(line)
-            router = from_snapshot(entry["view"])
-            request = Request(**entry["request"])
-            again = router.route(request, entry["visited"], spill_from_dict(entry["spill"]))
-            now = json.loads(json.dumps(again.to_dict()))  # the same JSON round trip
-            yield Replayed(number, request.task_id, entry["decision"], now)
+            kind = entry.get("kind", "route")
+            now = REPLAY[kind](entry)
+            task_id = entry["request"]["task_id"]
+            yield Replayed(number, task_id, entry["decision"], json.loads(json.dumps(now)))
+
+
+def _route(entry: dict[str, Any]) -> dict[str, Any]:
+    router = from_snapshot(entry["view"])
+    request = Request(**entry["request"])
+    return router.route(request, entry["visited"], spill_from_dict(entry["spill"])).to_dict()
+
+
+def _quota(entry: dict[str, Any]) -> dict[str, Any]:
+    caps = [Cap(*cap) for cap in entry["caps"]]
+    held = {(scope, name): n for scope, name, n in entry["held"]}
+    return {"wait": blocked(caps, held, entry["request"]["gpus"])}
+
+
+def _preempt(entry: dict[str, Any]) -> dict[str, Any]:
+    runs = [Run(**run) for run in entry["runs"]]
+    request = entry["request"]
+    chosen = victims(runs, request["free"], request["need"], entry["slots"], entry["online_share"])
+    return {"victims": chosen}
+
+
+REPLAY = {"route": _route, "quota": _quota, "preempt": _preempt}

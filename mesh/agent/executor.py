@@ -76,12 +76,16 @@ class Executor:
         quota: Callable[[Job], str | None] = lambda _: None,
         online_share: Callable[[], float] = lambda: classes.DEFAULT_ONLINE_SHARE,
         on_preempted: Callable[[Job], None] = lambda _: None,
+        decided: Callable[[str, list[classes.Run], int, int, int, float, list[str]], None] = (
+            lambda *_: None
+        ),
     ) -> None:
         """``on_load`` is called whenever ``running`` or ``queued`` changes. ``quota``
         says why a job must wait for its tenant's quota (None: it may start); a job that
         must waits aside, never blocking others, until ``quota_changed``.
         ``online_share`` is the part of the slots online work is guaranteed; a batch run
-        preempted for online work is handed to ``on_preempted`` once it has stopped."""
+        preempted for online work is handed to ``on_preempted`` once it has stopped;
+        ``decided`` hears each preemption decision with its inputs (the decision log)."""
         self._cfg = cfg
         self._gpus = list(gpus)
         self._free = list(gpus)
@@ -97,6 +101,7 @@ class Executor:
         self._quota = quota
         self._online_share = online_share
         self._on_preempted = on_preempted
+        self._decided = decided
         self._waiting: dict[str, Job] = {}  # jobs over their tenant's quota, in order
         self._waiting_groups: set[str] = set()  # groups the waiting gauge shows
         self._wake = asyncio.Event()
@@ -254,7 +259,11 @@ class Executor:
         need = max(1, job.spec.gpu_count)
         freeing = sum(len(r.gpus) for r in self._running.values() if r.preempted)
         free = len(self._fitting(job.spec)) + freeing
-        for task_id in classes.victims(self._runs(), free, need, self.slots, self._online_share()):
+        runs, share = self._runs(), self._online_share()
+        chosen = classes.victims(runs, free, need, self.slots, share)
+        if chosen:
+            self._decided(job.task_id, runs, free, need, self.slots, share, chosen)
+        for task_id in chosen:
             run = self._running[task_id]
             log.info("preempting batch task %s for online task %s", task_id, job.task_id)
             run.preempted = run.handed_back = True

@@ -147,10 +147,8 @@ def replay(log: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) ->
         if not replayed.same:
             differ.append(replayed)
     for d in differ[:10]:
-        err.print(
-            f"line {d.line} ({d.task_id}): logged {d.logged['targets'][:1]} "
-            f"now {d.now['targets'][:1]}"
-        )
+        logged, now = d.logged.get("targets", d.logged), d.now.get("targets", d.now)
+        err.print(f"line {d.line} ({d.task_id}): logged {logged} now {now}")
     console.print(
         f"{total} decisions replayed, {total - len(differ)} identical, {len(differ)} different"
     )

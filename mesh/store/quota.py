@@ -78,9 +78,16 @@ class QuotaStore:
     def waits(self, user: str, group: str, gpus: int) -> str | None:
         """Why a task of ``user`` in ``group`` needing ``gpus`` must wait, as the mirror
         sees the slots; None if it may try to start."""
+        return self.judge(user, group, gpus)[2]
+
+    def judge(
+        self, user: str, group: str, gpus: int
+    ) -> tuple[list[Cap], dict[tuple[str, str], int], str | None]:
+        """The task's caps, the GPUs held against them as the mirror sees the slots, and
+        why it must wait (None: it may try to start): what the decision log keeps."""
         found = self.caps(user, group)
         held = {(c.scope, c.name): len(self._taken.get((c.scope, c.name), ())) for c in found}
-        return blocked(found, held, gpus)
+        return found, held, blocked(found, held, gpus)
 
     def claim(self, user: str, group: str, gpus: int, lease: int) -> tuple[list, list, list[bytes]]:
         """Compares and puts that take ``gpus`` free slots of every cap, and the keys they

@@ -1,0 +1,34 @@
+"""Quota and preemption decisions in the decision log, replayed offline by the pure core:
+the same inputs decide the same, and a line whose decision was not the core's is found."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mesh.agent.decisionlog import DecisionLog, replay
+from mesh.core.classes import BATCH, Run, victims
+from mesh.core.tenants import Cap, blocked
+
+
+def test_quota_and_preemption_decisions_replay_to_the_same_and_a_forged_one_differs(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path)
+    caps = [Cap("user", "ada", 2), Cap("group", "vision", 4)]
+    held = {("user", "ada"): 2, ("group", "vision"): 3}
+    log.quota("q-1", caps, held, 1, blocked(caps, held, 1))
+    runs = [Run("b-1", BATCH, "t", 1, 1.0), Run("b-2", BATCH, "t", 1, 2.0)]
+    log.preempt("o-1", runs, 0, 1, 2, 0.5, victims(runs, 0, 1, 2, 0.5))
+    log.close()
+    replayed = list(replay(path))
+    assert [(r.task_id, r.same) for r in replayed] == [("q-1", True), ("o-1", True)]
+    assert replayed[0].now == {"wait": "waiting for quota: user ada at 2/2 GPUs"}
+    assert replayed[1].now == {"victims": ["b-2"]}  # the newest batch run
+
+    lines = path.read_text().splitlines()
+    forged = json.loads(lines[1])
+    forged["decision"]["victims"] = ["b-1"]
+    path.write_text(lines[0] + "\n" + json.dumps(forged) + "\n")
+    assert [r.same for r in replay(path)] == [True, False]
