@@ -18,7 +18,7 @@ from mesh.agent.view import View
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
-from mesh.core.lifecycle import new_record
+from mesh.core.lifecycle import claim_run, new_record
 from mesh.core.task import DC_NAME, check_id, check_offer, spec_digest
 from mesh.errors import InvalidTask, MeshError, StaleWrite
 from mesh.store.records import TaskStore
@@ -142,18 +142,13 @@ class Intake:
         self._executor.enqueue(job)
 
         digest = spec_digest(job.spec)
-        me = self._cfg.agent_id
 
         def mutate(record: peer_pb2.TaskRecord) -> bool | None:
             if record.spec_digest and record.spec_digest != digest:
                 raise InvalidTask("the offered spec is not the recorded one")
             status = record.status
-            if status.state == pb.TASK_STATE_RUNNING and status.agent not in ("", me):
-                # Placed twice, and the other placement runs it: taking the record now
-                # would let this agent's start pass the check that keeps one run per
-                # attempt (found by etcd-leader-kill: attempt 1 ran on two agents).
-                raise StaleWrite(f"attempt already running on {status.agent}", task_id=job.task_id)
-            status.agent, status.dc = me, self._cfg.dc
+            claim_run(status, self._cfg.agent_id)
+            status.dc = self._cfg.dc
             record.forwarded_to_dc = ""  # it is here, whatever a hand-off tried before
             del status.path[:]
             status.path.extend(job.path)

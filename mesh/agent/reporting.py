@@ -24,7 +24,7 @@ from mesh.agent.retry import patient
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ts
 from mesh.core.jobs import Job, Outcome
-from mesh.core.lifecycle import end
+from mesh.core.lifecycle import claim_run, end
 from mesh.core.task import state_name
 from mesh.errors import MeshError, QuotaBusy, StaleWrite
 from mesh.gpus import Gpu
@@ -64,16 +64,11 @@ class RecordReporter:
     async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool:
         cancelled = False
         waited: list[tuple[int, int]] = []  # the queue wait the written record shows (ns)
-        me = self._cfg.agent_id
 
         def mutate(record: peer_pb2.TaskRecord) -> None:
             nonlocal cancelled
             status = record.status
-            if status.state == pb.TASK_STATE_RUNNING and status.agent not in ("", me):
-                # This attempt already runs elsewhere (it was placed twice): a run that
-                # is interrupted or re-queued always gets a new attempt, so never two.
-                raise StaleWrite(f"attempt already running on {status.agent}", task_id=job.task_id)
-            status.agent = self._cfg.agent_id
+            claim_run(status, self._cfg.agent_id)
             status.dc = self._cfg.dc
             # The accepting write may land after this one, or, for a short task, never
             # (the run has ended first): the run states how it got here itself.

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from mesh.core.clock import now_ts
 from mesh.core.jobs import Job
 from mesh.core.task import TERMINAL
+from mesh.errors import StaleWrite
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -55,6 +56,16 @@ def end(status: pb.TaskStatus, state: int, code: str, message: str) -> None:
     status.state = state
     status.finished_at.CopyFrom(now_ts())
     status.error.code, status.error.message = code, message
+
+
+def claim_run(status: pb.TaskStatus, agent_id: str) -> None:
+    """Make ``agent_id`` the agent of this attempt, unless another agent runs it now:
+    then ``StaleWrite``. A task placed twice must never run one attempt twice (a run that
+    is interrupted or re-queued always gets a new attempt), so neither the losing
+    placement's accept nor its start may take the record from the one that runs it."""
+    if status.state == pb.TASK_STATE_RUNNING and status.agent not in ("", agent_id):
+        raise StaleWrite(f"attempt already running on {status.agent}", task_id=status.task_id)
+    status.agent = agent_id
 
 
 def requeue(record: peer_pb2.TaskRecord, dead_agent: str, max_attempts: int) -> str:
