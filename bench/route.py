@@ -313,15 +313,6 @@ def policies(
     def two(task: Task, states: dict[str, AgentState], now: float) -> str:
         return min(rng.sample(names, 2), key=lambda n: weighted_load(states, n))
 
-    def tell(state: AgentState) -> None:
-        router.set_load(state.agent.name, state.running, len(state.queue))
-        router.set_loaded(state.agent.name, state.loaded)
-
-    def ours(task: Task, states: dict[str, AgentState], now: float) -> str:
-        target = router.route(Request(task.task_id, task.model, PIPELINE)).first
-        assert target.kind == AGENT
-        return target.name
-
     def omniscient(task: Task, states: dict[str, AgentState], now: float) -> str:
         """Earliest finish time, from exact knowledge of every slot and queue."""
 
@@ -341,18 +332,11 @@ def policies(
 
         return min(names, key=lambda n: (finish(n), n))
 
+    ours, tell = routed(router)
     planned = Router(Policy(home_slack=HOME_SLACK))
     planned.set_members(a.member() for a in trace.fleet)
     placement = Placement(trace.fleet, planned)
-
-    def tell_planned(state: AgentState) -> None:
-        planned.set_load(state.agent.name, state.running, len(state.queue))
-        planned.set_loaded(state.agent.name, state.loaded)
-
-    def ours_planned(task: Task, states: dict[str, AgentState], now: float) -> str:
-        target = planned.route(Request(task.task_id, task.model, PIPELINE)).first
-        assert target.kind == AGENT
-        return target.name
+    ours_planned, tell_planned = routed(planned)
 
     return {
         "random": (lambda t, s, now: rng.choice(names), nothing, None),
@@ -368,6 +352,22 @@ def policies(
         "ours+planner": (ours_planned, tell_planned, placement.observe),
         "omniscient": (omniscient, nothing, None),
     }
+
+
+def routed(router: Router) -> tuple[Policy_, Callable[[AgentState], None]]:
+    """A policy that asks ``router``, and what keeps the router told of every agent's
+    load and loaded models."""
+
+    def choose(task: Task, states: dict[str, AgentState], now: float) -> str:
+        target = router.route(Request(task.task_id, task.model, PIPELINE)).first
+        assert target.kind == AGENT
+        return target.name
+
+    def tell(state: AgentState) -> None:
+        router.set_load(state.agent.name, state.running, len(state.queue))
+        router.set_loaded(state.agent.name, state.loaded)
+
+    return choose, tell
 
 
 class Placement:
