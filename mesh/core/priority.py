@@ -172,9 +172,10 @@ class FairShare(Policy):
         return _oldest(heads, [lane for lane in heads if lane.tenant == tenant])
 
     def _served(self, lane: Traits, heads: Mapping[Traits, float]) -> None:
-        start = self._passes(heads)[lane.tenant]
-        self._now = max(self._now, min(self._passes(heads).values()))
-        self._pass[lane.tenant] = start + self.estimates.cost(lane) / self.share(lane.tenant)
+        passes = self._passes(heads)
+        self._now = max(self._now, min(passes.values()))
+        cost = self.estimates.cost(lane) / self.share(lane.tenant)
+        self._pass[lane.tenant] = passes[lane.tenant] + cost
 
     def snapshot(self) -> object:
         return dict(self._pass), self._now
