@@ -59,6 +59,9 @@ OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table, json o
 HomeOpt = Annotated[
     Path, typer.Option("--home", envvar="MESH_HOME", help="state folder of the local mesh")
 ]
+TopologyOpt = Annotated[
+    Path, typer.Option("--topology", help="topology file: the mesh's DCs and their etcd")
+]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

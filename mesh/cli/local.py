@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,6 +13,7 @@ from rich.table import Table
 from mesh.cli.common import (
     DEFAULT_TOPOLOGY,
     HomeOpt,
+    TopologyOpt,
     console,
     fail,
 )
@@ -26,7 +26,7 @@ app = typer.Typer()
 
 @app.command()
 def up(
-    topology: Annotated[Path, typer.Option(help="topology file")] = DEFAULT_TOPOLOGY,
+    topology: TopologyOpt = DEFAULT_TOPOLOGY,
     detach: Annotated[bool, typer.Option(help="return once up; stop with 'meshctl down'")] = False,
     home: HomeOpt = localmesh.DEFAULT_HOME,
 ) -> None:
@@ -68,7 +68,7 @@ def down(home: HomeOpt = localmesh.DEFAULT_HOME) -> None:
 
 @app.command()
 def demo(
-    topology: Annotated[Path, typer.Option(help="topology file")] = DEFAULT_TOPOLOGY,
+    topology: TopologyOpt = DEFAULT_TOPOLOGY,
     tasks: Annotated[int, typer.Option(help="tasks to submit", min=1)] = 240,
     seed: Annotated[int, typer.Option(help="workload seed")] = 7,
     home: HomeOpt = localmesh.DEFAULT_HOME,

@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from mesh.cli.common import DEFAULT_TOPOLOGY, HomeOpt, console, etcd_security, fail
+from mesh.cli.common import DEFAULT_TOPOLOGY, HomeOpt, TopologyOpt, console, etcd_security, fail
 from mesh.errors import ConfigError
 from mesh.local import localmesh
 from mesh.local.trust import LocalTrust
@@ -164,9 +164,6 @@ async def _publish(
         except ETCD_ERRORS as exc:
             raise fail(f"{name}: {exc}") from None
         console.print(f"{name}: token key {kid} {'published' if change == 'put' else 'retired'}")
-
-
-TopologyOpt = Annotated[Path, typer.Option("--topology", help="topology file naming the DCs")]
 
 
 @token_app.command("publish")

@@ -18,6 +18,7 @@ from mesh.cli.common import (
     HomeOpt,
     Output,
     OutputOpt,
+    TopologyOpt,
     as_dict,
     call,
     console,
@@ -35,7 +36,6 @@ from mesh.store.quota import POLICY, apply_policy, parse_slot
 from mesh.topology import load as load_topology
 
 app = typer.Typer(no_args_is_help=True, help="Tenants' caps: apply a policy, see usage.")
-TopologyOpt = Annotated[Path, typer.Option("--topology", help="the mesh's topology file")]
 
 
 @app.command("schema")
