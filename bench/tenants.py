@@ -161,9 +161,9 @@ async def phase(mesh: LocalMesh, tag: str, seconds: float) -> dict[str, object]:
         end = time.monotonic() + seconds
         busy = [asyncio.create_task(t.keep_busy(end)) for t in tenants.values()]
         await asyncio.sleep(seconds / 4)  # saturated from here
-        window = (time.time(), 0.0)
+        saturated_from = time.time()
         loud = await light.online(end - seconds / 8, 0.5)
-        window = (window[0], time.time())
+        window = (saturated_from, time.time())
         await asyncio.gather(*busy)
         done = []
         for tenant in tenants.values():

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -70,7 +70,6 @@ class Host:
     etcd: EtcdMember | None = None
     agent: subprocess.Popen[bytes] | None = None
     notify: socket.socket | None = None
-    log: list[str] = field(default_factory=list)
 
     def kill(self) -> None:
         """The host dies: its processes go at once, without a word."""
