@@ -66,6 +66,12 @@ def joined(parent: str) -> context.Context:
     return _PROPAGATOR.extract({"traceparent": parent}, context=context.Context())
 
 
+def checked(parent: str) -> str:
+    """``parent`` if it is a well-formed ``traceparent`` naming a trace, else "": what a
+    peer sends is kept in a record only when it means something."""
+    return parent if trace_id(parent) else ""
+
+
 def trace_id(parent: str) -> str:
     """The trace id a ``traceparent`` names, as 32 hex digits ("" if none)."""
     span = trace.get_current_span(joined(parent)).get_span_context()

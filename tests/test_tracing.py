@@ -94,3 +94,8 @@ async def test_one_trace_from_submit_on_one_agent_to_the_run_on_another(
 
 async def _ended(client: MeshClient, task_id: str) -> bool:
     return (await client.get(task_id)).state == pb.TASK_STATE_SUCCEEDED
+
+
+def test_only_a_well_formed_traceparent_is_kept() -> None:
+    assert tracing.checked(GOOD) == GOOD
+    assert tracing.checked("00-zz-yy-01") == "" and tracing.checked("x" * 10_000) == ""

@@ -64,7 +64,7 @@ class Intake:
             envelope.attempt,
             envelope.deadline_unix_ms,
             list(envelope.path),
-            traceparent=envelope.traceparent,
+            traceparent=tracing.checked(envelope.traceparent),  # stored: only if well formed
         )
         if envelope.origin_dc and envelope.origin_dc != self._cfg.dc:
             accepted, reason = await self._adopt(job)
