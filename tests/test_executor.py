@@ -275,3 +275,19 @@ async def test_online_work_takes_back_the_slots_batch_borrowed() -> None:
         await asyncio.gather(loop, return_exceptions=True)
         for gate in gated.gates.values():
             gate.set()
+
+
+async def test_withdraw_takes_a_queued_job_back_and_leaves_a_run_to_its_record(rig) -> None:
+    """A placement the record refused: its queued copy goes, and a run whose start is in
+    flight is not cancelled (cancelling would write an end over another agent's run)."""
+    executor, recorder, gated = rig
+    for i in range(3):
+        executor.enqueue(job(f"t{i}"))
+    await recorder.until("two starts", lambda: len(recorder.starts) == 2)
+    executor.withdraw("t2")
+    executor.withdraw("t0")
+    assert executor.queued == 0 and executor.running == 2
+    gated.open("t0")
+    await recorder.until("t0 ends", lambda: "t0" in recorder.ends)
+    assert state_name(recorder.ends["t0"].state) == "SUCCEEDED"
+    assert not executor.holds("t2")

@@ -401,6 +401,13 @@ class Executor:
             run.task.cancel()
         return None
 
+    def withdraw(self, task_id: str) -> None:
+        """Take a job this agent has not started out of its queue (or its wait for
+        quota); a run already under way is left to its start write, which decides."""
+        if self._queue.remove(lambda j: j.task_id == task_id) or self._waiting.pop(task_id, None):
+            self._count_waiting()
+            self._on_load()
+
     def abandon(self, reason: str) -> list[Job]:
         """Drop every job at once without recording anything, and return them: this agent
         lost its lease, so they must run again elsewhere. Subprocesses are killed."""

@@ -162,7 +162,10 @@ class Intake:
         except MeshError as exc:
             if isinstance(exc, StaleWrite) and await self._runs_here(job):
                 return True, "accepted"
-            self._executor.cancel(job.task_id, "record refused")
+            # Not ours: out of the queue, and a run whose start is in flight is left to
+            # its start write, which the record refuses too. Cancelling that run instead
+            # would write its end over the record of the agent that runs the task.
+            self._executor.withdraw(job.task_id)
             return False, f"record: {exc.message}"
         return True, "accepted"
 
