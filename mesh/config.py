@@ -301,6 +301,15 @@ class AgentConfig(BaseSettings):
         "fewer tasks lost to etcd outages; shorter: a shorter window in which an agent cut "
         "off from a healthy etcd runs a task that was given to another agent.",
     )
+    etcd_refused_retry_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="A Submit whose record etcd refused (no leader, no member reachable) "
+        "tries again for at least this long before the task goes to an overflow DC: the "
+        "client's retry of a Submit whose write timed out may land here, and that write may "
+        "yet be applied. Cover an etcd election (under a second); longer delays overflow.",
+    )
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     @property

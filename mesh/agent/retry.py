@@ -24,6 +24,7 @@ T = TypeVar("T")
 class RetryPolicy:
     delays_s: tuple[float, ...] = (0.1, 0.3, 1.0, 2.0)
     retryable: tuple[type[BaseException], ...] = (Unavailable,)
+    final: tuple[type[BaseException], ...] = ()  # end the retries, though retryable
     rng: random.Random = field(default_factory=random.Random)
 
     async def run(self, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -32,6 +33,8 @@ class RetryPolicy:
             try:
                 return await attempt()
             except self.retryable as exc:
+                if isinstance(exc, self.final):
+                    raise
                 wait = delay * (0.5 + self.rng.random() / 2)
                 log.debug("retrying in %.2fs after %s", wait, exc)
                 await asyncio.sleep(wait)
@@ -41,10 +44,12 @@ class RetryPolicy:
 ETCD_WRITE = RetryPolicy()
 
 
-def patient(total_s: float, step_s: float = 2.0) -> RetryPolicy:
+def patient(
+    total_s: float, step_s: float = 2.0, final: tuple[type[BaseException], ...] = ()
+) -> RetryPolicy:
     """Retries that outlast an etcd outage of ``total_s``: the start and end of a run
     must be recorded once etcd is back, or the task would be stranded."""
     delays = list(ETCD_WRITE.delays_s)
     while sum(delays) < total_s:
         delays.append(step_s)
-    return RetryPolicy(delays_s=tuple(delays))
+    return RetryPolicy(delays_s=tuple(delays), final=final)

@@ -4,17 +4,20 @@ nobody places is a lost task.
 The id is claimed first, mesh-wide, in its home DC (``mesh.agent.addressing``): when
 another DC holds it, that DC's task is the answer. The record is created only if its id
 is new (an idempotent Submit returns the first task). If placing fails, the record is
-deleted again: nothing was accepted. When the DC's etcd cannot take the record, the task
-goes to the topology's overflow DCs, which record and run it; when the write timed out
-and may have happened, the client is told ``UNAVAILABLE`` and this agent places the task
-once etcd shows it was recorded.
+deleted again: nothing was accepted. When the write timed out and may have happened, the
+client is told ``UNAVAILABLE`` and this agent places the task once etcd shows it was
+recorded. When the DC's etcd refuses the record (no leader, no member reachable), the
+write is tried again for about as long as an election takes: the client's retry of an
+unsure Submit lands here, and the earlier write may yet be applied, so only a create that
+reads the id back as absent tells the truth. An etcd still refusing after that sends the
+task to the topology's overflow DCs, which record and run it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -86,7 +89,7 @@ class Submission:
         record = self._record(admitted)
         unclaimed = [] if claimed.claim else [self._addressing.claims.mark_unclaimed(spec.task_id)]
         try:
-            stored, created = await self._store.create(record, also=unclaimed)
+            stored, created = await self._create(record, unclaimed)
         except Unsure:
             if spec.task_id not in self._settling:  # one settle per id: two would place twice
                 self._settling.add(spec.task_id)
@@ -105,6 +108,24 @@ class Submission:
             raise
         metrics.SUBMITTED.inc()
         return await self._store.get(spec.task_id), True
+
+    async def _create(
+        self, record: peer_pb2.TaskRecord, also: Sequence[object]
+    ) -> tuple[Stored, bool]:
+        """Create the record; one etcd refused is tried again (see the module's note) and
+        an unsure answer is not: it is settled."""
+        try:
+            return await self._store.create(record, also=also)
+        except Unsure:
+            raise
+        except Unavailable as refused:
+            log.warning(
+                "etcd refused the record of %s (%s): trying again before it leaves the DC",
+                record.status.task_id,
+                refused.message,
+            )
+        retries = patient(self._cfg.etcd_refused_retry_s, step_s=0.5, final=(Unsure,))
+        return await retries.run(lambda: self._store.create(record, also=also))
 
     async def _settle_unsure(self, admitted: Admitted) -> None:
         """Our record may have been written after the call gave up (etcd applied it once
