@@ -112,6 +112,7 @@ class Tasks:
         undone), the record here is followed again from the pointer on."""
         dc, _, revision = resume_token.partition(":")
         after = int(revision) if dc == self._registry.dc and revision.isdigit() else 0
+        missed = False  # the other DC once said it has no such task
         while True:
             elsewhere = ""
             try:
@@ -138,8 +139,12 @@ class Tasks:
                     yield event.status, event.resume_token
                 return
             except TaskNotFound:
-                if not after:
+                # A DC that has only a pointer says it has no such task: a hand-off to
+                # this DC may have landed since the record here was looked for, so look
+                # once more before the task is called unknown.
+                if not after and missed:
                     raise
+                missed = True
                 await asyncio.sleep(POINTER_RETRY_S)  # then the record here, from the pointer on
 
     async def list(
