@@ -291,3 +291,34 @@ async def test_withdraw_takes_a_queued_job_back_and_leaves_a_run_to_its_record(r
     await recorder.until("t0 ends", lambda: "t0" in recorder.ends)
     assert state_name(recorder.ends["t0"].state) == "SUCCEEDED"
     assert not executor.holds("t2")
+
+
+async def test_a_queued_task_is_told_when_it_should_start() -> None:
+    """From the runs' learned times (1 s each, never seen: the default) and the queue's
+    order, on a clock the test moves: two slots busy, three tasks queued behind them."""
+    cfg = config(max_queue_length=4, model_load_s=0)
+    recorder, gated, now = Recorder(), Gated(), [100.0]
+    executor = Executor(
+        cfg,
+        parse_fake("2xA100-80GB"),
+        {"gated": gated},
+        Models([], lambda: None),
+        recorder,
+        Weighted(cfg.queues, cfg.queue_aging_s),
+        clock=lambda: now[0],
+    )
+    loop = asyncio.create_task(executor.run())
+    try:
+        for i in range(5):
+            executor.enqueue(job(f"t{i}"))
+            if i == 1:
+                await recorder.until("two starts", lambda: len(recorder.starts) == 2)
+        now[0] += 0.25  # the runs are a quarter of a second in
+        assert executor.expected_start_s("t0") is None  # running, not queued
+        starts = [executor.expected_start_s(f"t{i}") for i in (2, 3, 4)]
+        assert starts == [0.75, 0.75, 1.75]
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        for gate in gated.gates.values():
+            gate.set()

@@ -191,3 +191,19 @@ def test_an_admitted_item_coming_back_is_never_refused() -> None:
     q.push("vip-back", now=1.0, first=True, admitted=True)
     q.push("gold-back", now=1.0, admitted=True)
     assert [q.pop(now=2.0) for _ in range(3)].count(None) == 0
+
+
+@given(weights, arrivals, st.integers(1, 15))
+def test_order_is_what_the_pops_give_and_moves_nothing(
+    w: dict[str, int], arriving: list[tuple[int, int, int]], aging_s: int
+) -> None:
+    """The order an expected start is computed from: the pops' own, policy state and all."""
+    q = weighted(w, 10_000, aging_s)
+    names = sorted(w)
+    for n, (tick, index, count) in enumerate(arriving):
+        for i in range(count):
+            q.push(f"{names[index % len(names)]}-{n}.{i}", now=float(tick))
+    q.pop(now=30.0)  # the policy has state (credits) by now
+    ordered = q.order(now=30.0)
+    assert q.order(now=30.0) == ordered  # nothing moved
+    assert [q.pop(now=30.0) for _ in range(len(q))] == ordered

@@ -163,10 +163,12 @@ async def test_a_full_dc_backlogs_what_it_can_keep_and_refuses_the_rest(
         await until_state(entry, "runs", pb.TASK_STATE_RUNNING)
         queued = await entry.submit(sleep_task("waits", seconds=0))
         assert state_name(queued.status.state) == "QUEUED" and queued.status.agent == "worker"
+        assert queued.status.HasField("expected_start")  # the worker's estimate
         # No agent has room: the task waits in the DC's durable backlog, on no agent.
         backlogged = await entry.submit(sleep_task("backlogged", seconds=0))
         assert state_name(backlogged.status.state) == "QUEUED"
         assert backlogged.status.agent == ""
+        assert not backlogged.status.HasField("expected_start")  # no agent to estimate it
         # A payload over the inline limit cannot be kept in etcd: refused, no trace left.
         big = sleep_task("refused", seconds=0)
         big.payload = b"x" * 2048

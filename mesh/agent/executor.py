@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from typing import Protocol
 
 from mesh import logs, metrics, tracing
 from mesh.config import AgentConfig
-from mesh.core import classes
+from mesh.core import classes, eta
 from mesh.core.jobs import Job, Outcome
 from mesh.core.priority import Policy, Traits
 from mesh.core.queue import LaneQueue
@@ -172,6 +173,23 @@ class Executor:
         self._queue.push(job, self._clock(), first=job.attempt > 1)
         self._wake.set()
         self._on_load()
+
+    def expected_start_s(self, task_id: str) -> float | None:
+        """Seconds until the queued task ``task_id`` is expected to start here (None if
+        it is not queued here): ``mesh.core.eta`` over this agent's slots and queue."""
+        now = self._clock()
+        order = self._queue.order(now)
+        place = next((i for i, job in enumerate(order) if job.task_id == task_id), None)
+        if place is None:
+            return None
+        estimates = self._queue.policy.estimates
+        free_in_s = [0.0] * len(self._free)
+        for run in self._running.values():
+            left = estimates.expected(run.job.traits.kind) - (now - run.started_at)
+            free_in_s += [max(0.0, left)] * len(run.gpus)
+        ahead = [(j.traits.gpus, estimates.expected(j.traits.kind)) for j in order[:place]]
+        start = eta.expected_start(free_in_s, ahead, order[place].traits.gpus)
+        return None if math.isinf(start) else start
 
     # -- the loop ------------------------------------------------------------------------
 

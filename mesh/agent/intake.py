@@ -155,6 +155,9 @@ class Intake:
             if status.state == pb.TASK_STATE_PENDING:
                 status.state = pb.TASK_STATE_QUEUED
                 status.queued_at.CopyFrom(now_ts())
+            status.ClearField("expected_start")
+            if (wait_s := self._executor.expected_start_s(job.task_id)) is not None:
+                status.expected_start.FromMilliseconds(now_ms() + int(wait_s * 1000))
             return None
 
         try:

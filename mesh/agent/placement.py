@@ -127,6 +127,7 @@ class Placement:
             del status.path[:]
             status.path.extend(job.path)
             status.queued_at.CopyFrom(now_ts())
+            status.ClearField("expected_start")  # no agent's estimate holds in the backlog
 
         value = backlog.entry_value(job.deadline_ms, job.traits)
         put = self.store.client.transactions.put(entry, value)

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -164,8 +165,20 @@ def emit(data: Any, output: Output, table: Callable[[], Table]) -> None:
         console.print(table())
 
 
+def waiting(status: pb.TaskStatus, now_ms: int) -> str:
+    """Why a queued task waits and when it should start, as its record says."""
+    if status.state != pb.TASK_STATE_QUEUED:
+        return ""
+    why = status.progress.message
+    if status.HasField("expected_start"):
+        in_s = max(0.0, (status.expected_start.ToMilliseconds() - now_ms) / 1000)
+        return f"{why}; " * bool(why) + f"expected to start in {in_s:.0f}s"
+    return why
+
+
 def status_table(statuses: list[pb.TaskStatus]) -> Table:
-    table = Table("task", "state", "dc", "agent", "attempt", "progress", "model", "queue", "error")
+    table = Table("task", "state", "dc", "agent", "attempt", "progress", "model", "queue", "note")
+    now = int(time.time() * 1000)
     for s in statuses:
         progress = f"{s.progress.step}/{s.progress.total}" if s.progress.total else ""
         table.add_row(
@@ -177,7 +190,7 @@ def status_table(statuses: list[pb.TaskStatus]) -> Table:
             progress,
             s.spec.model,
             s.spec.queue,
-            s.error.message[:60],
+            s.error.message[:60] or waiting(s, now),
         )
     return table
 

@@ -105,6 +105,24 @@ class LaneQueue(Generic[T]):
             del self._lanes[chosen]
         return head.item
 
+    def order(self, now: float) -> list[T]:
+        """Every queued item in the order ``pop`` would give them now, were nothing to
+        arrive (what an expected start is computed from); nothing moves."""
+        state = self.policy.snapshot()
+        lanes = {lane: deque(q) for lane, q in self._lanes.items()}
+        ordered: list[T] = []
+        try:
+            while lanes:
+                chosen = self.policy.choose({k: q[0].enqueued_at for k, q in lanes.items()}, now)
+                if chosen is None:
+                    break
+                ordered.append(lanes[chosen].popleft().item)
+                if not lanes[chosen]:
+                    del lanes[chosen]
+        finally:
+            self.policy.restore(state)
+        return ordered
+
     def since(self, item: T) -> float | None:
         """When ``item`` was enqueued, if it heads its lane (as a blocked item does)."""
         entries = self._lanes.get(self._traits(item))
