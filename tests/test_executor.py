@@ -37,7 +37,7 @@ class Recorder:
     stops: list[tuple[str, str]] = field(default_factory=list)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool:
+    async def started(self, job: Job, gpus: tuple[Gpu, ...], borrowed: bool) -> bool:
         self.starts.append((job.task_id, tuple(g.index for g in gpus)))
         self.changed.set()
         return job.task_id not in self.stale

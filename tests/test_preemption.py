@@ -1,16 +1,21 @@
 """Online work takes back the GPUs batch borrowed, on a real agent: a batch flood holds
 both GPUs, an online task arrives, one batch run is preempted (its record counts it, and it
-runs again as its next attempt), the online task runs, and batch's own share is kept."""
+runs again as its next attempt), the online task runs, and batch's own share is kept;
+``meshctl quota show`` counts the preemption and the GPU the rerun borrows."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import sys
 from pathlib import Path
 
 import aetcd
 import yaml
-from support import Cluster, eventually, sleep_spec, until_peers
+from support import Cluster, cli_operator, eventually, sleep_spec, until_peers
 
 from mesh.agent.decisionlog import replay
+from mesh.local.etcdserver import EtcdMember
 from mesh.store.keys import KeySpace
 from mesh.store.quota import apply_policy
 from mesh.v1 import tasks_pb2 as pb
@@ -19,9 +24,10 @@ RUNNING, SUCCEEDED = pb.TASK_STATE_RUNNING, pb.TASK_STATE_SUCCEEDED
 
 
 async def test_an_online_task_preempts_a_borrowed_batch_run(
-    cluster: Cluster, etcd_client: aetcd.Client, prefix: str, tmp_path: Path
+    cluster: Cluster, etcd_client: aetcd.Client, etcd: EtcdMember, prefix: str, tmp_path: Path
 ) -> None:
-    policy = {"online_share": 0.5}  # of 2 GPUs: one is batch's own, one online's
+    # Of 2 GPUs one is batch's own, one online's; the group's cap makes its runs hold slots.
+    policy = {"online_share": 0.5, "groups": {"research": {"max_gpus": 4}}}
     await apply_policy(etcd_client, KeySpace(prefix, "west"), yaml.safe_dump(policy))
     decisions = tmp_path / "decisions.jsonl"
     agent = cluster.start("p1", fake_gpus="2xA100-80GB", preempt_after_s=0, decision_log=decisions)
@@ -54,6 +60,17 @@ async def test_an_online_task_preempts_a_borrowed_batch_run(
             return (await client.get(preempted[0].task_id)).state == RUNNING
 
         await eventually(back, what="the preempted batch task to run again")
+        topology = tmp_path / "topology.yaml"
+        topology.write_text(f"prefix: {prefix}\ndcs: {{west: {{etcd: ['{etcd.endpoint}']}}}}\n")
+        shown = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mesh.cli", *cli_operator(cluster.trust), "quota", "show",
+            "--topology", str(topology), "-o", "json", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await asyncio.wait_for(shown.communicate(), 60)  # a hang guard
+        assert json.loads(out) == [
+            {"dc": "west", "cap": "group research", "held": 2, "borrowed": 1, "limit": 4,
+             "preempted": 1}
+        ]  # fmt: skip
         for name in ("batch-1", "batch-2"):
             await client.cancel(name, "test over")
     # The preemption is in the decision log, and the pure core decides it again the same.

@@ -92,8 +92,8 @@ async def test_an_attempt_running_on_one_agent_is_never_started_on_another(
         )
 
     job = Job(spec, attempt=1, deadline_ms=now_ms() + 60_000)
-    assert await reporter("first").started(job, ())
-    assert not await reporter("second").started(job, ())
+    assert await reporter("first").started(job, (), borrowed=False)
+    assert not await reporter("second").started(job, (), borrowed=False)
     assert (await store.get("twice")).status.agent == "first"
 
 

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 
 class Reporter(Protocol):
-    async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool: ...
+    async def started(self, job: Job, gpus: tuple[Gpu, ...], borrowed: bool) -> bool:
+        """Record the run's start (``borrowed``: past its class's share); False: stale."""
 
     def progress(self, job: Job, step: int, total: int, message: str) -> None: ...
 
@@ -53,6 +54,7 @@ class _Run:
     handed_back: bool = False
     preempted: bool = False
     recorded: bool = False  # its start is written: only then may it be preempted
+    borrowed: bool = False  # it went past its class's share, into the other's idle slots
 
 
 def _online(lane: Traits) -> bool:
@@ -264,9 +266,16 @@ class Executor:
                 self._wait(job, reason)
                 continue
             gpus = tuple(self._fitting(job.spec)[: max(1, job.spec.gpu_count)])
+            borrowed = classes.borrows(
+                self._runs(),
+                classes.task_class(job.spec),
+                len(gpus),
+                self.slots,
+                self._online_share(),
+            )
             for gpu in gpus:
                 self._free.remove(gpu)
-            run = _Run(job, gpus, self._clock())
+            run = _Run(job, gpus, self._clock(), borrowed=borrowed)
             self._running[job.task_id] = run
             self._on_load()
             run.task = asyncio.create_task(self._execute(run), name=f"task-{job.task_id}")
@@ -321,7 +330,7 @@ class Executor:
         how = "torn-down"
         try:
             try:
-                if not await self._reporter.started(job, run.gpus):
+                if not await self._reporter.started(job, run.gpus, run.borrowed):
                     log.info(
                         "task %s attempt %d is stale; not running it", job.task_id, job.attempt
                     )

@@ -8,6 +8,7 @@ so should the agent die first, the DC's owner finds it among the dead agent's ta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from mesh.agent.history import History
@@ -16,6 +17,8 @@ from mesh.core.jobs import Job
 from mesh.core.lifecycle import requeue, requeued_job
 from mesh.core.task import TERMINAL
 from mesh.errors import MeshError, StaleWrite
+from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.quota import count_preemption
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -104,6 +107,9 @@ class Handover:
             return
         if moved_on:
             return
+        if preempted and (group := job.spec.user.group):
+            with contextlib.suppress(*ETCD_ERRORS):  # a count for people, not a guarantee
+                await count_preemption(self._store.client, self._store.keys, group)
         if interrupted:
             job.attempt += 1
         job.path = [*job.path, me]

@@ -29,7 +29,7 @@ from mesh.core.task import state_name
 from mesh.errors import MeshError, QuotaBusy, StaleWrite
 from mesh.gpus import Gpu
 from mesh.store.etcd import ETCD_ERRORS
-from mesh.store.quota import QuotaStore
+from mesh.store.quota import QuotaStore, holder
 from mesh.store.records import Mutation, Stored, TaskStore
 from mesh.trust.pki import private_dir
 from mesh.v1 import peer_pb2
@@ -61,7 +61,7 @@ class RecordReporter:
         self._progress: dict[str, pb.Progress] = {}
         self._flushers: dict[str, asyncio.Task[None]] = {}
 
-    async def started(self, job: Job, gpus: tuple[Gpu, ...]) -> bool:
+    async def started(self, job: Job, gpus: tuple[Gpu, ...], borrowed: bool) -> bool:
         cancelled = False
         waited: list[tuple[int, int]] = []  # the queue wait the written record shows (ns)
 
@@ -88,7 +88,7 @@ class RecordReporter:
                 )
             )
 
-        compares, puts, slots = self._claim(job)
+        compares, puts, slots = self._claim(job, borrowed)
         stored = await self._write(job, mutate, "start", fence=compares, also=puts)
         if stored is None or cancelled:
             if stored is not None and slots:
@@ -123,13 +123,14 @@ class RecordReporter:
         )
         return True
 
-    def _claim(self, job: Job) -> tuple[list, list, list[bytes]]:
+    def _claim(self, job: Job, borrowed: bool) -> tuple[list, list, list[bytes]]:
         if self._quota is None:
             return [], [], []
         user, gpus = job.spec.user, max(1, job.spec.gpu_count)
         if reason := self._quota.waits(user.id, user.group, gpus):
             raise QuotaBusy(reason, task_id=job.task_id)
-        return self._quota.claim(user.id, user.group, gpus, self._lease())
+        held_by = holder(job.task_id, self._cfg.agent_id, borrowed)
+        return self._quota.claim(user.id, user.group, gpus, self._lease(), held_by)
 
     async def _give_back(self, slots: list[bytes]) -> None:
         """Free quota slots outside a record write (the write that should have was refused)."""

@@ -32,9 +32,10 @@ from mesh.errors import ConfigError
 from mesh.local import localmesh
 from mesh.store.etcd import ETCD_ERRORS, client_for
 from mesh.store.keys import KeySpace
-from mesh.store.quota import POLICY, apply_policy, parse_slot
+from mesh.store.quota import POLICY, PREEMPTED, apply_policy, borrowed, parse_slot
 from mesh.topology import load as load_topology
 
+SHOW_COLUMNS = ("dc", "cap", "held", "borrowed", "limit", "preempted")
 app = typer.Typer(no_args_is_help=True, help="Tenants' caps: apply a policy, see usage.")
 
 
@@ -111,37 +112,54 @@ def quota_split(
 
 @app.command("show")
 def quota_show(
-    topology: TopologyOpt = DEFAULT_TOPOLOGY, home: HomeOpt = localmesh.DEFAULT_HOME
+    topology: TopologyOpt = DEFAULT_TOPOLOGY,
+    output: OutputOpt = Output.table,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
 ) -> None:
-    """GPUs held against each cap, per DC."""
+    """Per DC: GPUs held against each cap, how many of them are borrowed from the other
+    class's share (online or batch), and the group's runs preempted for online work."""
     mesh = load_topology(topology)
     security = etcd_security(home)
-    table = Table("dc", "cap", "held", "limit")
 
-    async def read() -> None:
+    async def read() -> list[dict[str, object]]:
+        rows: list[dict[str, object]] = []
         for dc, spec in mesh.dcs.items():
             keys = KeySpace(mesh.prefix, dc)
             async with client_for(spec.etcd, security=security) as client:
                 policy = await client.get(keys.quota + POLICY.encode())
                 held: Counter[tuple[str, str]] = Counter()
-                for kv in await client.get_prefix(keys.quota + b"slots/"):
-                    slot = parse_slot(kv.key[len(keys.quota) :].decode())
-                    if slot is not None:
+                lent: Counter[tuple[str, str]] = Counter()
+                preempted: dict[str, int] = {}
+                for kv in await client.get_prefix(keys.quota):
+                    name = kv.key[len(keys.quota) :].decode()
+                    if name.startswith(PREEMPTED) and kv.value.isdigit():
+                        preempted[name.removeprefix(PREEMPTED)] = int(kv.value)
+                    elif (slot := parse_slot(name)) is not None:
                         held[slot[:2]] += 1
+                        lent[slot[:2]] += borrowed(kv.value)
             if policy is None:
-                table.add_row(dc, "(no policy)", "", "")
+                rows.append({"dc": dc, "cap": "(no policy)"})
                 continue
             tenants = parse(yaml.safe_load(policy.value), f"{dc}'s policy")
             for group, spec_ in sorted(tenants.groups.items()):
                 for user in [None, *sorted(spec_.users)]:
                     for cap in caps(tenants, user or "", group):
-                        if (cap.scope == "group") == (user is None):
-                            table.add_row(
-                                dc,
-                                f"{cap.scope} {cap.name}",
-                                str(held[(cap.scope, cap.name)]),
-                                str(cap.limit),
-                            )
+                        if (cap.scope == "group") != (user is None):
+                            continue
+                        scope = (cap.scope, cap.name)
+                        row = {"dc": dc, "cap": f"{cap.scope} {cap.name}", "held": held[scope]}
+                        row |= {"borrowed": lent[scope], "limit": cap.limit}
+                        if user is None:
+                            row["preempted"] = preempted.get(group, 0)
+                        rows.append(row)
+        return rows
 
-    asyncio.run(read())
-    console.print(table)
+    rows = asyncio.run(read())
+
+    def table() -> Table:
+        shown = Table(*SHOW_COLUMNS)
+        for row in rows:
+            shown.add_row(*(str(row.get(column, "")) for column in SHOW_COLUMNS))
+        return shown
+
+    emit(rows, output, table)

@@ -52,11 +52,22 @@ class Run:
     preemptible: bool = True
 
 
+def borrows(
+    running: Sequence[Run], task_class: str, gpus: int, slots: int, online_share: float
+) -> bool:
+    """Whether a run of ``task_class`` on ``gpus`` more slots goes past its class's own
+    share of the ``slots``, into the other class's idle ones."""
+    own = batch_slots(slots, online_share)
+    if task_class == ONLINE:
+        own = slots - own
+    held = sum(r.gpus for r in running if r.task_class == task_class)
+    return held + gpus > own
+
+
 def batch_may_start(running: Sequence[Run], gpus: int, slots: int, online_share: float) -> bool:
     """Whether a batch task that must not be preempted may start: only within batch's
     own share, since it could never give a borrowed slot back."""
-    held = sum(r.gpus for r in running if r.task_class == BATCH)
-    return held + gpus <= batch_slots(slots, online_share)
+    return not borrows(running, BATCH, gpus, slots, online_share)
 
 
 def victims(

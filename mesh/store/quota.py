@@ -11,6 +11,7 @@ and which tasks can start; a wrong guess costs one failed start, and the task wa
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -89,9 +90,12 @@ class QuotaStore:
         held = {(c.scope, c.name): len(self._taken.get((c.scope, c.name), ())) for c in found}
         return found, held, blocked(found, held, gpus)
 
-    def claim(self, user: str, group: str, gpus: int, lease: int) -> tuple[list, list, list[bytes]]:
+    def claim(
+        self, user: str, group: str, gpus: int, lease: int, holder: bytes = b""
+    ) -> tuple[list, list, list[bytes]]:
         """Compares and puts that take ``gpus`` free slots of every cap, and the keys they
-        name (to give back at the end). Empty when the task is not capped."""
+        name (to give back at the end). Empty when the task is not capped. Each slot's
+        value is its ``holder`` (``holder()``): what ``meshctl quota show`` tells."""
         compares, puts, names = [], [], []
         for cap in self.caps(user, group):
             taken = self._taken.get((cap.scope, cap.name), set())
@@ -99,7 +103,7 @@ class QuotaStore:
             for n in free:
                 key = self._keys.quota_slot(cap.scope, cap.name, n)
                 compares.append(self._tx.create(key) == 0)
-                puts.append(self._tx.put(key, b"", lease=lease))
+                puts.append(self._tx.put(key, holder, lease=lease))
                 names.append(key)
         return compares, puts, names
 
@@ -130,6 +134,20 @@ async def split_policy(
     return tenants
 
 
+def holder(task_id: str, agent_id: str, borrowed: bool) -> bytes:
+    """A slot's value: the run that holds it, and whether that run borrowed its GPUs
+    from the other class's share (online or batch)."""
+    return json.dumps({"task": task_id, "agent": agent_id, "borrowed": borrowed}).encode()
+
+
+def borrowed(value: bytes) -> bool:
+    """Whether a slot's holder borrowed its GPUs; a value that does not parse did not."""
+    try:
+        return json.loads(value).get("borrowed") is True
+    except (ValueError, AttributeError):
+        return False
+
+
 def parse_slot(name: str) -> tuple[str, str, int] | None:
     """Scope, name and index of a slot key's name under ``quota/`` (None: not a slot)."""
     scope, _, rest = name.removeprefix("slots/").partition("/")
@@ -137,6 +155,26 @@ def parse_slot(name: str) -> tuple[str, str, int] | None:
     if not name.startswith("slots/") or not index.isdigit():
         return None
     return scope, who, int(index)
+
+
+PREEMPTED = "preempted/"
+
+
+async def count_preemption(client: aetcd.Client, keys: KeySpace, group: str) -> None:
+    """One more run of ``group`` preempted in this DC, for ``meshctl quota show``: a
+    compare-and-swap, tried again when another agent counted at the same moment."""
+    key = keys.quota + (PREEMPTED + group).encode()
+    tx = client.transactions
+    for _ in range(5):
+        got = await client.get(key)
+        count = int(got.value) if got is not None and got.value.isdigit() else 0
+        held = tx.create(key) == 0 if got is None else tx.mod(key) == got.mod_revision
+        ok, _ = await client.transaction(
+            compare=[held], success=[tx.put(key, str(count + 1).encode())], failure=[]
+        )
+        if ok:
+            return
+    log.warning("could not count a preemption of group %s: too many at once", group)
 
 
 async def apply_policy(client: aetcd.Client, keys: KeySpace, text: str) -> None:
