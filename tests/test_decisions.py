@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mesh.agent.decisionlog import DecisionLog, replay
 from mesh.core.classes import BATCH, Run, victims
-from mesh.core.tenants import Cap, blocked
+from mesh.core.tenants import Cap, Judged, Spend, verdict
 
 
 def test_quota_and_preemption_decisions_replay_to_the_same_and_a_forged_one_differs(
@@ -18,17 +18,26 @@ def test_quota_and_preemption_decisions_replay_to_the_same_and_a_forged_one_diff
     log = DecisionLog(path)
     caps = [Cap("user", "ada", 2), Cap("group", "vision", 4)]
     held = {("user", "ada"): 2, ("group", "vision"): 3}
-    log.quota("q-1", caps, held, 1, blocked(caps, held, 1))
+    log.quota("q-1", 1, Judged(caps, held, [], {}, 0.0, verdict(caps, held, 1, [], {}, 0.0)))
+    roomy = {("user", "ada"): 1, ("group", "vision"): 3}
+    budgets = [Spend("group", "vision", 100.0, 3600)]
+    used, now_s = {("group", "vision"): 100.5}, 7200.0 + 600
+    wait = verdict(caps, roomy, 1, budgets, used, now_s)
+    log.quota("q-2", 1, Judged(caps, roomy, budgets, used, now_s, wait))
     runs = [Run("b-1", BATCH, "t", 1, 1.0), Run("b-2", BATCH, "t", 1, 2.0)]
     log.preempt("o-1", runs, 0, 1, 2, 0.5, victims(runs, 0, 1, 2, 0.5))
     log.close()
     replayed = list(replay(path))
-    assert [(r.task_id, r.same) for r in replayed] == [("q-1", True), ("o-1", True)]
+    assert [(r.task_id, r.same) for r in replayed] == [("q-1", True), ("q-2", True), ("o-1", True)]
     assert replayed[0].now == {"wait": "waiting for quota: user ada at 2/2 GPUs"}
-    assert replayed[1].now == {"victims": ["b-2"]}  # the newest batch run
+    assert replayed[1].now == {
+        "wait": "waiting for budget: group vision spent 100.5/100 GPU-seconds this period "
+        "(renewed in 3000s)"
+    }
+    assert replayed[2].now == {"victims": ["b-2"]}  # the newest batch run
 
     lines = path.read_text().splitlines()
-    forged = json.loads(lines[1])
+    forged = json.loads(lines[2])
     forged["decision"]["victims"] = ["b-1"]
-    path.write_text(lines[0] + "\n" + json.dumps(forged) + "\n")
-    assert [r.same for r in replay(path)] == [True, False]
+    path.write_text("\n".join([*lines[:2], json.dumps(forged)]) + "\n")
+    assert [r.same for r in replay(path)] == [True, True, False]

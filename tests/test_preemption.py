@@ -68,7 +68,7 @@ async def test_an_online_task_preempts_a_borrowed_batch_run(
         )  # fmt: skip
         out, _ = await asyncio.wait_for(shown.communicate(), 60)  # a hang guard
         assert json.loads(out) == [
-            {"dc": "west", "cap": "group research", "held": 2, "borrowed": 1, "limit": 4,
+            {"dc": "west", "who": "group research", "held": 2, "borrowed": 1, "limit": 4,
              "preempted": 1}
         ]  # fmt: skip
         for name in ("batch-1", "batch-2"):

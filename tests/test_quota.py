@@ -119,3 +119,42 @@ async def test_a_group_admin_splits_its_groups_cap_and_never_beyond_it(
             with pytest.raises(grpc.aio.AioRpcError) as denied:
                 await client.split_quota("research", {"erin": 3}, [])
             assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_spent_budget_holds_the_next_task_until_the_operator_raises_it(
+    cluster: Cluster, etcd_client: aetcd.Client, prefix: str
+) -> None:
+    keys = KeySpace(prefix, "west")
+    month = 31 * 86_400  # the longest period: a renewal mid-test is as unlikely as can be
+
+    def budget(gpu_seconds: float) -> str:
+        spend = {"gpu_seconds": gpu_seconds, "period_s": month}
+        return yaml.safe_dump({"groups": {"research": {"budget": spend}}})
+
+    await apply_policy(etcd_client, keys, budget(0.5))
+    agent = cluster.start("b1", fake_gpus="1xA100-80GB")
+    async with agent.client() as client:
+
+        async def state(task_id: str) -> pb.TaskStatus:
+            return await client.get(task_id)
+
+        await client.submit(sleep_spec("spend-1", seconds=0.6, steps=1, model="m"))
+        await eventually(
+            lambda: _ended(state, "spend-1"), what="the first task to spend the budget"
+        )
+        usage = [float(kv.value) for kv in await etcd_client.get_prefix(keys.quota + b"usage/")]
+        assert len(usage) == 1 and usage[0] >= 0.6  # this agent's GPU-seconds, this period
+        await client.submit(sleep_spec("spend-2", seconds=0, steps=1, model="m"))
+
+        async def told_why() -> bool:
+            message = (await state("spend-2")).progress.message
+            spent = "waiting for budget: group research spent "  # what the run took, of 0.5
+            return message.startswith(spent) and "/0.5 GPU-seconds this period" in message
+
+        await eventually(told_why, what="the second task to wait for the budget, saying so")
+        await apply_policy(etcd_client, keys, budget(1000))
+        await eventually(lambda: _ended(state, "spend-2"), what="the second task to run")
+
+
+async def _ended(state, task_id: str) -> bool:
+    return (await state(task_id)).state == pb.TASK_STATE_SUCCEEDED

@@ -11,7 +11,18 @@ import yaml
 from typer.testing import CliRunner
 
 from mesh.cli import app
-from mesh.core.tenants import Cap, Tenants, blocked, caps, parse
+from mesh.core.tenants import (
+    Cap,
+    Spend,
+    Tenants,
+    blocked,
+    caps,
+    out_of_budget,
+    parse,
+    renewal_in_s,
+    spends,
+    verdict,
+)
 from mesh.errors import ConfigError
 
 POLICY = {
@@ -69,3 +80,37 @@ def test_the_shipped_example_parses_and_its_schema_is_current() -> None:
     assert current == Tenants.model_json_schema(), (
         "regenerate: meshctl quota schema > topology/tenants.schema.json"
     )
+
+
+BUDGETED = {
+    "groups": {
+        "vision": {
+            "budget": {"gpu_seconds": 100, "period_s": 3600},
+            "users": {"ada": {"budget": {"gpu_seconds": 40, "period_s": 3600}}},
+        }
+    }
+}
+
+
+def test_a_spent_budget_holds_a_task_until_its_period_is_renewed() -> None:
+    found = spends(parse(BUDGETED, "t"), "ada", "vision")
+    assert found == [Spend("user", "ada", 40, 3600), Spend("group", "vision", 100, 3600)]
+    now_s = 10 * 3600 + 3000.0  # 600 s before the next period
+    assert out_of_budget(found, {("user", "ada"): 39.9}, now_s) is None
+    assert out_of_budget(found, {("group", "vision"): 100}, now_s) == (
+        "waiting for budget: group vision spent 100/100 GPU-seconds this period (renewed in 600s)"
+    )
+    assert renewal_in_s(found, now_s) == 600
+    # Caps are judged first: a task both capped and out of budget says it waits for quota.
+    caps_found = [Cap("user", "ada", 1)]
+    full = {("user", "ada"): 1}
+    assert verdict(caps_found, full, 1, found, {("user", "ada"): 50}, now_s) == (
+        "waiting for quota: user ada at 1/1 GPUs"
+    )
+
+
+def test_users_budgets_never_add_up_to_more_than_the_groups() -> None:
+    greedy = json.loads(json.dumps(BUDGETED))
+    greedy["groups"]["vision"]["users"]["bob"] = {"budget": {"gpu_seconds": 61, "period_s": 3600}}
+    with pytest.raises(ConfigError, match="budgets add up to 101 GPU-seconds"):
+        parse(greedy, "t")

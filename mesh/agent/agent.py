@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Any
 
 from mesh import metrics
@@ -42,7 +43,7 @@ from mesh.config import AgentConfig
 from mesh.core import priority
 from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
-from mesh.core.tenants import online_share
+from mesh.core.tenants import blocked, online_share, renewal_in_s
 from mesh.errors import MeshError, Unavailable
 from mesh.gossip.transport import GossipNode
 from mesh.gpus import inventory, weight_of
@@ -89,6 +90,7 @@ class Agent:
         self.gpus = inventory(cfg.fake_gpus, cfg.gpu_weights)
         self.pipelines = load_pipelines(cfg)
         self.models = Models(cfg.preloaded_models, self._republish_soon)
+        self._renewal: asyncio.TimerHandle | None = None  # a spent budget renewed
         self.quota = QuotaStore(
             self.client, self.keys, lambda: self.executor.quota_changed(), self._priorities_changed
         )
@@ -372,10 +374,27 @@ class Agent:
         """Why ``job`` must wait for its tenant's quota (None: it may start); a capped
         task's verdict goes to the decision log."""
         user, gpus = job.spec.user, max(1, job.spec.gpu_count)
-        caps, held, reason = self.quota.judge(user.id, user.group, gpus)
-        if caps and self.placement.decisions is not None:
-            self.placement.decisions.quota(job.task_id, caps, held, gpus, reason)
-        return reason
+        judged = self.quota.judge(user.id, user.group, gpus, time.time())
+        if (judged.caps or judged.budgets) and self.placement.decisions is not None:
+            self.placement.decisions.quota(job.task_id, gpus, judged)
+        if judged.reason and not blocked(judged.caps, judged.held, gpus):
+            self._judge_again_in(renewal_in_s(judged.budgets, judged.now_s))
+        return judged.reason
+
+    def _judge_again_in(self, delay_s: float) -> None:
+        """Judge the waiting tasks again when a spent budget is renewed: nothing in etcd
+        changes then, so nothing else would wake them."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + delay_s
+        if self._renewal is not None and self._renewal.when() <= at:
+            return
+        if self._renewal is not None:
+            self._renewal.cancel()
+        self._renewal = loop.call_at(at, self._renewed)
+
+    def _renewed(self) -> None:
+        self._renewal = None
+        self.executor.quota_changed()
 
     def _preemption_decided(self, *decision: Any) -> None:
         if self.placement.decisions is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +22,7 @@ from typing import IO, Any
 from mesh.core.classes import Run, victims
 from mesh.core.router import Router, from_snapshot, snapshot
 from mesh.core.routing import Decision, Request, Spill, spill_from_dict, spill_to_dict
-from mesh.core.tenants import Cap, blocked
+from mesh.core.tenants import Cap, Judged, Spend, verdict
 
 
 class DecisionLog:
@@ -48,18 +48,18 @@ class DecisionLog:
         }
         self._line(entry)
 
-    def quota(
-        self, task_id: str, caps: list[Cap], held: Mapping[tuple[str, str], int], gpus: int,
-        reason: str | None,
-    ) -> None:  # fmt: skip
+    def quota(self, task_id: str, gpus: int, judged: Judged) -> None:
         self._line(
             {
                 "kind": "quota",
                 "ts": round(time.time(), 3),
                 "request": {"task_id": task_id, "gpus": gpus},
-                "caps": [list(cap) for cap in caps],
-                "held": [[scope, name, n] for (scope, name), n in sorted(held.items())],
-                "decision": {"wait": reason},
+                "caps": [list(cap) for cap in judged.caps],
+                "held": [[scope, name, n] for (scope, name), n in sorted(judged.held.items())],
+                "budgets": [list(budget) for budget in judged.budgets],
+                "used": [[scope, name, s] for (scope, name), s in sorted(judged.used.items())],
+                "now_s": judged.now_s,
+                "decision": {"wait": judged.reason},
             }
         )
 
@@ -119,7 +119,10 @@ def _route(entry: dict[str, Any]) -> dict[str, Any]:
 def _quota(entry: dict[str, Any]) -> dict[str, Any]:
     caps = [Cap(*cap) for cap in entry["caps"]]
     held = {(scope, name): n for scope, name, n in entry["held"]}
-    return {"wait": blocked(caps, held, entry["request"]["gpus"])}
+    budgets = [Spend(*budget) for budget in entry.get("budgets", [])]
+    used = {(scope, name): s for scope, name, s in entry.get("used", [])}
+    now_s = entry.get("now_s", 0.0)
+    return {"wait": verdict(caps, held, entry["request"]["gpus"], budgets, used, now_s)}
 
 
 def _preempt(entry: dict[str, Any]) -> dict[str, Any]:

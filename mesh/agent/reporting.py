@@ -55,6 +55,7 @@ class RecordReporter:
         self._history = history
         self._quota = quota
         self._slots: dict[str, list[bytes]] = {}  # quota slots a run holds
+        self._began: dict[str, tuple[float, int]] = {}  # a recorded run's start, GPUs
         self._dropped: set[asyncio.Task[None]] = set()  # slots of dropped runs, going back
         # A run's start and end wait out an etcd outage as long as its lease may live.
         self._retry = patient(cfg.lease_ttl_s + cfg.etcd_outage_grace_s)
@@ -96,6 +97,7 @@ class RecordReporter:
             return False
         if slots:
             self._slots[job.task_id] = slots
+        self._began[job.task_id] = (time.time(), len(gpus))
         if waited:
             since_ns, started_ns = waited[-1]
             wait = tracing.TRACER.start_span(
@@ -132,18 +134,32 @@ class RecordReporter:
         held_by = holder(job.task_id, self._cfg.agent_id, borrowed)
         return self._quota.claim(user.id, user.group, gpus, self._lease(), held_by)
 
-    async def _give_back(self, slots: list[bytes]) -> None:
-        """Free quota slots outside a record write (the write that should have was refused)."""
+    async def _give_back(self, slots: list[bytes], spent: Sequence[object] = ()) -> None:
+        """Free quota slots (and count GPU time spent) outside a record write (the write
+        that should have was refused, or there is none)."""
         assert self._quota is not None
         with contextlib.suppress(*ETCD_ERRORS):
-            await self._store.commits.transaction([], self._quota.give_back(slots))
+            await self._store.commits.transaction([], [*self._quota.give_back(slots), *spent])
+
+    def _spent(self, job: Job) -> list:
+        """Puts that add the run's GPU-seconds to its tenant's budgets (none if it never
+        started here, or its tenant has no budget)."""
+        began = self._began.pop(job.task_id, None)
+        if began is None or self._quota is None:
+            return []
+        now = time.time()
+        gpu_s = (now - began[0]) * began[1]
+        user = job.spec.user
+        return self._quota.spend(user.id, user.group, gpu_s, self._cfg.agent_id, now)
 
     def stopped(self, job: Job, how: str) -> None:
         self._history.write("run", "end", task=job.task_id, attempt=job.attempt, how=how)
-        if how.startswith("dropped") and (slots := self._slots.pop(job.task_id, None)):
+        spent = self._spent(job)  # a run that ended unrecorded spent GPU time all the same
+        slots = self._slots.pop(job.task_id, []) if how.startswith("dropped") else []
+        if slots or spent:
             # Handed back unfinished (preempted, drained): its end write, which gives
             # the slots back, is the next attempt's to make.
-            self._dropped.add(task := asyncio.create_task(self._give_back(slots)))
+            self._dropped.add(task := asyncio.create_task(self._give_back(slots, spent)))
             task.add_done_callback(self._dropped.discard)
 
     def progress(self, job: Job, step: int, total: int, message: str) -> None:
@@ -200,10 +216,11 @@ class RecordReporter:
 
         metrics.FINISHED.labels(state_name(outcome.state)).inc()
         slots = self._slots.pop(job.task_id, [])
-        give_back = self._quota.give_back(slots) if self._quota and slots else []
+        spent = self._spent(job)
+        give_back = [*(self._quota.give_back(slots) if self._quota and slots else []), *spent]
         stored = await self._write(job, mutate, "end", also=give_back)
-        if stored is None and slots:
-            await self._give_back(slots)
+        if stored is None and (slots or spent):
+            await self._give_back(slots, spent)
         if stored is not None:
             status = stored.status
             trace_id = status.trace_id

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 import yaml
@@ -27,15 +28,26 @@ from mesh.cli.common import (
     fail,
     resolve_endpoint,
 )
-from mesh.core.tenants import Tenants, caps, parse
+from mesh.core.tenants import Cap, Spend, Tenants, caps, parse, spends
 from mesh.errors import ConfigError
 from mesh.local import localmesh
 from mesh.store.etcd import ETCD_ERRORS, client_for
 from mesh.store.keys import KeySpace
-from mesh.store.quota import POLICY, PREEMPTED, apply_policy, borrowed, parse_slot
+from mesh.store.quota import (
+    POLICY,
+    PREEMPTED,
+    apply_policy,
+    borrowed,
+    parse_slot,
+    parse_usage,
+    seconds,
+)
 from mesh.topology import load as load_topology
 
-SHOW_COLUMNS = ("dc", "cap", "held", "borrowed", "limit", "preempted")
+L = TypeVar("L", Cap, Spend)
+SHOW_COLUMNS = (
+    "dc", "who", "held", "borrowed", "limit", "spent_s", "budget_s", "preempted"
+)  # fmt: skip
 app = typer.Typer(no_args_is_help=True, help="Tenants' caps: apply a policy, see usage.")
 
 
@@ -110,6 +122,11 @@ def quota_split(
     emit(as_dict(split), output, table)
 
 
+def _own(limits: list[L], scope: tuple[str, str]) -> L | None:
+    """The limit (a cap or a budget) set on ``scope`` itself, among a task's."""
+    return next((limit for limit in limits if limit[:2] == scope), None)
+
+
 @app.command("show")
 def quota_show(
     topology: TopologyOpt = DEFAULT_TOPOLOGY,
@@ -117,18 +134,21 @@ def quota_show(
     home: HomeOpt = localmesh.DEFAULT_HOME,
 ) -> None:
     """Per DC: GPUs held against each cap, how many of them are borrowed from the other
-    class's share (online or batch), and the group's runs preempted for online work."""
+    class's share (online or batch), GPU-seconds spent of each budget this period, and
+    the group's runs preempted for online work."""
     mesh = load_topology(topology)
     security = etcd_security(home)
 
     async def read() -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
+        now_s = time.time()
         for dc, spec in mesh.dcs.items():
             keys = KeySpace(mesh.prefix, dc)
             async with client_for(spec.etcd, security=security) as client:
                 policy = await client.get(keys.quota + POLICY.encode())
                 held: Counter[tuple[str, str]] = Counter()
                 lent: Counter[tuple[str, str]] = Counter()
+                used: Counter[tuple[int, int, str, str]] = Counter()
                 preempted: dict[str, int] = {}
                 for kv in await client.get_prefix(keys.quota):
                     name = kv.key[len(keys.quota) :].decode()
@@ -137,21 +157,32 @@ def quota_show(
                     elif (slot := parse_slot(name)) is not None:
                         held[slot[:2]] += 1
                         lent[slot[:2]] += borrowed(kv.value)
+                    elif (usage := parse_usage(name)) is not None:
+                        used[usage[0]] += seconds(kv.value)
             if policy is None:
-                rows.append({"dc": dc, "cap": "(no policy)"})
+                rows.append({"dc": dc, "who": "(no policy)"})
                 continue
             tenants = parse(yaml.safe_load(policy.value), f"{dc}'s policy")
             for group, spec_ in sorted(tenants.groups.items()):
                 for user in [None, *sorted(spec_.users)]:
-                    for cap in caps(tenants, user or "", group):
-                        if (cap.scope == "group") != (user is None):
-                            continue
-                        scope = (cap.scope, cap.name)
-                        row = {"dc": dc, "cap": f"{cap.scope} {cap.name}", "held": held[scope]}
-                        row |= {"borrowed": lent[scope], "limit": cap.limit}
-                        if user is None:
-                            row["preempted"] = preempted.get(group, 0)
-                        rows.append(row)
+                    scope = ("group", group) if user is None else ("user", user)
+                    cap = next(
+                        (c for c in caps(tenants, user or "", group) if c[:2] == scope), None
+                    )
+                    spend = next(
+                        (b for b in spends(tenants, user or "", group) if b[:2] == scope), None
+                    )
+                    if cap is None and spend is None:
+                        continue
+                    row: dict[str, object] = {"dc": dc, "who": " ".join(scope)}
+                    if cap is not None:
+                        row |= {"held": held[scope], "borrowed": lent[scope], "limit": cap.limit}
+                    if spend is not None:
+                        period = (spend.period_s, spend.period(now_s), *scope)
+                        row |= {"spent_s": round(used[period], 1), "budget_s": spend.gpu_seconds}
+                    if user is None:
+                        row["preempted"] = preempted.get(group, 0)
+                    rows.append(row)
         return rows
 
     rows = asyncio.run(read())

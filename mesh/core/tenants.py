@@ -1,13 +1,16 @@
-"""Tenants: groups, their users, and how many GPUs each may hold at once in a DC. Pure.
+"""Tenants: groups, their users, how many GPUs each may hold at once in a DC, and how
+many GPU-seconds each may spend there per period. Pure.
 
 The policy is a file (``meshctl quota apply``) that every DC keeps in its etcd. A group
-has a cap; its admin splits it among the group's users, and the users' caps never add up
-to more than the group's (refused when the file is read). A task over a cap waits, with
-the reason, and never fails for it; ``blocked`` says whether and why.
+has a cap and a budget; its admin splits the cap among the group's users, and the users'
+caps (and budgets) never add up to more than the group's (refused when the file is read).
+A task over a cap or a spent budget waits, with the reason, and never fails for it;
+``verdict`` says whether and why.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from typing import Literal, NamedTuple
@@ -24,12 +27,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class Budget(_Strict):
+    gpu_seconds: float = Field(gt=0, description="GPU-seconds the tasks may spend per period")
+    period_s: int = Field(
+        86_400, ge=60, le=31 * 86_400, description="the period, from the Unix epoch on"
+    )
+
+
 class UserLimits(_Strict):
     max_gpus: int | None = Field(None, ge=0, description="GPUs the user's tasks hold at once")
+    budget: Budget | None = Field(None, description="the user's GPU time per period")
 
 
 class Group(_Strict):
     max_gpus: int | None = Field(None, ge=0, description="GPUs the group's tasks hold at once")
+    budget: Budget | None = Field(None, description="the group's GPU time per period, per DC")
     share: float = Field(
         1.0, gt=0, description="weight of the group's GPU time under the fair_share policy"
     )
@@ -39,13 +51,20 @@ class Group(_Strict):
 
     @model_validator(mode="after")
     def _split_fits(self) -> Group:
-        if self.max_gpus is None:
-            return self
-        split = sum(u.max_gpus for u in self.users.values() if u.max_gpus is not None)
-        if split > self.max_gpus:
-            raise ValueError(
-                f"the users' caps add up to {split} GPUs, more than the group's {self.max_gpus}"
-            )
+        if self.max_gpus is not None:
+            split = sum(u.max_gpus for u in self.users.values() if u.max_gpus is not None)
+            if split > self.max_gpus:
+                raise ValueError(
+                    f"the users' caps add up to {split} GPUs, more than the group's {self.max_gpus}"
+                )
+        if self.budget is not None:
+            alike = [u.budget for u in self.users.values() if u.budget is not None]
+            spent = sum(b.gpu_seconds for b in alike if b.period_s == self.budget.period_s)
+            if spent > self.budget.gpu_seconds:
+                raise ValueError(
+                    f"the users' budgets add up to {spent:g} GPU-seconds, more than the "
+                    f"group's {self.budget.gpu_seconds:g}"
+                )
         return self
 
 
@@ -102,6 +121,30 @@ class Cap(NamedTuple):
     limit: int
 
 
+class Spend(NamedTuple):
+    """A budget a task's GPU time counts against."""
+
+    scope: str  # "user" or "group"
+    name: str
+    gpu_seconds: float
+    period_s: int
+
+    def period(self, now_s: float) -> int:
+        """Which period ``now_s`` falls in (periods run from the Unix epoch on)."""
+        return int(now_s // self.period_s)
+
+
+class Judged(NamedTuple):
+    """A task's quota verdict with all it was decided from (the decision log keeps it)."""
+
+    caps: list[Cap]
+    held: dict[tuple[str, str], int]
+    budgets: list[Spend]
+    used: dict[tuple[str, str], float]
+    now_s: float
+    reason: str | None  # None: it may try to start
+
+
 def parse(document: object, where: str) -> Tenants:
     try:
         return Tenants.model_validate(document)
@@ -149,6 +192,56 @@ def caps(tenants: Tenants | None, user: str, group: str) -> list[Cap]:
     if spec.max_gpus is not None:
         found.append(Cap("group", group, spec.max_gpus))
     return found
+
+
+def spends(tenants: Tenants | None, user: str, group: str) -> list[Spend]:
+    """The budgets a task of ``user`` in ``group`` spends from (none without a policy)."""
+    if tenants is None or group not in tenants.groups:
+        return []
+    spec = tenants.groups[group]
+    limits = spec.users.get(user)
+    return [
+        Spend(scope, name, budget.gpu_seconds, budget.period_s)
+        for scope, name, budget in (
+            ("user", user, limits.budget if limits else None),
+            ("group", group, spec.budget),
+        )
+        if budget is not None
+    ]
+
+
+def out_of_budget(
+    found: list[Spend], used: Mapping[tuple[str, str], float], now_s: float
+) -> str | None:
+    """Why a task must wait for a budget spent this period (``used`` GPU-seconds per
+    budget, this period's); None if none is spent. A run that starts within the budget
+    may end past it: a budget is checked at the start, and overshoots by that run."""
+    for spend in found:
+        spent = used.get((spend.scope, spend.name), 0.0)
+        if spent >= spend.gpu_seconds:
+            return (
+                f"waiting for budget: {spend.scope} {spend.name} spent {round(spent, 1):g}/"
+                f"{round(spend.gpu_seconds, 1):g} GPU-seconds this period (renewed in "
+                f"{renewal_in_s([spend], now_s):.0f}s)"
+            )
+    return None
+
+
+def renewal_in_s(found: list[Spend], now_s: float) -> float:
+    """Seconds until the first of these budgets starts a new period."""
+    return min(((b.period(now_s) + 1) * b.period_s - now_s for b in found), default=math.inf)
+
+
+def verdict(
+    found: list[Cap],
+    held: Mapping[tuple[str, str], int],
+    gpus: int,
+    budgets: list[Spend],
+    used: Mapping[tuple[str, str], float],
+    now_s: float,
+) -> str | None:
+    """Why a task must wait, its caps first, then its budgets; None if it may start."""
+    return blocked(found, held, gpus) or out_of_budget(budgets, used, now_s)
 
 
 def blocked(found: list[Cap], held: Mapping[tuple[str, str], int], gpus: int) -> str | None:

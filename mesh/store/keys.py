@@ -74,6 +74,10 @@ class KeySpace:
     def quota_slot(self, scope: str, name: str, index: int) -> bytes:
         return self.quota + f"slots/{scope}/{name}/{index}".encode()
 
+    def quota_usage(self, period_s: int, period: int, scope: str, name: str, agent: str) -> bytes:
+        """One agent's GPU-seconds against one budget in one period (its only writer)."""
+        return self.quota + f"usage/{period_s}/{period}/{scope}/{name}/{agent}".encode()
+
     @property
     def summaries(self) -> bytes:
         return self.root + b"summaries/"

@@ -1,4 +1,5 @@
-"""Quota in the DC's etcd: the tenants policy, and one key per GPU a capped task holds.
+"""Quota in the DC's etcd: the tenants policy, one key per GPU a capped task holds, and
+the GPU-seconds each agent spent against each budget.
 
 A capped tenant's GPUs are numbered slots, ``quota/slots/<scope>/<name>/<n>`` for ``n``
 below its cap. A task takes free slots in the same transaction that records its start
@@ -7,18 +8,26 @@ back in the transaction that records its end. So no cap is ever exceeded, whatev
 agents race: two agents cannot both create one key. A dead agent's slots go with its
 lease. Every agent mirrors the prefix (one watch), so it knows which slots look free
 and which tasks can start; a wrong guess costs one failed start, and the task waits.
+
+A budget's spending is ``quota/usage/<period_s>/<period>/<scope>/<name>/<agent>``: each
+agent writes only its own keys (its running total, in the transaction that records a
+run's end), so agents never contend, and a budget's spending is the sum over agents. A
+budget is judged at a run's start, so concurrent starts may overshoot it by the runs
+they begin; it is never undercounted. An agent drops its own keys of past periods.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import time
 from collections.abc import Callable
 
 import aetcd
 import yaml
 
-from mesh.core.tenants import Cap, Tenants, blocked, caps, parse, split
+from mesh.core.tenants import Cap, Judged, Spend, Tenants, caps, parse, spends, split, verdict
 from mesh.errors import ConfigError, StaleWrite
 from mesh.store.keys import KeySpace
 from mesh.store.mirror import PrefixMirror
@@ -43,6 +52,9 @@ class QuotaStore:
         self._on_policy = on_policy
         self.tenants: Tenants | None = None
         self._taken: dict[tuple[str, str], set[int]] = {}
+        # GPU-seconds per (period_s, period, scope, name), per agent, as etcd has them
+        self._used: dict[tuple[int, int, str, str], dict[str, float]] = {}
+        self._mine: dict[tuple[int, int, str, str], float] = {}  # this agent's, written
         self.mirror = PrefixMirror(client, keys.quota, on_delta=self._changed)
 
     def _changed(self, delta: dict[str, bytes | None]) -> None:
@@ -50,6 +62,14 @@ class QuotaStore:
             if name == POLICY:
                 self.tenants = self._read_policy(raw)
                 self._on_policy()
+                continue
+            if (usage := parse_usage(name)) is not None:
+                budget, agent = usage
+                spent = self._used.setdefault(budget, {})
+                if raw is None:
+                    spent.pop(agent, None)
+                else:
+                    spent[agent] = seconds(raw)
                 continue
             slot = parse_slot(name)
             if slot is None:
@@ -78,17 +98,39 @@ class QuotaStore:
 
     def waits(self, user: str, group: str, gpus: int) -> str | None:
         """Why a task of ``user`` in ``group`` needing ``gpus`` must wait, as the mirror
-        sees the slots; None if it may try to start."""
-        return self.judge(user, group, gpus)[2]
+        sees the slots and the spending; None if it may try to start."""
+        return self.judge(user, group, gpus, time.time()).reason
 
-    def judge(
-        self, user: str, group: str, gpus: int
-    ) -> tuple[list[Cap], dict[tuple[str, str], int], str | None]:
-        """The task's caps, the GPUs held against them as the mirror sees the slots, and
-        why it must wait (None: it may try to start): what the decision log keeps."""
+    def judge(self, user: str, group: str, gpus: int, now_s: float) -> Judged:
+        """The task's caps and budgets, the GPUs held and GPU-seconds spent against them
+        as the mirror sees them, and why it must wait: what the decision log keeps."""
         found = self.caps(user, group)
         held = {(c.scope, c.name): len(self._taken.get((c.scope, c.name), ())) for c in found}
-        return found, held, blocked(found, held, gpus)
+        budgets = spends(self.tenants, user, group)
+        used = {(b.scope, b.name): self._spent(b, now_s) for b in budgets}
+        reason = verdict(found, held, gpus, budgets, used, now_s)
+        return Judged(found, held, budgets, used, now_s, reason)
+
+    def _spent(self, budget: Spend, now_s: float) -> float:
+        key = (budget.period_s, budget.period(now_s), budget.scope, budget.name)
+        return sum(self._used.get(key, {}).values())
+
+    def spend(self, user: str, group: str, gpu_s: float, agent: str, now_s: float) -> list:
+        """Puts that add ``gpu_s`` to this agent's spending against each budget of the
+        task (and drop its keys of past periods); written with the run's end."""
+        ops = []
+        for budget in spends(self.tenants, user, group):
+            period = budget.period(now_s)
+            key = (budget.period_s, period, budget.scope, budget.name)
+            base = self._mine.get(key, self._used.get(key, {}).get(agent, 0.0))
+            self._mine[key] = total = base + max(0.0, gpu_s)
+            ops.append(self._tx.put(self._keys.quota_usage(*key, agent), repr(total).encode()))
+            past = [k for k in self._used if k[1] < period and (k[0], *k[2:]) == (key[0], *key[2:])]
+            for old in past:
+                if agent in self._used[old]:
+                    ops.append(self._tx.delete(self._keys.quota_usage(*old, agent)))
+                self._mine.pop(old, None)
+        return ops
 
     def claim(
         self, user: str, group: str, gpus: int, lease: int, holder: bytes = b""
@@ -146,6 +188,25 @@ def borrowed(value: bytes) -> bool:
         return json.loads(value).get("borrowed") is True
     except (ValueError, AttributeError):
         return False
+
+
+def parse_usage(name: str) -> tuple[tuple[int, int, str, str], str] | None:
+    """The budget's (period_s, period, scope, name), and the agent, of a usage key's name
+    under ``quota/`` (None: not one)."""
+    parts = name.split("/")
+    if len(parts) != 6 or parts[0] != "usage" or not (parts[1].isdigit() and parts[2].isdigit()):
+        return None
+    _, period_s, period, scope, who, agent = parts
+    return (int(period_s), int(period), scope, who), agent
+
+
+def seconds(raw: bytes) -> float:
+    """A usage value; one that does not parse counts as nothing spent."""
+    try:
+        value = float(raw)
+    except ValueError:
+        return 0.0
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 def parse_slot(name: str) -> tuple[str, str, int] | None:
