@@ -1,10 +1,23 @@
-"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e,scale,layers,tenants} [--json]``."""
+"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e,scale,layers,tenants,globalcap}
+[--json]``."""
 
 from __future__ import annotations
 
 import sys
 
-from bench import cancel, e2e, failover, fuzz, gossip, hop, layers, route, scale, tenants
+from bench import (
+    cancel,
+    e2e,
+    failover,
+    fuzz,
+    globalcap,
+    gossip,
+    hop,
+    layers,
+    route,
+    scale,
+    tenants,
+)
 
 BENCHMARKS = {
     "route": route.main,
@@ -17,6 +30,7 @@ BENCHMARKS = {
     "scale": scale.main,
     "layers": layers.main,
     "tenants": tenants.main,
+    "globalcap": globalcap.main,
 }
 
 

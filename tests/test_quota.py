@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Callable
 
 import aetcd
 import grpc
 import pytest
 import yaml
-from support import USER, Cluster, eventually, sleep_spec
+from support import USER, Cluster, apply_topology, eventually, sleep_spec, two_dcs, wait_log
 
 from mesh.core.access import GROUP_ADMIN
 from mesh.core.task import TERMINAL
-from mesh.store.etcd import watch_events
+from mesh.local.etcdserver import EtcdMember
+from mesh.store.etcd import client_for, watch_events
 from mesh.store.keys import KeySpace
 from mesh.store.quota import apply_policy
 from mesh.store.records import decode
@@ -158,3 +160,29 @@ async def test_a_spent_budget_holds_the_next_task_until_the_operator_raises_it(
 
 async def _ended(state, task_id: str) -> bool:
     return (await state(task_id)).state == pb.TASK_STATE_SUCCEEDED
+
+
+async def test_a_global_cap_holds_a_dc_to_its_part(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+) -> None:
+    """Two DCs, a group capped at 2 GPUs across both: west, whose 2 GPUs are half the
+    slots it counts (east, never heard from, counts as alike), runs 1 at a time."""
+    etcds, start = two_dcs(cluster, more_etcd)
+    policy = yaml.safe_dump({"groups": {"research": {"max_gpus_global": 2}}})
+    async with client_for([etcds["west"].endpoint], security=cluster.trust.operator()) as raw:
+        await apply_policy(raw, KeySpace(prefix, "west"), policy)
+    west = start("west", fake_gpus="2xA100-80GB")
+    await apply_topology(cluster, prefix, etcds, {"west": west.peer_address})
+    wait_log(west, "topology version 1 applied")
+    async with west.client() as client:
+        ids = [f"global-{i}" for i in range(3)]
+        for task_id in ids:
+            await client.submit(sleep_spec(task_id, seconds=0.5, steps=1, model="m"))
+
+        async def told_why() -> bool:
+            messages = [(await client.get(t)).progress.message for t in ids]
+            return "waiting for quota: global research at 1/1 GPUs" in messages
+
+        await eventually(told_why, what="a task to wait for the group's part of the cap")
+        for task_id in ids:
+            await eventually(lambda t=task_id: _ended(client.get, t), what=f"{task_id} to run")

@@ -3,7 +3,10 @@ Speakers swap summaries every second; etcd should hear only of changes."""
 
 from __future__ import annotations
 
+import pytest
+
 from mesh.core import summaries
+from mesh.errors import InvalidTask
 from mesh.v1 import peer_pb2
 
 
@@ -50,3 +53,18 @@ def test_a_summary_counts_active_agents_and_names_the_least_loaded_that_have_an_
     assert list(built.models_loaded) == ["m"]
     # least loaded first (a0 has no address, a5 drains): a3 (0), then a1 and a4 (1 each)
     assert list(built.live) == ["10.0.0.3:1", "10.0.0.1:1", "10.0.0.4:1"]
+
+
+def test_a_summarys_global_holdings_are_bounded_like_every_field_a_peer_sends() -> None:
+    fine = summary(100)
+    fine.global_held.update({"vision": 4, "research@lab": 0})
+    summaries.check(fine, now_ms=100_000)
+    for bad in ({"../etc": 1}, {"vision": summaries.MAX_HELD + 1}):
+        hostile = summary(100)
+        hostile.global_held.update(bad)
+        with pytest.raises(InvalidTask):
+            summaries.check(hostile, now_ms=100_000)
+    flood = summary(100)
+    flood.global_held.update({f"g{i}": 1 for i in range(summaries.MAX_GROUPS + 1)})
+    with pytest.raises(InvalidTask):
+        summaries.check(flood, now_ms=100_000)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from mesh.cli import app
@@ -17,6 +19,8 @@ from mesh.core.tenants import (
     Tenants,
     blocked,
     caps,
+    global_cap,
+    global_share,
     out_of_budget,
     parse,
     renewal_in_s,
@@ -114,3 +118,32 @@ def test_users_budgets_never_add_up_to_more_than_the_groups() -> None:
     greedy["groups"]["vision"]["users"]["bob"] = {"budget": {"gpu_seconds": 61, "period_s": 3600}}
     with pytest.raises(ConfigError, match="budgets add up to 101 GPU-seconds"):
         parse(greedy, "t")
+
+
+slots_by_dc = st.dictionaries(
+    st.sampled_from(["east", "north", "south", "west"]), st.integers(0, 500), min_size=1
+)
+
+
+@given(st.integers(0, 1000), slots_by_dc)
+def test_a_global_caps_parts_add_up_to_it_over_one_view(cap: int, slots: dict[str, int]) -> None:
+    parts = {dc: global_share(cap, dc, slots) for dc in slots}
+    assert sum(parts.values()) == cap
+    total = sum(slots.values())
+    for dc, part in parts.items():  # each within one GPU of its slots' proportion
+        exact = cap * slots[dc] / total if total else cap / len(slots)
+        assert abs(part - exact) < 1
+    assert global_share(cap, "elsewhere", slots) == 0  # a DC not in the view: no part
+
+
+def test_a_dcs_part_of_a_global_cap_leaves_what_the_others_hold() -> None:
+    tenants = parse({"groups": {"vision": {"max_gpus_global": 10}}}, "t")
+    slots = {"west": 40, "east": 10}
+    assert global_cap(tenants, "vision", "west", slots) == Cap("global", "vision", 8)
+    assert global_cap(tenants, "vision", "east", slots) == Cap("global", "vision", 2)
+    # east's part shrank to 2, but its runs from before hold 5: west waits for them
+    assert global_cap(tenants, "vision", "west", slots, held_elsewhere=5) == Cap(
+        "global", "vision", 5
+    )
+    assert global_cap(tenants, "vision", "west", slots, held_elsewhere=12).limit == 0
+    assert global_cap(tenants, "other", "west", slots) is None

@@ -92,7 +92,12 @@ class Agent:
         self.models = Models(cfg.preloaded_models, self._republish_soon)
         self._renewal: asyncio.TimerHandle | None = None  # a spent budget renewed
         self.quota = QuotaStore(
-            self.client, self.keys, lambda: self.executor.quota_changed(), self._priorities_changed
+            self.client,
+            self.keys,
+            lambda: self.executor.quota_changed(),
+            self._priorities_changed,
+            self._dc_slots,
+            self._held_elsewhere,
         )
         self.estimates = priority.Estimates()
         metrics.AGENT_INFO.labels(cfg.agent_id, cfg.dc).set(1)
@@ -146,6 +151,7 @@ class Agent:
             lambda: self.registry.peers,
             self.remote,
             lambda: self.executor.accepting,
+            self.quota.global_held,
         )
         self.placement = Placement(
             cfg,
@@ -294,6 +300,20 @@ class Agent:
         )
         self.owner.members_changed(self.registry.peers)
         self._owner_task = self.duties.keep("queue owner", self.owner.run)
+
+    def _dc_slots(self) -> dict[str, int]:
+        """Every DC's GPU slots as this agent knows them, which global caps are split by:
+        its own from its view of the DC, the others' from their last summary (a DC never
+        heard from counts as alike to this one)."""
+        own = self.view.router.totals().slots
+        heard = {dc: summary.slots for dc, summary in self.speaker.heard.items()}
+        return {dc: own for dc in self._dcs()} | heard | {self.cfg.dc: own}
+
+    def _held_elsewhere(self, group: str) -> int:
+        """GPUs ``group`` holds against its global cap in the other DCs, as their last
+        summaries said."""
+        heard = self.speaker.heard.items()
+        return sum(s.global_held.get(group, 0) for dc, s in heard if dc != self.cfg.dc)
 
     def _dcs(self) -> list[str]:
         """The DCs of the applied topology (none before one is applied)."""

@@ -41,9 +41,11 @@ class Speaker:
         peers: Callable[[], Mapping[str, AgentRecord]],
         remote: RemoteDcs,
         active: Callable[[], bool],
+        global_held: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         """``peers`` gives the DC's members as the registry sees them; ``active`` whether
-        this agent still takes work (a draining agent stops speaking)."""
+        this agent still takes work (a draining agent stops speaking); ``global_held``
+        the GPUs each group holds here against its global cap."""
         self._dc = dc
         self._agent_id = agent_id
         self._client = client
@@ -53,6 +55,7 @@ class Speaker:
         self._peers = peers
         self._remote = remote
         self._active = active
+        self._global_held = global_held
         self.heard: dict[str, peer_pb2.DcSummary] = {}  # other DCs, as last stored
         self.mirror = PrefixMirror(client, keys.summaries, self._stored)
 
@@ -77,7 +80,7 @@ class Speaker:
             record = peers.get(agent_id)
             return record.peer_address if record else None
 
-        return summaries.build(self._dc, self._router, address, now_ms())
+        return summaries.build(self._dc, self._router, address, now_ms(), self._global_held())
 
     async def received(self, theirs: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
         """Another DC's speaker calls: keep its summary for our DC, answer with ours."""

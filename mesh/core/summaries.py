@@ -19,6 +19,7 @@ from google.protobuf import json_format
 
 from mesh.core.ring import key_point
 from mesh.core.router import Router
+from mesh.core.tenants import NAME
 from mesh.errors import InvalidTask
 from mesh.v1 import peer_pb2
 
@@ -29,14 +30,21 @@ STALE_S = 3 * REFRESH_S  # older than this, a summary says nothing
 LIVE_ADDRESSES = 3
 SAMPLE = 64  # members a summary's least loaded are picked from
 MAX_MODELS = 256
+MAX_GROUPS = 1024
+MAX_HELD = 1_000_000
 
 
 def build(
-    dc: str, router: Router, address: Callable[[str], str | None], now_ms: int
+    dc: str,
+    router: Router,
+    address: Callable[[str], str | None],
+    now_ms: int,
+    global_held: Mapping[str, int] | None = None,
 ) -> peer_pb2.DcSummary:
-    """This DC as ``router`` sees it; ``address`` gives an agent's gRPC address. The sums
-    are the router's running totals and the live agents the least loaded of a sample, so
-    a speaker of a 10,000-agent DC builds one every second in microseconds."""
+    """This DC as ``router`` sees it; ``address`` gives an agent's gRPC address;
+    ``global_held`` the GPUs each group holds against its global cap. The sums are the
+    router's running totals and the live agents the least loaded of a sample, so a
+    speaker of a 10,000-agent DC builds one every second in microseconds."""
     totals = router.totals()
     sample = router.sample(key_point(f"{dc}@{now_ms}"), SAMPLE)
     members = router.members
@@ -53,12 +61,14 @@ def build(
         capacity=totals.capacity,
         models_loaded=router.models_loaded()[:MAX_MODELS],
         live=live[:LIVE_ADDRESSES],
+        global_held=dict(sorted((global_held or {}).items())[:MAX_GROUPS]),
     )
 
 
 ADDRESS = re.compile(r"[A-Za-z0-9.:\[\]-]{1,255}")
 MODEL = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 DC_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+GROUP = re.compile(NAME)
 MAX_FUTURE_MS = 30_000
 
 
@@ -75,6 +85,10 @@ def check(summary: peer_pb2.DcSummary, now_ms: int) -> None:
         map(MODEL.fullmatch, summary.models_loaded)
     ):
         raise InvalidTask(f"summary: at most {MAX_MODELS} model names")
+    if len(summary.global_held) > MAX_GROUPS or not all(
+        GROUP.fullmatch(g) and n <= MAX_HELD for g, n in summary.global_held.items()
+    ):
+        raise InvalidTask(f"summary: at most {MAX_GROUPS} group names, each at most {MAX_HELD}")
 
 
 def worth_storing(

@@ -41,6 +41,12 @@ class UserLimits(_Strict):
 
 class Group(_Strict):
     max_gpus: int | None = Field(None, ge=0, description="GPUs the group's tasks hold at once")
+    max_gpus_global: int | None = Field(
+        None,
+        ge=0,
+        description="GPUs the group's tasks hold at once across every DC: each DC holds "
+        "to its part, split in proportion to the DCs' GPU slots (their summaries)",
+    )
     budget: Budget | None = Field(None, description="the group's GPU time per period, per DC")
     share: float = Field(
         1.0, gt=0, description="weight of the group's GPU time under the fair_share policy"
@@ -192,6 +198,45 @@ def caps(tenants: Tenants | None, user: str, group: str) -> list[Cap]:
     if spec.max_gpus is not None:
         found.append(Cap("group", group, spec.max_gpus))
     return found
+
+
+def global_share(cap: int, dc: str, slots: Mapping[str, int]) -> int:
+    """``dc``'s part of a global cap of ``cap`` GPUs split among the DCs in proportion to
+    their ``slots`` (largest remainder, ties to the DC named first): over one view of the
+    slots, the parts add up to the cap exactly. DCs with no slots get nothing; with no
+    slots anywhere, the parts are even."""
+    dcs = sorted(slots)
+    if dc not in slots or not dcs:
+        return 0
+    weights = {d: max(0, slots[d]) for d in dcs}
+    total = sum(weights.values())
+    if total == 0:
+        weights, total = dict.fromkeys(dcs, 1), len(dcs)
+    exact = {d: cap * w / total for d, w in weights.items()}
+    parts = {d: math.floor(x) for d, x in exact.items()}
+    left = cap - sum(parts.values())
+    for d in sorted(dcs, key=lambda d: (parts[d] - exact[d], d))[:left]:
+        parts[d] += 1
+    return parts[dc]
+
+
+def global_cap(
+    tenants: Tenants | None,
+    group: str,
+    dc: str,
+    slots: Mapping[str, int],
+    held_elsewhere: int = 0,
+) -> Cap | None:
+    """The cap on ``group``'s GPUs in ``dc`` from its global cap, if it has one: ``dc``'s
+    part, and never more than the GPUs the other DCs leave (``held_elsewhere``, from their
+    summaries). So a part that grew waits for the runs of a part that shrank to end
+    (nothing is taken back); what can still over-admit is two DCs deciding on views a
+    summary apart (``python -m bench globalcap`` measures it)."""
+    spec = tenants.groups.get(group) if tenants is not None else None
+    if spec is None or spec.max_gpus_global is None:
+        return None
+    cap = spec.max_gpus_global
+    return Cap("global", group, max(0, min(global_share(cap, dc, slots), cap - held_elsewhere)))
 
 
 def spends(tenants: Tenants | None, user: str, group: str) -> list[Spend]:

@@ -22,12 +22,23 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import aetcd
 import yaml
 
-from mesh.core.tenants import Cap, Judged, Spend, Tenants, caps, parse, spends, split, verdict
+from mesh.core.tenants import (
+    Cap,
+    Judged,
+    Spend,
+    Tenants,
+    caps,
+    global_cap,
+    parse,
+    spends,
+    split,
+    verdict,
+)
 from mesh.errors import ConfigError, StaleWrite
 from mesh.store.keys import KeySpace
 from mesh.store.mirror import PrefixMirror
@@ -43,10 +54,16 @@ class QuotaStore:
         keys: KeySpace,
         on_change: Callable[[], None],
         on_policy: Callable[[], None],
+        dc_slots: Callable[[], Mapping[str, int]] = dict,
+        held_elsewhere: Callable[[str], int] = lambda _: 0,
     ) -> None:
         """``on_change``: the policy or the slots changed (waiting tasks are judged
-        again); ``on_policy``: the policy changed (priorities are set again)."""
+        again); ``on_policy``: the policy changed (priorities are set again);
+        ``dc_slots``: every DC's GPU slots, which global caps are split by;
+        ``held_elsewhere``: the GPUs a group holds in the other DCs (their summaries)."""
         self._keys = keys
+        self._dc_slots = dc_slots
+        self._held_elsewhere = held_elsewhere
         self._tx = client.transactions
         self._on_change = on_change
         self._on_policy = on_policy
@@ -94,7 +111,21 @@ class QuotaStore:
             return None
 
     def caps(self, user: str, group: str) -> list[Cap]:
-        return caps(self.tenants, user, group)
+        """The task's caps in this DC: its user's and group's, and its group's part of a
+        global cap (as this agent sees the DCs' slots now)."""
+        found = caps(self.tenants, user, group)
+        part = global_cap(
+            self.tenants, group, self._keys.dc, self._dc_slots(), self._held_elsewhere(group)
+        )
+        return found if part is None else [*found, part]
+
+    def global_held(self) -> dict[str, int]:
+        """GPUs each group holds in this DC against its global cap (for our summary)."""
+        return {
+            name: len(taken)
+            for (scope, name), taken in self._taken.items()
+            if taken and scope == "global"
+        }
 
     def waits(self, user: str, group: str, gpus: int) -> str | None:
         """Why a task of ``user`` in ``group`` needing ``gpus`` must wait, as the mirror

@@ -51,7 +51,14 @@ class OfferResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
 
 class DcSummary(_message.Message):
-    __slots__ = ("dc", "ts_unix_ms", "agents", "slots", "tasks", "capacity", "models_loaded", "live")
+    __slots__ = ("dc", "ts_unix_ms", "agents", "slots", "tasks", "capacity", "models_loaded", "live", "global_held")
+    class GlobalHeldEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     DC_FIELD_NUMBER: _ClassVar[int]
     TS_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +67,7 @@ class DcSummary(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     MODELS_LOADED_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_HELD_FIELD_NUMBER: _ClassVar[int]
     dc: str
     ts_unix_ms: int
     agents: int
@@ -68,7 +76,8 @@ class DcSummary(_message.Message):
     capacity: int
     models_loaded: _containers.RepeatedScalarFieldContainer[str]
     live: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, dc: _Optional[str] = ..., ts_unix_ms: _Optional[int] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., models_loaded: _Optional[_Iterable[str]] = ..., live: _Optional[_Iterable[str]] = ...) -> None: ...
+    global_held: _containers.ScalarMap[str, int]
+    def __init__(self, dc: _Optional[str] = ..., ts_unix_ms: _Optional[int] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., models_loaded: _Optional[_Iterable[str]] = ..., live: _Optional[_Iterable[str]] = ..., global_held: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
     __slots__ = ("task_id", "origin_dc")
