@@ -77,3 +77,35 @@ async def test_an_online_task_preempts_a_borrowed_batch_run(
     logged = [r for r in replay(decisions) if r.task_id == "online-1"]
     assert logged and all(r.same for r in logged)  # its routing and its preemption
     assert [r.now for r in logged if "victims" in r.now] == [{"victims": [preempted[0].task_id]}]
+
+
+async def test_an_online_task_reclaims_gpus_when_every_queue_is_full(
+    cluster: Cluster, etcd_client: aetcd.Client, prefix: str
+) -> None:
+    """Batch holds both GPUs and fills the queue: the online task is taken past the
+    queue's bound by the agent whose batch runs borrowed its GPUs, not backlogged behind
+    batch work that would hold them for minutes."""
+    await apply_policy(etcd_client, KeySpace(prefix, "west"), yaml.safe_dump({"online_share": 0.5}))
+    agent = cluster.start("r1", fake_gpus="2xA100-80GB", preempt_after_s=0, max_queue_length=1)
+    await until_peers(agent, ["r1"])
+    async with agent.client() as client:
+        batch = [f"flood-{i}" for i in range(3)]  # two run, one fills the queue
+        for name in batch:
+            await client.submit(sleep_spec(name, seconds=120, steps=120, model="m"))
+
+        async def full() -> bool:
+            states = [(await client.get(t)).state for t in batch]
+            return states.count(RUNNING) == 2 and states.count(pb.TASK_STATE_QUEUED) == 1
+
+        await eventually(full, what="batch to hold both GPUs and the queue")
+        online = sleep_spec("urgent", seconds=0.2, steps=1, model="m")
+        online.task_type = pb.TASK_TYPE_LLM
+        reply = await client.submit(online)
+        assert reply.status.agent == "r1"  # taken past the bound, not backlogged
+
+        async def online_done() -> bool:
+            return (await client.get("urgent")).state == SUCCEEDED
+
+        await eventually(online_done, what="the online task to run by reclaiming a GPU")
+        for name in batch:
+            await client.cancel(name, "test over")

@@ -162,7 +162,7 @@ class Agent:
             self.peers,
             self.remote,
             self.executor,
-            lambda job, most: self.intake.accept(job, most),
+            lambda job, most, reclaim: self.intake.accept(job, most, reclaim),
             lambda: self.speaker.heard,
             self.duties.spawn,
         )

@@ -135,8 +135,9 @@ class Executor:
     def depth(self) -> dict[str, int]:
         return self._queue.depth()
 
-    def check(self, spec: pb.TaskSpec) -> None:
-        """Raise unless this agent could run ``spec`` now (eligible, not draining, room left)."""
+    def check(self, spec: pb.TaskSpec, past_bound: bool = False) -> None:
+        """Raise unless this agent could run ``spec`` now (eligible, not draining, room
+        left in the queue unless it may go ``past_bound``)."""
         if not self.accepting:
             raise Unavailable("agent is draining")
         if spec.pipeline not in self._pipelines:
@@ -149,7 +150,7 @@ class Executor:
                 f"needs {max(1, spec.gpu_count)} GPU(s) with >= {spec.min_gpu_memory_mb} MB; "
                 f"this agent has {len(big_enough)}"
             )
-        if self.queued >= self._cfg.max_queue_length:
+        if self.queued >= self._cfg.max_queue_length and not past_bound:
             raise LimitExceeded(
                 "queue full", limit="max_queue_length", max=self._cfg.max_queue_length
             )
@@ -170,11 +171,22 @@ class Executor:
         self._queue.policy = policy
         self._queue.accept(classes)
 
-    def enqueue(self, job: Job) -> None:
-        self.check(job.spec)
-        self._queue.push(job, self._clock(), first=job.attempt > 1)
+    def enqueue(self, job: Job, past_bound: bool = False) -> None:
+        """Queue ``job``; ``past_bound`` even past the queue's bound (``can_reclaim``
+        said that borrowed batch runs will give it their GPUs)."""
+        self.check(job.spec, past_bound)
+        self._queue.push(job, self._clock(), first=job.attempt > 1, admitted=past_bound)
         self._wake.set()
         self._on_load()
+
+    def can_reclaim(self, spec: pb.TaskSpec) -> bool:
+        """Whether an online task would get its GPUs here by preemption, past the online
+        work already queued here: batch runs borrowed that many."""
+        if classes.task_class(spec) != classes.ONLINE:
+            return False
+        ahead = sum(j.traits.gpus for j in self._queue if j.traits.task_class == classes.ONLINE)
+        need = ahead + max(1, spec.gpu_count)
+        return bool(classes.victims(self._runs(), 0, need, self.slots, self._online_share()))
 
     def expected_start_s(self, task_id: str) -> float | None:
         """Seconds until the queued task ``task_id`` is expected to start here (None if

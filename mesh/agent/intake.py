@@ -69,7 +69,7 @@ class Intake:
         if envelope.origin_dc and envelope.origin_dc != self._cfg.dc:
             accepted, reason = await self._adopt(job)
         else:
-            accepted, reason = await self.accept(job, envelope.max_tasks)
+            accepted, reason = await self.accept(job, envelope.max_tasks, envelope.reclaim)
         metrics.OFFERS.labels("accepted" if accepted else "refused").inc()
         return accepted, reason
 
@@ -125,21 +125,23 @@ class Intake:
             return outcome(outcome=outcome.OUTCOME_IN_PROGRESS)  # being adopted or placed
         return outcome(outcome=outcome.OUTCOME_HELD)
 
-    async def accept(self, job: Job, max_tasks: float) -> tuple[bool, str]:
+    async def accept(self, job: Job, max_tasks: float, reclaim: bool = False) -> tuple[bool, str]:
         """Queue ``job`` here if our live load allows: within ``max_tasks`` running and
-        queued after it, or (0) within our hard limit, slots plus queue length."""
+        queued after it, or (0) within our hard limit, slots plus queue length; past it
+        when asked to ``reclaim`` and borrowed batch runs here will give their GPUs."""
         if job.deadline_ms <= now_ms():
             return False, "deadline passed"
+        reclaiming = reclaim and self._executor.can_reclaim(job.spec)
         try:
-            self._executor.check(job.spec)
+            self._executor.check(job.spec, past_bound=reclaiming)
         except MeshError as exc:
             return False, exc.message
         tasks = self._executor.running + self._executor.queued
         limit = max_tasks or self._executor.slots + self._cfg.max_queue_length
-        if tasks + 1 > limit:
+        if tasks + 1 > limit and not reclaiming:
             return False, f"over the bound ({tasks + 1} > {limit:g} tasks)"
         # Enqueue before any await, so the check above still holds; the record follows.
-        self._executor.enqueue(job)
+        self._executor.enqueue(job, past_bound=reclaiming)
 
         digest = spec_digest(job.spec)
 

@@ -24,7 +24,7 @@ from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
 from mesh.agent.view import View
 from mesh.config import AgentConfig
-from mesh.core import backlog, summaries
+from mesh.core import backlog, classes, summaries
 from mesh.core.backlog import Room
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
@@ -39,6 +39,7 @@ from mesh.v1 import tasks_pb2 as pb
 log = logging.getLogger(__name__)
 
 OFFER_TIMEOUT_S = 2.0
+RECLAIM_ASKS = 3  # full agents an online task asks to reclaim GPUs before the backlog
 MAX_DEADLINE_MS = 253402300799_000  # 9999-12-31: the last instant a record can hold
 
 
@@ -53,7 +54,7 @@ class Placement:
         peers: PeerClients,
         remote: RemoteDcs,
         executor: Executor,
-        accept_here: Callable[[Job, float], Awaitable[tuple[bool, str]]],
+        accept_here: Callable[[Job, float, bool], Awaitable[tuple[bool, str]]],
         other_dcs: Callable[[], Mapping[str, peer_pb2.DcSummary]],
         spawn: Callable[[str, Coroutine[Any, Any, None]], object],
     ) -> None:
@@ -165,6 +166,7 @@ class Placement:
     ) -> str:
         visited = set(job.path)
         refused: list[str] = []
+        refused_full: list[str] = []  # agents that were full: they may reclaim
         for final in (False, True):
             decision = self.route(job.spec, visited, spill=spill)
             span.set_attributes(
@@ -183,6 +185,8 @@ class Placement:
                         return target.name
                     visited.add(target.name)
                     refused.append(f"{target.name}: {reason}")
+                    if reason.startswith("over the bound"):
+                        refused_full.append(target.name)
                 elif not final:
                     break
                 elif target.kind == DC:
@@ -191,6 +195,8 @@ class Placement:
                         self.view.spill_share.record(True)
                         return f"dc:{target.name}"
                     refused.append(f"dc {target.name}: {reason}")
+                elif (taken := await self._reclaim(job, refused_full)) is not None:
+                    return taken
                 elif wait and self._durable(job) and (patient or target is not NONE_ELIGIBLE):
                     await self._to_backlog(job)
                     self.view.spill_share.record(False)
@@ -205,18 +211,38 @@ class Placement:
                     )
         raise AssertionError("a decision always ends in the backlog")
 
+    async def _reclaim(self, job: Job, full: list[str]) -> str | None:
+        """An online task every agent was full for: ask the first few of them (in the
+        router's order) to take it by preempting batch work that borrowed online's GPUs,
+        rather than leave it in the backlog behind batch until a queue has room."""
+        if classes.task_class(job.spec) != classes.ONLINE:
+            return None
+        # The agents that said they were full, else (the router saw every one full and
+        # asked none) the task's eligible agents in the router's order.
+        ring = [c.agent_id for c in self.route(job.spec, explain=True, spill=False).candidates]
+        asked = [a for a in dict.fromkeys([*full, *ring]) if a not in job.path]
+        for agent_id in asked[:RECLAIM_ASKS]:
+            accepted, _ = await self._offer_agent(agent_id, 0.0, job, reclaim=True)
+            if accepted:
+                log.info("%s reclaims GPUs from batch for online task %s", agent_id, job.task_id)
+                return agent_id
+        return None
+
     def _durable(self, job: Job) -> bool:
         return len(job.spec.payload) <= self.cfg.inline_payload_bytes
 
-    async def _offer_agent(self, agent_id: str, max_tasks: float, job: Job) -> tuple[bool, str]:
+    async def _offer_agent(
+        self, agent_id: str, max_tasks: float, job: Job, reclaim: bool = False
+    ) -> tuple[bool, str]:
         if agent_id == self.cfg.agent_id:
-            return await self._accept_here(job, max_tasks)
+            return await self._accept_here(job, max_tasks, reclaim)
         peer = self.registry.peers.get(agent_id)
         if peer is None:
             return False, "not a member now"
         if len(job.path) + 1 > self.view.max_hops:
             return False, "hop limit"
         envelope = self._envelope(job, max_tasks)
+        envelope.reclaim = reclaim
         try:
             with metrics.OFFER_SECONDS.time():
                 reply = await self.peers.offer(

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("spec", "path", "hops", "deadline_unix_ms", "attempt", "entry_agent", "max_tasks", "origin_dc", "traceparent")
+    __slots__ = ("spec", "path", "hops", "deadline_unix_ms", "attempt", "entry_agent", "max_tasks", "origin_dc", "traceparent", "reclaim")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,7 @@ class Envelope(_message.Message):
     MAX_TASKS_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_DC_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    RECLAIM_FIELD_NUMBER: _ClassVar[int]
     spec: _tasks_pb2.TaskSpec
     path: _containers.RepeatedScalarFieldContainer[str]
     hops: int
@@ -28,7 +29,8 @@ class Envelope(_message.Message):
     max_tasks: float
     origin_dc: str
     traceparent: str
-    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., entry_agent: _Optional[str] = ..., max_tasks: _Optional[float] = ..., origin_dc: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    reclaim: bool
+    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., entry_agent: _Optional[str] = ..., max_tasks: _Optional[float] = ..., origin_dc: _Optional[str] = ..., traceparent: _Optional[str] = ..., reclaim: _Optional[bool] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("running", "queued", "models_loaded")
