@@ -68,6 +68,12 @@ async def test_a_user_capped_at_two_never_runs_more_than_two(
                 )
 
             await eventually(told_why, what="a waiting task to say why")
+
+            async def route_says_so() -> bool:  # meshctl route shows it too
+                probe = sleep_spec("probe", seconds=0, steps=1, model="m0")
+                return (await client.route(probe)).quota.startswith("waiting for quota: user")
+
+            await eventually(route_says_so, what="route to say the user is at the cap")
             await eventually(lambda: len(ended) == len(ids), timeout_s=60, what="every task to end")
             states = {t: (await client.get(t)).state for t in ids}
         assert set(states.values()) == {pb.TASK_STATE_SUCCEEDED}, states

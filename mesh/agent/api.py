@@ -204,10 +204,13 @@ class AgentApi:
             raise InvalidTask("affinity_key or gpu_count out of bounds")
         agent = self._agent
         decision = agent.placement.route(request.spec, explain=request.explain)
+        user = owner_of(spec.user, grant.identity)
+        quota = agent.quota.waits(user.id, user.group, max(1, spec.gpu_count))
         return pb.RouteResponse(
             agent_id=agent.cfg.agent_id,
             dc=agent.cfg.dc,
             bound=decision.bound,
+            quota=quota or "",
             targets=[pb.RouteTarget(**t._asdict()) for t in decision.targets],
             candidates=[
                 pb.RouteCandidate(

@@ -105,7 +105,8 @@ def route(
             "target",
             "max tasks",
             "reason",
-            title=f"{reply.agent_id} ({reply.dc}), bound {reply.bound:.3f}/weight",
+            title=f"{reply.agent_id} ({reply.dc}), bound {reply.bound:.3f}/weight; "
+            f"{reply.quota or 'within quota'}",
         )
         for n, t in enumerate(reply.targets, 1):
             limit = f"{t.max_tasks:.2f}" if t.max_tasks else "hard limit"

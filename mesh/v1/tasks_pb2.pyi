@@ -362,18 +362,20 @@ class RouteCandidate(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., tasks: _Optional[int] = ..., max_tasks: _Optional[float] = ..., eligible: _Optional[bool] = ..., model_loaded: _Optional[bool] = ..., verdict: _Optional[str] = ...) -> None: ...
 
 class RouteResponse(_message.Message):
-    __slots__ = ("agent_id", "dc", "bound", "targets", "candidates")
+    __slots__ = ("agent_id", "dc", "bound", "targets", "candidates", "quota")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     DC_FIELD_NUMBER: _ClassVar[int]
     BOUND_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     dc: str
     bound: float
     targets: _containers.RepeatedCompositeFieldContainer[RouteTarget]
     candidates: _containers.RepeatedCompositeFieldContainer[RouteCandidate]
-    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., bound: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[RouteTarget, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ...) -> None: ...
+    quota: str
+    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., bound: _Optional[float] = ..., targets: _Optional[_Iterable[_Union[RouteTarget, _Mapping]]] = ..., candidates: _Optional[_Iterable[_Union[RouteCandidate, _Mapping]]] = ..., quota: _Optional[str] = ...) -> None: ...
 
 class QueueRequest(_message.Message):
     __slots__ = ()
