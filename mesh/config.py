@@ -150,6 +150,14 @@ class AgentConfig(BaseSettings):
     model_load_s: float = Field(
         2.0, ge=0, description="Simulated model-load delay of the 'sleep' pipeline."
     )
+    model_memory_mb: dict[Name, int] = Field(
+        default_factory=dict,
+        description="GPU memory each model takes once loaded (the 'sleep' pipeline declares "
+        "these); models fill the agent's GPU memory and the least useful are evicted.",
+    )
+    default_model_memory_mb: int = Field(
+        0, ge=0, description="GPU memory of a model model_memory_mb does not name (0: none)."
+    )
     queues: dict[str, int] = Field(
         default_factory=lambda: {"vip": 8, "normal": 2},
         min_length=1,

@@ -89,7 +89,12 @@ class Agent:
         self.remote = RemoteDcs(self.peers)
         self.gpus = inventory(cfg.fake_gpus, cfg.gpu_weights)
         self.pipelines = load_pipelines(cfg)
-        self.models = Models(cfg.preloaded_models, self._republish_soon)
+        self.models = Models(
+            cfg.preloaded_models,
+            self._republish_soon,
+            capacity_mb=sum(gpu.memory_mb for gpu in self.gpus),
+            on_evicted=lambda _: self._republish_soon(),
+        )
         self._renewal: asyncio.TimerHandle | None = None  # a spent budget renewed
         self.quota = QuotaStore(
             self.client,

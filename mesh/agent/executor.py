@@ -176,6 +176,7 @@ class Executor:
         said that borrowed batch runs will give it their GPUs)."""
         self.check(job.spec, past_bound)
         self._queue.push(job, self._clock(), first=job.attempt > 1, admitted=past_bound)
+        self._models.demand.arrived(job.spec.model, self._clock())
         self._wake.set()
         self._on_load()
 

@@ -13,15 +13,19 @@ per task with the GPU slot it was given. Cancellation and deadlines arrive as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import ClassVar, Protocol
 
 from mesh.config import AgentConfig
 from mesh.core.jobs import Output
-from mesh.errors import ConfigError
+from mesh.core.residency import Demand, Resident, evictions
+from mesh.errors import ConfigError, PipelineError
 from mesh.gpus import Gpu
 from mesh.v1 import tasks_pb2
 
@@ -29,34 +33,137 @@ log = logging.getLogger(__name__)
 
 GROUP = "mesh.pipelines"
 # What a pipeline plugin needs, in one place: ``from mesh.pipelines import Output, ...``.
-__all__ = ["GROUP", "Models", "Output", "Pipeline", "RunContext", "load_pipelines"]
+__all__ = [
+    "GROUP", "Models", "ModelsFull", "Output", "Pipeline", "RunContext", "load_pipelines"
+]  # fmt: skip
 
 
 class Models:
-    """Which models this agent has loaded; loading one costs time once, then it is warm."""
+    """Which models this agent has loaded, in how much GPU memory; loading one costs time
+    once, then it is warm. A pipeline runs a task inside ``using``, declaring the model's
+    memory: a load that would not fit evicts the least useful models first
+    (``mesh.core.residency``), and waits for a run to end when only models in use are left.
+    Eviction here is bookkeeping: a pipeline that holds real weights frees them when
+    ``on_evicted`` names the model."""
 
-    def __init__(self, preloaded: Iterable[str], on_loaded: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        preloaded: Iterable[str],
+        on_loaded: Callable[[], None],
+        capacity_mb: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        on_evicted: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        """``capacity_mb``: the GPU memory models may fill (0: no limit)."""
         self.loaded: set[str] = set(preloaded)
         self.loading: set[str] = set()
+        self.memory_mb: dict[str, int] = dict.fromkeys(self.loaded, 0)
+        self.capacity_mb = capacity_mb
+        self.demand = Demand()
+        self.planned: frozenset[str] = frozenset()  # what the placement plan gives us
+        self.misses = 0  # runs that paid a load
+        self._clock = clock
+        self._last_used: dict[str, float] = {}
+        self._in_use: Counter[str] = Counter()
         self._locks: dict[str, asyncio.Lock] = {}
+        self._room = asyncio.Condition()
         self._on_loaded = on_loaded
+        self._on_evicted = on_evicted
 
-    async def ensure(self, model: str, load: Callable[[], Awaitable[None]]) -> bool:
-        """Load ``model`` unless it is loaded; True if this call paid the load."""
+    @property
+    def used_mb(self) -> int:
+        return sum(self.memory_mb.values())
+
+    @contextlib.asynccontextmanager
+    async def using(
+        self, model: str, load: Callable[[], Awaitable[None]], memory_mb: int = 0
+    ) -> AsyncIterator[bool]:
+        """Hold ``model`` loaded for a run (loading it first if need be); yields whether
+        this run paid the load. While held, it is never evicted."""
+        self._in_use[model] += 1
+        try:
+            cold = await self.ensure(model, load, memory_mb)
+            self.misses += cold
+            yield cold
+        finally:
+            self._in_use[model] -= 1
+            if not self._in_use[model]:
+                del self._in_use[model]
+            self._last_used[model] = self._clock()
+            async with self._room:
+                self._room.notify_all()
+
+    async def ensure(
+        self,
+        model: str,
+        load: Callable[[], Awaitable[None]],
+        memory_mb: int = 0,
+        evict_planned: bool = True,
+    ) -> bool:
+        """Load ``model`` unless it is loaded; True if this call paid the load. A warm-up
+        (``evict_planned`` False) evicts only models the plan does not give us, and gives
+        up (``ModelsFull``) rather than wait."""
         if model in self.loaded:
             return False
         lock = self._locks.setdefault(model, asyncio.Lock())
         async with lock:
             if model in self.loaded:
                 return False
+            await self._make_room(model, max(0, memory_mb), evict_planned)
             self.loading.add(model)
             try:
                 await load()
+            except BaseException:
+                self.memory_mb.pop(model, None)
+                raise
             finally:
                 self.loading.discard(model)
             self.loaded.add(model)
         self._on_loaded()
         return True
+
+    async def _make_room(self, model: str, need_mb: int, evict_planned: bool) -> None:
+        """Reserve ``need_mb`` for ``model``, evicting what ``evictions`` says; wait for a
+        run to end while only models in use stand in the way."""
+        if self.capacity_mb and need_mb > self.capacity_mb:
+            raise ModelsFull(
+                f"model {model} needs {need_mb} MB; this agent's GPUs hold {self.capacity_mb}"
+            )
+        async with self._room:
+            while True:
+                now = self._clock()
+                residents = {
+                    name: Resident(
+                        mb,
+                        self._last_used.get(name, 0.0),
+                        self.demand.rate(name, now),
+                        name in self.planned,
+                        # in use: a run holds it, it is loading, or a warm-up spares it
+                        self._in_use[name]
+                        + (name in self.loading)
+                        + (not evict_planned and name in self.planned),
+                    )
+                    for name, mb in self.memory_mb.items()
+                }
+                chosen = evictions(residents, need_mb, self.capacity_mb) if self.capacity_mb else []
+                if chosen is not None:
+                    break
+                if not evict_planned:
+                    raise ModelsFull(f"no room to warm {model} without evicting planned models")
+                await self._room.wait()
+            for name in chosen:
+                log.info("evicting model %s for %s", name, model)
+                self.loaded.discard(name)
+                del self.memory_mb[name]
+                self._on_evicted(name)
+            self.memory_mb[model] = need_mb
+
+
+class ModelsFull(PipelineError):
+    """A model does not fit this agent's GPU memory (now, or ever)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, "RESOURCE_EXHAUSTED")
 
 
 ProgressFn = Callable[[int, int, str], None]
