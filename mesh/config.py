@@ -155,6 +155,13 @@ class AgentConfig(BaseSettings):
         description="GPU memory each model takes once loaded (the 'sleep' pipeline declares "
         "these); models fill the agent's GPU memory and the least useful are evicted.",
     )
+    plan_interval_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="How often the agent gossips its demand per model, computes the DC's "
+        "placement plan, and warms a model the plan gives it (when a slot is idle).",
+    )
     default_model_memory_mb: int = Field(
         0, ge=0, description="GPU memory of a model model_memory_mb does not name (0: none)."
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mesh.agent.decisionlog import DecisionLog, replay
 from mesh.core.classes import BATCH, Run, victims
+from mesh.core.planner import Host, plan
 from mesh.core.tenants import Cap, Judged, Spend, verdict
 
 
@@ -41,3 +42,17 @@ def test_quota_and_preemption_decisions_replay_to_the_same_and_a_forged_one_diff
     forged["decision"]["victims"] = ["b-1"]
     path.write_text("\n".join([*lines[:2], json.dumps(forged)]) + "\n")
     assert [r.same for r in replay(path)] == [True, True, False]
+
+
+def test_a_placement_plan_replays_to_the_same_homes(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path)
+    hosts = [Host("a", 1.0, 2, frozenset({"hot"})), Host("b", 0.5, 2), Host("c", 1.0, 1)]
+    demand = {"hot": 2.0, "warm": 0.5, "cold": 0.01}
+    first = plan(demand, hosts)
+    log.plan(demand, hosts, None, first)
+    log.plan({"hot": 0.1, "warm": 2.0}, hosts, first, plan({"hot": 0.1, "warm": 2.0}, hosts, first))
+    log.close()
+    replayed = list(replay(path))
+    assert [r.same for r in replayed] == [True, True]
+    assert replayed[0].now["homes"]["hot"][0] == "a"  # it stays where it is loaded

@@ -32,6 +32,7 @@ from mesh.agent.lag import measure_lag
 from mesh.agent.owner import QueueOwner
 from mesh.agent.peers import PeerClients
 from mesh.agent.placement import Placement
+from mesh.agent.planning import Planning
 from mesh.agent.remote import RemoteDcs
 from mesh.agent.reporting import RecordReporter, prune_results
 from mesh.agent.speaker import Speaker
@@ -92,7 +93,7 @@ class Agent:
         self.models = Models(
             cfg.preloaded_models,
             self._republish_soon,
-            capacity_mb=sum(gpu.memory_mb for gpu in self.gpus),
+            capacity_mb=sum(gpu.memory_mb for gpu in self.gpus),  # one pool: see Models
             on_evicted=lambda _: self._republish_soon(),
         )
         self._renewal: asyncio.TimerHandle | None = None  # a spent budget renewed
@@ -184,6 +185,18 @@ class Agent:
         self.submission = Submission(
             cfg, self.store, self.placement, self.addressing, self.duties.spawn
         )
+        memory_mb = sum(gpu.memory_mb for gpu in self.gpus)
+        self.planning = Planning(
+            cfg.agent_id,
+            self.view,
+            self.models,
+            self.executor,
+            self.estimates,
+            self.pipelines,
+            lambda: self.placement.decisions,
+            room=memory_mb // cfg.default_model_memory_mb if cfg.default_model_memory_mb else 0,
+            interval_s=cfg.plan_interval_s,
+        )
         self.tasks = Tasks(
             cfg.agent_id,
             self.store,
@@ -247,6 +260,7 @@ class Agent:
         self.duties.keep("gossip", self.gossip.run)
         self.duties.keep("summaries", self.speaker.mirror.run)
         self.duties.keep("dc summaries", self.speaker.speak)
+        self.duties.keep("placement plan", self.planning.run)
         await asyncio.wait_for(self.registry.mirror.ready.wait(), timeout=10)
         self._start_owner()  # after the mirror: an owner must know who is alive
         for job in leftovers:

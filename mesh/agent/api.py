@@ -166,8 +166,11 @@ class AgentApi:
         return pb.ListAgentsResponse(agents=[self._info(a) for a in peers])
 
     def _info(self, a: AgentRecord) -> pb.AgentInfo:
-        router = self._agent.view.router
+        agent = self._agent
+        router = agent.view.router
         running, queued = router.load(a.agent_id)
+        gossiped = agent.view.gossiper.table.get(a.agent_id)
+        plan = agent.planning.plan
         return pb.AgentInfo(
             agent_id=a.agent_id,
             dc=a.dc,
@@ -194,6 +197,9 @@ class AgentApi:
             running=running,
             queued=queued,
             suspect=router.is_suspect(a.agent_id),
+            demand=agent.planning.demand_of(a.agent_id),
+            models_planned=sorted(plan.for_agent(a.agent_id)) if plan else [],
+            model_room=gossiped.room if gossiped else 0,
         )
 
     async def route(self, request: pb.RouteRequest, grant: Grant) -> pb.RouteResponse:

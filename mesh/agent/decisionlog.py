@@ -1,25 +1,28 @@
-"""The decision log: every routing, quota and preemption decision as one JSON line,
-replayable offline.
+"""The decision log: every routing, quota, preemption and placement-plan decision as one
+JSON line, replayable offline.
 
 A routing line holds the router's whole view at that moment (policy, members, loads, loaded
 models), the request, the agents already visited, the overflow options, and the decision.
 A ``quota`` line holds a task's caps and the GPUs held against them, and whether it must
 wait; a ``preempt`` line the runs an online task found, its need, the agent's slots and
-online share, and the batch runs it preempted. ``meshctl replay FILE`` decides each line
-again with the pure core (``Router.route``, ``tenants.blocked``, ``classes.victims``): any
-difference is a bug (or a changed core), never noise.
+online share, and the batch runs it preempted; a ``plan`` line the demand per model, the
+agents as the planner saw them and the previous plan, and the homes it gave each model.
+``meshctl replay FILE`` decides each line again with the pure core (``Router.route``,
+``tenants.verdict``, ``classes.victims``, ``planner.plan``): any difference is a bug (or a
+changed core), never noise.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from mesh.core.classes import Run, victims
+from mesh.core.planner import Host, Plan, plan
 from mesh.core.router import Router, from_snapshot, snapshot
 from mesh.core.routing import Decision, Request, Spill, spill_from_dict, spill_to_dict
 from mesh.core.tenants import Cap, Judged, Spend, verdict
@@ -79,6 +82,27 @@ class DecisionLog:
             }
         )
 
+    def plan(
+        self,
+        demand: Mapping[str, float],
+        hosts: Sequence[Host],
+        previous: Plan | None,
+        made: Plan,
+    ) -> None:
+        self._line(
+            {
+                "kind": "plan",
+                "ts": round(time.time(), 3),
+                "request": {"task_id": "", "demand": dict(sorted(demand.items()))},
+                "hosts": [
+                    {"name": h.name, "weight": h.weight, "room": h.room, "loaded": sorted(h.loaded)}
+                    for h in hosts
+                ],
+                "previous": {m: list(a) for m, a in (previous.homes if previous else {}).items()},
+                "decision": {"homes": {m: list(a) for m, a in made.homes.items()}},
+            }
+        )
+
     def _line(self, entry: dict[str, Any]) -> None:
         self._file.write(json.dumps(entry, separators=(",", ":")) + "\n")
 
@@ -132,4 +156,13 @@ def _preempt(entry: dict[str, Any]) -> dict[str, Any]:
     return {"victims": chosen}
 
 
-REPLAY = {"route": _route, "quota": _quota, "preempt": _preempt}
+def _plan(entry: dict[str, Any]) -> dict[str, Any]:
+    hosts = [
+        Host(h["name"], h["weight"], h["room"], frozenset(h["loaded"])) for h in entry["hosts"]
+    ]
+    previous = Plan({m: tuple(a) for m, a in entry["previous"].items()})
+    made = plan(entry["request"]["demand"], hosts, previous)
+    return {"homes": {m: list(a) for m, a in made.homes.items()}}
+
+
+REPLAY = {"route": _route, "quota": _quota, "preempt": _preempt, "plan": _plan}

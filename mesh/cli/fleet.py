@@ -1,5 +1,5 @@
-"""The DC's agents and queue, and routing: ``meshctl agents``, ``route``, ``replay``,
-``queue`` and ``drain``."""
+"""The DC's agents, models and queue, and routing: ``meshctl agents``, ``models``,
+``route``, ``replay``, ``queue`` and ``drain``."""
 
 from __future__ import annotations
 
@@ -64,6 +64,58 @@ def agents(
         return t
 
     emit([as_dict(a) for a in found], output, table)
+
+
+@app.command()
+def models(
+    endpoint: EndpointOpt = None,
+    output: OutputOpt = Output.table,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
+) -> None:
+    """The models of the endpoint's DC: demand, where each is loaded, where the placement
+    plan puts it, and the moves that follow (warm where planned, evictable elsewhere)."""
+    found = call(resolve_endpoint(endpoint, home), lambda c: c.agents())
+    rows = model_rows(found)
+
+    def table() -> Table:
+        t = Table("model", "demand/s", "loaded on", "planned on", "warm", "evictable")
+        for row in rows:
+            t.add_row(
+                row["model"],
+                f"{row['demand']:.2f}",
+                *(", ".join(row[k]) for k in ("loaded", "planned", "warm", "evictable")),
+            )
+        return t
+
+    emit(rows, output, table)
+
+
+def model_rows(agents: list[pb.AgentInfo]) -> list[dict[str, object]]:
+    """One row per model an agent asks for, holds, or is planned to hold."""
+    demand: dict[str, float] = {}
+    loaded: dict[str, set[str]] = {}
+    planned: dict[str, set[str]] = {}
+    for a in agents:
+        for model, rate in a.demand.items():
+            demand[model] = demand.get(model, 0.0) + rate
+        for model in a.models_loaded:
+            loaded.setdefault(model, set()).add(a.agent_id)
+        for model in a.models_planned:
+            planned.setdefault(model, set()).add(a.agent_id)
+    rows = []
+    for model in sorted({*demand, *loaded, *planned}, key=lambda m: (-demand.get(m, 0), m)):
+        on, plan = loaded.get(model, set()), planned.get(model, set())
+        rows.append(
+            {
+                "model": model,
+                "demand": round(demand.get(model, 0.0), 3),
+                "loaded": sorted(on),
+                "planned": sorted(plan),
+                "warm": sorted(plan - on),
+                "evictable": sorted(on - plan),
+            }
+        )
+    return rows
 
 
 def _endpoint_in(dc: str, home: Path) -> Target:

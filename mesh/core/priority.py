@@ -65,6 +65,11 @@ class Estimates:
     def expected(self, kind: str) -> float:
         return self._mean.get(kind, self._default_s)
 
+    def for_model(self, model: str) -> float:
+        """Expected run seconds of a task on ``model``, over the pipelines seen running it."""
+        seen = [mean for kind, mean in self._mean.items() if kind.endswith(f"/{model}")]
+        return sum(seen) / len(seen) if seen else self._default_s
+
     def cost(self, traits: Traits) -> float:
         """GPU-seconds a task of these traits is expected to take."""
         return max(1, traits.gpus) * self.expected(traits.kind)

@@ -19,6 +19,9 @@ MAX_SKEW_MS = 30_000  # a version's incarnation (its agent's start, in ms) may b
 # Most an agent's counter may move between two versions we hear: it bumps at most a few
 # times a second, so even a long silence stays far below this; a bigger jump is forged.
 MAX_COUNTER_JUMP = 1 << 16
+# Fields of a state on the wire: 13 now, 11 from an agent before demand and room were
+# gossiped (a fleet is upgraded an agent at a time).
+WIRE_LENGTHS = (11, 13)
 
 
 def make_version(incarnation_ms: int, counter: int) -> int:
@@ -56,6 +59,8 @@ class AgentState:
     loading: tuple[str, ...] = ()
     draining: bool = False
     ts_ms: int = 0  # the agent's clock when it made this version
+    demand: dict[str, float] = field(default_factory=dict)  # arrivals/s per model, recently
+    room: int = 0  # models its GPU memory holds at once (0: not said)
 
     @property
     def tasks(self) -> tuple[int, int]:
@@ -78,13 +83,19 @@ class AgentState:
             list(self.loading),
             self.draining,
             self.ts_ms,
+            self.demand,
+            self.room,
         ]
 
     @classmethod
     def from_wire(cls, raw: object) -> AgentState:
         """Build from decoded msgpack; ``ValueError`` on anything malformed."""
-        if not isinstance(raw, list) or len(raw) != 11:
-            raise ValueError("agent state: expected a list of 11")
+        if not isinstance(raw, list) or len(raw) not in WIRE_LENGTHS:
+            raise ValueError("agent state: expected a list of 11 or 13")
+        demand: object = {}
+        room: object = 0
+        if len(raw) == 13:  # an agent of this version; 11: one before demand was gossiped
+            *raw, demand, room = raw
         agent_id, dc, version, slots, running, queued, free, loaded, loading, draining, ts = raw
         _check(isinstance(agent_id, str) and 0 < len(agent_id) <= 64, "agent id")
         _check(isinstance(dc, str) and len(dc) <= 32, "dc")
@@ -97,12 +108,20 @@ class AgentState:
             _check(isinstance(names, list) and len(names) <= 256, "models")
             _check(all(isinstance(n, str) and len(n) <= 128 for n in names), "model names")
         _check(isinstance(draining, bool), "draining")
+        _check(isinstance(demand, dict) and len(demand) <= 256, "demand")
+        _check(all(isinstance(m, str) and len(m) <= 128 and _rate(r) for m, r in demand.items()),
+               "demand per model")  # fmt: skip
+        _check(_uint(room) and room <= 100_000, "room")
         return cls(agent_id, dc, version, slots, dict(running), dict(queued), tuple(free),
-                   tuple(loaded), tuple(loading), draining, ts)  # fmt: skip
+                   tuple(loaded), tuple(loading), draining, ts, dict(demand), room)  # fmt: skip
 
 
 def _uint(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
+
+
+def _rate(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1e6
 
 
 def _check(ok: bool, what: str) -> None:
@@ -165,8 +184,8 @@ class GossipTable:
         newer than ours; True if taken. Cheap checks first: most states offered are old
         news, and are dropped without being validated whole. With ``sender``, the state
         must be the sender's own. ``ValueError`` if it is malformed."""
-        if not isinstance(raw, list) or len(raw) != 11:
-            raise ValueError("agent state: expected a list of 11")
+        if not isinstance(raw, list) or len(raw) not in WIRE_LENGTHS:
+            raise ValueError("agent state: expected a list of 11 or 13")
         agent_id, version = raw[0], raw[2]
         if sender is not None and agent_id != sender:
             raise ValueError("agent state: another agent's state sent as the sender's own")

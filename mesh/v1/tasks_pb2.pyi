@@ -280,7 +280,14 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., memory_mb: _Optional[int] = ..., gpu_class: _Optional[str] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "dc", "address", "gpus", "weight", "pipelines", "models", "models_loaded", "state", "incarnation", "running", "queued", "suspect", "mtls_address", "http_url", "metrics_url")
+    __slots__ = ("agent_id", "dc", "address", "gpus", "weight", "pipelines", "models", "models_loaded", "state", "incarnation", "running", "queued", "suspect", "mtls_address", "http_url", "metrics_url", "demand", "models_planned", "model_room")
+    class DemandEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     DC_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -297,6 +304,9 @@ class AgentInfo(_message.Message):
     MTLS_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HTTP_URL_FIELD_NUMBER: _ClassVar[int]
     METRICS_URL_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_FIELD_NUMBER: _ClassVar[int]
+    MODELS_PLANNED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ROOM_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     dc: str
     address: str
@@ -313,7 +323,10 @@ class AgentInfo(_message.Message):
     mtls_address: str
     http_url: str
     metrics_url: str
-    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., weight: _Optional[float] = ..., pipelines: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., models_loaded: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., incarnation: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., suspect: _Optional[bool] = ..., mtls_address: _Optional[str] = ..., http_url: _Optional[str] = ..., metrics_url: _Optional[str] = ...) -> None: ...
+    demand: _containers.ScalarMap[str, float]
+    models_planned: _containers.RepeatedScalarFieldContainer[str]
+    model_room: int
+    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., weight: _Optional[float] = ..., pipelines: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., models_loaded: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., incarnation: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., suspect: _Optional[bool] = ..., mtls_address: _Optional[str] = ..., http_url: _Optional[str] = ..., metrics_url: _Optional[str] = ..., demand: _Optional[_Mapping[str, float]] = ..., models_planned: _Optional[_Iterable[str]] = ..., model_room: _Optional[int] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()
