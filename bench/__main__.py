@@ -1,5 +1,5 @@
-"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e,scale,layers,tenants,globalcap}
-[--json]``."""
+"""``python -m bench {route,gossip,failover,fuzz,hop,cancel,e2e,scale,layers,tenants,globalcap,
+placement} [--json]``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from bench import (
     gossip,
     hop,
     layers,
+    placement,
     route,
     scale,
     tenants,
@@ -31,6 +32,7 @@ BENCHMARKS = {
     "layers": layers.main,
     "tenants": tenants.main,
     "globalcap": globalcap.main,
+    "placement": placement.main,
 }
 
 

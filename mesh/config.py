@@ -155,6 +155,12 @@ class AgentConfig(BaseSettings):
         description="GPU memory each model takes once loaded (the 'sleep' pipeline declares "
         "these); models fill the agent's GPU memory and the least useful are evicted.",
     )
+    placement_plan: bool = Field(
+        True,
+        description="Act on the DC's placement plan: route a model's tasks to its planned "
+        "homes first, keep planned models from eviction, warm them while idle. Off: "
+        "demand is still gossiped, and models stay where their tasks happened to run.",
+    )
     plan_interval_s: float = Field(
         5.0,
         gt=0,

@@ -69,6 +69,12 @@ class Routing(Strict):
         "with its model loaded go first",
     )
     ring_tries: int = Field(3, ge=1, description="agents offered a task before two choices")
+    home_slack: float = Field(
+        3.0,
+        ge=0,
+        description="tasks per unit of GPU weight a model's planned homes may hold beyond "
+        "the bound: waiting a little behind warm work beats a model load elsewhere",
+    )
     max_hops: int = Field(3, ge=1, le=16, description="most forwards a task may take")
 
 
@@ -86,6 +92,11 @@ class Local(Strict):
         default_factory=dict, description="argv per command of the 'command' pipeline"
     )
     max_queue_length: int = Field(256, ge=1, description="each local agent's queue bound")
+    model_memory_mb: int = Field(
+        0, ge=0, description="GPU memory each model takes on the local agents (0: none)"
+    )
+    placement_plan: bool = Field(True, description="local agents act on the placement plan")
+    plan_interval_s: float = Field(5.0, gt=0, le=300, description="how often they plan")
     task_retention_s: float = Field(
         86400.0, ge=1, description="each local agent's retention of finished tasks"
     )

@@ -156,3 +156,26 @@ def test_bench_tenants_reports_shares_waits_and_violations_with_and_without_tena
         for name in ("max_share_error", "jain_index", "online_wait_p99_s", "reclaim_p99_s"):
             assert figures[name] >= 0
     assert result["tenants_on"]["quota_violations"] == 0  # caps hold with no scheduler
+
+
+def test_bench_globalcap_measures_over_admission_with_and_without_the_holdings() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "globalcap", "--json", "--minutes", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    for rule in ("parts_only", "parts_and_held", "parts_and_held_no_lag"):
+        assert 0 <= result[rule]["time_over_cap_share"] <= 1
+        assert result[rule]["over_admission_max_gpus"] >= 0
+
+
+def test_bench_placement_reports_cold_share_and_completion_with_the_plan_off_and_on() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "placement", "--json", "--seconds", "3", "--agents", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=240, check=True,
+    )  # fmt: skip
+    result = json.loads(done.stdout)
+    for run in ("plan_off", "plan_on"):
+        figures = result[run]
+        assert figures["tasks"] > 0 and 0 < figures["ideal_share"] <= figures["cold_share"] <= 1
+        assert figures["p99_s"] >= figures["mean_s"] > 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.core.planner import Host, plan
+from mesh.core.planner import Host, drifted, plan
 from mesh.core.router import Router
 from mesh.core.routing import AGENT, Member, Policy, Request
 
@@ -73,3 +73,13 @@ def test_the_router_sends_a_task_to_its_least_loaded_home_with_room() -> None:
     assert router.route(Request("t3", "m", "sleep")).first.name == "a4"
     router.set_load("a4", 3, 0)  # both homes full: the ring decides, elsewhere
     assert router.route(Request("t4", "m", "sleep")).first.name not in {"a3", "a4"}
+
+
+def test_a_plan_is_made_again_only_when_demand_drifts() -> None:
+    before = {"hot": 6.0, "warm": 3.0, "cold": 1.0}
+    assert not drifted(before, {"hot": 6.2, "warm": 2.9, "cold": 1.0})  # noise
+    assert not drifted(before, {"hot": 12.0, "warm": 6.0, "cold": 2.0})  # more, same shares
+    assert drifted(before, {"hot": 3.0, "warm": 6.0, "cold": 1.0})  # the shares moved
+    assert drifted(before, {**before, "new": 2.0})  # a model came, with a real share
+    assert not drifted(before, {**before, "stray": 0.1})  # or with a sliver of it
+    assert drifted({}, before) and not drifted({}, {})

@@ -196,6 +196,7 @@ class Agent:
             lambda: self.placement.decisions,
             room=memory_mb // cfg.default_model_memory_mb if cfg.default_model_memory_mb else 0,
             interval_s=cfg.plan_interval_s,
+            acting=cfg.placement_plan,
         )
         self.tasks = Tasks(
             cfg.agent_id,

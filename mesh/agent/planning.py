@@ -1,13 +1,14 @@
 """This agent's part in model placement: publish its demand, compute the DC's plan, warm
 what the plan gives it.
 
-Every ``plan_interval_s`` the agent gossips the models asked of it (a decaying rate of
-arrivals) and the models its GPU memory holds; from every agent's gossip it computes the
-same plan as its peers do (``mesh.core.planner``: a pure function of one shared view, so
-no agent decides for another), tells its router the homes, tells its ``Models`` which
-models are its own to keep, and warms one of its planned models that is not loaded, only
-while a slot is idle and nothing waits (warming never delays a task, and never evicts a
-model the plan gives it).
+Every ``plan_interval_s`` the agent gossips the work asked of it per model (a decaying
+rate of arrivals times its learned run time) and the models its GPU memory holds. From
+every agent's gossip it computes the same plan as its peers do (``mesh.core.planner``: a
+pure function of one shared view, so no agent decides for another; made again only when
+the agents change or demand drifts), tells its router the homes, tells its ``Models``
+which models are its own to keep, and warms one of its planned models that is not
+loaded, only while a slot is idle and nothing waits (warming never delays a task, and
+never evicts a model the plan gives it).
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ class Planning:
         decisions: Callable[[], DecisionLog | None],
         room: int,
         interval_s: float,
+        acting: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``room``: the models this agent's GPU memory holds at once (0: not bounded);
-        ``interval_s``: how often it plans."""
+        ``interval_s``: how often it plans; ``acting``: whether it acts on the plan (off,
+        it only publishes its demand and shows the plan)."""
         self._me = me
         self._view = view
         self._models = models
@@ -66,8 +69,11 @@ class Planning:
         self._decisions = decisions
         self._room = room
         self._interval_s = interval_s
+        self._acting = acting
         self._clock = clock
         self.plan: planner.Plan | None = None
+        self._basis: dict[str, float] = {}  # the demand the plan was made for
+        self._fleet: list[tuple[str, float, int]] = []  # and the agents
         self._warming: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -77,26 +83,35 @@ class Planning:
 
     def step(self) -> None:
         """Publish, plan, and warm one model if a slot is idle."""
+        work = self.own_demand()
+        top = sorted(work, key=lambda m: -work[m])[:MAX_DEMAND]
+        own = {m: float(f"{work[m]:.2g}") for m in top}
+        self._view.gossiper.update_own(demand=own, room=self._room)
+        demand, hosts = self.inputs(own)
+        fleet = [(h.name, h.weight, h.room) for h in hosts]
+        if self.plan is None or fleet != self._fleet or planner.drifted(self._basis, demand):
+            made = planner.plan(demand, hosts, self.plan)
+            if self.plan is None or made.homes != self.plan.homes:
+                log.info("placement plan: %s", {m: list(a) for m, a in made.homes.items()})
+                if (decisions := self._decisions()) is not None:
+                    decisions.plan(demand, hosts, self.plan, made)
+            self.plan, self._basis, self._fleet = made, demand, fleet
+        if self._acting:
+            self._view.router.set_homes(dict(self.plan.homes))
+            self._models.planned = self.plan.for_agent(self._me)
+            self._warm_one()
+
+    def own_demand(self) -> dict[str, float]:
+        """Work asked of this agent per model, GPU-seconds a second: its recent arrivals
+        times its own learned run time (so what it gossips means the same to everyone,
+        and every agent plans from the same numbers)."""
         rates = self._models.demand.rates(self._clock())
-        top = sorted(rates, key=lambda m: -rates[m])[:MAX_DEMAND]
-        self._view.gossiper.update_own(
-            demand={m: float(f"{rates[m]:.2g}") for m in top}, room=self._room
-        )
-        demand, hosts = self.inputs({m: rates[m] for m in top})
-        made = planner.plan(demand, hosts, self.plan)
-        if self.plan is None or made.homes != self.plan.homes:
-            log.info("placement plan: %s", {m: list(a) for m, a in made.homes.items()})
-            if (decisions := self._decisions()) is not None:
-                decisions.plan(demand, hosts, self.plan, made)
-        self.plan = made
-        self._view.router.set_homes(dict(made.homes))
-        self._models.planned = made.for_agent(self._me)
-        self._warm_one()
+        return {m: rate * self._estimates.for_model(m) for m, rate in rates.items()}
 
     def inputs(self, own: dict[str, float]) -> tuple[dict[str, float], list[planner.Host]]:
-        """The planner's view: work asked per model across the DC (arrivals a second
-        times expected run seconds; ``own``: this agent's arrivals, fresher than its
-        gossip), and every active agent with its room and models."""
+        """The planner's view: work asked per model across the DC, as each agent
+        gossiped it (``own``: ours, fresher than our gossip), and every active agent with
+        its room and models."""
         router = self._view.router
         work: Counter[str] = Counter()
         states = {s.agent_id: s for s in self._view.gossiper.table.states()}
@@ -104,8 +119,8 @@ class Planning:
         rooms[self._me] = self._room
         asked = {agent_id: state.demand for agent_id, state in states.items()}
         for demand in (asked | {self._me: own}).values():
-            for model, rate in demand.items():
-                work[model] += rate * self._estimates.for_model(model)
+            for model, asked in demand.items():
+                work[model] += asked
         hosts = [
             planner.Host(
                 agent_id,
@@ -119,10 +134,10 @@ class Planning:
         return dict(work), hosts
 
     def demand_of(self, agent_id: str) -> dict[str, float]:
-        """Tasks a second asked of ``agent_id`` per model, lately: ours as counted, a
-        peer's as it last gossiped."""
+        """Work asked of ``agent_id`` per model, lately (GPU-seconds a second): ours as
+        counted, a peer's as it last gossiped."""
         if agent_id == self._me:
-            return self._models.demand.rates(self._clock())
+            return self.own_demand()
         state = self._view.gossiper.table.get(agent_id)
         return dict(state.demand) if state else {}
 

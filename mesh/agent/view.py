@@ -165,6 +165,7 @@ class View:
                 load_floor=routing.load_floor,
                 ring_tries=routing.ring_tries,
                 affinity_window=routing.affinity_window,
+                home_slack=routing.home_slack,
             )
         )
         self.max_hops = routing.max_hops

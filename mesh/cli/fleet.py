@@ -72,13 +72,14 @@ def models(
     output: OutputOpt = Output.table,
     home: HomeOpt = localmesh.DEFAULT_HOME,
 ) -> None:
-    """The models of the endpoint's DC: demand, where each is loaded, where the placement
-    plan puts it, and the moves that follow (warm where planned, evictable elsewhere)."""
+    """The models of the endpoint's DC: demand (GPU-seconds a second), where each is
+    loaded, where the placement plan puts it, and the moves that follow (warm where
+    planned, evictable elsewhere)."""
     found = call(resolve_endpoint(endpoint, home), lambda c: c.agents())
     rows = model_rows(found)
 
     def table() -> Table:
-        t = Table("model", "demand/s", "loaded on", "planned on", "warm", "evictable")
+        t = Table("model", "GPU-s/s", "loaded on", "planned on", "warm", "evictable")
         for row in rows:
             t.add_row(
                 row["model"],

@@ -8,16 +8,19 @@ planned homes (the least loaded one that has room) before walking the ring, so h
 spread over as many agents as their demand needs and cold ones share.
 
 The plan gives each model GPU weight in proportion to its demand (with ``headroom``),
-hottest first, from agents that already hold it first, then from agents it was planned on,
-then from those with the most weight left: a loaded model stays where it is while it
-needs that much (hysteresis: no flapping, no load paid twice), and a model keeps at least
-one home while it has demand.
+hottest first, from agents it was planned on first, then from agents that hold it, then
+from those with the most weight left: a model stays where it was planned while it needs
+that much, and a model keeps at least one home while it has demand. A new plan is made
+only when the agents change or demand has ``drifted`` (hysteresis: demand is noisy, and a
+plan that follows every wiggle moves models, and pays loads, for nothing).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+DRIFT = 0.05  # a model's share of the demand moving this much calls for a new plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +69,7 @@ def plan(
         def rank(name: str, model: str = model) -> tuple[bool, bool, float, str]:
             holds = model in by_name[name].loaded
             planned = name in was.get(model, ())
-            return (not holds, not planned, -left[name], name)
+            return (not planned, not holds, -left[name], name)
 
         chosen: list[str] = []
         for name in sorted(by_name, key=rank):
@@ -86,3 +89,16 @@ def plan(
         for name in names:
             hosting.setdefault(name, set()).add(model)
     return Plan(homes, {n: frozenset(ms) for n, ms in hosting.items()})
+
+
+def drifted(before: Mapping[str, float], now: Mapping[str, float], drift: float = DRIFT) -> bool:
+    """Whether demand moved enough since the plan was made (``before``) to make a new one:
+    some model's share of the whole moved by more than ``drift`` (a model that came or
+    went moved from or to nothing)."""
+    total_before, total_now = sum(before.values()), sum(now.values())
+    if total_before <= 0 or total_now <= 0:
+        return (total_before > 0) != (total_now > 0)
+    return any(
+        abs(before.get(m, 0.0) / total_before - now.get(m, 0.0) / total_now) > drift
+        for m in {*before, *now}
+    )

@@ -59,7 +59,7 @@ class AgentState:
     loading: tuple[str, ...] = ()
     draining: bool = False
     ts_ms: int = 0  # the agent's clock when it made this version
-    demand: dict[str, float] = field(default_factory=dict)  # arrivals/s per model, recently
+    demand: dict[str, float] = field(default_factory=dict)  # GPU-s/s asked per model, lately
     room: int = 0  # models its GPU memory holds at once (0: not said)
 
     @property

@@ -1,0 +1,118 @@
+"""``python -m bench placement [--json]``: a skewed stream of short tasks over a dozen
+models on a live local mesh, with the agents' placement plan off, then on.
+
+One DC of ``--agents`` agents, one 80 GB GPU each, every model taking ``--model-mb`` of
+it (so each agent holds a few models, and the DC holds all of them only if they are
+spread well), a model load of ``--load-s``. Tasks (``sleep`` of ``--task-s``) ask for
+model ``m<k>`` with Zipf-skewed ``k`` and go to a random agent, at ``--rate`` a second.
+Printed for each run: ``cold_share`` (tasks that paid a model load), ``ideal_share`` (one
+load per model the stream asked for), their ratio, and the mean and p99 completion
+(submitted to finished) against the task's own work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+
+from bench.localdc import one_dc
+from mesh.client import MeshClient
+from mesh.local.localmesh import LocalMesh
+from mesh.v1 import tasks_pb2 as pb
+
+
+def zipf_model(rng: random.Random, models: int, skew: float) -> str:
+    weights = [1 / (k**skew) for k in range(1, models + 1)]
+    return f"m{rng.choices(range(models), weights)[0]}"
+
+
+async def stream(mesh: LocalMesh, args: argparse.Namespace) -> dict[str, float]:
+    agents = [s for s in mesh.started if s.kind == "agent"]
+    assert mesh.trust is not None
+    security = mesh.trust.user("bench", groups=["bench"])
+    clients = [MeshClient(a.address, security) for a in agents]
+    rng = random.Random(args.seed)
+    ids: list[tuple[MeshClient, str]] = []
+    try:
+        end = time.monotonic() + args.seconds
+        serial = 0
+        while time.monotonic() < end:
+            client = rng.choice(clients)
+            spec = pb.TaskSpec(
+                task_id=f"p{serial:05d}",
+                pipeline="sleep",
+                model=zipf_model(rng, args.models, args.skew),
+                task_type=pb.TASK_TYPE_T2I,
+            )
+            spec.params.update(seconds=str(args.task_s), steps="1")
+            await client.submit(spec)
+            ids.append((client, spec.task_id))
+            serial += 1
+            await asyncio.sleep(rng.expovariate(args.rate))
+        done = [await ended(client, task_id) for client, task_id in ids]
+    finally:
+        for client in clients:
+            await client.close()
+    cold = sum(json.loads(s.result.inline).get("cold_start", False) for s in done)
+    asked = len({s.spec.model for s in done})
+    took = sorted(
+        (s.finished_at.ToNanoseconds() - s.created_at.ToNanoseconds()) / 1e9 for s in done
+    )
+    p99 = took[min(len(took) - 1, int(len(took) * 0.99))]
+    return {
+        "tasks": len(done),
+        "cold_share": round(cold / len(done), 4),
+        "ideal_share": round(asked / len(done), 4),
+        "cold_over_ideal": round(cold / asked, 2),
+        "mean_s": round(sum(took) / len(took), 3),
+        "p99_s": round(p99, 3),
+        "p99_over_work": round(p99 / args.task_s, 1),
+    }
+
+
+async def ended(client: MeshClient, task_id: str) -> pb.TaskStatus:
+    deadline = time.monotonic() + 120
+    while (status := await client.get(task_id)).state < pb.TASK_STATE_SUCCEEDED:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{task_id} did not end within 120 s")
+        await asyncio.sleep(0.2)
+    if status.state != pb.TASK_STATE_SUCCEEDED:
+        raise RuntimeError(f"{task_id} ended {pb.TaskState.Name(status.state)}")
+    return status
+
+
+def run(args: argparse.Namespace, plan: bool) -> dict[str, float]:
+    agents = [{"id": f"pl{i}", "fake_gpus": "1xA100-80GB"} for i in range(args.agents)]
+    local = {
+        "decision_log": False,
+        "model_load_s": args.load_s,
+        "model_memory_mb": args.model_mb,
+        "placement_plan": plan,
+        "plan_interval_s": 1.0,
+    }
+    with one_dc("bench-placement", agents, 90, **local) as mesh:
+        return asyncio.run(stream(mesh, args))
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench placement", description=__doc__)
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--models", type=int, default=12)
+    parser.add_argument("--skew", type=float, default=1.1, help="Zipf exponent")
+    parser.add_argument("--model-mb", type=int, default=20_000, help="each model's memory")
+    parser.add_argument("--load-s", type=float, default=0.5, help="a model load")
+    parser.add_argument("--task-s", type=float, default=0.2, help="a task's own work")
+    parser.add_argument("--rate", type=float, default=8.0, help="tasks a second")
+    parser.add_argument("--seconds", type=float, default=40.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    result = {"plan_off": run(args, plan=False), "plan_on": run(args, plan=True)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    for name, found in result.items():
+        print(f"{name:8} " + "  ".join(f"{k} {v}" for k, v in found.items()))
