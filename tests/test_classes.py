@@ -50,6 +50,21 @@ def test_victims_heaviest_tenant_then_lowest_priority_then_newest() -> None:
     ]
 
 
+def test_the_tenant_furthest_over_its_share_gives_first() -> None:
+    running = [
+        batch("big-1", "big", started=1.0),
+        batch("big-2", "big", started=2.0),
+        batch("big-3", "big", started=3.0),
+        batch("small-1", "small", started=9.0),
+        batch("small-2", "small", started=8.0),
+    ]
+    # big holds 3, small 2: with equal shares big gives first; with big's share 2 (so 1.5
+    # per unit of share against small's 2), small does.
+    assert victims(running, free=0, need=1, slots=5, online_share=0.2) == ["big-3"]
+    chosen = victims(running, free=0, need=1, slots=5, online_share=0.2, shares={"big": 2})
+    assert chosen == ["small-1"]
+
+
 def test_nothing_is_preempted_when_it_fits_or_cannot_be_made_to() -> None:
     running = [batch("a"), batch("b")]
     assert victims(running, free=1, need=1, slots=4, online_share=0.5) == []

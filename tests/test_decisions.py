@@ -26,7 +26,7 @@ def test_quota_and_preemption_decisions_replay_to_the_same_and_a_forged_one_diff
     wait = verdict(caps, roomy, 1, budgets, used, now_s)
     log.quota("q-2", 1, Judged(caps, roomy, budgets, used, now_s, wait))
     runs = [Run("b-1", BATCH, "t", 1, 1.0), Run("b-2", BATCH, "t", 1, 2.0)]
-    log.preempt("o-1", runs, 0, 1, 2, 0.5, victims(runs, 0, 1, 2, 0.5))
+    log.preempt("o-1", runs, 0, 1, 2, 0.5, {}, victims(runs, 0, 1, 2, 0.5))
     log.close()
     replayed = list(replay(path))
     assert [(r.task_id, r.same) for r in replayed] == [("q-1", True), ("q-2", True), ("o-1", True)]

@@ -122,6 +122,7 @@ class Agent:
             quota=self._quota_verdict,
             online_share=lambda: online_share(self.quota.tenants, cfg.dc),
             on_preempted=self._preempted,
+            shares=self._shares,
             decided=self._preemption_decided,
         )
         self.view = View(
@@ -435,6 +436,11 @@ class Agent:
     def _renewed(self) -> None:
         self._renewal = None
         self.executor.quota_changed()
+
+    def _shares(self) -> dict[str, float]:
+        """Each group's fair-share weight, as the tenants policy sets it."""
+        tenants = self.quota.tenants
+        return {g: spec.share for g, spec in tenants.groups.items()} if tenants else {}
 
     def _preemption_decided(self, *decision: Any) -> None:
         if self.placement.decisions is not None:

@@ -68,7 +68,7 @@ class DecisionLog:
 
     def preempt(
         self, task_id: str, runs: Sequence[Run], free: int, need: int, slots: int,
-        online_share: float, chosen: list[str],
+        online_share: float, shares: Mapping[str, float], chosen: list[str],
     ) -> None:  # fmt: skip
         self._line(
             {
@@ -78,6 +78,7 @@ class DecisionLog:
                 "runs": [asdict(run) for run in runs],
                 "slots": slots,
                 "online_share": online_share,
+                "shares": dict(shares),
                 "decision": {"victims": chosen},
             }
         )
@@ -152,7 +153,14 @@ def _quota(entry: dict[str, Any]) -> dict[str, Any]:
 def _preempt(entry: dict[str, Any]) -> dict[str, Any]:
     runs = [Run(**run) for run in entry["runs"]]
     request = entry["request"]
-    chosen = victims(runs, request["free"], request["need"], entry["slots"], entry["online_share"])
+    chosen = victims(
+        runs,
+        request["free"],
+        request["need"],
+        entry["slots"],
+        entry["online_share"],
+        entry.get("shares", {}),
+    )
     return {"victims": chosen}
 
 

@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,15 +79,15 @@ class Executor:
         quota: Callable[[Job], str | None] = lambda _: None,
         online_share: Callable[[], float] = lambda: classes.DEFAULT_ONLINE_SHARE,
         on_preempted: Callable[[Job], None] = lambda _: None,
-        decided: Callable[[str, list[classes.Run], int, int, int, float, list[str]], None] = (
-            lambda *_: None
-        ),
+        shares: Callable[[], Mapping[str, float]] = dict,
+        decided: Callable[..., None] = lambda *_: None,
     ) -> None:
         """``on_load`` is called whenever ``running`` or ``queued`` changes. ``quota``
         says why a job must wait for its tenant's quota (None: it may start); a job that
         must waits aside, never blocking others, until ``quota_changed``.
         ``online_share`` is the part of the slots online work is guaranteed; a batch run
-        preempted for online work is handed to ``on_preempted`` once it has stopped;
+        preempted for online work is handed to ``on_preempted`` once it has stopped
+        (victims by ``shares``, the tenants' fair-share weights);
         ``decided`` hears each preemption decision with its inputs (the decision log)."""
         self._cfg = cfg
         self._gpus = list(gpus)
@@ -104,6 +104,7 @@ class Executor:
         self._quota = quota
         self._online_share = online_share
         self._on_preempted = on_preempted
+        self._shares = shares
         self._decided = decided
         self._waiting: dict[str, Job] = {}  # jobs over their tenant's quota, in order
         self._waiting_groups: set[str] = set()  # groups the waiting gauge shows
@@ -187,7 +188,8 @@ class Executor:
             return False
         ahead = sum(j.traits.gpus for j in self._queue if j.traits.task_class == classes.ONLINE)
         need = ahead + max(1, spec.gpu_count)
-        return bool(classes.victims(self._runs(), 0, need, self.slots, self._online_share()))
+        share = self._online_share()
+        return bool(classes.victims(self._runs(), 0, need, self.slots, share, self._shares()))
 
     def expected_start_s(self, task_id: str) -> float | None:
         """Seconds until the queued task ``task_id`` is expected to start here (None if
@@ -300,9 +302,10 @@ class Executor:
         freeing = sum(len(r.gpus) for r in self._running.values() if r.preempted)
         free = len(self._fitting(job.spec)) + freeing
         runs, share = self._runs(), self._online_share()
-        chosen = classes.victims(runs, free, need, self.slots, share)
+        shares = self._shares()
+        chosen = classes.victims(runs, free, need, self.slots, share, shares)
         if chosen:
-            self._decided(job.task_id, runs, free, need, self.slots, share, chosen)
+            self._decided(job.task_id, runs, free, need, self.slots, share, shares, chosen)
         for task_id in chosen:
             run = self._running[task_id]
             log.info("preempting batch task %s for online task %s", task_id, job.task_id)

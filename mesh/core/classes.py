@@ -7,15 +7,16 @@ borrowed batch runs are preempted (given back, to run again as a new attempt). E
 agent keeping the split on its slots keeps it on the DC's. A batch task that asks never
 to be preempted may not borrow: it starts only within batch's own share.
 
-Victims come in Kueue's order: tenants holding the most borrowed GPUs here first, then
-the lowest priority (queue class weight), then the most recently started. Pure.
+Victims come in Kueue's order: the tenants furthest over their share first (GPUs held
+here over the tenant's fair-share weight), then the lowest priority (queue class weight),
+then the most recently started. Pure.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from mesh.v1 import tasks_pb2 as pb
@@ -71,11 +72,17 @@ def batch_may_start(running: Sequence[Run], gpus: int, slots: int, online_share:
 
 
 def victims(
-    running: Sequence[Run], free: int, need: int, slots: int, online_share: float
+    running: Sequence[Run],
+    free: int,
+    need: int,
+    slots: int,
+    online_share: float,
+    shares: Mapping[str, float] | None = None,
 ) -> list[str]:
     """The batch runs to preempt so that an online task needing ``need`` GPUs can start
     (``free`` are idle now): none if it fits, or if preempting every borrowed run would
-    still not make room. Never takes batch below its own share."""
+    still not make room. Never takes batch below its own share. The tenant furthest over
+    its ``shares`` weight (GPUs held here over its weight, 1 if unnamed) gives first."""
     if need <= free:
         return []
     batch = [r for r in running if r.task_class == BATCH]
@@ -83,9 +90,13 @@ def victims(
     held: Counter[str] = Counter()
     for r in batch:
         held[r.tenant] += r.gpus
+
+    def weigh(tenant: str) -> float:
+        return (shares or {}).get(tenant, 1.0)
+
     order = sorted(
         (r for r in batch if r.preemptible),
-        key=lambda r: (-held[r.tenant], r.weight, -r.started_at, r.task_id),
+        key=lambda r: (-held[r.tenant] / weigh(r.tenant), r.weight, -r.started_at, r.task_id),
     )
     chosen, freed = [], 0
     for run in order:
