@@ -21,28 +21,18 @@ POLICIES = {
 }
 
 
-def test_bench_route_json_has_every_figure() -> None:
+def bench(*args: str, timeout_s: float) -> dict:
+    """``python -m bench ARGS`` (with ``--json`` among them): what it printed, parsed."""
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "route",
-            "--json",
-            "--sizes",
-            "10,100",
-            "--requests",
-            "300",
-            "--tasks",
-            "1500",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=170,
-        check=True,
-    )
-    result = json.loads(done.stdout)
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout)
+
+
+def test_bench_route_json_has_every_figure() -> None:
+    args = ["--sizes", "10,100", "--requests", "300", "--tasks", "1500"]
+    result = bench("route", "--json", *args, timeout_s=170)
     assert set(result["p50_us"]) == set(result["p99_us"]) == {"10", "100"}
     assert set(result["policies"]) == POLICIES
     for figures in result["policies"].values():
@@ -53,31 +43,19 @@ def test_bench_route_json_has_every_figure() -> None:
 
 
 def test_bench_gossip_json_has_every_figure() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "gossip", "--json", "--sizes", "30", "--agents", "3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)
+    result = bench("gossip", "--json", "--sizes", "30", "--agents", "3", timeout_s=170)
     assert set(result["converge_p50_s"]) == set(result["converge_p99_s"]) == {"30", "3 processes"}
     assert set(result["bytes_per_s_per_agent"]) == {"30"}
 
 
 def test_bench_failover_reports_both_gaps() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "failover", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)
+    result = bench("failover", "--json", timeout_s=170)
     assert set(result) == {"owner_failover_s", "orphan_rerun_s", "lease_ttl_s"}
     assert result["owner_failover_s"] > 0 and result["orphan_rerun_s"] > 0
 
 
 def test_bench_hop_reports_every_hop() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "hop", "--json", "--calls", "200"],
-        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)
+    result = bench("hop", "--json", "--calls", "200", timeout_s=170)
     for hop in ("plaintext", "tls", "mtls", "agent offer"):
         assert set(result[hop]) == {"p50_us", "p99_us"} and result[hop]["p50_us"] > 0
 
@@ -93,11 +71,7 @@ def test_bench_fuzz_finds_nothing_in_a_short_run() -> None:
 
 
 def test_bench_cancel_reaches_every_task_through_any_agent() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "cancel", "--json", "--tasks", "60"],
-        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)
+    result = bench("cancel", "--json", "--tasks", "60", timeout_s=170)
     assert result["accepted"] == 60
     assert result["get_cancel_ok"] == 1.0, result["errors"]
     cancelled = result["cancel_waiting"]["count"] + result["cancel_running"]["count"]
@@ -105,11 +79,7 @@ def test_bench_cancel_reaches_every_task_through_any_agent() -> None:
 
 
 def test_bench_e2e_reports_every_figure_from_one_run() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "e2e", "--json", "--tasks", "100", "--concurrency", "16"],
-        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)
+    result = bench("e2e", "--json", "--tasks", "100", "--concurrency", "16", timeout_s=170)
     assert result["tasks"] == 100
     assert result["completed_per_s"] > 0 and result["accepted_per_s"] > 0
     assert 0 < result["etcd_writes_per_task"] <= result["etcd_keys_per_task"]
@@ -119,12 +89,8 @@ def test_bench_e2e_reports_every_figure_from_one_run() -> None:
 
 
 def test_bench_scale_reports_every_figure_per_size() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "scale", "--json", "--sizes", "100",
-         "--changes", "10", "--churn-s", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)["100"]
+    args = ["--sizes", "100", "--changes", "10", "--churn-s", "2"]
+    result = bench("scale", "--json", *args, timeout_s=170)["100"]
     assert result["false_death"] is False
     assert result["ring_update_ms_p99"] >= result["ring_update_ms_p50"] > 0
     assert result["full_rebuild_ms"] > 0 and result["route_p50_us"] > 0
@@ -133,22 +99,14 @@ def test_bench_scale_reports_every_figure_per_size() -> None:
 
 
 def test_bench_layers_compares_both_allocators_with_the_optimum() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "layers", "--json", "--cases", "20"],
-        cwd=ROOT, capture_output=True, text=True, timeout=170, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)
+    result = bench("layers", "--json", "--cases", "20", timeout_s=170)
     assert result["cases"] == 20 and result["feasible"] > 0
     for name in ("greedy", "dp"):
         assert result[name]["mean_over_optimum"] >= 1.0  # nothing beats the optimum
 
 
 def test_bench_tenants_reports_shares_waits_and_violations_with_and_without_tenants() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "tenants", "--json", "--seconds", "4"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)
+    result = bench("tenants", "--json", "--seconds", "4", timeout_s=240)
     for phase in ("tenants_off", "tenants_on"):
         figures = result[phase]
         assert set(figures["share"]) == {"heavy", "light", "flood"}
@@ -159,22 +117,14 @@ def test_bench_tenants_reports_shares_waits_and_violations_with_and_without_tena
 
 
 def test_bench_globalcap_measures_over_admission_with_and_without_the_holdings() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "globalcap", "--json", "--minutes", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)
+    result = bench("globalcap", "--json", "--minutes", "2", timeout_s=120)
     for rule in ("parts_only", "parts_and_held", "parts_and_held_no_lag"):
         assert 0 <= result[rule]["time_over_cap_share"] <= 1
         assert result[rule]["over_admission_max_gpus"] >= 0
 
 
 def test_bench_placement_reports_cold_share_and_completion_with_the_plan_off_and_on() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "placement", "--json", "--seconds", "3", "--agents", "2"],
-        cwd=ROOT, capture_output=True, text=True, timeout=240, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout)
+    result = bench("placement", "--json", "--seconds", "3", "--agents", "2", timeout_s=240)
     for run in ("plan_off", "plan_on"):
         figures = result[run]
         assert figures["tasks"] > 0 and 0 < figures["ideal_share"] <= figures["cold_share"] <= 1

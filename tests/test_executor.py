@@ -7,6 +7,7 @@ test decide when each run ends, so nothing here depends on timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -92,10 +93,14 @@ def job(
     return Job(spec, attempt=1, deadline_ms=int((time.time() + deadline_s) * 1000))
 
 
-@pytest.fixture
-async def rig() -> AsyncIterator[tuple[Executor, Recorder, Gated]]:
+@contextlib.asynccontextmanager
+async def running(
+    recorder: Recorder | None = None, **options: object
+) -> AsyncIterator[tuple[Executor, Recorder, Gated]]:
+    """An executor of two GPUs running its loop (``options`` to ``Executor``), stopped
+    and its gates opened after."""
     cfg = config(max_queue_length=4, model_load_s=0)
-    recorder, gated = Recorder(), Gated()
+    recorder, gated = recorder or Recorder(), Gated()
     executor = Executor(
         cfg,
         parse_fake("2xA100-80GB"),
@@ -103,13 +108,22 @@ async def rig() -> AsyncIterator[tuple[Executor, Recorder, Gated]]:
         Models([], lambda: None),
         recorder,
         Weighted(cfg.queues, cfg.queue_aging_s),
+        **options,  # type: ignore[arg-type]
     )
     loop = asyncio.create_task(executor.run())
-    yield executor, recorder, gated
-    loop.cancel()
-    await asyncio.gather(loop, return_exceptions=True)
-    for gate in gated.gates.values():
-        gate.set()
+    try:
+        yield executor, recorder, gated
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+        for gate in gated.gates.values():
+            gate.set()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[tuple[Executor, Recorder, Gated]]:
+    async with running() as parts:
+        yield parts
 
 
 async def test_one_task_per_gpu_slot_and_the_rest_wait(rig) -> None:
@@ -239,20 +253,15 @@ async def test_sleep_pipeline_rejects_bad_params(rig) -> None:
 async def test_online_work_takes_back_the_slots_batch_borrowed() -> None:
     """Two GPUs, half of them online's: two batch runs (one borrowed), then an online
     task. The newest batch run is preempted and handed back; the online task runs."""
-    cfg = config(max_queue_length=4, model_load_s=0)
-    recorder, gated, preempted = Recorder(), Gated(), []
-    executor = Executor(
-        cfg,
-        parse_fake("2xA100-80GB"),
-        {"gated": gated},
-        Models([], lambda: None),
-        recorder,
-        Weighted(cfg.queues, cfg.queue_aging_s),
-        online_share=lambda: 0.5,
-        on_preempted=lambda j: (preempted.append(j.task_id), recorder.changed.set()),
-    )
-    loop = asyncio.create_task(executor.run())
-    try:
+    preempted: list[str] = []
+    recorder = Recorder()
+
+    def was_preempted(j: Job) -> None:
+        preempted.append(j.task_id)
+        recorder.changed.set()
+
+    options = {"online_share": lambda: 0.5, "on_preempted": was_preempted}
+    async with running(recorder, **options) as (executor, _, gated):
         executor.enqueue(job("batch-1"))
         await recorder.until("first batch run", lambda: len(recorder.starts) == 1)
         executor.enqueue(job("batch-2"))
@@ -270,11 +279,6 @@ async def test_online_work_takes_back_the_slots_batch_borrowed() -> None:
         assert executor.running == 2 and executor.queued == 1
         gated.open("batch-1")
         await recorder.until("keeper run", lambda: any(t == "keeper" for t, _ in recorder.starts))
-    finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
-        for gate in gated.gates.values():
-            gate.set()
 
 
 async def test_withdraw_takes_a_queued_job_back_and_leaves_a_run_to_its_record(rig) -> None:
@@ -296,19 +300,8 @@ async def test_withdraw_takes_a_queued_job_back_and_leaves_a_run_to_its_record(r
 async def test_a_queued_task_is_told_when_it_should_start() -> None:
     """From the runs' learned times (1 s each, never seen: the default) and the queue's
     order, on a clock the test moves: two slots busy, three tasks queued behind them."""
-    cfg = config(max_queue_length=4, model_load_s=0)
-    recorder, gated, now = Recorder(), Gated(), [100.0]
-    executor = Executor(
-        cfg,
-        parse_fake("2xA100-80GB"),
-        {"gated": gated},
-        Models([], lambda: None),
-        recorder,
-        Weighted(cfg.queues, cfg.queue_aging_s),
-        clock=lambda: now[0],
-    )
-    loop = asyncio.create_task(executor.run())
-    try:
+    now = [100.0]
+    async with running(clock=lambda: now[0]) as (executor, recorder, _gated):
         for i in range(5):
             executor.enqueue(job(f"t{i}"))
             if i == 1:
@@ -317,8 +310,3 @@ async def test_a_queued_task_is_told_when_it_should_start() -> None:
         assert executor.expected_start_s("t0") is None  # running, not queued
         starts = [executor.expected_start_s(f"t{i}") for i in (2, 3, 4)]
         assert starts == [0.75, 0.75, 1.75]
-    finally:
-        loop.cancel()
-        await asyncio.gather(loop, return_exceptions=True)
-        for gate in gated.gates.values():
-            gate.set()

@@ -3,12 +3,13 @@ what the plan gives it.
 
 Every ``plan_interval_s`` the agent gossips the work asked of it per model (a decaying
 rate of arrivals times its learned run time) and the models its GPU memory holds. From
-every agent's gossip it computes the same plan as its peers do (``mesh.core.planner``: a
-pure function of one shared view, so no agent decides for another; made again only when
-the agents change or demand drifts), tells its router the homes, tells its ``Models``
-which models are its own to keep, and warms one of its planned models that is not
-loaded, only while a slot is idle and nothing waits (warming never delays a task, and
-never evicts a model the plan gives it).
+every agent's gossip it computes the plan (``mesh.core.planner``, a pure function), with
+the homes the agents announced as the previous plan, so all compute alike; it is made
+again only when the agents change or demand drifts. The agent takes on its own part only
+and announces it in gossip (``hosting``): every router routes by the announced homes, so
+routers agree with what agents keep even while their computed plans differ. It keeps
+its part from eviction and warms one of its models that is not loaded, only while a slot
+is idle and nothing waits (warming never delays a task, never evicts a planned model).
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ class Planning:
         self._interval_s = interval_s
         self._acting = acting
         self._clock = clock
-        self.plan: planner.Plan | None = None
+        self.plan: planner.Plan | None = None  # as this agent last computed it
+        self.hosting: frozenset[str] = frozenset()  # our part of it, as we took it
         self._basis: dict[str, float] = {}  # the demand the plan was made for
         self._fleet: list[tuple[str, float, int]] = []  # and the agents
         self._warming: asyncio.Task[None] | None = None
@@ -82,24 +84,41 @@ class Planning:
             self.step()
 
     def step(self) -> None:
-        """Publish, plan, and warm one model if a slot is idle."""
+        """Publish our demand, plan, take on our part, and warm one model if idle."""
         work = self.own_demand()
         top = sorted(work, key=lambda m: -work[m])[:MAX_DEMAND]
         own = {m: float(f"{work[m]:.2g}") for m in top}
         self._view.gossiper.update_own(demand=own, room=self._room)
         demand, hosts = self.inputs(own)
         fleet = [(h.name, h.weight, h.room) for h in hosts]
+        announced = planner.Plan(self.homes())
         if self.plan is None or fleet != self._fleet or planner.drifted(self._basis, demand):
-            made = planner.plan(demand, hosts, self.plan)
+            made = planner.plan(demand, hosts, announced)
+            mine = made.for_agent(self._me)
             if self.plan is None or made.homes != self.plan.homes:
                 log.info("placement plan: %s", {m: list(a) for m, a in made.homes.items()})
                 if (decisions := self._decisions()) is not None:
-                    decisions.plan(demand, hosts, self.plan, made)
+                    decisions.plan(demand, hosts, announced, made)
             self.plan, self._basis, self._fleet = made, demand, fleet
+            if self._acting and mine != self.hosting:
+                self.hosting = mine
+                self._view.gossiper.update_own(hosting=tuple(sorted(mine)))
         if self._acting:
-            self._view.router.set_homes(dict(self.plan.homes))
-            self._models.planned = self.plan.for_agent(self._me)
+            self._view.router.set_homes(self.homes())
+            self._models.planned = self.hosting
             self._warm_one()
+
+    def homes(self) -> dict[str, tuple[str, ...]]:
+        """Each model's homes as the agents announced them (their part of the plan, in
+        gossip; ours as we took it): what every router routes by, so all agree."""
+        homes: dict[str, list[str]] = {}
+        states = {s.agent_id: s.hosting for s in self._view.gossiper.table.states()}
+        for agent_id, models in sorted((states | {self._me: tuple(self.hosting)}).items()):
+            if agent_id not in self._view.router.members:
+                continue
+            for model in models:
+                homes.setdefault(model, []).append(agent_id)
+        return {model: tuple(agents) for model, agents in homes.items()}
 
     def own_demand(self) -> dict[str, float]:
         """Work asked of this agent per model, GPU-seconds a second: its recent arrivals

@@ -19,9 +19,9 @@ MAX_SKEW_MS = 30_000  # a version's incarnation (its agent's start, in ms) may b
 # Most an agent's counter may move between two versions we hear: it bumps at most a few
 # times a second, so even a long silence stays far below this; a bigger jump is forged.
 MAX_COUNTER_JUMP = 1 << 16
-# Fields of a state on the wire: 13 now, 11 from an agent before demand and room were
-# gossiped (a fleet is upgraded an agent at a time).
-WIRE_LENGTHS = (11, 13)
+# Fields of a state on the wire: 14 now, 11 from an agent before demand, room and hosted
+# models were gossiped (a fleet is upgraded an agent at a time).
+WIRE_LENGTHS = (11, 14)
 
 
 def make_version(incarnation_ms: int, counter: int) -> int:
@@ -61,6 +61,7 @@ class AgentState:
     ts_ms: int = 0  # the agent's clock when it made this version
     demand: dict[str, float] = field(default_factory=dict)  # GPU-s/s asked per model, lately
     room: int = 0  # models its GPU memory holds at once (0: not said)
+    hosting: tuple[str, ...] = ()  # the models it took on from the placement plan
 
     @property
     def tasks(self) -> tuple[int, int]:
@@ -85,17 +86,19 @@ class AgentState:
             self.ts_ms,
             self.demand,
             self.room,
+            list(self.hosting),
         ]
 
     @classmethod
     def from_wire(cls, raw: object) -> AgentState:
         """Build from decoded msgpack; ``ValueError`` on anything malformed."""
         if not isinstance(raw, list) or len(raw) not in WIRE_LENGTHS:
-            raise ValueError("agent state: expected a list of 11 or 13")
+            raise ValueError("agent state: expected a list of 11 or 14")
         demand: object = {}
         room: object = 0
-        if len(raw) == 13:  # an agent of this version; 11: one before demand was gossiped
-            *raw, demand, room = raw
+        hosting: object = []
+        if len(raw) == 14:  # an agent of this version; 11: one from before placement
+            *raw, demand, room, hosting = raw
         agent_id, dc, version, slots, running, queued, free, loaded, loading, draining, ts = raw
         _check(isinstance(agent_id, str) and 0 < len(agent_id) <= 64, "agent id")
         _check(isinstance(dc, str) and len(dc) <= 32, "dc")
@@ -112,8 +115,11 @@ class AgentState:
         _check(all(isinstance(m, str) and len(m) <= 128 and _rate(r) for m, r in demand.items()),
                "demand per model")  # fmt: skip
         _check(_uint(room) and room <= 100_000, "room")
+        _check(isinstance(hosting, list) and len(hosting) <= 256, "hosting")
+        _check(all(isinstance(n, str) and len(n) <= 128 for n in hosting), "hosted models")
         return cls(agent_id, dc, version, slots, dict(running), dict(queued), tuple(free),
-                   tuple(loaded), tuple(loading), draining, ts, dict(demand), room)  # fmt: skip
+                   tuple(loaded), tuple(loading), draining, ts, dict(demand), room,
+                   tuple(hosting))  # fmt: skip
 
 
 def _uint(value: object) -> bool:
@@ -185,7 +191,7 @@ class GossipTable:
         news, and are dropped without being validated whole. With ``sender``, the state
         must be the sender's own. ``ValueError`` if it is malformed."""
         if not isinstance(raw, list) or len(raw) not in WIRE_LENGTHS:
-            raise ValueError("agent state: expected a list of 11 or 13")
+            raise ValueError("agent state: expected a list of 11 or 14")
         agent_id, version = raw[0], raw[2]
         if sender is not None and agent_id != sender:
             raise ValueError("agent state: another agent's state sent as the sender's own")
