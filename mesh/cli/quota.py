@@ -166,12 +166,8 @@ def quota_show(
             for group, spec_ in sorted(tenants.groups.items()):
                 for user in [None, *sorted(spec_.users)]:
                     scope = ("group", group) if user is None else ("user", user)
-                    cap = next(
-                        (c for c in caps(tenants, user or "", group) if c[:2] == scope), None
-                    )
-                    spend = next(
-                        (b for b in spends(tenants, user or "", group) if b[:2] == scope), None
-                    )
+                    cap = _own(caps(tenants, user or "", group), scope)
+                    spend = _own(spends(tenants, user or "", group), scope)
                     if cap is None and spend is None:
                         continue
                     row: dict[str, object] = {"dc": dc, "who": " ".join(scope)}

@@ -11,7 +11,7 @@ that decays (``Demand``), so a model that went cold loses its protection within 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Set
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 HALF_LIFE_S = 60.0  # demand counted a minute ago weighs half
@@ -74,6 +74,3 @@ class Demand:
             del self._level[model]
             del found[model]
         return found
-
-    def models(self) -> Set[str]:
-        return self._level.keys()

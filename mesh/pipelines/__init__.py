@@ -61,7 +61,6 @@ class Models:
         self.capacity_mb = capacity_mb
         self.demand = Demand()
         self.planned: frozenset[str] = frozenset()  # what the placement plan gives us
-        self.misses = 0  # runs that paid a load
         self._clock = clock
         self._last_used: dict[str, float] = {}
         self._in_use: Counter[str] = Counter()
@@ -82,9 +81,7 @@ class Models:
         this run paid the load. While held, it is never evicted."""
         self._in_use[model] += 1
         try:
-            cold = await self.ensure(model, load, memory_mb)
-            self.misses += cold
-            yield cold
+            yield await self.ensure(model, load, memory_mb)
         finally:
             self._in_use[model] -= 1
             if not self._in_use[model]:
