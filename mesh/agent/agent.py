@@ -186,7 +186,7 @@ class Agent:
         self.submission = Submission(
             cfg, self.store, self.placement, self.addressing, self.duties.spawn
         )
-        memory_mb = sum(gpu.memory_mb for gpu in self.gpus)
+        per_model_mb, memory_mb = cfg.default_model_memory_mb, self.models.capacity_mb
         self.planning = Planning(
             cfg.agent_id,
             self.view,
@@ -195,7 +195,7 @@ class Agent:
             self.estimates,
             self.pipelines,
             lambda: self.placement.decisions,
-            room=memory_mb // cfg.default_model_memory_mb if cfg.default_model_memory_mb else 0,
+            room=memory_mb // per_model_mb if per_model_mb else 0,
             interval_s=cfg.plan_interval_s,
             acting=cfg.placement_plan,
         )

@@ -170,7 +170,6 @@ class AgentApi:
         router = agent.view.router
         running, queued = router.load(a.agent_id)
         gossiped = agent.view.gossiper.table.get(a.agent_id)
-        hosting = agent.planning.homes()
         return pb.AgentInfo(
             agent_id=a.agent_id,
             dc=a.dc,
@@ -198,7 +197,7 @@ class AgentApi:
             queued=queued,
             suspect=router.is_suspect(a.agent_id),
             demand=agent.planning.demand_of(a.agent_id),
-            models_planned=sorted(m for m, homes in hosting.items() if a.agent_id in homes),
+            models_planned=sorted(agent.planning.hosting_of(a.agent_id)),
             model_room=gossiped.room if gossiped else 0,
         )
 

@@ -138,8 +138,8 @@ class Planning:
         rooms[self._me] = self._room
         asked = {agent_id: state.demand for agent_id, state in states.items()}
         for demand in (asked | {self._me: own}).values():
-            for model, asked in demand.items():
-                work[model] += asked
+            for model, rate in demand.items():
+                work[model] += rate
         hosts = [
             planner.Host(
                 agent_id,
@@ -151,6 +151,14 @@ class Planning:
             if not member.draining
         ]
         return dict(work), hosts
+
+    def hosting_of(self, agent_id: str) -> frozenset[str]:
+        """The models ``agent_id`` took on from the plan: ours as we took them, a peer's
+        as it last announced them."""
+        if agent_id == self._me:
+            return self.hosting
+        state = self._view.gossiper.table.get(agent_id)
+        return frozenset(state.hosting) if state else frozenset()
 
     def demand_of(self, agent_id: str) -> dict[str, float]:
         """Work asked of ``agent_id`` per model, lately (GPU-seconds a second): ours as
