@@ -206,4 +206,8 @@ def test_order_is_what_the_pops_give_and_moves_nothing(
     q.pop(now=30.0)  # the policy has state (credits) by now
     ordered = q.order(now=30.0)
     assert q.order(now=30.0) == ordered  # nothing moved
+    if ordered:  # stopped at an item, it is the same order up to that item
+        middle = ordered[len(ordered) // 2]
+        stopped = q.order(now=30.0, until=lambda item: item == middle)
+        assert stopped == ordered[: ordered.index(middle) + 1]
     assert [q.pop(now=30.0) for _ in range(len(q))] == ordered

@@ -195,10 +195,10 @@ class Executor:
         """Seconds until the queued task ``task_id`` is expected to start here (None if
         it is not queued here): ``mesh.core.eta`` over this agent's slots and queue."""
         now = self._clock()
-        order = self._queue.order(now)
-        place = next((i for i, job in enumerate(order) if job.task_id == task_id), None)
-        if place is None:
+        order = self._queue.order(now, until=lambda job: job.task_id == task_id)
+        if not order or order[-1].task_id != task_id:
             return None
+        place = len(order) - 1
         estimates = self._queue.policy.estimates
         free_in_s = [0.0] * len(self._free)
         for run in self._running.values():

@@ -142,6 +142,7 @@ class Intake:
             return False, f"over the bound ({tasks + 1} > {limit:g} tasks)"
         # Enqueue before any await, so the check above still holds; the record follows.
         self._executor.enqueue(job, past_bound=reclaiming)
+        wait_s = self._executor.expected_start_s(job.task_id)  # as it stands now, once
 
         digest = spec_digest(job.spec)
 
@@ -158,7 +159,7 @@ class Intake:
                 status.state = pb.TASK_STATE_QUEUED
                 status.queued_at.CopyFrom(now_ts())
             status.ClearField("expected_start")
-            if (wait_s := self._executor.expected_start_s(job.task_id)) is not None:
+            if wait_s is not None:
                 status.expected_start.FromMilliseconds(now_ms() + int(wait_s * 1000))
             return None
 

@@ -105,9 +105,10 @@ class LaneQueue(Generic[T]):
             del self._lanes[chosen]
         return head.item
 
-    def order(self, now: float) -> list[T]:
-        """Every queued item in the order ``pop`` would give them now, were nothing to
-        arrive (what an expected start is computed from); nothing moves."""
+    def order(self, now: float, until: Callable[[T], bool] = lambda _: False) -> list[T]:
+        """The queued items in the order ``pop`` would give them now, were nothing to
+        arrive (what an expected start is computed from), up to the first one ``until``
+        accepts, or all; nothing moves."""
         state = self.policy.snapshot()
         lanes = {lane: deque(q) for lane, q in self._lanes.items()}
         ordered: list[T] = []
@@ -116,9 +117,11 @@ class LaneQueue(Generic[T]):
                 chosen = self.policy.choose({k: q[0].enqueued_at for k, q in lanes.items()}, now)
                 if chosen is None:
                     break
-                ordered.append(lanes[chosen].popleft().item)
+                ordered.append(item := lanes[chosen].popleft().item)
                 if not lanes[chosen]:
                     del lanes[chosen]
+                if until(item):
+                    break
         finally:
             self.policy.restore(state)
         return ordered
