@@ -114,6 +114,9 @@ class QuotaStore:
         """The task's caps in this DC: its user's and group's, and its group's part of a
         global cap (as this agent sees the DCs' slots now)."""
         found = caps(self.tenants, user, group)
+        spec = self.tenants.groups.get(group) if self.tenants is not None else None
+        if spec is None or spec.max_gpus_global is None:
+            return found  # the DCs' slots are gathered only for a group with a global cap
         part = global_cap(
             self.tenants, group, self._keys.dc, self._dc_slots(), self._held_elsewhere(group)
         )
