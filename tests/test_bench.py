@@ -25,8 +25,9 @@ def bench(*args: str, timeout_s: float) -> dict:
     """``python -m bench ARGS`` (with ``--json`` among them): what it printed, parsed."""
     done = subprocess.run(
         [sys.executable, "-m", "bench", *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout_s, check=True,
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout_s,
     )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]  # why it failed, not only that it did
     return json.loads(done.stdout)
 
 
