@@ -14,6 +14,7 @@ import contextlib
 import datetime
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -42,10 +43,38 @@ MESH = "gpumesh"  # the local mesh's trust domain
 DEFAULT_HOME = Path.home() / ".gpumesh" / "local"  # meshctl's --home; MESH_HOME overrides
 
 
+LOWEST_PORT = 10_000  # free_port draws from here up to the kernel's ephemeral range
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port for a server that will start a moment later, drawn from below the
+    kernel's ephemeral range. A port the kernel picks (bind to 0) is free now, but it is
+    of the kind the kernel gives the next outbound connection: the mesh's own gRPC and
+    etcd connections took such a port before the agent meant to listen on it did
+    ("address already in use"). Ports this process handed out are not handed out again."""
+    below = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(LOWEST_PORT, below)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise Unavailable(f"no free port between {LOWEST_PORT} and {below}")
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outbound connections (Linux's default 32768)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32_768
+    return max(low, LOWEST_PORT + 1000)
 
 
 @dataclass
