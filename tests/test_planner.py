@@ -1,14 +1,16 @@
 """The placement planner and the router's use of it, pure: every model with demand has a
-home while there is room, no agent is given more models than it holds, hot models get
-weight in proportion to their demand, an unchanged view gives an unchanged plan, and the
-router sends a model's tasks to its least loaded home with room."""
+home before any has two, while there is room; no agent is given more models than it
+holds; hot models get weight in proportion to their demand; an unchanged view gives an
+unchanged plan; a plan is made again when demand drifts or a new model has no home; and
+the router sends a model's tasks to its least loaded home with room, one holding the
+model first."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.core.planner import Host, drifted, plan
+from mesh.core.planner import Host, drifted, homeless, plan
 from mesh.core.router import Router
 from mesh.core.routing import AGENT, Member, Policy, Request
 
@@ -29,10 +31,11 @@ def test_room_is_respected_and_demand_finds_homes(demand: dict, fleet: list[Host
     room = {h.name: h.room for h in fleet}
     for name, models in made.hosting.items():
         assert len(models) <= room[name]
-    used = sum(len(models) for models in made.hosting.values())
-    for model in (m for m, v in demand.items() if v > 0):
-        # a model with demand goes homeless only when no agent has room left
-        assert made.homes.get(model) or used == sum(room.values()), model
+    wanted = sorted((m for m, v in demand.items() if v > 0), key=lambda m: (-demand[m], m))
+    # every model with demand has a home before any has a second: the hottest as many as
+    # the agents have room for, whatever the other models' demand
+    covered = wanted[: sum(room.values())]
+    assert all(made.homes.get(m) for m in covered), made.homes
     assert plan(demand, fleet) == made  # deterministic
 
 
@@ -83,3 +86,30 @@ def test_a_plan_is_made_again_only_when_demand_drifts() -> None:
     assert drifted(before, {**before, "new": 2.0})  # a model came, with a real share
     assert not drifted(before, {**before, "stray": 0.1})  # or with a sliver of it
     assert drifted({}, before) and not drifted({}, {})
+
+
+def test_a_home_still_to_load_the_model_comes_after_an_agent_that_holds_it() -> None:
+    router = Router(Policy(home_slack=1.0))
+    router.set_members([member(f"a{i}") for i in range(6)])
+    router.set_homes({"m": ("a3", "a4")})
+    router.set_loaded("a1", {"m"})  # a stray copy: the plan has not been warmed yet
+    targets = router.route(Request("t1", "m", "sleep")).targets
+    assert [t.name for t in targets[:3]] == ["a1", "a3", "a4"]
+    assert targets[1].reason.startswith("plan:") and "not loaded" in targets[1].reason
+    router.set_loaded("a4", {"m"})  # warmed: the home that holds it first
+    assert [t.name for t in router.route(Request("t1", "m", "sleep")).targets[:3]] == [
+        "a4",
+        "a1",
+        "a3",
+    ]
+
+
+def test_a_new_model_without_a_home_calls_for_a_plan_while_there_is_room() -> None:
+    fleet = [Host("a", 1.0, 2), Host("b", 1.0, 2)]
+    before = {"hot": 6.0, "warm": 3.0}
+    made = plan(before, fleet)
+    now = {**before, "new": 0.1}
+    assert not drifted(before, now) and homeless(made, now, fleet)
+    assert not homeless(plan(now, fleet), now, fleet)
+    full = [Host("a", 1.0, 1), Host("b", 1.0, 1)]
+    assert homeless(made, now, fleet) and not homeless(plan(before, full), now, full)

@@ -5,9 +5,10 @@ Every ``plan_interval_s`` the agent gossips the work asked of it per model (a de
 rate of arrivals times its learned run time) and the models its GPU memory holds. From
 every agent's gossip it computes the plan (``mesh.core.planner``, a pure function), with
 the homes the agents announced as the previous plan, so all compute alike; it is made
-again only when the agents change or demand drifts. The agent takes on its own part only
-and announces it in gossip (``hosting``): every router routes by the announced homes, so
-routers agree with what agents keep even while their computed plans differ. It keeps
+again only when the agents change, demand drifts, or a model with demand has no home
+while an agent has room for it. The agent takes on its own part only and announces it
+in gossip (``hosting``): every router routes by the announced homes, so routers agree
+with what agents keep even while their computed plans differ. It keeps
 its part from eviction and warms one of its models that is not loaded, only while a slot
 is idle and nothing waits (warming never delays a task, never evicts a planned model).
 """
@@ -92,7 +93,12 @@ class Planning:
         demand, hosts = self.inputs(own)
         fleet = [(h.name, h.weight, h.room) for h in hosts]
         announced = planner.Plan(self.homes())
-        if self.plan is None or fleet != self._fleet or planner.drifted(self._basis, demand):
+        if (
+            self.plan is None
+            or fleet != self._fleet
+            or planner.drifted(self._basis, demand)
+            or planner.homeless(self.plan, demand, hosts)
+        ):
             made = planner.plan(demand, hosts, announced)
             mine = made.for_agent(self._me)
             if self.plan is None or made.homes != self.plan.homes:

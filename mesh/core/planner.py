@@ -7,10 +7,12 @@ it evicts what is not planned for it first. The router sends a model's tasks to 
 planned homes (the least loaded one that has room) before walking the ring, so hot models
 spread over as many agents as their demand needs and cold ones share.
 
-The plan gives each model GPU weight in proportion to its demand (with ``headroom``),
-hottest first, from agents it was planned on first, then from agents that hold it, then
-from those with the most weight left: a model stays where it was planned while it needs
-that much, and a model keeps at least one home while it has demand. A new plan is made
+The plan first gives every model with demand one home, hottest first, while any agent
+has room (a homeless model pays a load at almost every task, and evicts a planned model
+to do it), then more homes to the models whose demand needs more GPU weight than that
+(in proportion to demand, with ``headroom``). Homes come from agents the model was
+planned on first, then from agents that hold it, then from those with the most weight
+left: a model stays where it was planned while it needs that much. A new plan is made
 only when the agents change or demand has ``drifted`` (hysteresis: demand is noisy, and a
 plan that follows every wiggle moves models, and pays loads, for nothing).
 """
@@ -60,35 +62,47 @@ def plan(
     room = {h.name: h.room for h in hosts}
     by_name = {h.name: h for h in hosts}
     was = previous.homes if previous else {}
-    homes: dict[str, tuple[str, ...]] = {}
-    for model in sorted(demand, key=lambda m: (-demand[m], m)):
-        if demand[model] <= 0:
-            continue
-        need = demand[model] / total * capacity * headroom
+    wanted = sorted((m for m in demand if demand[m] > 0), key=lambda m: (-demand[m], m))
+    need = {m: demand[m] / total * capacity * headroom for m in wanted}
+    homes: dict[str, list[str]] = {}
 
-        def rank(name: str, model: str = model) -> tuple[bool, bool, float, str]:
+    def rank(model: str) -> list[str]:
+        def key(name: str) -> tuple[bool, bool, float, str]:
             holds = model in by_name[name].loaded
             planned = name in was.get(model, ())
             return (not planned, not holds, -left[name], name)
 
-        chosen: list[str] = []
-        for name in sorted(by_name, key=rank):
-            if chosen and need <= 0:
+        return sorted((n for n in by_name if room[n] > 0 and n not in homes[model]), key=key)
+
+    def give(model: str, name: str) -> None:
+        homes[model].append(name)
+        room[name] -= 1
+        given = max(0.0, min(left[name], need[model]))
+        left[name] -= given
+        need[model] -= given
+
+    # Every model a first home, hottest first, while there is room: a model left
+    # homeless pays a load at nearly every task, and evicts a planned model to do it.
+    for model in wanted:
+        homes[model] = []
+        if ranked := rank(model):
+            give(model, ranked[0])
+    # Then more homes where demand needs more weight than one home gives.
+    for model in wanted:
+        for name in rank(model):
+            if need[model] <= 0:
                 break
-            if room[name] <= 0 or (chosen and left[name] < least * by_name[name].weight):
-                continue
-            give = max(0.0, min(left[name], need))
-            chosen.append(name)
-            room[name] -= 1
-            left[name] -= give
-            need -= give
-        if chosen:
-            homes[model] = tuple(chosen)
+            if left[name] >= least * by_name[name].weight:
+                give(model, name)
+    homes = {m: names for m, names in homes.items() if names}
     hosting: dict[str, set[str]] = {}
     for model, names in homes.items():
         for name in names:
             hosting.setdefault(name, set()).add(model)
-    return Plan(homes, {n: frozenset(ms) for n, ms in hosting.items()})
+    return Plan(
+        {m: tuple(names) for m, names in homes.items()},
+        {n: frozenset(ms) for n, ms in hosting.items()},
+    )
 
 
 def drifted(before: Mapping[str, float], now: Mapping[str, float], drift: float = DRIFT) -> bool:
@@ -102,3 +116,14 @@ def drifted(before: Mapping[str, float], now: Mapping[str, float], drift: float 
         abs(before.get(m, 0.0) / total_before - now.get(m, 0.0) / total_now) > drift
         for m in {*before, *now}
     )
+
+
+def homeless(made: Plan, demand: Mapping[str, float], hosts: Sequence[Host]) -> bool:
+    """Whether a model with demand has no home in ``made`` while some agent has room for
+    one: a new model's demand is a sliver of the whole, too little to count as drift, but
+    every one of its tasks would pay a load until a plan gives it a home."""
+    placed = sum(len(models) for models in made.hosting.values())
+    if placed >= sum(h.room for h in hosts):
+        return False
+    return any(v > 0 and model not in made.homes for model, v in demand.items())
+
