@@ -1,5 +1,6 @@
-"""Quota and preemption decisions in the decision log, replayed offline by the pure core:
-the same inputs decide the same, and a line whose decision was not the core's is found."""
+"""Routing, quota, preemption and plan decisions in the decision log, replayed offline by
+the pure core: the same inputs decide the same, and a line whose decision was not the
+core's is found."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 from mesh.agent.decisionlog import DecisionLog, replay
 from mesh.core.classes import BATCH, Run, victims
 from mesh.core.planner import Host, plan
+from mesh.core.router import Router
+from mesh.core.routing import NO_SPILL, Member, Policy, Request
 from mesh.core.tenants import Cap, Judged, Spend, verdict
 
 
@@ -56,3 +59,21 @@ def test_a_placement_plan_replays_to_the_same_homes(tmp_path: Path) -> None:
     replayed = list(replay(path))
     assert [r.same for r in replayed] == [True, True]
     assert replayed[0].now["homes"]["hot"][0] == "a"  # it stays where it is loaded
+
+
+def test_a_route_that_followed_the_plan_replays_to_the_same_agent(tmp_path: Path) -> None:
+    router = Router(Policy(home_slack=1.0))
+    router.set_members(
+        Member(f"a{i}", 1.0, (80 * 1024,), frozenset({"sleep"}), queue_limit=10) for i in range(6)
+    )
+    router.set_homes({"m": ("a4",)})
+    request = Request("t-1", "m", "sleep")
+    decision = router.route(request)
+    assert decision.first.name == "a4"
+    assert decision.first.reason.startswith("plan:")
+    path = tmp_path / "decisions.jsonl"
+    log = DecisionLog(path)
+    log.write(router, request, (), NO_SPILL, decision)
+    log.close()
+    (replayed,) = replay(path)
+    assert replayed.same, replayed.now  # the homes are part of the logged view

@@ -325,6 +325,11 @@ class Router:
     def members(self) -> dict[str, Member]:
         return self._members
 
+    @property
+    def homes(self) -> Mapping[str, tuple[str, ...]]:
+        """Each model's planned homes, as ``set_homes`` last gave them."""
+        return self._homes
+
     def _class(self, needs: Needs) -> _Class:
         """The class of ``needs``, made at its first request (one pass over the members;
         from then on it changes with them)."""
@@ -391,18 +396,33 @@ class Router:
         model, loaded = request.model, self._loaded
         warm = [f for f in fits[:window] if model in loaded[f[0]]]
         ordered = warm + [f for f in fits if f not in warm] if warm else fits
-        if model in self._homes:
-            homes = self._planned(model, cls, bound, visited)
-            if homes:
-                taken = {h[0] for h in homes}
-                ordered = homes + [f for f in ordered if f[0] not in taken]
+        homes: frozenset[str] = frozenset()
+        if model in self._homes and (planned := self._planned(model, cls, bound, visited)):
+            # Homes that hold the model, then agents that hold it anyway, then homes
+            # still to load it (a load is paid where the plan wants the model), then the
+            # rest: the plan never sends a task to a load that an agent at hand spares.
+            homes = frozenset(h[0] for h in planned)
+            ready = [h for h in planned if model in loaded[h[0]]]
+            ordered = (
+                ready
+                + [f for f in warm if f[0] not in homes]
+                + [h for h in planned if h not in ready]
+                + [f for f in ordered if f[0] not in homes and f not in warm]
+            )
         if self._suspects:
             suspects = self._suspects
             ordered = [f for f in ordered if f[0] not in suspects] + [
                 f for f in ordered if f[0] in suspects
             ]
         targets = [
-            Target(AGENT, agent_id, most, RING_REASONS[i > 0, model in loaded[agent_id]])
+            Target(
+                AGENT,
+                agent_id,
+                most,
+                (HOME_REASONS if agent_id in homes else RING_REASONS)[
+                    i > 0, model in loaded[agent_id]
+                ],
+            )
             for i, (agent_id, most) in enumerate(ordered[: self.policy.ring_tries])
         ]
         if explain:
@@ -490,6 +510,12 @@ RING_REASONS = {
     for later in (False, True)
     for loaded in (False, True)
 }
+HOME_REASONS = {
+    (later, loaded): f"plan: {'next' if later else 'first'} home of the model with room, "
+    f"model {'loaded' if loaded else 'not loaded'}"
+    for later in (False, True)
+    for loaded in (False, True)
+}
 
 
 # -- snapshots: what the decision log stores, so a decision can be replayed offline ------
@@ -506,6 +532,7 @@ def snapshot(router: Router) -> dict[str, object]:
         "loads": {a: list(router.load(a)) for a in router.members},
         "loaded": {a: sorted(router.loaded_on(a)) for a in router.members if router.loaded_on(a)},
         "suspects": sorted(a for a in router.members if router.is_suspect(a)),
+        "homes": {model: list(agents) for model, agents in sorted(router.homes.items())},
     }
 
 
@@ -528,4 +555,5 @@ def from_snapshot(data: dict[str, Any]) -> Router:
         router.set_loaded(agent_id, models)
     for agent_id in data.get("suspects", ()):
         router.set_suspect(agent_id, True)
+    router.set_homes({model: tuple(agents) for model, agents in data.get("homes", {}).items()})
     return router
