@@ -7,12 +7,11 @@ it evicts what is not planned for it first. The router sends a model's tasks to 
 planned homes (the least loaded one that has room) before walking the ring, so hot models
 spread over as many agents as their demand needs and cold ones share.
 
-The plan first gives every model with demand one home, hottest first, while any agent
-has room (a homeless model pays a load at almost every task, and evicts a planned model
-to do it), then more homes to the models whose demand needs more GPU weight than that
-(in proportion to demand, with ``headroom``). Homes come from agents the model was
-planned on first, then from agents that hold it, then from those with the most weight
-left: a model stays where it was planned while it needs that much. A new plan is made
+The plan gives each model GPU weight in proportion to its demand (with ``headroom``),
+hottest first, from agents it was planned on first, then from agents that hold it, then
+from those with the most weight left: a model stays where it was planned while it needs
+that much. A model's second and later homes come only out of the room left beyond one
+home for every model with demand, so all of them have a home while there is room. A new plan is made
 only when the agents change or demand has ``drifted`` (hysteresis: demand is noisy, and a
 plan that follows every wiggle moves models, and pays loads, for nothing).
 """
@@ -63,46 +62,39 @@ def plan(
     by_name = {h.name: h for h in hosts}
     was = previous.homes if previous else {}
     wanted = sorted((m for m in demand if demand[m] > 0), key=lambda m: (-demand[m], m))
-    need = {m: demand[m] / total * capacity * headroom for m in wanted}
-    homes: dict[str, list[str]] = {}
+    # Room beyond one home per model: a second home is given only out of it, so every
+    # model with demand has a home while there is room (a homeless model pays a load at
+    # almost every task, and evicts a planned model to do it).
+    spare = sum(room.values()) - len(wanted)
+    homes: dict[str, tuple[str, ...]] = {}
+    for model in wanted:
+        need = demand[model] / total * capacity * headroom
 
-    def rank(model: str) -> list[str]:
-        def key(name: str) -> tuple[bool, bool, float, str]:
+        def rank(name: str, model: str = model) -> tuple[bool, bool, float, str]:
             holds = model in by_name[name].loaded
             planned = name in was.get(model, ())
             return (not planned, not holds, -left[name], name)
 
-        return sorted((n for n in by_name if room[n] > 0 and n not in homes[model]), key=key)
-
-    def give(model: str, name: str) -> None:
-        homes[model].append(name)
-        room[name] -= 1
-        given = max(0.0, min(left[name], need[model]))
-        left[name] -= given
-        need[model] -= given
-
-    # Every model a first home, hottest first, while there is room: a model left
-    # homeless pays a load at nearly every task, and evicts a planned model to do it.
-    for model in wanted:
-        homes[model] = []
-        if ranked := rank(model):
-            give(model, ranked[0])
-    # Then more homes where demand needs more weight than one home gives.
-    for model in wanted:
-        for name in rank(model):
-            if need[model] <= 0:
+        chosen: list[str] = []
+        for name in sorted(by_name, key=rank):
+            if chosen and (need <= 0 or spare <= 0):
                 break
-            if left[name] >= least * by_name[name].weight:
-                give(model, name)
-    homes = {m: names for m, names in homes.items() if names}
+            if room[name] <= 0 or (chosen and left[name] < least * by_name[name].weight):
+                continue
+            if chosen:
+                spare -= 1
+            give = max(0.0, min(left[name], need))
+            chosen.append(name)
+            room[name] -= 1
+            left[name] -= give
+            need -= give
+        if chosen:
+            homes[model] = tuple(chosen)
     hosting: dict[str, set[str]] = {}
     for model, names in homes.items():
         for name in names:
             hosting.setdefault(name, set()).add(model)
-    return Plan(
-        {m: tuple(names) for m, names in homes.items()},
-        {n: frozenset(ms) for n, ms in hosting.items()},
-    )
+    return Plan(homes, {n: frozenset(ms) for n, ms in hosting.items()})
 
 
 def drifted(before: Mapping[str, float], now: Mapping[str, float], drift: float = DRIFT) -> bool:
