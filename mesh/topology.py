@@ -70,10 +70,11 @@ class Routing(Strict):
     )
     ring_tries: int = Field(3, ge=1, description="agents offered a task before two choices")
     home_slack: float = Field(
-        3.0,
+        6.0,
         ge=0,
         description="tasks per unit of GPU weight a model's planned homes may hold beyond "
-        "the bound: waiting a little behind warm work beats a model load elsewhere",
+        "the bound: waiting behind warm work beats a model load elsewhere, which also "
+        "evicts a model there (about twice a model load over a task's run time)",
     )
     max_hops: int = Field(3, ge=1, le=16, description="most forwards a task may take")
 
