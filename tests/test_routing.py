@@ -273,7 +273,7 @@ async def test_meshctl_route_explains(cluster: Cluster) -> None:
     assert verdicts == {"a": "picked", "b": "not eligible"}
 
 
-async def test_dc_summaries_give_live_agents_and_say_when_a_dc_is_full(
+async def test_dc_summaries_give_live_agents_say_when_a_dc_is_full_and_carry_demand(
     cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
 ) -> None:
     etcds = {dc: more_etcd(dc) for dc in ("west", "east")}
@@ -281,7 +281,11 @@ async def test_dc_summaries_give_live_agents_and_say_when_a_dc_is_full(
         "w1", dc="west", max_queue_length=1, etcd_endpoints=json.dumps([etcds["west"].endpoint])
     )
     east = cluster.start(
-        "e1", dc="east", max_queue_length=1, etcd_endpoints=json.dumps([etcds["east"].endpoint])
+        "e1",
+        dc="east",
+        max_queue_length=1,
+        etcd_endpoints=json.dumps([etcds["east"].endpoint]),
+        plan_interval_s=0.3,
     )
     dcs = {
         "west": {
@@ -315,5 +319,11 @@ async def test_dc_summaries_give_live_agents_and_say_when_a_dc_is_full(
             assert [t.kind for t in decision.targets] == ["backlog"]
             waits = await client.submit(task("backlogged"))  # east is not even tried
             assert waits.status.dc == "west" and waits.status.agent == ""
+
+            async def east_asks_for_hot() -> bool:  # and what east's tasks ask for
+                heard = {r.dc: r for r in (await client.queue()).remote}
+                return "east" in heard and heard["east"].demand.get("hot", 0.0) > 0
+
+            await eventually(east_asks_for_hot, what="east's demand in its summary, in west")
     finally:
         await west_etcd.close()

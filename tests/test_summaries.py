@@ -68,3 +68,30 @@ def test_a_summarys_global_holdings_are_bounded_like_every_field_a_peer_sends() 
     flood.global_held.update({f"g{i}": 1 for i in range(summaries.MAX_GROUPS + 1)})
     with pytest.raises(InvalidTask):
         summaries.check(flood, now_ms=100_000)
+
+
+def test_a_summary_carries_the_dcs_demand_most_asked_first_and_bounded() -> None:
+    from mesh.core.router import Router
+
+    demand = {f"m{i}": 1.0 / (i + 1) for i in range(summaries.MAX_MODELS + 10)}
+    built = summaries.build("west", Router(), {}.get, 1, demand={**demand, "idle": 0.0})
+    assert len(built.demand) == summaries.MAX_MODELS and "idle" not in built.demand
+    assert built.demand["m0"] == 1.0 and round(built.demand["m2"], 6) == 0.33  # 2 digits
+    assert f"m{summaries.MAX_MODELS}" not in built.demand  # the least asked are left out
+    summaries.check(built, now_ms=1)
+    for bad in ({"no spaces": 1.0}, {"m": -1.0}, {"m": float("nan")}, {"m": float("inf")}):
+        hostile = summary(100)
+        hostile.demand.update(bad)
+        with pytest.raises(InvalidTask, match="demand"):
+            summaries.check(hostile, now_ms=100_000)
+
+
+def test_demand_is_written_when_its_shares_drift_not_at_every_wiggle() -> None:
+    stored = summary(100)
+    stored.demand.update({"hot": 6.0, "cold": 1.0})
+    wiggle = summary(101)
+    wiggle.demand.update({"hot": 6.1, "cold": 1.0})
+    assert not summaries.worth_storing(wiggle, stored)
+    shifted = summary(101)
+    shifted.demand.update({"hot": 1.0, "cold": 6.0})
+    assert summaries.worth_storing(shifted, stored)

@@ -159,6 +159,7 @@ class Agent:
             self.remote,
             lambda: self.executor.accepting,
             self.quota.global_held,
+            lambda: self.planning.demand,
         )
         self.placement = Placement(
             cfg,

@@ -244,6 +244,7 @@ class AgentApi:
                 capacity=summary.capacity,
                 age_s=max(0.0, (now - summary.ts_unix_ms) / 1000),
                 in_flight=in_flight.get(dc, 0),
+                demand=summary.demand,
             )
         return reply
 

@@ -76,6 +76,7 @@ class Planning:
         self.plan: planner.Plan | None = None  # as this agent last computed it
         self.hosting: frozenset[str] = frozenset()  # our part of it, as we took it
         self._basis: dict[str, float] = {}  # the demand the plan was made for
+        self.demand: dict[str, float] = {}  # work asked of the DC per model, last step
         self._fleet: list[tuple[str, float, int]] = []  # and the agents
         self._warming: asyncio.Task[None] | None = None
 
@@ -91,6 +92,7 @@ class Planning:
         own = {m: float(f"{work[m]:.2g}") for m in top}
         self._view.gossiper.update_own(demand=own, room=self._room)
         demand, hosts = self.inputs(own)
+        self.demand = demand
         fleet = [(h.name, h.weight, h.room) for h in hosts]
         announced = planner.Plan(self.homes())
         if (

@@ -42,10 +42,12 @@ class Speaker:
         remote: RemoteDcs,
         active: Callable[[], bool],
         global_held: Callable[[], Mapping[str, int]] = dict,
+        demand: Callable[[], Mapping[str, float]] = dict,
     ) -> None:
         """``peers`` gives the DC's members as the registry sees them; ``active`` whether
         this agent still takes work (a draining agent stops speaking); ``global_held``
-        the GPUs each group holds here against its global cap."""
+        the GPUs each group holds here against its global cap; ``demand`` the work asked
+        of the DC per model (``Planning.demand``)."""
         self._dc = dc
         self._agent_id = agent_id
         self._client = client
@@ -56,6 +58,7 @@ class Speaker:
         self._remote = remote
         self._active = active
         self._global_held = global_held
+        self._demand = demand
         self.heard: dict[str, peer_pb2.DcSummary] = {}  # other DCs, as last stored
         self.mirror = PrefixMirror(client, keys.summaries, self._stored)
 
@@ -80,7 +83,9 @@ class Speaker:
             record = peers.get(agent_id)
             return record.peer_address if record else None
 
-        return summaries.build(self._dc, self._router, address, now_ms(), self._global_held())
+        return summaries.build(
+            self._dc, self._router, address, now_ms(), self._global_held(), self._demand()
+        )
 
     async def received(self, theirs: peer_pb2.DcSummary) -> peer_pb2.DcSummary:
         """Another DC's speaker calls: keep its summary for our DC, answer with ours."""

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -74,25 +74,36 @@ def models(
 ) -> None:
     """The models of the endpoint's DC: demand (GPU-seconds a second), where each is
     loaded, where the placement plan puts it, and the moves that follow (warm where
-    planned, evictable elsewhere)."""
-    found = call(resolve_endpoint(endpoint, home), lambda c: c.agents())
-    rows = model_rows(found)
+    planned, evictable elsewhere); and the demand for it in the other DCs, from their
+    summaries."""
+
+    async def both(client: MeshClient) -> tuple[list[pb.AgentInfo], pb.QueueResponse]:
+        return await client.agents(), await client.queue()
+
+    found, queue = call(resolve_endpoint(endpoint, home), both)
+    rows = model_rows(found, list(queue.remote))
 
     def table() -> Table:
-        t = Table("model", "GPU-s/s", "loaded on", "planned on", "warm", "evictable")
+        t = Table("model", "GPU-s/s", "loaded on", "planned on", "warm", "evictable", "other DCs")
         for row in rows:
+            elsewhere = row["other_dcs"]
+            assert isinstance(elsewhere, dict)
             t.add_row(
                 row["model"],
                 f"{row['demand']:.2f}",
                 *(", ".join(row[k]) for k in ("loaded", "planned", "warm", "evictable")),
+                ", ".join(f"{dc} {v:.2f}" for dc, v in elsewhere.items()),
             )
         return t
 
     emit(rows, output, table)
 
 
-def model_rows(agents: list[pb.AgentInfo]) -> list[dict[str, object]]:
-    """One row per model an agent asks for, holds, or is planned to hold."""
+def model_rows(
+    agents: list[pb.AgentInfo], remote: Sequence[pb.RemoteDc] = ()
+) -> list[dict[str, object]]:
+    """One row per model an agent asks for, holds, or is planned to hold, or another DC
+    asks for."""
     demand: dict[str, float] = {}
     loaded: dict[str, set[str]] = {}
     planned: dict[str, set[str]] = {}
@@ -103,8 +114,13 @@ def model_rows(agents: list[pb.AgentInfo]) -> list[dict[str, object]]:
             loaded.setdefault(model, set()).add(a.agent_id)
         for model in a.models_planned:
             planned.setdefault(model, set()).add(a.agent_id)
+    elsewhere: dict[str, dict[str, float]] = {}
+    for dc in sorted(remote, key=lambda r: r.dc):
+        for model, rate in dc.demand.items():
+            elsewhere.setdefault(model, {})[dc.dc] = round(rate, 3)
     rows = []
-    for model in sorted({*demand, *loaded, *planned}, key=lambda m: (-demand.get(m, 0), m)):
+    everything = {*demand, *loaded, *planned, *elsewhere}
+    for model in sorted(everything, key=lambda m: (-demand.get(m, 0), m)):
         on, plan = loaded.get(model, set()), planned.get(model, set())
         rows.append(
             {
@@ -114,6 +130,7 @@ def model_rows(agents: list[pb.AgentInfo]) -> list[dict[str, object]]:
                 "planned": sorted(plan),
                 "warm": sorted(plan - on),
                 "evictable": sorted(on - plan),
+                "other_dcs": elsewhere.get(model, {}),
             }
         )
     return rows

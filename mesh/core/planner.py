@@ -118,4 +118,3 @@ def homeless(made: Plan, demand: Mapping[str, float], hosts: Sequence[Host]) -> 
     if placed >= sum(h.room for h in hosts):
         return False
     return any(v > 0 and model not in made.homes for model, v in demand.items())
-

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 from google.protobuf import json_format
 
+from mesh.core import planner
 from mesh.core.ring import key_point
 from mesh.core.router import Router
 from mesh.core.tenants import NAME
@@ -32,6 +33,7 @@ SAMPLE = 64  # members a summary's least loaded are picked from
 MAX_MODELS = 256
 MAX_GROUPS = 1024
 MAX_HELD = 1_000_000
+MAX_DEMAND = 1e9  # GPU-seconds a second asked of one model: far past any fleet
 
 
 def build(
@@ -40,9 +42,12 @@ def build(
     address: Callable[[str], str | None],
     now_ms: int,
     global_held: Mapping[str, int] | None = None,
+    demand: Mapping[str, float] | None = None,
 ) -> peer_pb2.DcSummary:
     """This DC as ``router`` sees it; ``address`` gives an agent's gRPC address;
-    ``global_held`` the GPUs each group holds against its global cap. The sums are the
+    ``global_held`` the GPUs each group holds against its global cap; ``demand`` the work
+    asked of the DC per model (the placement planner's view), of which the most asked
+    ``MAX_MODELS`` go, at two significant digits. The sums are the
     router's running totals and the live agents the least loaded of a sample, so a
     speaker of a 10,000-agent DC builds one every second in microseconds."""
     totals = router.totals()
@@ -62,7 +67,13 @@ def build(
         models_loaded=router.models_loaded()[:MAX_MODELS],
         live=live[:LIVE_ADDRESSES],
         global_held=dict(sorted((global_held or {}).items())[:MAX_GROUPS]),
+        demand=_top(demand or {}),
     )
+
+
+def _top(demand: Mapping[str, float]) -> dict[str, float]:
+    asked = sorted((m for m, v in demand.items() if v > 0), key=lambda m: (-demand[m], m))
+    return {m: float(f"{demand[m]:.2g}") for m in asked[:MAX_MODELS]}
 
 
 ADDRESS = re.compile(r"[A-Za-z0-9.:\[\]-]{1,255}")
@@ -89,6 +100,12 @@ def check(summary: peer_pb2.DcSummary, now_ms: int) -> None:
         GROUP.fullmatch(g) and n <= MAX_HELD for g, n in summary.global_held.items()
     ):
         raise InvalidTask(f"summary: at most {MAX_GROUPS} group names, each at most {MAX_HELD}")
+    if len(summary.demand) > MAX_MODELS or not all(
+        MODEL.fullmatch(m) and 0 <= v <= MAX_DEMAND for m, v in summary.demand.items()
+    ):  # a NaN fails both comparisons
+        raise InvalidTask(
+            f"summary: demand for at most {MAX_MODELS} model names, each from 0 to {MAX_DEMAND:g}"
+        )
 
 
 def worth_storing(
@@ -96,16 +113,20 @@ def worth_storing(
 ) -> bool:
     """Whether a summary just heard must be written to etcd: it says something the stored
     one does not, or the stored one is ``refresh_s`` old (so it never goes stale while
-    its DC is there). Speakers swap summaries every second; etcd hears of a change."""
+    its DC is there). Speakers swap summaries every second; etcd hears of a change, and
+    of demand only when its shares drift (``planner.drifted``: it moves a little every
+    second)."""
     if stored is None or heard.ts_unix_ms - stored.ts_unix_ms >= refresh_s * 1000:
         return True
-    return _content(heard) != _content(stored)
+    return _content(heard) != _content(stored) or planner.drifted(stored.demand, heard.demand)
 
 
 def _content(summary: peer_pb2.DcSummary) -> bytes:
+    """The summary but for when it was built and the demand."""
     timeless = peer_pb2.DcSummary()
     timeless.CopyFrom(summary)
     timeless.ts_unix_ms = 0
+    timeless.ClearField("demand")
     return timeless.SerializeToString(deterministic=True)
 
 

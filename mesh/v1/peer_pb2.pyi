@@ -53,7 +53,7 @@ class OfferResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
 
 class DcSummary(_message.Message):
-    __slots__ = ("dc", "ts_unix_ms", "agents", "slots", "tasks", "capacity", "models_loaded", "live", "global_held")
+    __slots__ = ("dc", "ts_unix_ms", "agents", "slots", "tasks", "capacity", "models_loaded", "live", "global_held", "demand")
     class GlobalHeldEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,13 @@ class DcSummary(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class DemandEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     DC_FIELD_NUMBER: _ClassVar[int]
     TS_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +77,7 @@ class DcSummary(_message.Message):
     MODELS_LOADED_FIELD_NUMBER: _ClassVar[int]
     LIVE_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_HELD_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_FIELD_NUMBER: _ClassVar[int]
     dc: str
     ts_unix_ms: int
     agents: int
@@ -79,7 +87,8 @@ class DcSummary(_message.Message):
     models_loaded: _containers.RepeatedScalarFieldContainer[str]
     live: _containers.RepeatedScalarFieldContainer[str]
     global_held: _containers.ScalarMap[str, int]
-    def __init__(self, dc: _Optional[str] = ..., ts_unix_ms: _Optional[int] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., models_loaded: _Optional[_Iterable[str]] = ..., live: _Optional[_Iterable[str]] = ..., global_held: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    demand: _containers.ScalarMap[str, float]
+    def __init__(self, dc: _Optional[str] = ..., ts_unix_ms: _Optional[int] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., models_loaded: _Optional[_Iterable[str]] = ..., live: _Optional[_Iterable[str]] = ..., global_held: _Optional[_Mapping[str, int]] = ..., demand: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class SettleRequest(_message.Message):
     __slots__ = ("task_id", "origin_dc")

@@ -419,7 +419,14 @@ class QueueResponse(_message.Message):
     def __init__(self, dc: _Optional[str] = ..., owner: _Optional[str] = ..., term: _Optional[int] = ..., classes: _Optional[_Iterable[_Union[QueueClass, _Mapping]]] = ..., remote: _Optional[_Iterable[_Union[RemoteDc, _Mapping]]] = ...) -> None: ...
 
 class RemoteDc(_message.Message):
-    __slots__ = ("dc", "agents", "slots", "tasks", "capacity", "age_s", "in_flight")
+    __slots__ = ("dc", "agents", "slots", "tasks", "capacity", "age_s", "in_flight", "demand")
+    class DemandEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     DC_FIELD_NUMBER: _ClassVar[int]
     AGENTS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
@@ -427,6 +434,7 @@ class RemoteDc(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     AGE_S_FIELD_NUMBER: _ClassVar[int]
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    DEMAND_FIELD_NUMBER: _ClassVar[int]
     dc: str
     agents: int
     slots: int
@@ -434,7 +442,8 @@ class RemoteDc(_message.Message):
     capacity: int
     age_s: float
     in_flight: int
-    def __init__(self, dc: _Optional[str] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., age_s: _Optional[float] = ..., in_flight: _Optional[int] = ...) -> None: ...
+    demand: _containers.ScalarMap[str, float]
+    def __init__(self, dc: _Optional[str] = ..., agents: _Optional[int] = ..., slots: _Optional[int] = ..., tasks: _Optional[int] = ..., capacity: _Optional[int] = ..., age_s: _Optional[float] = ..., in_flight: _Optional[int] = ..., demand: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ()
