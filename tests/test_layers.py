@@ -9,7 +9,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.core.layers import Device, Split, balanced, greedy, optimum
+from mesh.core.layers import Device, Split, Stage, balanced, greedy, optimum, rest
 
 layer_sizes = st.lists(st.integers(100, 3000), min_size=1, max_size=16)
 devices = st.lists(
@@ -55,3 +55,18 @@ def test_a_balanced_split_evens_out_the_stages() -> None:
     split = balanced(memory, compute, fleet)
     assert [s.agent for s in split.stages] == ["fast", "slow"]
     assert split.bottleneck_s == 6.0  # the best whole-layer split: 6 on fast, or 3 on slow
+
+
+@given(layer_sizes, devices, st.integers(0, 16))
+def test_the_rest_of_a_run_is_split_from_where_it_stopped(
+    memory: list[int], fleet: list[Device], done: int
+) -> None:
+    done = min(done, len(memory) - 1)
+    compute = [m / 1000 for m in memory]
+    left = rest(memory, compute, fleet, done)
+    assert left.fits == balanced(memory[done:], compute[done:], fleet).fits
+    if left.fits:
+        assert left.stages[0].first == done  # it picks up at the first layer not run
+        whole = [0] * done + memory[done:]  # the layers run take no memory now
+        assert valid(Split(((Stage("", 0, done),) if done else ()) + left.stages, 0.0), whole,
+                     [*fleet, Device("", 0, 1.0)])  # fmt: skip

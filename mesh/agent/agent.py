@@ -36,6 +36,7 @@ from mesh.agent.planning import Planning
 from mesh.agent.remote import RemoteDcs
 from mesh.agent.reporting import RecordReporter, prune_results
 from mesh.agent.speaker import Speaker
+from mesh.agent.stages import Stages
 from mesh.agent.submission import Submission
 from mesh.agent.tasks import Tasks
 from mesh.agent.view import View
@@ -124,6 +125,7 @@ class Agent:
             on_preempted=self._preempted,
             shares=self._shares,
             decided=self._preemption_decided,
+            runner=lambda pipeline, ctx: self.stages.run(pipeline, ctx),
         )
         self.view = View(
             cfg,
@@ -173,6 +175,9 @@ class Agent:
             lambda job, most, reclaim: self.intake.accept(job, most, reclaim),
             lambda: self.speaker.heard,
             self.duties.spawn,
+        )
+        self.stages = Stages(
+            cfg, self.view, self.registry, self.peers, self.executor, self.models, self.pipelines
         )
         self.intake = Intake(
             cfg, self.store, self.view, self.executor, self.placement.place, self.known_pipelines

@@ -300,6 +300,12 @@ class AgentApi:
             raise InvalidTask("spec_digest or stale_holder out of bounds")
         return await self._to_the_end(self._agent.addressing.answer(request))
 
+    async def run_stage(
+        self, request: peer_pb2.StageRequest, grant: Grant
+    ) -> peer_pb2.StageResponse:
+        speaks_for(grant, self._agent.cfg.dc, what="a stage")  # a split stays in its DC
+        return await self._agent.stages.serve(request)
+
     async def cancel_local(self, request: pb.CancelRequest, grant: Grant) -> pb.TaskStatus:
         speaks_for(grant, self._agent.cfg.dc, what="a local cancel")
         check_id(request.task_id)

@@ -9,25 +9,35 @@ run before it touches a GPU.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 from mesh import logs, metrics, tracing
 from mesh.config import AgentConfig
 from mesh.core import classes, eta
-from mesh.core.jobs import Job, Outcome
+from mesh.core.jobs import Job, Outcome, Output
 from mesh.core.priority import Policy, Traits
 from mesh.core.queue import LaneQueue
 from mesh.core.task import state_name
-from mesh.errors import InvalidTask, LimitExceeded, PipelineError, QuotaBusy, Unavailable
+from mesh.errors import (
+    InvalidTask,
+    LimitExceeded,
+    NoCapacity,
+    PipelineError,
+    QuotaBusy,
+    Unavailable,
+)
 from mesh.gpus import Gpu
 from mesh.pipelines import Models, Pipeline, RunContext
 from mesh.v1 import tasks_pb2 as pb
+
+Runner = Callable[[Pipeline, RunContext], Awaitable[Output]]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,7 @@ class Executor:
         on_preempted: Callable[[Job], None] = lambda _: None,
         shares: Callable[[], Mapping[str, float]] = dict,
         decided: Callable[..., None] = lambda *_: None,
+        runner: Runner = lambda pipeline, ctx: pipeline.run(ctx),
     ) -> None:
         """``on_load`` is called whenever ``running`` or ``queued`` changes. ``quota``
         says why a job must wait for its tenant's quota (None: it may start); a job that
@@ -88,7 +99,9 @@ class Executor:
         ``online_share`` is the part of the slots online work is guaranteed; a batch run
         preempted for online work is handed to ``on_preempted`` once it has stopped
         (victims by ``shares``, the tenants' fair-share weights);
-        ``decided`` hears each preemption decision with its inputs (the decision log)."""
+        ``decided`` hears each preemption decision with its inputs (the decision log);
+        ``runner`` runs a task's pipeline (the agent's may split it over agents by
+        layers, ``mesh.agent.stages``)."""
         self._cfg = cfg
         self._gpus = list(gpus)
         self._free = list(gpus)
@@ -106,6 +119,8 @@ class Executor:
         self._on_preempted = on_preempted
         self._shares = shares
         self._decided = decided
+        self._runner = runner
+        self._lent = 0  # GPUs lent to stages of tasks other agents run (``lend``)
         self._waiting: dict[str, Job] = {}  # jobs over their tenant's quota, in order
         self._waiting_groups: set[str] = set()  # groups the waiting gauge shows
         self._wake = asyncio.Event()
@@ -116,7 +131,7 @@ class Executor:
 
     @property
     def running(self) -> int:
-        return len(self._running)
+        return len(self._running) + self._lent
 
     @property
     def queued(self) -> int:
@@ -207,6 +222,27 @@ class Executor:
         ahead = [(j.traits.gpus, estimates.expected(j.traits.kind)) for j in order[:place]]
         start = eta.expected_start(free_in_s, ahead, order[place].traits.gpus)
         return None if math.isinf(start) else start
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[Gpu]:
+        """A free GPU for one stage of a task another agent runs split by layers: taken
+        at once or refused (``NoCapacity``: the sender gives the layers to another agent),
+        never queued, so a stage never holds a GPU waiting for another; counted in this
+        agent's load while held. It goes around the queue: the stage belongs to a task
+        that already runs."""
+        if not self.accepting or not self._free:
+            raise NoCapacity("no free GPU here for a stage")
+        gpu = max(self._free, key=lambda g: g.memory_mb)
+        self._free.remove(gpu)
+        self._lent += 1
+        self._on_load()
+        try:
+            yield gpu
+        finally:
+            self._lent -= 1
+            self._free.append(gpu)
+            self._wake.set()
+            self._on_load()
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -380,7 +416,7 @@ class Executor:
                 ),
             ):
                 async with asyncio.timeout((job.deadline_ms - _now_ms()) / 1000):
-                    output = await self._pipelines[job.spec.pipeline].run(ctx)
+                    output = await self._runner(self._pipelines[job.spec.pipeline], ctx)
             outcome = Outcome(pb.TASK_STATE_SUCCEEDED, output=output)
             self._queue.policy.estimates.learn(job.traits.kind, self._clock() - began)
         except TimeoutError:

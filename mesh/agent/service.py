@@ -146,6 +146,10 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
     async def CancelLocal(self, request, context):
         return await self.api.cancel_local(request, caller())
 
+    @unary
+    async def RunStage(self, request, context):
+        return await self.api.run_stage(request, caller())
+
 
 SERVICE_NAMES = (
     tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,

@@ -107,6 +107,7 @@ RULES: dict[str, Rule] = {
     PEERS + "Settle": rule(AGENT),
     PEERS + "FetchResult": rule(AGENT),
     PEERS + "Claim": rule(AGENT),
+    PEERS + "RunStage": rule(AGENT),
 }
 # Open to anyone who completed the TLS handshake: liveness probes and the schema, which
 # is public in proto/ anyway.

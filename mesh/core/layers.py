@@ -12,7 +12,7 @@ allocators, as the design describes:
   (``O(layers^2 * agents)``). The agents are taken fastest first.
 
 ``optimum`` tries every order of the agents (small fleets only): what ``bench layers``
-compares both against.
+compares both against. ``rest`` splits what is left of a run whose next agent failed.
 """
 
 from __future__ import annotations
@@ -90,6 +90,19 @@ def balanced(
     """The split that minimizes the slowest stage, for agents fastest first."""
     order = sorted(devices, key=lambda d: (-d.speed, d.name))
     return _best_for_order(memory_mb, compute, order)
+
+
+def rest(
+    memory_mb: Sequence[int], compute: Sequence[float], devices: Sequence[Device], done: int
+) -> Split:
+    """The balanced split of the layers from ``done`` on, for a run whose first ``done``
+    layers have run (and whose next agent failed): the stages number layers as the whole
+    model does."""
+    split = balanced(memory_mb[done:], compute[done:], devices)
+    if not split.fits:
+        return split
+    shifted = tuple(Stage(s.agent, s.first + done, s.count) for s in split.stages)
+    return Split(shifted, split.bottleneck_s)
 
 
 def _best_for_order(

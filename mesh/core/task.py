@@ -82,12 +82,37 @@ def check_offer(
         raise InvalidTask(f"max_tasks must be 0-{MAX_TASKS}")
     if not envelope.spec.task_id:
         raise InvalidTask("an offered task has its id")
+    _as_admitted(envelope.spec, cfg, known_pipelines, now_ms, "offered")
+
+
+MAX_STAGE_BYTES = 1 << 20  # a stage's input: activations between agents, not payloads
+
+
+def check_stage(
+    request: peer_pb2.StageRequest, cfg: AgentConfig, known_pipelines: Collection[str], now_ms: int
+) -> None:
+    """A stage request's spec must pass ``admit`` unchanged, as an offer's does; its
+    layers and input are bounded (the pipeline checks the layers against the model)."""
+    if not 1 <= request.attempt <= MAX_ATTEMPT:
+        raise InvalidTask(f"attempt must be 1-{MAX_ATTEMPT}")
+    if request.count < 1:
+        raise InvalidTask("a stage runs at least one layer")
+    if len(request.input) > MAX_STAGE_BYTES:
+        raise InvalidTask(f"a stage's input is at most {MAX_STAGE_BYTES} bytes")
+    if not request.spec.task_id:
+        raise InvalidTask("a stage's task has its id")
+    _as_admitted(request.spec, cfg, known_pipelines, now_ms, "stage's")
+
+
+def _as_admitted(
+    sent: pb.TaskSpec, cfg: AgentConfig, known_pipelines: Collection[str], now_ms: int, what: str
+) -> None:
     spec = pb.TaskSpec()
-    spec.CopyFrom(envelope.spec)
-    spec.ClearField("deadline")  # the envelope's deadline governs an offered task
+    spec.CopyFrom(sent)
+    spec.ClearField("deadline")  # the envelope's (or the call's) deadline governs it
     spec.ClearField("timeout")
     if admit(spec, cfg, known_pipelines, now_ms).spec != spec:
-        raise InvalidTask("the offered spec is not as its entry agent admitted it")
+        raise InvalidTask(f"the {what} spec is not as its entry agent admitted it")
 
 
 MAX_ATTEMPT = 100

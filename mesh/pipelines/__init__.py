@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, runtime_checkable
 
 from mesh.config import AgentConfig
 from mesh.core.jobs import Output
@@ -34,7 +34,16 @@ log = logging.getLogger(__name__)
 GROUP = "mesh.pipelines"
 # What a pipeline plugin needs, in one place: ``from mesh.pipelines import Output, ...``.
 __all__ = [
-    "GROUP", "Models", "ModelsFull", "Output", "Pipeline", "RunContext", "load_pipelines"
+    "GROUP",
+    "Layers",
+    "Models",
+    "ModelsFull",
+    "Output",
+    "Pipeline",
+    "RunContext",
+    "StageRun",
+    "Stageable",
+    "load_pipelines",
 ]  # fmt: skip
 
 
@@ -182,6 +191,52 @@ class Pipeline(Protocol):
     def __init__(self, cfg: AgentConfig) -> None: ...
 
     async def run(self, ctx: RunContext) -> Output: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Layers:
+    """A model's layers, in order: each one's GPU memory and compute (seconds on a GPU of
+    weight 1, an H100)."""
+
+    memory_mb: tuple[int, ...]
+    compute_s: tuple[float, ...]
+
+    @property
+    def total_mb(self) -> int:
+        return sum(self.memory_mb)
+
+
+@dataclass(frozen=True, slots=True)
+class StageRun:
+    """A stage as it ran: where, which layers, whether it paid their load."""
+
+    agent: str
+    first: int
+    count: int
+    cold: bool
+
+
+@runtime_checkable
+class Stageable(Protocol):
+    """A pipeline that can run a model split by layers over several agents (pipeline
+    parallel), for a model no one agent's GPU memory holds: the agent that holds the task
+    runs the stages in order, each on its own agent, each stage's output the next one's
+    input (``mesh.agent.stages``)."""
+
+    def layers(self, spec: tasks_pb2.TaskSpec) -> Layers:
+        """The task's model's layers; raises ``PipelineError`` for bad params."""
+        ...
+
+    async def run_stage(
+        self, ctx: RunContext, first: int, count: int, data: bytes
+    ) -> tuple[bytes, bool]:
+        """Run layers ``first`` to ``first + count - 1`` on ``data`` (the previous stage's
+        output; empty for the first): the output, and whether the stage paid a load."""
+        ...
+
+    def finish(self, ctx: RunContext, data: bytes, stages: list[StageRun]) -> Output:
+        """The task's result from the last stage's output and what each stage did."""
+        ...
 
 
 def load_pipelines(cfg: AgentConfig) -> dict[str, Pipeline]:

@@ -157,3 +157,25 @@ class TaskRecord(_message.Message):
     backlog_entry: str
     traceparent: str
     def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ..., backlog_entry: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
+
+class StageRequest(_message.Message):
+    __slots__ = ("spec", "attempt", "first", "count", "input")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    spec: _tasks_pb2.TaskSpec
+    attempt: int
+    first: int
+    count: int
+    input: bytes
+    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., attempt: _Optional[int] = ..., first: _Optional[int] = ..., count: _Optional[int] = ..., input: _Optional[bytes] = ...) -> None: ...
+
+class StageResponse(_message.Message):
+    __slots__ = ("output", "cold")
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    COLD_FIELD_NUMBER: _ClassVar[int]
+    output: bytes
+    cold: bool
+    def __init__(self, output: _Optional[bytes] = ..., cold: _Optional[bool] = ...) -> None: ...

@@ -65,6 +65,11 @@ class PeerServiceStub:
                 request_serializer=mesh_dot_v1_dot_peer__pb2.ClaimRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_peer__pb2.ClaimResponse.FromString,
                 _registered_method=True)
+        self.RunStage = channel.unary_unary(
+                '/mesh.v1.PeerService/RunStage',
+                request_serializer=mesh_dot_v1_dot_peer__pb2.StageRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_peer__pb2.StageResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServiceServicer:
@@ -113,6 +118,14 @@ class PeerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunStage(self, request, context):
+        """Run one stage of a task split by layers over agents of this DC (a model no one agent's
+        GPU memory holds): the agent that holds the task asks each stage in turn.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +158,11 @@ def add_PeerServiceServicer_to_server(servicer, server):
                     servicer.Claim,
                     request_deserializer=mesh_dot_v1_dot_peer__pb2.ClaimRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_peer__pb2.ClaimResponse.SerializeToString,
+            ),
+            'RunStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunStage,
+                    request_deserializer=mesh_dot_v1_dot_peer__pb2.StageRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_peer__pb2.StageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -309,6 +327,33 @@ class PeerService:
             '/mesh.v1.PeerService/Claim',
             mesh_dot_v1_dot_peer__pb2.ClaimRequest.SerializeToString,
             mesh_dot_v1_dot_peer__pb2.ClaimResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.PeerService/RunStage',
+            mesh_dot_v1_dot_peer__pb2.StageRequest.SerializeToString,
+            mesh_dot_v1_dot_peer__pb2.StageResponse.FromString,
             options,
             channel_credentials,
             insecure,
