@@ -92,6 +92,32 @@ def envelopes(draw: st.DrawFn, origin_dc: str) -> peer_pb2.Envelope:
 
 
 @st.composite
+def stages(draw: st.DrawFn, admitted: pb.TaskSpec) -> peer_pb2.StageRequest:
+    """Any stage request, or one around a spec as admitted (a sleep task's, 10 ms of work)
+    with any ``layers`` and a block of them near the model's, so the layer bounds, the
+    input's check and the GPU's lending are reached too."""
+    few = st.integers(0, 16)
+    if draw(st.booleans()):
+        spec = pb.TaskSpec()
+        spec.CopyFrom(admitted)
+        spec.params["layers"] = draw(st.one_of(few.map(str), text, st.integers(-5, 2000).map(str)))
+        first = draw(few)
+        after = st.one_of(st.just(first), few, int64).map(lambda n: {"layers_run": n})
+        data = b"" if first == 0 else json.dumps(draw(after)).encode()
+        return peer_pb2.StageRequest(
+            spec=spec, attempt=draw(st.integers(1, 3)), first=first, count=draw(few), input=data
+        )
+    run = st.one_of(int64, few).map(lambda n: json.dumps({"layers_run": n}).encode())
+    return peer_pb2.StageRequest(
+        spec=draw(specs()),
+        attempt=draw(st.one_of(uint32, few)),
+        first=draw(st.one_of(uint32, few)),
+        count=draw(st.one_of(uint32, few)),
+        input=draw(st.one_of(st.binary(max_size=256), run)),
+    )
+
+
+@st.composite
 def datagrams(draw: st.DrawFn, keyring: Keyring, members: list[str]) -> bytes:
     """Random bytes, or a frame signed with the mesh's key and bent anywhere."""
     if draw(st.booleans()):
@@ -171,6 +197,27 @@ def fuzz_offer(
         case()
 
 
+def fuzz_stage(
+    address: str, peer_address: str, agent: Security, user: Security, examples: int, tally: Tally
+) -> None:
+    """Stage requests from an agent of the DC (so they get past who may send one), half
+    around the spec of a task ``user`` submits first (so they get past its checks too)."""
+    first = pb.TaskSpec(pipeline="sleep", model="m", params={"seconds": "0.01", "steps": "1"})
+    with _channel(address, user) as channel:
+        submit = tasks_pb2_grpc.TaskServiceStub(channel).Submit
+        admitted = submit(pb.SubmitRequest(spec=first), timeout=CALL_TIMEOUT_S).status.spec
+    with _channel(peer_address, agent) as channel:
+        run_stage = peer_pb2_grpc.PeerServiceStub(channel).RunStage
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))  # fmt: skip
+        @given(stages(admitted))
+        def case(request: peer_pb2.StageRequest) -> None:
+            _answer(tally, "RunStage", lambda: run_stage(request, timeout=CALL_TIMEOUT_S))
+
+        case()
+
+
 def fuzz_gossip(
     gossip_address: str, keyring: Keyring, members: list[str], examples: int, tally: Tally
 ) -> None:
@@ -223,6 +270,10 @@ def main(argv: list[str]) -> None:
         files = trust.agent("elsewhere-1", "elsewhere")
         other = Security.from_files(trust.mesh, files.ca, files.cert, files.key)
         fuzz_offer(agent.peer_address, other, "dc", "elsewhere", args.examples, tally)
+        files = trust.agent("peer-1", "dc")
+        peer = Security.from_files(trust.mesh, files.ca, files.cert, files.key)
+        user = trust.user("fuzzer")
+        fuzz_stage(agent.address, agent.peer_address, peer, user, args.examples, tally)
         keyring = Keyring((trust.gossip_key_file.read_text().split()[0].encode(),))
         gossip = mesh.gossip_address(agent.name)
         fuzz_gossip(gossip, keyring, [agent.name], args.examples, tally)

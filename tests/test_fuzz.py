@@ -1,5 +1,5 @@
-"""Fuzzing a live agent, at CI size: hypothesis over every field of Submit and Offer, and
-raw and bent gossip datagrams. ``python -m bench fuzz`` runs thousands of each."""
+"""Fuzzing a live agent, at CI size: hypothesis over every field of Submit, Offer and
+RunStage, and raw and bent gossip datagrams. ``python -m bench fuzz`` runs thousands of each."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import aetcd
 from support import Cluster
 
-from bench.fuzz import Tally, fuzz_gossip, fuzz_offer, fuzz_submit, still_well
+from bench.fuzz import Tally, fuzz_gossip, fuzz_offer, fuzz_stage, fuzz_submit, still_well
 from mesh.channels import Security
 from mesh.gossip.wire import Keyring
 from mesh.local.localmesh import free_port
@@ -17,7 +17,7 @@ from mesh.store.keys import KeySpace
 EXAMPLES = 150
 
 
-async def test_no_field_of_submit_offer_or_a_datagram_crashes_or_hangs_an_agent(
+async def test_no_field_of_submit_offer_stage_or_datagram_crashes_or_hangs_an_agent(
     cluster: Cluster, etcd_client: aetcd.Client, prefix: str
 ) -> None:
     port = free_port()
@@ -30,6 +30,8 @@ async def test_no_field_of_submit_offer_or_a_datagram_crashes_or_hangs_an_agent(
     fuzz_offer(
         agent.peer_address, cluster.as_agent("east-1", "east"), "west", "east", EXAMPLES, tally
     )
+    peer, user = cluster.as_agent("west-9", "west"), trust.user("fuzzer")
+    fuzz_stage(agent.address, agent.peer_address, peer, user, EXAMPLES, tally)
     key = trust.gossip_key_file.read_text().split()[0].encode()
     fuzz_gossip(gossip, Keyring((key,)), ["fuzzed"], EXAMPLES, tally)
     anyone = Security(trust.mesh, trust.ca.read_bytes())
@@ -37,3 +39,4 @@ async def test_no_field_of_submit_offer_or_a_datagram_crashes_or_hangs_an_agent(
     assert tally.failures == []
     assert tally.statuses["datagram sent"] == EXAMPLES
     assert sum(n for k, n in tally.statuses.items() if k.startswith("Submit")) == EXAMPLES
+    assert tally.statuses["RunStage OK"] > 0  # some stages got past every check and ran
