@@ -104,27 +104,34 @@ async def test_a_stage_request_is_checked_and_only_an_agent_of_the_dc_may_send_o
     cluster: Cluster,
 ) -> None:
     agent = start(cluster, 1)[0]
+    async with agent.client() as client:  # a spec as its entry agent admitted it
+        await client.submit(sleep_spec("probe", seconds=0.1, steps=1, model="small"))
+        spec = (await ended(client, "probe")).spec  # 8 layers: the pipeline's default
+    tampered = pb.TaskSpec()
+    tampered.CopyFrom(spec)
+    tampered.pipeline = "nope"  # not as its entry agent admitted it
+    huge = b"x" * (2 << 20)  # past a stage's input bound
+    refused = [
+        peer_pb2.StageRequest(spec=spec, attempt=1, first=0, count=0),
+        peer_pb2.StageRequest(spec=spec, attempt=1, first=6, count=3),  # past layer 7
+        peer_pb2.StageRequest(spec=spec, attempt=0, first=0, count=1),
+        peer_pb2.StageRequest(spec=spec, attempt=1, first=0, count=1, input=huge),
+        peer_pb2.StageRequest(spec=spec, attempt=1, first=3, count=1, input=b"{}"),
+        peer_pb2.StageRequest(spec=tampered, attempt=1, first=0, count=1),
+    ]
+    stage = peer_pb2.StageRequest(spec=spec, attempt=1, first=0, count=3)
     async with peer_channel(agent.peer_address, cluster.as_agent("s9", "west")) as channel:
         stub = peer_pb2_grpc.PeerServiceStub(channel)
-        spec = big_task("probe", 0.1)
-        huge = b"x" * (2 << 20)  # past a stage's input bound
-        refused = [
-            peer_pb2.StageRequest(spec=spec, attempt=1, first=0, count=0),
-            peer_pb2.StageRequest(spec=spec, attempt=1, first=6, count=3),  # past layer 7
-            peer_pb2.StageRequest(spec=spec, attempt=0, first=0, count=1),
-            peer_pb2.StageRequest(spec=spec, attempt=1, first=0, count=1, input=huge),
-            peer_pb2.StageRequest(spec=spec, attempt=1, first=3, count=1, input=b"{}"),
-        ]
         for request in refused:
             with pytest.raises(grpc.aio.AioRpcError) as caught:
-                await stub.RunStage(request)
+                await stub.RunStage(request, timeout=10)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
-        fine = await stub.RunStage(peer_pb2.StageRequest(spec=spec, attempt=1, first=0, count=3))
-        assert json.loads(fine.output) == {"layers_run": 3} and fine.cold
-    outsider = cluster.as_agent("e9", "east")
-    async with peer_channel(agent.peer_address, outsider) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await peer_pb2_grpc.PeerServiceStub(channel).RunStage(
-                peer_pb2.StageRequest(spec=big_task("probe-2", 0.1), attempt=1, first=0, count=1)
-            )
+            await stub.RunStage(stage)  # no deadline: it could hold a GPU for ever
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        fine = await stub.RunStage(stage, timeout=10)
+        assert json.loads(fine.output) == {"layers_run": 3} and fine.cold
+    async with peer_channel(agent.peer_address, cluster.as_agent("e9", "east")) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await peer_pb2_grpc.PeerServiceStub(channel).RunStage(stage, timeout=10)
         assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED

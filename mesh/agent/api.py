@@ -301,10 +301,10 @@ class AgentApi:
         return await self._to_the_end(self._agent.addressing.answer(request))
 
     async def run_stage(
-        self, request: peer_pb2.StageRequest, grant: Grant
+        self, request: peer_pb2.StageRequest, grant: Grant, time_left_s: float | None
     ) -> peer_pb2.StageResponse:
         speaks_for(grant, self._agent.cfg.dc, what="a stage")  # a split stays in its DC
-        return await self._agent.stages.serve(request)
+        return await self._agent.stages.serve(request, time_left_s)
 
     async def cancel_local(self, request: pb.CancelRequest, grant: Grant) -> pb.TaskStatus:
         speaks_for(grant, self._agent.cfg.dc, what="a local cancel")

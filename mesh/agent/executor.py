@@ -400,6 +400,7 @@ class Executor:
                 gpus=run.gpus,
                 models=self._models,
                 progress=lambda s, t, m: self._reporter.progress(job, s, t, m),
+                deadline_ms=job.deadline_ms,
             )
             began = self._clock()
             attributes = {

@@ -73,11 +73,9 @@ class PeerClients:
         return await self._stub(address, dc).Claim(request, timeout=timeout_s)
 
     async def run_stage(
-        self, address: str, dc: str, request: peer_pb2.StageRequest
+        self, address: str, dc: str, request: peer_pb2.StageRequest, timeout_s: float
     ) -> peer_pb2.StageResponse:
-        """No deadline of its own: the stage is cancelled with the driving run (at the
-        task's deadline, or when it is cancelled)."""
-        return await self._stub(address, dc).RunStage(request)
+        return await self._stub(address, dc).RunStage(request, timeout=timeout_s)
 
     async def cancel_local(
         self, address: str, dc: str, request: tasks_pb2.CancelRequest, timeout_s: float

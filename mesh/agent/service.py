@@ -148,7 +148,7 @@ class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
 
     @unary
     async def RunStage(self, request, context):
-        return await self.api.run_stage(request, caller())
+        return await self.api.run_stage(request, caller(), context.time_remaining())
 
 
 SERVICE_NAMES = (

@@ -148,8 +148,11 @@ class Stages:
         request = peer_pb2.StageRequest(
             spec=ctx.spec, attempt=ctx.attempt, first=stage.first, count=stage.count, input=data
         )
+        left_s = (ctx.deadline_ms - time.time() * 1000) / 1000 if ctx.deadline_ms else 0
+        if left_s <= 0:
+            raise PipelineError("task deadline passed while it ran", "DEADLINE_EXCEEDED")
         try:
-            reply = await self._peers.run_stage(record.peer_address, self._cfg.dc, request)
+            reply = await self._peers.run_stage(record.peer_address, self._cfg.dc, request, left_s)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in PASS_OVER:
                 raise _PassedOver(f"{exc.code().name}: {exc.details()}") from None
@@ -160,9 +163,14 @@ class Stages:
 
     # -- the serving end -----------------------------------------------------------------
 
-    async def serve(self, request: peer_pb2.StageRequest) -> peer_pb2.StageResponse:
+    async def serve(
+        self, request: peer_pb2.StageRequest, time_left_s: float | None
+    ) -> peer_pb2.StageResponse:
         """Run one stage for an agent of this DC that drives a split task: on a free GPU
-        taken at once (``Executor.lend``), refused when there is none."""
+        taken at once (``Executor.lend``), refused when there is none. The call must
+        carry a deadline (the task's): a stage never holds a GPU past it."""
+        if time_left_s is None:
+            raise InvalidTask("a stage call carries its task's deadline")
         check_stage(request, self._cfg, self._pipelines.keys(), int(time.time() * 1000))
         pipeline = self._pipelines[request.spec.pipeline]
         if not isinstance(pipeline, Stageable):

@@ -183,6 +183,7 @@ class RunContext:
     gpus: tuple[Gpu, ...]
     models: Models
     progress: ProgressFn
+    deadline_ms: int = 0  # when the task must be done, Unix ms (0: none known)
 
 
 class Pipeline(Protocol):
