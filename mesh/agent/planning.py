@@ -182,8 +182,12 @@ class Planning:
         executor = self._executor
         if executor.queued or executor.running >= executor.slots or not self._warmers:
             return
-        models = self._models
-        cold = sorted(models.planned - models.loaded - models.loading)
+        models, sized = self._models, self._warmers[0].memory_mb
+        cold = sorted(
+            m
+            for m in models.planned - models.loaded - models.loading
+            if not models.capacity_mb or sized(m) <= models.capacity_mb  # else split, not held
+        )
         if cold:
             self._warming = asyncio.create_task(self._warm(cold[0]), name=f"warm {cold[0]}")
 
