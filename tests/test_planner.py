@@ -113,3 +113,16 @@ def test_a_new_model_without_a_home_calls_for_a_plan_while_there_is_room() -> No
     assert not homeless(plan(now, fleet), now, fleet)
     full = [Host("a", 1.0, 1), Host("b", 1.0, 1)]
     assert homeless(made, now, fleet) and not homeless(plan(before, full), now, full)
+
+
+def test_a_model_without_a_home_queues_where_it_is_loaded_within_the_slack() -> None:
+    router = Router(Policy(home_slack=2.0, load_floor=1.0))
+    router.set_members([member(f"a{i}") for i in range(4)])
+    router.set_loaded("a2", {"m"})  # loaded (or loading) there, one task already
+    router.set_load("a2", 1, 0)
+    assert router.route(Request("t1", "m", "sleep")).first.name == "a2"  # wait, not load
+    router.set_load("a2", 3, 0)  # past the floor and the slack: a load elsewhere
+    assert router.route(Request("t1", "m", "sleep")).first.name != "a2"
+    router.set_load("a2", 1, 0)
+    router.set_homes({"m": ("a0",)})  # with a home, the home's slack decides
+    assert router.route(Request("t1", "m", "sleep")).first.name == "a0"

@@ -96,6 +96,7 @@ class Agent:
             self._republish_soon,
             capacity_mb=sum(gpu.memory_mb for gpu in self.gpus),  # one pool: see Models
             on_evicted=lambda _: self._republish_soon(),
+            on_loading=lambda: self.view.local_changed(),
         )
         self._renewal: asyncio.TimerHandle | None = None  # a spent budget renewed
         self.quota = QuotaStore(

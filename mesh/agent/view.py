@@ -99,7 +99,7 @@ class View:
         """This agent's own load or models changed: into the router, and into gossip."""
         me, executor = self._cfg.agent_id, self._executor
         self.router.set_load(me, executor.running, executor.queued)
-        self.router.set_loaded(me, self._models.loaded)
+        self.router.set_loaded(me, self._models.present)
         running, queued = executor.by_class()
         self.gossiper.update_own(
             slots=executor.slots,
@@ -118,7 +118,7 @@ class View:
         """A newer state of a peer arrived by gossip: its load and models, and it is alive."""
         running, queued = state.tasks
         self.router.set_load(state.agent_id, running, queued)
-        self.router.set_loaded(state.agent_id, state.loaded)
+        self.router.set_loaded(state.agent_id, (*state.loaded, *state.loading))
         self.router.set_suspect(state.agent_id, False)
         self._on_capacity()
 
@@ -138,7 +138,7 @@ class View:
         return peer_pb2.Load(
             running=self._executor.running,
             queued=self._executor.queued,
-            models_loaded=sorted(self._models.loaded),
+            models_loaded=sorted(self._models.present),
         )
 
     # -- the applied topology ------------------------------------------------------------

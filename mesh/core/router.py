@@ -379,11 +379,17 @@ class Router:
         cls = self._class(request.needs)
         bound = self._bound(cls)
         window, loads, shape = self.policy.affinity_window, self._loads, cls.shape
+        model, loaded = request.model, self._loaded
+        # A model with no home yet (before the first plan, or between one home dropping it
+        # and the next announcing it): an agent that holds it may queue it as a home would.
+        slack = 0.0 if model in self._homes else self.policy.home_slack
         fits: list[tuple[str, float]] = []
         candidates: list[Candidate] = []
         for agent_id in self._walk(cls, key_point(request.key)):
             weight, floor, hard = shape[agent_id]
             most = bound * weight if bound * weight > floor else floor
+            if slack and model in loaded[agent_id]:
+                most += slack * weight
             if most > hard:
                 most = hard
             if loads[agent_id].tasks + 1 <= most and agent_id not in visited:
@@ -393,7 +399,6 @@ class Router:
                     candidates.append(self._explain(request, agent_id, most, visited))
             elif len(fits) >= window:
                 break
-        model, loaded = request.model, self._loaded
         warm = [f for f in fits[:window] if model in loaded[f[0]]]
         ordered = warm + [f for f in fits if f not in warm] if warm else fits
         homes: frozenset[str] = frozenset()

@@ -62,8 +62,10 @@ class Models:
         capacity_mb: int = 0,
         clock: Callable[[], float] = time.monotonic,
         on_evicted: Callable[[str], None] = lambda _: None,
+        on_loading: Callable[[], None] = lambda: None,
     ) -> None:
-        """``capacity_mb``: the GPU memory models may fill (0: no limit)."""
+        """``capacity_mb``: the GPU memory models may fill (0: no limit); ``on_loading``
+        is called when a load begins (routers treat a model on its way as there)."""
         self.loaded: set[str] = set(preloaded)
         self.loading: set[str] = set()
         self.memory_mb: dict[str, int] = dict.fromkeys(self.loaded, 0)
@@ -77,6 +79,13 @@ class Models:
         self._room = asyncio.Condition()
         self._on_loaded = on_loaded
         self._on_evicted = on_evicted
+        self._on_loading = on_loading
+
+    @property
+    def present(self) -> frozenset[str]:
+        """Models loaded or on their way: a task sent here waits at most for the rest of
+        a load under way, never a whole one."""
+        return frozenset(self.loaded | self.loading)
 
     @property
     def used_mb(self) -> int:
@@ -117,6 +126,7 @@ class Models:
                 return False
             await self._make_room(model, max(0, memory_mb), evict_planned)
             self.loading.add(model)
+            self._on_loading()
             try:
                 await load()
             except BaseException:
