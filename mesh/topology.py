@@ -72,9 +72,10 @@ class Routing(Strict):
     home_slack: float = Field(
         6.0,
         ge=0,
-        description="tasks per unit of GPU weight a model's planned homes may hold beyond "
-        "the bound: waiting behind warm work beats a model load elsewhere, which also "
-        "evicts a model there (about twice a model load over a task's run time)",
+        description="tasks per unit of GPU weight a model's planned homes (or, for a model "
+        "with no home, agents that hold it) may hold beyond the bound: waiting behind warm "
+        "work beats a model load elsewhere, which also evicts a model there (about twice a "
+        "model load over a task's run time)",
     )
     max_hops: int = Field(3, ge=1, le=16, description="most forwards a task may take")
 

@@ -57,8 +57,9 @@ class Policy:
     load_floor: float = 1.0  # tasks per slot any agent may hold whatever the average
     ring_tries: int = 3  # agents that may take the task offered before two choices
     affinity_window: int = 8  # of the first agents that may take it, loaded ones go first
-    # A model's planned homes may hold this many more tasks per unit of GPU weight than
-    # the bound: waiting a little behind warm work beats paying a model load elsewhere.
+    # A model's planned homes (or, for a model with no home, the agents that hold it) may
+    # hold this many more tasks per unit of GPU weight than the bound: waiting behind warm
+    # work beats paying a model load elsewhere.
     home_slack: float = 0.0
 
 
