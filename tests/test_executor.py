@@ -19,7 +19,7 @@ from mesh.agent.executor import Executor
 from mesh.core.jobs import Job, Outcome, Output
 from mesh.core.priority import Weighted
 from mesh.core.task import state_name
-from mesh.errors import InvalidTask, LimitExceeded, PipelineError, Unavailable
+from mesh.errors import InvalidTask, LimitExceeded, NoCapacity, PipelineError, Unavailable
 from mesh.gpus import Gpu, parse_fake
 from mesh.pipelines import Models, RunContext
 from mesh.pipelines.echo import EchoPipeline
@@ -310,3 +310,15 @@ async def test_a_queued_task_is_told_when_it_should_start() -> None:
         assert executor.expected_start_s("t0") is None  # running, not queued
         starts = [executor.expected_start_s(f"t{i}") for i in (2, 3, 4)]
         assert starts == [0.75, 0.75, 1.75]
+
+
+async def test_a_gpu_lent_to_a_stage_is_load_here_and_in_gossip_and_never_queued(rig) -> None:
+    executor, recorder, _gated = rig
+    with executor.lend("batch") as gpu:
+        assert executor.running == 1 and executor.by_class() == ({"batch": 1}, {})
+        executor.enqueue(job("t0"))
+        await recorder.until("start", lambda: recorder.starts)
+        assert recorder.starts[0][1] != (gpu.index,)  # the other GPU
+        with pytest.raises(NoCapacity), executor.lend("batch"):  # none free: refused at once
+            pass
+    assert executor.running == 1 and executor.by_class() == ({"normal": 1}, {})

@@ -120,7 +120,7 @@ class Executor:
         self._shares = shares
         self._decided = decided
         self._runner = runner
-        self._lent = 0  # GPUs lent to stages of tasks other agents run (``lend``)
+        self._lent: Counter[str] = Counter()  # GPUs lent to other agents' stages, by class
         self._waiting: dict[str, Job] = {}  # jobs over their tenant's quota, in order
         self._waiting_groups: set[str] = set()  # groups the waiting gauge shows
         self._wake = asyncio.Event()
@@ -131,7 +131,7 @@ class Executor:
 
     @property
     def running(self) -> int:
-        return len(self._running) + self._lent
+        return len(self._running) + self._lent.total()
 
     @property
     def queued(self) -> int:
@@ -176,6 +176,9 @@ class Executor:
         running: dict[str, int] = {}
         for run in self._running.values():
             running[run.job.spec.queue] = running.get(run.job.spec.queue, 0) + 1
+        for queue, lent in self._lent.items():
+            if lent:
+                running[queue] = running.get(queue, 0) + lent
         queued = {c: n for c, n in self._queue.depth().items() if n}
         return running, queued
 
@@ -224,22 +227,22 @@ class Executor:
         return None if math.isinf(start) else start
 
     @contextlib.contextmanager
-    def lend(self) -> Iterator[Gpu]:
-        """A free GPU for one stage of a task another agent runs split by layers: taken
-        at once or refused (``NoCapacity``: the sender gives the layers to another agent),
-        never queued, so a stage never holds a GPU waiting for another; counted in this
-        agent's load while held. It goes around the queue: the stage belongs to a task
-        that already runs."""
+    def lend(self, queue: str) -> Iterator[Gpu]:
+        """A free GPU for one stage of a task of ``queue`` another agent runs split by
+        layers: taken at once or refused (``NoCapacity``: the sender gives the layers to
+        another agent), never queued, so a stage never holds a GPU waiting for another;
+        counted in this agent's load, here and in gossip, while held. It goes around the
+        queue: the stage belongs to a task that already runs."""
         if not self.accepting or not self._free:
             raise NoCapacity("no free GPU here for a stage")
         gpu = max(self._free, key=lambda g: g.memory_mb)
         self._free.remove(gpu)
-        self._lent += 1
+        self._lent[queue] += 1
         self._on_load()
         try:
             yield gpu
         finally:
-            self._lent -= 1
+            self._lent[queue] -= 1
             self._free.append(gpu)
             self._wake.set()
             self._on_load()

@@ -178,7 +178,7 @@ class Stages:
         total = len(pipeline.layers(request.spec).memory_mb)
         if request.first + request.count > total:
             raise InvalidTask(f"layers {request.first}+{request.count} past the model's {total}")
-        with self._executor.lend() as gpu:
+        with self._executor.lend(request.spec.queue) as gpu:
             ctx = RunContext(
                 task_id=request.spec.task_id,
                 attempt=request.attempt,
