@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import grpc
 
@@ -62,7 +61,6 @@ class Stages:
         executor: Executor,
         models: Models,
         pipelines: dict[str, Pipeline],
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._cfg = cfg
         self._view = view
@@ -71,7 +69,6 @@ class Stages:
         self._executor = executor
         self._models = models
         self._pipelines = pipelines
-        self._clock = clock
 
     # -- the driving end -----------------------------------------------------------------
 
