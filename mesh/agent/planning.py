@@ -87,9 +87,7 @@ class Planning:
 
     def step(self) -> None:
         """Publish our demand, plan, take on our part, and warm one model if idle."""
-        work = self.own_demand()
-        top = sorted(work, key=lambda m: -work[m])[:MAX_DEMAND]
-        own = {m: float(f"{work[m]:.2g}") for m in top}
+        own = planner.most_asked(self.own_demand(), MAX_DEMAND)
         self._view.gossiper.update_own(demand=own, room=self._room)
         demand, hosts = self.inputs(own)
         self.demand = demand

@@ -110,6 +110,14 @@ def drifted(before: Mapping[str, float], now: Mapping[str, float], drift: float 
     )
 
 
+def most_asked(demand: Mapping[str, float], limit: int) -> dict[str, float]:
+    """The ``limit`` models with the most demand, at two significant digits: what an
+    agent gossips and a DC summary carries (bounded, and unmoved by noise in the third
+    digit)."""
+    asked = sorted((m for m, v in demand.items() if v > 0), key=lambda m: (-demand[m], m))
+    return {m: float(f"{demand[m]:.2g}") for m in asked[:limit]}
+
+
 def homeless(made: Plan, demand: Mapping[str, float], hosts: Sequence[Host]) -> bool:
     """Whether a model with demand has no home in ``made`` while some agent has room for
     one: a new model's demand is a sliver of the whole, too little to count as drift, but

@@ -67,13 +67,8 @@ def build(
         models_loaded=router.models_loaded()[:MAX_MODELS],
         live=live[:LIVE_ADDRESSES],
         global_held=dict(sorted((global_held or {}).items())[:MAX_GROUPS]),
-        demand=_top(demand or {}),
+        demand=planner.most_asked(demand or {}, MAX_MODELS),
     )
-
-
-def _top(demand: Mapping[str, float]) -> dict[str, float]:
-    asked = sorted((m for m, v in demand.items() if v > 0), key=lambda m: (-demand[m], m))
-    return {m: float(f"{demand[m]:.2g}") for m in asked[:MAX_MODELS]}
 
 
 ADDRESS = re.compile(r"[A-Za-z0-9.:\[\]-]{1,255}")
