@@ -11,9 +11,10 @@ The plan gives each model GPU weight in proportion to its demand (with ``headroo
 hottest first, from agents it was planned on first, then from agents that hold it, then
 from those with the most weight left: a model stays where it was planned while it needs
 that much. A model's second and later homes come only out of the room left beyond one
-home for every model with demand, so all of them have a home while there is room. A new plan is made
-only when the agents change or demand has ``drifted`` (hysteresis: demand is noisy, and a
-plan that follows every wiggle moves models, and pays loads, for nothing).
+home for every model with demand, so all of them have a home while there is room. A new
+plan is made only when the agents change, demand has ``drifted`` (hysteresis: demand is
+noisy, and a plan that follows every wiggle moves models, and pays loads, for nothing), or
+a model with demand is ``homeless`` while an agent has room.
 """
 
 from __future__ import annotations
