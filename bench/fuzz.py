@@ -20,6 +20,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -42,6 +43,7 @@ PRECISE = {
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.FAILED_PRECONDITION,
 }
+T = TypeVar("T")
 CALL_TIMEOUT_S = 10.0  # an answer later than this is a hang
 MAX_MESSAGE = 8 * 1024 * 1024
 
@@ -167,19 +169,24 @@ def _answer(tally: Tally, what: str, call: Callable[[], object]) -> None:
     tally.statuses[f"{what} {code.name}"] += 1
 
 
+def _campaign(examples: int, strategy: st.SearchStrategy[T], send: Callable[[T], None]) -> None:
+    """``send`` each of ``examples`` cases of ``strategy``, the same cases in every run."""
+
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))  # fmt: skip
+    @given(strategy)
+    def case(value: T) -> None:
+        send(value)
+
+    case()
+
+
 def fuzz_submit(address: str, user: Security, examples: int, tally: Tally) -> None:
     with _channel(address, user) as channel:
         submit = tasks_pb2_grpc.TaskServiceStub(channel).Submit
-
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(specs())
-        def case(spec: pb.TaskSpec) -> None:
-            _answer(
-                tally, "Submit", lambda: submit(pb.SubmitRequest(spec=spec), timeout=CALL_TIMEOUT_S)
-            )
-
-        case()
+        _campaign(examples, specs(), lambda spec: _answer(
+            tally, "Submit", lambda: submit(pb.SubmitRequest(spec=spec), timeout=CALL_TIMEOUT_S)
+        ))  # fmt: skip
 
 
 def fuzz_offer(
@@ -187,14 +194,9 @@ def fuzz_offer(
 ) -> None:
     with _channel(peer_address, agent, dc) as channel:
         offer = peer_pb2_grpc.PeerServiceStub(channel).Offer
-
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(envelopes(origin))
-        def case(envelope: peer_pb2.Envelope) -> None:
-            _answer(tally, "Offer", lambda: offer(envelope, timeout=CALL_TIMEOUT_S))
-
-        case()
+        _campaign(examples, envelopes(origin), lambda envelope: _answer(
+            tally, "Offer", lambda: offer(envelope, timeout=CALL_TIMEOUT_S)
+        ))  # fmt: skip
 
 
 def fuzz_stage(
@@ -208,14 +210,9 @@ def fuzz_stage(
         admitted = submit(pb.SubmitRequest(spec=first), timeout=CALL_TIMEOUT_S).status.spec
     with _channel(peer_address, agent) as channel:
         run_stage = peer_pb2_grpc.PeerServiceStub(channel).RunStage
-
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(stages(admitted))
-        def case(request: peer_pb2.StageRequest) -> None:
-            _answer(tally, "RunStage", lambda: run_stage(request, timeout=CALL_TIMEOUT_S))
-
-        case()
+        _campaign(examples, stages(admitted), lambda request: _answer(
+            tally, "RunStage", lambda: run_stage(request, timeout=CALL_TIMEOUT_S)
+        ))  # fmt: skip
 
 
 def fuzz_gossip(
@@ -224,14 +221,11 @@ def fuzz_gossip(
     host, _, port = gossip_address.rpartition(":")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
 
-        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
-        @given(datagrams(keyring, members))
-        def case(data: bytes) -> None:
+        def send(data: bytes) -> None:
             sock.sendto(data, (host, int(port)))
             tally.statuses["datagram sent"] += 1
 
-        case()
+        _campaign(examples, datagrams(keyring, members), send)
 
 
 def still_well(address: str, anyone: Security, metrics_url: str | None, tally: Tally) -> None:
