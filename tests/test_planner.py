@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.core.planner import Host, drifted, homeless, plan
+from mesh.core.planner import Host, drifted, homeless, keeping, plan
 from mesh.core.router import Router
 from mesh.core.routing import AGENT, Member, Policy, Request
 
@@ -113,6 +113,46 @@ def test_a_new_model_without_a_home_calls_for_a_plan_while_there_is_room() -> No
     assert not homeless(plan(now, fleet), now, fleet)
     full = [Host("a", 1.0, 1), Host("b", 1.0, 1)]
     assert not homeless(plan(before, full), now, full)  # no room: no new plan for it
+
+
+def test_a_moved_model_is_kept_by_its_old_home_until_a_new_home_has_it_loaded() -> None:
+    made = plan({"hot": 6.0, "cold": 1.0}, [Host("b", 1.0, 2)])  # both moved to b
+    was = frozenset({"hot", "cold", "gone"})
+    announced = {"b": frozenset({"hot", "cold"})}
+    holds = {"a": was, "b": frozenset()}
+    assert keeping("a", was, made, holds, announced) == {"hot", "cold"}  # not "gone": no demand
+    assert keeping("a", was, made, holds | {"a": frozenset({"hot"})}, announced) == {"hot"}
+    holds["b"] = frozenset({"hot"})  # b has hot loaded: a hands it over
+    assert keeping("a", was, made, holds, announced) == {"cold"}
+    assert keeping("a", was, made, holds, {"b": frozenset({"cold"})}) == {"hot", "cold"}
+
+
+@given(
+    demands,
+    hosts,
+    st.lists(st.frozensets(st.sampled_from([f"m{i}" for i in range(15)])), min_size=12),
+    st.lists(st.frozensets(st.sampled_from([f"m{i}" for i in range(15)])), min_size=12),
+)
+def test_a_placed_model_someone_holds_is_always_someones(
+    demand: dict, fleet: list[Host], held: list[frozenset[str]], hosted: list[frozenset[str]]
+) -> None:
+    """Whatever the plan and whatever each agent announced, a model the plan places that
+    some agent holds ends up announced by an agent that holds it: never nobody's."""
+    made = plan(demand, fleet)
+    names = [h.name for h in fleet]
+    holds, announced = dict(zip(names, held, strict=False)), dict(zip(names, hosted, strict=False))
+    after = {n: made.for_agent(n) | keeping(n, announced[n], made, holds, announced) for n in names}
+    for model in made.homes:
+        if any(model in models for models in holds.values()):
+            assert any(model in after[n] and model in holds[n] for n in names), model
+
+
+def test_a_model_the_plans_left_nobodys_is_adopted_by_its_first_holder() -> None:
+    made = plan({"m": 1.0}, [Host("c", 1.0, 1)])  # c's plan: m is c's, but c never took it
+    holds = {"a": frozenset({"m"}), "b": frozenset({"m"}), "c": frozenset()}
+    assert keeping("a", frozenset(), made, holds, {}) == {"m"}
+    assert keeping("b", frozenset(), made, holds, {}) == frozenset()  # a adopts, not both
+    assert keeping("a", frozenset(), made, holds, {"b": frozenset({"m"})}) == frozenset()
 
 
 def test_a_model_without_a_home_queues_where_it_is_loaded_within_the_slack() -> None:

@@ -8,9 +8,11 @@ the homes the agents announced as the previous plan, so all compute alike; it is
 again only when the agents change, demand drifts, or a model with demand has no home
 while an agent has room for it. The agent takes on its own part only and announces it
 in gossip (``hosting``): every router routes by the announced homes, so routers agree
-with what agents keep even while their computed plans differ. It keeps
-its part from eviction and warms one of its models that is not loaded, only while a slot
-is idle and nothing waits (warming never delays a task, never evicts a planned model).
+with what agents keep even while their computed plans differ. A model the plan moves away
+it hands over (it keeps and announces it until a new home has it loaded), and a model it
+holds that no one announces it adopts (``planner.keeping``). It keeps what it announces
+from eviction and warms one of its models that is not loaded, only while a
+slot is idle and nothing waits (warming never delays a task, never evicts a planned model).
 """
 
 from __future__ import annotations
@@ -74,7 +76,8 @@ class Planning:
         self._acting = acting
         self._clock = clock
         self.plan: planner.Plan | None = None  # as this agent last computed it
-        self.hosting: frozenset[str] = frozenset()  # our part of it, as we took it
+        self.part: frozenset[str] = frozenset()  # our part of it
+        self.hosting: frozenset[str] = frozenset()  # what we announce: part and handovers
         self._basis: dict[str, float] = {}  # the demand the plan was made for
         self.demand: dict[str, float] = {}  # work asked of the DC per model, last step
         self._fleet: list[tuple[str, float, int]] = []  # and the agents
@@ -100,19 +103,37 @@ class Planning:
             or planner.homeless(self.plan, demand, hosts)
         ):
             made = planner.plan(demand, hosts, announced)
-            mine = made.for_agent(self._me)
             if self.plan is None or made.homes != self.plan.homes:
                 log.info("placement plan: %s", {m: list(a) for m, a in made.homes.items()})
                 if (decisions := self._decisions()) is not None:
                     decisions.plan(demand, hosts, announced, made)
             self.plan, self._basis, self._fleet = made, demand, fleet
-            if self._acting and mine != self.hosting:
-                self.hosting = mine
-                self._view.gossiper.update_own(hosting=tuple(sorted(mine)))
+            self.part = made.for_agent(self._me)
         if self._acting:
+            hosting = self.part | self._keeping()
+            if hosting != self.hosting:
+                self.hosting = hosting
+                self._view.gossiper.update_own(hosting=tuple(sorted(hosting)))
             self._view.router.set_homes(self.homes())
             self._models.planned = self.hosting
             self._warm_one()
+
+    def _keeping(self) -> frozenset[str]:
+        """What we host beyond our part (``planner.keeping``), from gossip; a draining
+        agent is no one's home (routers send it nothing), so it neither keeps nor counts."""
+        assert self.plan is not None
+        members = self._view.router.members
+        if self._me not in members or members[self._me].draining:
+            return frozenset()
+        states = [
+            s
+            for s in self._view.gossiper.table.states()
+            if s.agent_id in members and not members[s.agent_id].draining
+        ]
+        holds = {s.agent_id: frozenset(s.loaded) for s in states}
+        holds[self._me] = self._models.present
+        announced = {s.agent_id: frozenset(s.hosting) for s in states}
+        return planner.keeping(self._me, self.hosting, self.plan, holds, announced)
 
     def homes(self) -> dict[str, tuple[str, ...]]:
         """Each model's homes as the agents announced them (their part of the plan, in

@@ -14,7 +14,9 @@ that much. A model's second and later homes come only out of the room left beyon
 home for every model with demand, so all of them have a home while there is room. A new
 plan is made only when the agents change, demand has ``drifted`` (hysteresis: demand is
 noisy, and a plan that follows every wiggle moves models, and pays loads, for nothing), or
-a model with demand is ``homeless`` while an agent has room.
+a model with demand is ``homeless`` while an agent has room. Beyond its part, an agent
+hosts what it is ``keeping``: a model moved away until a new home has it loaded, and a
+model the plans left nobody's that it holds.
 """
 
 from __future__ import annotations
@@ -117,6 +119,39 @@ def most_asked(demand: Mapping[str, float], limit: int) -> dict[str, float]:
     digit)."""
     asked = sorted((m for m, v in demand.items() if v > 0), key=lambda m: (-demand[m], m))
     return {m: float(f"{demand[m]:.2g}") for m in asked[:limit]}
+
+
+def keeping(
+    me: str,
+    before: frozenset[str],
+    made: Plan,
+    holds: Mapping[str, frozenset[str]],
+    announced: Mapping[str, frozenset[str]],
+) -> frozenset[str]:
+    """The models ``me`` hosts beyond its part of the plan ``made``: ones it holds
+    (``holds[me]``: loaded or loading) that the plan places somewhere, while no agent
+    ahead of it holds and announces the model (``holds`` of the others: loaded;
+    ``announced``: each one's hosting). Agents go in one order per model: the model's
+    planned homes first, then by name. Of those models it keeps the ones it hosted
+    ``before`` (a model the plan moved away is handed over: dropped at once, it would be
+    homeless for a load's time, and each of its tasks meanwhile would pay a load
+    somewhere and evict a planned model to do it) and adopts those it is the first
+    holder of (agents plan from views gossip has not yet made equal: a model each gives
+    to another would otherwise be nobody's). What it keeps it announces and spares from
+    eviction; one order for all means two keepers never both let go."""
+    mine = holds.get(me, frozenset())
+
+    def kept(model: str) -> bool:
+        def behind(agent: str) -> bool:
+            return (agent not in made.homes[model], agent) > (me not in made.homes[model], me)
+
+        holders = [a for a, models in holds.items() if model in models and a != me]
+        keepers = [a for a in holders if model in announced.get(a, ())]
+        if model in before:
+            return all(behind(a) for a in keepers)
+        return not keepers and all(behind(a) for a in holders)
+
+    return frozenset(m for m in mine - made.for_agent(me) if m in made.homes and kept(m))
 
 
 def homeless(made: Plan, demand: Mapping[str, float], hosts: Sequence[Host]) -> bool:
