@@ -1,7 +1,8 @@
 """One mesh to its users, on two DCs with an etcd each: every task read, watched, listed
 and cancelled through an agent of the other DC; a cancel storm over a deep backlog that
 ends every waiting task without waiting its turn; one task per id submitted through both
-DCs; and, when an id's home could not be asked, the duplicate found and ended."""
+DCs; and, when an id's home could not be asked, the duplicate found and ended, and
+whoever asks the losing DC about it answered from the winner's copy."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import asyncio
 import signal
 from collections.abc import Callable
 
+import aetcd
 import grpc
 import pytest
 from support import AgentProc, Cluster, apply_topology, eventually, sleep_spec, two_dcs, wait_log
@@ -22,7 +24,9 @@ from mesh.sdk import AsyncClient
 from mesh.store.claims import Claim, ClaimStore
 from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
+from mesh.store.records import decode
 from mesh.v1 import tasks_pb2 as pb
+from mesh.v1.peer_pb2 import TaskRecord
 
 DCS = ["east", "west"]
 
@@ -160,11 +164,37 @@ async def test_an_id_accepted_twice_while_its_home_was_away_keeps_the_homes_task
     async with west.client() as w:
         accepted = await w.submit(sleep_spec(task_id, seconds=60, steps=60, model="m"))
         assert accepted.status.dc == "west" and not accepted.existing  # recorded, unclaimed
+        watched = asyncio.create_task(last_event(w, task_id))  # a watcher of west's copy
         # Meanwhile, cut off from west, east accepted the same id and claimed it at home.
         async with client_for([etcds["east"].endpoint], security=cluster.trust.operator()) as etcd:
             claims = ClaimStore(etcd, KeySpace(prefix, "east"))
             await claims.claim(task_id, Claim("east", "its-digest", now_ms()))
-        start("east")  # east is back: west's owner claims, and learns east was first
-        ended = await final(w, task_id)
-    assert state_name(ended.state) == "CANCELLED"
-    assert "duplicate: DC east recorded" in ended.error.message
+        async with start("east").client() as e:
+            await e.submit(sleep_spec(task_id, seconds=0.5, steps=1, model="m"))
+            # east is back: west's owner claims, learns east was first, cancels its copy
+            # and answers from east's from then on: Get, Watch and List through west.
+            ended = await final(w, task_id)
+            assert state_name(ended.state) == "SUCCEEDED" and ended.dc == "east"
+            assert (await asyncio.wait_for(watched, 30)).state == ended.state  # a hang guard
+            assert [s.task_id for s in await w.list_all()] == [task_id]  # one task, not two
+    async with client_for([etcds["west"].endpoint], security=cluster.trust.operator()) as etcd:
+        copy = await eventually(
+            lambda: ended_copy(etcd, KeySpace(prefix, "west"), task_id), what="west's copy ended"
+        )
+    assert state_name(copy.status.state) == "CANCELLED" and copy.superseded_by_dc == "east"
+    assert "duplicate: DC east recorded" in copy.status.error.message
+
+
+async def ended_copy(etcd: aetcd.Client, keys: KeySpace, task_id: str) -> TaskRecord | None:
+    """The record of ``task_id`` in a DC's etcd once it has ended."""
+    found = await etcd.get(keys.task(task_id))
+    record = decode(found.value) if found else None
+    return record if record and record.status.state in TERMINAL else None
+
+
+async def last_event(client: MeshClient, task_id: str) -> pb.TaskStatus:
+    """The status a watch of ``task_id`` ends on."""
+    last = pb.TaskStatus()
+    async for event in client.watch(task_id):
+        last = event.status
+    return last

@@ -11,7 +11,8 @@ refused: the task is recorded here with an *unclaimed* mark, in the same transac
 the queue owner claims it once the home answers. If another DC claimed the id meanwhile,
 the two DCs accepted one id twice while they could not talk; the home's claim wins, and
 the task recorded here is cancelled, with a reason that names the DC holding the id, if
-it has not ended already (``gpumesh_duplicate_ids_total`` counts these). Finding a task
+it has not ended already (``gpumesh_duplicate_ids_total`` counts these), and Get, Watch,
+List and results here answer from that DC from then on. Finding a task
 also falls back to asking every DC, so it works while its home is unreachable.
 """
 
@@ -194,19 +195,20 @@ class Addressing:
 
     # -- the queue owner's part ----------------------------------------------------------
 
-    async def reconcile(self, cancel: Callable[[str, str], Awaitable[object]]) -> None:
+    async def reconcile(self, supersede: Callable[[str, str, str], Awaitable[object]]) -> None:
         """Forever: claim the tasks recorded here while their home could not be asked;
-        ``cancel`` ends one whose id another DC holds."""
+        ``supersede(task_id, dc, reason)`` ends one whose id DC ``dc`` holds, and sends
+        whoever asks here about it to that DC."""
         while True:
             await asyncio.sleep(RECONCILE_S)
             for task_id in await self.claims.unclaimed(RECONCILE_BATCH):
                 try:
-                    await self._reconcile_one(task_id, cancel)
+                    await self._reconcile_one(task_id, supersede)
                 except MeshError as exc:
                     log.info("claim of %s still pending: %s", task_id, exc)
 
     async def _reconcile_one(
-        self, task_id: str, cancel: Callable[[str, str], Awaitable[object]]
+        self, task_id: str, supersede: Callable[[str, str, str], Awaitable[object]]
     ) -> None:
         digest = await self._digest(task_id)
         if digest is None:
@@ -219,7 +221,7 @@ class Addressing:
             metrics.DUPLICATE_IDS.inc()
             reason = f"duplicate: DC {claim.dc} recorded task id {task_id} first"
             log.warning("%s; cancelling the copy recorded here", reason)
-            await cancel(task_id, reason)
+            await supersede(task_id, claim.dc, reason)
         await self.claims.claimed(task_id)
 
     async def _digest(self, task_id: str) -> str | None:

@@ -323,7 +323,9 @@ class Agent:
             self.history,
             self.placement.handoffs,
             lambda: self.addressing.reconcile(
-                lambda task_id, why: self.tasks.cancel(task_id, why, forward=False)
+                lambda task_id, dc, why: self.tasks.cancel(
+                    task_id, why, forward=False, superseded_by=dc
+                )
             ),
         )
         self.owner.members_changed(self.registry.peers)

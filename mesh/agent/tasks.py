@@ -85,7 +85,7 @@ class Tasks:
                 raise
             dc, _ = await self._addressing.find(task_id)
             return dc
-        return stored.record.forwarded_to_dc if confirmed_pointer(stored.record) else stored
+        return answered_by(stored.record) or stored
 
     async def get(self, task_id: str, forward: bool = True) -> pb.TaskStatus:
         try:
@@ -95,8 +95,8 @@ class Tasks:
                 raise
             _, status = await self._addressing.find(task_id)
             return status
-        if confirmed_pointer(stored.record):
-            return await self._remote.get(stored.record.forwarded_to_dc, task_id)
+        if dc := answered_by(stored.record):
+            return await self._remote.get(dc, task_id)
         return public(stored.status)
 
     async def follow(
@@ -118,8 +118,7 @@ class Tasks:
             try:
                 async for stored in self._store.follow(task_id, after):
                     after = stored.revision
-                    if confirmed_pointer(stored.record):
-                        elsewhere = stored.record.forwarded_to_dc
+                    if elsewhere := answered_by(stored.record):
                         break
                     yield public(stored.status), f"{self._registry.dc}:{stored.revision}"
             except TaskNotFound:
@@ -221,7 +220,9 @@ class Tasks:
             raise TaskNotFound("the result is not in this agent's result folder")
         return path.open("rb")
 
-    async def _end_waiting(self, stored: Stored, reason: str) -> pb.TaskStatus | None:
+    async def _end_waiting(
+        self, stored: Stored, reason: str, superseded_by: str
+    ) -> pb.TaskStatus | None:
         """End a task waiting in the DC's backlog and take its entry, in one transaction
         that holds only if the entry is still there and the record unchanged; None if
         the owner took it meanwhile (then it is cancelled where it went)."""
@@ -236,6 +237,7 @@ class Tasks:
             ):
                 return False
             record.cancel_requested = True
+            record.superseded_by_dc = superseded_by
             record.backlog_entry = ""
             end(record.status, pb.TASK_STATE_CANCELLED, "CANCELLED", reason or "cancelled by user")
             return None
@@ -252,18 +254,25 @@ class Tasks:
         self._backlog_changed()  # its place in the backlog is free: the owner may move on
         return public(ended.status)
 
-    async def cancel(self, task_id: str, reason: str, forward: bool = True) -> pb.TaskStatus:
+    async def cancel(
+        self, task_id: str, reason: str, forward: bool = True, superseded_by: str = ""
+    ) -> pb.TaskStatus:
+        """Cancel the task wherever it is. ``superseded_by``: the copy here is cancelled
+        because that DC holds its id; the same write that asks for the cancel says so,
+        so a watcher here goes on to that DC's copy before this one ends."""
+
         def request(record: peer_pb2.TaskRecord) -> bool | None:
             if record.status.state in TERMINAL or record.cancel_requested:
                 return False
             record.cancel_requested = True
+            record.superseded_by_dc = superseded_by
             return None
 
         here = await self._here(task_id, forward)
         if isinstance(here, str):
             return await self._remote.cancel(here, task_id, reason)
         if here.record.backlog_entry:
-            ended = await self._end_waiting(here, reason)
+            ended = await self._end_waiting(here, reason, superseded_by)
             if ended is not None:
                 return ended
         stored = await self._store.update(task_id, request)
@@ -320,5 +329,10 @@ class Tasks:
         return public((await self._store.get(task_id)).status)
 
 
-def confirmed_pointer(record: peer_pb2.TaskRecord) -> bool:
-    return bool(record.forwarded_to_dc) and not unconfirmed(record)
+def answered_by(record: peer_pb2.TaskRecord) -> str:
+    """The DC that answers for the task when it is not this one: the one a confirmed
+    pointer names (the task overflowed there), or the one that holds the id of a copy
+    recorded here too (``superseded_by_dc``)."""
+    if record.forwarded_to_dc and not unconfirmed(record):
+        return record.forwarded_to_dc
+    return record.superseded_by_dc

@@ -343,8 +343,8 @@ class TaskStore:
             for kv in kvs:
                 record = decode(kv.value)
                 status = record.status
-                if record.forwarded_to_dc:
-                    continue  # listed in the DC it overflowed to
+                if record.forwarded_to_dc or record.superseded_by_dc:
+                    continue  # listed in the DC it overflowed to, or that holds its id
                 if (user_id and status.spec.user.id != user_id) or (
                     state and status.state != state
                 ):

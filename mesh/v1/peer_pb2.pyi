@@ -141,7 +141,7 @@ class ClaimResponse(_message.Message):
     def __init__(self, held: _Optional[bool] = ..., dc: _Optional[str] = ..., spec_digest: _Optional[str] = ..., claimed_at_ms: _Optional[int] = ...) -> None: ...
 
 class TaskRecord(_message.Message):
-    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept", "backlog_entry", "traceparent")
+    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept", "backlog_entry", "traceparent", "superseded_by_dc")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +149,7 @@ class TaskRecord(_message.Message):
     PAYLOAD_NOT_KEPT_FIELD_NUMBER: _ClassVar[int]
     BACKLOG_ENTRY_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_BY_DC_FIELD_NUMBER: _ClassVar[int]
     status: _tasks_pb2.TaskStatus
     spec_digest: str
     cancel_requested: bool
@@ -156,7 +157,8 @@ class TaskRecord(_message.Message):
     payload_not_kept: bool
     backlog_entry: str
     traceparent: str
-    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ..., backlog_entry: _Optional[str] = ..., traceparent: _Optional[str] = ...) -> None: ...
+    superseded_by_dc: str
+    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ..., backlog_entry: _Optional[str] = ..., traceparent: _Optional[str] = ..., superseded_by_dc: _Optional[str] = ...) -> None: ...
 
 class StageRequest(_message.Message):
     __slots__ = ("spec", "attempt", "first", "count", "input")
