@@ -50,15 +50,19 @@ def test_quota_and_preemption_decisions_replay_to_the_same_and_a_forged_one_diff
 def test_a_placement_plan_replays_to_the_same_homes(tmp_path: Path) -> None:
     path = tmp_path / "decisions.jsonl"
     log = DecisionLog(path)
-    hosts = [Host("a", 1.0, 2, frozenset({"hot"})), Host("b", 0.5, 2), Host("c", 1.0, 1)]
+    hosts = [Host("a", 1.0, 80, frozenset({"hot"})), Host("b", 0.5, 80), Host("c", 1.0, 40)]
     demand = {"hot": 2.0, "warm": 0.5, "cold": 0.01}
-    first = plan(demand, hosts)
-    log.plan(demand, hosts, None, first)
-    log.plan({"hot": 0.1, "warm": 2.0}, hosts, first, plan({"hot": 0.1, "warm": 2.0}, hosts, first))
+    sizes = {"hot": 60, "warm": 40, "cold": 40}  # GB: hot fits c's 40 GB only in units
+    first = plan(demand, hosts, sizes=sizes)
+    log.plan(demand, hosts, None, first, sizes)
+    again = {"hot": 0.1, "warm": 2.0}
+    log.plan(again, hosts, first, plan(again, hosts, first, sizes), sizes)
     log.close()
     replayed = list(replay(path))
     assert [r.same for r in replayed] == [True, True]
     assert replayed[0].now["homes"]["hot"][0] == "a"  # it stays where it is loaded
+    unsized = {m: list(a) for m, a in plan(demand, hosts).homes.items()}
+    assert replayed[0].now["homes"] != unsized  # the sizes logged made a difference
 
 
 def test_a_route_that_followed_the_plan_replays_to_the_same_agent(tmp_path: Path) -> None:

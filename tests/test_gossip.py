@@ -265,13 +265,15 @@ def test_merging_the_same_states_again_changes_nothing(states) -> None:
     assert len(heard) == news
 
 
-def test_demand_and_room_ride_along_and_an_older_agents_state_still_parses() -> None:
-    state = AgentState("a0001", "sim", 9, 1, demand={"sdxl": 0.5}, room=3, hosting=("sdxl",))
+def test_demand_and_model_memory_ride_along_and_an_older_agents_state_still_parses() -> None:
+    state = AgentState(
+        "a0001", "sim", 9, 1, demand={"sdxl": 0.5}, model_mb=80_000, hosting=("sdxl",)
+    )
     assert AgentState.from_wire(state.to_wire()) == state
     older = state.to_wire()[:11]  # an agent from before demand was gossiped
     assert AgentState.from_wire(older) == AgentState("a0001", "sim", 9, 1)
-    for bad_demand, bad_room in (({"m": -1.0}, 0), ({"m": float("inf")}, 0), ({}, -1),
-                                 ({f"m{i}": 1.0 for i in range(300)}, 0)):  # fmt: skip
-        hostile = [*older, bad_demand, bad_room, []]
+    for bad_demand, bad_mb in (({"m": -1.0}, 0), ({"m": float("inf")}, 0), ({}, -1),
+                               ({}, 1 << 40), ({f"m{i}": 1.0 for i in range(300)}, 0)):  # fmt: skip
+        hostile = [*older, bad_demand, bad_mb, []]
         with pytest.raises(ValueError, match="agent state"):
             AgentState.from_wire(hostile)

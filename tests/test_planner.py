@@ -39,6 +39,41 @@ def test_room_is_respected_and_demand_finds_homes(demand: dict, fleet: list[Host
     assert plan(demand, fleet) == made  # deterministic
 
 
+@given(
+    demands,
+    st.lists(
+        st.builds(
+            Host, st.uuids().map(lambda u: u.hex[:8]), st.floats(0.5, 8), st.integers(0, 160)
+        ),
+        min_size=1,
+        max_size=8,
+        unique_by=lambda h: h.name,
+    ),
+    st.dictionaries(st.sampled_from([f"m{i}" for i in range(15)]), st.integers(1, 80)),
+)
+def test_models_of_any_size_fit_their_homes_and_a_plan_calls_for_no_other(
+    demand: dict, fleet: list[Host], sizes: dict
+) -> None:
+    """With models of different sizes (GB here; agents use MB), no agent is planned past
+    its memory, and the plan leaves no model homeless that some agent still has room for:
+    a plan is never made again for its own sake."""
+    made = plan(demand, fleet, sizes=sizes)
+    room = {h.name: h.room for h in fleet}
+    for name, models in made.hosting.items():
+        assert sum(sizes.get(m, 1) for m in models) <= room[name], (name, models)
+    assert not homeless(made, demand, fleet, sizes)
+
+
+def test_a_big_model_takes_the_room_of_several() -> None:
+    fleet = [Host("a", 1.0, 80), Host("b", 1.0, 80)]  # GB of GPU memory each
+    sizes = {"big": 60, "s1": 20, "s2": 20, "s3": 20, "s4": 20, "s5": 20, "huge": 40}
+    demand = {"big": 4.0, "s1": 1.0, "s2": 1.0, "s3": 1.0, "s4": 1.0}
+    made = plan(demand, fleet, sizes=sizes)
+    assert made.hosting == {"a": {"big"}, "b": {"s1", "s2", "s3", "s4"}}
+    assert homeless(made, {**demand, "s5": 0.1}, fleet, sizes)  # 20 GB left on a: plan again
+    assert not homeless(made, {**demand, "huge": 0.1}, fleet, sizes)  # no agent has 40 GB
+
+
 @given(demands, hosts)
 def test_an_unchanged_view_gives_an_unchanged_plan(demand: dict, fleet: list[Host]) -> None:
     first = plan(demand, fleet)

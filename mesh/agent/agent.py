@@ -193,7 +193,6 @@ class Agent:
         self.submission = Submission(
             cfg, self.store, self.placement, self.addressing, self.duties.spawn
         )
-        per_model_mb, memory_mb = cfg.default_model_memory_mb, self.models.capacity_mb
         self.planning = Planning(
             cfg.agent_id,
             self.view,
@@ -202,7 +201,6 @@ class Agent:
             self.estimates,
             self.pipelines,
             lambda: self.placement.decisions,
-            room=memory_mb // per_model_mb if per_model_mb else 0,
             interval_s=cfg.plan_interval_s,
             acting=cfg.placement_plan,
         )

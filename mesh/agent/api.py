@@ -198,7 +198,7 @@ class AgentApi:
             suspect=router.is_suspect(a.agent_id),
             demand=agent.planning.demand_of(a.agent_id),
             models_planned=sorted(agent.planning.hosting_of(a.agent_id)),
-            model_room=gossiped.room if gossiped else 0,
+            model_memory_mb=gossiped.model_mb if gossiped else 0,
         )
 
     async def route(self, request: pb.RouteRequest, grant: Grant) -> pb.RouteResponse:

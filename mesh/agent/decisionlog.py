@@ -89,12 +89,17 @@ class DecisionLog:
         hosts: Sequence[Host],
         previous: Plan | None,
         made: Plan,
+        sizes: Mapping[str, int],
     ) -> None:
         self._line(
             {
                 "kind": "plan",
                 "ts": round(time.time(), 3),
-                "request": {"task_id": "", "demand": dict(sorted(demand.items()))},
+                "request": {
+                    "task_id": "",
+                    "demand": dict(sorted(demand.items())),
+                    "sizes": dict(sorted(sizes.items())),
+                },
                 "hosts": [
                     {"name": h.name, "weight": h.weight, "room": h.room, "loaded": sorted(h.loaded)}
                     for h in hosts
@@ -169,7 +174,8 @@ def _plan(entry: dict[str, Any]) -> dict[str, Any]:
         Host(h["name"], h["weight"], h["room"], frozenset(h["loaded"])) for h in entry["hosts"]
     ]
     previous = Plan({m: tuple(a) for m, a in entry["previous"].items()})
-    made = plan(entry["request"]["demand"], hosts, previous)
+    request = entry["request"]
+    made = plan(request["demand"], hosts, previous, request.get("sizes"))
     return {"homes": {m: list(a) for m, a in made.homes.items()}}
 
 

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from mesh.agent.decisionlog import DecisionLog
@@ -33,7 +33,7 @@ from mesh.pipelines import Models, ModelsFull, Pipeline
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ROOM = 64  # models an agent that declares no model memory is taken to hold
+NOT_BOUNDED_MB = 1 << 30  # the model memory of an agent that does not bound it
 MAX_DEMAND = 256  # models an agent gossips its demand for, the most asked first
 
 
@@ -56,14 +56,13 @@ class Planning:
         estimates: Estimates,
         pipelines: dict[str, Pipeline],
         decisions: Callable[[], DecisionLog | None],
-        room: int,
         interval_s: float,
         acting: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``room``: the models this agent's GPU memory holds at once (0: not bounded);
-        ``interval_s``: how often it plans; ``acting``: whether it acts on the plan (off,
-        it only publishes its demand and shows the plan)."""
+        """``interval_s``: how often it plans; ``acting``: whether it acts on the plan
+        (off, it only publishes its demand and shows the plan). The GPU memory models may
+        fill is ``models.capacity_mb``, each model's size what its pipeline declares."""
         self._me = me
         self._view = view
         self._models = models
@@ -71,7 +70,6 @@ class Planning:
         self._estimates = estimates
         self._warmers = [p for p in pipelines.values() if isinstance(p, Warmable)]
         self._decisions = decisions
-        self._room = room
         self._interval_s = interval_s
         self._acting = acting
         self._clock = clock
@@ -91,22 +89,23 @@ class Planning:
     def step(self) -> None:
         """Publish our demand, plan, take on our part, and warm one model if idle."""
         own = planner.most_asked(self.own_demand(), MAX_DEMAND)
-        self._view.gossiper.update_own(demand=own, room=self._room)
+        self._view.gossiper.update_own(demand=own, model_mb=self._models.capacity_mb)
         demand, hosts = self.inputs(own)
         self.demand = demand
+        sizes = self.sizes(demand)
         fleet = [(h.name, h.weight, h.room) for h in hosts]
         announced = planner.Plan(self.homes())
         if (
             self.plan is None
             or fleet != self._fleet
             or planner.drifted(self._basis, demand)
-            or planner.homeless(self.plan, demand, hosts)
+            or planner.homeless(self.plan, demand, hosts, sizes)
         ):
-            made = planner.plan(demand, hosts, announced)
+            made = planner.plan(demand, hosts, announced, sizes)
             if self.plan is None or made.homes != self.plan.homes:
                 log.info("placement plan: %s", {m: list(a) for m, a in made.homes.items()})
                 if (decisions := self._decisions()) is not None:
-                    decisions.plan(demand, hosts, announced, made)
+                    decisions.plan(demand, hosts, announced, made, sizes)
             self.plan, self._basis, self._fleet = made, demand, fleet
             self.part = made.for_agent(self._me)
         if self._acting:
@@ -161,8 +160,8 @@ class Planning:
         router = self._view.router
         work: Counter[str] = Counter()
         states = {s.agent_id: s for s in self._view.gossiper.table.states()}
-        rooms = {agent_id: state.room for agent_id, state in states.items()}
-        rooms[self._me] = self._room
+        rooms = {agent_id: state.model_mb for agent_id, state in states.items()}
+        rooms[self._me] = self._models.capacity_mb
         asked = {agent_id: state.demand for agent_id, state in states.items()}
         for demand in (asked | {self._me: own}).values():
             for model, rate in demand.items():
@@ -171,13 +170,22 @@ class Planning:
             planner.Host(
                 agent_id,
                 member.weight,
-                rooms.get(agent_id) or DEFAULT_ROOM,
+                rooms.get(agent_id) or NOT_BOUNDED_MB,
                 router.loaded_on(agent_id),
             )
             for agent_id, member in sorted(router.members.items())
             if not member.draining
         ]
         return dict(work), hosts
+
+    def sizes(self, demand: Mapping[str, float]) -> dict[str, int]:
+        """Each asked model's GPU memory, MB, as our pipeline declares it (agents of a DC
+        share their pipelines' config, so all plan with the same sizes); 1 MB where no
+        pipeline says (the plan is then bounded by nothing but the agents' memory)."""
+        if not self._warmers:
+            return {}
+        sized = self._warmers[0].memory_mb
+        return {model: max(1, sized(model)) for model in demand}
 
     def hosting_of(self, agent_id: str) -> frozenset[str]:
         """The models ``agent_id`` took on from the plan: ours as we took them, a peer's

@@ -21,7 +21,7 @@ model the plans left nobody's that it holds.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 DRIFT = 0.05  # a model's share of the demand moving this much calls for a new plan
@@ -33,7 +33,7 @@ class Host:
 
     name: str
     weight: float  # GPU weight: what it can run per second, in H100-seconds
-    room: int  # models its GPU memory holds at once
+    room: int  # GPU memory for models, in the unit of the plan's ``sizes`` (MB from agents)
     loaded: frozenset[str] = frozenset()
 
 
@@ -50,12 +50,16 @@ def plan(
     demand: Mapping[str, float],
     hosts: Sequence[Host],
     previous: Plan | None = None,
+    sizes: Mapping[str, int] | None = None,
     headroom: float = 1.25,
     least: float = 0.1,
 ) -> Plan:
-    """Homes for each model with demand (work per second, in H100-seconds). An agent with
-    less than ``least`` of its weight left is no extra home (a load for a sliver of work
-    costs more than it gives), though any agent with room may be a model's only one."""
+    """Homes for each model with demand (work per second, in H100-seconds), each home with
+    room for the model's size (``sizes``, in the unit of the hosts' room; a model not in
+    it takes 1). An agent with less than ``least`` of its weight left is no extra home (a
+    load for a sliver of work costs more than it gives), though any agent with room may be
+    a model's only one."""
+    size = _sizer(sizes)
     total = sum(v for v in demand.values() if v > 0)
     if total <= 0 or not hosts:
         return Plan({}, {})
@@ -68,7 +72,7 @@ def plan(
     # Room beyond one home per model: a second home is given only out of it, so every
     # model with demand has a home while there is room (a homeless model pays a load at
     # almost every task, and evicts a planned model to do it).
-    spare = sum(room.values()) - len(wanted)
+    spare = sum(room.values()) - sum(size(m) for m in wanted)
     homes: dict[str, tuple[str, ...]] = {}
     for model in wanted:
         need = demand[model] / total * capacity * headroom
@@ -80,15 +84,15 @@ def plan(
 
         chosen: list[str] = []
         for name in sorted(by_name, key=rank):
-            if chosen and (need <= 0 or spare <= 0):
+            if chosen and (need <= 0 or spare < size(model)):
                 break
-            if room[name] <= 0 or (chosen and left[name] < least * by_name[name].weight):
+            if room[name] < size(model) or (chosen and left[name] < least * by_name[name].weight):
                 continue
             if chosen:
-                spare -= 1
+                spare -= size(model)
             give = max(0.0, min(left[name], need))
             chosen.append(name)
-            room[name] -= 1
+            room[name] -= size(model)
             left[name] -= give
             need -= give
         if chosen:
@@ -154,11 +158,20 @@ def keeping(
     return frozenset(m for m in mine - made.for_agent(me) if m in made.homes and kept(m))
 
 
-def homeless(made: Plan, demand: Mapping[str, float], hosts: Sequence[Host]) -> bool:
+def homeless(
+    made: Plan,
+    demand: Mapping[str, float],
+    hosts: Sequence[Host],
+    sizes: Mapping[str, int] | None = None,
+) -> bool:
     """Whether a model with demand has no home in ``made`` while some agent has room for
-    one: a new model's demand is a sliver of the whole, too little to count as drift, but
+    it: a new model's demand is a sliver of the whole, too little to count as drift, but
     every one of its tasks would pay a load until a plan gives it a home."""
-    placed = sum(len(models) for models in made.hosting.values())
-    if placed >= sum(h.room for h in hosts):
-        return False
-    return any(v > 0 and model not in made.homes for model, v in demand.items())
+    size = _sizer(sizes)
+    free = max((h.room - sum(size(m) for m in made.for_agent(h.name)) for h in hosts), default=0)
+    return any(v > 0 and m not in made.homes and size(m) <= free for m, v in demand.items())
+
+
+def _sizer(sizes: Mapping[str, int] | None) -> Callable[[str], int]:
+    known = sizes or {}
+    return lambda model: known.get(model, 1)

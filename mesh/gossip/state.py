@@ -22,6 +22,7 @@ MAX_COUNTER_JUMP = 1 << 16
 # Fields of a state on the wire: 14 now, 11 from an agent before demand, room and hosted
 # models were gossiped (a fleet is upgraded an agent at a time).
 WIRE_LENGTHS = (11, 14)
+MAX_MODEL_MB = 1 << 30  # a PiB of GPU memory for models: past any one agent
 
 
 def make_version(incarnation_ms: int, counter: int) -> int:
@@ -60,7 +61,7 @@ class AgentState:
     draining: bool = False
     ts_ms: int = 0  # the agent's clock when it made this version
     demand: dict[str, float] = field(default_factory=dict)  # GPU-s/s asked per model, lately
-    room: int = 0  # models its GPU memory holds at once (0: not said)
+    model_mb: int = 0  # GPU memory models may fill, MB (0: not bounded)
     hosting: tuple[str, ...] = ()  # the models it took on from the placement plan
 
     @property
@@ -85,7 +86,7 @@ class AgentState:
             self.draining,
             self.ts_ms,
             self.demand,
-            self.room,
+            self.model_mb,
             list(self.hosting),
         ]
 
@@ -95,10 +96,10 @@ class AgentState:
         if not isinstance(raw, list) or len(raw) not in WIRE_LENGTHS:
             raise ValueError("agent state: expected a list of 11 or 14")
         demand: object = {}
-        room: object = 0
+        model_mb: object = 0
         hosting: object = []
         if len(raw) == 14:  # an agent of this version; 11: one from before placement
-            *raw, demand, room, hosting = raw
+            *raw, demand, model_mb, hosting = raw
         agent_id, dc, version, slots, running, queued, free, loaded, loading, draining, ts = raw
         _check(isinstance(agent_id, str) and 0 < len(agent_id) <= 64, "agent id")
         _check(isinstance(dc, str) and len(dc) <= 32, "dc")
@@ -114,11 +115,11 @@ class AgentState:
         _check(isinstance(demand, dict) and len(demand) <= 256, "demand")
         _check(all(isinstance(m, str) and len(m) <= 128 and _rate(r) for m, r in demand.items()),
                "demand per model")  # fmt: skip
-        _check(_uint(room) and room <= 100_000, "room")
+        _check(_uint(model_mb) and model_mb <= MAX_MODEL_MB, "model memory")
         _check(isinstance(hosting, list) and len(hosting) <= 256, "hosting")
         _check(all(isinstance(n, str) and len(n) <= 128 for n in hosting), "hosted models")
         return cls(agent_id, dc, version, slots, dict(running), dict(queued), tuple(free),
-                   tuple(loaded), tuple(loading), draining, ts, dict(demand), room,
+                   tuple(loaded), tuple(loading), draining, ts, dict(demand), model_mb,
                    tuple(hosting))  # fmt: skip
 
 

@@ -280,7 +280,7 @@ class Gpu(_message.Message):
     def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., name: _Optional[str] = ..., memory_mb: _Optional[int] = ..., gpu_class: _Optional[str] = ...) -> None: ...
 
 class AgentInfo(_message.Message):
-    __slots__ = ("agent_id", "dc", "address", "gpus", "weight", "pipelines", "models", "models_loaded", "state", "incarnation", "running", "queued", "suspect", "mtls_address", "http_url", "metrics_url", "demand", "models_planned", "model_room")
+    __slots__ = ("agent_id", "dc", "address", "gpus", "weight", "pipelines", "models", "models_loaded", "state", "incarnation", "running", "queued", "suspect", "mtls_address", "http_url", "metrics_url", "demand", "models_planned", "model_memory_mb")
     class DemandEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -306,7 +306,7 @@ class AgentInfo(_message.Message):
     METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     DEMAND_FIELD_NUMBER: _ClassVar[int]
     MODELS_PLANNED_FIELD_NUMBER: _ClassVar[int]
-    MODEL_ROOM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_MEMORY_MB_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     dc: str
     address: str
@@ -325,8 +325,8 @@ class AgentInfo(_message.Message):
     metrics_url: str
     demand: _containers.ScalarMap[str, float]
     models_planned: _containers.RepeatedScalarFieldContainer[str]
-    model_room: int
-    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., weight: _Optional[float] = ..., pipelines: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., models_loaded: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., incarnation: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., suspect: _Optional[bool] = ..., mtls_address: _Optional[str] = ..., http_url: _Optional[str] = ..., metrics_url: _Optional[str] = ..., demand: _Optional[_Mapping[str, float]] = ..., models_planned: _Optional[_Iterable[str]] = ..., model_room: _Optional[int] = ...) -> None: ...
+    model_memory_mb: int
+    def __init__(self, agent_id: _Optional[str] = ..., dc: _Optional[str] = ..., address: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., weight: _Optional[float] = ..., pipelines: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[str]] = ..., models_loaded: _Optional[_Iterable[str]] = ..., state: _Optional[str] = ..., incarnation: _Optional[int] = ..., running: _Optional[int] = ..., queued: _Optional[int] = ..., suspect: _Optional[bool] = ..., mtls_address: _Optional[str] = ..., http_url: _Optional[str] = ..., metrics_url: _Optional[str] = ..., demand: _Optional[_Mapping[str, float]] = ..., models_planned: _Optional[_Iterable[str]] = ..., model_memory_mb: _Optional[int] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ()
