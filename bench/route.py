@@ -404,7 +404,7 @@ class Placement:
             planner.Host(a.name, a.weight, a.model_capacity, frozenset(states[a.name].loaded))
             for a in self._fleet
         ]
-        self._plan = planner.plan(self._demand, hosts, self._plan, HEADROOM)
+        self._plan = planner.plan(self._demand, hosts, self._plan, headroom=HEADROOM)
         self.plans += 1
         self._router.set_homes(dict(self._plan.homes))
         for name, state in states.items():

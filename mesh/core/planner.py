@@ -51,6 +51,7 @@ def plan(
     hosts: Sequence[Host],
     previous: Plan | None = None,
     sizes: Mapping[str, int] | None = None,
+    *,
     headroom: float = 1.25,
     least: float = 0.1,
 ) -> Plan:
