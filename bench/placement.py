@@ -3,13 +3,13 @@ models on a live local mesh, with the agents' placement plan off, then on.
 
 One DC of ``--agents`` agents, one 80 GB GPU each, every model taking ``--model-mb`` of
 it (so each agent holds a few models, and the DC holds all of them only if they are
-spread well), a model load of ``--load-s``. Tasks (``sleep`` of ``--task-s``) ask for
-model ``m<k>`` with Zipf-skewed ``k`` and go to a random agent, at ``--rate`` a second.
-Printed for each run: ``cold_share`` (tasks that paid a model load), ``ideal_share`` (one
-load per model the stream asked for), their ratio, the loads paid after the first
-``WARMUP_S`` seconds (before the first plan, every model's first tasks load it wherever the
-ring sends them), and the mean and p99 completion (submitted to finished) against the
-task's own work.
+spread well) unless ``--size`` says otherwise for it, a model load of ``--load-s``.
+Tasks (``sleep`` of ``--task-s``) ask for model ``m<k>`` with Zipf-skewed ``k`` and go to
+a random agent, at ``--rate`` a second. Printed for each run: ``cold_share`` (tasks that
+paid a model load), ``ideal_share`` (one load per model the stream asked for), their
+ratio, the loads paid after the first ``WARMUP_S`` seconds (before the first plan, every
+model's first tasks load it wherever the ring sends them), and the mean and p99
+completion (submitted to finished) against the task's own work.
 """
 
 from __future__ import annotations
@@ -97,11 +97,19 @@ def run(args: argparse.Namespace, plan: bool) -> dict[str, float]:
         "decision_log": False,
         "model_load_s": args.load_s,
         "model_memory_mb": args.model_mb,
+        "model_sizes_mb": dict(args.size),
         "placement_plan": plan,
         "plan_interval_s": 1.0,
     }
     with one_dc("bench-placement", agents, 90, **local) as mesh:
         return asyncio.run(stream(mesh, args))
+
+
+def sized(text: str) -> tuple[str, int]:
+    model, _, mb = text.partition("=")
+    if not model or not mb.isdigit():
+        raise argparse.ArgumentTypeError(f"expected MODEL=MB, got {text!r}")
+    return model, int(mb)
 
 
 def main(argv: list[str]) -> None:
@@ -110,6 +118,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--models", type=int, default=12)
     parser.add_argument("--skew", type=float, default=1.1, help="Zipf exponent")
     parser.add_argument("--model-mb", type=int, default=20_000, help="each model's memory")
+    parser.add_argument(
+        "--size",
+        type=sized,
+        action="append",
+        default=[],
+        metavar="MODEL=MB",
+        help="one model's memory, unlike the rest's (e.g. m0=60000: the hottest takes 3/4 GPU)",
+    )
     parser.add_argument("--load-s", type=float, default=0.5, help="a model load")
     parser.add_argument("--task-s", type=float, default=0.2, help="a task's own work")
     parser.add_argument("--rate", type=float, default=8.0, help="tasks a second")

@@ -97,6 +97,10 @@ class Local(Strict):
     model_memory_mb: int = Field(
         0, ge=0, description="GPU memory each model takes on the local agents (0: none)"
     )
+    model_sizes_mb: dict[str, int] = Field(
+        default_factory=dict,
+        description="GPU memory of named models on the local agents (others: model_memory_mb)",
+    )
     placement_plan: bool = Field(True, description="local agents act on the placement plan")
     plan_interval_s: float = Field(5.0, gt=0, le=300, description="how often they plan")
     task_retention_s: float = Field(

@@ -273,6 +273,7 @@ class LocalMesh:
                     "--drain-grace-s", "3",
                     "--max-queue-length", str(self.local.max_queue_length),
                     "--default-model-memory-mb", str(self.local.model_memory_mb),
+                    "--model-memory-mb", json.dumps(self.local.model_sizes_mb),
                     "--placement-plan", str(self.local.placement_plan).lower(),
                     "--plan-interval-s", str(self.local.plan_interval_s),
                     "--task-retention-s", str(self.local.task_retention_s),
