@@ -74,8 +74,7 @@ class Planning:
         self._acting = acting
         self._clock = clock
         self.plan: planner.Plan | None = None  # as this agent last computed it
-        self.part: frozenset[str] = frozenset()  # our part of it
-        self.hosting: frozenset[str] = frozenset()  # what we announce: part and handovers
+        self.hosting: frozenset[str] = frozenset()  # what we announce: our part, and keeping
         self._basis: dict[str, float] = {}  # the demand the plan was made for
         self.demand: dict[str, float] = {}  # work asked of the DC per model, last step
         self._fleet: list[tuple[str, float, int]] = []  # and the agents
@@ -107,9 +106,8 @@ class Planning:
                 if (decisions := self._decisions()) is not None:
                     decisions.plan(demand, hosts, announced, made, sizes)
             self.plan, self._basis, self._fleet = made, demand, fleet
-            self.part = made.for_agent(self._me)
         if self._acting:
-            hosting = self.part | self._keeping()
+            hosting = self.plan.for_agent(self._me) | self._keeping()
             if hosting != self.hosting:
                 self.hosting = hosting
                 self._view.gossiper.update_own(hosting=tuple(sorted(hosting)))

@@ -19,8 +19,8 @@ MAX_SKEW_MS = 30_000  # a version's incarnation (its agent's start, in ms) may b
 # Most an agent's counter may move between two versions we hear: it bumps at most a few
 # times a second, so even a long silence stays far below this; a bigger jump is forged.
 MAX_COUNTER_JUMP = 1 << 16
-# Fields of a state on the wire: 14 now, 11 from an agent before demand, room and hosted
-# models were gossiped (a fleet is upgraded an agent at a time).
+# Fields of a state on the wire: 14 now, 11 from an agent before demand, model memory and
+# hosted models were gossiped (a fleet is upgraded an agent at a time).
 WIRE_LENGTHS = (11, 14)
 MAX_MODEL_MB = 1 << 30  # a PiB of GPU memory for models: past any one agent
 
