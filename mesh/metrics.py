@@ -94,7 +94,17 @@ DUPLICATE_IDS = Counter(
 )
 OWNER_TERMS = Counter("gpumesh_owner_terms_total", "Terms this agent began as queue owner")
 DUTY_ERRORS = Counter(
-    "gpumesh_duty_errors_total", "Errors that stopped a background duty (it restarts)", ["duty"]
+    "gpumesh_duty_errors_total",
+    "Background work that raised, or was cancelled though nobody stopped it",
+    ["duty"],
+)
+DUTY_RESTARTS = Counter(
+    "gpumesh_duty_restarts_total", "Kept duties started again after they ended early", ["duty"]
+)
+OWNER_RESIGNED = Counter(
+    "gpumesh_owner_resigned_total",
+    "Queue-owner terms given up because a duty of the term ended or stalled",
+    ["why"],
 )
 
 # Per group (the tenant a task counts against), never per user: groups are few and

@@ -8,14 +8,16 @@ what it asked to place, with no timing involved."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aetcd
 import pytest
 from support import eventually
 
+from mesh import metrics
 from mesh.agent.dispatch import Deposed
+from mesh.agent.duties import Duties
 from mesh.agent.history import History
 from mesh.agent.owner import QueueOwner
 from mesh.core import backlog
@@ -24,6 +26,7 @@ from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
 from mesh.core.priority import Traits, Weighted
 from mesh.core.task import state_name
+from mesh.errors import Unavailable
 from mesh.store.election import Election
 from mesh.store.keys import KeySpace
 from mesh.store.records import Stored, TaskStore
@@ -108,6 +111,7 @@ async def owners(
         room: Callable[[pb.TaskSpec], Room] = lambda _: Room.FREE,
         campaign: bool = True,
         store: TaskStore | None = None,
+        reconcile: Callable[[], Awaitable[None]] | None = None,  # one DC: none pending
     ) -> QueueOwner:
         session = Session(etcd_client, ttl_s=30)
         await session.open()
@@ -128,7 +132,7 @@ async def owners(
             max_attempts=3,
             history=History(None, name, "west"),
             handoffs=None,  # type: ignore[arg-type]  # no hand-off in these tests
-            reconcile=asyncio.Event().wait,  # one DC: no claim is ever pending
+            reconcile=reconcile or asyncio.Event().wait,
         )
         if campaign:
             await election.campaign()
@@ -307,3 +311,31 @@ async def test_a_stale_entry_is_not_dropped_once_its_task_is_back_in_the_backlog
     assert bouncing.bounced
     assert await waiting.exists(entry), "the fresh entry of a waiting task was dropped"
     assert state_name((await waiting.status("bounced")).state) == "QUEUED"
+
+
+async def test_an_owner_whose_reconcile_raises_while_it_leads_hands_the_dc_over(
+    owners: Callable[..., object], waiting: Backlog
+) -> None:
+    """Seed 7's lost backlog: etcd went away, the owner's reconcile raised, and the owner
+    ended without a word while its election key lived on, so nobody dispatched again.
+    Now the term ends, the owner resigns at once, and the next candidate leads."""
+
+    async def reconcile() -> None:
+        raise Unavailable("etcd: no leader")
+
+    first = await owners("first", reconcile=reconcile)  # type: ignore[operator]
+    second = await owners("second", campaign=False)  # type: ignore[operator]
+    resigned = metrics.OWNER_RESIGNED.labels("failed")._value.get()
+    duties = Duties()
+    try:
+        duties.keep("second", second.run)  # behind first, waiting for its key to go
+        duties.keep("first", first.run)
+
+        async def second_leads() -> bool:
+            leader = await second.election.leader()
+            return leader is not None and leader[0].startswith(b"second")
+
+        await eventually(second_leads, what="the next candidate to lead")
+        assert metrics.OWNER_RESIGNED.labels("failed")._value.get() > resigned
+    finally:
+        await duties.stop()

@@ -201,7 +201,12 @@ class Addressing:
         whoever asks here about it to that DC."""
         while True:
             await asyncio.sleep(RECONCILE_S)
-            for task_id in await self.claims.unclaimed(RECONCILE_BATCH):
+            try:
+                pending = await self.claims.unclaimed(RECONCILE_BATCH)
+            except MeshError as exc:  # etcd away: this round finds nothing to claim
+                log.info("cannot list the claims pending: %s", exc)
+                continue
+            for task_id in pending:
                 try:
                     await self._reconcile_one(task_id, supersede)
                 except MeshError as exc:

@@ -23,7 +23,7 @@ from typing import Any
 from mesh import metrics
 from mesh.agent.addressing import Addressing
 from mesh.agent.api import AgentApi
-from mesh.agent.duties import Duties
+from mesh.agent.duties import Duties, Kept
 from mesh.agent.executor import Executor
 from mesh.agent.handover import Handover
 from mesh.agent.history import History
@@ -219,7 +219,7 @@ class Agent:
         self.handover = Handover(cfg.agent_id, self.store, self.placement, self.history)
         self.api = AgentApi(self)
         self.owner: QueueOwner | None = None
-        self._owner_task: asyncio.Task[None] | None = None
+        self._owner_duties: list[Kept] = []  # the owner's campaign and its guard
         self.address = ""
         self.peer_address = ""
         self.http_url = ""  # set by the server once its HTTP port is bound
@@ -269,7 +269,7 @@ class Agent:
         self.duties.keep("dc summaries", self.speaker.speak)
         self.duties.keep("placement plan", self.planning.run)
         await asyncio.wait_for(self.registry.mirror.ready.wait(), timeout=10)
-        self._start_owner()  # after the mirror: an owner must know who is alive
+        await self._start_owner()  # after the mirror: an owner must know who is alive
         for job in leftovers:
             self.duties.spawn(f"re-place {job.task_id}", self._place_leftover(job))
         version = self.view.topology.version if self.view.topology else 0
@@ -296,10 +296,10 @@ class Agent:
 
         return Session(self.client, self.cfg.lease_ttl_s, self.cfg.etcd_outage_grace_s, on_state)
 
-    def _start_owner(self) -> None:
-        """Stand for the DC's queue owner under the current lease."""
-        if self._owner_task is not None:
-            self._owner_task.cancel()
+    async def _start_owner(self) -> None:
+        """Stand for the DC's queue owner under the current lease (after stopping the
+        owner of the lease before, if any)."""
+        await self._stop_owner()
         election = Election(
             self.client,
             self.keys.election,
@@ -327,7 +327,16 @@ class Agent:
             ),
         )
         self.owner.members_changed(self.registry.peers)
-        self._owner_task = self.duties.keep("queue owner", self.owner.run)
+        owner = self.owner
+        self._owner_duties = [
+            self.duties.keep("queue owner", owner.run),
+            self.duties.keep("owner guard", lambda: owner.guard(self.cfg.lease_ttl_s)),
+        ]
+
+    async def _stop_owner(self) -> None:
+        for kept in self._owner_duties:
+            await kept.stop()
+        self._owner_duties = []
 
     def _dc_slots(self) -> dict[str, int]:
         """Every DC's GPU slots as this agent knows them, which global caps are split by:
@@ -498,7 +507,7 @@ class Agent:
                 await self.session.open()
                 self._incarnation = now_ms()
                 await self.registry.publish(self.record())
-                self._start_owner()
+                await self._start_owner()
             except MeshError as exc:
                 log.error("re-registration failed: %s; retrying", exc)
                 self.session.lost.set()
@@ -520,9 +529,7 @@ class Agent:
         with contextlib.suppress(MeshError):
             await self.registry.publish(self.record(DRAINING))
         if self.owner is not None:  # hand the DC's queue over at once
-            if self._owner_task is not None:
-                self._owner_task.cancel()
-                await asyncio.gather(self._owner_task, return_exceptions=True)
+            await self._stop_owner()
             await self.owner.election.resign()
         queued = self.executor.close_queue()
         self._handing = asyncio.gather(*(self.handover.give_back(job) for job in queued))

@@ -20,6 +20,7 @@ from typing import Any
 import aetcd
 
 from mesh import metrics
+from mesh.agent.duties import observed
 from mesh.agent.history import History
 from mesh.core import backlog
 from mesh.core.backlog import Room, Verdict, Waiting
@@ -88,12 +89,14 @@ class Placements:
 
     def track(self, name: str, work: Coroutine[Any, Any, None]) -> None:
         """Other work on a taken task that must end by itself (settling a hand-off)."""
-        task = asyncio.create_task(work, name=name)
+        task = observed(asyncio.create_task(work, name=name), "owner placement")
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
     def spawn(self, job: Job) -> None:
-        task = asyncio.create_task(self._placed(job), name=f"place {job.task_id}")
+        task = observed(
+            asyncio.create_task(self._placed(job), name=f"place {job.task_id}"), "owner placement"
+        )
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
@@ -165,6 +168,7 @@ class Dispatcher:
         self._wake = wake
         self._warned_at = 0
         self._dispatched_at = 0
+        self.ticked = 0.0  # loop time the dispatch loop last came round (the watchdog's)
 
     async def run(self) -> None:
         """Each tick (or sooner, when the backlog or capacity changes): end what expired,
@@ -176,6 +180,10 @@ class Dispatcher:
         try:
             await mirror.ready.wait()
             while True:
+                self.ticked = asyncio.get_running_loop().time()
+                if watching.done():  # a mirror that ended would leave the snapshot stale
+                    watching.result()
+                    raise Unavailable("the backlog mirror ended")
                 # asyncio.timeout, not wait_for: in 3.11 wait_for can swallow a
                 # cancellation that races its timeout, and the owner would never stop.
                 with contextlib.suppress(TimeoutError):

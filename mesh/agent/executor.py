@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from mesh import logs, metrics, tracing
+from mesh.agent.duties import observed
 from mesh.config import AgentConfig
 from mesh.core import classes, eta
 from mesh.core.jobs import Job, Outcome, Output
@@ -332,7 +333,9 @@ class Executor:
             run = _Run(job, gpus, self._clock(), borrowed=borrowed)
             self._running[job.task_id] = run
             self._on_load()
-            run.task = asyncio.create_task(self._execute(run), name=f"task-{job.task_id}")
+            run.task = observed(
+                asyncio.create_task(self._execute(run), name=f"task-{job.task_id}"), "run"
+            )
         return blocked[-1] if blocked else None
 
     def _reclaim(self, job: Job) -> None:

@@ -29,7 +29,7 @@ from mesh.core.jobs import Job
 from mesh.core.lifecycle import requeue, requeued_job
 from mesh.core.priority import Policy
 from mesh.core.task import TERMINAL
-from mesh.errors import MeshError, StaleWrite
+from mesh.errors import MeshError, StaleWrite, Unavailable
 from mesh.store.election import Election
 from mesh.store.keys import KeySpace
 from mesh.store.records import Stored, TaskStore
@@ -37,6 +37,15 @@ from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+RESIGN_S = 2.0  # the most an owner waits on etcd to resign a term that ended
+WATCHDOG_S = 1.0
+GUARD_STRIKES = 2  # checks in a row that find the election held and no term running
+STALL_S = 30.0  # a dispatcher that has not come round for this long is wedged
+
+
+class Stalled(MeshError):
+    """The owner's dispatcher stopped coming round: its term is given up."""
 
 
 class QueueOwner:
@@ -69,6 +78,7 @@ class QueueOwner:
         self._max_attempts = max_attempts
         self._history = history
         self._wake = asyncio.Event()
+        self.leading = 0  # the term this owner's duties run for now (0: none)
         self._members: set[str] = set()
         self._departed: asyncio.Queue[str] = asyncio.Queue()
         self._placements = Placements(store, place, self._wake.set)
@@ -99,29 +109,106 @@ class QueueOwner:
         self._wake.set()
 
     async def run(self) -> None:
-        """Campaign, then lead until cancelled (the agent cancels it when its lease is lost).
-        etcd trouble on the way makes it stand again, not give up. Placements under way
-        go on across a new campaign: each ends by itself (placed, or by its deadline)."""
+        """Campaign, then lead, until the agent stops this duty; etcd trouble on the way
+        makes it stand again, never give up. A term lasts while all of its duties run:
+        when one ends (it raised, was deposed, or was cancelled though nobody stopped
+        the owner), the others are stopped and the owner resigns at once, so another
+        agent can lead, then stands again. An owner never keeps its election key while
+        nothing dispatches. Placements under way go on across terms: each ends by
+        itself (placed, or by its deadline)."""
         try:
             while True:
                 try:
                     term = await self.election.campaign()
-                    log.info("queue owner of the DC", extra={"term": term})
-                    self._history.write("owner", "elected", token=term)
-                    metrics.OWNER_TERMS.inc()
-                    async with asyncio.TaskGroup() as duties:  # one fails: all stop
-                        duties.create_task(self._recover_orphans())
-                        duties.create_task(self.dispatcher.run())
-                        duties.create_task(self._reconcile())
-                except* MeshError as trouble:
-                    current = asyncio.current_task()
-                    if current is not None and current.cancelling():
-                        raise asyncio.CancelledError from None  # stopping
-                    log.warning("queue owner: %s; standing again", trouble.exceptions[0])
-                    metrics.DUTY_ERRORS.labels("queue owner").inc()
+                except MeshError as exc:
+                    log.warning("queue owner: cannot campaign (%s); again in 1s", exc)
                     await asyncio.sleep(1)
+                    continue
+                log.info("queue owner of the DC", extra={"term": term})
+                self._history.write("owner", "elected", token=term)
+                metrics.OWNER_TERMS.inc()
+                self.leading = term
+                try:
+                    await self._lead(term)
+                finally:
+                    await self._step_down(term)
+                    self.leading = 0
+                await asyncio.sleep(1)
         finally:
             self._placements.cancel()
+
+    async def _lead(self, term: int) -> None:
+        """Run the term's duties until the first of them ends, and say how it ended."""
+        duties = {
+            asyncio.create_task(work, name=f"owner {name}"): name
+            for name, work in (
+                ("orphans", self._recover_orphans()),
+                ("dispatch", self.dispatcher.run()),
+                ("reconcile", self._reconcile()),
+                ("watchdog", self._watchdog()),
+            )
+        }
+        try:
+            done, _ = await asyncio.wait(duties, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in duties:
+                task.cancel()
+            await asyncio.gather(*duties, return_exceptions=True)
+        for task in done:
+            name = duties[task]
+            error = None if task.cancelled() else task.exception()
+            if isinstance(error, Deposed):
+                log.info("queue owner: deposed (term %d)", term)
+                why = "deposed"
+            elif error is None:
+                log.error("queue owner: its %s ended in term %d, unasked", name, term)
+                why = "cancelled" if task.cancelled() else "returned"
+            else:
+                log.error("queue owner: its %s failed in term %d", name, term, exc_info=error)
+                why = "failed"
+            metrics.DUTY_ERRORS.labels(f"queue owner {name}").inc()
+            metrics.OWNER_RESIGNED.labels(why).inc()
+            self._history.write("owner", "term ended", token=term, duty=name, why=why)
+
+    async def _step_down(self, term: int) -> None:
+        """Give up ``term`` at once (fenced by it: a newer term is never touched)."""
+        if self.election.term != term:
+            return
+        try:
+            async with asyncio.timeout(RESIGN_S):
+                await self.election.resign()
+        except TimeoutError:
+            log.warning("queue owner: could not resign term %d in %.0fs", term, RESIGN_S)
+
+    async def _watchdog(self) -> None:
+        """Raise ``Stalled`` once the dispatcher has not come round for ``STALL_S``: a
+        dispatch loop wedged on something that never answers ends the term too."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while True:
+            await asyncio.sleep(WATCHDOG_S)
+            last = max(started, self.dispatcher.ticked)
+            if loop.time() - last > STALL_S:
+                raise Stalled(f"the dispatcher has not come round for {STALL_S:.0f}s")
+
+    async def guard(self, every_s: float) -> None:
+        """Forever: should etcd say this agent leads the DC's queue while no term of
+        this owner runs (its duty was lost, however), resign, so another agent leads
+        instead of a DC whose backlog nobody dispatches. Two checks in a row must agree:
+        a term may be between its campaign and its first duty at one of them."""
+        strikes = 0
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                held = not self.leading and await self.election.leads()
+            except Unavailable:
+                continue  # etcd away: nobody can take the queue over meanwhile anyway
+            strikes = strikes + 1 if held else 0
+            if strikes >= GUARD_STRIKES:
+                log.error("queue owner: holds the election but leads no term; resigning")
+                metrics.OWNER_RESIGNED.labels("idle").inc()
+                await self.election.resign()
+                strikes = 0
 
     async def _recover_orphans(self) -> None:
         await self._sweep(lambda agent: agent not in self._members)

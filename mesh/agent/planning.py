@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, runtime_checkable
 
 from mesh.agent.decisionlog import DecisionLog
+from mesh.agent.duties import observed
 from mesh.agent.executor import Executor
 from mesh.agent.view import View
 from mesh.core import planner
@@ -214,7 +215,9 @@ class Planning:
             if not models.capacity_mb or sized(m) <= models.capacity_mb  # else split, not held
         )
         if cold:
-            self._warming = asyncio.create_task(self._warm(cold[0]), name=f"warm {cold[0]}")
+            self._warming = observed(
+                asyncio.create_task(self._warm(cold[0]), name=f"warm {cold[0]}"), "model warm-up"
+            )
 
     async def _warm(self, model: str) -> None:
         pipeline = self._warmers[0]

@@ -43,6 +43,7 @@ class Session:
         self.lease_id = 0
         self.lost = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     async def open(self) -> None:
         try:
@@ -53,6 +54,19 @@ class Session:
         self._task = asyncio.create_task(self._keep_alive(), name="lease-keepalive")
 
     async def _keep_alive(self) -> None:
+        """Refresh until the lease is lost; however this ends (a bug included), unless
+        ``close`` ended it, the lease counts as lost: nothing is kept under a lease
+        that no one refreshes."""
+        try:
+            await self._refresh()
+        except Exception:
+            log.exception("lease %x keep-alive failed", self.lease_id)
+        finally:
+            if not self._closing:
+                self._on_state("lost")
+                self.lost.set()
+
+    async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()
         good_until = loop.time() + self.ttl_s
         troubled = False
@@ -80,11 +94,10 @@ class Session:
                 troubled = False
                 self._on_state("ok")
             good_until = sent + reply.TTL
-        self._on_state("lost")
-        self.lost.set()
 
     async def close(self, revoke: bool = True) -> None:
         """Stop the keep-alive and, by default, revoke the lease so its keys vanish now."""
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
