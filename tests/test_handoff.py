@@ -32,9 +32,9 @@ from mesh.v1 import tasks_pb2 as pb
 SettleOutcome = peer_pb2.SettleResponse
 
 
-def spec(task_id: str) -> pb.TaskSpec:
+def spec(task_id: str, seconds: float = 0.1) -> pb.TaskSpec:
     """An admitted spec, as an entry agent sends it on."""
-    return sleep_spec(task_id, seconds=0.1, steps=1, model="m", queue="normal", gpu_count=1)
+    return sleep_spec(task_id, seconds=seconds, steps=1, model="m", queue="normal", gpu_count=1)
 
 
 async def settle(cluster: Cluster, agent: AgentProc, task_id: str, origin: str) -> int:
@@ -48,10 +48,10 @@ async def settle(cluster: Cluster, agent: AgentProc, task_id: str, origin: str) 
 
 
 async def offer_from(
-    cluster: Cluster, dc: str, agent: AgentProc, task_id: str
+    cluster: Cluster, dc: str, agent: AgentProc, task_id: str, seconds: float = 0.1
 ) -> peer_pb2.OfferResponse:
     envelope = peer_pb2.Envelope(
-        spec=spec(task_id), path=[f"{dc}-9"], hops=1, attempt=1,
+        spec=spec(task_id, seconds), path=[f"{dc}-9"], hops=1, attempt=1,
         deadline_unix_ms=now_ms() + 60_000, origin_dc=dc,
     )  # fmt: skip
     asking = cluster.as_agent(f"{dc}-9", dc)
@@ -60,10 +60,17 @@ async def offer_from(
 
 
 async def record_intent(
-    cluster: Cluster, etcd: EtcdMember, prefix: str, task_id: str, holder: str
+    cluster: Cluster,
+    etcd: EtcdMember,
+    prefix: str,
+    task_id: str,
+    holder: str,
+    cancel: str = "",
 ) -> None:
     """What an agent of west leaves behind when it dies right after writing the intent
-    to hand ``task_id`` to east (and maybe after offering it)."""
+    to hand ``task_id`` to east (and maybe after offering it); with ``cancel``, what a
+    Cancel through west wrote meanwhile (answered from west: the hand-off was not
+    confirmed)."""
     async with client_for([etcd.endpoint], security=cluster.trust.operator()) as client:
         store = TaskStore(client, KeySpace(prefix, "west"))
         task = spec(task_id)
@@ -73,6 +80,12 @@ async def record_intent(
         )  # fmt: skip
         await store.create(record)
         await store.update(task_id, intent("east"), attempt=1)
+        if cancel:
+
+            def requested(record: peer_pb2.TaskRecord) -> None:
+                record.cancel_requested, record.cancel_reason = True, cancel
+
+            await store.update(task_id, requested)
 
 
 async def final(client: MeshClient, task_id: str) -> pb.TaskStatus:
@@ -167,3 +180,26 @@ async def test_an_offer_of_an_attempt_running_elsewhere_is_refused(
         assert not reply.accepted and "already running on w9" in reply.reason
         stored = await store.get("twice")
     assert (stored.status.agent, stored.status.state) == ("w9", pb.TASK_STATE_RUNNING)
+
+
+async def test_a_cancel_written_while_a_hand_off_was_unconfirmed_reaches_the_other_dc(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+) -> None:
+    """A Cancel answered from the origin's record while the hand-off was in doubt said
+    PENDING, and the task then ran to SUCCEEDED in the DC that took it. The confirm that
+    finds a cancel asked for now carries it there."""
+    etcds, start = two_dcs(cluster, more_etcd)
+    east = start("east")
+    assert (await offer_from(cluster, "west", east, "called-off", seconds=300)).accepted
+    await record_intent(
+        cluster, etcds["west"], prefix, "called-off", holder="west-gone", cancel="changed my mind"
+    )
+    west = start("west")
+    await apply_topology(
+        cluster, prefix, etcds, {"west": west.peer_address, "east": east.peer_address}
+    )
+    wait_log(west, "topology version 1 applied")
+    async with west.client() as client:
+        ended = await final(client, "called-off")
+    assert (state_name(ended.state), ended.dc) == ("CANCELLED", "east")
+    assert ended.error.message == "changed my mind"

@@ -17,6 +17,10 @@ from mesh.channels import Security
 from mesh.client import MeshClient
 from mesh.core.task import TERMINAL, state_name
 from mesh.local.localmesh import free_port
+from mesh.store.etcd import client_for
+from mesh.store.keys import KeySpace
+from mesh.store.records import TaskStore
+from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
 MiB = 1024 * 1024
@@ -88,6 +92,27 @@ async def test_cancel_through_another_agent_stops_the_run(front_and_worker) -> N
         assert state_name((await follow(entry, "after"))[-1].status.state) == "SUCCEEDED"
         again = await entry.cancel("after")  # terminal: cancel changes nothing
         assert state_name(again.state) == "SUCCEEDED"
+
+
+async def test_a_run_whose_cancel_was_recorded_never_ends_as_a_success(
+    front_and_worker, cluster: Cluster
+) -> None:
+    """A Cancel whose request was written while the task ran, but that never stopped the
+    run (it was answered before the run unwound, or the run was between agents), told
+    its caller the task had not ended: the run's end must not record a success now."""
+    front, _ = front_and_worker
+    async with front.client() as entry:
+        await entry.submit(sleep_task("told-running", seconds=1.5))
+        await until_state(entry, "told-running", pb.TASK_STATE_RUNNING)
+
+        def requested(record: peer_pb2.TaskRecord) -> None:
+            record.cancel_requested, record.cancel_reason = True, "user gave up"
+
+        async with client_for([cluster.etcd_endpoint], security=cluster.trust.operator()) as c:
+            await TaskStore(c, KeySpace(cluster.prefix, "west")).update("told-running", requested)
+        ended = (await follow(entry, "told-running"))[-1].status
+    assert state_name(ended.state) == "CANCELLED"
+    assert ended.error.message.startswith("user gave up") and not ended.HasField("result")
 
 
 async def test_resubmit_is_idempotent_and_a_reused_id_is_refused(front_and_worker) -> None:

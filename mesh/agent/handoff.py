@@ -31,7 +31,7 @@ from mesh import metrics
 from mesh.agent.remote import RemoteDcs
 from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
-from mesh.errors import MeshError, StaleWrite, Unavailable
+from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
 
@@ -97,7 +97,9 @@ class Handoffs:
         return False, reason
 
     async def confirm(self, task_id: str, attempt: int, *fence: object) -> None:
-        """The other DC holds the task: our record is only a pointer from now on."""
+        """The other DC holds the task: our record is only a pointer from now on. A
+        cancel asked for here while the hand-off was under way (the task was answered
+        for here, so the cancel was written here) is carried on to that DC."""
 
         def confirmed(record: peer_pb2.TaskRecord) -> bool | None:
             if not record.forwarded_to_dc:
@@ -105,8 +107,32 @@ class Handoffs:
             record.status.agent = ""
             return None
 
-        with contextlib.suppress(StaleWrite):
-            await self._store.update(task_id, confirmed, attempt=attempt, fence=fence)
+        try:
+            stored = await self._store.update(task_id, confirmed, attempt=attempt, fence=fence)
+        except StaleWrite:
+            return
+        record = stored.record
+        if record.cancel_requested and (dc := pointed_to(record)):
+            deadline = record.status.deadline.ToMilliseconds()
+            self._spawn(
+                f"cancel {task_id} in {dc}",
+                self._carry_cancel(dc, task_id, record.cancel_reason, deadline),
+            )
+
+    async def _carry_cancel(self, dc: str, task_id: str, reason: str, deadline_ms: int) -> None:
+        """Cancel ``task_id`` in ``dc``, retried until that DC answers or the task's
+        deadline passes (which ends it there anyway)."""
+        tries = 0
+        while now_ms() < deadline_ms:
+            try:
+                await self._remote.cancel(dc, task_id, reason)
+                return
+            except TaskNotFound:
+                return  # the hand-off was undone: the task is ours again, and so is the cancel
+            except Unavailable as exc:
+                log.info("cancel of %s in DC %s not delivered yet: %s", task_id, dc, exc)
+            await asyncio.sleep(SETTLE_RETRY_S[min(tries, len(SETTLE_RETRY_S) - 1)])
+            tries += 1
 
     async def _revert(self, job: Job) -> None:
         def back(record: peer_pb2.TaskRecord) -> None:
@@ -162,3 +188,8 @@ def intent(dc: str) -> Callable[[peer_pb2.TaskRecord], None]:
 def unconfirmed(record: peer_pb2.TaskRecord) -> bool:
     """A hand-off written but not yet known to have landed."""
     return bool(record.forwarded_to_dc and record.status.agent)
+
+
+def pointed_to(record: peer_pb2.TaskRecord) -> str:
+    """The DC a confirmed hand-off gave the task to ("" while none is confirmed)."""
+    return "" if unconfirmed(record) else record.forwarded_to_dc

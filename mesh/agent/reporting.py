@@ -16,9 +16,11 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh import metrics, tracing
+from mesh.agent.duties import observed
 from mesh.agent.history import History
 from mesh.agent.retry import patient
 from mesh.config import AgentConfig
@@ -38,6 +40,17 @@ from mesh.v1 import tasks_pb2 as pb
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Slots:
+    """The quota slots a run took, and the lease it took them under."""
+
+    lease: int
+    names: list[bytes] = field(default_factory=list)
+
+
+NO_SLOTS = Slots(0)
+
+
 class RecordReporter:
     def __init__(
         self,
@@ -54,7 +67,7 @@ class RecordReporter:
         self._lease = lease
         self._history = history
         self._quota = quota
-        self._slots: dict[str, list[bytes]] = {}  # quota slots a run holds
+        self._slots: dict[str, Slots] = {}  # quota slots a run holds
         self._began: dict[str, tuple[float, int]] = {}  # a recorded run's start, GPUs
         self._dropped: set[asyncio.Task[None]] = set()  # slots of dropped runs, going back
         # A run's start and end wait out an etcd outage as long as its lease may live.
@@ -92,10 +105,10 @@ class RecordReporter:
         compares, puts, slots = self._claim(job, borrowed)
         stored = await self._write(job, mutate, "start", fence=compares, also=puts)
         if stored is None or cancelled:
-            if stored is not None and slots:
+            if stored is not None and slots.names:
                 await self._give_back(slots)
             return False
-        if slots:
+        if slots.names:
             self._slots[job.task_id] = slots
         self._began[job.task_id] = (time.time(), len(gpus))
         if waited:
@@ -125,21 +138,35 @@ class RecordReporter:
         )
         return True
 
-    def _claim(self, job: Job, borrowed: bool) -> tuple[list, list, list[bytes]]:
+    def _claim(self, job: Job, borrowed: bool) -> tuple[list, list, Slots]:
+        lease = self._lease()
         if self._quota is None:
-            return [], [], []
+            return [], [], Slots(lease)
         user, gpus = job.spec.user, max(1, job.spec.gpu_count)
         if reason := self._quota.waits(user.id, user.group, gpus):
             raise QuotaBusy(reason, task_id=job.task_id)
         held_by = holder(job.task_id, self._cfg.agent_id, borrowed)
-        return self._quota.claim(user.id, user.group, gpus, self._lease(), held_by)
+        compares, puts, names = self._quota.claim(user.id, user.group, gpus, lease, held_by)
+        return compares, puts, Slots(lease, names)
 
-    async def _give_back(self, slots: list[bytes], spent: Sequence[object] = ()) -> None:
+    def _freeing(self, slots: Slots) -> list:
+        """Operations that give ``slots`` back: none once the lease they were taken under
+        is gone (they went with it, and may be another run's by now), and each fenced by
+        that lease in any case (``QuotaStore.give_back``)."""
+        if self._quota is None or not slots.names or slots.lease != self._lease():
+            return []
+        return self._quota.give_back(slots.names, slots.lease)
+
+    async def _give_back(self, slots: Slots, spent: Sequence[object] = ()) -> None:
         """Free quota slots (and count GPU time spent) outside a record write (the write
         that should have was refused, or there is none)."""
-        assert self._quota is not None
-        with contextlib.suppress(*ETCD_ERRORS):
-            await self._store.commits.transaction([], [*self._quota.give_back(slots), *spent])
+        ops = [*self._freeing(slots), *spent]
+        if not ops:
+            return
+        try:
+            await self._store.commits.transaction([], ops)
+        except ETCD_ERRORS as exc:  # slots go with the lease; spending is counted lower
+            log.warning("could not give back quota slots %s: %s", slots.names, exc)
 
     def _spent(self, job: Job) -> list:
         """Puts that add the run's GPU-seconds to its tenant's budgets (none if it never
@@ -155,17 +182,20 @@ class RecordReporter:
     def stopped(self, job: Job, how: str) -> None:
         self._history.write("run", "end", task=job.task_id, attempt=job.attempt, how=how)
         spent = self._spent(job)  # a run that ended unrecorded spent GPU time all the same
-        slots = self._slots.pop(job.task_id, []) if how.startswith("dropped") else []
-        if slots or spent:
+        slots = self._slots.pop(job.task_id, NO_SLOTS) if how.startswith("dropped") else NO_SLOTS
+        if slots.names or spent:
             # Handed back unfinished (preempted, drained): its end write, which gives
             # the slots back, is the next attempt's to make.
-            self._dropped.add(task := asyncio.create_task(self._give_back(slots, spent)))
+            give_back = asyncio.create_task(self._give_back(slots, spent))
+            self._dropped.add(task := observed(give_back, "quota give-back"))
             task.add_done_callback(self._dropped.discard)
 
     def progress(self, job: Job, step: int, total: int, message: str) -> None:
         self._progress[job.task_id] = pb.Progress(step=step, total=total, message=message)
         if job.task_id not in self._flushers:
-            self._flushers[job.task_id] = asyncio.create_task(self._flush(job))
+            self._flushers[job.task_id] = observed(
+                asyncio.create_task(self._flush(job)), "progress"
+            )
 
     async def _flush(self, job: Job) -> None:
         try:
@@ -204,6 +234,12 @@ class RecordReporter:
 
         def mutate(record: peer_pb2.TaskRecord) -> None:
             status = record.status
+            if record.cancel_requested and outcome.state == pb.TASK_STATE_SUCCEEDED:
+                # The cancel was recorded while this ran, and its caller was told the
+                # task had not ended: it must not end as a success now.
+                why = record.cancel_reason or "cancelled by user"
+                end(status, pb.TASK_STATE_CANCELLED, "CANCELLED", f"{why} (while it ran)")
+                return
             status.state = outcome.state
             status.finished_at.CopyFrom(now_ts())
             if result is not None:
@@ -215,20 +251,19 @@ class RecordReporter:
                 status.progress.step = status.progress.total
 
         metrics.FINISHED.labels(state_name(outcome.state)).inc()
-        slots = self._slots.pop(job.task_id, [])
+        slots = self._slots.pop(job.task_id, NO_SLOTS)
         spent = self._spent(job)
-        give_back = [*(self._quota.give_back(slots) if self._quota and slots else []), *spent]
-        stored = await self._write(job, mutate, "end", also=give_back)
-        if stored is None and (slots or spent):
+        stored = await self._write(job, mutate, "end", also=[*self._freeing(slots), *spent])
+        if stored is None and (slots.names or spent):
             await self._give_back(slots, spent)
         if stored is not None:
             status = stored.status
             trace_id = status.trace_id
-            end = status.finished_at.ToNanoseconds()
+            ended_ns = status.finished_at.ToNanoseconds()
             if status.HasField("started_at"):
-                run_s = (end - status.started_at.ToNanoseconds()) / 1e9
+                run_s = (ended_ns - status.started_at.ToNanoseconds()) / 1e9
                 metrics.observe(metrics.RUN_SECONDS.labels(job.spec.pipeline), run_s, trace_id)
-            task_s = (end - status.created_at.ToNanoseconds()) / 1e9
+            task_s = (ended_ns - status.created_at.ToNanoseconds()) / 1e9
             metrics.observe(metrics.TASK_SECONDS, task_s, trace_id)
         self._history.write(
             "commit",

@@ -27,7 +27,7 @@ import grpc
 from mesh import metrics
 from mesh.agent.addressing import Addressing
 from mesh.agent.executor import Executor
-from mesh.agent.handoff import unconfirmed
+from mesh.agent.handoff import pointed_to
 from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
 from mesh.core.lifecycle import end
@@ -237,6 +237,7 @@ class Tasks:
             ):
                 return False
             record.cancel_requested = True
+            record.cancel_reason = reason
             record.superseded_by_dc = superseded_by
             record.backlog_entry = ""
             end(record.status, pb.TASK_STATE_CANCELLED, "CANCELLED", reason or "cancelled by user")
@@ -259,12 +260,19 @@ class Tasks:
     ) -> pb.TaskStatus:
         """Cancel the task wherever it is. ``superseded_by``: the copy here is cancelled
         because that DC holds its id; the same write that asks for the cancel says so,
-        so a watcher here goes on to that DC's copy before this one ends."""
+        so a watcher here goes on to that DC's copy before this one ends.
+
+        A task being handed to another DC is answered for here until the hand-off is
+        confirmed. The request is written here, and whichever of the two writes comes
+        second carries it on: the confirm that finds a cancel asked for
+        (``Handoffs.confirm``), or this cancel finding its request written over a
+        confirmed pointer."""
 
         def request(record: peer_pb2.TaskRecord) -> bool | None:
             if record.status.state in TERMINAL or record.cancel_requested:
                 return False
             record.cancel_requested = True
+            record.cancel_reason = reason
             record.superseded_by_dc = superseded_by
             return None
 
@@ -276,6 +284,8 @@ class Tasks:
             if ended is not None:
                 return ended
         stored = await self._store.update(task_id, request)
+        if dc := pointed_to(stored.record):  # handed over meanwhile: cancel it there
+            return await self._remote.cancel(dc, task_id, reason)
         for _ in range(MOVES):
             status = stored.status
             if status.state in TERMINAL or not status.agent:
@@ -333,6 +343,4 @@ def answered_by(record: peer_pb2.TaskRecord) -> str:
     """The DC that answers for the task when it is not this one: the one a confirmed
     pointer names (the task overflowed there), or the one that holds the id of a copy
     recorded here too (``superseded_by_dc``)."""
-    if record.forwarded_to_dc and not unconfirmed(record):
-        return record.forwarded_to_dc
-    return record.superseded_by_dc
+    return pointed_to(record) or record.superseded_by_dc

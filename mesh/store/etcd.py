@@ -15,6 +15,7 @@ from typing import Any
 
 import aetcd
 import aetcd.rpc
+import aetcd.transactions
 import grpc
 
 from mesh.channels import Security
@@ -92,6 +93,21 @@ class TlsClient(LeaderClient):
             aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
         )
         self._connected.set()
+
+
+class LeaseIs(aetcd.transactions.BaseCompare):
+    """The comparison aetcd lacks: the key is held under this lease (``== lease_id``;
+    a key that does not exist compares as lease 0). etcd 3.3 and later."""
+
+    def build_compare(self, compare: Any) -> None:
+        compare.target = aetcd.rpc.Compare.LEASE
+        compare.lease = int(self.value)
+
+
+def held_under(key: bytes, lease: int) -> LeaseIs:
+    """Holds while ``key`` exists under ``lease``: a delete fenced by it never takes a
+    key that another holder has put again since (its lease is another)."""
+    return LeaseIs(key) == lease
 
 
 def stub_options(client: aetcd.Client) -> dict[str, Any]:

@@ -54,9 +54,19 @@ class _Txn:
 
     @property
     def writes(self) -> set[bytes]:
-        return {
-            op.key for op in (*self.success, *self.failure) if isinstance(op, tx.Put | tx.Delete)
-        }
+        return _writes(self.success, self.failure)
+
+
+def _writes(*branches: Sequence[Any]) -> set[bytes]:
+    """The keys these operations write, nested transactions' included (etcd refuses a
+    transaction that writes a key twice at any depth)."""
+    keys: set[bytes] = set()
+    for op in (op for branch in branches for op in branch):
+        if isinstance(op, tx.Put | tx.Delete):
+            keys.add(op.key)
+        elif isinstance(op, tx.Txn):
+            keys |= _writes(op.success or (), op.failure or ())
+    return keys
 
 
 class GroupCommit:

@@ -40,6 +40,7 @@ from mesh.core.tenants import (
     verdict,
 )
 from mesh.errors import ConfigError, StaleWrite
+from mesh.store.etcd import held_under
 from mesh.store.keys import KeySpace
 from mesh.store.mirror import PrefixMirror
 
@@ -183,8 +184,12 @@ class QuotaStore:
                 names.append(key)
         return compares, puts, names
 
-    def give_back(self, names: list[bytes]) -> list:
-        return [self._tx.delete(key) for key in names]
+    def give_back(self, names: list[bytes], lease: int) -> list:
+        """Operations that free the slots ``names`` taken under ``lease``, each only
+        while it is still held under that lease: a slot that went with an expired lease
+        and was taken since by another run is that run's, and stays (a nested
+        transaction each, so one re-taken slot does not keep the others)."""
+        return [self._tx.txn([held_under(key, lease)], [self._tx.delete(key)], []) for key in names]
 
 
 async def split_policy(

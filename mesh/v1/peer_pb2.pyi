@@ -141,7 +141,7 @@ class ClaimResponse(_message.Message):
     def __init__(self, held: _Optional[bool] = ..., dc: _Optional[str] = ..., spec_digest: _Optional[str] = ..., claimed_at_ms: _Optional[int] = ...) -> None: ...
 
 class TaskRecord(_message.Message):
-    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept", "backlog_entry", "traceparent", "superseded_by_dc")
+    __slots__ = ("status", "spec_digest", "cancel_requested", "forwarded_to_dc", "payload_not_kept", "backlog_entry", "traceparent", "superseded_by_dc", "cancel_reason")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SPEC_DIGEST_FIELD_NUMBER: _ClassVar[int]
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class TaskRecord(_message.Message):
     BACKLOG_ENTRY_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     SUPERSEDED_BY_DC_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REASON_FIELD_NUMBER: _ClassVar[int]
     status: _tasks_pb2.TaskStatus
     spec_digest: str
     cancel_requested: bool
@@ -158,7 +159,8 @@ class TaskRecord(_message.Message):
     backlog_entry: str
     traceparent: str
     superseded_by_dc: str
-    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ..., backlog_entry: _Optional[str] = ..., traceparent: _Optional[str] = ..., superseded_by_dc: _Optional[str] = ...) -> None: ...
+    cancel_reason: str
+    def __init__(self, status: _Optional[_Union[_tasks_pb2.TaskStatus, _Mapping]] = ..., spec_digest: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., forwarded_to_dc: _Optional[str] = ..., payload_not_kept: _Optional[bool] = ..., backlog_entry: _Optional[str] = ..., traceparent: _Optional[str] = ..., superseded_by_dc: _Optional[str] = ..., cancel_reason: _Optional[str] = ...) -> None: ...
 
 class StageRequest(_message.Message):
     __slots__ = ("spec", "attempt", "first", "count", "input")
