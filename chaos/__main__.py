@@ -22,16 +22,31 @@ def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def seed_list(text: str) -> list[int]:
+    """``1-5``, ``7`` or ``1-5,7``: the seeds, in the order given, each once."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise typer.BadParameter(f"{part!r} is not a seed or a range like 1-5")
+        span = range(int(low), int(high if dash else low) + 1)
+        if not span:
+            raise typer.BadParameter(f"{part!r} is an empty range")
+        seeds += [n for n in span if n not in seeds]
+    return seeds
+
+
 def _table(outcomes: list[Outcome]) -> Table:
     table = Table(title=f"chaos suite (lease TTL {outcomes[0].ttl_s} s)" if outcomes else "")
     for column in (
-        "scenario", "result", "submitted", "succeeded", "failed", "rejected", "lost",
+        "seed", "scenario", "result", "submitted", "succeeded", "failed", "rejected", "lost",
         "dup", "detect s", "recover s", "failover s", "client errors",
     ):  # fmt: skip
         table.add_column(column, justify="left" if column in ("scenario", "result") else "right")
     for o in outcomes:
         colour = {"passed": "green", "failed": "red"}.get(o.status, "yellow")
         table.add_row(
+            str(o.seed),
             o.scenario,
             f"[{colour}]{o.status}[/{colour}]",
             *(str(n) for n in (o.submitted, o.succeeded, o.failed, o.rejected, o.lost)),
@@ -66,6 +81,10 @@ def run(
     ] = False,
     workdir: Annotated[Path | None, typer.Option(help="Keep logs and histories here.")] = None,
     seed: int = 1,
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="Run the suite once per seed, in a row: '1-5', '7' or '1-5,7'."),
+    ] = None,
 ) -> None:
     """Stage each fault against a fresh mesh and check the invariants afterwards."""
     unknown = [n for n in scenario or [] if n not in BY_NAME]
@@ -78,10 +97,12 @@ def run(
     )
     base = workdir or Path(tempfile.mkdtemp(prefix="gpumesh-chaos-"))
     console = Console(stderr=as_json, width=None if Console().is_terminal else 150)
+    runs = [(n, s) for n in (seed_list(seeds) if seeds else [seed]) for s in chosen]
     outcomes = []
-    for s in chosen:
-        console.print(f"[bold]{s.name}[/bold]: {s.summary}")
-        outcome = asyncio.run(run_scenario(s, base / s.name, seed, quick))
+    for n, s in runs:
+        console.print(f"[bold]{s.name}[/bold] (seed {n}): {s.summary}")
+        folder = base / s.name if seeds is None else base / f"seed-{n}" / s.name
+        outcome = asyncio.run(run_scenario(s, folder, n, quick))
         outcomes.append(outcome)
         if as_json:
             print(json.dumps(outcome.as_json()), flush=True)

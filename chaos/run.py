@@ -42,6 +42,7 @@ class Outcome:
 
     scenario: str
     status: str  # "passed", "target missed", "failed" (an invariant broke), "not run"
+    seed: int = 0
     reason: str = ""
     submitted: int = 0
     succeeded: int = 0
@@ -169,11 +170,13 @@ async def run_scenario(
     if unmet:
         return Outcome(scenario.name, "not run", reason="; ".join(unmet.values()))
     try:
-        return await _staged(scenario, workdir, seed, quick)
+        outcome = await _staged(scenario, workdir, seed, quick)
     except Exception as exc:  # the report says what broke, and the suite goes on
-        return Outcome(
+        outcome = Outcome(
             scenario.name, "failed", reason=f"the harness broke: {type(exc).__name__}: {exc}"
         )
+    outcome.seed = seed
+    return outcome
 
 
 async def _staged(scenario: Scenario, workdir: Path, seed: int, quick: bool) -> Outcome:

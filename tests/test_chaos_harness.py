@@ -7,10 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from chaos import run as chaos_run
-from chaos.__main__ import app
+from chaos.__main__ import app, seed_list
 from chaos.scenarios import Context, Scenario, Staged, measured
 
 
@@ -62,3 +63,11 @@ def test_a_scenario_the_machine_cannot_stage_is_not_run_and_never_passes(
     assert '"status": "not run"' in lenient.output
     assert "network namespaces need root" in lenient.output
     assert CliRunner().invoke(app, [*args, "--strict"]).exit_code == 1
+
+
+def test_seeds_read_as_ranges_and_lists_each_once() -> None:
+    assert seed_list("1-5,7") == [1, 2, 3, 4, 5, 7]
+    assert seed_list("7, 3-4, 4") == [7, 3, 4]
+    for bad in ("", "1-", "a", "5-1", "-3"):
+        with pytest.raises(typer.BadParameter):
+            seed_list(bad)
