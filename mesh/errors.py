@@ -84,6 +84,15 @@ class StaleWrite(MeshError):
     code = "ABORTED"
 
 
+class AlreadyPlaced(StaleWrite):
+    """A placement's own write found its task taken by an agent of this DC: an offer
+    whose answer was lost landed after all, so the task is placed there."""
+
+    def __init__(self, agent: str, **fields: Any) -> None:
+        super().__init__(f"already placed on {agent}", agent=agent, **fields)
+        self.agent = agent
+
+
 class QuotaBusy(StaleWrite):
     """A start lost the race for its tenant's quota slot: the task waits for the next."""
 

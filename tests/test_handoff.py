@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import grpc
+import pytest
 from support import (
     AgentProc,
     Cluster,
@@ -18,10 +20,12 @@ from support import (
 )
 
 from mesh.agent.handoff import intent
+from mesh.agent.intake import pointer
 from mesh.client import MeshClient
 from mesh.core.clock import now_ms
 from mesh.core.lifecycle import new_record
 from mesh.core.task import TERMINAL, spec_digest, state_name
+from mesh.errors import AlreadyPlaced
 from mesh.local.etcdserver import EtcdMember
 from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
@@ -79,13 +83,32 @@ async def record_intent(
             agent_id=holder, dc="west", inline_payload_bytes=65536,
         )  # fmt: skip
         await store.create(record)
-        await store.update(task_id, intent("east"), attempt=1)
+        await store.update(task_id, intent("east", holder), attempt=1)
         if cancel:
 
             def requested(record: peer_pb2.TaskRecord) -> None:
                 record.cancel_requested, record.cancel_reason = True, cancel
 
             await store.update(task_id, requested)
+
+
+async def west_ends(
+    cluster: Cluster,
+    start: Callable[[str], AgentProc],
+    etcds: dict[str, EtcdMember],
+    prefix: str,
+    east: AgentProc,
+    task_id: str,
+) -> pb.TaskStatus:
+    """Start west's agent beside ``east`` (its queue owner takes up what a dead agent left)
+    and wait for ``task_id`` to end, as west answers for it."""
+    west = start("west")
+    await apply_topology(
+        cluster, prefix, etcds, {"west": west.peer_address, "east": east.peer_address}
+    )
+    wait_log(west, "topology version 1 applied")
+    async with west.client() as client:
+        return await final(client, task_id)
 
 
 async def final(client: MeshClient, task_id: str) -> pb.TaskStatus:
@@ -122,19 +145,36 @@ async def test_a_task_the_other_dc_took_settles_as_held(
     assert outcome == SettleOutcome.OUTCOME_HELD
 
 
+async def test_a_watch_of_a_pointer_the_other_dc_denies_breaks_instead_of_hanging(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+) -> None:
+    """Seed 7, burst: east's record pointed to west, west answered "no such task", and
+    east then waited on its own pointer, which never changes again: the client's watch
+    stayed open and silent for good. It now breaks (UNAVAILABLE) for the caller to
+    resume, as the SDK does."""
+    etcds, start = two_dcs(cluster, more_etcd)
+    east, west = start("east"), start("west")
+    await apply_topology(
+        cluster, prefix, etcds, {"west": west.peer_address, "east": east.peer_address}
+    )
+    wait_log(east, "topology version 1 applied")
+    async with client_for([etcds["east"].endpoint], security=cluster.trust.operator()) as client:
+        await TaskStore(client, KeySpace(prefix, "east")).create(pointer("denied", "west"))
+    async with east.client() as client:
+        with pytest.raises(grpc.aio.AioRpcError) as broke:
+            async for _ in client.watch("denied", timeout_s=60):
+                pass
+    assert broke.value.code() == grpc.StatusCode.UNAVAILABLE, broke.value.details()
+    assert "does not answer for the task" in (broke.value.details() or "")
+
+
 async def test_the_owner_takes_back_a_dead_agents_hand_off_the_other_dc_never_got(
     cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
 ) -> None:
     etcds, start = two_dcs(cluster, more_etcd)
     east = start("east")
     await record_intent(cluster, etcds["west"], prefix, "orphan", holder="west-gone")
-    west = start("west")
-    await apply_topology(
-        cluster, prefix, etcds, {"west": west.peer_address, "east": east.peer_address}
-    )
-    wait_log(west, "topology version 1 applied")
-    async with west.client() as client:
-        ended = await final(client, "orphan")
+    ended = await west_ends(cluster, start, etcds, prefix, east, "orphan")
     assert (state_name(ended.state), ended.dc, ended.attempt) == ("SUCCEEDED", "west", 2)
     # And east, asked to settle, keeps a pointer back: it will never run it.
     assert await settle(cluster, east, "orphan", "west") == SettleOutcome.OUTCOME_NOT_HELD
@@ -147,13 +187,8 @@ async def test_the_owner_points_to_the_dc_that_holds_a_dead_agents_hand_off(
     east = start("east")
     assert (await offer_from(cluster, "west", east, "landed")).accepted  # before it died
     await record_intent(cluster, etcds["west"], prefix, "landed", holder="west-gone")
-    west = start("west")
-    await apply_topology(
-        cluster, prefix, etcds, {"west": west.peer_address, "east": east.peer_address}
-    )
-    wait_log(west, "topology version 1 applied")
-    async with west.client() as client:
-        ended = await final(client, "landed")  # answered from east once confirmed
+    # Answered from east once the hand-off is confirmed.
+    ended = await west_ends(cluster, start, etcds, prefix, east, "landed")
     assert (state_name(ended.state), ended.dc, ended.attempt) == ("SUCCEEDED", "east", 1)
 
 
@@ -182,6 +217,45 @@ async def test_an_offer_of_an_attempt_running_elsewhere_is_refused(
     assert (stored.status.agent, stored.status.state) == ("w9", pb.TASK_STATE_RUNNING)
 
 
+async def test_an_agent_of_the_dc_never_takes_a_task_it_is_handing_on(
+    cluster: Cluster, etcd: EtcdMember, prefix: str
+) -> None:
+    """Seed 7, etcd-leader-kill: an offer in west timed out while etcd elected a leader,
+    the placement handed the task to east, and the offer's accept landed afterwards, so
+    the task ran in both DCs. An accept now refuses a record that names another DC, and
+    a hand-off refuses a task an agent of its DC took first: it is placed there."""
+    agent = cluster.start("w1")
+    async with client_for([etcd.endpoint], security=cluster.trust.operator()) as client:
+        store = TaskStore(client, KeySpace(prefix, "west"))
+        for task_id in ("leaving", "taken"):
+            task = spec(task_id)
+            await store.create(
+                new_record(
+                    task, spec_digest(task), now_ms() + 60_000, attempt=1, path=(),
+                    agent_id="w9", dc="west", inline_payload_bytes=65536,
+                )
+            )  # fmt: skip
+        await store.update("leaving", intent("east", "w9"), attempt=1)
+        replies = {}
+        for task_id in ("leaving", "taken"):
+            envelope = peer_pb2.Envelope(
+                spec=spec(task_id), path=["w9"], hops=1, attempt=1,
+                deadline_unix_ms=now_ms() + 60_000,
+            )  # fmt: skip
+            async with peer_channel(agent.peer_address, cluster.as_agent("w9")) as channel:
+                replies[task_id] = await peer_pb2_grpc.PeerServiceStub(channel).Offer(envelope)
+        assert not replies["leaving"].accepted
+        assert "handed to DC east" in replies["leaving"].reason
+        assert replies["taken"].accepted, replies["taken"].reason
+        leaving = await store.get("leaving")
+        assert (leaving.record.forwarded_to_dc, leaving.status.agent) == ("east", "w9")
+        with pytest.raises(AlreadyPlaced) as placed:
+            await store.update("taken", intent("east", "w9"), attempt=1)
+        assert placed.value.agent == "w1"
+        taken = await store.get("taken")
+        assert (taken.record.forwarded_to_dc, taken.status.agent) == ("", "w1")
+
+
 async def test_a_cancel_written_while_a_hand_off_was_unconfirmed_reaches_the_other_dc(
     cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
 ) -> None:
@@ -194,12 +268,6 @@ async def test_a_cancel_written_while_a_hand_off_was_unconfirmed_reaches_the_oth
     await record_intent(
         cluster, etcds["west"], prefix, "called-off", holder="west-gone", cancel="changed my mind"
     )
-    west = start("west")
-    await apply_topology(
-        cluster, prefix, etcds, {"west": west.peer_address, "east": east.peer_address}
-    )
-    wait_log(west, "topology version 1 applied")
-    async with west.client() as client:
-        ended = await final(client, "called-off")
+    ended = await west_ends(cluster, start, etcds, prefix, east, "called-off")
     assert (state_name(ended.state), ended.dc) == ("CANCELLED", "east")
     assert ended.error.message == "changed my mind"

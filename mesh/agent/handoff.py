@@ -29,9 +29,11 @@ import grpc
 
 from mesh import metrics
 from mesh.agent.remote import RemoteDcs
+from mesh.agent.retry import ETCD_WRITE
 from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
-from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable
+from mesh.core.lifecycle import still_placing
+from mesh.errors import AlreadyPlaced, MeshError, StaleWrite, TaskNotFound, Unavailable
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
 
@@ -47,6 +49,7 @@ class Handoffs:
     def __init__(
         self,
         dc: str,
+        agent_id: str,
         store: TaskStore,
         remote: RemoteDcs,
         spawn: Callable[[str, Coroutine[Any, Any, None]], object],
@@ -55,6 +58,7 @@ class Handoffs:
         """``spawn`` runs background work the agent cancels when it stops;
         ``place_again`` places a task whose hand-off came to nothing."""
         self._dc = dc
+        self._agent_id = agent_id
         self._store = store
         self._remote = remote
         self._spawn = spawn
@@ -72,7 +76,9 @@ class Handoffs:
 
     async def _offer(self, dc: str, job: Job, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
         try:
-            await self._store.update(job.task_id, intent(dc), attempt=job.attempt)
+            await self._store.update(job.task_id, intent(dc, self._agent_id), attempt=job.attempt)
+        except AlreadyPlaced:
+            raise  # placed here after all: the caller's to report
         except StaleWrite as exc:
             return False, f"moved on: {exc.message}"
         except Unavailable as exc:
@@ -139,9 +145,10 @@ class Handoffs:
             record.forwarded_to_dc = ""
             record.status.dc = self._dc
 
-        # Placing it here clears the pointer too, should this write fail.
+        # Should it fail even so, the backlog's write clears the intent (no agent's
+        # accept does: see ``claim_run``).
         with contextlib.suppress(MeshError):
-            await self._store.update(job.task_id, back, attempt=job.attempt)
+            await ETCD_WRITE.run(lambda: self._store.update(job.task_id, back, attempt=job.attempt))
 
     async def _settle_once(self, dc: str, task_id: str) -> Outcome | None:
         try:
@@ -177,10 +184,17 @@ class Handoffs:
         log.error("hand-off of %s to %s never settled before its deadline", job.task_id, dc)
 
 
-def intent(dc: str) -> Callable[[peer_pb2.TaskRecord], None]:
+def intent(dc: str, holder: str) -> Callable[[peer_pb2.TaskRecord], None]:
+    """The hand-off of a task to DC ``dc`` by agent ``holder``, before the offer. The
+    record names the holder, whatever it named before (nobody, for a task the queue
+    owner re-queued): a hand-off naming no agent would read as a confirmed pointer, and
+    should the holder die, the owner finds the hand-off among its tasks and settles it."""
+
     def mark(record: peer_pb2.TaskRecord) -> None:
+        still_placing(record)
         record.forwarded_to_dc = dc
         record.status.dc = dc
+        record.status.agent = holder
 
     return mark
 

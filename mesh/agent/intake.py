@@ -150,9 +150,8 @@ class Intake:
             if record.spec_digest and record.spec_digest != digest:
                 raise InvalidTask("the offered spec is not the recorded one")
             status = record.status
-            claim_run(status, self._cfg.agent_id)
+            claim_run(record, self._cfg.agent_id)
             status.dc = self._cfg.dc
-            record.forwarded_to_dc = ""  # it is here, whatever a hand-off tried before
             del status.path[:]
             status.path.extend(job.path)
             if status.state == pb.TASK_STATE_PENDING:

@@ -28,8 +28,9 @@ from mesh.core import backlog, classes, summaries
 from mesh.core.backlog import Room
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
+from mesh.core.lifecycle import still_placing
 from mesh.core.routing import AGENT, BACKLOG, DC, NO_SPILL, NONE_ELIGIBLE, Decision, Request, Spill
-from mesh.errors import MeshError, NoCapacity
+from mesh.errors import AlreadyPlaced, MeshError, NoCapacity
 from mesh.store.keys import KeySpace
 from mesh.store.records import TaskStore
 from mesh.store.registry import Registry
@@ -73,7 +74,7 @@ class Placement:
         self.remote = remote
         self.executor = executor
         self._accept_here = accept_here
-        self.handoffs = Handoffs(cfg.dc, store, remote, spawn, self.place)
+        self.handoffs = Handoffs(cfg.dc, cfg.agent_id, store, remote, spawn, self.place)
         self._summaries = other_dcs
         self.decisions = DecisionLog(cfg.decision_log) if cfg.decision_log else None
 
@@ -121,6 +122,7 @@ class Placement:
         entry = self.keys.backlog_entry(job.spec.queue, enqueued, job.task_id)
 
         def mutate(record: peer_pb2.TaskRecord) -> None:
+            still_placing(record)
             status = record.status
             status.state, status.agent, status.dc = pb.TASK_STATE_QUEUED, "", self.cfg.dc
             record.forwarded_to_dc = ""
@@ -157,7 +159,12 @@ class Placement:
                 attributes={"task.id": job.task_id, "task.attempt": job.attempt},
             ) as span,
         ):
-            where = await self._place(job, spill, wait, patient, span)
+            try:
+                where = await self._place(job, spill, wait, patient, span)
+            except AlreadyPlaced as placed:
+                # An offer in this DC whose answer was lost (a timeout) landed after all.
+                log.info("%s was taken by %s after all", job.task_id, placed.agent)
+                where = placed.agent
             span.set_attribute("placed", where)
             return where
 

@@ -82,7 +82,7 @@ class RecordReporter:
         def mutate(record: peer_pb2.TaskRecord) -> None:
             nonlocal cancelled
             status = record.status
-            claim_run(status, self._cfg.agent_id)
+            claim_run(record, self._cfg.agent_id)
             status.dc = self._cfg.dc
             # The accepting write may land after this one, or, for a short task, never
             # (the run has ended first): the run states how it got here itself.

@@ -46,6 +46,7 @@ MOVES = 3  # agents a cancel follows a task through as it is placed
 
 
 POINTER_RETRY_S = 1.0  # a pointer whose DC lacks the task: look here again after this
+POINTER_MISSES = 5  # then the watch breaks (UNAVAILABLE): the caller resumes it
 
 
 class Tasks:
@@ -112,12 +113,13 @@ class Tasks:
         undone), the record here is followed again from the pointer on."""
         dc, _, revision = resume_token.partition(":")
         after = int(revision) if dc == self._registry.dc and revision.isdigit() else 0
-        missed = False  # the other DC once said it has no such task
+        here = False  # whether this DC has a record of the task
+        misses = 0  # answers "no such task" from the DC a pointer here names
         while True:
             elsewhere = ""
             try:
                 async for stored in self._store.follow(task_id, after):
-                    after = stored.revision
+                    here, after = True, stored.revision
                     if elsewhere := answered_by(stored.record):
                         break
                     yield public(stored.status), f"{self._registry.dc}:{stored.revision}"
@@ -127,7 +129,7 @@ class Tasks:
                 # Never here, or its record here was deleted under us (a hand-off taken
                 # back by its origin): wherever the mesh has it now.
                 elsewhere, _ = await self._addressing.find(task_id)
-                after = 0
+                here, after = False, 0
             if not elsewhere:
                 return
             if not forward:
@@ -138,13 +140,22 @@ class Tasks:
                     yield event.status, event.resume_token
                 return
             except TaskNotFound:
-                # A DC that has only a pointer says it has no such task: a hand-off to
-                # this DC may have landed since the record here was looked for, so look
-                # once more before the task is called unknown.
-                if not after and missed:
-                    raise
-                missed = True
-                await asyncio.sleep(POINTER_RETRY_S)  # then the record here, from the pointer on
+                # That DC says it has no such task. With no record here, that is the
+                # answer once it is said twice (a hand-off to this DC may have landed
+                # since the record here was looked for). A pointer here is read again
+                # from its current version, so a hand-off undone is followed here and
+                # one still pointing there is asked again; never waited on in silence,
+                # for a pointer that no longer changes would leave the watch mute.
+                misses += 1
+                if misses > (POINTER_MISSES if here else 1):
+                    if not here:
+                        raise
+                    raise Unavailable(
+                        f"DC {elsewhere} does not answer for the task its pointer names",
+                        task_id=task_id,
+                    ) from None
+                after = 0
+                await asyncio.sleep(POINTER_RETRY_S)
 
     async def list(
         self, *, user_id: str, state: int, limit: int, after: str, forward: bool = True

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from mesh.core.clock import now_ts
 from mesh.core.jobs import Job
 from mesh.core.task import TERMINAL
-from mesh.errors import StaleWrite
+from mesh.errors import AlreadyPlaced, StaleWrite
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -58,14 +58,30 @@ def end(status: pb.TaskStatus, state: int, code: str, message: str) -> None:
     status.error.code, status.error.message = code, message
 
 
-def claim_run(status: pb.TaskStatus, agent_id: str) -> None:
-    """Make ``agent_id`` the agent of this attempt, unless another agent runs it now:
-    then ``StaleWrite``. A task placed twice must never run one attempt twice (a run that
-    is interrupted or re-queued always gets a new attempt), so neither the losing
-    placement's accept nor its start may take the record from the one that runs it."""
+def claim_run(record: peer_pb2.TaskRecord, agent_id: str) -> None:
+    """Make ``agent_id`` the agent of this attempt, unless another agent runs it now, or
+    the task is being handed to (or was handed to) another DC: then ``StaleWrite``. A
+    task placed twice must never run one attempt twice (a run that is interrupted or
+    re-queued always gets a new attempt), so neither the losing placement's accept nor
+    its start may take the record from the one that runs it, nor from the DC it left."""
+    status = record.status
+    if record.forwarded_to_dc:
+        raise StaleWrite(f"handed to DC {record.forwarded_to_dc}", task_id=status.task_id)
     if status.state == pb.TASK_STATE_RUNNING and status.agent not in ("", agent_id):
         raise StaleWrite(f"attempt already running on {status.agent}", task_id=status.task_id)
     status.agent = agent_id
+
+
+def still_placing(record: peer_pb2.TaskRecord) -> None:
+    """A placement's own write (a hand-off's intent, the backlog) holds only while its
+    task waits for it. An agent of this DC that accepted or started it first took it
+    through an offer whose answer was lost (``AlreadyPlaced``: it is placed there); an
+    ended task is nobody's to place (``StaleWrite``)."""
+    status = record.status
+    if status.state in TERMINAL:
+        raise StaleWrite("the task has ended", task_id=status.task_id)
+    if status.state in (pb.TASK_STATE_QUEUED, pb.TASK_STATE_RUNNING) and status.agent:
+        raise AlreadyPlaced(status.agent, task_id=status.task_id)
 
 
 def requeue(record: peer_pb2.TaskRecord, dead_agent: str, max_attempts: int) -> str:
