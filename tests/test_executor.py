@@ -196,6 +196,23 @@ async def test_a_stale_start_never_runs(rig) -> None:
     assert "old" not in gated.cuda and "old" not in recorder.ends
 
 
+async def test_a_run_abandoned_before_it_began_gives_its_slot_back(rig) -> None:
+    """Seed 2, owner-stop: an agent woke past its lease, started a run and abandoned it
+    in the same turn of the loop. A task cancelled before its first step never enters
+    its body, so the body's ``finally`` never gave the GPU back: the agent held a slot
+    (and the jobs queued behind it) for good while it stayed a member."""
+    executor, recorder, _gated = rig
+    executor.enqueue(job("woke"))
+    await asyncio.sleep(0)  # the loop's turn: it creates the run's task, not yet begun
+    assert executor.running == 1 and not recorder.starts
+    dropped = executor.abandon("this agent lost its membership lease")
+    assert [j.task_id for j in dropped] == ["woke"]
+    executor.enqueue(job("a"))
+    executor.enqueue(job("b"))
+    await recorder.until("both slots in use", lambda: len(recorder.starts) == 2)
+    assert sorted(t for t, _ in recorder.starts) == ["a", "b"]  # "woke" never began
+
+
 async def test_drain_returns_what_did_not_finish(rig) -> None:
     executor, recorder, gated = rig
     for i in range(3):

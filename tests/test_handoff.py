@@ -23,7 +23,7 @@ from mesh.agent.handoff import intent
 from mesh.agent.intake import pointer
 from mesh.client import MeshClient
 from mesh.core.clock import now_ms
-from mesh.core.lifecycle import new_record
+from mesh.core.lifecycle import end, new_record
 from mesh.core.task import TERMINAL, spec_digest, state_name
 from mesh.errors import AlreadyPlaced
 from mesh.local.etcdserver import EtcdMember
@@ -166,6 +166,28 @@ async def test_a_watch_of_a_pointer_the_other_dc_denies_breaks_instead_of_hangin
                 pass
     assert broke.value.code() == grpc.StatusCode.UNAVAILABLE, broke.value.details()
     assert "does not answer for the task" in (broke.value.details() or "")
+
+
+async def test_a_dc_never_adopts_a_task_whose_copy_there_lost_the_id(
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+) -> None:
+    """Seed 7, burst: west recorded a twin unclaimed (east, its home, answered late), and
+    cancelled it once it learnt east held the id, pointing to east's copy. East's backlog
+    then handed east's copy to west, which answered "already here" from its cancelled
+    one: each DC pointed to the other, and the task never ran. West refuses it now."""
+    etcds, start = two_dcs(cluster, more_etcd)
+    west = start("west")
+    async with client_for([etcds["west"].endpoint], security=cluster.trust.operator()) as client:
+        task = spec("lost-the-id")
+        copy = new_record(
+            task, spec_digest(task), now_ms() + 60_000, attempt=1, path=(),
+            agent_id="", dc="west", inline_payload_bytes=65536,
+        )  # fmt: skip
+        copy.superseded_by_dc = "east"
+        end(copy.status, pb.TASK_STATE_CANCELLED, "CANCELLED", "duplicate: DC east first")
+        await TaskStore(client, KeySpace(prefix, "west")).create(copy)
+    offered = await offer_from(cluster, "east", west, "lost-the-id")
+    assert not offered.accepted and "belongs to DC east" in offered.reason, offered.reason
 
 
 async def test_the_owner_takes_back_a_dead_agents_hand_off_the_other_dc_never_got(

@@ -336,6 +336,9 @@ class Executor:
             run.task = observed(
                 asyncio.create_task(self._execute(run), name=f"task-{job.task_id}"), "run"
             )
+            # A task cancelled before its first step never enters its body, nor the
+            # ``finally`` there: its GPUs come back when it is done, whatever way.
+            run.task.add_done_callback(lambda _, run=run: self._release(run))
         return blocked[-1] if blocked else None
 
     def _reclaim(self, job: Job) -> None:
@@ -452,10 +455,7 @@ class Executor:
             group = job.spec.user.group or metrics.NO_GROUP
             spent = len(run.gpus) * (self._clock() - run.started_at)
             metrics.GROUP_GPU_SECONDS.labels(group).inc(max(0.0, spent))
-            self._running.pop(job.task_id, None)
-            self._free.extend(run.gpus)
-            self._wake.set()
-            self._on_load()
+            self._release(run)
             if how != "stale":
                 if outcome is not None:
                     how = state_name(outcome.state)
@@ -468,6 +468,16 @@ class Executor:
             await self._reporter.finished(job, outcome)
         elif run.preempted:
             self._on_preempted(job)
+
+    def _release(self, run: _Run) -> None:
+        """Give ``run``'s GPUs back, once: it ended, or its task was done without ever
+        beginning (cancelled first)."""
+        if self._running.get(run.job.task_id) is not run:
+            return
+        del self._running[run.job.task_id]
+        self._free.extend(run.gpus)
+        self._wake.set()
+        self._on_load()
 
     # -- cancel and drain ----------------------------------------------------------------
 

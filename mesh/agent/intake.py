@@ -93,10 +93,11 @@ class Intake:
         )
         stored, created = await self._store.create(record)
         if not created:
-            if stored.record.forwarded_to_dc:
-                # It left this DC once, or a settle decided it stays in its origin:
-                # taking it would leave two records answering for it.
-                return False, f"it belongs to DC {stored.record.forwarded_to_dc}"
+            if held := stored.record.forwarded_to_dc or stored.record.superseded_by_dc:
+                # It left this DC once, a settle decided it stays in its origin, or this
+                # DC's copy of the id lost to that DC's (and was cancelled): taking it
+                # would leave two records answering for it, each pointing to the other.
+                return False, f"it belongs to DC {held}"
             if stored.record.spec_digest != digest:
                 return False, "task id already used here by another task"
             return True, "already here"
