@@ -26,8 +26,10 @@ import yaml
 
 from bench.localdc import local_mesh
 from mesh.client import MeshClient
+from mesh.core.access import PRIORITY
 from mesh.core.task import TERMINAL, state_name
 from mesh.errors import MeshError
+from mesh.local.trust import SUBMITTER_ROLES
 from mesh.v1 import tasks_pb2 as pb
 
 LOCAL = Path(__file__).resolve().parent.parent / "topology" / "local.yaml"
@@ -84,6 +86,7 @@ async def measure(clients: list[MeshClient], count: int, seed: int) -> dict[str,
     errors: Counter[str] = Counter()
     gets: list[float] = []
     ended: dict[str, list[float]] = {"waiting": [], "running": []}
+    ignored: list[str] = []  # a Cancel that saw the task unfinished, and then a success
 
     async def cancel(task_id: str) -> None:
         async with gate:
@@ -108,10 +111,13 @@ async def measure(clients: list[MeshClient], count: int, seed: int) -> dict[str,
                 errors[f"Cancel {exc.code().name}: {exc.details()}"] += 1
                 return
             reads.append(True)
+            answered = status.state
             while status.state not in TERMINAL:
                 await asyncio.sleep(POLL_S)
                 status = await client.get(task_id)
             ended[kind].append(time.monotonic() - sent)
+            if answered not in TERMINAL and status.state == pb.TASK_STATE_SUCCEEDED:
+                ignored.append(task_id)  # told "not finished", and then it succeeded
 
     await asyncio.gather(*map(cancel, accepted))
     return {
@@ -122,6 +128,7 @@ async def measure(clients: list[MeshClient], count: int, seed: int) -> dict[str,
         "cancel_running": _quantiles(ended["running"]),
         "floor_get": _quantiles(gets),
         "errors": dict(errors),
+        "ignored_cancels": sorted(ignored),
     }
 
 
@@ -146,11 +153,21 @@ def main(argv: list[str]) -> None:
         with local_mesh(document, timeout_s=90) as mesh:
             assert mesh.trust is not None
             addresses = [s.address for s in mesh.started if s.kind == "agent"]
-            result = asyncio.run(_run(addresses, mesh.trust.user("bench"), args.tasks, args.seed))
+            result = asyncio.run(
+                _run(
+                    addresses,
+                    mesh.trust.user("bench", roles=[*SUBMITTER_ROLES, PRIORITY]),
+                    args.tasks,
+                    args.seed,
+                )
+            )
     except MeshError as exc:
         raise SystemExit(f"bench cancel: {exc}") from exc
+    ignored = result["ignored_cancels"]
     if args.json:
         print(json.dumps(result))
+        if ignored:
+            raise SystemExit(f"cancels answered unfinished that then succeeded: {ignored}")
         return
     print(
         f"tasks {result['accepted']}/{result['tasks']} accepted; "
@@ -166,3 +183,5 @@ def main(argv: list[str]) -> None:
             f"{name:<20}{q.get('count', 0):>7}{q.get('p50_s', '-'):>9}{q.get('p99_s', '-'):>9}"
             f"{q.get('max_s', '-'):>9}"
         )
+    print(f"cancels answered unfinished that then succeeded: {len(ignored)}", *ignored[:10])
+    raise SystemExit(1 if ignored else 0)

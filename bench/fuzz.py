@@ -1,21 +1,26 @@
 """``python -m bench fuzz [--examples N] [--json]``: hypothesis against a live agent.
 
-Three campaigns, each ``N`` generated cases: Submits with any value in any field of
+Five campaigns, each ``N`` generated cases: Submits with any value in any field of
 ``TaskSpec`` (as a submitter), Offers with any value in any field of ``Envelope`` (as an
-agent of another DC, with a real certificate), and raw gossip datagrams (random bytes,
-and frames signed with the mesh's key but bent in every field). Every gRPC answer must be
-a precise status (never INTERNAL or UNKNOWN) within its timeout, and after the datagrams
-the agent must still answer its health check and count none of them as an internal
-error. The tests run a few hundred of each; this runs thousands.
+agent of another DC, with a real certificate), stage requests, raw gossip datagrams
+(random bytes, and frames signed with the mesh's key but bent in every field), and HTTP
+requests to the gateway (any route, verb, path segment, query, body and content type,
+as a submitter). Every gRPC answer must be a precise status (never INTERNAL or UNKNOWN)
+within its timeout, every HTTP answer a status under 500 with a JSON error body, and
+after the datagrams the agent must still answer its health check and count none of them
+as an internal error. The tests run a few hundred of each; this runs thousands.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import re
 import socket
+import ssl
 import time
+import urllib.parse
 import urllib.request
 from collections import Counter
 from collections.abc import Callable
@@ -27,6 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mesh.agent.http.routes import ROUTES
 from mesh.channels import Security
 from mesh.gossip.wire import Keyring, Kind, encode
 from mesh.trust.pki import agent_host
@@ -143,6 +149,48 @@ def datagrams(draw: st.DrawFn, keyring: Keyring, members: list[str]) -> bytes:
     )
 
 
+HTTP_PATHS = [route.path for route in ROUTES] + ["/v1/traces/{task_id}", "/v1/openapi.json"]
+HTTP_FIELDS = ["taskId", "pipeline", "model", "queue", "params.seconds", "state", "limit",
+               "pageToken", "userId", "resumeToken", "explain", "spec.model"]  # fmt: skip
+json_leaf = st.one_of(st.none(), st.booleans(), int64, st.floats(), text)
+json_keys = st.one_of(text, st.sampled_from(HTTP_FIELDS))
+json_values = st.recursive(
+    json_leaf,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=6), st.dictionaries(json_keys, inner, max_size=6)
+    ),
+    max_leaves=30,
+)
+
+
+@dataclass(frozen=True)
+class HttpCase:
+    verb: str
+    path: str
+    body: bytes
+    content_type: str
+
+
+@st.composite
+def http_cases(draw: st.DrawFn) -> HttpCase:
+    """Any route with any path segment, query, verb, body and content type."""
+    segment = draw(st.one_of(text, st.from_regex(r"[A-Za-z0-9._:-]{1,40}", fullmatch=True)))
+    path = draw(st.sampled_from(HTTP_PATHS))
+    for name in ("{task_id}", "{group}"):
+        path = path.replace(name, urllib.parse.quote(segment, safe=""))
+    query = draw(st.dictionaries(st.one_of(st.sampled_from(HTTP_FIELDS), text), text, max_size=5))
+    if query:
+        path += "?" + urllib.parse.urlencode(query)
+    body = draw(st.one_of(
+        st.binary(max_size=2048),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.builds(lambda spec: json.dumps({"spec": spec}).encode(), json_values),
+    ))  # fmt: skip
+    verb = draw(st.sampled_from(["GET", "POST", "POST", "GET", "PUT", "DELETE", "PATCH"]))
+    kind = draw(st.sampled_from(["application/json", "application/octet-stream", "text/plain", ""]))
+    return HttpCase(verb, path, body, kind)
+
+
 @dataclass
 class Tally:
     statuses: Counter[str] = field(default_factory=Counter)
@@ -228,6 +276,43 @@ def fuzz_gossip(
         _campaign(examples, datagrams(keyring, members), send)
 
 
+def fuzz_http(http_url: str, ca: bytes, token: str, examples: int, tally: Tally) -> None:
+    """Requests to the HTTP gateway: every answer under 500, and an error's body JSON. A
+    stream's status is checked, its body not read (a watch lasts as long as its task)."""
+    host, _, port = urllib.parse.urlsplit(http_url).netloc.rpartition(":")
+    context = ssl.create_default_context(cadata=ca.decode())
+
+    def send(case: HttpCase) -> None:
+        connection = http.client.HTTPSConnection(
+            host, int(port), context=context, timeout=CALL_TIMEOUT_S
+        )
+        headers = {"Authorization": f"Bearer {token}"}
+        if case.content_type:
+            headers["Content-Type"] = case.content_type
+        what = f"HTTP {case.verb}"
+        try:
+            connection.request(case.verb, case.path, body=case.body, headers=headers)
+            reply = connection.getresponse()
+            streamed = reply.getheader("Content-Type", "").startswith("text/event-stream")
+            body = b"" if streamed or reply.status < 400 else reply.read()
+        except (OSError, http.client.HTTPException) as exc:
+            tally.failures.append(f"{what} {case.path[:80]!r}: {type(exc).__name__}: {exc}")
+            tally.statuses[f"{what} broken"] += 1
+            return
+        finally:
+            connection.close()
+        tally.statuses[f"{what} {reply.status}"] += 1
+        if reply.status >= 500:
+            tally.failures.append(f"{what} {case.path[:80]!r}: {reply.status} {body[:200]!r}")
+        elif reply.status >= 400:
+            try:
+                json.loads(body)
+            except ValueError:
+                tally.failures.append(f"{what} {case.path[:80]!r}: {reply.status}, no JSON body")
+
+    _campaign(examples, http_cases(), send)
+
+
 def still_well(address: str, anyone: Security, metrics_url: str | None, tally: Tally) -> None:
     """After the storm: the agent answers its health check, and no datagram was an
     internal error (its handler raised) rather than a reasoned drop."""
@@ -271,6 +356,9 @@ def main(argv: list[str]) -> None:
         keyring = Keyring((trust.gossip_key_file.read_text().split()[0].encode(),))
         gossip = mesh.gossip_address(agent.name)
         fuzz_gossip(gossip, keyring, [agent.name], args.examples, tally)
+        http_token = trust.user("fuzzer").token
+        assert http_token is not None
+        fuzz_http(agent.http_url, trust.ca.read_bytes(), http_token, args.examples, tally)
         still_well(agent.address, Security(trust.mesh, trust.ca.read_bytes()), None, tally)
     result = {
         "examples_per_campaign": args.examples,

@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from mesh.errors import ConfigError
+from mesh.trust.tokens import MAX_TTL
 
 MiB = 1024 * 1024
 SECRET_FLAGS = {"--gossip-keys"}
@@ -31,6 +32,13 @@ PLACEHOLDERS = ("change-me", "changeme", "replace-me", "placeholder")
 # A model or pipeline name: what users put in TaskSpec.model and TaskSpec.pipeline.
 NAME_PATTERN = r"^[A-Za-z0-9._:/-]{1,128}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+
+
+def state_home() -> Path:
+    """The agent's own state folder: ``$XDG_STATE_HOME/gpumesh``, else
+    ``~/.local/state/gpumesh``."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "gpumesh"
 
 
 class AgentConfig(BaseSettings):
@@ -83,6 +91,12 @@ class AgentConfig(BaseSettings):
         "agent'): its server certificate, and its client certificate for peers and etcd.",
     )
     tls_key: Path | None = Field(None, description="Its private key (PEM), readable by it alone.")
+    max_token_ttl_s: float = Field(
+        MAX_TTL.total_seconds(),
+        gt=0,
+        description="Bearer tokens that say they live longer than this are refused: a token "
+        "cannot be revoked, so a stolen one is good until it expires.",
+    )
     insecure: bool = Field(
         False,
         description="Plaintext gRPC and etcd, no identities: any caller may do anything. For a "
@@ -267,8 +281,10 @@ class AgentConfig(BaseSettings):
         0.2, ge=0, description="Least time between two progress writes of one task to etcd."
     )
     result_dir: Path = Field(
-        default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")) / "gpumesh-results",
-        description="Where results over inline_result_bytes are written.",
+        default_factory=lambda: state_home() / "results",
+        description="Where results over inline_result_bytes are written: a folder of the "
+        "agent's own (0700; a link or another user's folder is refused), by default under "
+        "$XDG_STATE_HOME/gpumesh (~/.local/state/gpumesh), never a shared /tmp path.",
     )
     # Gossip of load and loaded models inside the DC (UDP).
     gossip_listen: str = Field(

@@ -8,6 +8,7 @@ import pytest
 from mesh.core.access import (
     AGENT,
     OPERATOR,
+    PRIORITY,
     PUBLIC,
     READER,
     RULES,
@@ -15,6 +16,7 @@ from mesh.core.access import (
     Identity,
     PermissionDenied,
     authorize,
+    may_queue,
 )
 from mesh.v1 import peer_pb2, tasks_pb2
 
@@ -75,3 +77,14 @@ def test_who_may_call_what(who: Identity, method: str, all_tasks: bool) -> None:
 def test_who_may_not(who: Identity, method: str) -> None:
     with pytest.raises(PermissionDenied):
         authorize(who, method)
+
+
+def test_the_vip_queue_takes_the_priority_role() -> None:
+    """``vip`` weighs 4x ``normal`` in every queue: the review found it open to every
+    submitter, while online work already took an operator."""
+    plain = Identity("user", "bob", roles=frozenset({SUBMITTER}))
+    with pytest.raises(PermissionDenied, match="queue 'vip'"):
+        may_queue(plain, "vip")
+    may_queue(plain, "normal")
+    may_queue(Identity("user", "pam", roles=frozenset({SUBMITTER, PRIORITY})), "vip")
+    may_queue(Identity("user", "ops", roles=frozenset({OPERATOR})), "vip")  # implied

@@ -75,6 +75,7 @@ def test_bench_cancel_reaches_every_task_through_any_agent() -> None:
     result = bench("cancel", "--json", "--tasks", "60", timeout_s=170)
     assert result["accepted"] == 60
     assert result["get_cancel_ok"] == 1.0, result["errors"]
+    assert result["ignored_cancels"] == []  # no success after a Cancel saw it unfinished
     cancelled = result["cancel_waiting"]["count"] + result["cancel_running"]["count"]
     assert cancelled > 0 and result["floor_get"]["count"] == 60
 

@@ -7,11 +7,12 @@ import os
 import subprocess
 import sys
 
+import typer
 import yaml
 from support import Cluster
 from typer.testing import CliRunner
 
-from mesh.cli import app
+from mesh.cli import app, lift_credentials
 
 runner = CliRunner()
 
@@ -104,3 +105,18 @@ def test_tables_are_not_cut_to_80_columns_when_piped() -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, check=True, env=env
     ).stdout
     assert all(h in out for h in headers), out
+
+
+def test_credentials_are_taken_before_or_after_the_command() -> None:
+    """``meshctl queue --ca X`` failed where ``meshctl --ca X queue`` worked: credentials
+    given after the command move before it; a command's own option of that name stays."""
+    group = typer.main.get_command(app)
+    after = ["queue", "--ca", "ca.crt", "--token=T", "-e", "h:1", "--insecure"]
+    assert lift_credentials(group, after) == [
+        "--ca", "ca.crt", "--token=T", "--insecure", "queue", "-e", "h:1",
+    ]  # fmt: skip
+    before = ["--ca", "ca.crt", "list", "--state", "running"]
+    assert lift_credentials(group, before) == before
+    own = ["pki", "issue", "user", "--name", "bob", "--mesh", "m"]
+    assert lift_credentials(group, own) == own  # pki issue has a --mesh of its own
+    assert lift_credentials(group, ["nonsense", "--ca", "x"]) == ["nonsense", "--ca", "x"]

@@ -205,6 +205,18 @@ def test_a_replayed_datagram_is_refused() -> None:
         agent.receive(frame(seq=3), 5.4, NOW_MS)  # fell out of the window
 
 
+def test_a_frame_claiming_a_newer_incarnation_does_not_silence_the_real_one() -> None:
+    """One keyed frame with a newer incarnation made a peer drop all of the real agent's
+    gossip as replayed for as long as it ran."""
+    net = Network(3, seed=7)
+    agent = net.agents["a0000"]
+    agent.receive(frame(seq=1), 5.0, NOW_MS)
+    agent.receive(frame(seq=1, incarnation=NOW_MS), 5.1, NOW_MS)  # the forged one
+    agent.receive(frame(seq=2), 5.2, NOW_MS)  # the real incarnation goes on
+    with pytest.raises(BadPacket, match="replayed"):
+        agent.receive(frame(seq=2), 5.3, NOW_MS)  # and its replays are still dropped
+
+
 def test_key_rotation_accepts_old_and_new_while_both_are_listed() -> None:
     old, new = b"the old gossip key!!", b"the new gossip key!!"
     rotating = Keyring((new, old))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import os
 import ssl
@@ -14,11 +15,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 from openapi_spec_validator import validate
-from support import AgentProc, Cluster, until_peers
+from support import AgentProc, Cluster, eventually, until_peers
 
 from mesh.agent.http.openapi import document
 from mesh.agent.http.routes import ROUTES, public_rpcs
-from mesh.core.access import OPERATOR, READER
+from mesh.config import AgentConfig
+from mesh.core.access import OPERATOR, READER, SUBMITTER
 
 
 def test_every_public_rpc_has_a_route_and_the_document_is_valid_openapi() -> None:
@@ -177,3 +179,54 @@ async def test_the_readmes_curl_examples_work(agent: AgentProc, cluster: Cluster
     assert "hello-1" in [t["taskId"] for t in json.loads(listed)["tasks"]]
     assert [a["agentId"] for a in json.loads(agents)["agents"]] == ["h1"]
     assert json.loads(openapi)["openapi"].startswith("3.")
+
+
+async def test_a_users_trace_is_read_by_its_user_alone(cluster: Cluster, tmp_path: Path) -> None:
+    """The outside review read 11 spans of another user's task by its trace id (trace
+    ids are exemplars on every agent's /metrics): a trace is read as its task is."""
+    agent = cluster.start("h-tr", http_listen="127.0.0.1:0", span_dir=tmp_path / "spans")
+    await until_peers(agent, ["h-tr"])
+    alice = Http(agent, cluster, cluster.trust.token("alice", roles=[SUBMITTER]))
+    bob = Http(agent, cluster, cluster.trust.token("bob", roles=[SUBMITTER]))
+    operator = Http(agent, cluster, cluster.security.token)
+    spec = {"taskId": "h-traced", "pipeline": "echo", "model": "m", "payload": "aGk="}
+    status, body, _ = await alice.call("POST", "/v1/tasks", json={"spec": spec})
+    assert status == 200, body
+    trace = body["status"]["traceId"]
+
+    async def spans_written() -> bool:
+        status, body, _ = await operator.call("GET", f"/v1/traces/{trace}")
+        return status == 200 and len(body["spans"]) > 0
+
+    await eventually(spans_written, what="the task's spans in the span files")
+    status, body, _ = await bob.call("GET", f"/v1/traces/{trace}")
+    assert (status, body.get("code")) == (403, 7), body
+    assert "spans" not in body
+    status, body, _ = await alice.call("GET", f"/v1/traces/{trace}")
+    assert status == 200 and body["spans"], body
+    unknown = "0" * 32  # a trace of no task this mesh knows is nobody's to read
+    assert (await bob.call("GET", f"/v1/traces/{unknown}"))[0] == 403
+
+
+async def test_hostile_bodies_get_precise_statuses(agent: AgentProc, cluster: Cluster) -> None:
+    """Each answered 500 before (one with a broken response a pooling proxy would carry
+    into the next): a body over the limit, a media type with CR/LF, a resume token
+    past int64."""
+    user = Http(agent, cluster, cluster.security.token)
+    huge = io.BytesIO(b"x" * (agent_max_body(agent) + 1))
+    status, body, _ = await user.call(
+        "POST", "/v1/tasks", data=huge, headers={"Content-Type": "application/json"}
+    )
+    assert (status, body["code"]) == (413, 8), body
+    spec = {"taskId": "h-crlf", "pipeline": "echo", "model": "m", "payload": "aGk=",
+            "params": {"media_type": "text/plain\r\nX-Injected: 1"}}  # fmt: skip
+    status, body, _ = await user.call("POST", "/v1/tasks", json={"spec": spec})
+    assert (status, body["code"]) == (400, 3), body
+    assert "media_type" in body["message"]
+    status, body, _ = await user.call("GET", "/v1/tasks/h-1:watch?resumeToken=west:" + "9" * 23)
+    assert (status, body["code"]) == (400, 3), body
+
+
+def agent_max_body(agent: AgentProc) -> int:
+    """The gateway's body limit for the test agents' payload limit (the defaults')."""
+    return AgentConfig.model_fields["max_payload_bytes"].default * 2 + 65536

@@ -13,9 +13,19 @@ from collections.abc import Callable
 import aetcd
 import grpc
 import pytest
-from support import AgentProc, Cluster, apply_topology, eventually, sleep_spec, two_dcs, wait_log
+from support import (
+    GROUPS,
+    AgentProc,
+    Cluster,
+    apply_topology,
+    eventually,
+    sleep_spec,
+    two_dcs,
+    wait_log,
+)
 
 from mesh.client import MeshClient
+from mesh.core.access import SUBMITTER
 from mesh.core.clock import now_ms
 from mesh.core.home import home_dc
 from mesh.core.task import TERMINAL, state_name
@@ -149,9 +159,17 @@ async def test_an_id_submitted_through_both_dcs_is_one_task(
         assert conflict.value.code() == grpc.StatusCode.ALREADY_EXISTS
 
 
+@pytest.mark.parametrize("retry", [True, False], ids=["one-submission", "another-user"])
 async def test_an_id_accepted_twice_while_its_home_was_away_keeps_the_homes_task(
-    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
+    cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str, retry: bool
 ) -> None:
+    """East, the id's home, is away: west records bob's task unclaimed; east claimed the
+    id meanwhile. Once east is back, west's owner learns east was first and cancels its
+    copy. When the copies are one submission (a client retrying through the other DC),
+    west answers from east's from then on: Get, Watch and List. When another user took
+    the id (the outside review's probe: bob's open Watch moved to alice's copy and
+    streamed her events, her params included), west's copy stays the answer in west,
+    cancelled: no stream ever moves into another user's task."""
     etcds, start = two_dcs(cluster, more_etcd)
     west, east = start("west"), start("east")
     await apply_topology(
@@ -161,27 +179,40 @@ async def test_an_id_accepted_twice_while_its_home_was_away_keeps_the_homes_task
     task_id = homed_in("east", 1, "away")[0]
     east.signal(signal.SIGKILL)  # east, the id's home, cannot be asked
     east.wait()
-    async with west.client() as w:
-        accepted = await w.submit(sleep_spec(task_id, seconds=60, steps=60, model="m"))
+    bob, alice = (cluster.trust.user(name, GROUPS, [SUBMITTER]) for name in ("bob", "alice"))
+    mine = sleep_spec(task_id, seconds=15, steps=15, model="m", user=pb.User(id="bob"))
+    theirs = sleep_spec(task_id, seconds=0.5, steps=1, model="m", user=pb.User(id="alice"))
+    theirs.params["alice-private"] = "not for bob"
+    async with west.client(bob) as w:
+        accepted = await w.submit(mine)
         assert accepted.status.dc == "west" and not accepted.existing  # recorded, unclaimed
-        watched = asyncio.create_task(last_event(w, task_id))  # a watcher of west's copy
+        watched = asyncio.create_task(events(w, task_id))  # bob's watch of west's copy
         # Meanwhile, cut off from west, east accepted the same id and claimed it at home.
+        west_keys, east_keys = KeySpace(prefix, "west"), KeySpace(prefix, "east")
+        async with client_for([etcds["west"].endpoint], security=cluster.trust.operator()) as etcd:
+            digest = decode((await etcd.get(west_keys.task(task_id))).value).spec_digest
         async with client_for([etcds["east"].endpoint], security=cluster.trust.operator()) as etcd:
-            claims = ClaimStore(etcd, KeySpace(prefix, "east"))
-            await claims.claim(task_id, Claim("east", "its-digest", now_ms()))
-        async with start("east").client() as e:
-            await e.submit(sleep_spec(task_id, seconds=0.5, steps=1, model="m"))
-            # east is back: west's owner claims, learns east was first, cancels its copy
-            # and answers from east's from then on: Get, Watch and List through west.
+            claim = Claim("east", digest if retry else "alices-digest", now_ms())
+            await ClaimStore(etcd, east_keys).claim(task_id, claim)
+        async with start("east").client(bob if retry else alice) as e:
+            await e.submit(mine if retry else theirs)
+            # East is back: west's owner claims and learns east was first.
+            seen = await asyncio.wait_for(watched, 60)  # a hang guard
             ended = await final(w, task_id)
-            assert state_name(ended.state) == "SUCCEEDED" and ended.dc == "east"
-            assert (await asyncio.wait_for(watched, 30)).state == ended.state  # a hang guard
-            assert [s.task_id for s in await w.list_all()] == [task_id]  # one task, not two
+    assert ended == seen[-1]
+    if retry:  # west answers from east's copy: the task bob submitted, run there
+        assert (state_name(ended.state), ended.dc) == ("SUCCEEDED", "east")
+    else:  # bob's own copy, cancelled; alice's task is hers alone
+        assert (state_name(ended.state), ended.dc) == ("CANCELLED", "west")
+        assert "duplicate: DC east recorded" in ended.error.message
+        assert {s.spec.user.id for s in seen} == {"bob"}
+        assert not any("alice-private" in s.spec.params for s in seen)
     async with client_for([etcds["west"].endpoint], security=cluster.trust.operator()) as etcd:
         copy = await eventually(
             lambda: ended_copy(etcd, KeySpace(prefix, "west"), task_id), what="west's copy ended"
         )
-    assert state_name(copy.status.state) == "CANCELLED" and copy.superseded_by_dc == "east"
+    assert state_name(copy.status.state) == "CANCELLED"
+    assert copy.superseded_by_dc == ("east" if retry else "")
     assert "duplicate: DC east recorded" in copy.status.error.message
 
 
@@ -192,9 +223,6 @@ async def ended_copy(etcd: aetcd.Client, keys: KeySpace, task_id: str) -> TaskRe
     return record if record and record.status.state in TERMINAL else None
 
 
-async def last_event(client: MeshClient, task_id: str) -> pb.TaskStatus:
-    """The status a watch of ``task_id`` ends on."""
-    last = pb.TaskStatus()
-    async for event in client.watch(task_id):
-        last = event.status
-    return last
+async def events(client: MeshClient, task_id: str) -> list[pb.TaskStatus]:
+    """Every status a watch of ``task_id`` streams, to its end."""
+    return [event.status async for event in client.watch(task_id)]

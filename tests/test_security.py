@@ -8,6 +8,9 @@ import datetime
 import json
 import os
 import signal
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from support import Cluster, eventually, peer_channel, sleep_spec, wait_log
 from mesh.channels import Security
 from mesh.client import MeshClient
 from mesh.core.clock import now_ms
+from mesh.errors import ConfigError
 from mesh.local.etcdserver import EtcdMember
 from mesh.local.localmesh import free_port
 from mesh.local.trust import LocalTrust
@@ -153,6 +157,10 @@ async def test_a_submitter_acts_on_its_own_tasks_only(cluster: Cluster) -> None:
             assert code_of(await refused(call)) == grpc.StatusCode.PERMISSION_DENIED
         assert (await alices.get("alices")).spec.user.id == "alice"
         assert (await alices.cancel("alices")).task_id == "alices"
+        # A denial echoed a 1 MB user id whole, past the client's metadata limit.
+        huge = await refused(lambda: bobs.list(user_id="x" * 1_000_000))
+        assert code_of(huge) == grpc.StatusCode.PERMISSION_DENIED
+        assert len(huge.details() or "") <= 1024
 
 
 async def test_an_offer_with_a_users_credential_is_denied(cluster: Cluster, tmp_path: Path) -> None:
@@ -243,3 +251,52 @@ async def test_insecure_mode_is_explicit_and_says_so(cluster: Cluster, tmp_path:
         agent.wait()
     finally:
         plain.stop()
+
+
+def peer_port_answers(etcd: EtcdMember, ca: Path, cert: Path, key: Path) -> int | str:
+    """``GET /members`` on etcd's peer (raft) port with this certificate: the HTTP status,
+    or why the TLS handshake failed."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = False  # the member's name is not what is tried here
+    context.load_cert_chain(str(cert), str(key))
+    try:
+        with urllib.request.urlopen(f"{etcd.peer_url}/members", context=context, timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, ssl.SSLError, ConnectionError) as exc:
+        return f"refused: {exc}"
+
+
+def test_etcds_peer_port_admits_its_members_only(
+    etcd: EtcdMember, cluster: Cluster, tmp_path: Path
+) -> None:
+    """The outside review's probe: with any certificate of the mesh CA, the peer port
+    answered ``/members`` and renewed leases (``/leases``), so a user could keep a dead
+    agent's registration alive. It admits the members' peer name alone now."""
+    trust = cluster.trust
+    authority = Authority.load(trust.mesh, trust.root)
+    key, cert = write_pair(tmp_path, "bob", authority.issue_user("bob", roles=["submitter"]))
+    east = trust.agent("east-1", "east")
+    member = trust.etcd("test", ["127.0.0.1"])
+    assert peer_port_answers(etcd, trust.ca, member.cert, member.key) == 200  # the probe works
+    for who, (c, k) in {"a user": (cert, key), "east's agent": (east.cert, east.key)}.items():
+        answer = peer_port_answers(etcd, trust.ca, c, k)
+        assert isinstance(answer, str), f"{who}'s certificate got {answer} from the peer port"
+
+
+async def test_no_user_certificate_is_an_etcd_identity(
+    etcd: EtcdMember, cluster: Cluster, tmp_path: Path
+) -> None:
+    """A user named ``operator`` would have been etcd's operator (etcd maps a client
+    certificate's CN to its user): reserved names are refused, and a user's CN is
+    ``user:<name>``, which no etcd user is."""
+    authority = Authority.load(cluster.trust.mesh, cluster.trust.root)
+    for name in ("operator", "root", "agent.west", "etcd-peer.gpumesh"):
+        with pytest.raises(ConfigError, match="reserved"):
+            authority.issue_user(name)
+    key, cert = write_pair(tmp_path, "mallory", authority.issue_user("mallory"))
+    mallory = Security.from_files(cluster.trust.mesh, cluster.trust.ca, cert, key)
+    async with client_for([etcd.endpoint], timeout_s=2, security=mallory) as etcd_client:
+        with pytest.raises(aetcd.ClientError):
+            await etcd_client.get(b"/")

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from support import config
 
-from mesh.core.task import admit, spec_digest
+from mesh.config import state_home
+from mesh.core.task import (
+    admit,
+    media_type,
+    media_type_ok,
+    public,
+    resume_point,
+    spec_digest,
+)
 from mesh.errors import DeadlinePassed, InvalidTask, LimitExceeded, MeshError
 from mesh.v1 import tasks_pb2 as pb
 
@@ -110,3 +119,48 @@ def test_digest_ignores_the_deadline_but_not_the_work() -> None:
     other = with_(lambda s: s.params.update(seconds="2"))
     assert spec_digest(base) == spec_digest(retried)
     assert spec_digest(base) != spec_digest(other)
+
+
+def test_a_client_sees_a_stored_result_by_name_never_by_path() -> None:
+    status = pb.TaskStatus(task_id="t1")
+    status.result.uri = "/var/lib/gpumesh/results/ab/cdef"
+    status.result.media_type = "image/png"
+    seen = public(status)
+    assert seen.result.uri == "mesh:tasks/t1/result" and seen.result.media_type == "image/png"
+
+
+@pytest.mark.parametrize(
+    ("token", "point"),
+    [("", ("", 0)), ("west:12", ("west", 12)), ("west:9223372036854775807", ("west", 2**63 - 1))],
+)
+def test_a_resume_token_names_a_dc_and_a_revision(token: str, point: tuple[str, int]) -> None:
+    assert resume_point(token) == point
+
+
+@pytest.mark.parametrize("token", ["west:" + "9" * 23, "west:", "west:-1", "x" * 200, "a:1:2"])
+def test_a_resume_token_the_mesh_never_issued_is_invalid(token: str) -> None:
+    with pytest.raises(InvalidTask, match="resume_token"):
+        resume_point(token)
+
+
+@pytest.mark.parametrize(
+    ("text", "ok"),
+    [
+        ("image/png", True),
+        ("text/plain; charset=utf-8", True),
+        ("text/plain\r\nX-Injected: 1", False),
+        ("text/plain\n", False),
+        ("noslash", False),
+        ("a/" + "b" * 300, False),
+    ],
+)
+def test_a_media_type_is_checked_before_it_becomes_a_header(text: str, ok: bool) -> None:
+    assert media_type_ok(text) is ok
+    assert media_type(text) == (text if ok else "application/octet-stream")
+
+
+def test_results_default_to_the_agents_own_state_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", "/srv/state")
+    assert state_home() == Path("/srv/state/gpumesh")
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert not str(state_home()).startswith("/tmp")

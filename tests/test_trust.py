@@ -7,6 +7,8 @@ import stat
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from mesh.core.access import AGENT, Unauthenticated
 from mesh.errors import ConfigError
@@ -87,3 +89,34 @@ def test_two_keys_are_valid_at_once_during_a_rotation() -> None:
     both.update({new.kid: new.public_pem()})  # the old one retired
     with pytest.raises(Unauthenticated):
         both.verify(KEY.issue("gpumesh", "a"))
+
+
+def test_a_token_lives_no_longer_than_the_mesh_allows() -> None:
+    """The review issued a 100-year token: issuing refuses past ``MAX_TTL``, and an agent
+    refuses a token that says it lives longer than its ``max_token_ttl_s``."""
+    with pytest.raises(ConfigError, match="at most 30 days"):
+        KEY.issue("gpumesh", "a", ttl=datetime.timedelta(days=365 * 100))
+    strict = Verifier("gpumesh", {KEY.kid: KEY.public_pem()}, max_ttl_s=3600)
+    with pytest.raises(Unauthenticated, match="longer than this mesh allows"):
+        strict.verify(KEY.issue("gpumesh", "a", ttl=datetime.timedelta(days=1)))
+    assert strict.verify(KEY.issue("gpumesh", "a", ttl=datetime.timedelta(minutes=30))).name == "a"
+
+
+@pytest.mark.parametrize("name", ["operator", "root", "Operator", "agent.west", "etcd-peer.x"])
+def test_a_reserved_name_is_no_users(name: str) -> None:
+    """etcd maps a client certificate's CN to its user: a user certificate named
+    ``operator`` was etcd's operator. Reserved names are refused for certificates and
+    tokens alike, and a user's CN is ``user:<name>``, which no etcd user is."""
+    with pytest.raises(ConfigError, match="reserved"):
+        CA.issue_user(name)
+    with pytest.raises(ConfigError, match="reserved"):
+        KEY.issue("gpumesh", name)
+
+
+def test_a_user_certificate_names_the_user_but_no_etcd_user() -> None:
+    pem = CA.issue_user("alice", roles=["submitter"])
+    assert identity_of(pem.cert, "gpumesh").name == "alice"
+    subject = x509.load_pem_x509_certificate(pem.cert).subject
+    assert subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "user:alice"
+    member = x509.load_pem_x509_certificate(CA.issue_etcd("e0", ["127.0.0.1"]).cert).subject
+    assert member.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "etcd-peer.gpumesh"

@@ -11,8 +11,10 @@ refused: the task is recorded here with an *unclaimed* mark, in the same transac
 the queue owner claims it once the home answers. If another DC claimed the id meanwhile,
 the two DCs accepted one id twice while they could not talk; the home's claim wins, and
 the task recorded here is cancelled, with a reason that names the DC holding the id, if
-it has not ended already (``gpumesh_duplicate_ids_total`` counts these), and Get, Watch,
-List and results here answer from that DC from then on. Finding a task
+it has not ended already (``gpumesh_duplicate_ids_total`` counts these). When both copies
+are one submission (the same spec digest: a client retrying through another DC), Get,
+Watch, List and results here answer from that DC from then on; when they are not (another
+user, or another spec, took the id), this copy stays the answer here, cancelled. Finding a task
 also falls back to asking every DC, so it works while its home is unreachable.
 """
 
@@ -230,7 +232,10 @@ class Addressing:
             metrics.DUPLICATE_IDS.inc()
             reason = f"duplicate: DC {claim.dc} recorded task id {task_id} first"
             log.warning("%s; cancelling the copy recorded here", reason)
-            await supersede(task_id, claim.dc, reason)
+            # The winner answers for this copy only if it is the same submission (same
+            # spec, so the same user): another user's task is never shown in its place.
+            same = claim.digest == digest
+            await supersede(task_id, claim.dc if same else "", reason)
         await self.claims.claimed(task_id)
 
     async def _digest(self, task_id: str) -> str | None:

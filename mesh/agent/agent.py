@@ -141,7 +141,7 @@ class Agent:
             self.client, topostore.directory(cfg.prefix), self.view.topology_changed
         )
         # The public keys bearer tokens are checked against, as the operator publishes them.
-        self.verifier = Verifier(cfg.mesh_name)
+        self.verifier = Verifier(cfg.mesh_name, max_ttl_s=cfg.max_token_ttl_s)
         self.token_keys = PrefixMirror(
             self.client, token_keys(cfg.prefix), self._token_keys_changed
         )

@@ -17,9 +17,26 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from mesh import metrics, tracing
 from mesh.agent.dispatch import describe
 from mesh.core import classes
-from mesh.core.access import ANYONE, OPERATOR, Grant, Identity, PermissionDenied, may_administer
+from mesh.core.access import (
+    ANYONE,
+    OPERATOR,
+    READER,
+    Grant,
+    Identity,
+    PermissionDenied,
+    may_administer,
+    may_queue,
+)
 from mesh.core.clock import now_ms
-from mesh.core.task import NAME, admit, check_id, page_start, page_token, public
+from mesh.core.task import (
+    NAME,
+    admit,
+    check_id,
+    page_start,
+    page_token,
+    public,
+    resume_point,
+)
 from mesh.errors import InvalidTask, MeshError, TaskConflict, Unavailable
 from mesh.store.quota import split_policy
 from mesh.store.registry import AgentRecord
@@ -69,6 +86,7 @@ class AgentApi:
             spec.CopyFrom(request.spec)
             spec.user.CopyFrom(owner_of(spec.user, grant.identity))
             may_ask_online(spec, grant.identity)
+            may_queue(grant.identity, spec.queue)
             with tracing.TRACER.start_as_current_span("admit") as span:
                 admitted = admit(
                     spec, agent.cfg, agent.known_pipelines(), now_ms(), agent.addressing.new_id
@@ -94,13 +112,11 @@ class AgentApi:
         """The task's events until it ends: the first is its state now; a status in the
         same state as the one before is progress."""
         check_id(request.task_id)
-        if len(request.resume_token) > MAX_TOKEN:
-            raise InvalidTask("resume_token is not one this mesh issued")
+        resume_point(request.resume_token)  # INVALID_ARGUMENT unless the mesh's own
         previous = None
         follow = self._agent.tasks.follow(request.task_id, request.resume_token, forwards(grant))
         async for status, resume_token in until_set(follow, self._agent.leaving):
-            if previous is None:
-                may_see(status, grant)
+            may_see(status, grant)  # every event: a stream may move to another copy
             kind = (
                 pb.TaskEvent.KIND_PROGRESS
                 if previous is not None and status.state == previous
@@ -163,7 +179,11 @@ class AgentApi:
         self, request: pb.ListAgentsRequest, grant: Grant
     ) -> pb.ListAgentsResponse:
         peers = sorted(self._agent.registry.peers.values(), key=lambda a: a.agent_id)
-        return pb.ListAgentsResponse(agents=[self._info(a) for a in peers])
+        agents = [self._info(a) for a in peers]
+        if READER not in grant.identity.held:  # where to scrape: not a submitter's business
+            for info in agents:
+                info.ClearField("metrics_url")
+        return pb.ListAgentsResponse(agents=agents)
 
     def _info(self, a: AgentRecord) -> pb.AgentInfo:
         agent = self._agent

@@ -18,6 +18,7 @@ from typing import Any
 
 import grpc
 
+from mesh.agent.status import status_for
 from mesh.core.access import ANY_AGENT, ANYONE, PUBLIC, Grant, Identity, Unauthenticated, authorize
 from mesh.errors import MeshError
 from mesh.trust.pki import identity_of
@@ -90,8 +91,9 @@ class Authenticator(grpc.aio.ServerInterceptor):
         try:
             return authorize(self._identity(context), method)
         except MeshError as exc:
-            log.info("refused %s: %s", method, exc)
-            await context.abort(grpc.StatusCode[exc.code], str(exc))
+            code, message = status_for(exc)
+            log.info("refused %s: %s", method, message)
+            await context.abort(code, message)
             raise  # abort raises; never reached
 
     def _identity(self, context: grpc.aio.ServicerContext) -> Identity:

@@ -27,6 +27,7 @@ from mesh.config import AgentConfig
 from mesh.core.clock import now_ts
 from mesh.core.jobs import Job, Outcome
 from mesh.core.lifecycle import claim_run, end
+from mesh.core.task import media_type as checked_media_type
 from mesh.core.task import state_name
 from mesh.errors import MeshError, QuotaBusy, StaleWrite
 from mesh.gpus import Gpu
@@ -219,7 +220,7 @@ class RecordReporter:
     def _result(self, job: Job, outcome: Outcome) -> pb.Result | None:
         if outcome.output is None:
             return None
-        data, media_type = outcome.output.data, outcome.output.media_type
+        data, media_type = outcome.output.data, checked_media_type(outcome.output.media_type)
         if len(data) <= self._cfg.inline_result_bytes:
             return pb.Result(inline=data, media_type=media_type)
         path = write_result(Path(self._cfg.result_dir), job.task_id, job.attempt, data)
@@ -331,8 +332,8 @@ async def prune_results(folder: Path, keep_s: float, every_s: float) -> None:
 
 
 def _prune(folder: Path, before: float) -> None:
-    if not folder.is_dir():
-        return
+    if folder.is_symlink() or not folder.is_dir():
+        return  # never prune where a link points
     for entry in os.scandir(folder):
         with contextlib.suppress(FileNotFoundError):
             if (

@@ -32,7 +32,14 @@ from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
 from mesh.core.lifecycle import end
 from mesh.core.listing import Page, merge
-from mesh.core.task import TERMINAL, page_start, page_token, public, state_name
+from mesh.core.task import (
+    TERMINAL,
+    page_start,
+    page_token,
+    public,
+    resume_point,
+    state_name,
+)
 from mesh.errors import MeshError, NoResult, StaleWrite, TaskNotFound, Unavailable
 from mesh.store.records import Stored, TaskStore
 from mesh.store.registry import Registry
@@ -111,8 +118,8 @@ class Tasks:
         ``forward``: an agent that asks follows pointers itself, so two DCs never pass
         a watch back and forth). Should that DC not have the task (the hand-off was
         undone), the record here is followed again from the pointer on."""
-        dc, _, revision = resume_token.partition(":")
-        after = int(revision) if dc == self._registry.dc and revision.isdigit() else 0
+        dc, revision = resume_point(resume_token)
+        after = revision if dc == self._registry.dc else 0
         here = False  # whether this DC has a record of the task
         misses = 0  # answers "no such task" from the DC a pointer here names
         while True:

@@ -1,16 +1,19 @@
 """``meshctl``: run a local mesh, submit and follow tasks, look at agents.
 
 The endpoint is ``--endpoint``, else ``MESH_ENDPOINT``, else the first agent of the local
-mesh that ``meshctl up`` started, reached with the local mesh's operator certificate. For
-any other mesh, give credentials before the command: ``--ca`` with ``--token`` (an
-agent's API port) or ``--cert``/``--key`` (its mTLS port), or their ``MESH_*`` twins.
+mesh that ``meshctl up`` started (or the one ``--endpoint`` names), reached with the local
+mesh's operator certificate. For any other mesh, give credentials before or after the
+command: ``--ca`` with ``--token`` (an agent's API port) or ``--cert``/``--key`` (its mTLS
+port), or their ``MESH_*`` twins.
 Every command prints a table by default, or ``-o json`` / ``-o yaml`` for scripts.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -45,3 +48,48 @@ for group in (local, tasks, fleet, pki, trace):  # their commands at the top lev
     app.add_typer(group.app)
 app.add_typer(topology.app, name="topology")
 app.add_typer(quota.app, name="quota")
+
+
+CREDENTIAL_OPTIONS = {"--token", "--cert", "--key", "--ca", "--mesh"}  # each takes a value
+CREDENTIAL_FLAGS = {"--insecure"}
+
+
+def lift_credentials(group: Any, args: Sequence[str]) -> list[str]:
+    """``args`` with the credential options given after the command moved before it, where
+    the app reads them (``meshctl queue --ca X`` as ``meshctl --ca X queue``). Options the
+    command itself defines (``pki issue --mesh``) stay where they are."""
+    args = list(args)
+    command = group  # typer's own click: a group is what has commands
+    i = 0
+    while i < len(args) and hasattr(command, "commands"):
+        name, _, _ = args[i].partition("=")
+        if name in CREDENTIAL_OPTIONS and "=" not in args[i]:
+            i += 2
+        elif args[i].startswith("-"):
+            i += 1
+        elif (sub := command.commands.get(args[i])) is not None:
+            command, i = sub, i + 1
+        else:
+            return args  # not a command: click will say so
+    own = {opt for param in command.params for opt in param.opts}
+    lifted: list[str] = []
+    rest = args[:i]
+    while i < len(args):
+        name, _, _ = args[i].partition("=")
+        if args[i] == "--":
+            rest += args[i:]
+            break
+        takes_value = name in CREDENTIAL_OPTIONS and "=" not in args[i]
+        if name in (CREDENTIAL_OPTIONS | CREDENTIAL_FLAGS) - own:
+            lifted += args[i : i + 1 + takes_value]
+            i += 1 + takes_value
+        else:
+            rest.append(args[i])
+            i += 1
+    return lifted + rest
+
+
+def main() -> None:
+    """``meshctl``: the app, with credentials accepted on either side of the command."""
+    command = typer.main.get_command(app)
+    command(lift_credentials(command, sys.argv[1:]), prog_name="meshctl")

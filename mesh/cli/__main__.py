@@ -1,5 +1,5 @@
 """``python -m mesh.cli``: the same as ``meshctl``."""
 
-from mesh.cli import app
+from mesh.cli import main
 
-app()
+main()

@@ -114,10 +114,14 @@ class Target:
 
 def resolve_endpoint(endpoint: str | None, home: Path) -> Target:
     """``--endpoint`` with the given credentials; else the local mesh's first agent, with
-    its operator certificate, found under ``home``."""
-    if endpoint:
-        return Target(endpoint, CREDENTIALS.security())
+    its operator certificate, found under ``home``. An ``--endpoint`` that is an agent of
+    the local mesh, with no credentials given, is reached as the local mesh's operator."""
     agents = [s for s in localmesh.read_state(home) if s.kind == "agent"]
+    if endpoint:
+        local = [a for a in agents if endpoint in (a.address, a.peer_address)]
+        if local and not CREDENTIALS.given:
+            return Target(local[0].peer_address, local_operator(home))
+        return Target(endpoint, CREDENTIALS.security())
     if not agents:
         raise fail("no endpoint: give --endpoint, set MESH_ENDPOINT, or run 'meshctl up'", 2)
     if CREDENTIALS.given:

@@ -58,7 +58,10 @@ def duration(text: str) -> datetime.timedelta:
     match = DURATION.fullmatch(text)
     if not match:
         raise fail(f"{text!r}: a duration is a number and s, m, h or d (e.g. 30d)", 2)
-    return datetime.timedelta(**{UNITS[match[2]]: int(match[1])})
+    try:
+        return datetime.timedelta(**{UNITS[match[2]]: int(match[1])})
+    except OverflowError:
+        raise fail(f"{text!r} is longer than any token may live", 2) from None
 
 
 @pki_app.command("init")

@@ -19,9 +19,11 @@ READER = "reader"
 OPERATOR = "operator"
 AGENT = "agent"
 GROUP_ADMIN = "group-admin"  # splits the caps of its own groups among their users
-ROLES = frozenset({SUBMITTER, READER, OPERATOR, AGENT, GROUP_ADMIN})
-# What a role brings with it: an operator may also read and submit, and split any group.
-IMPLIES = {OPERATOR: frozenset({READER, SUBMITTER, GROUP_ADMIN})}
+PRIORITY = "priority"  # may submit to the privileged queue classes (vip)
+ROLES = frozenset({SUBMITTER, READER, OPERATOR, AGENT, GROUP_ADMIN, PRIORITY})
+# What a role brings with it: an operator may also read and submit, use every queue class,
+# and split any group.
+IMPLIES = {OPERATOR: frozenset({READER, SUBMITTER, GROUP_ADMIN, PRIORITY})}
 
 
 class Unauthenticated(MeshError):
@@ -54,6 +56,20 @@ class Identity:
 
     def __str__(self) -> str:
         return f"agent {self.name} of {self.dc}" if self.kind == "agent" else f"user {self.name}"
+
+
+# Names no user certificate or token may carry: etcd's own users (``root``, ``operator``,
+# a DC's agents ``agent.<dc>``, the members' peer name ``etcd-peer.<mesh>``) and the
+# insecure mode's caller. A user named ``operator`` would otherwise be the operator's
+# identity on every agent (its tasks, its name in logs), whatever roles it carried.
+RESERVED_USERS = frozenset({"root", "operator", "anonymous"})
+RESERVED_PREFIXES = ("agent.", "etcd")
+
+
+def reserved(name: str) -> bool:
+    """Whether ``name`` is kept for the mesh's own identities (case-insensitively)."""
+    folded = name.casefold()
+    return folded in RESERVED_USERS or folded.startswith(RESERVED_PREFIXES)
 
 
 # Insecure mode: every caller is this, holding every role (``--insecure``, logged loudly);
@@ -119,6 +135,22 @@ PUBLIC = frozenset(
         "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
     }
 )
+
+
+# Queue classes beyond the open ones, and the roles that may submit to them: ``vip`` is
+# weighted 4x ``normal`` in every agent's queue and the backlog, so a plain submitter who
+# could name it would jump everyone else's work. Any other class of the topology is open.
+QUEUES: dict[str, frozenset[str]] = {"vip": frozenset({PRIORITY})}
+
+
+def may_queue(identity: Identity, queue: str) -> None:
+    """Whether ``identity`` may submit to queue class ``queue``; ``PermissionDenied`` if not."""
+    needed = QUEUES.get(queue)
+    if needed is None or identity is ANYONE or identity.held & needed:
+        return
+    raise PermissionDenied(
+        f"{identity} may not submit to queue {queue!r} (it takes role {', '.join(sorted(needed))})"
+    )
 
 
 def may_administer(identity: Identity, group: str) -> None:

@@ -25,11 +25,20 @@ NAME = re.compile(NAME_PATTERN)
 
 
 def public(status: pb.TaskStatus) -> pb.TaskStatus:
-    """The status as clients see it: without the payload kept for re-runs."""
+    """The status as clients see it: without the payload kept for re-runs, and with a
+    stored result named by the task (``GetResult`` fetches it), not by the path of the
+    file on its agent's disk."""
     out = pb.TaskStatus()
     out.CopyFrom(status)
     out.spec.ClearField("payload")
+    if out.result.WhichOneof("body") == "uri":
+        out.result.uri = result_ref(out.task_id)
     return out
+
+
+def result_ref(task_id: str) -> str:
+    """What a client sees for a result stored on an agent: a name, never a path."""
+    return f"mesh:tasks/{task_id}/result"
 
 
 def state_name(state: int) -> str:
@@ -60,6 +69,21 @@ def spec_digest(spec: pb.TaskSpec) -> str:
 
 AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 DC_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+RESUME_TOKEN = re.compile(r"([a-z0-9][a-z0-9-]{0,31}):([0-9]{1,19})")
+MAX_REVISION = 2**63 - 1  # etcd's revisions are int64
+
+
+def resume_point(token: str) -> tuple[str, int]:
+    """The DC and revision a Watch resume token (``"<dc>:<revision>"``) names; ("", 0)
+    for none. ``InvalidTask`` for anything else: a token is the mesh's, never free text."""
+    if not token:
+        return "", 0
+    match = RESUME_TOKEN.fullmatch(token)
+    if match is None or int(match[2]) > MAX_REVISION:
+        raise InvalidTask("resume_token is not one this mesh issued")
+    return match[1], int(match[2])
+
+
 MAX_PATH = 16
 
 
@@ -180,7 +204,28 @@ def admit(
             raise LimitExceeded(
                 f"param {key[:32]!r} too long", limit="max_param_bytes", max=cfg.max_param_bytes
             )
+    if "media_type" in out.params and not media_type_ok(out.params["media_type"]):
+        raise InvalidTask("params.media_type is not a media type (type/subtype[; k=v])")
     return Admitted(out, _deadline_ms(out, cfg, now_ms), spec_digest(out))
+
+
+_TOKEN = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
+MEDIA_TYPE = re.compile(
+    rf"{_TOKEN}/{_TOKEN}(?:[ \t]*;[ \t]*{_TOKEN}=(?:{_TOKEN}|\"[^\"\\\x00-\x1f\x7f]*\"))*"
+)
+DEFAULT_MEDIA_TYPE = "application/octet-stream"
+
+
+def media_type_ok(text: str) -> bool:
+    """Whether ``text`` is a media type as RFC 6838 spells one (no CR, LF or other control
+    character can pass): it becomes a Content-Type header, so a CR/LF would split it."""
+    return len(text) <= 255 and MEDIA_TYPE.fullmatch(text) is not None
+
+
+def media_type(text: str) -> str:
+    """``text`` if it is a media type, else the generic one (what a pipeline returns is
+    checked before it is recorded, as a request's params are at admission)."""
+    return text if media_type_ok(text) else DEFAULT_MEDIA_TYPE
 
 
 def _deadline_ms(spec: pb.TaskSpec, cfg: AgentConfig, now_ms: int) -> int:

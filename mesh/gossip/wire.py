@@ -119,38 +119,51 @@ def decode(keyring: Keyring, data: bytes, max_bytes: int = MAX_DATAGRAM) -> Fram
 
 @dataclass(slots=True)
 class _Seen:
-    incarnation: int
     highest: int
     window: int  # bit i set: highest - i was seen
+
+    def accept(self, seq: int) -> None:
+        if seq > self.highest:
+            shift = seq - self.highest
+            self.window = ((self.window << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            self.highest = seq
+            return
+        offset = self.highest - seq
+        if offset >= REPLAY_WINDOW or self.window >> offset & 1:
+            raise BadPacket("replayed")
+        self.window |= 1 << offset
+
+
+KEPT_INCARNATIONS = 4  # windows kept per sender, newest incarnations first
 
 
 @dataclass(slots=True)
 class ReplayGuard:
-    """Drops a datagram seen before, as IPsec does: the highest sequence number per sender
-    and a bitmap of the ones just below it; a restarted sender starts a new incarnation."""
+    """Drops a datagram seen before, as IPsec does: the highest sequence number and a
+    bitmap of the ones just below it, per sender and incarnation (a restarted sender
+    starts a new one). A few incarnations are kept per sender, so one frame claiming a
+    newer incarnation (a forged one, or a clock gone wrong) cannot make every frame of
+    the sender's real incarnation look replayed; a frame older than ``MAX_SKEW_MS`` is
+    dropped anyway, so an incarnation that fell out of the kept ones cannot be replayed."""
 
-    _seen: dict[str, _Seen] = field(default_factory=dict)
+    _seen: dict[str, dict[int, _Seen]] = field(default_factory=dict)
 
     def accept(self, frame: Frame, now_ms: int) -> None:
         if abs(now_ms - frame.ts_ms) > MAX_SKEW_MS:
             raise BadPacket("stale")
         if frame.incarnation > now_ms + MAX_SKEW_MS:  # an incarnation is a start time
             raise BadPacket("incarnation from the future")
-        seen = self._seen.get(frame.sender)
-        if seen is None or frame.incarnation > seen.incarnation:
-            self._seen[frame.sender] = _Seen(frame.incarnation, frame.seq, 1)
+        kept = self._seen.setdefault(frame.sender, {})
+        seen = kept.get(frame.incarnation)
+        if seen is not None:
+            seen.accept(frame.seq)
             return
-        if frame.incarnation < seen.incarnation:
-            raise BadPacket("replayed")
-        if frame.seq > seen.highest:
-            shift = frame.seq - seen.highest
-            seen.window = ((seen.window << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
-            seen.highest = frame.seq
-            return
-        offset = seen.highest - frame.seq
-        if offset >= REPLAY_WINDOW or seen.window >> offset & 1:
-            raise BadPacket("replayed")
-        seen.window |= 1 << offset
+        if len(kept) >= KEPT_INCARNATIONS:
+            oldest = min(kept)
+            if frame.incarnation < oldest:
+                raise BadPacket("replayed")
+            del kept[oldest]
+        kept[frame.incarnation] = _Seen(frame.seq, 1)
 
     def forget(self, senders: Sequence[str]) -> None:
         for sender in senders:

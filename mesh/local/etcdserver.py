@@ -64,11 +64,13 @@ def etcdctl_for(etcd: Path) -> Path | None:
 
 @dataclass(frozen=True, slots=True)
 class MemberTls:
-    """A member's certificate and key, and the CA it trusts for clients and peers."""
+    """A member's certificate and key, the CA it trusts for clients and peers, and the one
+    CN its peer port admits (every member's: ``pki.etcd_peer``)."""
 
     ca: Path
     cert: Path
     key: Path
+    peer_cn: str
 
 
 @dataclass
@@ -142,6 +144,7 @@ class EtcdMember:
                 "--trusted-ca-file", str(t.ca), "--client-cert-auth",
                 "--peer-cert-file", str(t.cert), "--peer-key-file", str(t.key),
                 "--peer-trusted-ca-file", str(t.ca), "--peer-client-cert-auth",
+                "--peer-cert-allowed-cn", t.peer_cn,
             ]  # fmt: skip
         if self.metrics_port:
             argv += ["--listen-metrics-urls", f"http://{self.host}:{self.metrics_port}"]

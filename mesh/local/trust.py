@@ -23,7 +23,7 @@ from mesh.local.etcdserver import MemberTls
 from mesh.store.etcd import client_for
 from mesh.store.rbac import ROOT, Rbac
 from mesh.store.topostore import token_keys
-from mesh.trust.pki import Authority, private_dir, write_pair, write_secret
+from mesh.trust.pki import Authority, etcd_peer, private_dir, write_pair, write_secret
 from mesh.trust.tokens import SigningKey
 
 SUBMITTER_ROLES = (SUBMITTER, READER)
@@ -52,8 +52,8 @@ class LocalTrust:
         if not (root / "ca.crt").exists():
             ca = Authority.create(mesh)
             ca.save(root)
-            write_pair(root, "operator", ca.issue_user(OPERATOR, roles=[OPERATOR]))
-            write_pair(root, ROOT, ca.issue_user(ROOT))
+            write_pair(root, "operator", ca.issue_admin(OPERATOR, roles=[OPERATOR]))
+            write_pair(root, ROOT, ca.issue_admin(ROOT))
             key = SigningKey.generate()
             write_secret(root / "token.key", key.private_pem())
             write_secret(root / "token.kid", key.kid.encode())
@@ -82,7 +82,8 @@ class LocalTrust:
         folder = self.root / "etcd"
         if not (folder / f"{name}.crt").exists():
             write_pair(folder, name, self._ca.issue_etcd(name, hosts))
-        return MemberTls(self.ca, folder / f"{name}.crt", folder / f"{name}.key")
+        cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+        return MemberTls(self.ca, cert, key, etcd_peer(self.mesh))
 
     def _certified(self, name: str) -> Security:
         return Security.from_files(

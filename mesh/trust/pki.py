@@ -7,9 +7,14 @@ its certificate alone:
   and ``<dc>.agent.<mesh>`` (the names a client verifies the server against, whatever
   address it dialled: any agent, or an agent of that DC), CN ``agent.<dc>`` (the etcd
   user of its DC's agents, under ``--client-cert-auth``);
-- a **user**: URI SAN ``spiffe://<mesh>/user/<name>``, CN the name (the etcd user, for the
-  operator), O its groups and OU its roles, as Kubernetes reads client certificates;
-- an **etcd** member: its hosts as DNS or IP SANs, for clients and peers alike.
+- a **user**: URI SAN ``spiffe://<mesh>/user/<name>``, CN ``user:<name>`` (a name no etcd
+  user has, so no user certificate is ever an etcd identity), O its groups and OU its
+  roles, as Kubernetes reads client certificates; reserved names (``root``,
+  ``operator``, ``agent.*``, ``etcd*``) are refused;
+- an **admin** of etcd (``root``, ``operator``): a user certificate whose CN is that etcd
+  user, issued only by ``pki init``;
+- an **etcd** member: CN ``etcd-peer.<mesh>``, the one name etcd's peer port admits
+  (``--peer-cert-allowed-cn``), and its hosts as DNS or IP SANs, for clients and peers.
 
 Keys are ECDSA P-256. Operators may bring their own CA (cert-manager, SPIRE, Vault): the
 agent's config takes file paths only. Files are written 0600 in 0700 folders.
@@ -21,6 +26,7 @@ import datetime
 import ipaddress
 import os
 import re
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from mesh.core.access import AGENT, ROLES, Identity
+from mesh.core.access import AGENT, ROLES, Identity, reserved
 from mesh.errors import ConfigError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # agent ids, DC and user names
@@ -59,6 +65,12 @@ def agent_host(mesh: str, dc: str = "") -> str:
 def etcd_host(mesh: str) -> str:
     """The DNS name every etcd member's certificate carries, and every client checks."""
     return f"etcd.{mesh}"
+
+
+def etcd_peer(mesh: str) -> str:
+    """The CN every etcd member's certificate carries, and the only one etcd's peer (raft)
+    port admits: no user's or agent's certificate of the CA can join, read or renew there."""
+    return f"etcd-peer.{mesh}"
 
 
 def etcd_user(dc: str) -> str:
@@ -186,15 +198,31 @@ class Authority:
         roles: Iterable[str] = (),
         days: float = LEAF_DAYS,
     ) -> Pem:
+        """A user's certificate; its CN (``user:<name>``) is no etcd user's."""
+        if not NAME.fullmatch(name):
+            raise ConfigError(f"user {name!r}: 1-63 characters of [A-Za-z0-9._-]")
+        if reserved(name):
+            raise ConfigError(f"user name {name!r} is reserved for the mesh's own identities")
+        return self._user(f"user:{name}", name, groups, roles, days)
+
+    def issue_admin(self, name: str, roles: Iterable[str] = (), days: float = LEAF_DAYS) -> Pem:
+        """The certificate of one of etcd's own users (``root``, ``operator``): its CN is
+        that user, which etcd's ``--client-cert-auth`` maps it to."""
+        return self._user(name, name, (), roles, days)
+
+    def _user(
+        self, common_name: str, name: str, groups: Iterable[str], roles: Iterable[str], days: float
+    ) -> Pem:
         extra = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
         extra += [x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, r) for r in roles]
         sans = [x509.UniformResourceIdentifier(spiffe_user(self.mesh, name))]
-        return self._issue(name, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], days, extra)
+        return self._issue(common_name, sans, [ExtendedKeyUsageOID.CLIENT_AUTH], days, extra)
 
     def issue_etcd(self, name: str, hosts: Iterable[str], days: float = LEAF_DAYS) -> Pem:
-        """An etcd member: ``etcd.<mesh>`` for clients, its hosts for its peers."""
+        """An etcd member (``name`` names its files only): ``etcd.<mesh>`` for clients,
+        its hosts for its peers, and the peer name its peers admit."""
         sans = [x509.DNSName(etcd_host(self.mesh)), *host_names(hosts)]
-        return self._issue(name, sans, SERVER_AND_CLIENT, days)
+        return self._issue(etcd_peer(self.mesh), sans, SERVER_AND_CLIENT, days)
 
 
 def host_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
@@ -248,9 +276,16 @@ def _values(name: x509.Name, oid: x509.ObjectIdentifier) -> list[str]:
 
 
 def private_dir(path: Path) -> Path:
-    """A folder only its owner may enter (0700), created if need be."""
+    """A folder only its owner may enter (0700), created if need be. A link, or a folder
+    another user owns, is refused rather than used: in a shared place such as /tmp, that
+    is how someone else would have files written, read or deleted where they point."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(path, 0o700)
+    found = os.lstat(path)
+    if not stat.S_ISDIR(found.st_mode):
+        raise ConfigError(f"{path} is not a folder (a link?): refusing to use it")
+    if found.st_uid != os.geteuid():
+        raise ConfigError(f"{path} belongs to another user (uid {found.st_uid}): refusing it")
+    os.chmod(path, 0o700, follow_symlinks=False)
     return path
 
 

@@ -19,11 +19,15 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from mesh.core.access import AGENT, ROLES, Identity, Unauthenticated
+from mesh.core.access import AGENT, ROLES, Identity, Unauthenticated, reserved
 from mesh.errors import ConfigError
 
 ALGORITHM = "EdDSA"
 LEEWAY_S = 30  # clocks of the minting host and the agent may differ this much
+# The longest a token may live: issuing refuses more, and agents refuse a token that says
+# it lives longer than their ``max_token_ttl_s`` (this by default). A token cannot be
+# revoked, so a stolen one is good until it expires: keep them short.
+MAX_TTL = datetime.timedelta(days=30)
 MAX_TOKEN_BYTES = 8192
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,62}")
 KID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -70,6 +74,10 @@ class SigningKey:
     ) -> str:
         if not NAME.fullmatch(user):
             raise ConfigError(f"user {user!r}: 1-63 characters of [A-Za-z0-9._@-]")
+        if reserved(user):
+            raise ConfigError(f"user name {user!r} is reserved for the mesh's own identities")
+        if ttl > MAX_TTL:
+            raise ConfigError(f"a token lives at most {MAX_TTL.days} days")
         bad = set(roles) - (ROLES - {AGENT})
         if bad:
             raise ConfigError(f"unknown or reserved role(s) {sorted(bad)}")
@@ -89,8 +97,14 @@ class SigningKey:
 class Verifier:
     """Checks tokens against the published public keys of this mesh."""
 
-    def __init__(self, mesh: str, keys: Mapping[str, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        mesh: str,
+        keys: Mapping[str, bytes] | None = None,
+        max_ttl_s: float = MAX_TTL.total_seconds(),
+    ) -> None:
         self.mesh = mesh
+        self._max_ttl_s = max_ttl_s
         self._keys: dict[str, Ed25519PublicKey] = {}
         self.update(keys or {})
 
@@ -135,12 +149,15 @@ class Verifier:
             raise Unauthenticated("token expired") from None
         except jwt.PyJWTError as exc:
             raise Unauthenticated(f"invalid token: {exc}") from None
+        lifetime = claims["exp"] - claims["iat"]  # both numbers: PyJWT checked them
+        if lifetime > self._max_ttl_s + LEEWAY_S:
+            raise Unauthenticated(f"token lives longer than this mesh allows: {lifetime:g}s")
         return _identity(claims)
 
 
 def _identity(claims: Mapping[str, object]) -> Identity:
     sub, groups, roles = claims.get("sub"), claims.get("groups", []), claims.get("roles", [])
-    if not isinstance(sub, str) or not NAME.fullmatch(sub):
+    if not isinstance(sub, str) or not NAME.fullmatch(sub) or reserved(sub):
         raise Unauthenticated("token names no valid user")
     if not (isinstance(groups, list) and all(isinstance(g, str) for g in groups)):
         raise Unauthenticated("token groups must be a list of names")

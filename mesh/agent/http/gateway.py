@@ -32,7 +32,15 @@ from mesh.agent.http.openapi import document
 from mesh.agent.http.routes import HTTP_STATUS, ROUTES, TASKS, Route, method_of
 from mesh.agent.status import status_for
 from mesh.config import AgentConfig
-from mesh.core.access import ANYONE, Identity, Unauthenticated, authorize
+from mesh.core.access import (
+    ANYONE,
+    Grant,
+    Identity,
+    PermissionDenied,
+    Unauthenticated,
+    authorize,
+)
+from mesh.core.task import media_type
 from mesh.errors import InvalidTask
 from mesh.trust.tokens import Verifier
 from mesh.v1 import tasks_pb2 as pb
@@ -51,6 +59,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "no-referrer",
 }
 TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_TRACE_TASKS = 8  # a trace is one task's (and its parents' hand-offs): ask about a few at most
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -76,9 +85,8 @@ class Gateway:
         self._cfg = cfg
         self._api = api
         self._verifier = verifier
-        self.app = web.Application(
-            middlewares=[self._headers], client_max_size=cfg.max_payload_bytes * 2 + 65536
-        )
+        self._max_body = cfg.max_payload_bytes * 2 + 65536  # a payload as JSON base64, and more
+        self.app = web.Application(middlewares=[self._headers], client_max_size=self._max_body)
         for route in ROUTES:
             self.app.router.add_route(route.verb, _aiohttp_path(route.path), self._serve(route))
         self.app.router.add_get("/v1/openapi.json", self._openapi)
@@ -126,7 +134,7 @@ class Gateway:
             try:
                 response = await handler(request)
             except web.HTTPException as exc:
-                response = exc
+                response = _as_json(exc) if request.path.startswith("/v1/") else exc
         if allowed:
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Vary"] = "Origin"
@@ -164,6 +172,10 @@ class Gateway:
                     reply = await call(message, grant)
             except json_format.ParseError as exc:
                 return error_body(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}")
+            except web.HTTPRequestEntityTooLarge:
+                text = f"request body over {self._max_body} bytes"
+                body = {"code": grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "message": text}
+                return web.json_response({**body, "details": []}, status=413)
             except Exception as exc:
                 return error_body(*status_for(exc))
             return _json(reply)
@@ -177,7 +189,10 @@ class Gateway:
             if request.content_type == "application/octet-stream" and route.name == "Submit":
                 self._raw_submit(message, request, raw)  # type: ignore[arg-type]
             else:
-                json_format.Parse(raw or b"{}", message)
+                try:
+                    json_format.Parse(raw.decode() or "{}", message)
+                except (UnicodeDecodeError, RecursionError) as exc:
+                    raise json_format.ParseError(f"not JSON: {type(exc).__name__}") from None
         else:
             json_format.ParseDict(_nested(request.query), message)
         for name in route.fields:
@@ -228,7 +243,7 @@ class Gateway:
         first = await anext(iterator)
         response = web.StreamResponse(
             headers={
-                "Content-Type": first.media_type or "application/octet-stream",
+                "Content-Type": media_type(first.media_type),
                 **SECURITY_HEADERS,
             }
         )
@@ -246,21 +261,60 @@ class Gateway:
         """The spans of a trace from this agent's span files (the console's waterfall).
         Reading a trace is reading its task: the same rule as Get."""
         try:
-            authorize(self._identity(request), TASKS + "Get")
+            grant = authorize(self._identity(request), TASKS + "Get")
             wanted = request.match_info["trace_id"]
             if not TRACE_ID.fullmatch(wanted):
                 raise InvalidTask("a trace id is 32 hex digits")
+            folder = self._cfg.span_dir
+            spans = tracing.read_spans(folder, wanted) if folder and folder.is_dir() else []
+            if not grant.all_tasks:
+                await self._may_read_trace(spans, grant)
         except Exception as exc:
             return error_body(*status_for(exc))
-        folder = self._cfg.span_dir
-        spans = tracing.read_spans(folder, wanted) if folder and folder.is_dir() else []
         return web.json_response({"spans": spans})
+
+    async def _may_read_trace(self, spans: list[dict[str, object]], grant: Grant) -> None:
+        """A caller that may read only its own tasks reads a trace only if it is one of
+        its tasks' (as ``Get`` decides for that task); a trace of no task (or of none
+        this mesh still knows) is nobody's to read. Trace ids are no secret: they are
+        exemplars on every agent's ``/metrics``."""
+        tasks = {
+            task
+            for span in spans
+            if isinstance(attributes := span.get("attributes"), dict)
+            and isinstance(task := attributes.get("task.id"), str)
+        }
+        if not tasks:
+            raise PermissionDenied(f"{grant.identity} may read only its own tasks' traces")
+        for task in sorted(tasks)[:MAX_TRACE_TASKS]:
+            await self._api.get(pb.GetRequest(task_id=task), grant)  # PERMISSION_DENIED
 
     async def _to_console(self, request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/ui/")
 
     async def _console(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(UI / "index.html")
+
+
+# aiohttp's own refusals of an API path, as grpc-gateway answers them: a JSON status.
+ROUTING_STATUS = {
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _as_json(exc: web.HTTPException) -> web.StreamResponse:
+    """A refusal aiohttp raised itself (no route, wrong verb) with a JSON body, so a
+    client of the API gets the body every other error of it has; anything else as is."""
+    code = ROUTING_STATUS.get(exc.status)
+    if code is None:
+        return exc
+    body = {"code": code.value[0], "message": exc.reason.lower(), "details": []}
+    response = web.json_response(body, status=exc.status)
+    if allow := exc.headers.get("Allow"):
+        response.headers["Allow"] = allow
+    return response
 
 
 def _json(reply: Message) -> web.Response:
