@@ -4,6 +4,8 @@ starts from the record its agent wrote last still lands on the record as it is."
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import aetcd
 import pytest
@@ -13,7 +15,7 @@ from support import config
 from mesh.agent.history import History
 from mesh.agent.reporting import RecordReporter
 from mesh.core.clock import now_ms
-from mesh.core.jobs import Job
+from mesh.core.jobs import Job, Outcome, Output
 from mesh.core.lifecycle import new_record
 from mesh.core.task import spec_digest
 from mesh.errors import StaleWrite
@@ -114,3 +116,23 @@ async def test_a_follower_whose_watch_lost_the_end_still_ends(
     await store.finish("quiet", pb.TASK_STATE_SUCCEEDED, "", "")
     seen = [s.status.state async for s in store.follow("quiet", after=stored.revision)]
     assert seen == [pb.TASK_STATE_SUCCEEDED]
+
+
+async def test_an_end_that_landed_though_its_call_timed_out_counts_as_committed(
+    etcd_client: aetcd.Client, prefix: str, tmp_path: Path
+) -> None:
+    """Seed 7, etcd-quorum-loss: a run's end write timed out while etcd had no quorum and
+    was applied once it had; the retry found the task "already finished" (by that very
+    write) and the run was logged as never committed. It is read back and counted."""
+    store = TaskStore(etcd_client, KeySpace(prefix, "west"))
+    stored, _ = await store.create(record("landed"))
+    history = tmp_path / "history.jsonl"
+    reporter = RecordReporter(
+        config(agent_id="w1"), store, lambda: 0, History(history, "w1", "west")
+    )
+    job = Job(stored.status.spec, attempt=1, deadline_ms=now_ms() + 60_000)
+    assert await reporter.started(job, (), borrowed=False)
+    await store.finish("landed", pb.TASK_STATE_SUCCEEDED, "", "", attempt=1)  # the first try
+    await reporter.finished(job, Outcome(pb.TASK_STATE_SUCCEEDED, output=Output(b"x")))
+    events = [json.loads(line) for line in history.read_text().splitlines()]
+    assert [e["phase"] for e in events if e["op"] == "commit"] == ["ok"]

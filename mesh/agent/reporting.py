@@ -27,8 +27,8 @@ from mesh.config import AgentConfig
 from mesh.core.clock import now_ts
 from mesh.core.jobs import Job, Outcome
 from mesh.core.lifecycle import claim_run, end
+from mesh.core.task import TERMINAL, state_name
 from mesh.core.task import media_type as checked_media_type
-from mesh.core.task import state_name
 from mesh.errors import MeshError, QuotaBusy, StaleWrite
 from mesh.gpus import Gpu
 from mesh.store.etcd import ETCD_ERRORS
@@ -255,6 +255,8 @@ class RecordReporter:
         slots = self._slots.pop(job.task_id, NO_SLOTS)
         spent = self._spent(job)
         stored = await self._write(job, mutate, "end", also=[*self._freeing(slots), *spent])
+        if stored is None:
+            stored = await self._landed(job)
         if stored is None and (slots.names or spent):
             await self._give_back(slots, spent)
         if stored is not None:
@@ -274,6 +276,18 @@ class RecordReporter:
             state=state_name(outcome.state),
             rev=stored.revision if stored else None,
         )
+
+    async def _landed(self, job: Job) -> Stored | None:
+        """The record, if it shows this run's end after all: an end write that timed out
+        (etcd lost its quorum under it) may have been applied, and its retry then finds
+        the task "already finished", by this very run."""
+        try:
+            stored = await self._store.get(job.task_id)
+        except MeshError:
+            return None
+        status = stored.status
+        ours = status.attempt == job.attempt and status.agent == self._cfg.agent_id
+        return stored if ours and status.state in TERMINAL else None
 
     async def _write(
         self,
