@@ -127,12 +127,14 @@ async def test_an_end_that_landed_though_its_call_timed_out_counts_as_committed(
     store = TaskStore(etcd_client, KeySpace(prefix, "west"))
     stored, _ = await store.create(record("landed"))
     history = tmp_path / "history.jsonl"
-    reporter = RecordReporter(
-        config(agent_id="w1"), store, lambda: 0, History(history, "w1", "west")
-    )
+    written = History(history, "w1", "west")
+    reporter = RecordReporter(config(agent_id="w1"), store, lambda: 0, written)
     job = Job(stored.status.spec, attempt=1, deadline_ms=now_ms() + 60_000)
-    assert await reporter.started(job, (), borrowed=False)
-    await store.finish("landed", pb.TASK_STATE_SUCCEEDED, "", "", attempt=1)  # the first try
-    await reporter.finished(job, Outcome(pb.TASK_STATE_SUCCEEDED, output=Output(b"x")))
+    try:
+        assert await reporter.started(job, (), borrowed=False)
+        await store.finish("landed", pb.TASK_STATE_SUCCEEDED, "", "", attempt=1)  # first try
+        await reporter.finished(job, Outcome(pb.TASK_STATE_SUCCEEDED, output=Output(b"x")))
+    finally:
+        written.close()
     events = [json.loads(line) for line in history.read_text().splitlines()]
     assert [e["phase"] for e in events if e["op"] == "commit"] == ["ok"]
