@@ -69,7 +69,7 @@ def spec_digest(spec: pb.TaskSpec) -> str:
 
 AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 DC_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
-RESUME_TOKEN = re.compile(r"([a-z0-9][a-z0-9-]{0,31}):([0-9]{1,19})")
+RESUME_TOKEN = re.compile(rf"({DC_NAME.pattern}):([0-9]{{1,19}})")  # "<dc>:<revision>"
 MAX_REVISION = 2**63 - 1  # etcd's revisions are int64
 
 
