@@ -26,10 +26,9 @@ import yaml
 
 from bench.localdc import local_mesh
 from mesh.client import MeshClient
-from mesh.core.access import PRIORITY
 from mesh.core.task import TERMINAL, state_name
 from mesh.errors import MeshError
-from mesh.local.trust import SUBMITTER_ROLES
+from mesh.local.trust import LOAD_ROLES
 from mesh.v1 import tasks_pb2 as pb
 
 LOCAL = Path(__file__).resolve().parent.parent / "topology" / "local.yaml"
@@ -156,7 +155,7 @@ def main(argv: list[str]) -> None:
             result = asyncio.run(
                 _run(
                     addresses,
-                    mesh.trust.user("bench", roles=[*SUBMITTER_ROLES, PRIORITY]),
+                    mesh.trust.user("bench", roles=LOAD_ROLES),
                     args.tasks,
                     args.seed,
                 )

@@ -23,10 +23,9 @@ from chaos.mesh import DCS, MODEL, PREFIX, ChaosMesh, etcd_version
 from chaos.net import Loopback, Namespaces, Network, netns_missing
 from chaos.scenarios import Context, Scenario, Staged
 from mesh.agent.history import History
-from mesh.core.access import PRIORITY
 from mesh.core.task import state_name
 from mesh.local.etcdserver import find_etcd
-from mesh.local.trust import SUBMITTER_ROLES
+from mesh.local.trust import LOAD_ROLES
 from mesh.store.etcd import watch_events
 from mesh.store.keys import KeySpace
 from mesh.store.records import decode
@@ -192,7 +191,7 @@ async def _staged(scenario: Scenario, workdir: Path, seed: int, quick: bool) -> 
         await asyncio.to_thread(mesh.start)
         agents = {dc: {a.name: a.address for a in mesh.in_dc(dc)} for dc in DCS}
         assert mesh.trust is not None
-        user = mesh.trust.user(USER, groups=[GROUP], roles=[*SUBMITTER_ROLES, PRIORITY])
+        user = mesh.trust.user(USER, groups=[GROUP], roles=LOAD_ROLES)
         load = Load(agents, client_history, RATE_PER_S, MODEL, random.Random(seed), user)
         stop = asyncio.Event()
         generating = asyncio.create_task(load.run(stop))

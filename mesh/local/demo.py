@@ -27,10 +27,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from mesh.client import MeshClient
-from mesh.core.access import PRIORITY
 from mesh.core.task import TERMINAL, state_name
 from mesh.local.localmesh import LocalMesh
-from mesh.local.trust import SUBMITTER_ROLES
+from mesh.local.trust import LOAD_ROLES
 from mesh.v1 import tasks_pb2 as pb
 
 USER = "demo"
@@ -153,9 +152,7 @@ async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
     rng = random.Random(seed)
     by_dc: dict[str, list[MeshClient]] = defaultdict(list)
     assert mesh.trust is not None
-    security = mesh.trust.user(
-        USER, groups=["demo"], roles=[*SUBMITTER_ROLES, PRIORITY]
-    )  # a token, as a user of the mesh has
+    security = mesh.trust.user(USER, groups=["demo"], roles=LOAD_ROLES)  # a user's token
     for s in mesh.started:
         if s.kind == "agent":
             by_dc[s.dc].append(MeshClient(s.address, security))

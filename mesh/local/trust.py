@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mesh.channels import Security
-from mesh.core.access import OPERATOR, READER, SUBMITTER
+from mesh.core.access import OPERATOR, PRIORITY, READER, SUBMITTER
 from mesh.local.etcdserver import MemberTls
 from mesh.store.etcd import client_for
 from mesh.store.rbac import ROOT, Rbac
@@ -27,6 +27,8 @@ from mesh.trust.pki import Authority, etcd_peer, private_dir, write_pair, write_
 from mesh.trust.tokens import SigningKey
 
 SUBMITTER_ROLES = (SUBMITTER, READER)
+# The load the demo, the chaos suite and the benchmarks send uses every queue class.
+LOAD_ROLES = (*SUBMITTER_ROLES, PRIORITY)
 
 
 @dataclass(frozen=True, slots=True)
