@@ -85,8 +85,8 @@ class Gateway:
         self._cfg = cfg
         self._api = api
         self._verifier = verifier
-        self._max_body = cfg.max_payload_bytes * 2 + 65536  # a payload as JSON base64, and more
-        self.app = web.Application(middlewares=[self._headers], client_max_size=self._max_body)
+        max_body = cfg.max_payload_bytes * 2 + 65536  # a payload as JSON base64, and more
+        self.app = web.Application(middlewares=[self._headers], client_max_size=max_body)
         for route in ROUTES:
             self.app.router.add_route(route.verb, _aiohttp_path(route.path), self._serve(route))
         self.app.router.add_get("/v1/openapi.json", self._openapi)
@@ -172,10 +172,8 @@ class Gateway:
                     reply = await call(message, grant)
             except json_format.ParseError as exc:
                 return error_body(grpc.StatusCode.INVALID_ARGUMENT, f"bad request: {exc}")
-            except web.HTTPRequestEntityTooLarge:
-                text = f"request body over {self._max_body} bytes"
-                body = {"code": grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "message": text}
-                return web.json_response({**body, "details": []}, status=413)
+            except web.HTTPException:
+                raise  # aiohttp's own (a body over the limit): the middleware answers it
             except Exception as exc:
                 return error_body(*status_for(exc))
             return _json(reply)
@@ -305,12 +303,13 @@ ROUTING_STATUS = {
 
 
 def _as_json(exc: web.HTTPException) -> web.StreamResponse:
-    """A refusal aiohttp raised itself (no route, wrong verb) with a JSON body, so a
-    client of the API gets the body every other error of it has; anything else as is."""
+    """A refusal aiohttp raised itself (no route, wrong verb, a body over the limit) with
+    a JSON body, so a client of the API gets the body every other error of it has, in
+    aiohttp's words; anything else as is."""
     code = ROUTING_STATUS.get(exc.status)
     if code is None:
         return exc
-    body = {"code": code.value[0], "message": exc.reason.lower(), "details": []}
+    body = {"code": code.value[0], "message": exc.text or exc.reason, "details": []}
     response = web.json_response(body, status=exc.status)
     if allow := exc.headers.get("Allow"):
         response.headers["Allow"] = allow
