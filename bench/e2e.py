@@ -43,7 +43,7 @@ from mesh.core.task import TERMINAL
 from mesh.local.localmesh import LocalMesh, Started
 from mesh.store.etcd import client_for, watch_events
 from mesh.store.keys import KeySpace
-from mesh.store.records import decode
+from mesh.store.reads import decode
 from mesh.v1 import tasks_pb2 as pb
 
 LOCAL = Path(__file__).resolve().parent.parent / "topology" / "local.yaml"

@@ -28,7 +28,7 @@ from mesh.local.etcdserver import find_etcd
 from mesh.local.trust import LOAD_ROLES
 from mesh.store.etcd import watch_events
 from mesh.store.keys import KeySpace
-from mesh.store.records import decode
+from mesh.store.reads import decode
 
 TTL_S = 3
 RATE_PER_S = 6.0

@@ -4,7 +4,7 @@ Packages mirror the design (``../shared/DESIGN.md``), lowest layer first: ``core
 decisions), the shared base modules here (errors, config, topology, gpus, metrics,
 logs, channels, client, pipelines, the generated ``v1`` stubs), the adapters ``store``
 (etcd) and ``gossip`` (UDP), ``agent`` (one agent, its gRPC edge), ``local`` (a mesh on
-one machine) and ``cli`` (``meshctl``). No import runs upward; ``tests/test_layering.py``
+one machine) and ``cli`` (``meshctl``). No import runs upward; ``tests/core/test_layering.py``
 keeps it so.
 """
 

@@ -6,6 +6,12 @@ The etcd binary comes from ``mesh.local.etcdserver.find_etcd`` (``MESH_ETCD_BIN`
 to get one; it never skips. Each test gets its own key prefix (its own grants in etcd's
 RBAC), so tests share the server, not state.
 
+The folders mirror the code: ``core`` holds the pure tier (no etcd, no process: it runs
+in seconds, ``pytest tests/core``), ``store`` the etcd adapters on a real etcd, ``agent``
+the agent's parts in one process (some over etcd), ``e2e`` agents as processes. Every test
+that uses etcd is marked ``etcd`` (``-m "not etcd"`` leaves it out), and a test in
+``core`` that asks for etcd is refused at collection.
+
 Property tests run derandomized in CI (the same examples every run, so a red run is one
 anyone can repeat) and without Hypothesis's speed checks (the machines are shared);
 ``HYPOTHESIS_PROFILE=explore`` searches fresh examples.
@@ -34,6 +40,20 @@ settings.register_profile(
 )
 settings.register_profile("explore", deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+PURE = Path(__file__).parent / "core"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    impure = []
+    for item in items:
+        if "etcd" not in getattr(item, "fixturenames", ()):
+            continue
+        item.add_marker(pytest.mark.etcd)
+        if PURE in item.path.parents:
+            impure.append(item.nodeid)
+    if impure:
+        raise pytest.UsageError(f"tests/core is the pure tier; these use etcd: {impure}")
 
 
 @pytest.fixture(scope="session")

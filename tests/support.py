@@ -36,6 +36,8 @@ from mesh.topology import parse
 from mesh.trust.pki import write_secret
 from mesh.v1 import tasks_pb2 as pb
 
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
 T = TypeVar("T")
 DCS = ("west", "east", "north", "local")  # the DCs tests name: each test's grants cover them
 USER = "ada"  # who the tests are: an operator, who may also submit and read

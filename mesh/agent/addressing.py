@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-import grpc
-
 from mesh import metrics
 from mesh.agent.remote import RemoteDcs
-from mesh.core import home
+from mesh.core import clock, home
 from mesh.core.clock import now_ms
 from mesh.errors import MeshError, TaskNotFound, Unavailable
 from mesh.store.claims import Claim, ClaimStore
@@ -133,13 +130,13 @@ class Addressing:
         try:
             if where == self.dc:
                 return await self.answer(request)
-            if self._away.get(where, 0.0) > time.monotonic():
+            if self._away.get(where, 0.0) > clock.monotonic():
                 return None
             async with asyncio.timeout(ASK_S):
                 return await self._remote.claim(where, request)
-        except (TimeoutError, Unavailable, grpc.aio.AioRpcError) as exc:
+        except (TimeoutError, MeshError) as exc:
             if where != self.dc:
-                self._away[where] = time.monotonic() + AWAY_S
+                self._away[where] = clock.monotonic() + AWAY_S
             log.info("home %s of %s cannot be asked now: %r", where, task_id, exc)
             return None
 
@@ -190,13 +187,13 @@ class Addressing:
     async def _get(self, dc: str, task_id: str) -> pb.TaskStatus:
         """The task as ``dc`` has it, within ``ASK_S``: a DC cut off is ``Unavailable``
         at once, not after every seed's timeout."""
-        if self._away.get(dc, 0.0) > time.monotonic():
+        if self._away.get(dc, 0.0) > clock.monotonic():
             raise Unavailable(f"DC {dc} did not answer lately", dc=dc)
         try:
             async with asyncio.timeout(ASK_S):
                 return await self._remote.get(dc, task_id)
         except (TimeoutError, Unavailable) as exc:
-            self._away[dc] = time.monotonic() + AWAY_S
+            self._away[dc] = clock.monotonic() + AWAY_S
             raise Unavailable(f"DC {dc} does not answer", dc=dc) from exc
 
     # -- the queue owner's part ----------------------------------------------------------

@@ -8,21 +8,21 @@ wait; a ``preempt`` line the runs an online task found, its need, the agent's sl
 online share, and the batch runs it preempted; a ``plan`` line the demand per model, the
 agents as the planner saw them and the previous plan, and the homes it gave each model.
 ``meshctl replay FILE`` decides each line again with the pure core (``Router.route``,
-``tenants.verdict``, ``classes.victims``, ``planner.plan``): any difference is a bug (or a
+``tenants.verdict``, ``preemption.victims``, ``planner.plan``): any difference is a bug (or a
 changed core), never noise.
 """
 
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from mesh.core.classes import Run, victims
+from mesh.core import clock
 from mesh.core.planner import Host, Plan, plan
+from mesh.core.preemption import Run, victims
 from mesh.core.router import Router, from_snapshot, snapshot
 from mesh.core.routing import Decision, Request, Spill, spill_from_dict, spill_to_dict
 from mesh.core.tenants import Cap, Judged, Spend, verdict
@@ -42,7 +42,7 @@ class DecisionLog:
         decision: Decision,
     ) -> None:
         entry = {
-            "ts": round(time.time(), 3),
+            "ts": round(clock.now(), 3),
             "request": asdict(request),
             "visited": sorted(visited),
             "spill": spill_to_dict(spill),
@@ -55,7 +55,7 @@ class DecisionLog:
         self._line(
             {
                 "kind": "quota",
-                "ts": round(time.time(), 3),
+                "ts": round(clock.now(), 3),
                 "request": {"task_id": task_id, "gpus": gpus},
                 "caps": [list(cap) for cap in judged.caps],
                 "held": [[scope, name, n] for (scope, name), n in sorted(judged.held.items())],
@@ -73,7 +73,7 @@ class DecisionLog:
         self._line(
             {
                 "kind": "preempt",
-                "ts": round(time.time(), 3),
+                "ts": round(clock.now(), 3),
                 "request": {"task_id": task_id, "need": need, "free": free},
                 "runs": [asdict(run) for run in runs],
                 "slots": slots,
@@ -94,7 +94,7 @@ class DecisionLog:
         self._line(
             {
                 "kind": "plan",
-                "ts": round(time.time(), 3),
+                "ts": round(clock.now(), 3),
                 "request": {
                     "task_id": "",
                     "demand": dict(sorted(demand.items())),

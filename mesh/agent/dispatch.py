@@ -14,10 +14,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any
-
-import aetcd
 
 from mesh import metrics
 from mesh.agent.duties import observed
@@ -29,10 +28,8 @@ from mesh.core.jobs import Job
 from mesh.core.lifecycle import end
 from mesh.core.priority import Policy
 from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable
+from mesh.store.backlog import Backlog
 from mesh.store.election import Election
-from mesh.store.etcd import ETCD_ERRORS
-from mesh.store.keys import KeySpace
-from mesh.store.mirror import PrefixMirror
 from mesh.store.records import Stored, TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -137,31 +134,36 @@ class Placements:
             log.info("could not end %s: %s", job.task_id, exc)
 
 
+@dataclass(frozen=True)
+class DcRoom:
+    """The router's view of the DC as the owner asks it: ``room_for`` whether an agent
+    could take a task now, ``free_slots`` how many GPU slots it sees idle, ``room_left``
+    how many more tasks the DC's agents could hold."""
+
+    room_for: Callable[[pb.TaskSpec], Room]
+    free_slots: Callable[[], int]
+    room_left: Callable[[], int]
+
+
 class Dispatcher:
     def __init__(
         self,
         agent_id: str,
         election: Election,
         store: TaskStore,
-        keys: KeySpace,
-        room_for: Callable[[pb.TaskSpec], Room],
-        free_slots: Callable[[], int],
-        room_left: Callable[[], int],
+        backlog: Backlog,
+        room: DcRoom,
         policy: Policy,
         history: History,
         placements: Placements,
         wake: asyncio.Event,
     ) -> None:
-        """``room_for`` says whether the router sees room for a task now, ``free_slots``
-        how many GPU slots of the DC it sees idle, ``room_left`` how many more tasks the
-        DC's agents could hold; ``wake`` is set when the backlog or capacity changes."""
+        """``wake`` is set when the backlog or capacity changes."""
         self.agent_id = agent_id
         self._election = election
         self._store = store
-        self._keys = keys
-        self._room_for = room_for
-        self._free_slots = free_slots
-        self._room_left = room_left
+        self._backlog = backlog
+        self._room = room
         self.policy = policy  # replaced when the priority settings change
         self._history = history
         self._placements = placements
@@ -173,9 +175,7 @@ class Dispatcher:
     async def run(self) -> None:
         """Each tick (or sooner, when the backlog or capacity changes): end what expired,
         then one dispatch round over a snapshot of the backlog, then look again."""
-        mirror = PrefixMirror(
-            self._store.client, self._keys.backlog, on_delta=lambda _: self._wake.set()
-        )
+        mirror = self._backlog.mirror(lambda _: self._wake.set())
         watching = asyncio.create_task(mirror.run(), name="backlog mirror")
         try:
             await mirror.ready.wait()
@@ -239,10 +239,10 @@ class Dispatcher:
         if verdict is not Verdict.DISPATCH:
             await self._end(waiting)
             return Outcome.SKIPPED
-        room = self._room_for(stored.status.spec)
+        room = self._room.room_for(stored.status.spec)
         # The view learns of a placement only once it lands: tasks still being placed
         # count against the room left, or one round would send a whole backlog at it.
-        if room is Room.FULL or len(self._placements) >= max(1, self._room_left()):
+        if room is Room.FULL or len(self._placements) >= max(1, self._room.room_left()):
             return Outcome.NO_ROOM
         # NOT_HERE: no agent of the DC can run it now; it waits without blocking the
         # others (an eligible agent may join before its deadline).
@@ -263,7 +263,7 @@ class Dispatcher:
             oldest = max(oldest, int(age_s * 1000))
         if dispatched:
             self._dispatched_at = now
-        free = self._free_slots()
+        free = self._room.free_slots()
         still = now - self._dispatched_at > STUCK_AFTER_S * 1000
         if oldest > STUCK_AFTER_S * 1000 and free > 0 and still:
             metrics.BACKLOG_STALLS.inc()
@@ -276,27 +276,21 @@ class Dispatcher:
                 )
 
     def _entry_key(self, waiting: Waiting) -> bytes:
-        return self._keys.backlog_entry(waiting.queue_class, waiting.enqueued_ms, waiting.task_id)
+        return self._backlog.entry(waiting.queue_class, waiting.enqueued_ms, waiting.task_id)
 
     async def _claim(self, waiting: Waiting, judged: Stored | None) -> None:
         """Delete the entry, fenced, without touching its record: the record is gone
         (``judged`` None) or has moved on (as ``judged`` shows it). Refused if the record
         changed since: a task put back into the backlog reuses its key (it keeps its
         age), and its fresh entry must not go with the stale one."""
-        key = self._entry_key(waiting)
-        record = self._keys.task(waiting.task_id)
-        tx = self._store.client.transactions
-        unchanged = tx.version(record) == 0 if judged is None else tx.mod(record) == judged.revision
         token = self._election.term
-        try:
-            ok, responses = await self._store.client.transaction(
-                compare=[self._election.fence(), unchanged],
-                success=[tx.delete(key)],
-                failure=[],
-            )
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"backlog claim failed: {exc}") from exc
-        revision = responses[0].response_delete_range.header.revision if ok else None
+        revision = await self._backlog.drop(
+            self._entry_key(waiting),
+            waiting.task_id,
+            None if judged is None else judged.revision,
+            self._election.fence(),
+        )
+        ok = revision is not None
         self._history.write(
             "claim", "ok" if ok else "rejected", task=waiting.task_id, token=token, rev=revision
         )
@@ -309,8 +303,6 @@ class Dispatcher:
         """Delete the entry and change its record in one fenced transaction; None if the
         entry was gone (someone took it first) or ``mutate`` found nothing to do (the
         record moved on: the next round judges it again)."""
-        key = self._entry_key(waiting)
-        tx = self._store.client.transactions
         token = self._election.term
         applied = False
 
@@ -321,11 +313,8 @@ class Dispatcher:
             return None if applied else False
 
         try:
-            updated = await self._store.update(
-                waiting.task_id,
-                apply,
-                fence=[self._election.fence(), tx.version(key) > 0],
-                also=[tx.delete(key)],
+            updated = await self._backlog.take(
+                waiting.task_id, self._entry_key(waiting), apply, (self._election.fence(),)
             )
         except (StaleWrite, TaskNotFound):
             self._history.write("claim", "rejected", task=waiting.task_id, token=token)
@@ -379,20 +368,16 @@ class Dispatcher:
         return 1
 
 
-async def describe(client: aetcd.Client, keys: KeySpace, queues: list[str]) -> pb.QueueResponse:
-    """The DC's queue as anyone can read it: its owner and term, and its backlog."""
-    election = Election(client, keys.election, lambda: 0, b"")
-    leader = await election.leader()
-    try:
-        listing = await client.get_prefix(keys.backlog, keys_only=True)
-    except ETCD_ERRORS as exc:
-        raise Unavailable(f"etcd: {exc}") from exc
-    names = {kv.key[len(keys.backlog) :].decode(): b"" for kv in listing}
+def describe(
+    dc: str, leader: tuple[bytes, int] | None, names: list[str], queues: list[str]
+) -> pb.QueueResponse:
+    """The DC's queue as anyone can read it: its owner and term (``leader``, the
+    election's), and its backlog (the entries' ``names``)."""
     now = now_ms()
-    reply = pb.QueueResponse(dc=keys.dc)
+    reply = pb.QueueResponse(dc=dc)
     if leader is not None:
         reply.owner, reply.term = leader[0].decode().split()[0], leader[1]
-    waiting = backlog.by_class(names)
+    waiting = backlog.by_class(dict.fromkeys(names, b""))
     for name in sorted({*queues, *waiting}):
         entries = waiting.get(name, [])
         oldest = (now - entries[0].enqueued_ms) / 1000 if entries else 0.0

@@ -25,8 +25,6 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import grpc
-
 from mesh import metrics
 from mesh.agent.remote import RemoteDcs
 from mesh.agent.retry import ETCD_WRITE
@@ -85,7 +83,7 @@ class Handoffs:
             return False, f"cannot record the hand-off: {exc.message}"
         try:
             reply = await self._remote.offer(dc, envelope)
-        except (grpc.aio.AioRpcError, Unavailable) as exc:
+        except MeshError as exc:  # whatever the answer, only settling tells
             metrics.FORWARDS.labels("error").inc()
             outcome = await self._settle_once(dc, job.task_id)
             if outcome not in (HELD, NOT_HELD):
@@ -153,7 +151,7 @@ class Handoffs:
     async def _settle_once(self, dc: str, task_id: str) -> Outcome | None:
         try:
             reply = await self._remote.settle(dc, task_id, self._dc)
-        except (grpc.aio.AioRpcError, MeshError) as exc:
+        except MeshError as exc:
             log.info("settling %s with DC %s: %s", task_id, dc, exc)
             return None
         return reply.outcome

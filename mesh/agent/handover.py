@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
 
+from mesh import metrics
 from mesh.agent.history import History
 from mesh.agent.placement import Placement
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import requeue, requeued_job
 from mesh.core.task import TERMINAL
-from mesh.errors import MeshError, StaleWrite
-from mesh.store.etcd import ETCD_ERRORS
-from mesh.store.quota import count_preemption
-from mesh.store.records import TaskStore
+from mesh.errors import MeshError, StaleWrite, Unavailable
+from mesh.store.dc import DcStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -28,12 +29,25 @@ log = logging.getLogger(__name__)
 
 class Handover:
     def __init__(
-        self, agent_id: str, store: TaskStore, placement: Placement, history: History
+        self,
+        agent_id: str,
+        store: DcStore,
+        placement: Placement,
+        history: History,
+        spawn: Callable[[str, Coroutine[Any, Any, None]], object],
     ) -> None:
+        """``spawn`` runs background work the agent cancels when it stops."""
         self._me = agent_id
-        self._store = store
+        self._store = store.records
+        self._count_preemption = store.count_preemption
         self._placement = placement
         self._history = history
+        self._spawn = spawn
+
+    def preempted(self, job: Job) -> None:
+        """A batch run gave its GPUs to online work and has stopped: hand its task back."""
+        metrics.PREEMPTED.labels(job.spec.user.group or metrics.NO_GROUP).inc()
+        self._spawn(f"preempted {job.task_id}", self.give_back(job, preempted=True))
 
     async def release_leftovers(self, max_attempts: int) -> list[Job]:
         """Tasks an earlier run of this agent left under way: their runs died with it.
@@ -108,8 +122,8 @@ class Handover:
         if moved_on:
             return
         if preempted and (group := job.spec.user.group):
-            with contextlib.suppress(*ETCD_ERRORS):  # a count for people, not a guarantee
-                await count_preemption(self._store.client, self._store.keys, group)
+            with contextlib.suppress(Unavailable):  # a count for people, not a guarantee
+                await self._count_preemption(group)
         if interrupted:
             job.attempt += 1
         job.path = [*job.path, me]

@@ -11,9 +11,10 @@ call costs one attribute check.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import IO
+
+from mesh.core import clock
 
 
 class History:
@@ -30,7 +31,7 @@ class History:
             return
         event = {"op": op, "phase": phase, "agent": self._agent, "dc": self._dc}
         event.update({k: v for k, v in fields.items() if v is not None})
-        event["mono"] = time.monotonic()
+        event["mono"] = clock.monotonic()
         self._file.write(json.dumps(event, separators=(",", ":")) + "\n")
 
     def close(self) -> None:

@@ -47,7 +47,7 @@ async def serve(argv: list[str]) -> int:
         print(f"mesh-agent: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     if cfg.metrics_listen:
-        server.agent.metrics_url = metrics.serve(cfg.metrics_listen)
+        server.agent.parts.membership.metrics_url = metrics.serve(cfg.metrics_listen)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 

@@ -21,17 +21,16 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from mesh import metrics
-from mesh.agent.dispatch import Deposed, Dispatcher, Placements, still_leading
+from mesh.agent.dispatch import DcRoom, Deposed, Dispatcher, Placements, still_leading
 from mesh.agent.handoff import HELD, NOT_HELD, Handoffs
 from mesh.agent.history import History
-from mesh.core.backlog import Room
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import requeue, requeued_job
 from mesh.core.priority import Policy
 from mesh.core.task import TERMINAL
 from mesh.errors import MeshError, StaleWrite, Unavailable
+from mesh.store.backlog import Backlog
 from mesh.store.election import Election
-from mesh.store.keys import KeySpace
 from mesh.store.records import Stored, TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -54,26 +53,24 @@ class QueueOwner:
         agent_id: str,
         election: Election,
         store: TaskStore,
-        keys: KeySpace,
+        backlog: Backlog,
         place: Callable[[Job], Awaitable[str]],
-        room_for: Callable[[pb.TaskSpec], Room],
-        free_slots: Callable[[], int],
-        room_left: Callable[[], int],
+        room: DcRoom,
         policy: Policy,
         max_attempts: int,
         history: History,
         handoffs: Handoffs,
         reconcile: Callable[[], Awaitable[None]],
     ) -> None:
-        """``place`` places a job (into the backlog if nothing can take it); the room
-        functions are the router's view (``Dispatcher``); ``handoffs`` settles what a
+        """``place`` places a job (into the backlog if nothing can take it); ``room`` is
+        the router's view of the DC (``DcRoom``); ``handoffs`` settles what a
         dead agent was handing to another DC; ``reconcile`` claims the ids recorded
         while their home DC could not be asked. ``history`` hears every term and every
         fenced write with the token it carried."""
         self.election = election
         self._reconcile = reconcile
         self._handoffs = handoffs
-        self._dc = keys.dc
+        self._dc = backlog.dc
         self._store = store
         self._max_attempts = max_attempts
         self._history = history
@@ -86,10 +83,8 @@ class QueueOwner:
             agent_id,
             election,
             store,
-            keys,
-            room_for,
-            free_slots,
-            room_left,
+            backlog,
+            room,
             policy,
             history,
             self._placements,

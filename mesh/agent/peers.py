@@ -5,16 +5,24 @@ verifies that the agent it reaches belongs to the DC the caller means (its certi
 names ``<dc>.agent.<mesh>``), so an address learnt from another DC's summary can only
 ever lead to one of that DC's agents. Peers of the DC are reached over ``PeerService``;
 agents of other DCs also over ``TaskService``, for the tasks that overflowed there.
+
+This is the agent's one gRPC client: a failed call leaves it as the mesh's error for its
+status (``mesh.sdk.errors.error_of``, the table the SDK's users see too), so no other
+agent module knows the transport. A stream the caller stops reading is cancelled.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import grpc
 
 from mesh.channels import Security, open_channel
+from mesh.sdk.errors import error_of
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
+
+T = TypeVar("T")
 
 # On an agent's calls to another DC's TaskService for the users it serves: the callee
 # answers from its own DC and asks no further (in insecure mode, where no certificate
@@ -38,51 +46,96 @@ class PeerClients:
     def _stub(self, address: str, dc: str) -> peer_pb2_grpc.PeerServiceStub:
         return peer_pb2_grpc.PeerServiceStub(self._channel(address, dc))
 
-    def tasks(self, address: str, dc: str) -> tasks_pb2_grpc.TaskServiceStub:
+    def _tasks(self, address: str, dc: str) -> tasks_pb2_grpc.TaskServiceStub:
         return tasks_pb2_grpc.TaskServiceStub(self._channel(address, dc))
 
     def watch(
         self, address: str, dc: str, task_id: str, resume_token: str = ""
     ) -> AsyncIterator[tasks_pb2.TaskEvent]:
         request = tasks_pb2.WatchRequest(task_id=task_id, resume_token=resume_token)
-        return self.tasks(address, dc).Watch(request, metadata=FORWARDED)
+        return _streamed(self._tasks(address, dc).Watch(request, metadata=FORWARDED))
+
+    def result(self, address: str, dc: str, task_id: str) -> AsyncIterator[tasks_pb2.ResultChunk]:
+        """A task's result as an agent of another DC reads it where it is."""
+        request = tasks_pb2.GetResultRequest(task_id=task_id)
+        return _streamed(self._tasks(address, dc).GetResult(request, metadata=FORWARDED))
 
     def fetch_result(
         self, address: str, dc: str, task_id: str
     ) -> AsyncIterator[tasks_pb2.ResultChunk]:
-        return self._stub(address, dc).FetchResult(tasks_pb2.GetResultRequest(task_id=task_id))
+        """A result stored on the agent of this DC at ``address``, read from its disk."""
+        request = tasks_pb2.GetResultRequest(task_id=task_id)
+        return _streamed(self._stub(address, dc).FetchResult(request))
+
+    async def list(
+        self, address: str, dc: str, request: tasks_pb2.ListRequest, timeout_s: float
+    ) -> tasks_pb2.ListResponse:
+        stub = self._tasks(address, dc)
+        return await _unary(stub.List(request, timeout=timeout_s, metadata=FORWARDED))
+
+    async def get(
+        self, address: str, dc: str, task_id: str, timeout_s: float
+    ) -> tasks_pb2.TaskStatus:
+        request = tasks_pb2.GetRequest(task_id=task_id)
+        stub = self._tasks(address, dc)
+        return await _unary(stub.Get(request, timeout=timeout_s, metadata=FORWARDED))
+
+    async def cancel(
+        self, address: str, dc: str, request: tasks_pb2.CancelRequest, timeout_s: float
+    ) -> tasks_pb2.TaskStatus:
+        stub = self._tasks(address, dc)
+        return await _unary(stub.Cancel(request, timeout=timeout_s, metadata=FORWARDED))
 
     async def offer(
         self, address: str, dc: str, envelope: peer_pb2.Envelope, timeout_s: float
     ) -> peer_pb2.OfferResponse:
-        return await self._stub(address, dc).Offer(envelope, timeout=timeout_s)
+        return await _unary(self._stub(address, dc).Offer(envelope, timeout=timeout_s))
 
     async def summary(
         self, address: str, dc: str, mine: peer_pb2.DcSummary, timeout_s: float
     ) -> peer_pb2.DcSummary:
-        return await self._stub(address, dc).Summary(mine, timeout=timeout_s)
+        return await _unary(self._stub(address, dc).Summary(mine, timeout=timeout_s))
 
     async def settle(
         self, address: str, dc: str, request: peer_pb2.SettleRequest, timeout_s: float
     ) -> peer_pb2.SettleResponse:
-        return await self._stub(address, dc).Settle(request, timeout=timeout_s)
+        return await _unary(self._stub(address, dc).Settle(request, timeout=timeout_s))
 
     async def claim(
         self, address: str, dc: str, request: peer_pb2.ClaimRequest, timeout_s: float
     ) -> peer_pb2.ClaimResponse:
-        return await self._stub(address, dc).Claim(request, timeout=timeout_s)
+        return await _unary(self._stub(address, dc).Claim(request, timeout=timeout_s))
 
     async def run_stage(
         self, address: str, dc: str, request: peer_pb2.StageRequest, timeout_s: float
     ) -> peer_pb2.StageResponse:
-        return await self._stub(address, dc).RunStage(request, timeout=timeout_s)
+        return await _unary(self._stub(address, dc).RunStage(request, timeout=timeout_s))
 
     async def cancel_local(
         self, address: str, dc: str, request: tasks_pb2.CancelRequest, timeout_s: float
     ) -> tasks_pb2.TaskStatus:
-        return await self._stub(address, dc).CancelLocal(request, timeout=timeout_s)
+        return await _unary(self._stub(address, dc).CancelLocal(request, timeout=timeout_s))
 
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+async def _unary(call: Awaitable[T]) -> T:
+    try:
+        return await call
+    except grpc.aio.AioRpcError as exc:
+        raise error_of(exc) from exc
+
+
+async def _streamed(call: Any) -> AsyncIterator[Any]:
+    """The items of a streaming call; its failure as the mesh's error; cancelled when
+    the reader stops early (else the call lives on until collected)."""
+    try:
+        async for item in call:
+            yield item
+    except grpc.aio.AioRpcError as exc:
+        raise error_of(exc) from exc
+    finally:
+        call.cancel()

@@ -13,7 +13,6 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
-import grpc
 from opentelemetry import trace
 
 from mesh import logs, metrics, tracing
@@ -31,8 +30,7 @@ from mesh.core.jobs import Job
 from mesh.core.lifecycle import still_placing
 from mesh.core.routing import AGENT, BACKLOG, DC, NO_SPILL, NONE_ELIGIBLE, Decision, Request, Spill
 from mesh.errors import AlreadyPlaced, MeshError, NoCapacity
-from mesh.store.keys import KeySpace
-from mesh.store.records import TaskStore
+from mesh.store.dc import DcStore
 from mesh.store.registry import Registry
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -48,8 +46,7 @@ class Placement:
     def __init__(
         self,
         cfg: AgentConfig,
-        keys: KeySpace,
-        store: TaskStore,
+        store: DcStore,
         view: View,
         registry: Registry,
         peers: PeerClients,
@@ -58,15 +55,16 @@ class Placement:
         accept_here: Callable[[Job, float, bool], Awaitable[tuple[bool, str]]],
         other_dcs: Callable[[], Mapping[str, peer_pb2.DcSummary]],
         spawn: Callable[[str, Coroutine[Any, Any, None]], object],
+        decisions: DecisionLog | None = None,
     ) -> None:
         """``view`` is the router's view of the DC and the applied topology's overflow;
-        ``accept_here`` is this agent's own receiving end (``Intake.accept``), for the
+        ``accept_here`` is this agent's own receiving end (``Acceptance.accept``), for the
         targets that name it; ``other_dcs`` gives the other DCs' summaries as last
         heard; ``spawn`` runs background work the agent cancels when it stops. Of
         ``cfg``, only the identity and the limits are read."""
         self.cfg = cfg
-        self.keys = keys
-        self.store = store
+        self.store = store.records
+        self.backlog = store.backlog
         self.view = view
         self.router = view.router
         self.registry = registry
@@ -74,13 +72,9 @@ class Placement:
         self.remote = remote
         self.executor = executor
         self._accept_here = accept_here
-        self.handoffs = Handoffs(cfg.dc, cfg.agent_id, store, remote, spawn, self.place)
+        self.handoffs = Handoffs(cfg.dc, cfg.agent_id, self.store, remote, spawn, self.place)
         self._summaries = other_dcs
-        self.decisions = DecisionLog(cfg.decision_log) if cfg.decision_log else None
-
-    def close(self) -> None:
-        if self.decisions is not None:
-            self.decisions.close()
+        self.decisions = decisions
 
     # -- the overflow DCs -----------------------------------
 
@@ -119,22 +113,21 @@ class Placement:
     async def _to_backlog(self, job: Job) -> None:
         """Wait in the DC's durable backlog: the record and the entry in one transaction."""
         enqueued = job.enqueued_ms or now_ms()
-        entry = self.keys.backlog_entry(job.spec.queue, enqueued, job.task_id)
+        entry = self.backlog.entry(job.spec.queue, enqueued, job.task_id)
 
         def mutate(record: peer_pb2.TaskRecord) -> None:
             still_placing(record)
             status = record.status
             status.state, status.agent, status.dc = pb.TASK_STATE_QUEUED, "", self.cfg.dc
             record.forwarded_to_dc = ""
-            record.backlog_entry = entry[len(self.keys.backlog) :].decode()
+            record.backlog_entry = self.backlog.name_of(entry)
             del status.path[:]
             status.path.extend(job.path)
             status.queued_at.CopyFrom(now_ts())
             status.ClearField("expected_start")  # no agent's estimate holds in the backlog
 
         value = backlog.entry_value(job.deadline_ms, job.traits)
-        put = self.store.client.transactions.put(entry, value)
-        await self.store.update(job.task_id, mutate, attempt=job.attempt, also=[put])
+        await self.backlog.enqueue(job.task_id, entry, value, mutate, job.attempt)
         metrics.BACKLOGGED.inc()
 
     async def place(
@@ -255,10 +248,10 @@ class Placement:
                 reply = await self.peers.offer(
                     peer.peer_address, self.cfg.dc, envelope, self._offer_timeout(job)
                 )
-        except grpc.aio.AioRpcError as exc:
+        except MeshError as exc:
             metrics.FORWARDS.labels("error").inc()
             self.router.set_suspect(agent_id, True)
-            return False, f"unreachable ({exc.code().name})"
+            return False, f"unreachable ({exc.code})"
         self.view.learn(agent_id, reply.load, reply.accepted)
         metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
         return reply.accepted, reply.reason

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, runtime_checkable
@@ -28,7 +27,7 @@ from mesh.agent.decisionlog import DecisionLog
 from mesh.agent.duties import observed
 from mesh.agent.executor import Executor
 from mesh.agent.view import View
-from mesh.core import planner
+from mesh.core import clock, planner
 from mesh.core.priority import Estimates
 from mesh.pipelines import Models, ModelsFull, Pipeline
 
@@ -56,10 +55,10 @@ class Planning:
         executor: Executor,
         estimates: Estimates,
         pipelines: dict[str, Pipeline],
-        decisions: Callable[[], DecisionLog | None],
+        decisions: DecisionLog | None,
         interval_s: float,
         acting: bool = True,
-        clock: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = clock.monotonic,
     ) -> None:
         """``interval_s``: how often it plans; ``acting``: whether it acts on the plan
         (off, it only publishes its demand and shows the plan). The GPU memory models may
@@ -73,7 +72,7 @@ class Planning:
         self._decisions = decisions
         self._interval_s = interval_s
         self._acting = acting
-        self._clock = clock
+        self._clock = monotonic
         self.plan: planner.Plan | None = None  # as this agent last computed it
         self.hosting: frozenset[str] = frozenset()  # what we announce: our part, and keeping
         self._basis: dict[str, float] = {}  # the demand the plan was made for
@@ -104,8 +103,8 @@ class Planning:
             made = planner.plan(demand, hosts, announced, sizes)
             if self.plan is None or made.homes != self.plan.homes:
                 log.info("placement plan: %s", {m: list(a) for m, a in made.homes.items()})
-                if (decisions := self._decisions()) is not None:
-                    decisions.plan(demand, hosts, announced, made, sizes)
+                if self._decisions is not None:
+                    self._decisions.plan(demand, hosts, announced, made, sizes)
             self.plan, self._basis, self._fleet = made, demand, fleet
         if self._acting:
             hosting = self.plan.for_agent(self._me) | self._keeping()

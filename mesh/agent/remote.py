@@ -15,10 +15,8 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
-import grpc
-
-from mesh.agent.peers import FORWARDED, PeerClients
-from mesh.errors import TaskNotFound, Unavailable
+from mesh.agent.peers import PeerClients
+from mesh.errors import MeshError, TaskNotFound, Unavailable
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -27,7 +25,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 CALL_TIMEOUT_S = 3.0
 # Answers that say "this seed cannot help now, another may": try the next seed.
-NEXT_SEED = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+NEXT_SEED = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
 
 class RemoteDcs:
@@ -61,21 +59,21 @@ class RemoteDcs:
         )
 
     async def _first_answer(self, dc: str, task_id: str, call: Callable[[str], Awaitable[T]]) -> T:
-        """``call`` on each seed of ``dc`` until one answers; its gRPC errors pass through."""
+        """``call`` on each seed of ``dc`` until one answers; an answer no other seed
+        would change (a refusal, not a timeout) passes through."""
         seeds = self.seeds(dc, task_id)
         if not seeds:
             raise Unavailable(f"no seed agent known for DC {dc}", dc=dc)
-        last: grpc.aio.AioRpcError | None = None
+        last = ""
         for address in seeds:
             try:
                 return await call(address)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in NEXT_SEED:
+            except MeshError as exc:
+                if exc.code not in NEXT_SEED:
                     raise
-                log.info("seed %s of %s: %s", address, dc, exc.code().name)
-                last = exc
-        assert last is not None
-        raise Unavailable(f"no seed of DC {dc} answered ({last.code().name})", dc=dc)
+                log.info("seed %s of %s: %s", address, dc, exc.code)
+                last = exc.code
+        raise Unavailable(f"no seed of DC {dc} answered ({last})", dc=dc)
 
     async def offer(self, dc: str, envelope: peer_pb2.Envelope) -> peer_pb2.OfferResponse:
         return await self._first_answer(
@@ -100,45 +98,35 @@ class RemoteDcs:
         return await self._translated(
             dc,
             request.user_id,
-            lambda a: self._peers.tasks(a, dc).List(
-                request, timeout=CALL_TIMEOUT_S, metadata=FORWARDED
-            ),
+            lambda a: self._peers.list(a, dc, request, CALL_TIMEOUT_S),
         )
 
     async def get(self, dc: str, task_id: str) -> pb.TaskStatus:
         return await self._translated(
-            dc,
-            task_id,
-            lambda a: self._peers.tasks(a, dc).Get(
-                pb.GetRequest(task_id=task_id), timeout=CALL_TIMEOUT_S, metadata=FORWARDED
-            ),
+            dc, task_id, lambda a: self._peers.get(a, dc, task_id, CALL_TIMEOUT_S)
         )
 
     async def cancel(self, dc: str, task_id: str, reason: str) -> pb.TaskStatus:
+        request = pb.CancelRequest(task_id=task_id, reason=reason)
         return await self._translated(
-            dc,
-            task_id,
-            lambda a: self._peers.tasks(a, dc).Cancel(
-                pb.CancelRequest(task_id=task_id, reason=reason),
-                timeout=CALL_TIMEOUT_S,
-                metadata=FORWARDED,
-            ),
+            dc, task_id, lambda a: self._peers.cancel(a, dc, request, CALL_TIMEOUT_S)
         )
 
     async def _translated(self, dc: str, task_id: str, call: Callable[[str], Awaitable[T]]) -> T:
         try:
             return await self._first_answer(dc, task_id, call)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise TaskNotFound(f"not found in DC {dc}", task_id=task_id) from exc
-            raise Unavailable(f"DC {dc}: {exc.code().name}: {exc.details()}") from exc
+        except Unavailable:
+            raise
+        except TaskNotFound as exc:
+            raise TaskNotFound(f"not found in DC {dc}", task_id=task_id) from exc
+        except MeshError as exc:
+            raise Unavailable(f"DC {dc}: {exc.code}: {exc.message}") from exc
 
     async def result(self, dc: str, task_id: str) -> AsyncIterator[pb.ResultChunk]:
         """A task's result, from an agent of ``dc`` (which reads it where it is)."""
 
         def opened(address: str) -> AsyncIterator[pb.ResultChunk]:
-            request = pb.GetResultRequest(task_id=task_id)
-            return self._peers.tasks(address, dc).GetResult(request, metadata=FORWARDED)
+            return self._peers.result(address, dc, task_id)
 
         async for chunk in self._streamed(dc, task_id, opened, resumes=False):
             yield chunk
@@ -169,9 +157,9 @@ class RemoteDcs:
                     started = True
                     yield item
                 return
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND and not started:
+            except MeshError as exc:
+                if isinstance(exc, TaskNotFound) and not started:
                     raise TaskNotFound(f"DC {dc} has no such task", task_id=task_id) from exc
-                if exc.code() not in NEXT_SEED or (started and not resumes):
-                    raise Unavailable(f"DC {dc}: {exc.code().name}: {exc.details()}") from exc
+                if exc.code not in NEXT_SEED or (started and not resumes):
+                    raise Unavailable(f"DC {dc}: {exc.code}: {exc.message}") from exc
         raise Unavailable(f"no seed of DC {dc} answered", dc=dc)

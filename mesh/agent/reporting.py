@@ -14,16 +14,16 @@ import hashlib
 import logging
 import os
 import secrets
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mesh import metrics, tracing
 from mesh.agent.duties import observed
 from mesh.agent.history import History
 from mesh.agent.retry import patient
+from mesh.agent.runquota import RunQuota
 from mesh.config import AgentConfig
+from mesh.core import clock
 from mesh.core.clock import now_ts
 from mesh.core.jobs import Job, Outcome
 from mesh.core.lifecycle import claim_run, end
@@ -31,25 +31,13 @@ from mesh.core.task import TERMINAL, state_name
 from mesh.core.task import media_type as checked_media_type
 from mesh.errors import MeshError, QuotaBusy, StaleWrite
 from mesh.gpus import Gpu
-from mesh.store.etcd import ETCD_ERRORS
-from mesh.store.quota import QuotaStore, holder
+from mesh.store.quota import QuotaStore
 from mesh.store.records import Mutation, Stored, TaskStore
 from mesh.trust.pki import private_dir
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Slots:
-    """The quota slots a run took, and the lease it took them under."""
-
-    lease: int
-    names: list[bytes] = field(default_factory=list)
-
-
-NO_SLOTS = Slots(0)
 
 
 class RecordReporter:
@@ -67,10 +55,7 @@ class RecordReporter:
         self._store = store
         self._lease = lease
         self._history = history
-        self._quota = quota
-        self._slots: dict[str, Slots] = {}  # quota slots a run holds
-        self._began: dict[str, tuple[float, int]] = {}  # a recorded run's start, GPUs
-        self._dropped: set[asyncio.Task[None]] = set()  # slots of dropped runs, going back
+        self._quota = RunQuota(cfg.agent_id, store, lease, quota)
         # A run's start and end wait out an etcd outage as long as its lease may live.
         self._retry = patient(cfg.lease_ttl_s + cfg.etcd_outage_grace_s)
         self._progress: dict[str, pb.Progress] = {}
@@ -103,29 +88,15 @@ class RecordReporter:
                 )
             )
 
-        compares, puts, slots = self._claim(job, borrowed)
+        compares, puts, slots = self._quota.claim(job, borrowed)
         stored = await self._write(job, mutate, "start", fence=compares, also=puts)
         if stored is None or cancelled:
             if stored is not None and slots.names:
-                await self._give_back(slots)
+                await self._quota.give_back(slots)
             return False
-        if slots.names:
-            self._slots[job.task_id] = slots
-        self._began[job.task_id] = (time.time(), len(gpus))
+        self._quota.started(job, slots, len(gpus))
         if waited:
-            since_ns, started_ns = waited[-1]
-            wait = tracing.TRACER.start_span(
-                "queue wait",
-                context=tracing.joined(job.traceparent),
-                start_time=since_ns,
-                attributes={"task.id": job.task_id, "task.attempt": job.attempt},
-            )
-            wait.end(end_time=max(since_ns, started_ns))
-            metrics.observe(
-                metrics.QUEUE_WAIT_SECONDS,
-                max(0.0, (started_ns - since_ns) / 1e9),
-                tracing.trace_id(job.traceparent),
-            )
+            _waited(job, *waited[-1])
         user = job.spec.user
         self._history.write(
             "run",
@@ -139,57 +110,9 @@ class RecordReporter:
         )
         return True
 
-    def _claim(self, job: Job, borrowed: bool) -> tuple[list, list, Slots]:
-        lease = self._lease()
-        if self._quota is None:
-            return [], [], Slots(lease)
-        user, gpus = job.spec.user, max(1, job.spec.gpu_count)
-        if reason := self._quota.waits(user.id, user.group, gpus):
-            raise QuotaBusy(reason, task_id=job.task_id)
-        held_by = holder(job.task_id, self._cfg.agent_id, borrowed)
-        compares, puts, names = self._quota.claim(user.id, user.group, gpus, lease, held_by)
-        return compares, puts, Slots(lease, names)
-
-    def _freeing(self, slots: Slots) -> list:
-        """Operations that give ``slots`` back: none once the lease they were taken under
-        is gone (they went with it, and may be another run's by now), and each fenced by
-        that lease in any case (``QuotaStore.give_back``)."""
-        if self._quota is None or not slots.names or slots.lease != self._lease():
-            return []
-        return self._quota.give_back(slots.names, slots.lease)
-
-    async def _give_back(self, slots: Slots, spent: Sequence[object] = ()) -> None:
-        """Free quota slots (and count GPU time spent) outside a record write (the write
-        that should have was refused, or there is none)."""
-        ops = [*self._freeing(slots), *spent]
-        if not ops:
-            return
-        try:
-            await self._store.commits.transaction([], ops)
-        except ETCD_ERRORS as exc:  # slots go with the lease; spending is counted lower
-            log.warning("could not give back quota slots %s: %s", slots.names, exc)
-
-    def _spent(self, job: Job) -> list:
-        """Puts that add the run's GPU-seconds to its tenant's budgets (none if it never
-        started here, or its tenant has no budget)."""
-        began = self._began.pop(job.task_id, None)
-        if began is None or self._quota is None:
-            return []
-        now = time.time()
-        gpu_s = (now - began[0]) * began[1]
-        user = job.spec.user
-        return self._quota.spend(user.id, user.group, gpu_s, self._cfg.agent_id, now)
-
     def stopped(self, job: Job, how: str) -> None:
         self._history.write("run", "end", task=job.task_id, attempt=job.attempt, how=how)
-        spent = self._spent(job)  # a run that ended unrecorded spent GPU time all the same
-        slots = self._slots.pop(job.task_id, NO_SLOTS) if how.startswith("dropped") else NO_SLOTS
-        if slots.names or spent:
-            # Handed back unfinished (preempted, drained): its end write, which gives
-            # the slots back, is the next attempt's to make.
-            give_back = asyncio.create_task(self._give_back(slots, spent))
-            self._dropped.add(task := observed(give_back, "quota give-back"))
-            task.add_done_callback(self._dropped.discard)
+        self._quota.stopped(job, how)
 
     def progress(self, job: Job, step: int, total: int, message: str) -> None:
         self._progress[job.task_id] = pb.Progress(step=step, total=total, message=message)
@@ -201,7 +124,7 @@ class RecordReporter:
     async def _flush(self, job: Job) -> None:
         try:
             while (progress := self._progress.pop(job.task_id, None)) is not None:
-                started = time.monotonic()
+                started = clock.monotonic()
 
                 def mutate(record: peer_pb2.TaskRecord, p: pb.Progress = progress) -> None:
                     record.status.progress.CopyFrom(p)
@@ -211,7 +134,7 @@ class RecordReporter:
                 except MeshError as exc:
                     log.debug("progress of %s not written: %s", job.task_id, exc)
                     return
-                wait = self._cfg.progress_interval_s - (time.monotonic() - started)
+                wait = self._cfg.progress_interval_s - (clock.monotonic() - started)
                 if wait > 0:
                     await asyncio.sleep(wait)
         finally:
@@ -252,13 +175,12 @@ class RecordReporter:
                 status.progress.step = status.progress.total
 
         metrics.FINISHED.labels(state_name(outcome.state)).inc()
-        slots = self._slots.pop(job.task_id, NO_SLOTS)
-        spent = self._spent(job)
-        stored = await self._write(job, mutate, "end", also=[*self._freeing(slots), *spent])
+        slots, spent = self._quota.ending(job)
+        stored = await self._write(job, mutate, "end", also=[*self._quota.freeing(slots), *spent])
         if stored is None:
             stored = await self._landed(job)
         if stored is None and (slots.names or spent):
-            await self._give_back(slots, spent)
+            await self._quota.give_back(slots, spent)
         if stored is not None:
             status = stored.status
             trace_id = status.trace_id
@@ -320,6 +242,22 @@ class RecordReporter:
         return None
 
 
+def _waited(job: Job, since_ns: int, started_ns: int) -> None:
+    """The run's wait in a queue, as a span of its trace and a metric."""
+    wait = tracing.TRACER.start_span(
+        "queue wait",
+        context=tracing.joined(job.traceparent),
+        start_time=since_ns,
+        attributes={"task.id": job.task_id, "task.attempt": job.attempt},
+    )
+    wait.end(end_time=max(since_ns, started_ns))
+    metrics.observe(
+        metrics.QUEUE_WAIT_SECONDS,
+        max(0.0, (started_ns - since_ns) / 1e9),
+        tracing.trace_id(job.traceparent),
+    )
+
+
 def write_result(folder: Path, task_id: str, attempt: int, data: bytes) -> Path:
     """Store a result too big for the record, under ``folder`` (0700) and nowhere else.
 
@@ -341,7 +279,7 @@ async def prune_results(folder: Path, keep_s: float, every_s: float) -> None:
     """Forever: delete the results stored in ``folder`` longer ago than ``keep_s``, as
     their records expire (files only, never through a link, nothing outside it)."""
     while True:
-        await asyncio.to_thread(_prune, folder, time.time() - keep_s)
+        await asyncio.to_thread(_prune, folder, clock.now() - keep_s)
         await asyncio.sleep(every_s)
 
 

@@ -1,4 +1,4 @@
-"""The gRPC edge: servicers that hand requests to ``AgentApi`` and turn errors into codes
+"""The gRPC edge: servicers that hand requests to the API facades and turn errors into codes
 (``mesh.agent.status``), and the ``Server`` that opens the agent's ports: both gRPC ports
 and the HTTP one (``mesh.agent.http.gateway``)."""
 
@@ -16,10 +16,12 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
 
 from mesh.agent.agent import Agent
-from mesh.agent.api import AgentApi
+from mesh.agent.agentapi import AgentApi
 from mesh.agent.auth import Authenticator, caller
 from mesh.agent.http.gateway import Gateway
+from mesh.agent.peerapi import PeerApi
 from mesh.agent.status import status_for
+from mesh.agent.taskapi import TaskApi
 from mesh.channels import server_options
 from mesh.errors import ConfigError, MeshError
 from mesh.v1 import peer_pb2, peer_pb2_grpc, tasks_pb2, tasks_pb2_grpc
@@ -61,7 +63,7 @@ async def streamed(items: AsyncIterator[R], context: grpc.aio.ServicerContext) -
 
 
 class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
-    def __init__(self, api: AgentApi) -> None:
+    def __init__(self, api: TaskApi) -> None:
         self.api = api
 
     @unary
@@ -119,7 +121,7 @@ class AgentServicer(tasks_pb2_grpc.AgentServiceServicer):
 
 
 class PeerServicer(peer_pb2_grpc.PeerServiceServicer):
-    def __init__(self, api: AgentApi) -> None:
+    def __init__(self, api: PeerApi) -> None:
         self.api = api
 
     @unary
@@ -178,15 +180,16 @@ class Server:
             # before anything else, so even a refused call is traced.
             interceptors=[
                 aio_server_interceptor(filter_=UNTRACED),
-                Authenticator(cfg.mesh_name, None if cfg.insecure else agent.verifier),
+                Authenticator(cfg.mesh_name, None if cfg.insecure else agent.parts.verifier),
             ],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
         )
-        verifier = None if cfg.insecure else agent.verifier
-        self.http = Gateway(cfg, agent.api, verifier) if cfg.http_listen else None
-        tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(agent.api), self.grpc)
-        tasks_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(agent.api), self.grpc)
-        peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(agent.api), self.grpc)
+        apis = agent.parts.apis
+        verifier = None if cfg.insecure else agent.parts.verifier
+        self.http = Gateway(cfg, apis, verifier) if cfg.http_listen else None
+        tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskServicer(apis.tasks), self.grpc)
+        tasks_pb2_grpc.add_AgentServiceServicer_to_server(AgentServicer(apis.agents), self.grpc)
+        peer_pb2_grpc.add_PeerServiceServicer_to_server(PeerServicer(apis.peers), self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc
@@ -221,7 +224,7 @@ class Server:
         peer = cfg.peer_advertise or f"{cfg.peer_listen.rpartition(':')[0]}:{peer_port}"
         if self.http is not None:
             assert cfg.http_listen
-            self.agent.http_url = await self.http.start(cfg.http_listen)
+            self.agent.parts.membership.http_url = await self.http.start(cfg.http_listen)
         await self.agent.start(address, peer)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

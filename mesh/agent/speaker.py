@@ -12,17 +12,13 @@ import asyncio
 import logging
 from collections.abc import Callable, Mapping
 
-import aetcd
-import grpc
-
+from mesh.agent.dcs import KnownDcs
 from mesh.agent.remote import RemoteDcs
 from mesh.core import summaries
 from mesh.core.clock import now_ms
 from mesh.core.router import Router
-from mesh.errors import MeshError
-from mesh.store.etcd import ETCD_ERRORS
-from mesh.store.keys import KeySpace
-from mesh.store.mirror import PrefixMirror
+from mesh.errors import MeshError, Unavailable
+from mesh.store.dc import DcStore
 from mesh.store.registry import AgentRecord
 from mesh.v1 import peer_pb2
 
@@ -34,8 +30,8 @@ class Speaker:
         self,
         dc: str,
         agent_id: str,
-        client: aetcd.Client,
-        keys: KeySpace,
+        store: DcStore,
+        known: KnownDcs,
         lease: Callable[[], int],
         router: Router,
         peers: Callable[[], Mapping[str, AgentRecord]],
@@ -50,8 +46,7 @@ class Speaker:
         of the DC per model (``Planning.demand``)."""
         self._dc = dc
         self._agent_id = agent_id
-        self._client = client
-        self._keys = keys
+        self._dc_store = store
         self._lease = lease
         self._router = router
         self._peers = peers
@@ -59,8 +54,8 @@ class Speaker:
         self._active = active
         self._global_held = global_held
         self._demand = demand
-        self.heard: dict[str, peer_pb2.DcSummary] = {}  # other DCs, as last stored
-        self.mirror = PrefixMirror(client, keys.summaries, self._stored)
+        self._known = known  # the other DCs' summaries go there, as last stored
+        self.mirror = store.summaries(self._stored)
 
     def _stored(self, items: Mapping[str, bytes]) -> None:
         decoded = {}
@@ -69,7 +64,7 @@ class Speaker:
                 decoded[dc] = summaries.decode(raw)
             except ValueError as exc:
                 log.warning("ignoring unreadable summary of DC %s: %s", dc, exc)
-        self.heard = decoded
+        self._known.heard = decoded
         # Other DCs' live agents, for every call there (not only overflow's): an agent
         # that moved since the topology named it is reached at once.
         fresh = summaries.fresh(decoded, now_ms())
@@ -95,13 +90,11 @@ class Speaker:
         return self.summary()
 
     async def _store(self, summary: peer_pb2.DcSummary) -> None:
-        if not summaries.worth_storing(summary, self.heard.get(summary.dc)):
+        if not summaries.worth_storing(summary, self._known.heard.get(summary.dc)):
             return
         try:
-            await self._client.put(
-                self._keys.summary(summary.dc), summaries.encode(summary), lease=self._lease()
-            )
-        except ETCD_ERRORS as exc:
+            await self._dc_store.put_summary(summary.dc, summaries.encode(summary), self._lease())
+        except Unavailable as exc:
             log.debug("could not store the summary of %s: %s", summary.dc, exc)
 
     async def speak(self) -> None:
@@ -114,5 +107,5 @@ class Speaker:
             for dc in self._remote.known():
                 try:
                     await self._store(await self._remote.summary(dc, mine))
-                except (grpc.aio.AioRpcError, MeshError) as exc:
+                except MeshError as exc:
                     log.debug("no summary from DC %s: %s", dc, exc)

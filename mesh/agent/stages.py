@@ -17,18 +17,15 @@ death is any task's: the run is lost with its lease and the task is placed again
 from __future__ import annotations
 
 import logging
-import time
 
-import grpc
-
-from mesh.agent.executor import Executor
 from mesh.agent.peers import PeerClients
-from mesh.agent.view import View
+from mesh.agent.slots import GpuSlots
 from mesh.config import AgentConfig
-from mesh.core import layers
+from mesh.core import clock, layers
 from mesh.core.jobs import Output
+from mesh.core.router import Router
 from mesh.core.task import check_stage
-from mesh.errors import InvalidTask, PipelineError
+from mesh.errors import InvalidTask, MeshError, PipelineError
 from mesh.pipelines import Layers, Models, Pipeline, RunContext, Stageable, StageRun
 from mesh.store.registry import Registry
 from mesh.v1 import peer_pb2
@@ -40,14 +37,7 @@ MAX_RESPLITS = 3  # stage agents that may fail a run before it fails
 # A stage's agent that answers with one of these is passed over for the rest of the run;
 # any other error (the request itself is wrong) fails the task.
 PASS_OVER = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-        grpc.StatusCode.INTERNAL,
-    }
+    {"UNAVAILABLE", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL"}
 )
 
 
@@ -55,18 +45,18 @@ class Stages:
     def __init__(
         self,
         cfg: AgentConfig,
-        view: View,
+        router: Router,
         registry: Registry,
         peers: PeerClients,
-        executor: Executor,
+        slots: GpuSlots,
         models: Models,
         pipelines: dict[str, Pipeline],
     ) -> None:
         self._cfg = cfg
-        self._view = view
+        self._router = router
         self._registry = registry
         self._peers = peers
-        self._executor = executor
+        self._slots = slots
         self._models = models
         self._pipelines = pipelines
 
@@ -125,7 +115,7 @@ class Stages:
         spec = ctx.spec
         found = [
             layers.Device(m.agent_id, sum(m.gpu_memory_mb), m.weight)
-            for m in self._view.router.members.values()
+            for m in self._router.members.values()
             if spec.pipeline in m.pipelines
             and not m.draining
             and m.agent_id not in passed_over
@@ -145,17 +135,16 @@ class Stages:
         request = peer_pb2.StageRequest(
             spec=ctx.spec, attempt=ctx.attempt, first=stage.first, count=stage.count, input=data
         )
-        left_s = (ctx.deadline_ms - time.time() * 1000) / 1000 if ctx.deadline_ms else 0
+        left_s = (ctx.deadline_ms - clock.now_ms()) / 1000 if ctx.deadline_ms else 0
         if left_s <= 0:
             raise PipelineError("task deadline passed while it ran", "DEADLINE_EXCEEDED")
         try:
             reply = await self._peers.run_stage(record.peer_address, self._cfg.dc, request, left_s)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in PASS_OVER:
-                raise _PassedOver(f"{exc.code().name}: {exc.details()}") from None
-            raise PipelineError(
-                f"stage on {stage.agent} refused: {exc.details()}", exc.code().name
-            ) from None
+        except MeshError as exc:
+            if exc.code in PASS_OVER:
+                raise _PassedOver(f"{exc.code}: {exc.message}") from None
+            refused = f"stage on {stage.agent} refused: {exc.message}"
+            raise PipelineError(refused, exc.code) from None
         return reply.output, reply.cold
 
     # -- the serving end -----------------------------------------------------------------
@@ -164,18 +153,18 @@ class Stages:
         self, request: peer_pb2.StageRequest, time_left_s: float | None
     ) -> peer_pb2.StageResponse:
         """Run one stage for an agent of this DC that drives a split task: on a free GPU
-        taken at once (``Executor.lend``), refused when there is none. The call must
+        taken at once (``GpuSlots.lend``), refused when there is none. The call must
         carry a deadline (the task's): a stage never holds a GPU past it."""
         if time_left_s is None:
             raise InvalidTask("a stage call carries its task's deadline")
-        check_stage(request, self._cfg, self._pipelines.keys(), int(time.time() * 1000))
+        check_stage(request, self._cfg, self._pipelines.keys(), clock.now_ms())
         pipeline = self._pipelines[request.spec.pipeline]
         if not isinstance(pipeline, Stageable):
             raise InvalidTask(f"pipeline {request.spec.pipeline} cannot be split by layers")
         total = len(pipeline.layers(request.spec).memory_mb)
         if request.first + request.count > total:
             raise InvalidTask(f"layers {request.first}+{request.count} past the model's {total}")
-        with self._executor.lend(request.spec.queue) as gpu:
+        with self._slots.lend(request.spec.queue) as gpu:
             ctx = RunContext(
                 task_id=request.spec.task_id,
                 attempt=request.attempt,

@@ -20,8 +20,6 @@ import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-import grpc
-
 from mesh import metrics, tracing
 from mesh.agent.addressing import Addressing
 from mesh.agent.placement import Placement
@@ -60,7 +58,7 @@ class Submission:
         retry (with the same id, the other DC answers "already here")."""
         try:
             reply = await self._placement.remote.offer(dc, self._placement.dc_envelope(job))
-        except (grpc.aio.AioRpcError, Unavailable) as exc:
+        except MeshError as exc:
             return False, f"unreachable ({exc})"
         return reply.accepted, reply.reason
 

@@ -1,4 +1,4 @@
-"""Reading and cancelling tasks, wherever they run: any agent answers for any task.
+"""Reading tasks, wherever they run: any agent answers for any task.
 
 A task's record lives in its DC's etcd, so any agent of the DC answers ``Get``, ``Watch``
 and ``List``; a record that only points to the DC the task overflowed to is followed
@@ -6,94 +6,69 @@ there through that DC's agents, once the hand-off is confirmed (until then the o
 may not have it, and the record here answers). A task this DC has no record of is found
 through its id's home (``mesh.agent.addressing``) and asked for in the DC that has it;
 ``List`` merges every DC's pages. An agent asked by another agent answers from its own
-DC only (``forward`` off), so a question never travels in circles.
-
-A cancel takes effect at once wherever the task is: one waiting in the DC's backlog ends
-with its entry taken, in one transaction; one queued on an agent is dropped there; a
-running one has its process group killed by its agent.
+DC only (``forward`` off), so a question never travels in circles. Cancelling is
+``mesh.agent.cancels``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
-import grpc
-
-from mesh import metrics
 from mesh.agent.addressing import Addressing
-from mesh.agent.executor import Executor
 from mesh.agent.handoff import pointed_to
 from mesh.agent.peers import PeerClients
 from mesh.agent.remote import RemoteDcs
-from mesh.core.lifecycle import end
 from mesh.core.listing import Page, merge
 from mesh.core.task import (
-    TERMINAL,
     page_start,
     page_token,
     public,
     resume_point,
     state_name,
 )
-from mesh.errors import MeshError, NoResult, StaleWrite, TaskNotFound, Unavailable
+from mesh.errors import MeshError, NoResult, TaskNotFound, Unavailable
 from mesh.store.records import Stored, TaskStore
 from mesh.store.registry import Registry
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
-UNWIND_S = 1.0  # how long a cancel waits for a running task to record its end
-CALL_TIMEOUT_S = 3 * UNWIND_S  # a peer's CancelLocal: its wait, and the way there and back
 CHUNK_BYTES = 64 * 1024
-MOVES = 3  # agents a cancel follows a task through as it is placed
 
 
 POINTER_RETRY_S = 1.0  # a pointer whose DC lacks the task: look here again after this
 POINTER_MISSES = 5  # then the watch breaks (UNAVAILABLE): the caller resumes it
 
 
-class Tasks:
-    def __init__(
-        self,
-        agent_id: str,
-        store: TaskStore,
-        registry: Registry,
-        peers: PeerClients,
-        remote: RemoteDcs,
-        executor: Executor,
-        backlog_changed: Callable[[], None],
-        results: Path,
-        addressing: Addressing,
-        dcs: Callable[[], Iterable[str]],
-    ) -> None:
-        """``backlog_changed`` wakes the DC's queue owner, if this agent is it;
-        ``results`` is where this agent stores results too big for a record."""
-        self._me = agent_id
-        self._results = results
-        self._store = store
-        self._registry = registry
-        self._peers = peers
-        self._remote = remote
-        self._executor = executor
-        self._backlog_changed = backlog_changed
-        self._addressing = addressing
-        self._dcs = dcs
+@dataclass(frozen=True)
+class Reach:
+    """How an agent reaches any task: its own id, its DC's records and members, its
+    peers there, the other DCs, and where each id is homed."""
 
-    async def _here(self, task_id: str, forward: bool) -> Stored | str:
-        """The record here, or the DC that answers for the task: the one a confirmed
-        pointer names, or (``forward``) the one that has it when this DC has no record."""
-        try:
-            stored = await self._store.get(task_id)
-        except TaskNotFound:
-            if not forward:
-                raise
-            dc, _ = await self._addressing.find(task_id)
-            return dc
-        return answered_by(stored.record) or stored
+    agent_id: str
+    store: TaskStore
+    registry: Registry
+    peers: PeerClients
+    remote: RemoteDcs
+    addressing: Addressing
+
+
+class Tasks:
+    def __init__(self, reach: Reach, results: Path, dcs: Callable[[], Iterable[str]]) -> None:
+        """``results`` is where this agent stores results too big for a record; ``dcs``
+        are the topology's DCs, which a list asks."""
+        self._me = reach.agent_id
+        self._results = results
+        self._store = reach.store
+        self._registry = reach.registry
+        self._peers = reach.peers
+        self._remote = reach.remote
+        self._addressing = reach.addressing
+        self._dcs = dcs
 
     async def get(self, task_id: str, forward: bool = True) -> pb.TaskStatus:
         try:
@@ -194,7 +169,7 @@ class Tasks:
 
     async def result(self, task_id: str, forward: bool = True) -> AsyncIterator[pb.ResultChunk]:
         """The task's result in chunks: inline, or from the agent that stored it."""
-        here = await self._here(task_id, forward)
+        here = await answering(self._store, self._addressing, task_id, forward)
         if isinstance(here, str):
             async for chunk in self._remote.result(here, task_id):
                 yield chunk
@@ -218,8 +193,8 @@ class Tasks:
                 peer.peer_address, self._registry.dc, task_id
             ):
                 yield chunk
-        except grpc.aio.AioRpcError as exc:
-            raise Unavailable(f"the agent that stored the result: {exc.code().name}") from exc
+        except MeshError as exc:
+            raise Unavailable(f"the agent that stored the result: {exc.code}") from exc
 
     async def stored_result(self, task_id: str) -> AsyncIterator[pb.ResultChunk]:
         """A result this agent stored, read from its result folder and nowhere else."""
@@ -238,127 +213,24 @@ class Tasks:
             raise TaskNotFound("the result is not in this agent's result folder")
         return path.open("rb")
 
-    async def _end_waiting(
-        self, stored: Stored, reason: str, superseded_by: str
-    ) -> pb.TaskStatus | None:
-        """End a task waiting in the DC's backlog and take its entry, in one transaction
-        that holds only if the entry is still there and the record unchanged; None if
-        the owner took it meanwhile (then it is cancelled where it went)."""
-        task_id = stored.status.task_id
-        entry = self._store.keys.backlog + stored.record.backlog_entry.encode()
-        tx = self._store.client.transactions
-
-        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
-            if (
-                record.status.state in TERMINAL
-                or record.backlog_entry != stored.record.backlog_entry
-            ):
-                return False
-            record.cancel_requested = True
-            record.cancel_reason = reason
-            record.superseded_by_dc = superseded_by
-            record.backlog_entry = ""
-            end(record.status, pb.TASK_STATE_CANCELLED, "CANCELLED", reason or "cancelled by user")
-            return None
-
-        try:
-            ended = await self._store.update(
-                task_id, mutate, fence=[tx.version(entry) > 0], also=[tx.delete(entry)]
-            )
-        except StaleWrite:
-            return None
-        if ended.status.state not in TERMINAL:
-            return None
-        metrics.BACKLOG_ENDED.labels("CANCELLED").inc()
-        self._backlog_changed()  # its place in the backlog is free: the owner may move on
-        return public(ended.status)
-
-    async def cancel(
-        self, task_id: str, reason: str, forward: bool = True, superseded_by: str = ""
-    ) -> pb.TaskStatus:
-        """Cancel the task wherever it is. ``superseded_by``: the copy here is cancelled
-        because that DC holds its id; the same write that asks for the cancel says so,
-        so a watcher here goes on to that DC's copy before this one ends.
-
-        A task being handed to another DC is answered for here until the hand-off is
-        confirmed. The request is written here, and whichever of the two writes comes
-        second carries it on: the confirm that finds a cancel asked for
-        (``Handoffs.confirm``), or this cancel finding its request written over a
-        confirmed pointer."""
-
-        def request(record: peer_pb2.TaskRecord) -> bool | None:
-            if record.status.state in TERMINAL or record.cancel_requested:
-                return False
-            record.cancel_requested = True
-            record.cancel_reason = reason
-            record.superseded_by_dc = superseded_by
-            return None
-
-        here = await self._here(task_id, forward)
-        if isinstance(here, str):
-            return await self._remote.cancel(here, task_id, reason)
-        if here.record.backlog_entry:
-            ended = await self._end_waiting(here, reason, superseded_by)
-            if ended is not None:
-                return ended
-        stored = await self._store.update(task_id, request)
-        if dc := pointed_to(stored.record):  # handed over meanwhile: cancel it there
-            return await self._remote.cancel(dc, task_id, reason)
-        for _ in range(MOVES):
-            status = stored.status
-            if status.state in TERMINAL or not status.agent:
-                self._backlog_changed()  # placed meanwhile, or being placed: the owner ends it
-                return public(status)
-            try:
-                return await self._cancel_on(status.agent, task_id, reason)
-            except TaskNotFound:  # it moved on from that agent: look where it is now
-                stored = await self._store.get(task_id)
-        return public(stored.status)  # still moving: recorded, it ends where it starts
-
-    async def _cancel_on(self, agent: str, task_id: str, reason: str) -> pb.TaskStatus:
-        if agent == self._me:
-            return await self.cancel_local(task_id, reason)
-        peer = self._registry.peers.get(agent)
-        if peer is None:
-            raise Unavailable("the executing agent is not a member now", agent=agent)
-        try:
-            return await self._peers.cancel_local(
-                peer.peer_address,
-                self._registry.dc,
-                pb.CancelRequest(task_id=task_id, reason=reason),
-                CALL_TIMEOUT_S,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise TaskNotFound("not on that agent now", task_id=task_id) from exc
-            raise Unavailable(
-                f"executing agent unreachable: {exc.code().name}", agent=agent
-            ) from exc
-
-    async def cancel_local(self, task_id: str, reason: str) -> pb.TaskStatus:
-        """Cancel a task queued or running on this agent."""
-        why = reason or "cancelled by user"
-        queued = self._executor.cancel(task_id, why)
-        if queued is not None:
-            with contextlib.suppress(StaleWrite):
-                await self._store.finish(
-                    task_id, pb.TASK_STATE_CANCELLED, "CANCELLED", why, attempt=queued.attempt
-                )
-        elif not self._executor.holds(task_id):
-            stored = await self._store.get(task_id)
-            if stored.status.agent != self._me:
-                raise TaskNotFound("task is not on this agent", task_id=task_id)
-        # A running task records CANCELLED itself as it unwinds; wait briefly for that.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(UNWIND_S):
-                async for stored in self._store.follow(task_id):
-                    if stored.status.state in TERMINAL:
-                        break
-        return public((await self._store.get(task_id)).status)
-
 
 def answered_by(record: peer_pb2.TaskRecord) -> str:
     """The DC that answers for the task when it is not this one: the one a confirmed
     pointer names (the task overflowed there), or the one that holds the id of a copy
     recorded here too (``superseded_by_dc``)."""
     return pointed_to(record) or record.superseded_by_dc
+
+
+async def answering(
+    store: TaskStore, addressing: Addressing, task_id: str, forward: bool
+) -> Stored | str:
+    """The record here, or the DC that answers for the task: the one a confirmed pointer
+    names, or (``forward``) the one that has it when this DC has no record."""
+    try:
+        stored = await store.get(task_id)
+    except TaskNotFound:
+        if not forward:
+            raise
+        dc, _ = await addressing.find(task_id)
+        return dc
+    return answered_by(stored.record) or stored

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from mesh import metrics
+from mesh.agent.dcs import KnownDcs
+from mesh.agent.events import Events
 from mesh.agent.executor import Executor
 from mesh.agent.remote import RemoteDcs
 from mesh.config import AgentConfig
@@ -37,25 +39,28 @@ class View:
     def __init__(
         self,
         cfg: AgentConfig,
+        router: Router,
         executor: Executor,
         models: Models,
         remote: RemoteDcs,
-        on_capacity: Callable[[], None],
-        on_queues: Callable[[dict[str, int]], None],
-        on_weights: Callable[[], None],
+        known: KnownDcs,
+        events: Events,
     ) -> None:
-        """``on_capacity``: load or membership changed (the queue owner looks again);
-        ``on_queues``: a topology brought new queue classes; ``on_weights``: new GPU
-        weights (this agent's record must be published again)."""
+        """Tells ``events`` of load or membership changed (``capacity``: the queue owner
+        looks again), of a topology's new queue classes (``queues``) and GPU weights
+        (``weights``); hears of its own agent's changes (``local``) and of members."""
         self._cfg = cfg
         self._executor = executor
         self._models = models
         self._remote = remote
-        self._on_capacity = on_capacity
-        self._on_queues = on_queues
-        self._on_weights = on_weights
+        self._known = known
+        self._on_capacity = events.capacity.emit
+        self._on_queues = events.queues.emit
+        self._on_weights = events.weights.emit
+        events.local.connect(self.local_changed)
+        events.members.connect(self.members_changed)
         # Until an applied topology says otherwise: default knobs, no overflow.
-        self.router = Router(Policy())
+        self.router = router
         self.topology: topostore.Applied | None = None
         self.overflow: tuple[Overflow, ...] = ()
         self.spill_share = SpillShare(max_share=0.0)
@@ -182,7 +187,8 @@ class View:
         weights = {**topology.gpu_weights, **self._cfg.gpu_weights}
         if weights != self.gpu_weights:
             self.gpu_weights = weights
-            self._on_weights()
+            self._on_weights(weights)
+        self._known.names = sorted(topology.dcs)
         self.topology = applied
         log.info("topology version %d applied", applied.version)
 

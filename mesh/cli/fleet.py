@@ -144,6 +144,44 @@ def _endpoint_in(dc: str, home: Path) -> Target:
 
 
 @app.command()
+def _targets_table(reply: pb.RouteResponse) -> Table:
+    targets = Table(
+        "#",
+        "kind",
+        "target",
+        "max tasks",
+        "reason",
+        title=f"{reply.agent_id} ({reply.dc}), bound {reply.bound:.3f}/weight; "
+        f"{reply.quota or 'within quota'}",
+    )
+    for n, t in enumerate(reply.targets, 1):
+        limit = f"{t.max_tasks:.2f}" if t.max_tasks else "hard limit"
+        targets.add_row(str(n), t.kind, t.name or "-", limit, t.reason)
+    return targets
+
+
+def _candidates_table(reply: pb.RouteResponse) -> Table:
+    ring = Table(
+        "agent",
+        "tasks",
+        "may hold",
+        "eligible",
+        "model loaded",
+        "verdict",
+        title="candidates in ring order",
+    )
+    for c in reply.candidates:
+        ring.add_row(
+            c.agent_id,
+            str(c.tasks),
+            f"{c.max_tasks:.2f}",
+            "yes" if c.eligible else "no",
+            "yes" if c.model_loaded else "",
+            c.verdict,
+        )
+    return ring
+
+
 def route(
     model: Annotated[str, typer.Option(help="model name")],
     pipeline: Annotated[str, typer.Option(help="pipeline name")],
@@ -169,40 +207,11 @@ def route(
     reply = call(target, lambda c: c.route(spec, explain))
 
     def tables() -> Table:
-        targets = Table(
-            "#",
-            "kind",
-            "target",
-            "max tasks",
-            "reason",
-            title=f"{reply.agent_id} ({reply.dc}), bound {reply.bound:.3f}/weight; "
-            f"{reply.quota or 'within quota'}",
-        )
-        for n, t in enumerate(reply.targets, 1):
-            limit = f"{t.max_tasks:.2f}" if t.max_tasks else "hard limit"
-            targets.add_row(str(n), t.kind, t.name or "-", limit, t.reason)
+        targets = _targets_table(reply)
         if not reply.candidates:
             return targets
         console.print(targets)
-        ring = Table(
-            "agent",
-            "tasks",
-            "may hold",
-            "eligible",
-            "model loaded",
-            "verdict",
-            title="candidates in ring order",
-        )
-        for c in reply.candidates:
-            ring.add_row(
-                c.agent_id,
-                str(c.tasks),
-                f"{c.max_tasks:.2f}",
-                "yes" if c.eligible else "no",
-                "yes" if c.model_loaded else "",
-                c.verdict,
-            )
-        return ring
+        return _candidates_table(reply)
 
     emit(as_dict(reply), output, tables)
 

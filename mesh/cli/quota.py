@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, TypeVar
 
+import aetcd
 import typer
 import yaml
 from rich.table import Table
@@ -141,44 +142,9 @@ def quota_show(
 
     async def read() -> list[dict[str, object]]:
         rows: list[dict[str, object]] = []
-        now_s = time.time()
         for dc, spec in mesh.dcs.items():
-            keys = KeySpace(mesh.prefix, dc)
             async with client_for(spec.etcd, security=security) as client:
-                policy = await client.get(keys.quota + POLICY.encode())
-                held: Counter[tuple[str, str]] = Counter()
-                lent: Counter[tuple[str, str]] = Counter()
-                used: Counter[tuple[int, int, str, str]] = Counter()
-                preempted: dict[str, int] = {}
-                for kv in await client.get_prefix(keys.quota):
-                    name = kv.key[len(keys.quota) :].decode()
-                    if name.startswith(PREEMPTED) and kv.value.isdigit():
-                        preempted[name.removeprefix(PREEMPTED)] = int(kv.value)
-                    elif (slot := parse_slot(name)) is not None:
-                        held[slot[:2]] += 1
-                        lent[slot[:2]] += borrowed(kv.value)
-                    elif (usage := parse_usage(name)) is not None:
-                        used[usage[0]] += seconds(kv.value)
-            if policy is None:
-                rows.append({"dc": dc, "who": "(no policy)"})
-                continue
-            tenants = parse(yaml.safe_load(policy.value), f"{dc}'s policy")
-            for group, spec_ in sorted(tenants.groups.items()):
-                for user in [None, *sorted(spec_.users)]:
-                    scope = ("group", group) if user is None else ("user", user)
-                    cap = _own(caps(tenants, user or "", group), scope)
-                    spend = _own(spends(tenants, user or "", group), scope)
-                    if cap is None and spend is None:
-                        continue
-                    row: dict[str, object] = {"dc": dc, "who": " ".join(scope)}
-                    if cap is not None:
-                        row |= {"held": held[scope], "borrowed": lent[scope], "limit": cap.limit}
-                    if spend is not None:
-                        period = (spend.period_s, spend.period(now_s), *scope)
-                        row |= {"spent_s": round(used[period], 1), "budget_s": spend.gpu_seconds}
-                    if user is None:
-                        row["preempted"] = preempted.get(group, 0)
-                    rows.append(row)
+                rows += await _dc_rows(client, KeySpace(mesh.prefix, dc), time.time())
         return rows
 
     rows = asyncio.run(read())
@@ -190,3 +156,43 @@ def quota_show(
         return shown
 
     emit(rows, output, table)
+
+
+async def _dc_rows(client: aetcd.Client, keys: KeySpace, now_s: float) -> list[dict[str, object]]:
+    """One DC's rows: each group and user with a cap or a budget there."""
+    dc = keys.dc
+    policy = await client.get(keys.quota + POLICY.encode())
+    held: Counter[tuple[str, str]] = Counter()
+    lent: Counter[tuple[str, str]] = Counter()
+    used: Counter[tuple[int, int, str, str]] = Counter()
+    preempted: dict[str, int] = {}
+    for kv in await client.get_prefix(keys.quota):
+        name = kv.key[len(keys.quota) :].decode()
+        if name.startswith(PREEMPTED) and kv.value.isdigit():
+            preempted[name.removeprefix(PREEMPTED)] = int(kv.value)
+        elif (slot := parse_slot(name)) is not None:
+            held[slot[:2]] += 1
+            lent[slot[:2]] += borrowed(kv.value)
+        elif (usage := parse_usage(name)) is not None:
+            used[usage[0]] += seconds(kv.value)
+    if policy is None:
+        return [{"dc": dc, "who": "(no policy)"}]
+    tenants = parse(yaml.safe_load(policy.value), f"{dc}'s policy")
+    rows: list[dict[str, object]] = []
+    for group, spec in sorted(tenants.groups.items()):
+        for user in [None, *sorted(spec.users)]:
+            scope = ("group", group) if user is None else ("user", user)
+            cap = _own(caps(tenants, user or "", group), scope)
+            spend = _own(spends(tenants, user or "", group), scope)
+            if cap is None and spend is None:
+                continue
+            row: dict[str, object] = {"dc": dc, "who": " ".join(scope)}
+            if cap is not None:
+                row |= {"held": held[scope], "borrowed": lent[scope], "limit": cap.limit}
+            if spend is not None:
+                period = (spend.period_s, spend.period(now_s), *scope)
+                row |= {"spent_s": round(used[period], 1), "budget_s": spend.gpu_seconds}
+            if user is None:
+                row["preempted"] = preempted.get(group, 0)
+            rows.append(row)
+    return rows

@@ -4,7 +4,7 @@ An ``Identity`` is resolved once per call, from the caller's certificate or its 
 token (``mesh.agent.auth``); nothing in a request decides it. Every RPC of the mesh has
 exactly one ``Rule`` here, naming the roles that may call it; some roles may act only on
 their own tasks (a submitter reads and cancels its own, a reader reads all, an operator
-cancels any). ``tests/test_access.py`` walks every RPC the protos declare and fails if
+cancels any). ``tests/core/test_access.py`` walks every RPC the protos declare and fails if
 one has no rule. Pure: no certificate, token or transport in sight.
 """
 

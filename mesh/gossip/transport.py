@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Callable
 
 from mesh import metrics
+from mesh.core import clock
 from mesh.errors import BadPacket
 from mesh.gossip.protocol import Datagram, Gossiper
 
@@ -105,4 +105,4 @@ class GossipNode:
 
 
 def _now_ms() -> int:
-    return int(time.time() * 1000)
+    return clock.now_ms()

@@ -206,14 +206,10 @@ async def _run(mesh: LocalMesh, count: int, seed: int, console: Console) -> int:
     return len(lost)
 
 
-def _report(
-    console: Console,
-    tally: Tally,
-    statuses: dict[str, pb.TaskStatus],
-    lost: list[str],
-    elapsed: float,
-    dc_of: dict[str, str],
-) -> None:
+def _per_agent(
+    tally: Tally, statuses: dict[str, pb.TaskStatus], dc_of: dict[str, str]
+) -> dict[tuple[str, str], Counter[str]]:
+    """How the accepted tasks ended on each agent, and how they got there."""
     per_agent: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
     for task_id in tally.accepted:
         s = statuses.get(task_id)
@@ -227,30 +223,32 @@ def _report(
         row["overflow"] += came_from in dc_of and dc_of[came_from] != s.dc
         if s.spec.pipeline == "sleep" and s.result.inline:
             row["cold"] += json.loads(s.result.inline).get("cold_start", False)
-    table = Table(
-        "dc",
-        "agent",
-        "succeeded",
-        "failed",
-        "cancelled",
-        "forwarded",
-        "from other DC",
-        "from backlog",
-        "cold starts",
-        title="where tasks ran",
-    )
+    return per_agent
+
+
+AGENT_COLUMNS = {
+    "succeeded": "SUCCEEDED",
+    "failed": "FAILED",
+    "cancelled": "CANCELLED",
+    "forwarded": "forwarded",
+    "from other DC": "overflow",
+    "from backlog": "backlog",
+    "cold starts": "cold",
+}
+
+
+def _report(
+    console: Console,
+    tally: Tally,
+    statuses: dict[str, pb.TaskStatus],
+    lost: list[str],
+    elapsed: float,
+    dc_of: dict[str, str],
+) -> None:
+    per_agent = _per_agent(tally, statuses, dc_of)
+    table = Table("dc", "agent", *AGENT_COLUMNS, title="where tasks ran")
     for (dc, agent), c in sorted(per_agent.items()):
-        table.add_row(
-            dc,
-            agent,
-            str(c["SUCCEEDED"]),
-            str(c["FAILED"]),
-            str(c["CANCELLED"]),
-            str(c["forwarded"]),
-            str(c["overflow"]),
-            str(c["backlog"]),
-            str(c["cold"]),
-        )
+        table.add_row(dc, agent, *(str(c[key]) for key in AGENT_COLUMNS.values()))
     console.print(table)
     ends = Counter(state_name(statuses[t].state) for t in tally.accepted if t in statuses)
     summary = Table(
@@ -279,6 +277,12 @@ def _report(
         f"{elapsed:.1f}",
     )
     console.print(summary)
+    _print_failures(console, tally, statuses, lost)
+
+
+def _print_failures(
+    console: Console, tally: Tally, statuses: dict[str, pb.TaskStatus], lost: list[str]
+) -> None:
     failed = [
         statuses[t]
         for t in tally.accepted

@@ -33,7 +33,7 @@ from mesh.store import topostore
 from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
 from mesh.store.registry import AgentRecord
-from mesh.topology import Topology
+from mesh.topology import LocalAgent, Topology
 from mesh.trust.pki import private_dir, write_secret
 
 STATE_FILE = "state.json"
@@ -247,52 +247,11 @@ class LocalMesh:
             raise Unavailable(f"could not apply the topology: {failed}")
 
     def _start_agents(self, addresses: dict[str, tuple[str, str]]) -> None:
-        assert self.trust is not None
         for dc, agents in self.local.agents.items():
             for spec in agents:
                 address, peer = addresses[spec.id]
-                files = self.trust.agent(spec.id, dc, LOCAL_HOSTS)
-                argv = [
-                    sys.executable, "-m", "mesh.agent.main",
-                    "--agent-id", spec.id,
-                    "--dc", dc,
-                    "--prefix", self.topology.prefix,
-                    "--etcd-endpoints", json.dumps(self.topology.dcs[dc].etcd),
-                    "--listen", address,
-                    "--peer-listen", peer,
-                    "--mesh-name", self.mesh,
-                    "--tls-ca", str(files.ca),
-                    "--tls-cert", str(files.cert),
-                    "--tls-key", str(files.key),
-                    "--gossip-key-file", str(self.trust.gossip_key_file),
-                    "--fake-gpus", spec.fake_gpus,
-                    "--queues", json.dumps(self.topology.queues),
-                    "--commands", json.dumps(self.local.commands),
-                    "--model-load-s", str(self.local.model_load_s),
-                    "--result-dir", str(self.home / "results"),
-                    "--drain-grace-s", "3",
-                    "--max-queue-length", str(self.local.max_queue_length),
-                    "--default-model-memory-mb", str(self.local.model_memory_mb),
-                    "--model-memory-mb", json.dumps(self.local.model_sizes_mb),
-                    "--placement-plan", str(self.local.placement_plan).lower(),
-                    "--plan-interval-s", str(self.local.plan_interval_s),
-                    "--task-retention-s", str(self.local.task_retention_s),
-                    "--span-dir", str(self.spans),
-                    "--http-listen", (http := f"127.0.0.1:{free_port()}"),
-                    "--metrics-listen", "127.0.0.1:0",
-                ]  # fmt: skip
-                if self.local.decision_log:
-                    argv += [
-                        "--decision-log",
-                        str(self.home / "logs" / f"decisions-{spec.id}.jsonl"),
-                    ]
-                # Only non-empty lists: the CLI parser reads '[]' as [''].
-                for flag, names in (
-                    ("--models", spec.models),
-                    ("--preloaded-models", spec.preloaded_models),
-                ):
-                    if names:
-                        argv += [flag, json.dumps(names)]
+                http = f"127.0.0.1:{free_port()}"
+                argv = self._agent_argv(spec, dc, address, peer, http)
                 with (self.home / "logs" / f"{spec.id}.log").open("ab") as log:
                     proc = subprocess.Popen(
                         argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -310,6 +269,50 @@ class LocalMesh:
                     )
                 )
                 self._save()
+
+    def _agent_argv(
+        self, spec: LocalAgent, dc: str, address: str, peer: str, http: str
+    ) -> list[str]:
+        """The command line of one local agent."""
+        assert self.trust is not None
+        files = self.trust.agent(spec.id, dc, LOCAL_HOSTS)
+        argv = [
+            sys.executable, "-m", "mesh.agent.main",
+            "--agent-id", spec.id,
+            "--dc", dc,
+            "--prefix", self.topology.prefix,
+            "--etcd-endpoints", json.dumps(self.topology.dcs[dc].etcd),
+            "--listen", address,
+            "--peer-listen", peer,
+            "--mesh-name", self.mesh,
+            "--tls-ca", str(files.ca),
+            "--tls-cert", str(files.cert),
+            "--tls-key", str(files.key),
+            "--gossip-key-file", str(self.trust.gossip_key_file),
+            "--fake-gpus", spec.fake_gpus,
+            "--queues", json.dumps(self.topology.queues),
+            "--commands", json.dumps(self.local.commands),
+            "--model-load-s", str(self.local.model_load_s),
+            "--result-dir", str(self.home / "results"),
+            "--drain-grace-s", "3",
+            "--max-queue-length", str(self.local.max_queue_length),
+            "--default-model-memory-mb", str(self.local.model_memory_mb),
+            "--model-memory-mb", json.dumps(self.local.model_sizes_mb),
+            "--placement-plan", str(self.local.placement_plan).lower(),
+            "--plan-interval-s", str(self.local.plan_interval_s),
+            "--task-retention-s", str(self.local.task_retention_s),
+            "--span-dir", str(self.spans),
+            "--http-listen", http,
+            "--metrics-listen", "127.0.0.1:0",
+        ]  # fmt: skip
+        if self.local.decision_log:
+            argv += ["--decision-log", str(self.home / "logs" / f"decisions-{spec.id}.jsonl")]
+        # Only non-empty lists: the CLI parser reads '[]' as [''].
+        lists = (("--models", spec.models), ("--preloaded-models", spec.preloaded_models))
+        for flag, names in lists:
+            if names:
+                argv += [flag, json.dumps(names)]
+        return argv
 
     def console_url(self) -> str:
         """The web console of the first agent, with an operator's token for a day in the

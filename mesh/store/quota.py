@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping
 
 import aetcd
 import yaml
 
+from mesh.core import clock
 from mesh.core.tenants import (
     Cap,
     Judged,
@@ -134,7 +134,7 @@ class QuotaStore:
     def waits(self, user: str, group: str, gpus: int) -> str | None:
         """Why a task of ``user`` in ``group`` needing ``gpus`` must wait, as the mirror
         sees the slots and the spending; None if it may try to start."""
-        return self.judge(user, group, gpus, time.time()).reason
+        return self.judge(user, group, gpus, clock.now()).reason
 
     def judge(self, user: str, group: str, gpus: int, now_s: float) -> Judged:
         """The task's caps and budgets, the GPUs held and GPU-seconds spent against them

@@ -11,10 +11,10 @@ expires, with nothing of ours running. A key lives between ``keep_s`` and
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aetcd
 
+from mesh.core import clock
 from mesh.errors import Unavailable
 from mesh.store.etcd import ETCD_ERRORS
 
@@ -34,14 +34,14 @@ class Retention:
 
     async def lease(self, extra_s: float = 0.0) -> int:
         """The lease for a key that must live ``keep_s`` (plus ``extra_s``) from now."""
-        expires = time.time() + self.keep_s + extra_s
+        expires = clock.now() + self.keep_s + extra_s
         bucket = int(expires // self._bucket_s)
         found = self._leases.get(bucket)
         if found is not None:
             return found
         async with self._granting:
             if bucket not in self._leases:
-                ttl = int((bucket + 1) * self._bucket_s - time.time()) + 1
+                ttl = int((bucket + 1) * self._bucket_s - clock.now()) + 1
                 try:
                     granted = await self._client.lease(ttl)
                 except ETCD_ERRORS as exc:

@@ -1,5 +1,5 @@
 """The HTTP/JSON edge: each route of ``mesh.agent.http.routes`` served by the same
-``AgentApi`` as gRPC, on the agent's own event loop.
+API facades (``mesh.agent.apis``) as gRPC, on the agent's own event loop.
 
 aiohttp, because it serves from the running asyncio loop (no second loop or thread, so a
 handler calls the agent's API as a gRPC servicer does), streams responses (Server-Sent
@@ -26,7 +26,7 @@ from google.protobuf import json_format, message_factory
 from google.protobuf.message import Message
 
 from mesh import tracing
-from mesh.agent.api import AgentApi
+from mesh.agent.apis import Apis
 from mesh.agent.auth import identity_from_bearer
 from mesh.agent.http.openapi import document
 from mesh.agent.http.routes import HTTP_STATUS, ROUTES, TASKS, Route, method_of
@@ -79,11 +79,11 @@ def error_body(code: grpc.StatusCode, message: str) -> web.Response:
 
 
 class Gateway:
-    def __init__(self, cfg: AgentConfig, api: AgentApi, verifier: Verifier | None) -> None:
+    def __init__(self, cfg: AgentConfig, apis: Apis, verifier: Verifier | None) -> None:
         """``verifier`` checks bearer tokens; None means ``--insecure`` (every caller is
         ``ANYONE``)."""
         self._cfg = cfg
-        self._api = api
+        self._apis = apis
         self._verifier = verifier
         max_body = cfg.max_payload_bytes * 2 + 65536  # a payload as JSON base64, and more
         self.app = web.Application(middlewares=[self._headers], client_max_size=max_body)
@@ -158,7 +158,7 @@ class Gateway:
     def _serve(self, route: Route) -> Handler:
         method = method_of(route)
         request_type = message_factory.GetMessageClass(method.input_type)
-        call = getattr(self._api, _snake(route.name))
+        call = self._apis.method(_snake(route.name))
 
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
@@ -285,7 +285,7 @@ class Gateway:
         if not tasks:
             raise PermissionDenied(f"{grant.identity} may read only its own tasks' traces")
         for task in sorted(tasks)[:MAX_TRACE_TASKS]:
-            await self._api.get(pb.GetRequest(task_id=task), grant)  # PERMISSION_DENIED
+            await self._apis.tasks.get(pb.GetRequest(task_id=task), grant)  # PERMISSION_DENIED
 
     async def _to_console(self, request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/ui/")

@@ -3,7 +3,7 @@
 A route names the RPC it serves (so the one access table applies), its verb and path
 (``{field}`` binds a request field, ``:verb`` suffixes name custom methods, as
 ``google.api.http`` does), and whether the request comes as the JSON body or from the path
-and query string. ``tests/test_http.py`` fails if a public RPC has no route. Pure data.
+and query string. ``tests/e2e/test_http.py`` fails if a public RPC has no route. Pure data.
 """
 
 from __future__ import annotations

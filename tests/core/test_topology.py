@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from mesh.errors import ConfigError
 from mesh.topology import load
 
-SHIPPED = Path(__file__).resolve().parent.parent / "topology" / "local.yaml"
+SHIPPED = ROOT / "topology" / "local.yaml"
 
 
 def test_shipped_local_topology_loads() -> None:

@@ -16,6 +16,8 @@ import pytest
 from support import config
 
 from mesh.agent.executor import Executor
+from mesh.agent.reclaim import Sharing
+from mesh.agent.slots import GpuSlots
 from mesh.core.jobs import Job, Outcome, Output
 from mesh.core.priority import Weighted
 from mesh.core.task import state_name
@@ -95,15 +97,15 @@ def job(
 
 @contextlib.asynccontextmanager
 async def running(
-    recorder: Recorder | None = None, **options: object
+    recorder: Recorder | None = None, slots: GpuSlots | None = None, **options: object
 ) -> AsyncIterator[tuple[Executor, Recorder, Gated]]:
-    """An executor of two GPUs running its loop (``options`` to ``Executor``), stopped
-    and its gates opened after."""
+    """An executor of two GPUs (or ``slots``) running its loop (``options`` to
+    ``Executor``), stopped and its gates opened after."""
     cfg = config(max_queue_length=4, model_load_s=0)
     recorder, gated = recorder or Recorder(), Gated()
     executor = Executor(
         cfg,
-        parse_fake("2xA100-80GB"),
+        slots or GpuSlots(parse_fake("2xA100-80GB")),
         {"gated": gated, "echo": EchoPipeline(cfg), "sleep": SleepPipeline(cfg)},
         Models([], lambda: None),
         recorder,
@@ -277,8 +279,8 @@ async def test_online_work_takes_back_the_slots_batch_borrowed() -> None:
         preempted.append(j.task_id)
         recorder.changed.set()
 
-    options = {"online_share": lambda: 0.5, "on_preempted": was_preempted}
-    async with running(recorder, **options) as (executor, _, gated):
+    sharing = Sharing(online_share=lambda: 0.5, preempted=was_preempted)
+    async with running(recorder, sharing=sharing) as (executor, _, gated):
         executor.enqueue(job("batch-1"))
         await recorder.until("first batch run", lambda: len(recorder.starts) == 1)
         executor.enqueue(job("batch-2"))
@@ -318,7 +320,7 @@ async def test_a_queued_task_is_told_when_it_should_start() -> None:
     """From the runs' learned times (1 s each, never seen: the default) and the queue's
     order, on a clock the test moves: two slots busy, three tasks queued behind them."""
     now = [100.0]
-    async with running(clock=lambda: now[0]) as (executor, recorder, _gated):
+    async with running(monotonic=lambda: now[0]) as (executor, recorder, _gated):
         for i in range(5):
             executor.enqueue(job(f"t{i}"))
             if i == 1:
@@ -329,13 +331,14 @@ async def test_a_queued_task_is_told_when_it_should_start() -> None:
         assert starts == [0.75, 0.75, 1.75]
 
 
-async def test_a_gpu_lent_to_a_stage_is_load_here_and_in_gossip_and_never_queued(rig) -> None:
-    executor, recorder, _gated = rig
-    with executor.lend("batch") as gpu:
-        assert executor.running == 1 and executor.by_class() == ({"batch": 1}, {})
-        executor.enqueue(job("t0"))
-        await recorder.until("start", lambda: recorder.starts)
-        assert recorder.starts[0][1] != (gpu.index,)  # the other GPU
-        with pytest.raises(NoCapacity), executor.lend("batch"):  # none free: refused at once
-            pass
-    assert executor.running == 1 and executor.by_class() == ({"normal": 1}, {})
+async def test_a_gpu_lent_to_a_stage_is_load_here_and_in_gossip_and_never_queued() -> None:
+    slots = GpuSlots(parse_fake("2xA100-80GB"))
+    async with running(slots=slots) as (executor, recorder, _gated):
+        with slots.lend("batch") as gpu:
+            assert executor.running == 1 and executor.by_class() == ({"batch": 1}, {})
+            executor.enqueue(job("t0"))
+            await recorder.until("start", lambda: recorder.starts)
+            assert recorder.starts[0][1] != (gpu.index,)  # the other GPU
+            with pytest.raises(NoCapacity), slots.lend("batch"):  # none free: refused at once
+                pass
+        assert executor.running == 1 and executor.by_class() == ({"normal": 1}, {})

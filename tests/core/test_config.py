@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
 from mesh.config import AgentConfig, load_agent_config
 from mesh.errors import ConfigError
@@ -109,7 +110,7 @@ def test_the_deploy_example_config_is_valid(
 ) -> None:
     """As written, with its gossip key file where the example says it is (here: a
     variable pointing at a temporary one)."""
-    example = Path(__file__).resolve().parent.parent / "deploy" / "agent.yaml"
+    example = ROOT / "deploy" / "agent.yaml"
     keys = tmp_path / "gossip.keys"
     keys.write_text("a-gossip-key-of-sufficient-length\n")
     monkeypatch.setenv("MESH_GOSSIP_KEY_FILE", str(keys))

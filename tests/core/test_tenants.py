@@ -10,6 +10,7 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from support import ROOT
 from typer.testing import CliRunner
 
 from mesh.cli import app
@@ -78,7 +79,7 @@ def test_meshctl_quota_refuses_a_split_larger_than_the_group_before_touching_etc
 
 
 def test_the_shipped_example_parses_and_its_schema_is_current() -> None:
-    shipped = Path(__file__).resolve().parent.parent / "topology"
+    shipped = ROOT / "topology"
     parse(yaml.safe_load((shipped / "tenants.yaml").read_text()), "tenants.yaml")
     current = json.loads((shipped / "tenants.schema.json").read_text())
     assert current == Tenants.model_json_schema(), (

@@ -1,6 +1,12 @@
 """The package layering, read from the source: no import runs upward, and the pure core
 reaches no I/O library through any chain of imports.
 
+It also holds the ports to their adapters: nothing in ``mesh.agent`` imports the etcd
+client (the store port, ``mesh.store``, does), and only the edges import grpc (the
+servicers and their interceptor, the peer adapter, the HTTP gateway). And no import
+cycle at all, types-only ones included: parts that need each other meet through the
+composition root and the event hub (``mesh.agent.compose``, ``mesh.agent.events``).
+
 Layers, lowest first: ``core`` and the shared base modules (errors, config, topology,
 gpus, metrics, logs, tracing, the generated stubs, pipelines, trust, channels, client); the adapters
 ``store`` and ``gossip``, and the ``sdk`` beside them; ``agent``; ``local``; ``cli``. A
@@ -61,13 +67,14 @@ def layer(module: str) -> str:
     return package
 
 
-def _runtime_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+def _imports_in(tree: ast.Module, types_too: bool) -> list[ast.Import | ast.ImportFrom]:
     found: list[ast.Import | ast.ImportFrom] = []
 
     def visit(node: ast.AST) -> None:
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
-                continue  # types only
+            types_only = isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test)
+            if types_only and not types_too:
+                continue
             if isinstance(child, ast.Import | ast.ImportFrom):
                 found.append(child)
             visit(child)
@@ -76,10 +83,11 @@ def _runtime_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
     return found
 
 
-def imports(module: str) -> tuple[set[str], set[str]]:
-    """The mesh modules and the third-party top-level packages ``module`` imports."""
+def imports(module: str, types_too: bool = False) -> tuple[set[str], set[str]]:
+    """The mesh modules and the third-party top-level packages ``module`` imports (at
+    run time; with ``types_too``, under ``if TYPE_CHECKING:`` too)."""
     internal, external = set(), set()
-    for node in _runtime_imports(ast.parse(MODULES[module].read_text())):
+    for node in _imports_in(ast.parse(MODULES[module].read_text()), types_too):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         else:
@@ -157,3 +165,73 @@ def test_the_walk_sees_a_chain_when_there_is_one() -> None:
     from it must be found, or the core test above would prove nothing."""
     chain = chain_to_forbidden("mesh.agent.service")
     assert chain is not None and chain[-1] in FORBIDDEN_IN_CORE
+
+
+# The agent modules that may speak gRPC: the servicers and the interceptor that checks
+# callers, the status table they answer with, the one peer client, the HTTP gateway.
+GRPC_EDGES = {
+    "mesh.agent.service",
+    "mesh.agent.auth",
+    "mesh.agent.status",
+    "mesh.agent.peers",
+    "mesh.agent.http.gateway",
+}
+
+
+def test_the_agent_reaches_etcd_only_through_the_store_port() -> None:
+    direct = sorted(m for m, (_, ext) in GRAPH.items() if layer(m) == "agent" and "aetcd" in ext)
+    assert not direct, f"import aetcd outside mesh.store: {direct}"
+
+
+def test_grpc_is_spoken_only_at_the_agents_edges() -> None:
+    speaking = {
+        m
+        for m, (_, external) in GRAPH.items()
+        if layer(m) == "agent" and any(e.startswith("grpc") for e in external)
+    }
+    assert speaking <= GRPC_EDGES, f"grpc beyond the edges: {sorted(speaking - GRPC_EDGES)}"
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycle_at_all_types_included() -> None:
+    # A package imports its modules' names freely (``mesh.x`` runs first whenever
+    # ``mesh.x.y`` is imported): only module-to-module edges can make a cycle.
+    graph = {
+        m: {t for t in imports(m, types_too=True)[0] if not m.startswith(t + ".")} for m in MODULES
+    }
+    assert not cycles(graph), cycles(graph)
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

@@ -6,15 +6,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.core.classes import (
-    BATCH,
-    ONLINE,
-    Run,
-    batch_may_start,
-    batch_slots,
-    task_class,
-    victims,
-)
+from mesh.core.classes import BATCH, ONLINE, batch_slots, task_class
+from mesh.core.preemption import Run, batch_may_start, victims
 from mesh.v1 import tasks_pb2 as pb
 
 

@@ -34,7 +34,7 @@ from mesh.sdk import AsyncClient
 from mesh.store.claims import Claim, ClaimStore
 from mesh.store.etcd import client_for
 from mesh.store.keys import KeySpace
-from mesh.store.records import decode
+from mesh.store.reads import decode
 from mesh.v1 import tasks_pb2 as pb
 from mesh.v1.peer_pb2 import TaskRecord
 

@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 from mesh.agent.decisionlog import DecisionLog, replay
-from mesh.core.classes import BATCH, Run, victims
+from mesh.core.classes import BATCH
 from mesh.core.planner import Host, plan
+from mesh.core.preemption import Run, victims
 from mesh.core.router import Router
 from mesh.core.routing import NO_SPILL, Member, Policy, Request
 from mesh.core.tenants import Cap, Judged, Spend, verdict

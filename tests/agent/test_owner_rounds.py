@@ -16,7 +16,7 @@ import pytest
 from support import eventually
 
 from mesh import metrics
-from mesh.agent.dispatch import Deposed
+from mesh.agent.dispatch import DcRoom, Deposed
 from mesh.agent.duties import Duties
 from mesh.agent.history import History
 from mesh.agent.owner import QueueOwner
@@ -27,6 +27,7 @@ from mesh.core.jobs import Job
 from mesh.core.priority import Traits, Weighted
 from mesh.core.task import state_name
 from mesh.errors import Unavailable
+from mesh.store.backlog import Backlog as BacklogStore
 from mesh.store.election import Election
 from mesh.store.keys import KeySpace
 from mesh.store.records import Stored, TaskStore
@@ -123,11 +124,9 @@ async def owners(
             name,
             election,
             store or waiting.store,
-            waiting.keys,
+            BacklogStore(etcd_client, waiting.keys, store or waiting.store),
             place or Placed(),
-            room,
-            lambda: 1,
-            lambda: 1,
+            DcRoom(room, lambda: 1, lambda: 1),
             Weighted({"vip": 8, "normal": 2}, aging_s=30),
             max_attempts=3,
             history=History(None, name, "west"),
@@ -291,7 +290,7 @@ class BouncingStore(TaskStore):
                 record.status.state, record.status.agent = pb.TASK_STATE_QUEUED, ""
 
             key = self._waiting.keys.backlog_entry("normal", 1_000, task_id)
-            put = self.client.transactions.put(
+            put = self._waiting.client.transactions.put(
                 key, backlog.entry_value(now_ms() + HOUR_MS, Traits("normal"))
             )
             await self.update(task_id, back, also=[put])

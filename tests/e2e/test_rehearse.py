@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
+
+from support import ROOT
 
 from deploy.rehearse import unit_service
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_the_unit_is_read_as_systemd_reads_it() -> None:

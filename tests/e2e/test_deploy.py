@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from prometheus_client import REGISTRY
-from support import Cluster
+from support import ROOT, Cluster
 
 import mesh.metrics  # noqa: F401  (registers every metric the agents export)
 from mesh.channels import Security
@@ -30,7 +30,7 @@ from mesh.local.trust import LocalTrust
 from mesh.store.etcd import client_for
 from mesh.store.topostore import token_keys
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = ROOT / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
 K8S_VERSION = "1.31.0"
 # Kinds from CRDs (Prometheus operator, cert-manager): no schema ships for them.
@@ -214,7 +214,7 @@ async def test_secure_etcd_confines_a_dcs_agents_and_publishes_the_token_key(
 def test_the_compose_file_follows_the_compose_specification() -> None:
     """Checked against the Compose Specification's JSON Schema (``tests/data``, from
     compose-spec/compose-spec, Apache-2.0); never run here: no container engine."""
-    schema = json.loads((Path(__file__).parent / "data" / "compose-spec.json").read_text())
+    schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     jsonschema.Draft7Validator(schema).validate(compose)  # the draft its $schema names
     services = compose["services"]

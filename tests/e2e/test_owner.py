@@ -83,10 +83,11 @@ def test_etcdctl_elect_names_the_owner(cluster: Cluster, etcd: EtcdMember, prefi
 
 
 async def test_owner_failover_within_ttl_keeps_the_backlog(
-    cluster: Cluster, etcd_client: aetcd.Client, prefix: str
+    cluster: Cluster, etcd_client: aetcd.Client, prefix: str, tmp_path: Path
 ) -> None:
-    owner = cluster.start("a", lease_ttl_s=TTL_S, models='["other"]')
-    worker = cluster.start("b", lease_ttl_s=TTL_S, max_queue_length=1)
+    histories = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
+    owner = cluster.start("a", lease_ttl_s=TTL_S, models='["other"]', history=histories[0])
+    worker = cluster.start("b", lease_ttl_s=TTL_S, max_queue_length=1, history=histories[1])
     assert await eventually(lambda: leader(etcd_client, prefix)) == "a"
     await until_peers(owner, ["a", "b"])
     async with worker.client() as client:
@@ -102,8 +103,13 @@ async def test_owner_failover_within_ttl_keeps_the_backlog(
         )
         assert time.monotonic() - killed <= TTL_S + 1
         ends = [await final(client, f"t{i}") for i in range(6)]
-    # Every task ran once: none lost with the old owner, none dispatched twice.
-    assert [(state_name(e.state), e.attempt) for e in ends] == [("SUCCEEDED", 1)] * 6
+    # Every task ran once: none lost with the old owner, none dispatched twice. A task
+    # the dead owner was dispatching when it died runs as attempt 2 (the new owner fences
+    # the old owner's offer in flight), but it too starts only once.
+    assert [state_name(e.state) for e in ends] == ["SUCCEEDED"] * 6
+    events = [json.loads(line) for h in histories for line in h.read_text().splitlines()]
+    starts = [e["task"] for e in events if (e["op"], e["phase"]) == ("run", "start")]
+    assert sorted(starts) == [f"t{i}" for i in range(6)]
 
 
 async def _is(value: object, expected: str) -> bool:

@@ -9,11 +9,19 @@ import asyncio
 import json
 import signal
 from collections.abc import AsyncGenerator, Callable
-from pathlib import Path
 
 import grpc
 import pytest
-from support import Cluster, apply_topology, eventually, sleep_spec, two_dcs, until_peers, wait_log
+from support import (
+    ROOT,
+    Cluster,
+    apply_topology,
+    eventually,
+    sleep_spec,
+    two_dcs,
+    until_peers,
+    wait_log,
+)
 
 from mesh.agent.api import until_set
 from mesh.channels import channel_options
@@ -26,7 +34,7 @@ from mesh.trust.pki import agent_host
 from mesh.v1 import tasks_pb2 as pb
 from mesh.v1 import tasks_pb2_grpc
 
-SERVICE_CONFIG = Path(__file__).resolve().parent.parent / "docs" / "service-config.json"
+SERVICE_CONFIG = ROOT / "docs" / "service-config.json"
 
 
 async def test_submit_watch_and_result_inline_or_stored_elsewhere(cluster: Cluster) -> None:

@@ -19,9 +19,10 @@ from mesh.core.jobs import Job, Outcome, Output
 from mesh.core.lifecycle import new_record
 from mesh.core.task import spec_digest
 from mesh.errors import StaleWrite
-from mesh.store import records
+from mesh.store import reads
 from mesh.store.keys import KeySpace
-from mesh.store.records import TaskStore, decode, encode
+from mesh.store.reads import decode, encode
+from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -109,8 +110,8 @@ async def test_a_follower_whose_watch_lost_the_end_still_ends(
         await asyncio.Event().wait()
         yield  # pragma: no cover
 
-    monkeypatch.setattr(records, "watch_events", deaf)
-    monkeypatch.setattr(records, "QUIET_S", 0.1)
+    monkeypatch.setattr(reads, "watch_events", deaf)
+    monkeypatch.setattr(reads, "QUIET_S", 0.1)
     store = TaskStore(etcd_client, KeySpace(prefix, "west"))
     stored, _ = await store.create(record("quiet"))
     await store.finish("quiet", pb.TASK_STATE_SUCCEEDED, "", "")

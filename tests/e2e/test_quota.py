@@ -21,7 +21,7 @@ from mesh.local.etcdserver import EtcdMember
 from mesh.store.etcd import client_for, watch_events
 from mesh.store.keys import KeySpace
 from mesh.store.quota import apply_policy
-from mesh.store.records import decode
+from mesh.store.reads import decode
 from mesh.v1 import tasks_pb2 as pb
 
 POLICY = {"groups": {"research": {"max_gpus": 3, "users": {USER: {"max_gpus": 2}}}}}

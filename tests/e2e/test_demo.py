@@ -8,12 +8,13 @@ import sys
 from pathlib import Path
 
 import yaml
+from support import ROOT
 
 from mesh.local.localmesh import free_port, read_state
 from mesh.topology import load
 
 CONSOLE_URL = r"console \(while the demo runs\): https://127\.0\.0\.1:\d+/ui/#token=\S{40,}"
-SHIPPED = Path(__file__).resolve().parent.parent / "topology" / "local.yaml"
+SHIPPED = ROOT / "topology" / "local.yaml"
 
 
 def test_demo_runs_every_task_to_an_end_and_cleans_up(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from openapi_spec_validator import validate
-from support import AgentProc, Cluster, eventually, until_peers
+from support import ROOT, AgentProc, Cluster, eventually, until_peers
 
 from mesh.agent.http.openapi import document
 from mesh.agent.http.routes import ROUTES, public_rpcs
@@ -145,7 +145,7 @@ async def test_agents_route_openapi_and_drain(agent: AgentProc, cluster: Cluster
     assert (status, body["state"]) == (200, "draining")
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = ROOT / "README.md"
 
 
 def curl_examples() -> list[str]:

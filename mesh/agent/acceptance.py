@@ -1,0 +1,85 @@
+"""Taking a task onto this agent: by its own live load, which gossip may not have caught
+up with, and then recording it as its own.
+
+The job is queued before any await, so the check still holds when it is queued; the
+record follows. A record that refuses the write (the task moved on) takes the job out of
+the queue again, unless the record shows this agent already running it.
+"""
+
+from __future__ import annotations
+
+from mesh.agent.executor import Executor
+from mesh.config import AgentConfig
+from mesh.core.clock import now_ms, now_ts
+from mesh.core.jobs import Job
+from mesh.core.lifecycle import claim_run
+from mesh.core.task import spec_digest
+from mesh.errors import InvalidTask, MeshError, StaleWrite
+from mesh.store.records import TaskStore
+from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
+
+
+class Acceptance:
+    def __init__(self, cfg: AgentConfig, store: TaskStore, executor: Executor) -> None:
+        self._cfg = cfg
+        self._store = store
+        self._executor = executor
+
+    async def accept(self, job: Job, max_tasks: float, reclaim: bool = False) -> tuple[bool, str]:
+        """Queue ``job`` here if our live load allows: within ``max_tasks`` running and
+        queued after it, or (0) within our hard limit, slots plus queue length; past it
+        when asked to ``reclaim`` and borrowed batch runs here will give their GPUs."""
+        if job.deadline_ms <= now_ms():
+            return False, "deadline passed"
+        reclaiming = reclaim and self._executor.can_reclaim(job.spec)
+        try:
+            self._executor.check(job.spec, past_bound=reclaiming)
+        except MeshError as exc:
+            return False, exc.message
+        tasks = self._executor.running + self._executor.queued
+        limit = max_tasks or self._executor.slots + self._cfg.max_queue_length
+        if tasks + 1 > limit and not reclaiming:
+            return False, f"over the bound ({tasks + 1} > {limit:g} tasks)"
+        # Enqueue before any await, so the check above still holds; the record follows.
+        self._executor.enqueue(job, past_bound=reclaiming)
+        wait_s = self._executor.expected_start_s(job.task_id)  # as it stands now, once
+
+        digest = spec_digest(job.spec)
+
+        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+            if record.spec_digest and record.spec_digest != digest:
+                raise InvalidTask("the offered spec is not the recorded one")
+            status = record.status
+            claim_run(record, self._cfg.agent_id)
+            status.dc = self._cfg.dc
+            del status.path[:]
+            status.path.extend(job.path)
+            if status.state == pb.TASK_STATE_PENDING:
+                status.state = pb.TASK_STATE_QUEUED
+                status.queued_at.CopyFrom(now_ts())
+            status.ClearField("expected_start")
+            if wait_s is not None:
+                status.expected_start.FromMilliseconds(now_ms() + int(wait_s * 1000))
+            return None
+
+        try:
+            await self._store.update(job.task_id, mutate, attempt=job.attempt)
+        except MeshError as exc:
+            if isinstance(exc, StaleWrite) and await self._runs_here(job):
+                return True, "accepted"
+            # Not ours: out of the queue, and a run whose start is in flight is left to
+            # its start write, which the record refuses too. Cancelling that run instead
+            # would write its end over the record of the agent that runs the task.
+            self._executor.withdraw(job.task_id)
+            return False, f"record: {exc.message}"
+        return True, "accepted"
+
+    async def _runs_here(self, job: Job) -> bool:
+        """Whether the record shows this agent running (or having run) ``job``'s attempt:
+        a short task can start, even finish, before the accepting write lands."""
+        try:
+            status = (await self._store.get(job.task_id)).status
+        except MeshError:
+            return False
+        return status.agent == self._cfg.agent_id and status.attempt == job.attempt
