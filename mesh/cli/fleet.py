@@ -143,7 +143,6 @@ def _endpoint_in(dc: str, home: Path) -> Target:
     return Target(agents[0].peer_address, local_operator(home))
 
 
-@app.command()
 def _targets_table(reply: pb.RouteResponse) -> Table:
     targets = Table(
         "#",
@@ -182,6 +181,7 @@ def _candidates_table(reply: pb.RouteResponse) -> Table:
     return ring
 
 
+@app.command()
 def route(
     model: Annotated[str, typer.Option(help="model name")],
     pipeline: Annotated[str, typer.Option(help="pipeline name")],
