@@ -19,6 +19,7 @@ from mesh.client import MeshClient
 from mesh.local.localmesh import LocalMesh, Started
 from mesh.store.election import Election
 from mesh.store.etcd import client_for
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.v1 import tasks_pb2 as pb
 
@@ -30,7 +31,7 @@ async def _owner(mesh: LocalMesh) -> str | None:
     await client.connect()
     try:
         keys = KeySpace(mesh.topology.prefix, "dc")
-        found = await Election(client, keys.election, lambda: 0, b"").leader()
+        found = await Election(EtcdKv(client), keys.election, lambda: 0, b"").leader()
         return found[0].decode().split()[0] if found else None
     finally:
         await client.close()

@@ -27,6 +27,7 @@ from bench.localdc import one_dc
 from mesh.client import MeshClient
 from mesh.local.localmesh import LocalMesh
 from mesh.store.etcd import client_for
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.quota import POLICY, apply_policy
 from mesh.v1 import tasks_pb2 as pb
@@ -200,7 +201,7 @@ async def with_policy(mesh: LocalMesh, document: dict | None) -> None:
         if document is None:
             await etcd.delete(keys.quota + POLICY.encode())
         else:
-            await apply_policy(etcd, keys, yaml.safe_dump(document))
+            await apply_policy(EtcdKv(etcd), keys, yaml.safe_dump(document))
     await asyncio.sleep(1.0)  # the agents' mirrors: a watch event away
 
 

@@ -37,6 +37,7 @@ from mesh.local.localmesh import MESH, free_port
 from mesh.local.trust import LocalTrust
 from mesh.store import topostore
 from mesh.store.etcd import client_for, stub_options
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.quota import apply_policy
 from mesh.topology import Topology
@@ -210,7 +211,7 @@ class ChaosMesh:
         text = yaml.safe_dump(TENANTS.model_dump(mode="json", exclude_none=True))
         for dc in DCS:
             async with self.client(dc) as client:
-                await apply_policy(client, KeySpace(PREFIX, dc), text)
+                await apply_policy(EtcdKv(client), KeySpace(PREFIX, dc), text)
 
     def caps(self) -> dict[tuple[str, str, str], int]:
         """The caps the checker holds the run to: (scope, group, user) to GPUs."""

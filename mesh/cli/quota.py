@@ -30,9 +30,10 @@ from mesh.cli.common import (
     resolve_endpoint,
 )
 from mesh.core.tenants import Cap, Spend, Tenants, caps, parse, spends
-from mesh.errors import ConfigError
+from mesh.errors import ConfigError, Unavailable
 from mesh.local import localmesh
 from mesh.store.etcd import ETCD_ERRORS, client_for
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.quota import (
     POLICY,
@@ -78,9 +79,9 @@ def quota_apply(
         for dc, spec in mesh.dcs.items():
             try:
                 async with client_for(spec.etcd, security=security) as client:
-                    await apply_policy(client, KeySpace(mesh.prefix, dc), text)
+                    await apply_policy(EtcdKv(client), KeySpace(mesh.prefix, dc), text)
                 report[dc] = "applied"
-            except ETCD_ERRORS as exc:
+            except (Unavailable, *ETCD_ERRORS) as exc:  # the connect is aetcd's own
                 report[dc] = f"failed: {exc}"
         return report
 

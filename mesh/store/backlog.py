@@ -12,11 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import aetcd
-
-from mesh.errors import Unavailable
-from mesh.store.etcd import ETCD_ERRORS
+from mesh.store import kv
 from mesh.store.keys import KeySpace
+from mesh.store.kv import Kv, prefix_end
 from mesh.store.mirror import PrefixMirror
 from mesh.store.records import Mutation, Stored, TaskStore
 
@@ -24,8 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class Backlog:
-    def __init__(self, client: aetcd.Client, keys: KeySpace, records: TaskStore) -> None:
-        self._client = client
+    def __init__(self, store: Kv, keys: KeySpace, records: TaskStore) -> None:
+        self._kv = store
         self._keys = keys
         self._records = records
 
@@ -45,47 +43,38 @@ class Backlog:
 
     def mirror(self, on_delta: Callable[[dict[str, bytes | None]], None]) -> PrefixMirror:
         """The backlog kept in memory, entry name to value, told of each change."""
-        return PrefixMirror(self._client, self._keys.backlog, on_delta=on_delta)
+        return PrefixMirror(self._kv, self._keys.backlog, on_delta=on_delta)
 
     async def names(self) -> list[str]:
         """Every entry's name, in queue order, without the values."""
-        try:
-            listing = await self._client.get_prefix(self._keys.backlog, keys_only=True)
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
-        return [self.name_of(kv.key) for kv in listing]
+        prefix = self._keys.backlog
+        listing = await self._kv.range(prefix, prefix_end(prefix), keys_only=True)
+        return [self.name_of(found.key) for found in listing.kvs]
 
     async def enqueue(
         self, task_id: str, entry: bytes, value: bytes, mutate: Mutation, attempt: int
     ) -> Stored:
         """Put the entry and change the record (``mutate``) in one write."""
-        put = self._client.transactions.put(entry, value)
+        put = kv.Put(entry, value)
         return await self._records.update(task_id, mutate, attempt=attempt, also=[put])
 
     async def take(
-        self, task_id: str, entry: bytes, mutate: Mutation, fences: tuple[object, ...] = ()
+        self, task_id: str, entry: bytes, mutate: Mutation, fences: tuple[kv.Compare, ...] = ()
     ) -> Stored:
         """Delete the entry and change the record in one write, which holds only while
         the entry is there and ``fences`` hold (``StaleWrite`` if not)."""
-        tx = self._client.transactions
         return await self._records.update(
-            task_id, mutate, fence=[*fences, tx.version(entry) > 0], also=[tx.delete(entry)]
+            task_id, mutate, fence=[*fences, kv.version(entry) > 0], also=[kv.Delete(entry)]
         )
 
     async def drop(
-        self, entry: bytes, task_id: str, revision: int | None, fence: object
+        self, entry: bytes, task_id: str, revision: int | None, fence: kv.Compare
     ) -> int | None:
         """Delete the entry without touching its record, if ``fence`` holds and the
         record is gone (``revision`` None) or still at ``revision``: the revision of the
         delete, or None if refused (a task put back reuses its key, and its fresh entry
         must not go with the stale one)."""
-        tx = self._client.transactions
         record = self._keys.task(task_id)
-        unchanged = tx.version(record) == 0 if revision is None else tx.mod(record) == revision
-        try:
-            ok, responses = await self._client.transaction(
-                compare=[fence, unchanged], success=[tx.delete(entry)], failure=[]
-            )
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"backlog claim failed: {exc}") from exc
-        return responses[0].response_delete_range.header.revision if ok else None
+        unchanged = kv.version(record) == 0 if revision is None else kv.mod(record) == revision
+        done = await self._kv.txn([fence, unchanged], [kv.Delete(entry)])
+        return done.revision if done.succeeded else None

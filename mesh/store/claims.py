@@ -12,12 +12,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import aetcd
-
-from mesh.errors import Unavailable
-from mesh.store.etcd import ETCD_ERRORS
-from mesh.store.group import GroupCommit
+from mesh.store import kv
 from mesh.store.keys import KeySpace
+from mesh.store.kv import Kv, prefix_end
 from mesh.store.retention import Retention
 
 
@@ -38,83 +35,55 @@ class Claim:
 
 
 class ClaimStore:
-    def __init__(
-        self,
-        client: aetcd.Client,
-        keys: KeySpace,
-        retention: Retention | None = None,
-        commits: GroupCommit | None = None,
-    ) -> None:
+    def __init__(self, store: Kv, keys: KeySpace, retention: Retention | None = None) -> None:
         """``retention``: claims expire as the tasks they name would (with a pointer's
         extra time: the task may run that long before its record is kept)."""
-        self._client = client
+        self._kv = store
         self._keys = keys
-        self._tx = client.transactions
         self._retention = retention
-        self._commits = commits or GroupCommit(client)
 
     async def claim(self, task_id: str, claim: Claim) -> Claim:
         """Claim ``task_id`` for ``claim.dc`` unless it is held: the claim that holds."""
         key = self._keys.claim(task_id)
         retention = self._retention
-        lease = await retention.lease(retention.pointer_extra_s) if retention else None
-        try:
-            ok, responses = await self._commits.transaction(
-                compare=[self._tx.create(key) == 0],
-                success=[self._tx.put(key, claim.encode(), lease=lease)],
-                failure=[self._tx.get(key)],
-            )
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
-        if ok:
+        lease = await retention.lease(retention.pointer_extra_s) if retention else 0
+        done = await self._kv.txn(
+            [kv.create(key) == 0], [kv.Put(key, claim.encode(), lease)], [kv.Get(key)]
+        )
+        if done.succeeded:
             return claim
-        value, _ = responses[0][0]
-        return Claim.decode(value)
+        found = done.results[0]
+        assert isinstance(found, kv.KeyValue), "a failed claim found the claim"
+        return Claim.decode(found.value)
 
     async def drop_stale(self, task_id: str, holder: str, claimed_before_ms: int) -> bool:
         """Drop the claim on ``task_id`` if ``holder`` still holds it and claimed it
         before ``claimed_before_ms``; whether it was dropped."""
         key = self._keys.claim(task_id)
-        try:
-            got = await self._client.get(key)
-            if got is None:
-                return True
-            found = Claim.decode(got.value)
-            if found.dc != holder or found.at_ms >= claimed_before_ms:
-                return False
-            ok, _ = await self._commits.transaction(
-                compare=[self._tx.mod(key) == got.mod_revision],
-                success=[self._tx.delete(key)],
-                failure=[],
-            )
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
-        return bool(ok)
+        got = await self._kv.get(key)
+        if got is None:
+            return True
+        found = Claim.decode(got.value)
+        if found.dc != holder or found.at_ms >= claimed_before_ms:
+            return False
+        done = await self._kv.txn([kv.mod(key) == got.mod_revision], [kv.Delete(key)])
+        return done.succeeded
 
     async def get(self, task_id: str) -> Claim | None:
-        try:
-            got = await self._client.get(self._keys.claim(task_id))
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
+        got = await self._kv.get(self._keys.claim(task_id))
         return None if got is None else Claim.decode(got.value)
 
-    def mark_unclaimed(self, task_id: str) -> object:
+    def mark_unclaimed(self, task_id: str) -> kv.Op:
         """The operation that notes a task recorded here without its home's claim: done
         in the transaction that records it, so none is ever left unnoted."""
-        return self._tx.put(self._keys.unclaimed_task(task_id), b"")
+        return kv.Put(self._keys.unclaimed_task(task_id), b"")
 
     async def unclaimed(self, limit: int) -> list[str]:
         """Up to ``limit`` tasks recorded here that still need their home's claim."""
-        try:
-            listing = await self._client.get_prefix(self._keys.unclaimed, keys_only=True)
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
-        start = len(self._keys.unclaimed)
-        return [kv.key[start:].decode() for kv in listing][:limit]
+        prefix = self._keys.unclaimed
+        listing = await self._kv.range(prefix, prefix_end(prefix), limit, keys_only=True)
+        return [found.key[len(prefix) :].decode() for found in listing.kvs]
 
     async def claimed(self, task_id: str) -> None:
         """The home answered for ``task_id``: nothing left to claim."""
-        try:
-            await self._client.delete(self._keys.unclaimed_task(task_id))
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
+        await self._kv.delete(self._keys.unclaimed_task(task_id))

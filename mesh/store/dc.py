@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 
-import aetcd
-
 from mesh.channels import Security
 from mesh.core.tenants import Tenants
 from mesh.errors import Unavailable
@@ -22,9 +20,10 @@ from mesh.store import topostore
 from mesh.store.backlog import Backlog
 from mesh.store.claims import ClaimStore
 from mesh.store.election import Election
-from mesh.store.etcd import ETCD_ERRORS, client_for
-from mesh.store.group import GroupCommit
+from mesh.store.etcd import client_for
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
+from mesh.store.kv import Kv
 from mesh.store.mirror import PrefixMirror
 from mesh.store.quota import QuotaStore, count_preemption, split_policy
 from mesh.store.records import TaskStore
@@ -36,19 +35,20 @@ from mesh.store.session import Session
 class DcStore:
     def __init__(
         self,
-        client: aetcd.Client,
+        store: Kv,
         keys: KeySpace,
         keep_s: float,
         pointer_extra_s: float,
     ) -> None:
-        """``keep_s``: how long a finished task's record is kept; ``pointer_extra_s``:
-        how much longer a pointer to another DC is (its task may run that much longer)."""
-        self._client = client
+        """``store`` is the DC's key-value store (``EtcdKv``, or the simulator's);
+        ``keep_s``: how long a finished task's record is kept; ``pointer_extra_s``: how
+        much longer a pointer to another DC is (its task may run that much longer)."""
+        self._kv = store
         self.keys = keys
-        self.retention = Retention(client, keep_s, keep_s / 24, pointer_extra_s)
-        self.records = TaskStore(client, keys, self.retention, GroupCommit(client))
-        self.claims = ClaimStore(client, keys, self.retention, self.records.commits)
-        self.backlog = Backlog(client, keys, self.records)
+        self.retention = Retention(store, keep_s, keep_s / 24, pointer_extra_s)
+        self.records = TaskStore(store, keys, self.retention)
+        self.claims = ClaimStore(store, keys, self.retention)
+        self.backlog = Backlog(store, keys, self.records)
 
     @classmethod
     def connect_to(
@@ -60,33 +60,31 @@ class DcStore:
         pointer_extra_s: float,
     ) -> DcStore:
         """A store over a client of ``endpoints`` (not connected yet: ``connect``)."""
-        return cls(client_for(endpoints, security=security), keys, keep_s, pointer_extra_s)
+        client = client_for(endpoints, security=security)
+        return cls(EtcdKv(client), keys, keep_s, pointer_extra_s)
 
     async def connect(self) -> None:
-        try:
-            await self._client.connect()
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"cannot reach etcd: {exc}") from exc
+        await self._kv.connect()
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
-            await self._client.close()
+            await self._kv.close()
 
     # -- parts that tell their owner of changes -----------------------------------------
 
     def session(
         self, ttl_s: int, outage_grace_s: float, on_state: Callable[[str], None]
     ) -> Session:
-        return Session(self._client, ttl_s, outage_grace_s, on_state)
+        return Session(self._kv, ttl_s, outage_grace_s, on_state)
 
     def registry(
         self, lease: Callable[[], int], on_change: Callable[[dict[str, AgentRecord | None]], None]
     ) -> Registry:
-        return Registry(self._client, self.keys, lease, on_change)
+        return Registry(self._kv, self.keys, lease, on_change)
 
     def election(self, lease: Callable[[], int], value: bytes) -> Election:
         """A candidate for the DC's queue owner, under ``lease``."""
-        return Election(self._client, self.keys.election, lease, value)
+        return Election(self._kv, self.keys.election, lease, value)
 
     def quota(
         self,
@@ -95,10 +93,10 @@ class DcStore:
         dc_slots: Callable[[], Mapping[str, int]],
         held_elsewhere: Callable[[str], int],
     ) -> QuotaStore:
-        return QuotaStore(self._client, self.keys, on_change, on_policy, dc_slots, held_elsewhere)
+        return QuotaStore(self._kv, self.keys, on_change, on_policy, dc_slots, held_elsewhere)
 
     def mirror(self, prefix: bytes, on_change: Callable[[dict[str, bytes]], None]) -> PrefixMirror:
-        return PrefixMirror(self._client, prefix, on_change)
+        return PrefixMirror(self._kv, prefix, on_change)
 
     def topology(self, on_change: Callable[[dict[str, bytes]], None]) -> PrefixMirror:
         """The applied topology, as the operator publishes it for every DC."""
@@ -121,17 +119,14 @@ class DcStore:
     async def put_summary(self, dc: str, raw: bytes, lease: int) -> None:
         """Keep DC ``dc``'s summary for this DC's agents, for as long as ``lease`` lives."""
         try:
-            await self._client.put(self.keys.summary(dc), raw, lease=lease)
-        except ETCD_ERRORS as exc:
+            await self._kv.put(self.keys.summary(dc), raw, lease)
+        except Unavailable as exc:
             raise Unavailable(f"cannot store the summary of {dc}: {exc}") from exc
 
     async def count_preemption(self, group: str) -> None:
         """One more preempted run of ``group``, for people (``meshctl quota show``)."""
-        try:
-            await count_preemption(self._client, self.keys, group)
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"cannot count a preemption: {exc}") from exc
+        await count_preemption(self._kv, self.keys, group)
 
     async def split_quota(self, group: str, users: dict[str, int], remove: list[str]) -> Tenants:
         """A group admin's split of its cap, over this DC's policy (compare-and-swap)."""
-        return await split_policy(self._client, self.keys, group, users, remove)
+        return await split_policy(self._kv, self.keys, group, users, remove)

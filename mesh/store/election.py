@@ -15,19 +15,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import aetcd
-
 from mesh.errors import Unavailable
-from mesh.store.etcd import ETCD_ERRORS, watch_events
+from mesh.store import kv
+from mesh.store.kv import Kv, prefix_end
 
 log = logging.getLogger(__name__)
 
 
 class Election:
-    def __init__(
-        self, client: aetcd.Client, prefix: bytes, lease: Callable[[], int], value: bytes
-    ) -> None:
-        self._client = client
+    def __init__(self, store: Kv, prefix: bytes, lease: Callable[[], int], value: bytes) -> None:
+        self._kv = store
         self._prefix = prefix.rstrip(b"/") + b"/"
         self._lease = lease
         self._value = value
@@ -36,53 +33,53 @@ class Election:
 
     async def campaign(self) -> int:
         """Wait until this candidate leads; return its term."""
-        tx = self._client.transactions
         self.key = self._prefix + f"{self._lease():x}".encode()
         try:
-            ok, responses = await self._client.transaction(
-                compare=[tx.create(self.key) == 0],
-                success=[tx.put(self.key, self._value, lease=self._lease())],
-                failure=[tx.get(self.key)],
+            done = await self._kv.txn(
+                [kv.create(self.key) == 0],
+                [kv.Put(self.key, self._value, self._lease())],
+                [kv.Get(self.key)],
             )
-        except ETCD_ERRORS as exc:
+        except Unavailable as exc:
             raise Unavailable(f"cannot campaign: {exc}") from exc
-        if ok:
-            self.term = responses[0].response_put.header.revision
-        else:
-            self.term = responses[0][0][1].create_revision
+        found = done.results[0] if not done.succeeded else None
+        self.term = found.create_revision if isinstance(found, kv.KeyValue) else done.revision
         while True:
             predecessor, revision = await self._predecessor()
             if predecessor is None:
                 return self.term
             log.info("waiting for %s to leave", predecessor.decode(errors="replace"))
-            async for event in watch_events(
-                self._client, predecessor, prefix=False, start_revision=revision + 1
+            async for event in self._kv.watch(
+                predecessor, prefix=False, start_revision=revision + 1
             ):
-                if event.kind == aetcd.EventKind.DELETE:
+                if event.kind == kv.EventKind.DELETE:
                     break
 
     async def _predecessor(self) -> tuple[bytes | None, int]:
         """The candidate just ahead of us, and the revision of that reading."""
-        try:
-            listing = await self._client.get_prefix(self._prefix)
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"cannot read the election: {exc}") from exc
-        ahead = [kv for kv in listing if kv.create_revision < self.term]
+        listing = await self._candidates()
+        ahead = [c for c in listing.kvs if c.create_revision < self.term]
         if not ahead:
-            return None, listing.header.revision
-        return max(ahead, key=lambda kv: kv.create_revision).key, listing.header.revision
+            return None, listing.revision
+        return max(ahead, key=lambda c: c.create_revision).key, listing.revision
 
-    def fence(self) -> object:
+    async def _candidates(self) -> kv.Range:
+        try:
+            return await self._kv.range(self._prefix, prefix_end(self._prefix))
+        except Unavailable as exc:
+            raise Unavailable(f"cannot read the election: {exc}") from exc
+
+    def fence(self) -> kv.Compare:
         """The comparison that holds only while this candidate still leads its term."""
-        return self._client.transactions.create(self.key) == self.term
+        return kv.create(self.key) == self.term
 
     async def leads(self) -> bool:
         """Whether this candidate still leads its term, as etcd says now."""
         if not self.key:
             return False
         try:
-            got = await self._client.get(self.key)
-        except ETCD_ERRORS as exc:
+            got = await self._kv.get(self.key)
+        except Unavailable as exc:
             raise Unavailable(f"cannot read the election: {exc}") from exc
         if got is None or got.create_revision != self.term:
             return False
@@ -91,27 +88,18 @@ class Election:
 
     async def leader(self) -> tuple[bytes, int] | None:
         """The leader's value and term, as anyone can read them."""
-        try:
-            listing = await self._client.get_prefix(self._prefix)
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"cannot read the election: {exc}") from exc
-        candidates = list(listing)
+        candidates = (await self._candidates()).kvs
         if not candidates:
             return None
-        first = min(candidates, key=lambda kv: kv.create_revision)
+        first = min(candidates, key=lambda c: c.create_revision)
         return first.value, first.create_revision
 
     async def resign(self) -> None:
         """Step down (or out of the queue) at once: the next candidate leads."""
         if not self.key:
             return
-        tx = self._client.transactions
         try:
-            await self._client.transaction(
-                compare=[tx.create(self.key) == self.term],
-                success=[tx.delete(self.key)],
-                failure=[],
-            )
-        except ETCD_ERRORS as exc:
+            await self._kv.txn([kv.create(self.key) == self.term], [kv.Delete(self.key)])
+        except Unavailable as exc:
             log.warning("could not resign: %s", exc)
         self.key, self.term = b"", 0

@@ -104,12 +104,6 @@ class LeaseIs(aetcd.transactions.BaseCompare):
         compare.lease = int(self.value)
 
 
-def held_under(key: bytes, lease: int) -> LeaseIs:
-    """Holds while ``key`` exists under ``lease``: a delete fenced by it never takes a
-    key that another holder has put again since (its lease is another)."""
-    return LeaseIs(key) == lease
-
-
 def stub_options(client: aetcd.Client) -> dict[str, Any]:
     """The timeout and metadata aetcd gives its own calls, for the few etcd calls it has
     no method for (a limited range, the Auth service), made with its generated stubs."""

@@ -30,7 +30,7 @@ from mesh import metrics, tracing
 from mesh.store.etcd import stub_options
 
 MAX_BATCH = 64  # etcd's default --max-txn-ops is 128 operations per transaction
-Outcome = tuple[bool, list[Any]]  # what aetcd's own transaction() returns
+Outcome = tuple[bool, list[Any], int]  # aetcd's transaction() result, and the revision
 # What etcd answers for a request it refused whole, before applying any of it.
 REFUSED = {
     grpc.StatusCode.INVALID_ARGUMENT,
@@ -81,8 +81,9 @@ class GroupCommit:
     async def transaction(
         self, compare: Sequence[Any], success: Sequence[Any], failure: Sequence[Any] = ()
     ) -> Outcome:
-        """As ``aetcd.Client.transaction``; raises what it raises. Inside a traced task's
-        span it is a span of its own: the wait for its batch and the batch's round trip."""
+        """As ``aetcd.Client.transaction``, with the store's revision after it; raises
+        what it raises. Inside a traced task's span it is a span of its own: the wait for
+        its batch and the batch's round trip."""
         txn = _Txn(compare, success, failure)
         self._queued.append(txn)
         if self._sender is None or self._sender.done():
@@ -148,12 +149,23 @@ class GroupCommit:
         return [_outcome(op.response_txn, header) for op in response.responses]
 
     async def _alone(self, txn: _Txn, catch: bool = False) -> Outcome | BaseException:
+        client: Any = self._client
+        request = aetcd.rpc.TxnRequest(
+            compare=[c.build_message() for c in txn.compare],
+            success=client._ops_to_requests(txn.success),
+            failure=client._ops_to_requests(txn.failure),
+        )
         try:
-            return await self._client.transaction(txn.compare, txn.success, txn.failure)
+            await client.connect()
+            try:
+                response = await client.kvstub.Txn(request, **stub_options(client))
+            except aetcd.rpc.AioRpcError as exc:
+                aetcd.exceptions._handle_exception(exc)
         except aetcd.ClientError as exc:
             if not catch:
                 raise
             return exc
+        return _outcome(response, response.header)
 
 
 def _outcome(response: Any, header: Any) -> Outcome:
@@ -167,4 +179,4 @@ def _outcome(response: Any, header: Any) -> Outcome:
         else:
             getattr(op, kind).header.CopyFrom(header)
             converted.append(op)
-    return response.succeeded, converted
+    return response.succeeded, converted, int(header.revision)

@@ -23,7 +23,6 @@ import logging
 import math
 from collections.abc import Callable, Mapping
 
-import aetcd
 import yaml
 
 from mesh.core import clock
@@ -40,8 +39,9 @@ from mesh.core.tenants import (
     verdict,
 )
 from mesh.errors import ConfigError, StaleWrite
-from mesh.store.etcd import held_under
+from mesh.store import kv
 from mesh.store.keys import KeySpace
+from mesh.store.kv import Kv
 from mesh.store.mirror import PrefixMirror
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ POLICY = "policy"
 class QuotaStore:
     def __init__(
         self,
-        client: aetcd.Client,
+        store: Kv,
         keys: KeySpace,
         on_change: Callable[[], None],
         on_policy: Callable[[], None],
@@ -65,7 +65,6 @@ class QuotaStore:
         self._keys = keys
         self._dc_slots = dc_slots
         self._held_elsewhere = held_elsewhere
-        self._tx = client.transactions
         self._on_change = on_change
         self._on_policy = on_policy
         self.tenants: Tenants | None = None
@@ -73,7 +72,7 @@ class QuotaStore:
         # GPU-seconds per (period_s, period, scope, name), per agent, as etcd has them
         self._used: dict[tuple[int, int, str, str], dict[str, float]] = {}
         self._mine: dict[tuple[int, int, str, str], float] = {}  # this agent's, written
-        self.mirror = PrefixMirror(client, keys.quota, on_delta=self._changed)
+        self.mirror = PrefixMirror(store, keys.quota, on_delta=self._changed)
 
     def _changed(self, delta: dict[str, bytes | None]) -> None:
         for name, raw in delta.items():
@@ -150,67 +149,64 @@ class QuotaStore:
         key = (budget.period_s, budget.period(now_s), budget.scope, budget.name)
         return sum(self._used.get(key, {}).values())
 
-    def spend(self, user: str, group: str, gpu_s: float, agent: str, now_s: float) -> list:
+    def spend(self, user: str, group: str, gpu_s: float, agent: str, now_s: float) -> list[kv.Op]:
         """Puts that add ``gpu_s`` to this agent's spending against each budget of the
         task (and drop its keys of past periods); written with the run's end."""
-        ops = []
+        ops: list[kv.Op] = []
         for budget in spends(self.tenants, user, group):
             period = budget.period(now_s)
             key = (budget.period_s, period, budget.scope, budget.name)
             base = self._mine.get(key, self._used.get(key, {}).get(agent, 0.0))
             self._mine[key] = total = base + max(0.0, gpu_s)
-            ops.append(self._tx.put(self._keys.quota_usage(*key, agent), repr(total).encode()))
+            ops.append(kv.Put(self._keys.quota_usage(*key, agent), repr(total).encode()))
             past = [k for k in self._used if k[1] < period and (k[0], *k[2:]) == (key[0], *key[2:])]
             for old in past:
                 if agent in self._used[old]:
-                    ops.append(self._tx.delete(self._keys.quota_usage(*old, agent)))
+                    ops.append(kv.Delete(self._keys.quota_usage(*old, agent)))
                 self._mine.pop(old, None)
         return ops
 
     def claim(
         self, user: str, group: str, gpus: int, lease: int, holder: bytes = b""
-    ) -> tuple[list, list, list[bytes]]:
+    ) -> tuple[list[kv.Compare], list[kv.Op], list[bytes]]:
         """Compares and puts that take ``gpus`` free slots of every cap, and the keys they
         name (to give back at the end). Empty when the task is not capped. Each slot's
         value is its ``holder`` (``holder()``): what ``meshctl quota show`` tells."""
-        compares, puts, names = [], [], []
+        compares: list[kv.Compare] = []
+        puts: list[kv.Op] = []
+        names: list[bytes] = []
         for cap in self.caps(user, group):
             taken = self._taken.get((cap.scope, cap.name), set())
             free = [n for n in range(cap.limit) if n not in taken][:gpus]
             for n in free:
                 key = self._keys.quota_slot(cap.scope, cap.name, n)
-                compares.append(self._tx.create(key) == 0)
-                puts.append(self._tx.put(key, holder, lease=lease))
+                compares.append(kv.create(key) == 0)
+                puts.append(kv.Put(key, holder, lease))
                 names.append(key)
         return compares, puts, names
 
-    def give_back(self, names: list[bytes], lease: int) -> list:
+    def give_back(self, names: list[bytes], lease: int) -> list[kv.Op]:
         """Operations that free the slots ``names`` taken under ``lease``, each only
         while it is still held under that lease: a slot that went with an expired lease
         and was taken since by another run is that run's, and stays (a nested
         transaction each, so one re-taken slot does not keep the others)."""
-        return [self._tx.txn([held_under(key, lease)], [self._tx.delete(key)], []) for key in names]
+        return [kv.If((kv.lease(key) == lease,), (kv.Delete(key),)) for key in names]
 
 
 async def split_policy(
-    client: aetcd.Client, keys: KeySpace, group: str, users: dict[str, int], remove: list[str]
+    store: Kv, keys: KeySpace, group: str, users: dict[str, int], remove: list[str]
 ) -> Tenants:
     """A group admin's split, written over this DC's policy only if nobody changed it
     meanwhile (compare-and-swap on its revision): a concurrent ``quota apply`` is never
     overwritten with a stale copy."""
     key = keys.quota + POLICY.encode()
-    current = await client.get(key)
+    current = await store.get(key)
     if current is None:
         raise ConfigError("this DC has no tenants policy ('meshctl quota apply' sets one)")
     tenants = split(parse(yaml.safe_load(current.value), "the policy"), group, users, remove)
     text = yaml.safe_dump(tenants.model_dump(mode="json", exclude_none=True), sort_keys=False)
-    tx = client.transactions
-    ok, _ = await client.transaction(
-        compare=[tx.mod(key) == current.mod_revision],
-        success=[tx.put(key, text.encode())],
-        failure=[],
-    )
-    if not ok:
+    done = await store.txn([kv.mod(key) == current.mod_revision], [kv.Put(key, text.encode())])
+    if not done.succeeded:
         raise StaleWrite("the tenants policy changed meanwhile; read it again and retry")
     return tenants
 
@@ -260,24 +256,21 @@ def parse_slot(name: str) -> tuple[str, str, int] | None:
 PREEMPTED = "preempted/"
 
 
-async def count_preemption(client: aetcd.Client, keys: KeySpace, group: str) -> None:
+async def count_preemption(store: Kv, keys: KeySpace, group: str) -> None:
     """One more run of ``group`` preempted in this DC, for ``meshctl quota show``: a
     compare-and-swap, tried again when another agent counted at the same moment."""
     key = keys.quota + (PREEMPTED + group).encode()
-    tx = client.transactions
     for _ in range(5):
-        got = await client.get(key)
+        got = await store.get(key)
         count = int(got.value) if got is not None and got.value.isdigit() else 0
-        held = tx.create(key) == 0 if got is None else tx.mod(key) == got.mod_revision
-        ok, _ = await client.transaction(
-            compare=[held], success=[tx.put(key, str(count + 1).encode())], failure=[]
-        )
-        if ok:
+        held = kv.create(key) == 0 if got is None else kv.mod(key) == got.mod_revision
+        done = await store.txn([held], [kv.Put(key, str(count + 1).encode())])
+        if done.succeeded:
             return
     log.warning("could not count a preemption of group %s: too many at once", group)
 
 
-async def apply_policy(client: aetcd.Client, keys: KeySpace, text: str) -> None:
+async def apply_policy(store: Kv, keys: KeySpace, text: str) -> None:
     """Store the tenants policy ``text`` (checked first) in one DC's etcd."""
     parse(yaml.safe_load(text), "tenants")
-    await client.put(keys.quota + POLICY.encode(), text.encode())
+    await store.put(keys.quota + POLICY.encode(), text.encode())

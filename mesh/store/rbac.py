@@ -25,7 +25,7 @@ import grpc
 
 from mesh.errors import Unavailable
 from mesh.store.etcd import stub_options
-from mesh.store.reads import prefix_end
+from mesh.store.kv import prefix_end
 from mesh.trust.pki import etcd_user
 
 ROOT = "root"

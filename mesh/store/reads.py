@@ -8,16 +8,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import aetcd
-import aetcd.rpc
-import grpc
 from google.protobuf import json_format
 
 from mesh.core.listing import Page
 from mesh.core.task import TERMINAL, public
-from mesh.errors import TaskNotFound, Unavailable
-from mesh.store.etcd import ETCD_ERRORS, stub_options, watch_events
+from mesh.errors import TaskNotFound
+from mesh.store import kv
 from mesh.store.keys import KeySpace
+from mesh.store.kv import Kv, prefix_end
 from mesh.v1 import peer_pb2, tasks_pb2
 
 QUIET_S = 5.0  # a follower that hears nothing this long reads the record itself
@@ -48,26 +46,20 @@ def decode(raw: bytes) -> peer_pb2.TaskRecord:
 
 
 class RecordReads:
-    def __init__(self, client: aetcd.Client, keys: KeySpace) -> None:
-        self._client = client
+    def __init__(self, store: Kv, keys: KeySpace) -> None:
+        self._kv = store
         self._keys = keys
 
     async def get(self, task_id: str) -> Stored:
-        try:
-            got = await self._client.get(self._keys.task(task_id))
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
+        got = await self._kv.get(self._keys.task(task_id))
         if got is None:
             raise TaskNotFound("no such task", task_id=task_id)
         return Stored(decode(got.value), got.mod_revision)
 
     async def scan(self) -> list[Stored]:
         """Every task record of the DC, with its revision."""
-        try:
-            listing = await self._client.get_prefix(self._keys.tasks)
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
-        return [Stored(decode(kv.value), kv.mod_revision) for kv in listing]
+        listing = await self._kv.range(self._keys.tasks, prefix_end(self._keys.tasks))
+        return [Stored(decode(found.value), found.mod_revision) for found in listing.kvs]
 
     async def follow(self, task_id: str, after: int = 0) -> AsyncIterator[Stored]:
         """Every version of the record after revision ``after`` until it is terminal; with
@@ -91,7 +83,7 @@ class RecordReads:
                     yield stored
                     if stored.status.state in TERMINAL:
                         return
-            except aetcd.RevisionCompactedError:
+            except kv.Compacted:
                 stored = await self.get(task_id)
                 if stored.revision > after:
                     after = stored.revision
@@ -102,14 +94,12 @@ class RecordReads:
     async def _versions(self, task_id: str, after: int) -> AsyncIterator[Stored]:
         """The record's versions from its watch, and a read after each ``QUIET_S`` of
         silence. The watch runs in a task of its own, so a silence ends no stream."""
-        heard: asyncio.Queue[aetcd.Event | BaseException] = asyncio.Queue()
+        heard: asyncio.Queue[kv.Event | BaseException] = asyncio.Queue()
         key = self._keys.task(task_id)
 
         async def pump() -> None:
             try:
-                async for event in watch_events(
-                    self._client, key, prefix=False, start_revision=after + 1
-                ):
+                async for event in self._kv.watch(key, prefix=False, start_revision=after + 1):
                     heard.put_nowait(event)
             except Exception as exc:  # handed to the follower, who raises it
                 heard.put_nowait(exc)
@@ -125,7 +115,7 @@ class RecordReads:
                     continue
                 if isinstance(item, BaseException):
                     raise item
-                if item.kind != aetcd.EventKind.PUT:
+                if item.kind != kv.EventKind.PUT:
                     raise TaskNotFound("task record was deleted", task_id=task_id)
                 yield Stored(decode(item.kv.value), item.kv.mod_revision)
         finally:
@@ -146,8 +136,8 @@ class RecordReads:
             batch = min(budget, SCAN_BATCH)
             kvs, more = await self._range(start, end, batch)
             budget -= len(kvs)
-            for kv in kvs:
-                record = decode(kv.value)
+            for found_kv in kvs:
+                record = decode(found_kv.value)
                 status = record.status
                 if record.forwarded_to_dc or record.superseded_by_dc:
                     continue  # listed in the DC it overflowed to, or that holds its id
@@ -157,26 +147,16 @@ class RecordReads:
                     continue
                 found.append(public(status))
                 if len(found) == limit:
-                    return Page(found, status.task_id if (more or kv is not kvs[-1]) else "")
+                    return Page(found, status.task_id if (more or found_kv is not kvs[-1]) else "")
             if not more:
                 return Page(found, "")
             start = kvs[-1].key + b"\0"
         return Page(found, decode_id(start, self._keys))  # the scan budget is spent
 
     async def _range(self, start: bytes, end: bytes, limit: int) -> tuple[list[Any], bool]:
-        """Up to ``limit`` keys of [start, end), and whether more follow. aetcd has no
-        limited range, so this calls etcd's KV service with its stub and metadata."""
-        request = aetcd.rpc.RangeRequest(key=start, range_end=end, limit=limit)
-        try:
-            reply = await self._client.kvstub.Range(request, **stub_options(self._client))
-        except (grpc.aio.AioRpcError, *ETCD_ERRORS) as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
-        return list(reply.kvs), reply.more
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    """The first key after every key that starts with ``prefix`` (etcd's range end)."""
-    return prefix[:-1] + bytes([prefix[-1] + 1])
+        """Up to ``limit`` keys of [start, end), and whether more follow."""
+        found = await self._kv.range(start, end, limit)
+        return list(found.kvs), found.more
 
 
 def decode_id(key: bytes, keys: KeySpace) -> str:

@@ -12,14 +12,12 @@ import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
-import aetcd
-
 from mesh.core.lifecycle import end
 from mesh.core.task import TERMINAL
-from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable, Unsure
-from mesh.store.etcd import ETCD_ERRORS, never_applied
-from mesh.store.group import GroupCommit
+from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unsure
+from mesh.store import kv
 from mesh.store.keys import KeySpace
+from mesh.store.kv import Kv
 from mesh.store.reads import RecordReads, Stored, decode, encode
 from mesh.store.retention import Retention
 from mesh.v1 import peer_pb2
@@ -49,19 +47,10 @@ Mutation = Callable[[peer_pb2.TaskRecord], bool | None]
 class TaskStore(RecordReads):
     """Task records, written by compare-and-swap (``RecordReads`` reads them)."""
 
-    def __init__(
-        self,
-        client: aetcd.Client,
-        keys: KeySpace,
-        retention: Retention | None = None,
-        commits: GroupCommit | None = None,
-    ) -> None:
-        """``retention``: finished records and pointers expire under its leases.
-        ``commits``: the agent's group commit, shared by all it writes per task."""
-        super().__init__(client, keys)
-        self._tx = client.transactions
+    def __init__(self, store: Kv, keys: KeySpace, retention: Retention | None = None) -> None:
+        """``retention``: finished records and pointers expire under its leases."""
+        super().__init__(store, keys)
         self._retention = retention
-        self.commits = commits or GroupCommit(client)
         self._known: OrderedDict[str, Stored] = OrderedDict()
 
     async def _kept(self, record: peer_pb2.TaskRecord) -> int | None:
@@ -75,11 +64,8 @@ class TaskStore(RecordReads):
             return await self._retention.lease(self._retention.pointer_extra_s)
         return None
 
-    def _put(self, key: bytes, record: peer_pb2.TaskRecord, lease: int | None) -> object:
-        return self._tx.put(key, encode(record), lease=lease)
-
     async def create(
-        self, record: peer_pb2.TaskRecord, also: Sequence[object] = ()
+        self, record: peer_pb2.TaskRecord, also: Sequence[kv.Op] = ()
     ) -> tuple[Stored, bool]:
         """Write the record unless its id exists; return what is stored and whether it is
         new. ``also`` are more operations done with the write, in its transaction.
@@ -88,28 +74,24 @@ class TaskStore(RecordReads):
         key = self._keys.task(record.status.task_id)
         kept = await self._kept(record)
         try:
-            ok, responses = await self.commits.transaction(
-                compare=[self._tx.create(key) == 0],
-                success=[self._put(key, record, kept), *also],
-                failure=[self._tx.get(key)],
+            done = await self._kv.txn(
+                [kv.create(key) == 0],
+                [kv.Put(key, encode(record), kept or 0), *also],
+                [kv.Get(key)],
             )
-        except ETCD_ERRORS as exc:
-            if never_applied(exc):
-                raise Unavailable(f"etcd: {exc}") from exc
-            raise Unsure(f"etcd: {exc}; the task may have been recorded") from exc
-        if ok:
-            return self._remember(Stored(record, responses[0].response_put.header.revision)), True
-        value, kv = responses[0][0]
-        return Stored(decode(value), kv.mod_revision), False
+        except Unsure as exc:
+            raise Unsure(f"{exc.message}; the task may have been recorded") from exc
+        if done.succeeded:
+            return self._remember(Stored(record, done.revision)), True
+        found = done.results[0]
+        assert isinstance(found, kv.KeyValue), "a failed create found the record"
+        return Stored(decode(found.value), found.mod_revision), False
 
-    async def apply(self, operations: Sequence[object]) -> None:
+    async def apply(self, operations: Sequence[kv.Op]) -> None:
         """Operations the store built for another write (quota slots given back, GPU time
         spent) in a write of their own, when the record write they came with is refused
         or there is none."""
-        try:
-            await self.commits.transaction([], operations)
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
+        await self._kv.txn([], operations)
 
     async def update(
         self,
@@ -118,8 +100,8 @@ class TaskStore(RecordReads):
         *,
         attempt: int | None = None,
         lease: int = 0,
-        fence: Sequence[object] = (),
-        also: Sequence[object] = (),
+        fence: Sequence[kv.Compare] = (),
+        also: Sequence[kv.Op] = (),
         refusal: type[StaleWrite] = StaleWrite,
     ) -> Stored:
         """Apply ``mutate`` by compare-and-swap, retrying on concurrent changes.
@@ -154,34 +136,27 @@ class TaskStore(RecordReads):
                 current, checked = None, True
                 continue
             ops = [*await self._writes(key, record, lease), *also]
-            try:
-                ok, responses = await self.commits.transaction(
-                    compare=[self._tx.mod(key) == current.revision, *fence],
-                    success=ops,
-                    failure=[self._tx.get(key)],
-                )
-            except ETCD_ERRORS as exc:
-                raise Unavailable(f"etcd: {exc}") from exc
-            if ok:
-                return self._remember(Stored(record, responses[0].response_put.header.revision))
-            if not responses[0]:
+            done = await self._kv.txn([kv.mod(key) == current.revision, *fence], ops, [kv.Get(key)])
+            if done.succeeded:
+                return self._remember(Stored(record, done.revision))
+            found = done.results[0]
+            if not isinstance(found, kv.KeyValue):
                 raise TaskNotFound("no such task", task_id=task_id)
-            value, kv = responses[0][0]
-            if fence and kv.mod_revision == current.revision:
+            if fence and found.mod_revision == current.revision:
                 raise refusal("fenced out", task_id=task_id)
-            current, checked = Stored(decode(value), kv.mod_revision), True
+            current, checked = Stored(decode(found.value), found.mod_revision), True
         raise StaleWrite("too much contention on the task record", task_id=task_id)
 
-    async def _writes(self, key: bytes, record: peer_pb2.TaskRecord, lease: int) -> list[object]:
+    async def _writes(self, key: bytes, record: peer_pb2.TaskRecord, lease: int) -> list[kv.Op]:
         """The record's put, under its retention lease; with a run's ``lease``, its
         running marker put (or deleted, once the record is terminal) too."""
-        ops = [self._put(key, record, await self._kept(record))]
+        ops: list[kv.Op] = [kv.Put(key, encode(record), await self._kept(record) or 0)]
         if lease:
             marker = self._keys.running_marker(record.status.task_id)
             if record.status.state in TERMINAL:
-                ops.append(self._tx.delete(marker))
+                ops.append(kv.Delete(marker))
             else:
-                ops.append(self._tx.put(marker, record.status.agent.encode(), lease=lease))
+                ops.append(kv.Put(marker, record.status.agent.encode(), lease))
         return ops
 
     def _remember(self, stored: Stored) -> Stored:
@@ -215,12 +190,5 @@ class TaskStore(RecordReads):
     async def delete(self, stored: Stored) -> bool:
         """Delete the record if it is still exactly ``stored``."""
         key = self._keys.task(stored.status.task_id)
-        try:
-            ok, _ = await self.commits.transaction(
-                compare=[self._tx.mod(key) == stored.revision],
-                success=[self._tx.delete(key)],
-                failure=[],
-            )
-        except ETCD_ERRORS as exc:
-            raise Unavailable(f"etcd: {exc}") from exc
-        return bool(ok)
+        done = await self._kv.txn([kv.mod(key) == stored.revision], [kv.Delete(key)])
+        return done.succeeded

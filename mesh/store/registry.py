@@ -13,12 +13,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-import aetcd
-
 from mesh.errors import Unavailable
 from mesh.gpus import Gpu
-from mesh.store.etcd import ETCD_ERRORS
 from mesh.store.keys import KeySpace
+from mesh.store.kv import Kv
 from mesh.store.mirror import PrefixMirror
 
 log = logging.getLogger(__name__)
@@ -67,13 +65,13 @@ class Registry:
 
     def __init__(
         self,
-        client: aetcd.Client,
+        store: Kv,
         keys: KeySpace,
         lease: Callable[[], int],
         on_change: Callable[[dict[str, AgentRecord | None]], None] = lambda _: None,
     ) -> None:
         """``on_change`` hears the records that changed (None: the agent left)."""
-        self._client = client
+        self._kv = store
         self._keys = keys
         self.dc = keys.dc
         self._lease = lease
@@ -81,7 +79,7 @@ class Registry:
         self.me: AgentRecord | None = None
         self.peers: dict[str, AgentRecord] = {}
         self._pipelines: Counter[str] = Counter()  # agents that run each pipeline
-        self.mirror = PrefixMirror(client, keys.agents, on_delta=self._on_delta)
+        self.mirror = PrefixMirror(store, keys.agents, on_delta=self._on_delta)
 
     def _on_delta(self, delta: dict[str, bytes | None]) -> None:
         """Only the records that changed are decoded: a join costs one, not the DC's."""
@@ -112,8 +110,6 @@ class Registry:
     async def publish(self, record: AgentRecord) -> None:
         self.me = record
         try:
-            await self._client.put(
-                self._keys.agent(record.agent_id), record.to_json(), lease=self._lease()
-            )
-        except ETCD_ERRORS as exc:
+            await self._kv.put(self._keys.agent(record.agent_id), record.to_json(), self._lease())
+        except Unavailable as exc:
             raise Unavailable(f"cannot register in etcd: {exc}") from exc

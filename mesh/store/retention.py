@@ -12,20 +12,18 @@ from __future__ import annotations
 
 import asyncio
 
-import aetcd
-
 from mesh.core import clock
 from mesh.errors import Unavailable
-from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.kv import Kv
 
 
 class Retention:
     def __init__(
-        self, client: aetcd.Client, keep_s: float, bucket_s: float, pointer_extra_s: float = 0.0
+        self, store: Kv, keep_s: float, bucket_s: float, pointer_extra_s: float = 0.0
     ) -> None:
         """``pointer_extra_s``: how much longer a pointer to another DC is kept than a
         finished record (the task it points to may run that much longer)."""
-        self._client = client
+        self._kv = store
         self.keep_s = keep_s
         self.pointer_extra_s = pointer_extra_s
         self._bucket_s = max(1.0, bucket_s)
@@ -43,9 +41,9 @@ class Retention:
             if bucket not in self._leases:
                 ttl = int((bucket + 1) * self._bucket_s - clock.now()) + 1
                 try:
-                    granted = await self._client.lease(ttl)
-                except ETCD_ERRORS as exc:
+                    granted = await self._kv.grant(ttl)
+                except Unavailable as exc:
                     raise Unavailable(f"cannot grant a retention lease: {exc}") from exc
                 self._leases = {b: i for b, i in self._leases.items() if b >= bucket - 1}
-                self._leases[bucket] = granted.id
+                self._leases[bucket] = granted
         return self._leases[bucket]

@@ -1,5 +1,5 @@
 """An etcd lease and its keep-alive: what makes keys vanish with the process that wrote
-them. aetcd has no background keep-alive, so ``Session`` runs its own."""
+them. The store has no background keep-alive, so ``Session`` runs its own."""
 
 from __future__ import annotations
 
@@ -8,10 +8,8 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-import aetcd
-
 from mesh.errors import Unavailable
-from mesh.store.etcd import ETCD_ERRORS
+from mesh.store.kv import Kv
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +29,12 @@ class Session:
 
     def __init__(
         self,
-        client: aetcd.Client,
+        store: Kv,
         ttl_s: int,
         outage_grace_s: float = 0.0,
         on_state: Callable[[str], None] = lambda _: None,
     ) -> None:
-        self._client = client
+        self._kv = store
         self.ttl_s = ttl_s
         self._grace_s = outage_grace_s
         self._on_state = on_state
@@ -47,10 +45,9 @@ class Session:
 
     async def open(self) -> None:
         try:
-            lease = await self._client.lease(self.ttl_s)
-        except ETCD_ERRORS as exc:
+            self.lease_id = await self._kv.grant(self.ttl_s)
+        except Unavailable as exc:
             raise Unavailable(f"cannot grant an etcd lease: {exc}") from exc
-        self.lease_id = lease.id
         self._task = asyncio.create_task(self._keep_alive(), name="lease-keepalive")
 
     async def _keep_alive(self) -> None:
@@ -77,8 +74,8 @@ class Session:
             sent = loop.time()
             try:
                 async with asyncio.timeout(self.ttl_s / 3):  # not wait_for: see owner.py
-                    reply = await self._client.refresh_lease(self.lease_id)
-            except (TimeoutError, *ETCD_ERRORS) as exc:
+                    left_s = await self._kv.keepalive(self.lease_id)
+            except (TimeoutError, Unavailable) as exc:
                 log.warning("lease %x refresh failed: %s", self.lease_id, exc)
                 if not troubled:
                     troubled = True
@@ -87,13 +84,13 @@ class Session:
                     log.error("etcd unreachable %.0fs past the lease TTL", self._grace_s)
                     break
                 continue
-            if reply is None or reply.TTL <= 0:
+            if left_s <= 0:
                 log.error("lease %x expired", self.lease_id)
                 break
             if troubled:
                 troubled = False
                 self._on_state("ok")
-            good_until = sent + reply.TTL
+            good_until = sent + left_s
 
     async def close(self, revoke: bool = True) -> None:
         """Stop the keep-alive and, by default, revoke the lease so its keys vanish now."""
@@ -104,7 +101,7 @@ class Session:
                 await self._task
         if revoke and self.lease_id and not self.lost.is_set():
             try:
-                await self._client.revoke_lease(self.lease_id)
-            except ETCD_ERRORS as exc:
+                await self._kv.revoke(self.lease_id)
+            except Unavailable as exc:
                 log.warning("could not revoke lease %x: %s", self.lease_id, exc)
         self.lost.set()

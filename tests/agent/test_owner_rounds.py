@@ -27,8 +27,10 @@ from mesh.core.jobs import Job
 from mesh.core.priority import Traits, Weighted
 from mesh.core.task import state_name
 from mesh.errors import Unavailable
+from mesh.store import kv
 from mesh.store.backlog import Backlog as BacklogStore
 from mesh.store.election import Election
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.records import Stored, TaskStore
 from mesh.store.session import Session
@@ -97,7 +99,7 @@ class Backlog:
 @pytest.fixture
 async def waiting(etcd_client: aetcd.Client, prefix: str) -> Backlog:
     keys = KeySpace(prefix, "west")
-    return Backlog(etcd_client, keys, TaskStore(etcd_client, keys))
+    return Backlog(etcd_client, keys, TaskStore(EtcdKv(etcd_client), keys))
 
 
 @pytest.fixture
@@ -114,17 +116,20 @@ async def owners(
         store: TaskStore | None = None,
         reconcile: Callable[[], Awaitable[None]] | None = None,  # one DC: none pending
     ) -> QueueOwner:
-        session = Session(etcd_client, ttl_s=30)
+        session = Session(EtcdKv(etcd_client), ttl_s=30)
         await session.open()
         sessions.append(session)
         election = Election(
-            etcd_client, waiting.keys.election, lambda: session.lease_id, f"{name} -".encode()
+            EtcdKv(etcd_client),
+            waiting.keys.election,
+            lambda: session.lease_id,
+            f"{name} -".encode(),
         )
         owner = QueueOwner(
             name,
             election,
             store or waiting.store,
-            BacklogStore(etcd_client, waiting.keys, store or waiting.store),
+            BacklogStore(EtcdKv(etcd_client), waiting.keys, store or waiting.store),
             place or Placed(),
             DcRoom(room, lambda: 1, lambda: 1),
             Weighted({"vip": 8, "normal": 2}, aging_s=30),
@@ -278,7 +283,7 @@ class BouncingStore(TaskStore):
     the same key (it keeps its age) before the round acts on what it read."""
 
     def __init__(self, waiting: Backlog, task_id: str) -> None:
-        super().__init__(waiting.client, waiting.keys)
+        super().__init__(EtcdKv(waiting.client), waiting.keys)
         self._waiting, self._task_id, self.bounced = waiting, task_id, False
 
     async def get(self, task_id: str) -> Stored:
@@ -290,9 +295,7 @@ class BouncingStore(TaskStore):
                 record.status.state, record.status.agent = pb.TASK_STATE_QUEUED, ""
 
             key = self._waiting.keys.backlog_entry("normal", 1_000, task_id)
-            put = self._waiting.client.transactions.put(
-                key, backlog.entry_value(now_ms() + HOUR_MS, Traits("normal"))
-            )
+            put = kv.Put(key, backlog.entry_value(now_ms() + HOUR_MS, Traits("normal")))
             await self.update(task_id, back, also=[put])
         return stored
 

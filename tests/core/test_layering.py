@@ -235,3 +235,21 @@ def test_no_import_cycle_at_all_types_included() -> None:
 
 def test_the_cycle_finder_finds_one() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# Only these modules of mesh.store know the client is aetcd: the key-value port's etcd
+# adapter (etcd, etcdkv, group, watcher) and the operator's tools that administer etcd
+# itself (rbac: users and roles; topostore: applying a topology), which no agent runs.
+ETCD_ADAPTER = {
+    "mesh.store.etcd",
+    "mesh.store.etcdkv",
+    "mesh.store.group",
+    "mesh.store.watcher",
+    "mesh.store.rbac",
+    "mesh.store.topostore",
+}
+
+
+def test_the_store_reaches_etcd_through_its_key_value_port() -> None:
+    direct = {m for m, (_, ext) in GRAPH.items() if layer(m) == "store" and "aetcd" in ext}
+    assert direct <= ETCD_ADAPTER, f"aetcd outside the adapter: {sorted(direct - ETCD_ADAPTER)}"

@@ -28,6 +28,7 @@ from mesh.core.task import TERMINAL, spec_digest, state_name
 from mesh.errors import AlreadyPlaced
 from mesh.local.etcdserver import EtcdMember
 from mesh.store.etcd import client_for
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2, peer_pb2_grpc
@@ -76,7 +77,7 @@ async def record_intent(
     Cancel through west wrote meanwhile (answered from west: the hand-off was not
     confirmed)."""
     async with client_for([etcd.endpoint], security=cluster.trust.operator()) as client:
-        store = TaskStore(client, KeySpace(prefix, "west"))
+        store = TaskStore(EtcdKv(client), KeySpace(prefix, "west"))
         task = spec(task_id)
         record = new_record(
             task, spec_digest(task), now_ms() + 60_000, attempt=1, path=(),
@@ -159,7 +160,7 @@ async def test_a_watch_of_a_pointer_the_other_dc_denies_breaks_instead_of_hangin
     )
     wait_log(east, "topology version 1 applied")
     async with client_for([etcds["east"].endpoint], security=cluster.trust.operator()) as client:
-        await TaskStore(client, KeySpace(prefix, "east")).create(pointer("denied", "west"))
+        await TaskStore(EtcdKv(client), KeySpace(prefix, "east")).create(pointer("denied", "west"))
     async with east.client() as client:
         with pytest.raises(grpc.aio.AioRpcError) as broke:
             async for _ in client.watch("denied", timeout_s=60):
@@ -185,7 +186,7 @@ async def test_a_dc_never_adopts_a_task_whose_copy_there_lost_the_id(
         )  # fmt: skip
         copy.superseded_by_dc = "east"
         end(copy.status, pb.TASK_STATE_CANCELLED, "CANCELLED", "duplicate: DC east first")
-        await TaskStore(client, KeySpace(prefix, "west")).create(copy)
+        await TaskStore(EtcdKv(client), KeySpace(prefix, "west")).create(copy)
     offered = await offer_from(cluster, "east", west, "lost-the-id")
     assert not offered.accepted and "belongs to DC east" in offered.reason, offered.reason
 
@@ -221,7 +222,7 @@ async def test_an_offer_of_an_attempt_running_elsewhere_is_refused(
     that runs it (its start would then pass the one-run-per-attempt check)."""
     agent = cluster.start("w1")
     async with client_for([etcd.endpoint], security=cluster.trust.operator()) as client:
-        store = TaskStore(client, KeySpace(prefix, "west"))
+        store = TaskStore(EtcdKv(client), KeySpace(prefix, "west"))
         task = spec("twice")
         record = new_record(
             task, spec_digest(task), now_ms() + 60_000, attempt=1, path=(),
@@ -248,7 +249,7 @@ async def test_an_agent_of_the_dc_never_takes_a_task_it_is_handing_on(
     a hand-off refuses a task an agent of its DC took first: it is placed there."""
     agent = cluster.start("w1")
     async with client_for([etcd.endpoint], security=cluster.trust.operator()) as client:
-        store = TaskStore(client, KeySpace(prefix, "west"))
+        store = TaskStore(EtcdKv(client), KeySpace(prefix, "west"))
         for task_id in ("leaving", "taken"):
             task = spec(task_id)
             await store.create(

@@ -33,6 +33,7 @@ from mesh.local.etcdserver import EtcdMember
 from mesh.sdk import AsyncClient
 from mesh.store.claims import Claim, ClaimStore
 from mesh.store.etcd import client_for
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.reads import decode
 from mesh.v1 import tasks_pb2 as pb
@@ -193,7 +194,7 @@ async def test_an_id_accepted_twice_while_its_home_was_away_keeps_the_homes_task
             digest = decode((await etcd.get(west_keys.task(task_id))).value).spec_digest
         async with client_for([etcds["east"].endpoint], security=cluster.trust.operator()) as etcd:
             claim = Claim("east", digest if retry else "alices-digest", now_ms())
-            await ClaimStore(etcd, east_keys).claim(task_id, claim)
+            await ClaimStore(EtcdKv(etcd), east_keys).claim(task_id, claim)
         async with start("east").client(bob if retry else alice) as e:
             await e.submit(mine if retry else theirs)
             # East is back: west's owner claims and learns east was first.

@@ -14,6 +14,7 @@ from support import AgentProc, Cluster, apply_topology, sleep_spec, two_dcs, wai
 from mesh.errors import TaskNotFound
 from mesh.local.etcdserver import EtcdMember
 from mesh.store.etcd import client_for
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.records import TaskStore
 from mesh.v1 import tasks_pb2 as pb
@@ -63,4 +64,4 @@ async def test_a_retried_submit_is_answered_by_the_record_etcd_holds_once_back(
     assert (first.status.dc, reply.status.dc, reply.existing) == ("west", "west", True)
     async with client_for([etcds["east"].endpoint], security=cluster.trust.operator()) as raw:
         with pytest.raises(TaskNotFound):  # east never took it: no second task
-            await TaskStore(raw, KeySpace(prefix, "east")).get("late")
+            await TaskStore(EtcdKv(raw), KeySpace(prefix, "east")).get("late")

@@ -17,6 +17,7 @@ from mesh.client import MeshClient
 from mesh.core.task import TERMINAL, state_name
 from mesh.local.etcdserver import EtcdMember, etcdctl_for
 from mesh.store.election import Election
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.v1 import tasks_pb2 as pb
 
@@ -41,7 +42,7 @@ def slow_command(task_id: str) -> pb.TaskSpec:
 
 
 async def leader(client: aetcd.Client, prefix: str) -> str | None:
-    election = Election(client, KeySpace(prefix, "west").election, lambda: 0, b"")
+    election = Election(EtcdKv(client), KeySpace(prefix, "west").election, lambda: 0, b"")
     found = await election.leader()
     return found[0].decode().split()[0] if found else None
 

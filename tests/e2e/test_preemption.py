@@ -16,6 +16,7 @@ from support import Cluster, cli_operator, eventually, sleep_spec, until_peers
 
 from mesh.agent.decisionlog import replay
 from mesh.local.etcdserver import EtcdMember
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.quota import apply_policy
 from mesh.v1 import tasks_pb2 as pb
@@ -28,7 +29,7 @@ async def test_an_online_task_preempts_a_borrowed_batch_run(
 ) -> None:
     # Of 2 GPUs one is batch's own, one online's; the group's cap makes its runs hold slots.
     policy = {"online_share": 0.5, "groups": {"research": {"max_gpus": 4}}}
-    await apply_policy(etcd_client, KeySpace(prefix, "west"), yaml.safe_dump(policy))
+    await apply_policy(EtcdKv(etcd_client), KeySpace(prefix, "west"), yaml.safe_dump(policy))
     decisions = tmp_path / "decisions.jsonl"
     agent = cluster.start("p1", fake_gpus="2xA100-80GB", preempt_after_s=0, decision_log=decisions)
     await until_peers(agent, ["p1"])
@@ -85,7 +86,8 @@ async def test_an_online_task_reclaims_gpus_when_every_queue_is_full(
     """Batch holds both GPUs and fills the queue: the online task is taken past the
     queue's bound by the agent whose batch runs borrowed its GPUs, not backlogged behind
     batch work that would hold them for minutes."""
-    await apply_policy(etcd_client, KeySpace(prefix, "west"), yaml.safe_dump({"online_share": 0.5}))
+    policy = yaml.safe_dump({"online_share": 0.5})
+    await apply_policy(EtcdKv(etcd_client), KeySpace(prefix, "west"), policy)
     agent = cluster.start("r1", fake_gpus="2xA100-80GB", preempt_after_s=0, max_queue_length=1)
     await until_peers(agent, ["r1"])
     async with agent.client() as client:

@@ -19,6 +19,7 @@ from mesh.core.access import GROUP_ADMIN
 from mesh.core.task import TERMINAL
 from mesh.local.etcdserver import EtcdMember
 from mesh.store.etcd import client_for, watch_events
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.quota import apply_policy
 from mesh.store.reads import decode
@@ -31,7 +32,7 @@ async def test_a_user_capped_at_two_never_runs_more_than_two(
     cluster: Cluster, etcd_client: aetcd.Client, prefix: str
 ) -> None:
     keys = KeySpace(prefix, "west")
-    await apply_policy(etcd_client, keys, yaml.safe_dump(POLICY))  # before any agent starts
+    await apply_policy(EtcdKv(etcd_client), keys, yaml.safe_dump(POLICY))  # before any agent starts
     revision = (await etcd_client.get_prefix(keys.tasks)).header.revision
     running: set[str] = set()
     most = 0
@@ -97,7 +98,7 @@ async def test_a_group_admin_splits_its_groups_cap_and_never_beyond_it(
     cluster: Cluster, etcd_client: aetcd.Client, prefix: str
 ) -> None:
     keys = KeySpace(prefix, "west")
-    await apply_policy(etcd_client, keys, yaml.safe_dump(POLICY))
+    await apply_policy(EtcdKv(etcd_client), keys, yaml.safe_dump(POLICY))
     agent = cluster.start("s1")
     admin = cluster.trust.user("carol", groups=["research"], roles=[GROUP_ADMIN])
     async with agent.client(admin) as client:
@@ -139,7 +140,7 @@ async def test_a_spent_budget_holds_the_next_task_until_the_operator_raises_it(
         spend = {"gpu_seconds": gpu_seconds, "period_s": month}
         return yaml.safe_dump({"groups": {"research": {"budget": spend}}})
 
-    await apply_policy(etcd_client, keys, budget(0.5))
+    await apply_policy(EtcdKv(etcd_client), keys, budget(0.5))
     agent = cluster.start("b1", fake_gpus="1xA100-80GB")
     async with agent.client() as client:
 
@@ -160,7 +161,7 @@ async def test_a_spent_budget_holds_the_next_task_until_the_operator_raises_it(
             return message.startswith(spent) and "/0.5 GPU-seconds this period" in message
 
         await eventually(told_why, what="the second task to wait for the budget, saying so")
-        await apply_policy(etcd_client, keys, budget(1000))
+        await apply_policy(EtcdKv(etcd_client), keys, budget(1000))
         await eventually(lambda: _ended(state, "spend-2"), what="the second task to run")
 
 
@@ -176,7 +177,7 @@ async def test_a_global_cap_holds_a_dc_to_its_part(
     etcds, start = two_dcs(cluster, more_etcd)
     policy = yaml.safe_dump({"groups": {"research": {"max_gpus_global": 2}}})
     async with client_for([etcds["west"].endpoint], security=cluster.trust.operator()) as raw:
-        await apply_policy(raw, KeySpace(prefix, "west"), policy)
+        await apply_policy(EtcdKv(raw), KeySpace(prefix, "west"), policy)
     west = start("west", fake_gpus="2xA100-80GB")
     await apply_topology(cluster, prefix, etcds, {"west": west.peer_address})
     wait_log(west, "topology version 1 applied")

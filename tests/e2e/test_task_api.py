@@ -18,6 +18,7 @@ from mesh.client import MeshClient
 from mesh.core.task import TERMINAL, state_name
 from mesh.local.localmesh import free_port
 from mesh.store.etcd import client_for
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
@@ -109,7 +110,9 @@ async def test_a_run_whose_cancel_was_recorded_never_ends_as_a_success(
             record.cancel_requested, record.cancel_reason = True, "user gave up"
 
         async with client_for([cluster.etcd_endpoint], security=cluster.trust.operator()) as c:
-            await TaskStore(c, KeySpace(cluster.prefix, "west")).update("told-running", requested)
+            await TaskStore(EtcdKv(c), KeySpace(cluster.prefix, "west")).update(
+                "told-running", requested
+            )
         ended = (await follow(entry, "told-running"))[-1].status
     assert state_name(ended.state) == "CANCELLED"
     assert ended.error.message.startswith("user gave up") and not ended.HasField("result")

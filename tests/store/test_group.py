@@ -26,13 +26,13 @@ async def test_concurrent_transactions_share_proposals_and_keep_their_outcomes(
     outcomes = await asyncio.gather(*(create(k, k) for k in keys), create(taken, b"second"))
     assert group.batches < group.carried == len(keys) + 1  # some went out together
     *created, refused = outcomes
-    assert all(ok for ok, _ in created)
-    ok, responses = refused
+    assert all(ok for ok, _, _ in created)
+    ok, responses, _ = refused
     assert not ok and responses[0][0][0] == b"first"  # its own failure branch, alone
-    for key, (_, responses) in zip(keys, created, strict=True):
+    for key, (_, responses, revision) in zip(keys, created, strict=True):
         stored = await etcd_client.get(key)
         assert stored.value == key
-        assert responses[0].response_put.header.revision == stored.mod_revision
+        assert responses[0].response_put.header.revision == stored.mod_revision == revision
 
 
 async def test_two_writes_of_one_key_never_share_a_batch(
@@ -45,7 +45,7 @@ async def test_two_writes_of_one_key_never_share_a_batch(
     writes = [group.transaction([], [tx.put(key, str(i).encode())]) for i in range(5)]
     others = [group.transaction([], [tx.put(key + str(i).encode(), b"")]) for i in range(5)]
     outcomes = await asyncio.gather(*writes, *others)
-    assert all(ok for ok, _ in outcomes)
+    assert all(ok for ok, _, _ in outcomes)
     assert (await etcd_client.get(key)).value == b"4"  # in the order they were asked
     assert group.batches >= 5
 

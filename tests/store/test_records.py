@@ -20,6 +20,7 @@ from mesh.core.lifecycle import new_record
 from mesh.core.task import spec_digest
 from mesh.errors import StaleWrite
 from mesh.store import reads
+from mesh.store.etcdkv import EtcdKv
 from mesh.store.keys import KeySpace
 from mesh.store.reads import decode, encode
 from mesh.store.records import TaskStore
@@ -45,7 +46,7 @@ def note(text: str):  # type: ignore[no-untyped-def]
 async def test_an_update_from_a_stale_memory_lands_on_the_record_as_it_is(
     etcd_client: aetcd.Client, prefix: str
 ) -> None:
-    mine, theirs = (TaskStore(etcd_client, KeySpace(prefix, "west")) for _ in range(2))
+    mine, theirs = (TaskStore(EtcdKv(etcd_client), KeySpace(prefix, "west")) for _ in range(2))
     await mine.create(record("t1"))
     await mine.update("t1", note("mine, first"))
     await theirs.update("t1", lambda r: r.status.path.append("theirs"))  # behind my back
@@ -59,7 +60,7 @@ async def test_an_update_from_a_stale_memory_lands_on_the_record_as_it_is(
 async def test_a_new_attempt_is_not_refused_on_the_memory_of_the_old_one(
     etcd_client: aetcd.Client, prefix: str
 ) -> None:
-    mine, owner = (TaskStore(etcd_client, KeySpace(prefix, "west")) for _ in range(2))
+    mine, owner = (TaskStore(EtcdKv(etcd_client), KeySpace(prefix, "west")) for _ in range(2))
     await mine.create(record("t2"))
     await mine.update("t2", note("attempt 1 runs"), attempt=1)
 
@@ -85,7 +86,7 @@ async def test_an_attempt_running_on_one_agent_is_never_started_on_another(
 ) -> None:
     """A task placed twice (two settles of one unsure Submit, say) runs once: the second
     agent's start write finds the attempt running elsewhere and does not run it."""
-    store = TaskStore(etcd_client, KeySpace(prefix, "west"))
+    store = TaskStore(EtcdKv(etcd_client), KeySpace(prefix, "west"))
     stored, _ = await store.create(record("twice"))
     spec = stored.status.spec
 
@@ -106,13 +107,13 @@ async def test_a_follower_whose_watch_lost_the_end_still_ends(
     """A watch that hears nothing (an event lost on the way) does not hold the follower:
     after a silence it reads the record, and ends with it."""
 
-    async def deaf(*_: object, **__: object):  # type: ignore[no-untyped-def]
-        await asyncio.Event().wait()
-        yield  # pragma: no cover
+    class Deaf(EtcdKv):
+        async def watch(self, *_: object, **__: object):  # type: ignore[no-untyped-def,override]
+            await asyncio.Event().wait()
+            yield  # pragma: no cover
 
-    monkeypatch.setattr(reads, "watch_events", deaf)
     monkeypatch.setattr(reads, "QUIET_S", 0.1)
-    store = TaskStore(etcd_client, KeySpace(prefix, "west"))
+    store = TaskStore(Deaf(etcd_client), KeySpace(prefix, "west"))
     stored, _ = await store.create(record("quiet"))
     await store.finish("quiet", pb.TASK_STATE_SUCCEEDED, "", "")
     seen = [s.status.state async for s in store.follow("quiet", after=stored.revision)]
@@ -125,7 +126,7 @@ async def test_an_end_that_landed_though_its_call_timed_out_counts_as_committed(
     """Seed 7, etcd-quorum-loss: a run's end write timed out while etcd had no quorum and
     was applied once it had; the retry found the task "already finished" (by that very
     write) and the run was logged as never committed. It is read back and counted."""
-    store = TaskStore(etcd_client, KeySpace(prefix, "west"))
+    store = TaskStore(EtcdKv(etcd_client), KeySpace(prefix, "west"))
     stored, _ = await store.create(record("landed"))
     history = tmp_path / "history.jsonl"
     written = History(history, "w1", "west")
