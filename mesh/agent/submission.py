@@ -15,7 +15,6 @@ task to the topology's overflow DCs, which record and run it.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
@@ -101,11 +100,26 @@ class Submission:
             job = Job(spec, 1, admitted.deadline_ms, traceparent=record.traceparent)
             await self._placement.place(job)
         except MeshError:
-            with contextlib.suppress(MeshError):
-                await self._store.delete(stored)  # never accepted: leave no trace
+            # Never accepted: leave no trace, even if etcd is away now. A record left
+            # PENDING on this live agent would never be placed nor re-queued, and would
+            # hold the id against the copy the client's retry makes elsewhere.
+            try:
+                await self._store.delete(stored)
+            except MeshError:
+                self._spawn(f"withdraw {spec.task_id}", self._withdraw(stored))
             raise
         metrics.SUBMITTED.inc()
         return await self._store.get(spec.task_id), True
+
+    async def _withdraw(self, stored: Stored) -> None:
+        """Delete the record of a Submit that was refused, once etcd answers, outlasting
+        an outage as a run's end does; a record that changed meanwhile (taken up after
+        all) stays."""
+        retries = patient(self._cfg.lease_ttl_s + self._cfg.etcd_outage_grace_s)
+        try:
+            await retries.run(lambda: self._store.delete(stored))
+        except MeshError as exc:
+            log.warning("could not withdraw %s: %s", stored.status.task_id, exc)
 
     async def _create(
         self, record: peer_pb2.TaskRecord, also: Sequence[object]
