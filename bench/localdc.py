@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -35,18 +38,25 @@ def one_dc(
 
 @contextmanager
 def local_mesh(document: dict[str, Any], timeout_s: float) -> Iterator[LocalMesh]:
-    """The local mesh a topology document describes, on this machine, torn down after;
-    each DC's etcd on a free port (so it runs beside ``meshctl up``)."""
+    """The local mesh a topology document describes, on this machine, torn down after
+    and its folder (etcd's data, logs, certificates) removed, unless ``GPUMESH_KEEP``
+    is set to look into them; each DC's etcd on a free port (so it runs beside
+    ``meshctl up``)."""
     for dc in document["dcs"].values():
         dc["etcd"] = [f"127.0.0.1:{free_port()}"]
     prefix = document["prefix"]
     topology = parse(document, f"{prefix} topology")
-    mesh = LocalMesh(topology, Path(tempfile.mkdtemp(prefix=f"gpumesh-{prefix}-")))
+    home = Path(tempfile.mkdtemp(prefix=f"gpumesh-{prefix}-"))
+    mesh = LocalMesh(topology, home)
     try:
         mesh.up(timeout_s=timeout_s)
         yield mesh
     finally:
         mesh.down()
+        if os.environ.get("GPUMESH_KEEP"):
+            print(f"kept {home}", file=sys.stderr, flush=True)
+        else:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 async def until(probe: Callable[[], Awaitable[bool]], limit_s: float = 30.0) -> float:

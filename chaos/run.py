@@ -8,27 +8,23 @@ cannot meet is reported as not run, with the reason; it never counts as passed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import aetcd
-
-from chaos import checker
+from chaos import checker, observe
 from chaos.checker import Observed, Term
 from chaos.load import GROUP, USER, Load
 from chaos.mesh import DCS, MODEL, PREFIX, ChaosMesh, etcd_version
 from chaos.net import Loopback, Namespaces, Network, netns_missing
 from chaos.scenarios import Context, Scenario, Staged
 from mesh.agent.history import History
-from mesh.core.task import state_name
 from mesh.local.etcdserver import find_etcd
 from mesh.local.trust import LOAD_ROLES
-from mesh.store.etcd import watch_events
-from mesh.store.keys import KeySpace
-from mesh.store.reads import decode
+from mesh.store.etcdkv import EtcdKv
 
 TTL_S = 3
 RATE_PER_S = 6.0
@@ -83,59 +79,14 @@ def unmet_needs() -> dict[str, str | None]:
 
 
 async def _records(mesh: ChaosMesh) -> tuple[dict[str, dict[str, object]], dict[str, list[str]]]:
-    """The final record of every task, from the DC that ran it (hand-overs followed),
-    and the ids recorded in more than one DC (the record kept is the one not ended as
-    a duplicate)."""
-    found: dict[str, dict[str, object]] = {}
-    split: dict[str, list[str]] = {}
-    for dc in DCS:
-        keys = KeySpace(PREFIX, dc)
-        async with mesh.client(dc) as client:
-            for kv in await client.get_prefix(keys.tasks):
-                record = decode(kv.value)
-                if record.forwarded_to_dc:
-                    continue
-                status = record.status
-                mine = {
-                    "state": state_name(status.state),
-                    "attempt": status.attempt,
-                    "dc": dc,
-                    "agent": status.agent,
-                    "duplicate": status.error.message.startswith("duplicate:"),
-                }
-                if status.task_id in found:
-                    split.setdefault(status.task_id, [str(found[status.task_id]["dc"])])
-                    split[status.task_id].append(dc)
-                    if mine["duplicate"]:
-                        continue
-                found[status.task_id] = mine
-    return found, split
+    async with contextlib.AsyncExitStack() as stack:
+        stores = {dc: EtcdKv(await stack.enter_async_context(mesh.client(dc))) for dc in DCS}
+        return await observe.records(stores, PREFIX)
 
 
 async def _terms(mesh: ChaosMesh, dc: str) -> list[Term]:
-    """Every queue-owner term of ``dc`` from etcd's history of the election keys."""
-    keys = KeySpace(PREFIX, dc)
-    prefix = keys.election + b"/"
-    created: dict[bytes, tuple[int, str]] = {}
-    deleted: dict[bytes, int] = {}
     async with mesh.client(dc) as client:
-        head = (await client.get_prefix(prefix)).header.revision
-        with_events = watch_events(client, prefix, prefix=True, start_revision=1)
-        try:
-            async with asyncio.timeout(5):
-                async for event in with_events:
-                    kv = event.kv
-                    if event.kind == aetcd.EventKind.PUT:
-                        created.setdefault(kv.key, (kv.create_revision, kv.value.decode()))
-                    else:
-                        deleted[kv.key] = kv.mod_revision
-                    if kv.mod_revision >= head:
-                        break
-        except TimeoutError:
-            pass  # nothing after the last election event: all of it was read
-    return [
-        Term(token, holder.split()[0], deleted.get(key)) for key, (token, holder) in created.items()
-    ]
+        return await observe.terms(EtcdKv(client), PREFIX, dc)
 
 
 async def _settle(mesh: ChaosMesh, accepted: set[str], bound_s: float) -> None:

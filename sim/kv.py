@@ -18,6 +18,7 @@ import asyncio
 import bisect
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from mesh.errors import Unavailable, Unsure
 from mesh.store import kv
@@ -58,8 +59,12 @@ class SimKv:
         self._wake()
 
     def recover(self) -> None:
+        """A leader again: as etcd does, every lease starts a fresh TTL (none could be
+        kept alive, nor expired, while there was none)."""
         self.down = False
         self._back.set()
+        for lease_id in list(self._leases):
+            self._arm(lease_id)
 
     def compact(self, revision: int) -> None:
         self.compacted = max(self.compacted, min(revision, self.revision))
@@ -228,7 +233,10 @@ class SimKv:
         lease.timer = loop.call_at(lease.expires, self._expire, lease_id)
 
     def _expire(self, lease_id: int) -> None:
-        """The lease is gone, and its keys with it, at one revision."""
+        """The lease is gone, and its keys with it, at one revision (not while there is
+        no leader to expire it: ``recover`` renews it)."""
+        if self.down and lease_id in self._leases:
+            return
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return
@@ -285,3 +293,69 @@ def _flat(ops: Sequence[kv.Op]) -> list[kv.Op]:
     for op in ops:
         flat += _flat((*op.success, *op.failure)) if isinstance(op, kv.If) else [op]
     return flat
+
+
+class Connection:
+    """One agent's client of its DC's store: the store's answers, held while the agent
+    is paused and refused once it crashed (``Endpoint.gate``), as its process's would."""
+
+    def __init__(self, store: SimKv, process: Gate) -> None:
+        self._store = store
+        self._process = process
+
+    async def connect(self) -> None:
+        await self._process.gate()
+        await self._store.connect()
+
+    async def close(self) -> None:
+        return None
+
+    async def get(self, key: bytes) -> kv.KeyValue | None:
+        await self._process.gate()
+        return await self._store.get(key)
+
+    async def range(
+        self, start: bytes, end: bytes, limit: int = 0, keys_only: bool = False
+    ) -> kv.Range:
+        await self._process.gate()
+        return await self._store.range(start, end, limit, keys_only)
+
+    async def put(self, key: bytes, value: bytes, lease: int = 0) -> int:
+        await self._process.gate()
+        return await self._store.put(key, value, lease)
+
+    async def delete(self, key: bytes) -> bool:
+        await self._process.gate()
+        return await self._store.delete(key)
+
+    async def txn(
+        self,
+        compare: Sequence[kv.Compare],
+        success: Sequence[kv.Op],
+        failure: Sequence[kv.Op] = (),
+    ) -> kv.TxnResult:
+        await self._process.gate()
+        return await self._store.txn(compare, success, failure)
+
+    async def grant(self, ttl_s: int) -> int:
+        await self._process.gate()
+        return await self._store.grant(ttl_s)
+
+    async def keepalive(self, lease_id: int) -> int:
+        await self._process.gate()
+        return await self._store.keepalive(lease_id)
+
+    async def revoke(self, lease_id: int) -> None:
+        await self._process.gate()
+        await self._store.revoke(lease_id)
+
+    async def watch(
+        self, key: bytes, *, prefix: bool, start_revision: int
+    ) -> AsyncIterator[kv.Event]:
+        async for event in self._store.watch(key, prefix=prefix, start_revision=start_revision):
+            await self._process.gate()
+            yield event
+
+
+class Gate(Protocol):
+    async def gate(self) -> None: ...

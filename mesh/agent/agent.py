@@ -83,10 +83,11 @@ class Agent:
         p, keep_s = self.parts, self.cfg.task_retention_s
         p.duties.keep("membership", p.membership.registry.mirror.run)
         p.duties.keep("executor", p.executor.run)
-        p.duties.keep(
-            "result retention",
-            lambda: prune_results(self.cfg.result_dir, keep_s, min(60.0, keep_s / 4)),
-        )
+        if p.ports.disk:
+            p.duties.keep(
+                "result retention",
+                lambda: prune_results(self.cfg.result_dir, keep_s, min(60.0, keep_s / 4)),
+            )
         p.duties.keep("session", self._watch_session)
         p.duties.keep("loop lag", measure_lag)
         p.duties.keep("gossip", p.gossip.run)

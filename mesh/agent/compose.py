@@ -3,10 +3,11 @@
 Every part gets what it needs when it is built, from the parts built before it; a part
 that must follow a change elsewhere connects to the event hub (``events``) rather than
 being handed a callback into a part built later. The outside world comes in through
-four ports, each with one real adapter here: the DC's store (``DcStore``, etcd), peers
-(``PeerClients``, gRPC), the GPUs and their runner (NVML's ``inventory`` and the
-pipelines), and the clock (``mesh.core.clock``, and the event loop's timers). A
-simulator builds the same parts over simulated ports.
+ports (``Ports``), each with one real adapter (``real_ports``): the DC's store
+(``DcStore`` over etcd), peers (``PeerClients``, gRPC), gossip (``GossipNode``, UDP), the
+GPUs and their runner (NVML's ``inventory`` and the pipelines), and the clock
+(``mesh.core.clock``, and the event loop's timers). The simulator (``sim``) builds the
+same parts over simulated ports.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ from mesh.agent.intake import Intake
 from mesh.agent.membership import Membership
 from mesh.agent.owner import QueueOwner
 from mesh.agent.peerapi import PeerApi
-from mesh.agent.peers import PeerClients
+from mesh.agent.peers import Peers
 from mesh.agent.placement import Placement
 from mesh.agent.planning import Planning
+from mesh.agent.ports import Gossip, Ports, real_ports
 from mesh.agent.priorities import Priorities
 from mesh.agent.reclaim import Sharing
 from mesh.agent.remote import RemoteDcs
@@ -51,16 +53,13 @@ from mesh.agent.submission import Submission
 from mesh.agent.taskapi import TaskApi
 from mesh.agent.tasks import Reach, Tasks
 from mesh.agent.view import View
-from mesh.channels import Security
 from mesh.config import AgentConfig
 from mesh.core.router import Router
 from mesh.core.routing import Policy
 from mesh.core.tenants import online_share
-from mesh.gossip.transport import GossipNode
 from mesh.gpus import inventory
 from mesh.pipelines import Models, Pipeline, load_pipelines
 from mesh.store.dc import DcStore
-from mesh.store.keys import KeySpace
 from mesh.store.mirror import PrefixMirror
 from mesh.store.quota import QuotaStore
 from mesh.trust.tokens import Verifier
@@ -79,7 +78,7 @@ class Parts:
     duties: Duties
     events: Events
     decisions: DecisionLog | None
-    peers: PeerClients
+    peers: Peers
     slots: GpuSlots
     membership: Membership
     quota: QuotaStore
@@ -87,7 +86,7 @@ class Parts:
     view: View
     topology: PrefixMirror
     token_keys: PrefixMirror
-    gossip: GossipNode
+    gossip: Gossip
     speaker: Speaker
     planning: Planning
     placement: Placement
@@ -96,22 +95,13 @@ class Parts:
     apis: Apis
     verifier: Verifier
     leaving: asyncio.Event  # set as the agent lets go of etcd: streams end
+    ports: Ports
 
 
-def security_of(cfg: AgentConfig) -> Security:
-    if cfg.insecure:
-        return Security(cfg.mesh_name, insecure=True)
-    return Security.from_files(cfg.mesh_name, cfg.tls_ca, cfg.tls_cert, cfg.tls_key)
-
-
-def build(cfg: AgentConfig) -> Parts:
-    """Every part of the agent ``cfg`` describes, wired; nothing started yet."""
-    security = security_of(cfg)
-    keys = KeySpace(cfg.prefix, cfg.dc)
-    store = DcStore.connect_to(
-        cfg.etcd_endpoints, security, keys, cfg.task_retention_s, cfg.max_deadline_s
-    )
-    return _wire(cfg, store, PeerClients(security, cfg.max_message_bytes))
+def build(cfg: AgentConfig, ports: Ports | None = None) -> Parts:
+    """Every part of the agent ``cfg`` describes, wired over ``ports`` (the real ones by
+    default); nothing started yet."""
+    return _wire(cfg, ports or real_ports(cfg))
 
 
 @dataclass(frozen=True)
@@ -120,7 +110,7 @@ class _Base:
 
     cfg: AgentConfig
     store: DcStore
-    peers: PeerClients
+    peers: Peers
     remote: RemoteDcs
     history: History
     duties: Duties
@@ -136,7 +126,7 @@ class _Base:
     priorities: Priorities
 
 
-def _base(cfg: AgentConfig, store: DcStore, peers: PeerClients) -> _Base:
+def _base(cfg: AgentConfig, store: DcStore, peers: Peers) -> _Base:
     events, duties = Events(), Duties()
     history = History(cfg.history, cfg.agent_id, cfg.dc)
     gpus = inventory(cfg.fake_gpus, cfg.gpu_weights)
@@ -314,12 +304,13 @@ def _planning(b: _Base, executor: Executor, view: View) -> tuple[Planning, Speak
     return planning, speaker
 
 
-def _wire(cfg: AgentConfig, store: DcStore, peers: PeerClients) -> Parts:
+def _wire(cfg: AgentConfig, ports: Ports) -> Parts:
+    store, peers = ports.store, ports.peers
     b = _base(cfg, store, peers)
     registry = b.membership.registry
     stages = Stages(cfg, b.router, registry, peers, b.slots, b.models, b.pipelines)
     executor = _executor(b, stages)
-    view = View(cfg, b.router, executor, b.models, b.remote, b.known, b.events)
+    view = View(cfg, b.router, executor, b.models, b.remote, b.known, b.events, ports.rng)
     t = _tasks(b, executor, view)
     planning, speaker = _planning(b, executor, view)
     verifier = Verifier(cfg.mesh_name, max_ttl_s=cfg.max_token_ttl_s)
@@ -360,9 +351,7 @@ def _wire(cfg: AgentConfig, store: DcStore, peers: PeerClients) -> Parts:
         view=view,
         topology=store.topology(view.topology_changed),
         token_keys=store.token_keys(token_keys_changed),
-        gossip=GossipNode(
-            view.gossiper, cfg.gossip_listen, view.went_quiet, drop_rate=cfg.gossip_drop_rate
-        ),
+        gossip=ports.gossip(view.gossiper, view.went_quiet),
         speaker=speaker,
         planning=planning,
         placement=t.placement,
@@ -371,4 +360,5 @@ def _wire(cfg: AgentConfig, store: DcStore, peers: PeerClients) -> Parts:
         apis=apis,
         verifier=verifier,
         leaving=leaving,
+        ports=ports,
     )

@@ -14,7 +14,7 @@ agent module knows the transport. A stream the caller stops reading is cancelled
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
@@ -28,6 +28,62 @@ T = TypeVar("T")
 # answers from its own DC and asks no further (in insecure mode, where no certificate
 # says the caller is an agent, this says it).
 FORWARDED = (("mesh-forwarded", "1"),)
+
+
+class Peers(Protocol):
+    """The peer port: calls to other agents, of this DC (``PeerService``) or another
+    (``TaskService``, forwarded). Failures are the mesh's errors, by status. One real
+    adapter (``PeerClients``); the simulator's calls the other agent in memory."""
+
+    def watch(
+        self, address: str, dc: str, task_id: str, resume_token: str = ""
+    ) -> AsyncIterator[tasks_pb2.TaskEvent]: ...
+
+    def result(
+        self, address: str, dc: str, task_id: str
+    ) -> AsyncIterator[tasks_pb2.ResultChunk]: ...
+
+    def fetch_result(
+        self, address: str, dc: str, task_id: str
+    ) -> AsyncIterator[tasks_pb2.ResultChunk]: ...
+
+    async def list(
+        self, address: str, dc: str, request: tasks_pb2.ListRequest, timeout_s: float
+    ) -> tasks_pb2.ListResponse: ...
+
+    async def get(
+        self, address: str, dc: str, task_id: str, timeout_s: float
+    ) -> tasks_pb2.TaskStatus: ...
+
+    async def cancel(
+        self, address: str, dc: str, request: tasks_pb2.CancelRequest, timeout_s: float
+    ) -> tasks_pb2.TaskStatus: ...
+
+    async def offer(
+        self, address: str, dc: str, envelope: peer_pb2.Envelope, timeout_s: float
+    ) -> peer_pb2.OfferResponse: ...
+
+    async def summary(
+        self, address: str, dc: str, mine: peer_pb2.DcSummary, timeout_s: float
+    ) -> peer_pb2.DcSummary: ...
+
+    async def settle(
+        self, address: str, dc: str, request: peer_pb2.SettleRequest, timeout_s: float
+    ) -> peer_pb2.SettleResponse: ...
+
+    async def claim(
+        self, address: str, dc: str, request: peer_pb2.ClaimRequest, timeout_s: float
+    ) -> peer_pb2.ClaimResponse: ...
+
+    async def run_stage(
+        self, address: str, dc: str, request: peer_pb2.StageRequest, timeout_s: float
+    ) -> peer_pb2.StageResponse: ...
+
+    async def cancel_local(
+        self, address: str, dc: str, request: tasks_pb2.CancelRequest, timeout_s: float
+    ) -> tasks_pb2.TaskStatus: ...
+
+    async def close(self) -> None: ...
 
 
 class PeerClients:

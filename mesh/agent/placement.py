@@ -19,7 +19,7 @@ from mesh import logs, metrics, tracing
 from mesh.agent.decisionlog import DecisionLog
 from mesh.agent.executor import Executor
 from mesh.agent.handoff import Handoffs
-from mesh.agent.peers import PeerClients
+from mesh.agent.peers import Peers
 from mesh.agent.remote import RemoteDcs
 from mesh.agent.view import View
 from mesh.config import AgentConfig
@@ -49,7 +49,7 @@ class Placement:
         store: DcStore,
         view: View,
         registry: Registry,
-        peers: PeerClients,
+        peers: Peers,
         remote: RemoteDcs,
         executor: Executor,
         accept_here: Callable[[Job, float, bool], Awaitable[tuple[bool, str]]],

@@ -15,7 +15,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from mesh.agent.peers import PeerClients
+from mesh.agent.peers import Peers
 from mesh.errors import MeshError, TaskNotFound, Unavailable
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -29,7 +29,7 @@ NEXT_SEED = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
 
 class RemoteDcs:
-    def __init__(self, peers: PeerClients) -> None:
+    def __init__(self, peers: Peers) -> None:
         self._peers = peers
         self._seeds: dict[str, tuple[str, ...]] = {}
         self._live: dict[str, tuple[str, ...]] = {}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from mesh.agent.peers import PeerClients
+from mesh.agent.peers import Peers
 from mesh.agent.slots import GpuSlots
 from mesh.config import AgentConfig
 from mesh.core import clock, layers
@@ -47,7 +47,7 @@ class Stages:
         cfg: AgentConfig,
         router: Router,
         registry: Registry,
-        peers: PeerClients,
+        peers: Peers,
         slots: GpuSlots,
         models: Models,
         pipelines: dict[str, Pipeline],

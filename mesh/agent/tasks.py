@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from mesh.agent.addressing import Addressing
 from mesh.agent.handoff import pointed_to
-from mesh.agent.peers import PeerClients
+from mesh.agent.peers import Peers
 from mesh.agent.remote import RemoteDcs
 from mesh.core.listing import Page, merge
 from mesh.core.task import (
@@ -52,7 +52,7 @@ class Reach:
     agent_id: str
     store: TaskStore
     registry: Registry
-    peers: PeerClients
+    peers: Peers
     remote: RemoteDcs
     addressing: Addressing
 

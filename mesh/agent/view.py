@@ -45,6 +45,7 @@ class View:
         remote: RemoteDcs,
         known: KnownDcs,
         events: Events,
+        rng: random.Random | None = None,
     ) -> None:
         """Tells ``events`` of load or membership changed (``capacity``: the queue owner
         looks again), of a topology's new queue classes (``queues``) and GPU weights
@@ -54,6 +55,7 @@ class View:
         self._models = models
         self._remote = remote
         self._known = known
+        self._rng = rng or random.Random()  # the gossiper's choices of peers
         self._on_capacity = events.capacity.emit
         self._on_queues = events.queues.emit
         self._on_weights = events.weights.emit
@@ -82,7 +84,7 @@ class View:
             stale_s=self._cfg.gossip_stale_s,
         )
         keyring = Keyring(tuple(k.encode() for k in keys))
-        return Gossiper(own, keyring, config, self._gossiped, random.Random())
+        return Gossiper(own, keyring, config, self._gossiped, self._rng)
 
     # -- membership, load, gossip --------------------------------------------------------
 

@@ -1,0 +1,133 @@
+"""One simulated run per seed: a mesh, a load, a fault schedule, and the checker's verdict.
+
+The seed decides everything: the agents' clock skews and random choices, the network's
+delays, the load and the faults. Nothing else enters (no wall clock, no threads, no I/O
+but the history files), so the same seed gives the same history byte for byte, and a
+failing seed is replayed with ``python -m sim run --seeds N``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from chaos import checker, observe
+from chaos.checker import Observed, Verdict
+from mesh.agent.history import History
+from mesh.core import clock
+from mesh.store.keys import KeySpace
+from mesh.store.kv import prefix_end
+from sim import faults, loop
+from sim.clock import SimClock
+from sim.load import Load
+from sim.mesh import PREFIX, SimMesh
+from sim.net import Endpoint
+
+SETTLE_S = 120.0  # after the last fault clears, every accepted task must end within this
+
+
+@dataclass
+class Outcome:
+    seed: int
+    tasks: int
+    faults: list[str]
+    verdict: Verdict
+    history_sha256: str
+    simulated_s: float
+    events: list[checker.Event] = field(repr=False, default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict.ok
+
+
+def simulate(seed: int, tasks: int = 200, workdir: Path | None = None) -> Outcome:
+    """Run seed ``seed`` on a virtual event loop and check what happened; its files go to
+    ``workdir`` (a temporary folder, removed after, by default)."""
+    if workdir is None:
+        with tempfile.TemporaryDirectory(prefix=f"gpumesh-sim-{seed}-") as folder:
+            return simulate(seed, tasks, Path(folder))
+    run = loop.run(_simulate(seed, tasks, workdir))
+    raw = b"".join(sorted(p.read_bytes() for p in workdir.glob("*.jsonl")))
+    run.observed.events = _events(workdir)
+    return Outcome(
+        seed,
+        tasks,
+        [str(f) for f in run.faults],
+        checker.check(run.observed),
+        hashlib.sha256(raw).hexdigest(),
+        run.simulated_s,
+        run.observed.events,
+    )
+
+
+@dataclass
+class _Run:
+    faults: list[faults.Fault]
+    observed: Observed
+    simulated_s: float
+
+
+async def _simulate(seed: int, tasks: int, workdir: Path) -> _Run:
+    clock.use(SimClock())  # the load's and the fault schedule's clock
+    mesh = SimMesh(seed, workdir)
+    rng = random.Random(mesh.rng.random())
+    await mesh.start()
+    history = History(workdir / "load.jsonl", "load", "client")
+    client = Endpoint("client", "clients", apis=None, context=None)  # type: ignore[arg-type]
+    client.awake.set()
+    load = Load(mesh.net, rng, [a.address for a in mesh.agents.values()], history, client)
+    every_s = 0.05
+    schedule = faults.schedule(rng, mesh, within_s=tasks * every_s)
+    done = asyncio.gather(*(faults.inflict(mesh, f, history) for f in schedule))
+    await load.run(tasks, every_s)
+    await done
+    cleared = asyncio.get_running_loop().time()
+    await _settle(mesh, load.accepted, SETTLE_S)
+    records, split = await observe.records(mesh.stores, PREFIX)
+    terms = {dc: await observe.terms(store, PREFIX, dc) for dc, store in mesh.stores.items()}
+    membership = {dc: await _members(mesh, dc) for dc in mesh.dcs}
+    simulated_s = asyncio.get_running_loop().time()
+    mesh.stop()
+    history.close()
+    observed = Observed(
+        events=[],
+        records=records,
+        terms=terms,
+        membership=membership,
+        expected={dc: {a for a, s in mesh.agents.items() if s.dc == dc} for dc in mesh.dcs},
+        settle_s=simulated_s - cleared,
+        split=split,
+        fault=(schedule[0].at_s, cleared) if schedule else (0.0, 0.0),
+    )
+    return _Run(schedule, observed, round(simulated_s, 3))
+
+
+async def _settle(mesh: SimMesh, accepted: set[str], bound_s: float) -> None:
+    """Wait, up to ``bound_s`` of simulated time, for every accepted task to end."""
+    deadline = asyncio.get_running_loop().time() + bound_s
+    while asyncio.get_running_loop().time() < deadline:
+        records, _ = await observe.records(mesh.stores, PREFIX)
+        ended = {k for k, r in records.items() if r["state"] in checker.TERMINAL}
+        if accepted <= ended:
+            return
+        await asyncio.sleep(1.0)
+
+
+async def _members(mesh: SimMesh, dc: str) -> set[str]:
+    agents = KeySpace(PREFIX, dc).agents
+    found = await mesh.stores[dc].range(agents, prefix_end(agents))
+    return {kv.key[len(agents) :].decode() for kv in found.kvs}
+
+
+def _events(workdir: Path) -> list[checker.Event]:
+    """Every history event, in time order (the order written, within a time)."""
+    events = []
+    for path in sorted(workdir.glob("*.jsonl")):
+        events += [json.loads(line) for line in path.read_text().splitlines()]
+    return sorted(events, key=lambda e: float(e["mono"]))  # type: ignore[arg-type]
