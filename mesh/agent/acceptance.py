@@ -14,7 +14,7 @@ from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import claim_run
 from mesh.core.task import spec_digest
-from mesh.errors import InvalidTask, MeshError, StaleWrite
+from mesh.errors import InvalidTask, MeshError, StaleWrite, Unsure
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -32,6 +32,11 @@ class Acceptance:
         when asked to ``reclaim`` and borrowed batch runs here will give their GPUs."""
         if job.deadline_ms <= now_ms():
             return False, "deadline passed"
+        held = self._executor.holding(job.task_id)
+        if held is not None and held.attempt == job.attempt:
+            # The same run offered again (an answer lost on the way, a hand-back that
+            # crossed a placement): it is here already, and runs once.
+            return True, "already here"
         reclaiming = reclaim and self._executor.can_reclaim(job.spec)
         try:
             self._executor.check(job.spec, past_bound=reclaiming)
@@ -65,6 +70,11 @@ class Acceptance:
 
         try:
             await self._store.update(job.task_id, mutate, attempt=job.attempt)
+        except Unsure:
+            # Perhaps written: the record may name this agent. The job stays queued, and
+            # its start write decides: it runs if the record is this run's, and is
+            # dropped, untouched, if another agent's accept or the owner moved it on.
+            return True, "accepted (the record write is unsure)"
         except MeshError as exc:
             if isinstance(exc, StaleWrite) and await self._runs_here(job):
                 return True, "accepted"

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from mesh import metrics
 from mesh.agent.executor import Executor
 from mesh.agent.handoff import pointed_to
+from mesh.agent.retry import patient
 from mesh.agent.tasks import Reach, answering
+from mesh.core.jobs import Job
 from mesh.core.lifecycle import end
 from mesh.core.task import TERMINAL, public
 from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable
@@ -36,14 +39,20 @@ class Cancels:
         backlog: Backlog,
         executor: Executor,
         backlog_changed: Callable[[], None],
+        spawn: Callable[[str, Coroutine[Any, Any, None]], object],
+        patience_s: float,
     ) -> None:
-        """``backlog_changed`` wakes the DC's queue owner, if this agent is it."""
+        """``backlog_changed`` wakes the DC's queue owner, if this agent is it; ``spawn``
+        runs background work the agent cancels when it stops; ``patience_s`` is how long
+        a write waits out an etcd outage (lease TTL and outage grace)."""
         self._reach = reach
         self._me = reach.agent_id
         self._store = reach.store
         self._backlog = backlog
         self._executor = executor
         self._backlog_changed = backlog_changed
+        self._spawn = spawn
+        self._patience_s = patience_s
 
     async def _end_waiting(
         self, stored: Stored, reason: str, superseded_by: str
@@ -142,11 +151,13 @@ class Cancels:
         why = reason or "cancelled by user"
         queued = self._executor.cancel(task_id, why)
         if queued is not None:
-            with contextlib.suppress(StaleWrite):
-                await self._store.finish(
-                    task_id, pb.TASK_STATE_CANCELLED, "CANCELLED", why, attempt=queued.attempt
-                )
-        elif not self._executor.holds(task_id):
+            try:
+                await self._finish(queued, why)
+            except Unavailable:
+                # Out of the queue and not yet ended: never lost between the two.
+                self._spawn(f"cancel {task_id}", self._finish_later(queued, why))
+                raise
+        elif self._executor.holding(task_id) is None:
             stored = await self._store.get(task_id)
             if stored.status.agent != self._me:
                 raise TaskNotFound("task is not on this agent", task_id=task_id)
@@ -157,3 +168,18 @@ class Cancels:
                     if stored.status.state in TERMINAL:
                         break
         return public((await self._store.get(task_id)).status)
+
+    async def _finish(self, job: Job, why: str) -> None:
+        with contextlib.suppress(StaleWrite):  # it moved on: nothing of it is here
+            await self._store.finish(
+                job.task_id, pb.TASK_STATE_CANCELLED, "CANCELLED", why, attempt=job.attempt
+            )
+
+    async def _finish_later(self, job: Job, why: str) -> None:
+        """End a cancelled queued job once etcd answers, as a run's end waits out an
+        outage; should it never answer, the job goes back in the queue, and its start
+        (which reads the cancel asked for) ends it, so it is never left QUEUED here."""
+        try:
+            await patient(self._patience_s).run(lambda: self._finish(job, why))
+        except Unavailable:
+            self._executor.enqueue(job, past_bound=True)

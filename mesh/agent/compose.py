@@ -234,11 +234,27 @@ def _tasks(b: _Base, executor: Executor, view: View) -> _Tasks:
     b.events.preempted.connect(handover.preempted)
     return _Tasks(
         placement=placement,
-        intake=Intake(cfg, store.records, view, acceptance, placement.place, known_pipelines),
+        intake=Intake(
+            cfg,
+            store.records,
+            view,
+            acceptance,
+            placement.place,
+            known_pipelines,
+            b.duties.spawn,
+            cfg.lease_ttl_s + cfg.etcd_outage_grace_s,
+        ),
         addressing=addressing,
         submission=Submission(cfg, store.records, placement, addressing, b.duties.spawn),
         tasks=Tasks(reach, cfg.result_dir, b.known),
-        cancels=Cancels(reach, store.backlog, executor, b.events.capacity.emit),
+        cancels=Cancels(
+            reach,
+            store.backlog,
+            executor,
+            b.events.capacity.emit,
+            b.duties.spawn,
+            cfg.lease_ttl_s + cfg.etcd_outage_grace_s,
+        ),
         handover=handover,
         known_pipelines=known_pipelines,
     )

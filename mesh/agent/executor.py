@@ -94,12 +94,13 @@ class Executor:
     def slots(self) -> int:
         return len(self._slots)
 
-    def holds(self, task_id: str) -> bool:
-        return (
-            task_id in self._runs
-            or task_id in self._gate
-            or any(j.task_id == task_id for j in self._queue)
-        )
+    def holding(self, task_id: str) -> Job | None:
+        """The job of ``task_id`` this agent holds: running, queued or held for quota."""
+        run = self._runs.get(task_id)
+        if run is not None:
+            return run.job
+        queued = next((j for j in self._queue if j.task_id == task_id), None)
+        return queued or self._gate.get(task_id)
 
     def check(self, spec: pb.TaskSpec, past_bound: bool = False) -> None:
         """Raise unless this agent could run ``spec`` now (eligible, not draining, room

@@ -43,6 +43,9 @@ class QuotaGate:
     def __contains__(self, task_id: str) -> bool:
         return task_id in self._held
 
+    def get(self, task_id: str) -> Job | None:
+        return self._held.get(task_id)
+
     def verdict(self, job: Job) -> str | None:
         """Why ``job`` must wait for its tenant's quota (None: it may start); a capped
         task's verdict goes to the decision log."""

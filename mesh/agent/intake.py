@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from mesh import metrics, tracing
 from mesh.agent.acceptance import Acceptance
+from mesh.agent.retry import patient
 from mesh.agent.view import View
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import new_record
 from mesh.core.task import DC_NAME, check_id, check_offer, spec_digest
-from mesh.errors import InvalidTask, MeshError
+from mesh.errors import InvalidTask, MeshError, Unsure
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -39,6 +41,8 @@ class Intake:
         acceptance: Acceptance,
         place: Callable[..., Awaitable[str]],
         known_pipelines: Callable[[], set[str]],
+        spawn: Callable[[str, Coroutine[Any, Any, None]], object],
+        patience_s: float,
     ) -> None:
         """``place`` is this agent's sending end (``Placement.place``), for tasks taken
         from another DC; ``known_pipelines`` are the pipelines of this DC's agents."""
@@ -48,6 +52,8 @@ class Intake:
         self._acceptance = acceptance
         self._place = place
         self._known_pipelines = known_pipelines
+        self._spawn = spawn
+        self._patience_s = patience_s  # how long a write waits out an etcd outage
 
     async def offer(self, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
         """Another agent asks us to take a task: decided by our own live load, not gossip.
@@ -93,7 +99,13 @@ class Intake:
             traceparent=job.traceparent,
             trace_id=tracing.trace_id(job.traceparent),
         )
-        stored, created = await self._store.create(record)
+        try:
+            stored, created = await self._store.create(record)
+        except Unsure:
+            # It may be recorded here, PENDING under this agent's name, while the offering
+            # DC hears it was not: once etcd answers, place what was written.
+            self._spawn(f"settle {job.task_id}", self._settle(job, digest))
+            raise
         if not created:
             if held := stored.record.forwarded_to_dc or stored.record.superseded_by_dc:
                 # It left this DC once, a settle decided it stays in its origin, or this
@@ -111,6 +123,24 @@ class Intake:
             return False, f"{self._cfg.dc} is full too: {exc.message}"
         log.info("took %s from DC %s, placed on %s", job.task_id, job.path[0], where)
         return True, "accepted"
+
+    async def _settle(self, job: Job, digest: str) -> None:
+        """Place a task whose adoption's record write was unsure, if it was written and
+        nobody took it up since; a written record nobody places would be PENDING for ever."""
+        try:
+            stored = await patient(self._patience_s).run(lambda: self._store.get(job.task_id))
+        except MeshError:
+            return  # never written, or etcd never came back: nothing here to place
+        status = stored.status
+        mine = status.agent == self._cfg.agent_id and stored.record.spec_digest == digest
+        if status.state != pb.TASK_STATE_PENDING or not mine:
+            return
+        try:
+            await self._place(job, spill=False, wait=False)
+        except MeshError as exc:
+            log.warning("could not place %s, adopted unsure: %s", job.task_id, exc)
+            with contextlib.suppress(MeshError):
+                await self._store.delete(stored)
 
     async def settle(self, request: peer_pb2.SettleRequest) -> peer_pb2.SettleResponse:
         """The origin DC does not know whether its offer of a task reached us (it timed

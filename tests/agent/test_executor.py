@@ -178,7 +178,7 @@ async def test_cancel_running_and_queued(rig) -> None:
     assert state_name(recorder.ends["t0"].state) == "CANCELLED"
     assert recorder.ends["t0"].error_message == "changed my mind"
     assert "t2" not in recorder.ends  # a queued task's end is the caller's to record
-    assert not executor.holds("t2")
+    assert executor.holding("t2") is None
 
 
 async def test_deadline_stops_a_run(rig) -> None:
@@ -313,7 +313,7 @@ async def test_withdraw_takes_a_queued_job_back_and_leaves_a_run_to_its_record(r
     gated.open("t0")
     await recorder.until("t0 ends", lambda: "t0" in recorder.ends)
     assert state_name(recorder.ends["t0"].state) == "SUCCEEDED"
-    assert not executor.holds("t2")
+    assert executor.holding("t2") is None
 
 
 async def test_a_queued_task_is_told_when_it_should_start() -> None:
