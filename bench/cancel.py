@@ -35,6 +35,7 @@ LOCAL = Path(__file__).resolve().parent.parent / "topology" / "local.yaml"
 CONCURRENCY = 32
 POLL_S = 0.05
 TASK_S = 2.0
+END_S = 30.0  # a cancelled task not ended this long after its Cancel is reported, not awaited
 
 
 def _spec(task_id: str, rng: random.Random) -> pb.TaskSpec:
@@ -86,6 +87,7 @@ async def measure(clients: list[MeshClient], count: int, seed: int) -> dict[str,
     gets: list[float] = []
     ended: dict[str, list[float]] = {"waiting": [], "running": []}
     ignored: list[str] = []  # a Cancel that saw the task unfinished, and then a success
+    never_ended: dict[str, str] = {}  # cancelled, and still not terminal after END_S
 
     async def cancel(task_id: str) -> None:
         async with gate:
@@ -112,6 +114,12 @@ async def measure(clients: list[MeshClient], count: int, seed: int) -> dict[str,
             reads.append(True)
             answered = status.state
             while status.state not in TERMINAL:
+                if time.monotonic() - sent > END_S:
+                    never_ended[task_id] = (
+                        f"{state_name(status.state)} on {status.agent or '-'} in {status.dc}, "
+                        f"attempt {status.attempt}, path {list(status.path)}"
+                    )
+                    return
                 await asyncio.sleep(POLL_S)
                 status = await client.get(task_id)
             ended[kind].append(time.monotonic() - sent)
@@ -128,6 +136,7 @@ async def measure(clients: list[MeshClient], count: int, seed: int) -> dict[str,
         "floor_get": _quantiles(gets),
         "errors": dict(errors),
         "ignored_cancels": sorted(ignored),
+        "never_ended": never_ended,
     }
 
 
@@ -183,4 +192,8 @@ def main(argv: list[str]) -> None:
             f"{q.get('max_s', '-'):>9}"
         )
     print(f"cancels answered unfinished that then succeeded: {len(ignored)}", *ignored[:10])
-    raise SystemExit(1 if ignored else 0)
+    never = result["never_ended"]
+    assert isinstance(never, dict)
+    for task_id, last in list(never.items())[:10]:
+        print(f"cancelled, not ended within {END_S:.0f}s: {task_id}: {last}")
+    raise SystemExit(1 if ignored or never else 0)

@@ -301,6 +301,7 @@ def check(observed: Observed) -> Verdict:
             )
 
     verdict.violations.extend(check_tokens(events, observed.terms))
+    verdict.violations.extend(check_cancels(events, records))
     verdict.violations.extend(check_watches(events, records, forgiven))
     for dc, expected in observed.expected.items():
         seen = observed.membership.get(dc, set())
@@ -334,6 +335,18 @@ def split_in_fault(observed: Observed, verdict: Verdict) -> set[str]:
                 "the DCs could talk"
             )
     return forgiven
+
+
+def check_cancels(events: list[Event], records: dict[str, dict[str, object]]) -> list[str]:
+    """A Cancel answered while the task had not ended must end it: the task never
+    succeeds afterwards (its caller was told it had not finished)."""
+    found = []
+    for event in select(events, "cancel", "ok"):
+        key, state = str(event["key"]), str(event.get("state"))
+        record = records.get(key)
+        if state not in TERMINAL and record is not None and record["state"] == "SUCCEEDED":
+            found.append(f"cancel ignored: {key} was {state} when cancelled, then SUCCEEDED")
+    return found
 
 
 def check_watches(

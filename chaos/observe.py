@@ -5,7 +5,7 @@ and the simulator (``sim``) hand the one checker the same facts the same way."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from chaos.checker import Term
 from mesh.core.task import state_name
@@ -51,21 +51,29 @@ async def records(
 async def terms(store: Kv, prefix: str, dc: str) -> list[Term]:
     """Every queue-owner term of ``dc`` from the store's history of the election keys."""
     election = KeySpace(prefix, dc).election + b"/"
-    created: dict[bytes, tuple[int, str]] = {}
-    deleted: dict[bytes, int] = {}
     head = (await store.range(election, prefix_end(election))).revision
+    events: list[kv.Event] = []
     try:
         async with asyncio.timeout(5):
             async for event in store.watch(election, prefix=True, start_revision=1):
-                found = event.kv
-                if event.kind == kv.EventKind.PUT:
-                    created.setdefault(found.key, (found.create_revision, found.value.decode()))
-                else:
-                    deleted[found.key] = found.mod_revision
-                if found.mod_revision >= head:
+                events.append(event)
+                if event.kv.mod_revision >= head:
                     break
     except TimeoutError:
         pass  # nothing after the last election event: all of it was read
+    return terms_from(events)
+
+
+def terms_from(events: Iterable[kv.Event]) -> list[Term]:
+    """The terms that ``events`` on the election keys (in order) made and ended."""
+    created: dict[bytes, tuple[int, str]] = {}
+    deleted: dict[bytes, int] = {}
+    for event in events:
+        found = event.kv
+        if event.kind == kv.EventKind.PUT:
+            created.setdefault(found.key, (found.create_revision, found.value.decode()))
+        else:
+            deleted[found.key] = found.mod_revision
     return [
         Term(token, holder.split()[0], deleted.get(key)) for key, (token, holder) in created.items()
     ]

@@ -24,6 +24,8 @@ KINDS = (
     "dc-cut",  # the two DCs cannot reach each other
     "agent-cut",  # one agent cannot reach its peers (etcd still can)
     "slow-net",  # every message takes up to 200 ms
+    "etcd-unsure",  # a DC's etcd applies the next writes but their callers time out
+    "compact",  # a DC's etcd drops its history: watches behind it must list again
 )
 
 
@@ -43,7 +45,7 @@ def schedule(rng: random.Random, mesh: SimMesh, within_s: float, most: int = 3) 
     faults = []
     for _ in range(rng.randint(0, most)):
         kind = rng.choice(KINDS)
-        if kind in ("etcd-down", "dc-cut", "slow-net", "owner-crash"):
+        if kind in ("etcd-down", "dc-cut", "slow-net", "owner-crash", "etcd-unsure", "compact"):
             target = rng.choice(sorted(mesh.dcs))
         else:
             target = rng.choice(sorted(mesh.agents))
@@ -89,6 +91,13 @@ async def inflict(mesh: SimMesh, fault: Fault, history: History) -> None:
         mesh.net.cuts |= cuts
         await asyncio.sleep(fault.lasts_s)
         mesh.net.cuts -= cuts
+    elif fault.kind == "etcd-unsure":
+        mesh.stores[target].unsure = 3
+        await asyncio.sleep(fault.lasts_s)
+        mesh.stores[target].unsure = 0
+    elif fault.kind == "compact":
+        store = mesh.stores[target]
+        store.compact(store.revision)
     elif fault.kind == "slow-net":
         before = mesh.net.delay_s
         mesh.net.delay_s = (0.001, 0.2)

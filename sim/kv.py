@@ -45,6 +45,7 @@ class SimKv:
         self._data: dict[bytes, kv.KeyValue] = {}
         self._keys: list[bytes] = []  # sorted
         self._history: list[kv.Event] = []
+        self.audit: list[kv.Event] = []  # every change ever, for the checker: never compacted
         self._leases: dict[int, _Lease] = {}
         self._next_lease = 0x1000
         self._changed = asyncio.Event()
@@ -177,7 +178,7 @@ class SimKv:
                 return 0
             self._remove(old)
             gone = kv.KeyValue(op.key, b"", 0, revision, 0)
-            self._history.append(kv.Event(kv.EventKind.DELETE, gone))
+            self._record(kv.Event(kv.EventKind.DELETE, gone))
             return 1
         if old is not None and old.lease:
             self._leases[old.lease].keys.discard(op.key)
@@ -194,8 +195,12 @@ class SimKv:
         self._data[op.key] = new
         if op.lease:
             self._leases[op.lease].keys.add(op.key)
-        self._history.append(kv.Event(kv.EventKind.PUT, new))
+        self._record(kv.Event(kv.EventKind.PUT, new))
         return None
+
+    def _record(self, event: kv.Event) -> None:
+        self._history.append(event)
+        self.audit.append(event)
 
     def _remove(self, old: kv.KeyValue) -> None:
         del self._data[old.key]
@@ -250,7 +255,7 @@ class SimKv:
             if old is not None and old.lease == lease_id:
                 self._remove(old)
                 gone = kv.KeyValue(key, b"", 0, revision, 0)
-                self._history.append(kv.Event(kv.EventKind.DELETE, gone))
+                self._record(kv.Event(kv.EventKind.DELETE, gone))
         self.revision = revision
         self._wake()
 

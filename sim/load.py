@@ -23,6 +23,8 @@ from sim.net import Endpoint, SimNet
 
 USER = Identity("user", "ada", groups=("research",), roles=frozenset(LOAD_ROLES))
 SUBMIT = "/mesh.v1.TaskService/Submit"
+CANCEL = "/mesh.v1.TaskService/Cancel"
+CANCELLED_SHARE = 0.2  # of the tasks accepted, a user cancels this many, through any agent
 RETRYABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 TRIES = 6
 
@@ -82,5 +84,34 @@ class Load:
                 continue
             self.accepted.add(task_id)
             self.history.write("submit", "ok", key=task_id)
+            if self.rng.random() < CANCELLED_SHARE:
+                await asyncio.sleep(self.rng.uniform(0.0, seconds * 1.5))
+                await self._cancel(task_id)
             return
         self.history.write("submit", "fail", key=task_id, code=last, why="gave up")
+
+    async def _cancel(self, task_id: str) -> None:
+        """Cancel through a random agent, as a user who does not know where it runs;
+        the state the answer shows is the checker's to hold the mesh to."""
+        request = pb.CancelRequest(task_id=task_id, reason="sim")
+        self.history.write("cancel", "invoke", key=task_id)
+        for _ in range(TRIES):
+            try:
+                status = await self.net.call(
+                    self.client,
+                    self.rng.choice(self.addresses),
+                    CANCEL,
+                    lambda apis, grant: apis.tasks.cancel(request, grant),
+                    10.0,
+                    identity=USER,
+                )
+            except MeshError as exc:
+                if exc.code not in RETRYABLE:
+                    self.history.write("cancel", "fail", key=task_id, code=exc.code)
+                    return
+                await asyncio.sleep(self.rng.uniform(0.1, 1.0))
+                continue
+            state = pb.TaskState.Name(status.state).removeprefix("TASK_STATE_")
+            self.history.write("cancel", "ok", key=task_id, state=state)
+            return
+        self.history.write("cancel", "fail", key=task_id, code="gave up")

@@ -46,13 +46,20 @@ class Outcome:
         return self.verdict.ok
 
 
-def simulate(seed: int, tasks: int = 200, workdir: Path | None = None) -> Outcome:
+def simulate(
+    seed: int,
+    tasks: int = 200,
+    workdir: Path | None = None,
+    schedule: list[faults.Fault] | None = None,
+) -> Outcome:
     """Run seed ``seed`` on a virtual event loop and check what happened; its files go to
-    ``workdir`` (a temporary folder, removed after, by default)."""
+    ``workdir`` (a temporary folder, removed after, by default). ``schedule`` replaces
+    the faults the seed would draw (the load and everything else stay the seed's): a
+    regression keeps its faults when the kinds of fault grow."""
     if workdir is None:
         with tempfile.TemporaryDirectory(prefix=f"gpumesh-sim-{seed}-") as folder:
-            return simulate(seed, tasks, Path(folder))
-    run = loop.run(_simulate(seed, tasks, workdir))
+            return simulate(seed, tasks, Path(folder), schedule)
+    run = loop.run(_simulate(seed, tasks, workdir, schedule))
     raw = b"".join(sorted(p.read_bytes() for p in workdir.glob("*.jsonl")))
     run.observed.events = _events(workdir)
     return Outcome(
@@ -73,24 +80,24 @@ class _Run:
     simulated_s: float
 
 
-async def _simulate(seed: int, tasks: int, workdir: Path) -> _Run:
+async def _simulate(seed: int, tasks: int, workdir: Path, drawn: list[faults.Fault] | None) -> _Run:
     clock.use(SimClock())  # the load's and the fault schedule's clock
     mesh = SimMesh(seed, workdir)
-    rng = random.Random(mesh.rng.random())
+    rng, fault_rng = random.Random(mesh.rng.random()), random.Random(mesh.rng.random())
     await mesh.start()
     history = History(workdir / "load.jsonl", "load", "client")
     client = Endpoint("client", "clients", apis=None, context=None)  # type: ignore[arg-type]
     client.awake.set()
     load = Load(mesh.net, rng, [a.address for a in mesh.agents.values()], history, client)
     every_s = 0.05
-    schedule = faults.schedule(rng, mesh, within_s=tasks * every_s)
+    schedule = drawn if drawn is not None else faults.schedule(fault_rng, mesh, tasks * every_s)
     done = asyncio.gather(*(faults.inflict(mesh, f, history) for f in schedule))
     await load.run(tasks, every_s)
     await done
     cleared = asyncio.get_running_loop().time()
     await _settle(mesh, load.accepted, SETTLE_S)
     records, split = await observe.records(mesh.stores, PREFIX)
-    terms = {dc: await observe.terms(store, PREFIX, dc) for dc, store in mesh.stores.items()}
+    terms = {dc: _terms(mesh, dc) for dc in mesh.dcs}
     membership = {dc: await _members(mesh, dc) for dc in mesh.dcs}
     simulated_s = asyncio.get_running_loop().time()
     mesh.stop()
@@ -109,14 +116,24 @@ async def _simulate(seed: int, tasks: int, workdir: Path) -> _Run:
 
 
 async def _settle(mesh: SimMesh, accepted: set[str], bound_s: float) -> None:
-    """Wait, up to ``bound_s`` of simulated time, for every accepted task to end."""
+    """Wait, up to ``bound_s`` of simulated time, for every accepted task to end and
+    every agent to be a member again (the checker holds the mesh to both)."""
     deadline = asyncio.get_running_loop().time() + bound_s
     while asyncio.get_running_loop().time() < deadline:
         records, _ = await observe.records(mesh.stores, PREFIX)
         ended = {k for k, r in records.items() if r["state"] in checker.TERMINAL}
-        if accepted <= ended:
+        members = {a for dc in mesh.dcs for a in await _members(mesh, dc)}
+        if accepted <= ended and members == set(mesh.agents):
             return
         await asyncio.sleep(1.0)
+
+
+def _terms(mesh: SimMesh, dc: str) -> list[checker.Term]:
+    """The DC's queue-owner terms, from its store's whole history (a compaction drops
+    what watches may replay, not what the checker reads)."""
+    election = KeySpace(PREFIX, dc).election + b"/"
+    audit = mesh.stores[dc].audit
+    return observe.terms_from(e for e in audit if e.kv.key.startswith(election))
 
 
 async def _members(mesh: SimMesh, dc: str) -> set[str]:

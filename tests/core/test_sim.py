@@ -32,7 +32,7 @@ def test_the_same_seed_gives_the_same_history_byte_for_byte() -> None:
 
 @pytest.mark.parametrize("regression", REGRESSIONS, ids=lambda r: f"seed{r.seed}")
 def test_a_regression_seed_holds(regression) -> None:
-    outcome = simulate(regression.seed, regression.tasks)
+    outcome = simulate(regression.seed, regression.tasks, schedule=list(regression.schedule))
     assert outcome.ok, outcome.verdict.violations
     assert outcome.verdict.accepted == regression.tasks
 
@@ -42,3 +42,33 @@ def test_a_seed_holds_every_invariant(seed: int) -> None:
     outcome = simulate(seed, tasks=100)
     assert outcome.ok, (outcome.faults, outcome.verdict.violations)
     assert outcome.verdict.accepted > 90
+
+
+def test_the_simulator_finds_an_impatient_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sharpness: with the retry budget counted in tries again (broken here, in the test
+    tree, not in the product), the regression's schedule strands tasks RUNNING."""
+    from mesh.agent import reporting, retry
+
+    def impatient(total_s: float, step_s: float = 2.0, final: tuple = ()) -> retry.RetryPolicy:
+        return retry.RetryPolicy(delays_s=(0.1, 0.3, 1.0, 2.0, step_s), final=final)
+
+    monkeypatch.setattr(reporting, "patient", impatient)
+    regression = REGRESSIONS[0]
+    outcome = simulate(regression.seed, regression.tasks, schedule=list(regression.schedule))
+    assert any("is still RUNNING" in v for v in outcome.verdict.violations)
+
+
+def test_the_simulator_finds_a_submit_that_leaves_its_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sharpness: a refused Submit that no longer withdraws its record (broken here)
+    leaves a task PENDING for ever under the second regression's schedule."""
+    from mesh.agent.submission import Submission
+
+    async def forget(self: Submission, stored: object) -> None:
+        return None
+
+    monkeypatch.setattr(Submission, "_withdraw", forget)
+    regression = REGRESSIONS[1]
+    outcome = simulate(regression.seed, regression.tasks, schedule=list(regression.schedule))
+    assert any("is still PENDING" in v for v in outcome.verdict.violations)

@@ -76,6 +76,7 @@ def test_bench_cancel_reaches_every_task_through_any_agent() -> None:
     assert result["accepted"] == 60
     assert result["get_cancel_ok"] == 1.0, result["errors"]
     assert result["ignored_cancels"] == []  # no success after a Cancel saw it unfinished
+    assert result["never_ended"] == {}  # every cancelled task ended, within 30 s
     cancelled = result["cancel_waiting"]["count"] + result["cancel_running"]["count"]
     assert cancelled > 0 and result["floor_get"]["count"] == 60
 
