@@ -301,7 +301,7 @@ def check(observed: Observed) -> Verdict:
             )
 
     verdict.violations.extend(check_tokens(events, observed.terms))
-    verdict.violations.extend(check_cancels(events, records))
+    verdict.violations.extend(check_cancels(events, records, forgiven))
     verdict.violations.extend(check_watches(events, records, forgiven))
     for dc, expected in observed.expected.items():
         seen = observed.membership.get(dc, set())
@@ -337,14 +337,27 @@ def split_in_fault(observed: Observed, verdict: Verdict) -> set[str]:
     return forgiven
 
 
-def check_cancels(events: list[Event], records: dict[str, dict[str, object]]) -> list[str]:
+def check_cancels(
+    events: list[Event], records: dict[str, dict[str, object]], forgiven: set[str]
+) -> list[str]:
     """A Cancel answered while the task had not ended must end it: the task never
-    succeeds afterwards (its caller was told it had not finished)."""
+    succeeds after the answer (its caller was told it had not finished). A success
+    committed while the Cancel was on its way is no breach: the two overlapped. An id two
+    DCs accepted while apart (``forgiven``) is two tasks: a Cancel reaches the one it
+    reaches."""
+    succeeded: dict[str, float] = {}
+    for commit in select(events, "commit", "ok"):
+        if commit.get("state") == "SUCCEEDED":
+            succeeded.setdefault(str(commit["task"]), float(commit["mono"]))  # type: ignore[arg-type]
     found = []
     for event in select(events, "cancel", "ok"):
         key, state = str(event["key"]), str(event.get("state"))
+        if key in forgiven or state in TERMINAL:
+            continue
         record = records.get(key)
-        if state not in TERMINAL and record is not None and record["state"] == "SUCCEEDED":
+        if record is None or record["state"] != "SUCCEEDED":
+            continue
+        if succeeded.get(key, float("inf")) > float(event["mono"]):  # type: ignore[arg-type]
             found.append(f"cancel ignored: {key} was {state} when cancelled, then SUCCEEDED")
     return found
 

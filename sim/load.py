@@ -65,7 +65,7 @@ class Load:
         for _ in range(TRIES):
             address = self.rng.choice(self.addresses)
             try:
-                await self.net.call(
+                reply = await self.net.call(
                     self.client,
                     address,
                     SUBMIT,
@@ -83,7 +83,17 @@ class Load:
                 await asyncio.sleep(self.rng.uniform(0.1, 1.0))
                 continue
             self.accepted.add(task_id)
-            self.history.write("submit", "ok", key=task_id)
+            status = reply.status
+            state = pb.TaskState.Name(status.state).removeprefix("TASK_STATE_")
+            self.history.write(
+                "submit",
+                "ok",
+                key=task_id,
+                to=address,
+                state=state,
+                dc=status.dc or None,
+                existing=reply.existing or None,
+            )
             if self.rng.random() < CANCELLED_SHARE:
                 await asyncio.sleep(self.rng.uniform(0.0, seconds * 1.5))
                 await self._cancel(task_id)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import random
-import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +63,9 @@ class SimMesh:
         self.net = SimNet(random.Random(self.rng.random()))
         self.stores = {dc: SimKv() for dc in self.dcs}
         self.agents: dict[str, SimAgent] = {}
-        self._tasks: dict[str, weakref.WeakSet[asyncio.Task[Any]]] = defaultdict(weakref.WeakSet)
+        # Each process's tasks in the order started (never a set: a crash must end them in
+        # the same order every run, or the seed would not replay).
+        self._tasks: dict[str, dict[asyncio.Task[Any], None]] = defaultdict(dict)
         for dc, count in self.dcs.items():
             for n in range(1, count + 1):
                 self._add(f"{dc}-{n}", dc)
@@ -108,7 +109,9 @@ class SimMesh:
             task = asyncio.Task(coro, loop=loop, context=context)
             owner = (context or contextvars.copy_context()).get(PROCESS)
             if owner:
-                self._tasks[owner].add(task)
+                mine = self._tasks[owner]
+                mine[task] = None
+                task.add_done_callback(lambda done: mine.pop(done, None))
             return task
 
         loop.set_task_factory(factory)

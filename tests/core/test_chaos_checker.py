@@ -234,3 +234,20 @@ def test_a_frozen_agents_run_stops_counting_against_caps_at_its_freeze() -> None
         *ran("b", "w2", 3, 6, **ada),  # its lease gone, w1's slots were free again
     ]
     assert not check(observe(events, {"a": done(), "b": done()}, caps=CAPS)).violations
+
+
+def test_a_cancel_answered_unfinished_must_not_be_followed_by_a_success() -> None:
+    from chaos.checker import check_cancels
+
+    def events(commit_at: float) -> list[dict[str, object]]:
+        return [
+            {"op": "cancel", "phase": "ok", "key": "t", "state": "QUEUED", "mono": 2.0},
+            {"op": "commit", "phase": "ok", "task": "t", "state": "SUCCEEDED", "mono": commit_at},
+        ]
+
+    succeeded = {"t": {"state": "SUCCEEDED", "attempt": 1, "dc": "west", "agent": "a"}}
+    assert check_cancels(events(3.0), succeeded, set())  # after the answer: a breach
+    assert not check_cancels(events(1.5), succeeded, set())  # overlapped: no breach
+    assert not check_cancels(events(3.0), succeeded, {"t"})  # two tasks of one id
+    cancelled = {"t": {**succeeded["t"], "state": "CANCELLED"}}
+    assert not check_cancels(events(3.0)[:1], cancelled, set())
