@@ -152,16 +152,7 @@ class SimKv:
                 if found is None:
                     return False  # etcd: a value comparison with no key fails
                 actual = found.value
-        match compare.op:
-            case "==":
-                return actual == compare.value
-            case "!=":
-                return actual != compare.value
-            case ">":
-                return actual > compare.value  # type: ignore[operator]
-            case "<":
-                return actual < compare.value  # type: ignore[operator]
-        raise ValueError(compare.op)
+        return bool(compare.apply(actual))
 
     def _apply(self, op: kv.Op, revision: int) -> kv.KeyValue | int | bool | None:
         if isinstance(op, kv.If):

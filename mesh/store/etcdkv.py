@@ -31,17 +31,7 @@ COMPARES = {
 
 
 def _compare(compare: kv.Compare) -> Any:
-    on = COMPARES[compare.target](compare.key)
-    match compare.op:
-        case "==":
-            return on == compare.value
-        case "!=":
-            return on != compare.value
-        case ">":
-            return on > compare.value
-        case "<":
-            return on < compare.value
-    raise ValueError(f"no such comparison: {compare.op}")
+    return compare.apply(COMPARES[compare.target](compare.key))
 
 
 def _op(op: kv.Op) -> Any:

@@ -16,10 +16,11 @@ unchanged against both; what it does not cover, the store does not use.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import operator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from mesh.errors import Unavailable
 
@@ -56,6 +57,19 @@ class Compare:
     target: Target
     op: str  # "==", "!=", ">", "<"
     value: int | bytes
+
+    def apply(self, actual: Any) -> Any:
+        """``actual op value``: a truth for a number or bytes, and etcd's comparison
+        object for an aetcd target (whose operators build it)."""
+        return OPERATORS[self.op](actual, self.value)
+
+
+OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
+    "==": operator.eq,
+    "!=": operator.ne,
+    ">": operator.gt,
+    "<": operator.lt,
+}
 
 
 class _On:
