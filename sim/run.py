@@ -29,6 +29,7 @@ from sim.mesh import PREFIX, SimMesh
 from sim.net import Endpoint
 
 SETTLE_S = 120.0  # after the last fault clears, every accepted task must end within this
+WATCHES_S = 60.0  # then every watch must see its task's end within this
 
 
 @dataclass
@@ -88,7 +89,8 @@ async def _simulate(seed: int, tasks: int, workdir: Path, drawn: list[faults.Fau
     history = History(workdir / "load.jsonl", "load", "client")
     client = Endpoint("client", "clients", apis=None, context=None)  # type: ignore[arg-type]
     client.awake.set()
-    load = Load(mesh.net, rng, [a.address for a in mesh.agents.values()], history, client)
+    addresses = {dc: [a.address for a in mesh.agents.values() if a.dc == dc] for dc in mesh.dcs}
+    load = Load(mesh.net, rng, addresses, history, client)
     every_s = 0.05
     schedule = drawn if drawn is not None else faults.schedule(fault_rng, mesh, tasks * every_s)
     done = asyncio.gather(*(faults.inflict(mesh, f, history) for f in schedule))
@@ -96,6 +98,7 @@ async def _simulate(seed: int, tasks: int, workdir: Path, drawn: list[faults.Fau
     await done
     cleared = asyncio.get_running_loop().time()
     await _settle(mesh, load.accepted, SETTLE_S)
+    await _watched(load.watching, WATCHES_S)
     records, split = await observe.records(mesh.stores, PREFIX)
     terms = {dc: _terms(mesh, dc) for dc in mesh.dcs}
     membership = {dc: await _members(mesh, dc) for dc in mesh.dcs}
@@ -126,6 +129,16 @@ async def _settle(mesh: SimMesh, accepted: set[str], bound_s: float) -> None:
         if accepted <= ended and members == set(mesh.agents):
             return
         await asyncio.sleep(1.0)
+
+
+async def _watched(watching: list[asyncio.Task[None]], bound_s: float) -> None:
+    """Give the watches still open ``bound_s`` more to see their tasks end; those that
+    do not are cancelled, and the checker says they never ended."""
+    if watching:
+        _, pending = await asyncio.wait(watching, timeout=bound_s)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _terms(mesh: SimMesh, dc: str) -> list[checker.Term]:

@@ -83,13 +83,16 @@ class RecordReads:
                     yield stored
                     if stored.status.state in TERMINAL:
                         return
-            except kv.Compacted:
+            except kv.Compacted as gone:
                 stored = await self.get(task_id)
                 if stored.revision > after:
-                    after = stored.revision
                     yield stored
                 if stored.status.state in TERMINAL:
                     return
+                # Watch on from past the compaction, not from the version just read: a
+                # record unchanged since before it would find its history gone again,
+                # and the follower would spin on the store.
+                after = max(after, stored.revision, gone.compacted)
 
     async def _versions(self, task_id: str, after: int) -> AsyncIterator[Stored]:
         """The record's versions from its watch, and a read after each ``QUIET_S`` of
