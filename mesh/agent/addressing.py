@@ -10,12 +10,15 @@ When the home cannot be asked (its DC is cut off, or its etcd is down), a Submit
 refused: the task is recorded here with an *unclaimed* mark, in the same transaction, and
 the queue owner claims it once the home answers. If another DC claimed the id meanwhile,
 the two DCs accepted one id twice while they could not talk; the home's claim wins, and
-the task recorded here is cancelled, with a reason that names the DC holding the id, if
-it has not ended already (``gpumesh_duplicate_ids_total`` counts these). When both copies
-are one submission (the same spec digest: a client retrying through another DC), Get,
-Watch, List and results here answer from that DC from then on; when they are not (another
-user, or another spec, took the id), this copy stays the answer here, cancelled. Finding a task
-also falls back to asking every DC, so it works while its home is unreachable.
+the task recorded here is cancelled (``gpumesh_duplicate_ids_total`` counts these), with
+a reason that names the DC holding the id, if it has not ended already and is not the
+very task that DC answers with: a DC that claimed an id and then handed its Submit over
+(its etcd failed, or its agents were full) holds the claim of a task that lives here.
+When both copies are one submission (the same spec digest: a client retrying through
+another DC), Get, Watch, List and results here answer from that DC from then on; when
+they are not (another user, or another spec, took the id), this copy stays the answer
+here, cancelled. Finding a task also falls back to asking every DC, so it works while
+its home is unreachable.
 """
 
 from __future__ import annotations
@@ -222,17 +225,22 @@ class Addressing:
         if digest is None:
             await self.claims.claimed(task_id)  # the record is gone: nothing to claim
             return
-        claim = await self._claim(task_id, digest)
-        if claim is None:
+        # As a Submit claims: a holder with no record yet may be recording it (asked to
+        # retry: next round), and one that never will loses its claim once it is stale.
+        claimed = await self.claim(task_id, digest)
+        if claimed.claim is None:
             return  # its home still cannot be asked
-        if claim.dc != self.dc:
+        holder, theirs = claimed.claim.dc, claimed.elsewhere
+        # The holder may have handed its submission to this DC (it spilled here, or its
+        # etcd could not take it): this copy is then the task it answers with, not a twin.
+        if holder != self.dc and (theirs is None or theirs.dc != self.dc):
             metrics.DUPLICATE_IDS.inc()
-            reason = f"duplicate: DC {claim.dc} recorded task id {task_id} first"
+            reason = f"duplicate: DC {holder} recorded task id {task_id} first"
             log.warning("%s; cancelling the copy recorded here", reason)
             # The winner answers for this copy only if it is the same submission (same
             # spec, so the same user): another user's task is never shown in its place.
-            same = claim.digest == digest
-            await supersede(task_id, claim.dc if same else "", reason)
+            same = claimed.claim.digest == digest
+            await supersede(task_id, holder if same else "", reason)
         await self.claims.claimed(task_id)
 
     async def _digest(self, task_id: str) -> str | None:
