@@ -37,7 +37,8 @@ REGRESSIONS = (
         "a Submit whose placement failed while its agent was cut off and its DC's etcd "
         "went down could not delete its record: it stayed PENDING on a live agent for "
         "ever, holding the id, while the client's retry ran the task in the other DC "
-        "(fixed: the withdraw is retried until etcd answers)",
+        "(fixed: a record the Submit could not take back at once is placed once etcd "
+        "answers, as an unsure one is)",
     ),
     Regression(
         77,
@@ -71,5 +72,17 @@ REGRESSIONS = (
         "the record PENDING on a live agent; and an accept whose write timed out withdrew "
         "its job though the record named it: both for ever (fixed: the adoption is settled "
         "once etcd answers; an unsure accept keeps its job and lets its start decide)",
+    ),
+    Regression(
+        609,
+        200,
+        (
+            Fault(4.764, "slow-net", "west", 12.571),
+            Fault(7.493, "pause", "west-2", 1.706),
+            Fault(8.957, "etcd-down", "west", 1.203),
+        ),
+        "four tasks lost: the withdraw of seed 111's fix deleted, once etcd answered, a "
+        "record that a retry of the same id had meanwhile answered 'existing' (fixed: a "
+        "record the Submit could not take back at once is placed, not deleted later)",
     ),
 )

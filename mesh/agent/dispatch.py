@@ -75,7 +75,7 @@ class Placements:
         self._store = store
         self._place = place
         self._landed = landed
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], None] = {}  # in the order started
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -87,18 +87,18 @@ class Placements:
     def track(self, name: str, work: Coroutine[Any, Any, None]) -> None:
         """Other work on a taken task that must end by itself (settling a hand-off)."""
         task = observed(asyncio.create_task(work, name=name), "owner placement")
-        self._tasks.add(task)
+        self._tasks[task] = None
         task.add_done_callback(self._done)
 
     def spawn(self, job: Job) -> None:
         task = observed(
             asyncio.create_task(self._placed(job), name=f"place {job.task_id}"), "owner placement"
         )
-        self._tasks.add(task)
+        self._tasks[task] = None
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._tasks.pop(task, None)
         self._landed()  # the view has learnt where it went: look at the backlog again
 
     async def _placed(self, job: Job) -> None:

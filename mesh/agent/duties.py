@@ -70,7 +70,8 @@ class Kept:
 
 class Duties:
     def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[None]] = set()
+        # In the order started (a dict, not a set): stopping them is the same every run.
+        self._tasks: dict[asyncio.Task[None], None] = {}
         self.stopping = False
 
     def keep(self, name: str, duty: Callable[[], Awaitable[None]]) -> Kept:
@@ -91,8 +92,8 @@ class Duties:
 
     def _track(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.create_task(work, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks[task] = None
+        task.add_done_callback(lambda done: self._tasks.pop(done, None))
         return task
 
     async def _once(self, name: str, work: Coroutine[Any, Any, None]) -> None:

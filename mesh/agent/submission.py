@@ -88,9 +88,7 @@ class Submission:
         try:
             stored, created = await self._create(record, unclaimed)
         except Unsure:
-            if spec.task_id not in self._settling:  # one settle per id: two would place twice
-                self._settling.add(spec.task_id)
-                self._spawn(f"settle {spec.task_id}", self._settle_unsure(admitted))
+            self._settle_soon(admitted)
             raise
         except Unavailable as trouble:
             return await self._submit_elsewhere(record, admitted, trouble), True
@@ -100,26 +98,25 @@ class Submission:
             job = Job(spec, 1, admitted.deadline_ms, traceparent=record.traceparent)
             await self._placement.place(job)
         except MeshError:
-            # Never accepted: leave no trace, even if etcd is away now. A record left
-            # PENDING on this live agent would never be placed nor re-queued, and would
-            # hold the id against the copy the client's retry makes elsewhere.
+            # Never accepted: leave no trace. Should the delete fail too (etcd away), the
+            # record may already answer a retry of the same id ("existing"), so it is not
+            # deleted later behind that client's back: it is placed once etcd answers,
+            # as a Submit whose record write was unsure is (or failed, if it cannot be).
             try:
                 await self._store.delete(stored)
             except MeshError:
-                self._spawn(f"withdraw {spec.task_id}", self._withdraw(stored))
+                self._settle_soon(admitted)
             raise
         metrics.SUBMITTED.inc()
         return await self._store.get(spec.task_id), True
 
-    async def _withdraw(self, stored: Stored) -> None:
-        """Delete the record of a Submit that was refused, once etcd answers, outlasting
-        an outage as a run's end does; a record that changed meanwhile (taken up after
-        all) stays."""
-        retries = patient(self._cfg.lease_ttl_s + self._cfg.etcd_outage_grace_s)
-        try:
-            await retries.run(lambda: self._store.delete(stored))
-        except MeshError as exc:
-            log.warning("could not withdraw %s: %s", stored.status.task_id, exc)
+    def _settle_soon(self, admitted: Admitted) -> None:
+        """Place the task once etcd answers, if its record is written and nobody took it
+        up since (one settle per id: two would place it twice)."""
+        task_id = admitted.spec.task_id
+        if task_id not in self._settling:
+            self._settling.add(task_id)
+            self._spawn(f"settle {task_id}", self._settle_unsure(admitted))
 
     async def _create(
         self, record: peer_pb2.TaskRecord, also: Sequence[object]
@@ -140,9 +137,10 @@ class Submission:
         return await retries.run(lambda: self._store.create(record, also=also))
 
     async def _settle_unsure(self, admitted: Admitted) -> None:
-        """Our record may have been written after the call gave up (etcd applied it once
-        quorum was back): when etcd answers, place the task if it is still ours to place.
-        The client, told UNAVAILABLE, finds it by its id when it retries."""
+        """Our record may be written though the Submit failed (etcd applied it once
+        quorum was back, or it could not be taken back): when etcd answers, place the
+        task if it is still ours to place. The client, told UNAVAILABLE, finds it by its
+        id when it retries."""
         spec = admitted.spec
         try:
             await self._settle(admitted)

@@ -61,14 +61,15 @@ def test_the_simulator_finds_an_impatient_retry(monkeypatch: pytest.MonkeyPatch)
 def test_the_simulator_finds_a_submit_that_leaves_its_record(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Sharpness: a refused Submit that no longer withdraws its record (broken here)
-    leaves a task PENDING for ever under the second regression's schedule."""
+    """Sharpness: a refused Submit that no longer settles the record it could not take
+    back (broken here) leaves a task PENDING for ever under the second regression's
+    schedule."""
     from mesh.agent.submission import Submission
 
-    async def forget(self: Submission, stored: object) -> None:
+    def forget(self: Submission, admitted: object) -> None:
         return None
 
-    monkeypatch.setattr(Submission, "_withdraw", forget)
+    monkeypatch.setattr(Submission, "_settle_soon", forget)
     regression = REGRESSIONS[1]
     outcome = simulate(regression.seed, regression.tasks, schedule=list(regression.schedule))
     assert any("is still PENDING" in v for v in outcome.verdict.violations)
