@@ -213,17 +213,6 @@ class ChaosMesh:
             async with self.client(dc) as client:
                 await apply_policy(EtcdKv(client), KeySpace(PREFIX, dc), text)
 
-    def caps(self) -> dict[tuple[str, str, str], int]:
-        """The caps the checker holds the run to: (scope, group, user) to GPUs."""
-        found = {}
-        for group, spec in TENANTS.groups.items():
-            if spec.max_gpus is not None:
-                found[("group", group, "")] = spec.max_gpus
-            for user, limits in spec.users.items():
-                if limits.max_gpus is not None:
-                    found[("user", group, user)] = limits.max_gpus
-        return found
-
     def _agent(self, name: str, dc: str, address: str, peer: str) -> Agent:
         assert self.trust is not None
         files = self.trust.agent(name, dc)

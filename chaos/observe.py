@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 
 from chaos.checker import Term
 from mesh.core.task import state_name
+from mesh.core.tenants import Tenants
 from mesh.store import kv
 from mesh.store.keys import KeySpace
 from mesh.store.kv import Kv, prefix_end
@@ -65,15 +66,30 @@ async def terms(store: Kv, prefix: str, dc: str) -> list[Term]:
 
 
 def terms_from(events: Iterable[kv.Event]) -> list[Term]:
-    """The terms that ``events`` on the election keys (in order) made and ended."""
-    created: dict[bytes, tuple[int, str]] = {}
-    deleted: dict[bytes, int] = {}
+    """The terms that ``events`` on the election keys (in order) made and ended. A key
+    may make several: an owner that resigned campaigns again under the same lease."""
+    terms: dict[int, Term] = {}  # by token: the key's create revision
+    current: dict[bytes, int] = {}  # each key's live term
     for event in events:
         found = event.kv
         if event.kind == kv.EventKind.PUT:
-            created.setdefault(found.key, (found.create_revision, found.value.decode()))
-        else:
-            deleted[found.key] = found.mod_revision
-    return [
-        Term(token, holder.split()[0], deleted.get(key)) for key, (token, holder) in created.items()
-    ]
+            token = found.create_revision
+            if token not in terms:
+                terms[token] = Term(token, found.value.decode().split()[0])
+                current[found.key] = token
+        elif (token := current.pop(found.key, 0)) in terms:
+            terms[token] = Term(token, terms[token].holder, found.mod_revision)
+    return list(terms.values())
+
+
+def caps(tenants: Tenants) -> dict[tuple[str, str, str], int]:
+    """The GPU caps a policy sets, as the checker holds a run to them: (scope, group,
+    user) to GPUs per DC."""
+    found = {}
+    for group, spec in tenants.groups.items():
+        if spec.max_gpus is not None:
+            found[("group", group, "")] = spec.max_gpus
+        for user, limits in spec.users.items():
+            if limits.max_gpus is not None:
+                found[("user", group, user)] = limits.max_gpus
+    return found

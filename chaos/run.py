@@ -18,7 +18,7 @@ from pathlib import Path
 from chaos import checker, observe
 from chaos.checker import Observed, Term
 from chaos.load import GROUP, USER, Load
-from chaos.mesh import DCS, MODEL, PREFIX, ChaosMesh, etcd_version
+from chaos.mesh import DCS, MODEL, PREFIX, TENANTS, ChaosMesh, etcd_version
 from chaos.net import Loopback, Namespaces, Network, netns_missing
 from chaos.scenarios import Context, Scenario, Staged
 from mesh.agent.history import History
@@ -166,7 +166,7 @@ async def _staged(scenario: Scenario, workdir: Path, seed: int, quick: bool) -> 
             split=split,
             fault=(staged.start, staged.heal),
             settle_s=scenario.settle_s,
-            caps=mesh.caps(),
+            caps=observe.caps(TENANTS),
         )
         return _outcome(scenario, observed, staged)
     finally:

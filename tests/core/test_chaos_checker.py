@@ -4,6 +4,8 @@ violation, so a clean verdict from the suite means something."""
 from __future__ import annotations
 
 from chaos.checker import Observed, Term, check, check_watches, error_rate, leader_at, runs
+from chaos.observe import terms_from
+from mesh.store import kv
 
 AGENTS = {"west": {"w1", "w2"}}
 
@@ -251,3 +253,23 @@ def test_a_cancel_answered_unfinished_must_not_be_followed_by_a_success() -> Non
     assert not check_cancels(events(3.0), succeeded, {"t"})  # two tasks of one id
     cancelled = {"t": {**succeeded["t"], "state": "CANCELLED"}}
     assert not check_cancels(events(3.0)[:1], cancelled, set())
+
+
+def test_an_election_key_used_again_makes_a_second_term() -> None:
+    """Simulator seed 133: an owner resigned and campaigned again under the same lease,
+    so the same key made a second term; the checker kept only the first and called the
+    second term's fenced writes tokens of nobody."""
+
+    def event(kind: kv.EventKind, key: bytes, create: int, mod: int, value: bytes) -> kv.Event:
+        return kv.Event(kind, kv.KeyValue(key, value, create, mod, 1, 0))
+
+    events = [
+        event(kv.EventKind.PUT, b"e/1001", 7, 7, b"east-1 x"),
+        event(kv.EventKind.PUT, b"e/1002", 8, 8, b"east-2 x"),
+        event(kv.EventKind.DELETE, b"e/1001", 0, 273, b""),
+        event(kv.EventKind.PUT, b"e/1001", 357, 357, b"east-1 x"),
+        event(kv.EventKind.DELETE, b"e/1002", 0, 778, b""),
+    ]
+    terms = terms_from(events)
+    assert terms == [Term(7, "east-1", 273), Term(8, "east-2", 778), Term(357, "east-1", None)]
+    assert leader_at(terms, 779) == Term(357, "east-1", None)
