@@ -93,6 +93,11 @@ class AlreadyPlaced(StaleWrite):
         self.agent = agent
 
 
+class CancelAsked(StaleWrite):
+    """A hand-off's intent found a cancel asked for: the task ends where it is, never
+    carried to a DC that would not see the request."""
+
+
 class QuotaBusy(StaleWrite):
     """A start lost the race for its tenant's quota slot: the task waits for the next."""
 

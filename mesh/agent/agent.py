@@ -19,7 +19,6 @@ from mesh.agent.lag import measure_lag
 from mesh.agent.reporting import prune_results
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ms
-from mesh.core.jobs import Job
 from mesh.errors import MeshError, Unavailable
 from mesh.store.registry import DRAINING
 
@@ -64,8 +63,11 @@ class Agent:
         self._keep_running()
         await asyncio.wait_for(p.membership.registry.mirror.ready.wait(), timeout=READY_S)
         await p.seat.stand()  # after the mirror: an owner must know who is alive
-        for job in leftovers:
-            p.duties.spawn(f"re-place {job.task_id}", self._place_leftover(job))
+        for job in leftovers.jobs:
+            p.duties.spawn(f"re-place {job.task_id}", p.handover.place_leftover(job))
+        for stored in leftovers.handoffs:
+            settling = p.handover.settle_leftover(stored, cfg.max_attempts)
+            p.duties.spawn(f"settle {stored.status.task_id}", settling)
         version = p.view.topology.version if p.view.topology else 0
         log.info(
             "agent ready",
@@ -94,13 +96,6 @@ class Agent:
         p.duties.keep("summaries", p.speaker.mirror.run)
         p.duties.keep("dc summaries", p.speaker.speak)
         p.duties.keep("placement plan", p.planning.run)
-
-    async def _place_leftover(self, job: Job) -> None:
-        placement = self.parts.placement
-        try:
-            await placement.place(job, patient=True)
-        except MeshError as exc:
-            await placement.fail(job, exc.code, f"could not be placed again: {exc.message}")
 
     async def _watch_session(self) -> None:
         """A lost lease means peers think we are dead: come back as a new incarnation.

@@ -3,7 +3,8 @@
 A cancel takes effect at once wherever the task is: one waiting in the DC's backlog ends
 with its entry taken, in one transaction; one queued on an agent is dropped there; a
 running one has its process group killed by its agent; one handed to another DC is
-cancelled there once the hand-off is confirmed.
+cancelled there once the hand-off is confirmed, and there at once if it holds it already
+(the caller hears UNAVAILABLE while that DC may hold it and cannot say).
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ class Cancels:
         stored = await self._store.update(task_id, request)
         if dc := pointed_to(stored.record):  # handed over meanwhile: cancel it there
             return await self._reach.remote.cancel(dc, task_id, reason)
+        if (dc := stored.record.forwarded_to_dc) and forward and not superseded_by:
+            return await self._in_doubt(dc, task_id, reason)
         for _ in range(MOVES):
             status = stored.status
             if status.state in TERMINAL or not status.agent:
@@ -127,6 +130,19 @@ class Cancels:
             except TaskNotFound:  # it moved on from that agent: look where it is now
                 stored = await self._store.get(task_id)
         return public(stored.status)  # still moving: recorded, it ends where it starts
+
+    async def _in_doubt(self, dc: str, task_id: str, reason: str) -> pb.TaskStatus:
+        """A hand-off to ``dc`` not confirmed yet: the task may already be there, where
+        the request written here is unseen until the confirm carries it, and may end
+        first. So it is cancelled there too; a DC that does not hold it (yet), or does
+        not answer, gets no promise made in its name: the caller hears UNAVAILABLE and
+        asks again once the hand-off is settled (the request stays written here)."""
+        try:
+            return await self._reach.remote.cancel(dc, task_id, reason)
+        except TaskNotFound:
+            raise Unavailable(
+                f"being handed to DC {dc}; the cancel is recorded: ask again", task_id=task_id
+            ) from None
 
     async def _cancel_on(self, agent: str, task_id: str, reason: str) -> pb.TaskStatus:
         if agent == self._me:

@@ -1,5 +1,5 @@
-"""The DC's backlog as its queue owner works it: dispatch rounds, claims, and the tasks
-it took being placed.
+"""The DC's backlog as its queue owner works it: dispatch rounds and claims (the tasks it
+took are placed by ``mesh.agent.placements``).
 
 Each tick (or sooner, when the backlog or capacity changes) the dispatcher ends the
 entries whose deadline passed, then runs one round over a snapshot of the backlog
@@ -13,21 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 from mesh import metrics
-from mesh.agent.duties import observed
 from mesh.agent.history import History
+from mesh.agent.placements import PLACE_RETRY_S, Placements
 from mesh.core import backlog
 from mesh.core.backlog import Room, Verdict, Waiting
 from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import end
 from mesh.core.priority import Policy
-from mesh.errors import MeshError, StaleWrite, TaskNotFound, Unavailable
+from mesh.errors import StaleWrite, TaskNotFound, Unavailable, Unsure
 from mesh.store.backlog import Backlog
 from mesh.store.election import Election
 from mesh.store.records import Stored, TaskStore
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 
 DISPATCH_TICK_S = 0.5  # capacity frees without the backlog changing: look again this often
 STUCK_AFTER_S = 10.0  # the oldest entry waited this long while the DC had free slots: warn
-PLACE_RETRY_S = (0.2, 0.5, 1.0, 2.0)  # placing a claimed task again after etcd trouble
 
 ENDINGS = {
     Verdict.CANCEL: (pb.TASK_STATE_CANCELLED, "CANCELLED", "cancelled while in the backlog"),
@@ -62,76 +60,6 @@ async def still_leading(election: Election) -> None:
     """Raise ``Deposed`` unless ``election``'s term still holds."""
     if not await election.leads():
         raise Deposed("no longer the queue owner", term=election.term)
-
-
-class Placements:
-    """The tasks the owner took (from the backlog, or from a dead agent) while they are
-    being placed. Each ends by itself: placed (on an agent, another DC, or back in the
-    backlog), moved on, or failed at its deadline; ``landed`` hears each end."""
-
-    def __init__(
-        self, store: TaskStore, place: Callable[[Job], Awaitable[str]], landed: Callable[[], None]
-    ) -> None:
-        self._store = store
-        self._place = place
-        self._landed = landed
-        self._tasks: dict[asyncio.Task[None], None] = {}  # in the order started
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def cancel(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-
-    def track(self, name: str, work: Coroutine[Any, Any, None]) -> None:
-        """Other work on a taken task that must end by itself (settling a hand-off)."""
-        task = observed(asyncio.create_task(work, name=name), "owner placement")
-        self._tasks[task] = None
-        task.add_done_callback(self._done)
-
-    def spawn(self, job: Job) -> None:
-        task = observed(
-            asyncio.create_task(self._placed(job), name=f"place {job.task_id}"), "owner placement"
-        )
-        self._tasks[task] = None
-        task.add_done_callback(self._done)
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
-        self._landed()  # the view has learnt where it went: look at the backlog again
-
-    async def _placed(self, job: Job) -> None:
-        """Place ``job``: on an agent, or back into the backlog with its age kept. etcd
-        trouble is retried until the task's deadline, which then fails it: a task taken
-        from the backlog is never left without an agent that answers for it."""
-        tries = 0
-        while job.deadline_ms > now_ms():
-            try:
-                where = await self._place(job)
-                log.info("attempt %d of %s placed on %s", job.attempt, job.task_id, where)
-                return
-            except (StaleWrite, TaskNotFound) as exc:
-                log.info("%s moved on while being placed: %s", job.task_id, exc)
-                return
-            except MeshError as exc:
-                delay = PLACE_RETRY_S[min(tries, len(PLACE_RETRY_S) - 1)]
-                tries += 1
-                log.warning("placing %s failed (%s); again in %.1fs", job.task_id, exc, delay)
-                await asyncio.sleep(delay)
-        await self._expire(job)
-
-    async def _expire(self, job: Job) -> None:
-        try:
-            await self._store.finish(
-                job.task_id,
-                pb.TASK_STATE_FAILED,
-                "DEADLINE_EXCEEDED",
-                "deadline passed while waiting to run again",
-                attempt=job.attempt,
-            )
-        except MeshError as exc:
-            log.info("could not end %s: %s", job.task_id, exc)
 
 
 @dataclass(frozen=True)
@@ -335,20 +263,38 @@ class Dispatcher:
             record.status.agent = self.agent_id
             return None
 
-        updated = await self._claim_with(waiting, mutate)
+        try:
+            updated = await self._claim_with(waiting, mutate)
+        except Unsure:
+            # etcd may have applied it: the record would name this agent with no entry
+            # left, and nobody else places such a task. Read it back once etcd answers.
+            self._placements.track(f"claim of {waiting.task_id}", self._if_claimed(waiting))
+            return True
         if updated is None:
             return False
-        status = updated.status
-        job = Job(
-            status.spec,
-            status.attempt,
-            status.deadline.ToMilliseconds(),
-            ["backlog"],
-            enqueued_ms=waiting.enqueued_ms,
-            traceparent=updated.record.traceparent,
-        )
-        self._placements.spawn(job)
+        self._placements.spawn(backlog_job(updated, waiting))
         return True
+
+    async def _if_claimed(self, waiting: Waiting) -> None:
+        """Place the task of an unsure claim if the claim landed (its record names this
+        agent, pending, with no backlog entry); if not, its entry is still there and a
+        round dispatches it. Asked until etcd answers, up to the task's deadline."""
+        tries = 0
+        while True:
+            try:
+                stored = await self._store.get(waiting.task_id)
+                break
+            except TaskNotFound:
+                return
+            except Unavailable:
+                if waiting.deadline_ms and now_ms() > waiting.deadline_ms:
+                    return  # the entry's expiry, or the owner's sweep, ends it
+                await asyncio.sleep(PLACE_RETRY_S[min(tries, len(PLACE_RETRY_S) - 1)])
+                tries += 1
+        status, record = stored.status, stored.record
+        mine = status.state == pb.TASK_STATE_PENDING and status.agent == self.agent_id
+        if mine and not record.backlog_entry and not record.forwarded_to_dc:
+            self._placements.spawn(backlog_job(stored, waiting))
 
     async def _end(self, waiting: Waiting) -> int:
         """End the entry's task as its record says (cancelled, or past its deadline) and
@@ -366,6 +312,19 @@ class Dispatcher:
             return 0
         metrics.BACKLOG_ENDED.labels(updated.status.error.code).inc()
         return 1
+
+
+def backlog_job(stored: Stored, waiting: Waiting) -> Job:
+    """The job a claimed entry's record describes, placed from the backlog."""
+    status = stored.status
+    return Job(
+        status.spec,
+        status.attempt,
+        status.deadline.ToMilliseconds(),
+        ["backlog"],
+        enqueued_ms=waiting.enqueued_ms,
+        traceparent=stored.record.traceparent,
+    )
 
 
 def describe(

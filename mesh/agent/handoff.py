@@ -31,9 +31,17 @@ from mesh.agent.retry import ETCD_WRITE
 from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import still_placing
-from mesh.errors import AlreadyPlaced, MeshError, StaleWrite, TaskNotFound, Unavailable
-from mesh.store.records import TaskStore
+from mesh.errors import (
+    AlreadyPlaced,
+    CancelAsked,
+    MeshError,
+    StaleWrite,
+    TaskNotFound,
+    Unavailable,
+)
+from mesh.store.records import Stored, TaskStore
 from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +83,8 @@ class Handoffs:
     async def _offer(self, dc: str, job: Job, envelope: peer_pb2.Envelope) -> tuple[bool, str]:
         try:
             await self._store.update(job.task_id, intent(dc, self._agent_id), attempt=job.attempt)
-        except AlreadyPlaced:
-            raise  # placed here after all: the caller's to report
+        except (AlreadyPlaced, CancelAsked):
+            raise  # placed here after all, or to end here: the caller's to settle
         except StaleWrite as exc:
             return False, f"moved on: {exc.message}"
         except Unavailable as exc:
@@ -88,7 +96,7 @@ class Handoffs:
             outcome = await self._settle_once(dc, job.task_id)
             if outcome not in (HELD, NOT_HELD):
                 log.warning("hand-off of %s to %s in doubt (%s); settling", job.task_id, dc, exc)
-                self._spawn(f"settle {job.task_id}", self._settle_later(dc, job))
+                self._spawn(f"settle {job.task_id}", self.settle_later(dc, job))
                 return True, f"in doubt: settling with DC {dc}"
             accepted, reason = outcome == HELD, f"no answer ({exc}); settled"
         else:
@@ -167,7 +175,38 @@ class Handoffs:
             tries += 1
         return None
 
-    async def _settle_later(self, dc: str, job: Job) -> None:
+    async def decide(
+        self,
+        stored: Stored,
+        fence: tuple[object, ...],
+        take_back: Callable[[Stored], Awaitable[None]],
+    ) -> None:
+        """Decide a hand-off whose holder is gone (a dead agent, or this agent's earlier
+        run) with the DC it was handing the task to: point there if that DC holds the
+        task, else ``take_back`` (the task is this DC's again); failed if that DC never
+        answered before the task's deadline. ``fence`` guards the confirm."""
+        record, status = stored.record, stored.status
+        deadline = status.deadline.ToMilliseconds()
+        outcome = await self.settle(record.forwarded_to_dc, status.task_id, deadline)
+        try:
+            if outcome == HELD:
+                await self.confirm(status.task_id, status.attempt, *fence)
+            elif outcome == NOT_HELD:
+                await take_back(stored)
+            else:
+                await self._store.finish(
+                    status.task_id,
+                    pb.TASK_STATE_FAILED,
+                    "UNAVAILABLE",
+                    f"DC {record.forwarded_to_dc} never answered for it before its deadline",
+                    attempt=status.attempt,
+                )
+        except MeshError as exc:
+            log.warning("could not settle %s: %s", status.task_id, exc)
+
+    async def settle_later(self, dc: str, job: Job) -> None:
+        """Settle this agent's hand-off of ``job`` to ``dc`` that is in doubt: point there
+        if that DC holds it, else take it back and place it again."""
         outcome = await self.settle(dc, job.task_id, job.deadline_ms)
         if outcome == HELD:
             await self.confirm(job.task_id, job.attempt)
@@ -190,6 +229,8 @@ def intent(dc: str, holder: str) -> Callable[[peer_pb2.TaskRecord], None]:
 
     def mark(record: peer_pb2.TaskRecord) -> None:
         still_placing(record)
+        if record.cancel_requested:  # asked for while it was being placed: it ends here
+            raise CancelAsked("a cancel was asked for", task_id=record.status.task_id)
         record.forwarded_to_dc = dc
         record.status.dc = dc
         record.status.agent = holder

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, NamedTuple
 
 from mesh import metrics
 from mesh.agent.history import History
@@ -21,10 +21,16 @@ from mesh.core.lifecycle import requeue, requeued_job
 from mesh.core.task import TERMINAL
 from mesh.errors import MeshError, StaleWrite, Unavailable
 from mesh.store.dc import DcStore
+from mesh.store.records import Stored
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+
+class Leftovers(NamedTuple):
+    jobs: list[Job]  # re-queued: to place
+    handoffs: list[Stored]  # hand-offs to other DCs in doubt: to settle
 
 
 class Handover:
@@ -49,37 +55,69 @@ class Handover:
         metrics.PREEMPTED.labels(job.spec.user.group or metrics.NO_GROUP).inc()
         self._spawn(f"preempted {job.task_id}", self.give_back(job, preempted=True))
 
-    async def release_leftovers(self, max_attempts: int) -> list[Job]:
+    async def release_leftovers(self, max_attempts: int) -> Leftovers:
         """Tasks an earlier run of this agent left under way: their runs died with it.
 
         An agent restarted under the same id before the DC's owner saw it die (the owner
         died too, say) is a member again at once, so no owner will ever write those
         tasks off. This run does, before it takes any work (anything under its name now
         is its predecessor's), as the owner would have: a new attempt, or failed after
-        ``max_attempts``. Returns the jobs to place."""
-        me = self._me
-        jobs = []
+        ``max_attempts``. Returns the jobs to place, and the hand-offs to other DCs it
+        left in doubt, which ``settle_leftover`` decides."""
+        leftovers = Leftovers([], [])
         for stored in await self._store.scan():
             status = stored.status
-            if status.agent != me or status.state in TERMINAL or stored.record.forwarded_to_dc:
+            if status.agent != self._me or status.state in TERMINAL:
                 continue
-            verdict = ""
+            if stored.record.forwarded_to_dc:
+                leftovers.handoffs.append(stored)
+            elif job := await self._requeue_mine(stored, max_attempts):
+                leftovers.jobs.append(job)
+        return leftovers
 
-            def mutate(record: peer_pb2.TaskRecord) -> bool | None:
-                nonlocal verdict
-                verdict = requeue(record, me, max_attempts)
-                return None if verdict else False
+    async def settle_leftover(self, stored: Stored, max_attempts: int) -> None:
+        """A hand-off to another DC that an earlier run of this agent left in doubt is
+        decided with that DC, as the owner decides a dead agent's: pointed there if it
+        holds the task, else taken back as a new attempt and placed here."""
 
-            updated = await self._store.update(status.task_id, mutate)
-            if not verdict:
-                continue
-            self._history.write(
-                "requeue", verdict, task=status.task_id, attempt=updated.status.attempt, dead=me
-            )
-            log.info("a task my previous run left %s: %s", verdict, status.task_id)
-            if verdict == "requeued":
-                jobs.append(requeued_job(updated.status, updated.record.traceparent))
-        return jobs
+        async def take_back(stored: Stored) -> None:
+            if job := await self._requeue_mine(stored, max_attempts, reclaim=True):
+                await self.place_leftover(job)
+
+        await self._placement.handoffs.decide(stored, (), take_back)
+
+    async def place_leftover(self, job: Job) -> None:
+        """Place a task taken back from an earlier run of this agent, or fail it."""
+        try:
+            await self._placement.place(job, patient=True)
+        except MeshError as exc:
+            await self._placement.fail(job, exc.code, f"could not be placed again: {exc.message}")
+
+    async def _requeue_mine(
+        self, stored: Stored, max_attempts: int, reclaim: bool = False
+    ) -> Job | None:
+        """Write off this agent's earlier run of ``stored``'s task (``reclaim``: and take
+        back a hand-off the other DC does not hold); the job to place, if re-queued."""
+        me, task_id = self._me, stored.status.task_id
+        verdict = ""
+
+        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+            nonlocal verdict
+            if reclaim:
+                record.forwarded_to_dc = ""
+                record.status.dc = self._placement.cfg.dc
+            verdict = requeue(record, me, max_attempts)
+            return None if verdict else False
+
+        updated = await self._store.update(task_id, mutate)
+        if not verdict:
+            return None
+        attempt = updated.status.attempt
+        self._history.write("requeue", verdict, task=task_id, attempt=attempt, dead=me)
+        log.info("a task my previous run left %s: %s", verdict, task_id)
+        if verdict != "requeued":
+            return None
+        return requeued_job(updated.status, updated.record.traceparent)
 
     async def give_back(
         self, job: Job, *, after_loss: bool = False, preempted: bool = False

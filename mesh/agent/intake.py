@@ -22,7 +22,7 @@ from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import new_record
 from mesh.core.task import DC_NAME, check_id, check_offer, spec_digest
-from mesh.errors import InvalidTask, MeshError, Unsure
+from mesh.errors import InvalidTask, MeshError, Unavailable, Unsure
 from mesh.store.records import TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -118,15 +118,28 @@ class Intake:
         try:
             where = await self._place(job, spill=False, wait=False)
         except MeshError as exc:
-            with contextlib.suppress(MeshError):
-                await self._store.delete(stored)
+            try:
+                taken_back = await self._store.delete(stored)
+            except MeshError as kept:
+                # Neither placed nor taken back, the record is this DC's task now: it is
+                # placed once etcd answers (never left PENDING, which a settle would read
+                # as "being placed" for ever), and the offering DC, told nothing sure,
+                # settles.
+                log.warning("%s adopted but not placed (%s): placing it later", job.task_id, exc)
+                self._spawn(f"settle {job.task_id}", self._settle(job, digest))
+                raise Unavailable(f"adopted, not yet placed: {kept.message}") from exc
+            if not taken_back:  # the record moved on: an offer whose answer was lost landed
+                log.info("took %s from DC %s, placed after all", job.task_id, job.path[0])
+                return True, "accepted"
             return False, f"{self._cfg.dc} is full too: {exc.message}"
         log.info("took %s from DC %s, placed on %s", job.task_id, job.path[0], where)
         return True, "accepted"
 
     async def _settle(self, job: Job, digest: str) -> None:
-        """Place a task whose adoption's record write was unsure, if it was written and
-        nobody took it up since; a written record nobody places would be PENDING for ever."""
+        """Place a task whose adoption's record write was unsure (or which could be
+        neither placed nor taken back), if it was written and nobody took it up since; a
+        written record nobody places would be PENDING for ever. The DC's backlog holds
+        it if no agent has room: the task is this DC's by now."""
         try:
             stored = await patient(self._patience_s).run(lambda: self._store.get(job.task_id))
         except MeshError:
@@ -136,7 +149,7 @@ class Intake:
         if status.state != pb.TASK_STATE_PENDING or not mine:
             return
         try:
-            await self._place(job, spill=False, wait=False)
+            await self._place(job, spill=False, wait=True)
         except MeshError as exc:
             log.warning("could not place %s, adopted unsure: %s", job.task_id, exc)
             with contextlib.suppress(MeshError):

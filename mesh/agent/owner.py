@@ -21,19 +21,20 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 
 from mesh import metrics
-from mesh.agent.dispatch import DcRoom, Deposed, Dispatcher, Placements, still_leading
-from mesh.agent.handoff import HELD, NOT_HELD, Handoffs
+from mesh.agent.dispatch import DcRoom, Deposed, Dispatcher, still_leading
+from mesh.agent.handoff import Handoffs
 from mesh.agent.history import History
+from mesh.agent.placements import Placements
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import requeue, requeued_job
 from mesh.core.priority import Policy
 from mesh.core.task import TERMINAL
 from mesh.errors import MeshError, StaleWrite, Unavailable
+from mesh.store import kv
 from mesh.store.backlog import Backlog
 from mesh.store.election import Election
 from mesh.store.records import Stored, TaskStore
 from mesh.v1 import peer_pb2
-from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +225,8 @@ class QueueOwner:
                 continue
             if stored.record.forwarded_to_dc:  # it died handing the task to another DC
                 name = f"settle {status.task_id}"
-                self._placements.track(name, self._settle(stored))
+                term = (self.election.fence(), self.election.term)
+                self._placements.track(name, self._settle(stored, term))
                 continue
             try:
                 await self._requeue(stored)
@@ -233,31 +235,22 @@ class QueueOwner:
             except MeshError as exc:
                 log.warning("could not re-queue %s: %s", status.task_id, exc)
 
-    async def _settle(self, stored: Stored) -> None:
+    async def _settle(self, stored: Stored, term: tuple[kv.Compare, int]) -> None:
         """Decide a dead agent's hand-off with the DC it was handing the task to: point
-        there if that DC holds the task, else take it back and run it here."""
-        record, status = stored.record, stored.status
-        deadline = status.deadline.ToMilliseconds()
-        outcome = await self._handoffs.settle(record.forwarded_to_dc, status.task_id, deadline)
-        try:
-            if outcome == HELD:
-                await self._handoffs.confirm(status.task_id, status.attempt, self.election.fence())
-            elif outcome == NOT_HELD:
-                await self._requeue(stored, reclaim=True)
-            else:
-                await self._store.finish(
-                    status.task_id,
-                    pb.TASK_STATE_FAILED,
-                    "UNAVAILABLE",
-                    f"DC {record.forwarded_to_dc} never answered for it before its deadline",
-                    attempt=status.attempt,
-                )
-        except MeshError as exc:
-            log.warning("could not settle %s: %s", status.task_id, exc)
+        there if that DC holds the task, else take it back and run it here. Its writes
+        are fenced by the ``term`` (fence, token) that found it: a settle outlives its
+        term, and a later term (or none) must not lend it its fence."""
+        await self._handoffs.decide(
+            stored, (term[0],), lambda taken: self._requeue(taken, reclaim=True, term=term)
+        )
 
-    async def _requeue(self, stored: Stored, reclaim: bool = False) -> None:
-        """Re-queue a dead agent's task; with ``reclaim``, one it was handing to another
-        DC that does not hold it: the pointer goes, the task is this DC's again."""
+    async def _requeue(
+        self, stored: Stored, reclaim: bool = False, term: tuple[kv.Compare, int] | None = None
+    ) -> None:
+        """Re-queue a dead agent's task, fenced by ``term`` (this owner's current one by
+        default); with ``reclaim``, one it was handing to another DC that does not hold
+        it: the pointer goes, the task is this DC's again."""
+        fence, token = term or (self.election.fence(), self.election.term)
         dead_agent = stored.status.agent
         verdict = ""
 
@@ -269,11 +262,8 @@ class QueueOwner:
             verdict = requeue(record, dead_agent, self._max_attempts)
             return None if verdict else False
 
-        token = self.election.term
         try:
-            updated = await self._store.update(
-                stored.status.task_id, mutate, fence=[self.election.fence()]
-            )
+            updated = await self._store.update(stored.status.task_id, mutate, fence=[fence])
         except StaleWrite:
             self._history.write("requeue", "rejected", task=stored.status.task_id, token=token)
             await still_leading(self.election)

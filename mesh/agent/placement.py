@@ -29,7 +29,7 @@ from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import still_placing
 from mesh.core.routing import AGENT, BACKLOG, DC, NO_SPILL, NONE_ELIGIBLE, Decision, Request, Spill
-from mesh.errors import AlreadyPlaced, MeshError, NoCapacity
+from mesh.errors import AlreadyPlaced, CancelAsked, MeshError, NoCapacity
 from mesh.store.dc import DcStore
 from mesh.store.registry import Registry
 from mesh.v1 import peer_pb2
@@ -104,11 +104,16 @@ class Placement:
 
     def room_for(self, spec: pb.TaskSpec) -> Room:
         """Whether an agent of this DC could take ``spec`` now (the backlog waits for
-        local room: other DCs were tried before the task went into it)."""
+        local room: other DCs were tried before the task went into it). An agent that
+        has just refused is no room until news of it comes (its queue may be full below
+        the router's bound): else the owner would take the task, be refused and put it
+        back in a loop as fast as etcd writes."""
         first = self.router.route(request_of(spec)).first
         if first is NONE_ELIGIBLE:
             return Room.NOT_HERE
-        return Room.FULL if first.kind == BACKLOG else Room.FREE
+        if first.kind == BACKLOG or self.router.is_suspect(first.name):
+            return Room.FULL
+        return Room.FREE
 
     async def _to_backlog(self, job: Job) -> None:
         """Wait in the DC's durable backlog: the record and the entry in one transaction."""
@@ -158,6 +163,17 @@ class Placement:
                 # An offer in this DC whose answer was lost (a timeout) landed after all.
                 log.info("%s was taken by %s after all", job.task_id, placed.agent)
                 where = placed.agent
+            except CancelAsked:
+                # Cancelled while being placed: the Cancel was answered from the record
+                # here, so the task ends here rather than run where the request is unseen.
+                await self.store.finish(
+                    job.task_id,
+                    pb.TASK_STATE_CANCELLED,
+                    "CANCELLED",
+                    "cancelled while being placed",
+                    attempt=job.attempt,
+                )
+                where = "nowhere: cancelled"
             span.set_attribute("placed", where)
             return where
 
@@ -235,18 +251,20 @@ class Placement:
         self, agent_id: str, max_tasks: float, job: Job, reclaim: bool = False
     ) -> tuple[bool, str]:
         if agent_id == self.cfg.agent_id:
-            return await self._accept_here(job, max_tasks, reclaim)
+            accepted, reason = await self._accept_here(job, max_tasks, reclaim)
+            self.router.set_suspect(agent_id, not accepted)  # as a peer that refused is
+            return accepted, reason
         peer = self.registry.peers.get(agent_id)
         if peer is None:
             return False, "not a member now"
         if len(job.path) + 1 > self.view.max_hops:
             return False, "hop limit"
-        envelope = self._envelope(job, max_tasks)
+        envelope = offered(job, self.cfg.agent_id, max_tasks)
         envelope.reclaim = reclaim
         try:
             with metrics.OFFER_SECONDS.time():
                 reply = await self.peers.offer(
-                    peer.peer_address, self.cfg.dc, envelope, self._offer_timeout(job)
+                    peer.peer_address, self.cfg.dc, envelope, offer_timeout(job)
                 )
         except MeshError as exc:
             metrics.FORWARDS.labels("error").inc()
@@ -264,30 +282,32 @@ class Placement:
         return await self.handoffs.offer(dc, job, self.dc_envelope(job))
 
     def dc_envelope(self, job: Job) -> peer_pb2.Envelope:
-        envelope = self._envelope(job, 0.0)
+        envelope = offered(job, self.cfg.agent_id, 0.0)
         envelope.origin_dc = self.cfg.dc
         return envelope
-
-    def _envelope(self, job: Job, max_tasks: float) -> peer_pb2.Envelope:
-        envelope = peer_pb2.Envelope(
-            path=[*job.path, self.cfg.agent_id],
-            hops=len(job.path) + 1,
-            deadline_unix_ms=job.deadline_ms,
-            attempt=job.attempt,
-            entry_agent=job.path[0] if job.path else self.cfg.agent_id,
-            max_tasks=max_tasks,
-            traceparent=job.traceparent,
-        )
-        envelope.spec.CopyFrom(job.spec)
-        return envelope
-
-    @staticmethod
-    def _offer_timeout(job: Job) -> float:
-        return min(OFFER_TIMEOUT_S, max(0.05, (job.deadline_ms - now_ms()) / 1000))
 
     async def fail(self, job: Job, code: str, message: str) -> None:
         with contextlib.suppress(MeshError):
             await self.store.finish(job.task_id, pb.TASK_STATE_FAILED, code, message)
+
+
+def offered(job: Job, me: str, max_tasks: float) -> peer_pb2.Envelope:
+    """``job`` as agent ``me`` offers it, with the most tasks the taker may then hold."""
+    envelope = peer_pb2.Envelope(
+        path=[*job.path, me],
+        hops=len(job.path) + 1,
+        deadline_unix_ms=job.deadline_ms,
+        attempt=job.attempt,
+        entry_agent=job.path[0] if job.path else me,
+        max_tasks=max_tasks,
+        traceparent=job.traceparent,
+    )
+    envelope.spec.CopyFrom(job.spec)
+    return envelope
+
+
+def offer_timeout(job: Job) -> float:
+    return min(OFFER_TIMEOUT_S, max(0.05, (job.deadline_ms - now_ms()) / 1000))
 
 
 def request_of(spec: pb.TaskSpec) -> Request:

@@ -76,11 +76,24 @@ class RemoteDcs:
         raise Unavailable(f"no seed of DC {dc} answered ({last})", dc=dc)
 
     async def offer(self, dc: str, envelope: peer_pb2.Envelope) -> peer_pb2.OfferResponse:
-        return await self._first_answer(
-            dc,
-            envelope.spec.task_id,
-            lambda a: self._peers.offer(a, dc, envelope, CALL_TIMEOUT_S),
-        )
+        """The first answer of a seed of ``dc`` to the offer. A seed that failed may have
+        taken it all the same (the offer arrived, its answer did not), so a refusal from
+        a later seed proves nothing: it is raised as the earlier failure, and the caller
+        settles the hand-off with that DC."""
+        doubt: MeshError | None = None
+
+        async def offered(address: str) -> peer_pb2.OfferResponse:
+            nonlocal doubt
+            try:
+                reply = await self._peers.offer(address, dc, envelope, CALL_TIMEOUT_S)
+            except MeshError as exc:
+                doubt = doubt or exc
+                raise
+            if not reply.accepted and doubt is not None:
+                raise Unavailable(f"refused by {address} after {doubt.code} from another seed")
+            return reply
+
+        return await self._first_answer(dc, envelope.spec.task_id, offered)
 
     async def settle(self, dc: str, task_id: str, origin_dc: str) -> peer_pb2.SettleResponse:
         request = peer_pb2.SettleRequest(task_id=task_id, origin_dc=origin_dc)

@@ -164,6 +164,9 @@ class Submission:
             return
         log.info("a submit that timed out was recorded after all: placing %s", spec.task_id)
         job = Job(spec, status.attempt, admitted.deadline_ms, traceparent=stored.record.traceparent)
+        if dc := stored.record.forwarded_to_dc:  # a hand-off of it is in doubt: that DC says
+            await self._placement.handoffs.settle_later(dc, job)
+            return
         try:
             await self._placement.place(job)
         except MeshError as exc:

@@ -107,6 +107,7 @@ class View:
         me, executor = self._cfg.agent_id, self._executor
         self.router.set_load(me, executor.running, executor.queued)
         self.router.set_loaded(me, self._models.present)
+        self.router.set_suspect(me, False)  # a refusal of ours holds until our load moves
         running, queued = executor.by_class()
         self.gossiper.update_own(
             slots=executor.slots,

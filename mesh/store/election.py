@@ -70,7 +70,10 @@ class Election:
             raise Unavailable(f"cannot read the election: {exc}") from exc
 
     def fence(self) -> kv.Compare:
-        """The comparison that holds only while this candidate still leads its term."""
+        """The comparison that holds only while this candidate still leads its term; out
+        of the election, one that never holds (``create(b"") == 0`` would: no such key)."""
+        if not self.key:
+            return kv.version(self._prefix) < 0
         return kv.create(self.key) == self.term
 
     async def leads(self) -> bool:
