@@ -17,14 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mesh.agent.agent import Agent
 from mesh.agent.compose import build
 from mesh.agent.ports import Ports
 from mesh.config import AgentConfig
 from mesh.core import chance, clock
+from mesh.core.tenants import Tenants
 from mesh.store import topostore
 from mesh.store.dc import DcStore
 from mesh.store.keys import KeySpace
+from mesh.store.quota import apply_policy
 from mesh.topology import Topology
 from sim.clock import SimClock
 from sim.kv import Connection, SimKv
@@ -33,6 +37,11 @@ from sim.net import Endpoint, SimGossip, SimNet, SimPeers
 PREFIX = "sim"
 GOSSIP_KEY = "simulated-gossip-key-0123456789"  # no datagram leaves the process
 RESTART_S = 2.0  # RestartSec= of deploy/mesh-agent.service
+# The load's tenant is capped below a DC's 6 GPUs, so quota slots are taken and given back
+# in every seed, and the checker holds each DC to the caps (``checker.check_caps``).
+TENANTS = Tenants.model_validate(
+    {"groups": {"research": {"max_gpus": 5, "users": {"ada": {"max_gpus": 5}}}}}
+)
 PROCESS: contextvars.ContextVar[str] = contextvars.ContextVar("sim_process", default="")
 
 
@@ -93,6 +102,7 @@ class SimMesh:
             history=self.workdir / f"{agent_id}.jsonl",
             result_dir=self.workdir / "results",
             model_load_s=0.5,
+            max_queue_length=4,
             etcd_outage_grace_s=10.0,
             gossip_keys=[GOSSIP_KEY],
         )
@@ -117,11 +127,13 @@ class SimMesh:
         loop.set_task_factory(factory)
 
     async def start(self) -> None:
-        """Apply the topology in every DC, then start every agent."""
+        """Apply the topology and the tenants policy in every DC, then start every agent."""
         self.track(asyncio.get_running_loop())
         applied = topostore.Applied(1, topostore.digest(self.topology), self.topology)
-        for store in self.stores.values():
+        policy = yaml.safe_dump(TENANTS.model_dump(mode="json", exclude_none=True))
+        for dc, store in self.stores.items():
             await store.put(topostore.key(PREFIX), applied.encode())
+            await apply_policy(store, KeySpace(PREFIX, dc), policy)
         for sim in self.agents.values():
             self.boot(sim)
         await asyncio.gather(*(s.task for s in self.agents.values() if s.task))
@@ -170,6 +182,10 @@ class SimMesh:
     def _restart(self, sim: SimAgent) -> None:
         if not sim.endpoint.up:
             self.boot(sim)
+
+    def tasks_of(self, agent_id: str) -> list[asyncio.Task[Any]]:
+        """The tasks ``agent_id``'s process runs now, in the order they started."""
+        return list(self._tasks.get(agent_id, ()))
 
     def crash(self, agent_id: str) -> None:
         """The agent's process dies at once: nothing it sends arrives any more, every task

@@ -4,7 +4,8 @@ A call is the other agent's own API facade (``PeerApi`` or ``TaskApi``), run as 
 that agent's context (its clock, its task tree), after a seeded delay each way; it is
 granted as an agent's call is over mTLS (``mesh.core.access.authorize``). A call across a
 cut, or to an agent that is down, fails as gRPC would: ``UNAVAILABLE`` at once for a
-refused connection, ``DEADLINE_EXCEEDED`` after its timeout for a silent one. An error the
+refused connection, ``DEADLINE_EXCEEDED`` after its timeout for a silent one, or for
+one whose request or answer a lossy network dropped (the answer's work was done). An error the
 facade raises reaches the caller as the error its status maps to (``error_of``), exactly
 as through a real channel, so the caller's code sees what it would see in production.
 """
@@ -59,7 +60,7 @@ class SimNet:
 
     rng: random.Random
     delay_s: tuple[float, float] = (0.0002, 0.002)
-    loss: float = 0.0  # share of gossip datagrams lost
+    loss: float = 0.0  # share of messages lost: gossip datagrams, calls' requests and answers
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # address: endpoint
     cuts: set[frozenset[str]] = field(default_factory=set)  # pairs of DCs or agent ids
 
@@ -76,6 +77,11 @@ class SimNet:
     def delay(self) -> float:
         return self.rng.uniform(*self.delay_s)
 
+    def lost(self) -> bool:
+        """Whether the next message is lost (no draw while nothing is: a seed without
+        this fault draws as it did before it existed)."""
+        return self.loss > 0 and self.rng.random() < self.loss
+
     async def call(
         self,
         source: Endpoint,
@@ -91,8 +97,9 @@ class SimNet:
         if target is None:
             raise _error(grpc.StatusCode.UNAVAILABLE, f"no agent listens on {address}")
         limit = timeout_s if timeout_s is not None else CALL_TIMEOUT_S
-        if not self.reachable(source, target):
-            await asyncio.sleep(limit)  # a silent peer: the call times out
+        deadline = asyncio.get_running_loop().time() + limit
+        if not self.reachable(source, target) or self.lost():
+            await asyncio.sleep(limit)  # a silent peer, or the request lost: it times out
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         await source.gate()
         grant = authorize(identity or agent_identity(source), method)
@@ -105,14 +112,18 @@ class SimNet:
             async with asyncio.timeout(limit):
                 reply = await asyncio.shield(served)
         except TimeoutError:
+            served.add_done_callback(_unheard)
             raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded") from None
         except asyncio.CancelledError:
             if not served.cancelled():
                 raise  # the caller itself is being cancelled
             raise _error(grpc.StatusCode.UNAVAILABLE, "connection reset") from None
         await asyncio.sleep(self.delay())
-        if not self.reachable(source, target):  # the answer was lost on the way back
+        if not self.reachable(source, target):  # the connection broke on the way back
             raise _error(grpc.StatusCode.UNAVAILABLE, "connection reset")
+        if self.lost():  # the answer was lost: done there, unknown here
+            await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
+            raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
         return reply
 
     def send(self, source: Endpoint, datagrams: list[Datagram]) -> None:
@@ -128,6 +139,13 @@ class SimNet:
         """As ``send``, from a process that may be paused (then nothing goes out)."""
         if self.awake(source):
             self.send(source, datagrams)
+
+
+def _unheard(served: asyncio.Task[Any]) -> None:
+    """A call whose caller stopped waiting: what it ended with goes nowhere, as an
+    answer to a gone caller does (read here, so asyncio does not report it as lost)."""
+    if not served.cancelled():
+        served.exception()
 
 
 def _deliver(target: Endpoint, data: bytes) -> None:

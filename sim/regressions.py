@@ -58,7 +58,12 @@ REGRESSIONS = (
         ),
         "a Cancel took a queued job out of its agent's queue, then could not end its record "
         "(etcd down): the task stayed QUEUED for ever (fixed: the end is written once etcd "
-        "answers, or the job goes back in the queue and its start ends it)",
+        "answers, or the job goes back in the queue and its start ends it). With a backlog "
+        "in play it found four more: an adoption neither placed nor taken back (PENDING for "
+        "ever, settled as 'in progress' for ever); a Cancel answered PENDING while a "
+        "hand-off was unconfirmed, and the other DC ran the task; the owner handing on a "
+        "task whose cancel was asked for; a Submit's settle placing a record whose hand-off "
+        "was in doubt (fixed: Intake, Cancels, CancelAsked, Submission)",
     ),
     Regression(
         79,
@@ -71,7 +76,10 @@ REGRESSIONS = (
         "an adoption from another DC whose record write timed out (applied after all) left "
         "the record PENDING on a live agent; and an accept whose write timed out withdrew "
         "its job though the record named it: both for ever (fixed: the adoption is settled "
-        "once etcd answers; an unsure accept keeps its job and lets its start decide)",
+        "once etcd answers; an unsure accept keeps its job and lets its start decide). With "
+        "a backlog in play: the owner's claim of an entry timed out though etcd applied it, "
+        "leaving the task PENDING under the owner, placed by nobody (fixed: the owner reads "
+        "an unsure claim back and places what it took)",
     ),
     Regression(
         609,
@@ -84,5 +92,36 @@ REGRESSIONS = (
         "four tasks lost: the withdraw of seed 111's fix deleted, once etcd answered, a "
         "record that a retry of the same id had meanwhile answered 'existing' (fixed: a "
         "record the Submit could not take back at once is placed, not deleted later)",
+    ),
+    Regression(
+        207,
+        100,
+        (Fault(3.12, "agent-cut", "west-1", 9.969), Fault(3.162, "owner-crash", "east", 2.596)),
+        "a task lost: the queue owner died handing a backlog task to the other DC and came "
+        "back under its id before anyone saw it die, so nobody settled the hand-off (fixed: "
+        "an agent settles the hand-offs its earlier run left in doubt). Also seen: the owner "
+        "took, offered and put back one task as fast as etcd wrote, while an agent's queue "
+        "was full below the router's bound (fixed: an agent that refused is no room until "
+        "news of it)",
+    ),
+    Regression(
+        94,
+        200,
+        (Fault(0.574, "pause", "west-2", 4.331), Fault(4.428, "owner-pause", "east", 9.292)),
+        "a task PENDING for ever in a DC that never ran it: a paused seed took an offer "
+        "after its caller had timed out and a second seed had refused, and the origin ran "
+        "the task itself (fixed: a refusal after a seed in doubt is settled, not believed)",
+    ),
+    Regression(
+        6,
+        200,
+        (
+            Fault(2.546, "pause", "east-2", 9.829),
+            Fault(3.107, "dc-cut", "east", 12.876),
+            Fault(5.146, "pause", "east-1", 11.289),
+        ),
+        "a settle that outlived its owner's term re-queued tasks with the fence of an owner "
+        "no longer in the election, which held (fixed: a settle keeps the fence of the term "
+        "that found it; out of office, the fence never holds)",
     ),
 )

@@ -25,7 +25,7 @@ from mesh.store.kv import prefix_end
 from sim import faults, loop
 from sim.clock import SimClock
 from sim.load import Load
-from sim.mesh import PREFIX, SimMesh
+from sim.mesh import PREFIX, TENANTS, SimMesh
 from sim.net import Endpoint
 
 SETTLE_S = 120.0  # after the last fault clears, every accepted task must end within this
@@ -114,6 +114,7 @@ async def _simulate(seed: int, tasks: int, workdir: Path, drawn: list[faults.Fau
         settle_s=simulated_s - cleared,
         split=split,
         fault=(schedule[0].at_s, cleared) if schedule else (0.0, 0.0),
+        caps=observe.caps(TENANTS),
     )
     return _Run(schedule, observed, round(simulated_s, 3))
 
