@@ -22,14 +22,15 @@ from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import new_record
 from mesh.core.task import DC_NAME, check_id, check_offer, spec_digest
-from mesh.errors import InvalidTask, MeshError, Unavailable, Unsure
-from mesh.store.records import TaskStore
+from mesh.errors import InvalidTask, MeshError, TaskNotFound, Unavailable, Unsure
+from mesh.store.records import Stored, TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 MAX_DEADLINE_MS = 253402300799_000  # 9999-12-31: the last instant a record can hold
+TAKE_BACK_TRIES = 3  # an adopted record that changes under each delete is not taken back
 
 
 class Intake:
@@ -119,7 +120,7 @@ class Intake:
             where = await self._place(job, spill=False, wait=False)
         except MeshError as exc:
             try:
-                taken_back = await self._store.delete(stored)
+                taken_back = await self._take_back(stored)
             except MeshError as kept:
                 # Neither placed nor taken back, the record is this DC's task now: it is
                 # placed once etcd answers (never left PENDING, which a settle would read
@@ -128,12 +129,34 @@ class Intake:
                 log.warning("%s adopted but not placed (%s): placing it later", job.task_id, exc)
                 self._spawn(f"settle {job.task_id}", self._settle(job, digest))
                 raise Unavailable(f"adopted, not yet placed: {kept.message}") from exc
-            if not taken_back:  # the record moved on: an offer whose answer was lost landed
+            if not taken_back:
                 log.info("took %s from DC %s, placed after all", job.task_id, job.path[0])
                 return True, "accepted"
             return False, f"{self._cfg.dc} is full too: {exc.message}"
         log.info("took %s from DC %s, placed on %s", job.task_id, job.path[0], where)
         return True, "accepted"
+
+    async def _take_back(self, stored: Stored) -> bool:
+        """Delete an adopted record that could not be placed; False if it is no longer
+        ours to take back: an agent of this DC took it (an offer whose answer was lost
+        landed after all), or a cancel was asked for meanwhile (answered from this
+        record, so the task ends here, as asked, rather than run in its origin)."""
+        task_id = stored.status.task_id
+        for _ in range(TAKE_BACK_TRIES):
+            if await self._store.delete(stored):
+                return True
+            try:
+                stored = await self._store.get(task_id)
+            except TaskNotFound:
+                return True
+            status = stored.status
+            if status.state != pb.TASK_STATE_PENDING or status.agent != self._cfg.agent_id:
+                return False
+            if stored.record.cancel_requested:
+                why = stored.record.cancel_reason or "cancelled while being placed"
+                await self._store.finish(task_id, pb.TASK_STATE_CANCELLED, "CANCELLED", why)
+                return False
+        raise Unavailable(f"the record of {task_id} keeps changing; not taken back")
 
     async def _settle(self, job: Job, digest: str) -> None:
         """Place a task whose adoption's record write was unsure (or which could be
