@@ -319,13 +319,24 @@ SPLIT_GRACE_S = 5.0  # a Submit sent just before the fault cleared may still be 
 def split_in_fault(observed: Observed, verdict: Verdict) -> set[str]:
     """Ids recorded in two DCs. One whose Submits went out while the fault kept the DCs
     apart (its home could not be asked) is the trade the mesh makes to keep accepting
-    work: counted, and excused from the one-run checks. Any other is a violation."""
+    work: counted, and excused from the one-run checks. Any other is a violation. An id
+    each DC answered for while apart is excused too, though the DCs merged the two into
+    one record once they could talk (its runs while apart may overlap)."""
     start, cleared = observed.fault
     sent: dict[str, list[float]] = defaultdict(list)
     for event in select(observed.events, "submit", "invoke"):
         sent[str(event["key"])].append(float(event["mono"]))  # type: ignore[arg-type]
+    answered: dict[str, set[str]] = defaultdict(set)
+    for event in select(observed.events, "submit", "ok"):
+        answered[str(event["key"])].add(str(event["dc"]))
+    merged = {k: sorted(dcs) for k, dcs in answered.items() if len(dcs) > 1}
     forgiven = set()
-    for key, dcs in sorted(observed.split.items()):
+    for key, dcs in sorted((merged | observed.split).items()):
+        if key not in observed.split:
+            if any(start <= t <= cleared + SPLIT_GRACE_S for t in sent.get(key, ())):
+                verdict.split_ids += 1
+                forgiven.add(key)
+            continue
         if any(start <= t <= cleared + SPLIT_GRACE_S for t in sent.get(key, ())):
             verdict.split_ids += 1
             forgiven.add(key)

@@ -273,3 +273,22 @@ def test_an_election_key_used_again_makes_a_second_term() -> None:
     terms = terms_from(events)
     assert terms == [Term(7, "east-1", 273), Term(8, "east-2", 778), Term(357, "east-1", None)]
     assert leader_at(terms, 779) == Term(357, "east-1", None)
+
+
+def test_an_id_each_dc_answered_while_apart_may_run_in_both_though_merged_after() -> None:
+    """Simulator seed 123: twins answered by each DC during a cut ran in both; once the
+    DCs could talk, one copy became a pointer to the other, so no id was left recorded
+    twice, and the overlap read as a task run twice at once."""
+    events = []
+    for key, at in (("apart", 10.0), ("together", 1.0)):
+        events += [ev(at, "submit", "invoke", "client", key=key)] * 2
+        events += [
+            {**ev(at + 0.01, "submit", "ok", "client", key=key), "dc": dc}
+            for dc in ("west", "east")
+        ]
+        events += [*ran(key, "w1", at + 1, at + 2), *ran(key, "e1", at + 1.5, at + 2.5)]
+    records = {"apart": done(), "together": done()}
+    verdict = check(observe(events, records, fault=(9.0, 12.0)))
+    assert verdict.split_ids == 1
+    assert not any("apart" in v for v in verdict.violations), verdict.violations
+    assert any("ran twice at once: together" in v for v in verdict.violations)
