@@ -124,4 +124,21 @@ REGRESSIONS = (
         "no longer in the election, which held (fixed: a settle keeps the fence of the term "
         "that found it; out of office, the fence never holds)",
     ),
+    Regression(
+        181,
+        200,
+        (Fault(5.824, "owner-duty", "east", 10.408), Fault(6.536, "lossy-net", "west", 13.457)),
+        "committed twice: an adopting agent lost the answer of the agent of its DC that "
+        "took the task, could not delete the record it had changed, and refused the "
+        "offer all the same; the origin ran the task too (fixed: a record that moved on is "
+        "answered accepted)",
+    ),
+    Regression(
+        125,
+        200,
+        (Fault(1.398, "agent-cut", "west-2", 13.732),),
+        "a task PENDING for ever: a cancel written on an adopted record while it was being "
+        "placed made the take-back fail, and the first fix of seed 181 read that as placed "
+        "(fixed: Intake._take_back reads the record again; a cancelled one ends here)",
+    ),
 )
