@@ -30,6 +30,7 @@ from sim.net import Endpoint
 
 SETTLE_S = 120.0  # after the last fault clears, every accepted task must end within this
 WATCHES_S = 60.0  # then every watch must see its task's end within this
+EVERY_S = 0.05  # the load submits a task this often, on average
 
 
 @dataclass
@@ -74,6 +75,14 @@ def simulate(
     )
 
 
+def drawn(seed: int, tasks: int) -> list[faults.Fault]:
+    """The fault schedule seed ``seed`` draws for a load of ``tasks``, as ``simulate``
+    draws it (after the load's generator, from the mesh's), without running anything."""
+    mesh = SimMesh(seed, Path())
+    mesh.rng.random()  # the load's generator
+    return faults.schedule(random.Random(mesh.rng.random()), mesh, tasks * EVERY_S)
+
+
 @dataclass
 class _Run:
     faults: list[faults.Fault]
@@ -81,7 +90,7 @@ class _Run:
     simulated_s: float
 
 
-async def _simulate(seed: int, tasks: int, workdir: Path, drawn: list[faults.Fault] | None) -> _Run:
+async def _simulate(seed: int, tasks: int, workdir: Path, given: list[faults.Fault] | None) -> _Run:
     clock.use(SimClock())  # the load's and the fault schedule's clock
     mesh = SimMesh(seed, workdir)
     rng, fault_rng = random.Random(mesh.rng.random()), random.Random(mesh.rng.random())
@@ -91,10 +100,9 @@ async def _simulate(seed: int, tasks: int, workdir: Path, drawn: list[faults.Fau
     client.awake.set()
     addresses = {dc: [a.address for a in mesh.agents.values() if a.dc == dc] for dc in mesh.dcs}
     load = Load(mesh.net, rng, addresses, history, client)
-    every_s = 0.05
-    schedule = drawn if drawn is not None else faults.schedule(fault_rng, mesh, tasks * every_s)
+    schedule = given if given is not None else faults.schedule(fault_rng, mesh, tasks * EVERY_S)
     done = asyncio.gather(*(faults.inflict(mesh, f, history) for f in schedule))
-    await load.run(tasks, every_s)
+    await load.run(tasks, EVERY_S)
     await done
     cleared = asyncio.get_running_loop().time()
     await _settle(mesh, load.accepted, SETTLE_S)
