@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import grpc
 
 from mesh.agent.apis import Apis
+from mesh.channels import KEEPALIVE_MS
 from mesh.core import clock
 from mesh.core.access import AGENT, Identity, authorize
 from mesh.errors import BadPacket, MeshError, Unavailable
@@ -32,6 +33,9 @@ from mesh.v1 import tasks_pb2 as pb
 
 T = TypeVar("T")
 CALL_TIMEOUT_S = 30.0  # a call that names no timeout (a stream) waits at most this
+# A stream (no timeout) whose peer went silent fails when the channel's keepalive pings
+# go unanswered, as the real channels are set up (``mesh.channels``), not at a deadline.
+SILENT_STREAM_S = 2 * KEEPALIVE_MS / 1000
 
 
 @dataclass
@@ -99,8 +103,7 @@ class SimNet:
         limit = timeout_s if timeout_s is not None else CALL_TIMEOUT_S
         deadline = asyncio.get_running_loop().time() + limit
         if not self.reachable(source, target) or self.lost():
-            await asyncio.sleep(limit)  # a silent peer, or the request lost: it times out
-            raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            raise await _silence(timeout_s, limit)  # a silent peer, or the request lost
         await source.gate()
         grant = authorize(identity or agent_identity(source), method)
         await asyncio.sleep(self.delay())
@@ -122,8 +125,8 @@ class SimNet:
         if not self.reachable(source, target):  # the connection broke on the way back
             raise _error(grpc.StatusCode.UNAVAILABLE, "connection reset")
         if self.lost():  # the answer was lost: done there, unknown here
-            await asyncio.sleep(max(0.0, deadline - asyncio.get_running_loop().time()))
-            raise _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+            left = deadline - asyncio.get_running_loop().time()
+            raise await _silence(timeout_s, max(0.0, left))
         return reply
 
     def send(self, source: Endpoint, datagrams: list[Datagram]) -> None:
@@ -172,6 +175,16 @@ async def _translated(work: Awaitable[T]) -> T:
         raise _error(grpc.StatusCode[exc.code], exc.message) from None
     except Exception as exc:  # a bug on the other side: INTERNAL, as the edge says it
         raise Internal(f"internal error: {type(exc).__name__}") from exc
+
+
+async def _silence(timeout_s: float | None, left_s: float) -> MeshError:
+    """Wait out a call nothing answers; the error its caller then sees: a unary call's
+    deadline, or a stream's keepalive failing."""
+    if timeout_s is None:
+        await asyncio.sleep(SILENT_STREAM_S)
+        return _error(grpc.StatusCode.UNAVAILABLE, "keepalive watchdog timeout")
+    await asyncio.sleep(left_s)
+    return _error(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
 
 def _error(code: grpc.StatusCode, message: str) -> MeshError:

@@ -141,4 +141,57 @@ REGRESSIONS = (
         "placed made the take-back fail, and the first fix of seed 181 read that as placed "
         "(fixed: Intake._take_back reads the record again; a cancelled one ends here)",
     ),
+    Regression(
+        725,
+        200,
+        (Fault(0.639, "etcd-down", "west", 4.409), Fault(5.853, "etcd-down", "east", 10.555)),
+        "tasks lost: a hand-off in doubt settled as not held while the origin's etcd was "
+        "down, and its take-back and placement failed once and were dropped; nobody else "
+        "settles a live agent's hand-off, so the record pointed to a DC that pointed back "
+        "(fixed: settle_later writes what the settle decided until the task's deadline)",
+    ),
+    Regression(
+        892,
+        200,
+        (Fault(3.139, "etcd-down", "west", 2.747),),
+        "committed twice: a Submit recorded and placed its task, then its read-back met "
+        "etcd going down and it answered UNAVAILABLE; the client tried the other DC, which "
+        "could not ask the id's home and ran a second copy (fixed: an accepted task is "
+        "answered accepted, from the record the Submit wrote)",
+    ),
+    Regression(
+        873,
+        200,
+        (Fault(2.357, "agent-cut", "west-2", 14.312), Fault(6.349, "owner-pause", "west", 4.585)),
+        "tasks lost: an offer from the other DC reached a paused agent, whose adoption "
+        "later failed and deleted the record; meanwhile the same offer, tried on another "
+        "seed, was answered 'already here' from that half-adopted record, and the origin "
+        "confirmed a pointer to nothing (fixed: a record still pending is answered "
+        "UNAVAILABLE, so the origin settles)",
+    ),
+    Regression(
+        714,
+        200,
+        (
+            Fault(6.905, "slow-net", "west", 4.452),
+            Fault(8.731, "etcd-down", "west", 11.052),
+            Fault(9.016, "owner-pause", "west", 5.102),
+        ),
+        "a task lost: a refused hand-off could not be taken back (etcd down), and the queue "
+        "owner, placing it on itself, read its own hand-off intent as its run; the run's "
+        "start was then refused as handed over (fixed: only a queued or running record "
+        "names the agent that runs it)",
+    ),
+    Regression(
+        344,
+        200,
+        (
+            Fault(5.701, "agent-cut", "west-1", 7.928),
+            Fault(6.635, "crash", "east-2", 13.141),
+            Fault(9.512, "owner-pause", "east", 6.98),
+        ),
+        "a Watch that never ended: twin Submits in each DC; one DC's hand-off was answered "
+        "'already here' by the other's own copy while it was still being placed, and the "
+        "two records came to point at each other (fixed with seed 873)",
+    ),
 )

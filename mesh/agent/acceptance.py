@@ -87,9 +87,18 @@ class Acceptance:
 
     async def _runs_here(self, job: Job) -> bool:
         """Whether the record shows this agent running (or having run) ``job``'s attempt:
-        a short task can start, even finish, before the accepting write lands."""
+        a short task can start, even finish, before the accepting write lands. A record
+        still pending names the agent placing it, and one being handed to another DC the
+        agent handing it over: neither is a run here (seed 714: the queue owner, whose
+        hand-off was refused and could not be taken back, took its own intent for a run)."""
         try:
-            status = (await self._store.get(job.task_id)).status
+            record = (await self._store.get(job.task_id)).record
         except MeshError:
             return False
-        return status.agent == self._cfg.agent_id and status.attempt == job.attempt
+        status = record.status
+        return (
+            not record.forwarded_to_dc
+            and status.state != pb.TASK_STATE_PENDING
+            and status.agent == self._cfg.agent_id
+            and status.attempt == job.attempt
+        )

@@ -206,19 +206,32 @@ class Handoffs:
 
     async def settle_later(self, dc: str, job: Job) -> None:
         """Settle this agent's hand-off of ``job`` to ``dc`` that is in doubt: point there
-        if that DC holds it, else take it back and place it again."""
+        if that DC holds it, else take it back and place it again. Nobody else settles a
+        hand-off whose holder lives, so what the settle decided is written however long
+        this DC's etcd is away, until the task's deadline (past it, the watchdog ends it)."""
         outcome = await self.settle(dc, job.task_id, job.deadline_ms)
-        if outcome == HELD:
-            await self.confirm(job.task_id, job.attempt)
+        if outcome is None:
+            log.error("hand-off of %s to %s never settled before its deadline", job.task_id, dc)
             return
-        if outcome == NOT_HELD:
-            await self._revert(job)
+        tries = 0
+        while True:
             try:
-                await self._place_again(job)
+                if outcome == HELD:
+                    await self.confirm(job.task_id, job.attempt)
+                else:
+                    await self._revert(job)
+                    await self._place_again(job)
+                return
+            except Unavailable as exc:
+                if now_ms() >= job.deadline_ms:
+                    log.error("hand-off of %s settled, unrecorded: %s", job.task_id, exc)
+                    return
+                log.info("settled hand-off of %s not recorded yet: %s", job.task_id, exc)
             except MeshError as exc:
                 log.warning("could not place %s after its hand-off failed: %s", job.task_id, exc)
-            return
-        log.error("hand-off of %s to %s never settled before its deadline", job.task_id, dc)
+                return
+            await asyncio.sleep(SETTLE_RETRY_S[min(tries, len(SETTLE_RETRY_S) - 1)])
+            tries += 1
 
 
 def intent(dc: str, holder: str) -> Callable[[peer_pb2.TaskRecord], None]:

@@ -115,6 +115,11 @@ class Intake:
                 return False, f"it belongs to DC {held}"
             if stored.record.spec_digest != digest:
                 return False, "task id already used here by another task"
+            if stored.status.state == pb.TASK_STATE_PENDING:
+                # Another offer of it is being adopted here right now (its answer was
+                # late, and the offering DC tried another seed), and may yet be taken
+                # back: only a settle can tell the offering DC how that ends (seed 873).
+                raise Unavailable("being placed here: settle", task_id=job.task_id)
             return True, "already here"
         try:
             where = await self._place(job, spill=False, wait=False)

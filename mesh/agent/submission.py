@@ -108,7 +108,13 @@ class Submission:
                 self._settle_soon(admitted)
             raise
         metrics.SUBMITTED.inc()
-        return await self._store.get(spec.task_id), True
+        try:
+            return await self._store.get(spec.task_id), True
+        except MeshError:
+            # Accepted and placed: the answer says so though etcd went away before the read
+            # back (a client told UNAVAILABLE would submit again through another DC, which,
+            # should this DC's etcd hold the id's claim, records a second task for it).
+            return stored, True
 
     def _settle_soon(self, admitted: Admitted) -> None:
         """Place the task once etcd answers, if its record is written and nobody took it
