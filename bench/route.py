@@ -28,7 +28,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from mesh.core import planner
+from mesh.core import conserve, eta, planner
 from mesh.core.ring import HashRing, key_point
 from mesh.core.router import Router
 from mesh.core.routing import AGENT, Member, Policy, Request
@@ -37,6 +37,7 @@ from mesh.gpus import DEFAULT_GPU_WEIGHTS
 # (class, memory GB, share of the fleet)
 FLEET_MIX = [("H100", 80, 0.25), ("A100", 80, 0.3), ("L40S", 48, 0.25), ("A40", 48, 0.2)]
 PIPELINE = "sleep"
+MARGIN_S = 0.5  # a queued task moves only to save more than this (as mesh.agent.conserve)
 # The planner's settings in this run: how far past the bound a model's planned home may
 # queue (tasks per unit of GPU weight), how often it replans, over how long demand is
 # averaged, and how much room beyond its share a model's homes get.
@@ -205,12 +206,37 @@ def _load(state: AgentState, model: str) -> None:
         del state.loaded[victim]
 
 
-def simulate(
-    trace: Trace,
-    choose: Policy_,
-    on_change: Callable[[AgentState], None],
-    planner: Planner | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class Setup:
+    """A policy under test: where each task goes, what keeps its view told, the planner
+    it runs (if any), and the view queued tasks move by to idle agents (if it conserves
+    work, ``mesh.core.conserve``)."""
+
+    choose: Policy_
+    tell: Callable[[AgentState], None]
+    plan: Planner | None = None
+    conserve: Router | None = None
+
+
+def _waiting(state: AgentState, now: float, load_s: float) -> list[conserve.Waiting]:
+    """The agent's queue with each task's expected start (``mesh.core.eta``), as the
+    agent's executor computes it: runs and loads known exactly, as the sleep pipeline's
+    estimate is."""
+    agent, warm = state.agent, set(state.loaded)
+    costs = []
+    for task in state.queue:
+        costs.append((1, task.work / agent.speed + (0.0 if task.model in warm else load_s)))
+        warm.add(task.model)
+    free = [t - now for t in state.busy_until] + [0.0] * (agent.slots - state.running)
+    starts = eta.starts(free, costs)
+    return [
+        conserve.Waiting(t.task_id, (PIPELINE, t.model, 1, 0), s)
+        for t, s in zip(state.queue, starts, strict=True)
+    ]
+
+
+def simulate(trace: Trace, setup: Setup) -> dict:
+    choose, on_change, planner, view = setup.choose, setup.tell, setup.plan, setup.conserve
     states = {a.name: AgentState(a) for a in trace.fleet}
     events: list[tuple[float, int, str, object]] = []
     seq = itertools.count()
@@ -247,8 +273,32 @@ def simulate(
             heapq.heappush(state.busy_until, done)
             heapq.heappush(events, (done, next(seq), "warmed", (state.agent.name, model)))
 
+    def conserve_now(now: float) -> None:
+        """Every queue's tasks that start sooner on an idle agent move there."""
+        assert view is not None
+        for name, state in states.items():
+            if not state.queue or not view.idle - {name}:
+                continue
+            waiting = _waiting(state, now, trace.load_delay_s)
+            found = conserve.moves(view, name, waiting, lambda _: trace.load_delay_s, MARGIN_S)
+            for move in found:
+                task = next(t for t in state.queue if t.task_id == move.task_id)
+                target = states[move.agent_id]
+                state.account(now)
+                target.account(now)
+                state.queue.remove(task)
+                target.queue.append(task)
+                start(target, now)
+                on_change(target)
+            if found:
+                on_change(state)
+
+    idle_queued, last = 0.0, 0.0  # slot-seconds idle while a task waited in some queue
     while events:
         now, _, kind, data = heapq.heappop(events)
+        idle = sum(s.agent.slots - s.running for s in states.values())
+        idle_queued += (now - last) * min(idle, sum(len(s.queue) for s in states.values()))
+        last = now
         if kind == "warmed":
             name, model = data  # type: ignore[misc]
             state = states[name]
@@ -259,6 +309,8 @@ def simulate(
             _load(state, model)
             start(state, now)
             on_change(state)
+            if view is not None:
+                conserve_now(now)
             continue
         if kind == "arrive":
             task = data  # type: ignore[assignment]
@@ -279,6 +331,8 @@ def simulate(
             finished.append(now - task.arrival)
             start(state, now)
         on_change(state)
+        if view is not None:
+            conserve_now(now)
     end = max(s.last for s in states.values())
     loads = [s.area / end for s in states.values()]
     finished.sort()
@@ -287,12 +341,11 @@ def simulate(
         "affinity": round(hits / len(trace.tasks), 4),
         "mean_jct_s": round(statistics.fmean(finished), 3),
         "p99_jct_s": round(finished[int(len(finished) * 0.99)], 3),
+        "idle_slot_s_while_queued": round(idle_queued, 1),
     }
 
 
-def policies(
-    trace: Trace, seed: int
-) -> dict[str, tuple[Policy_, Callable[[AgentState], None], Planner | None]]:
+def policies(trace: Trace, seed: int) -> dict[str, Setup]:
     names = [a.name for a in trace.fleet]
     by_name = {a.name: a for a in trace.fleet}
     rng = random.Random(seed)
@@ -332,34 +385,41 @@ def policies(
 
         return min(names, key=lambda n: (finish(n), n))
 
-    ours, tell = routed(router)
+    ours, tell = routed(router, trace.load_delay_s)
     planned = Router(Policy(home_slack=HOME_SLACK))
     planned.set_members(a.member() for a in trace.fleet)
     placement = Placement(trace.fleet, planned)
-    ours_planned, tell_planned = routed(planned)
+    ours_planned, tell_planned = routed(planned, trace.load_delay_s)
+    conserving = Router(Policy(home_slack=HOME_SLACK))
+    conserving.set_members(a.member() for a in trace.fleet)
+    conserving_placement = Placement(trace.fleet, conserving)
+    ours_conserving, tell_conserving = routed(conserving, trace.load_delay_s)
 
     return {
-        "random": (lambda t, s, now: rng.choice(names), nothing, None),
-        "round_robin": (lambda t, s, now: next(cycle), nothing, None),
-        "consistent_hash": (
-            lambda t, s, now: ring.owner(key_point(f"{t.model}/{PIPELINE}")),
-            nothing,
-            None,
+        "random": Setup(lambda t, s, now: rng.choice(names), nothing),
+        "round_robin": Setup(lambda t, s, now: next(cycle), nothing),
+        "consistent_hash": Setup(
+            lambda t, s, now: ring.owner(key_point(f"{t.model}/{PIPELINE}")), nothing
         ),
-        "least_loaded": (least_loaded, nothing, None),
-        "power_of_two": (two, nothing, None),
-        "ours": (ours, tell, None),
-        "ours+planner": (ours_planned, tell_planned, placement.observe),
-        "omniscient": (omniscient, nothing, None),
+        "least_loaded": Setup(least_loaded, nothing),
+        "power_of_two": Setup(two, nothing),
+        "ours": Setup(ours, tell),
+        "ours+planner": Setup(ours_planned, tell_planned, placement.observe),
+        "ours+planner+conserve": Setup(
+            ours_conserving, tell_conserving, conserving_placement.observe, conserving
+        ),
+        "omniscient": Setup(omniscient, nothing),
     }
 
 
-def routed(router: Router) -> tuple[Policy_, Callable[[AgentState], None]]:
+def routed(router: Router, load_s: float) -> tuple[Policy_, Callable[[AgentState], None]]:
     """A policy that asks ``router``, and what keeps the router told of every agent's
-    load and loaded models."""
+    load and loaded models. The request carries the task's run and a load's time, as an
+    agent's does (the sleep pipeline's own estimate, the loads it saw)."""
 
     def choose(task: Task, states: dict[str, AgentState], now: float) -> str:
-        target = router.route(Request(task.task_id, task.model, PIPELINE)).first
+        request = Request(task.task_id, task.model, PIPELINE, run_s=task.work, load_s=load_s)
+        target = router.route(request).first
         assert target.kind == AGENT
         return target.name
 
@@ -413,10 +473,7 @@ class Placement:
 
 def quality(seed: int, tasks: int) -> dict[str, dict]:
     trace = make_trace(seed, agents=24, models=20, tasks=tasks, utilisation=0.7)
-    return {
-        name: simulate(trace, choose, on_change, plan)
-        for name, (choose, on_change, plan) in policies(trace, seed).items()
-    }
+    return {name: simulate(trace, setup) for name, setup in policies(trace, seed).items()}
 
 
 # -- the command -----------------------------------------------------------------------------
@@ -469,6 +526,7 @@ def _print(result: dict, sizes: list[int]) -> None:
         "affinity",
         "mean JCT s",
         "p99 JCT s",
+        "idle slot-s while queued",
         title="placement on a skewed trace (same trace for every policy)",
     )
     for name, m in result["policies"].items():
@@ -478,6 +536,7 @@ def _print(result: dict, sizes: list[int]) -> None:
             f"{m['affinity']:.1%}",
             str(m["mean_jct_s"]),
             str(m["p99_jct_s"]),
+            str(m["idle_slot_s_while_queued"]),
         )
     console.print(table)
     console.print(f"{result['seconds']} s")

@@ -251,6 +251,11 @@ class AgentConfig(BaseSettings):
     max_queue_length: int = Field(
         256, ge=1, description="Local queue bound; a full agent refuses offers."
     )
+    work_conserving: bool = Field(
+        True,
+        description="Offer queued tasks to idle agents of the DC when they would start "
+        "there sooner (off: a task waits where it was accepted).",
+    )
     task_retention_s: float = Field(
         86400.0,
         ge=1,

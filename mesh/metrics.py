@@ -9,6 +9,11 @@ REJECTED = Counter("gpumesh_submit_rejected_total", "Submit calls refused", ["co
 FINISHED = Counter("gpumesh_tasks_finished_total", "Runs that ended on this agent", ["state"])
 OFFERS = Counter("gpumesh_offers_total", "Offers received from peers", ["result"])
 FORWARDS = Counter("gpumesh_forwards_total", "Offers sent to peers", ["result"])
+MOVES = Counter(
+    "gpumesh_queued_moves_total",
+    "Queued tasks offered to an idle agent of the DC, by outcome (moved or kept here)",
+    ["outcome"],
+)
 BACKLOGGED = Counter("gpumesh_tasks_backlogged_total", "Tasks put in the DC's backlog")
 RUNNING = Gauge("gpumesh_tasks_running", "Tasks running on this agent")
 QUEUED = Gauge("gpumesh_tasks_queued", "Tasks in this agent's local queue")

@@ -102,6 +102,9 @@ class Local(Strict):
         description="GPU memory of named models on the local agents (others: model_memory_mb)",
     )
     placement_plan: bool = Field(True, description="local agents act on the placement plan")
+    work_conserving: bool = Field(
+        True, description="local agents move queued tasks to idle agents of their DC"
+    )
     plan_interval_s: float = Field(5.0, gt=0, le=300, description="how often they plan")
     task_retention_s: float = Field(
         86400.0, ge=1, description="each local agent's retention of finished tasks"

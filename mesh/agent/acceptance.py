@@ -8,7 +8,7 @@ the queue again, unless the record shows this agent already running it.
 
 from __future__ import annotations
 
-from mesh.agent.executor import Executor
+from mesh.agent.executor import Executor, expected_start_s
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
@@ -25,6 +25,9 @@ class Acceptance:
         self._cfg = cfg
         self._store = store
         self._executor = executor
+        # The expected start (ms) written for each task accepted here, for the part that
+        # keeps it true as the queue moves (``mesh.agent.conserve``).
+        self.written: dict[str, int] = {}
 
     async def accept(self, job: Job, max_tasks: float, reclaim: bool = False) -> tuple[bool, str]:
         """Queue ``job`` here if our live load allows: within ``max_tasks`` running and
@@ -48,8 +51,8 @@ class Acceptance:
             return False, f"over the bound ({tasks + 1} > {limit:g} tasks)"
         # Enqueue before any await, so the check above still holds; the record follows.
         self._executor.enqueue(job, past_bound=reclaiming)
-        wait_s = self._executor.expected_start_s(job.task_id)  # as it stands now, once
-
+        wait_s = expected_start_s(self._executor, job.task_id)  # as it stands now
+        due_ms = None if wait_s is None else now_ms() + int(wait_s * 1000)
         digest = spec_digest(job.spec)
 
         def mutate(record: peer_pb2.TaskRecord) -> bool | None:
@@ -64,8 +67,8 @@ class Acceptance:
                 status.state = pb.TASK_STATE_QUEUED
                 status.queued_at.CopyFrom(now_ts())
             status.ClearField("expected_start")
-            if wait_s is not None:
-                status.expected_start.FromMilliseconds(now_ms() + int(wait_s * 1000))
+            if due_ms is not None:
+                status.expected_start.FromMilliseconds(due_ms)
             return None
 
         try:
@@ -83,6 +86,8 @@ class Acceptance:
             # would write its end over the record of the agent that runs the task.
             self._executor.withdraw(job.task_id)
             return False, f"record: {exc.message}"
+        if due_ms is not None:
+            self.written[job.task_id] = due_ms
         return True, "accepted"
 
     async def _runs_here(self, job: Job) -> bool:

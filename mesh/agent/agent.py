@@ -85,6 +85,7 @@ class Agent:
         p, keep_s = self.parts, self.cfg.task_retention_s
         p.duties.keep("membership", p.membership.registry.mirror.run)
         p.duties.keep("executor", p.executor.run)
+        p.duties.keep("work conservation", p.conserver.run)
         if p.ports.disk:
             p.duties.keep(
                 "result retention",

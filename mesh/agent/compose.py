@@ -24,6 +24,7 @@ from mesh.agent.agentapi import AgentApi
 from mesh.agent.api import ToTheEnd
 from mesh.agent.apis import Apis
 from mesh.agent.cancels import Cancels
+from mesh.agent.conserve import Conserver
 from mesh.agent.dcs import KnownDcs
 from mesh.agent.decisionlog import DecisionLog
 from mesh.agent.dispatch import DcRoom
@@ -91,6 +92,7 @@ class Parts:
     planning: Planning
     placement: Placement
     handover: Handover
+    conserver: Conserver
     seat: OwnerSeat
     apis: Apis
     verifier: Verifier
@@ -204,6 +206,7 @@ class _Tasks:
     tasks: Tasks
     cancels: Cancels
     handover: Handover
+    conserver: Conserver
     known_pipelines: Callable[[], set[str]]
 
 
@@ -232,6 +235,10 @@ def _tasks(b: _Base, executor: Executor, view: View) -> _Tasks:
     handover = Handover(cfg.agent_id, store, placement, b.history, b.duties.spawn)
     reach = Reach(cfg.agent_id, store.records, registry, b.peers, b.remote, addressing)
     b.events.preempted.connect(handover.preempted)
+    conserver = Conserver(
+        cfg, executor, b.router, b.models, placement, store.records, acceptance.written
+    )
+    b.events.capacity.connect(conserver.changed)
     return _Tasks(
         placement=placement,
         intake=Intake(
@@ -256,6 +263,7 @@ def _tasks(b: _Base, executor: Executor, view: View) -> _Tasks:
             cfg.lease_ttl_s + cfg.etcd_outage_grace_s,
         ),
         handover=handover,
+        conserver=conserver,
         known_pipelines=known_pipelines,
     )
 
@@ -372,6 +380,7 @@ def _wire(cfg: AgentConfig, ports: Ports) -> Parts:
         planning=planning,
         placement=t.placement,
         handover=t.handover,
+        conserver=t.conserver,
         seat=_seat(b, t),
         apis=apis,
         verifier=verifier,

@@ -22,11 +22,11 @@ from mesh.agent.runs import Hooks, Reporter, Runner, Runs
 from mesh.agent.slots import GpuSlots
 from mesh.config import AgentConfig
 from mesh.core import classes, clock, eta, preemption
-from mesh.core.jobs import Job
-from mesh.core.priority import Policy, Traits
+from mesh.core.jobs import Job, traits
+from mesh.core.priority import Estimates, Policy, Traits
 from mesh.core.queue import LaneQueue
 from mesh.errors import InvalidTask, LimitExceeded, Unavailable
-from mesh.pipelines import Models, Pipeline
+from mesh.pipelines import Estimating, Models, Pipeline
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ class Executor:
 
     def holding(self, task_id: str) -> Job | None:
         """The job of ``task_id`` this agent holds: running, queued or held for quota."""
-        run = self._runs.get(task_id)
-        if run is not None:
+        if (run := self._runs.get(task_id)) is not None:
             return run.job
         queued = next((j for j in self._queue if j.task_id == task_id), None)
         return queued or self._gate.get(task_id)
@@ -144,18 +143,18 @@ class Executor:
         ahead = sum(j.traits.gpus for j in self._queue if j.traits.task_class == classes.ONLINE)
         return self._reclaimer.could(spec, ahead)
 
-    def expected_start_s(self, task_id: str) -> float | None:
-        """Seconds until the queued task ``task_id`` is expected to start here (None if
-        it is not queued here): ``mesh.core.eta`` over this agent's slots and queue."""
-        now = self._clock()
-        order = self._queue.order(now, until=lambda job: job.task_id == task_id)
-        if not order or order[-1].task_id != task_id:
-            return None
-        estimates = self._queue.policy.estimates
-        free_in_s = [0.0] * len(self._slots.free) + self._runs.free_in_s(estimates, now)
-        ahead = [(j.traits.gpus, estimates.expected(j.traits.kind)) for j in order[:-1]]
-        start = eta.expected_start(free_in_s, ahead, order[-1].traits.gpus)
-        return None if math.isinf(start) else start
+    def waiting(self) -> list[tuple[Job, float]]:
+        """The queued jobs in the order they would start here, each with the seconds until
+        it is expected to (``mesh.core.eta``; ``inf`` on an agent with no slots)."""
+        order = self._queue.order(now := self._clock())
+        free_in_s = [0.0] * len(self._slots.free) + self._runs.free_in_s(self.expected_s, now)
+        found = eta.starts(free_in_s, [(j.traits.gpus, self.expected_s(j.spec)) for j in order])
+        return list(zip(order, found, strict=True))
+
+    def expected_s(self, spec: pb.TaskSpec) -> float:
+        """How long a task of ``spec`` should run here (``run_estimate``)."""
+        pipeline = self._pipelines.get(spec.pipeline)
+        return run_estimate(pipeline, self._queue.policy.estimates, spec)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -243,11 +242,12 @@ class Executor:
             run.stop(reason)
         return None
 
-    def withdraw(self, task_id: str) -> None:
-        """Take a job this agent has not started out of its queue (or its wait for
-        quota); a run already under way is left to its start write, which decides."""
-        if self._unqueue(task_id) is not None:
-            self._on_load()
+    def withdraw(self, task_id: str) -> bool:
+        """Take a job not yet started out of the queue (or its wait for quota): True if so."""
+        if self._unqueue(task_id) is None:
+            return False
+        self._on_load()
+        return True
 
     def abandon(self, reason: str) -> list[Job]:
         """Drop every job at once without recording anything, and return them: this agent
@@ -286,6 +286,20 @@ class Executor:
             # they were torn down, and they would be neither finished nor handed back.
             await asyncio.wait(running, timeout=left)
         return handback + await self._runs.stop_all("agent shut down")
+
+
+def run_estimate(pipeline: Pipeline | None, estimates: Estimates, spec: pb.TaskSpec) -> float:
+    """How long a task of ``spec`` should run: its pipeline's own estimate if it makes one
+    (the sleep pipeline knows from its params), else the mean of the runs of its kind."""
+    own = pipeline.estimate_s(spec) if isinstance(pipeline, Estimating) else None
+    return own if own is not None else estimates.expected(traits(spec).kind)
+
+
+def expected_start_s(executor: Executor, task_id: str) -> float | None:
+    """Seconds until the queued task ``task_id`` is expected to start on ``executor``
+    (None if it is not queued there, or could never start)."""
+    start = next((s for job, s in executor.waiting() if job.task_id == task_id), None)
+    return None if start is None or math.isinf(start) else start
 
 
 def check_eligible(

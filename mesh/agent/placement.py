@@ -94,7 +94,7 @@ class Placement:
         spill: bool = True,
     ) -> Decision:
         """What the router decides for ``spec`` now; every decision goes to the log."""
-        request = request_of(spec)
+        request = request_of(spec, *self.view.costs(spec))
         options = self.spill() if spill else NO_SPILL
         with metrics.ROUTE_SECONDS.time():
             decision = self.router.route(request, visited, options, explain=explain)
@@ -108,7 +108,7 @@ class Placement:
         has just refused is no room until news of it comes (its queue may be full below
         the router's bound): else the owner would take the task, be refused and put it
         back in a loop as fast as etcd writes."""
-        first = self.router.route(request_of(spec)).first
+        first = self.router.route(request_of(spec, *self.view.costs(spec))).first
         if first is NONE_ELIGIBLE:
             return Room.NOT_HERE
         if first.kind == BACKLOG or self.router.is_suspect(first.name):
@@ -195,7 +195,7 @@ class Placement:
             )
             for target in decision.targets:
                 if target.kind == AGENT:
-                    accepted, reason = await self._offer_agent(target.name, target.max_tasks, job)
+                    accepted, reason = await self.offer_agent(target.name, target.max_tasks, job)
                     if accepted:
                         self.view.spill_share.record(False)
                         return target.name
@@ -238,7 +238,7 @@ class Placement:
         ring = [c.agent_id for c in self.route(job.spec, explain=True, spill=False).candidates]
         asked = [a for a in dict.fromkeys([*full, *ring]) if a not in job.path]
         for agent_id in asked[:RECLAIM_ASKS]:
-            accepted, _ = await self._offer_agent(agent_id, 0.0, job, reclaim=True)
+            accepted, _ = await self.offer_agent(agent_id, 0.0, job, reclaim=True)
             if accepted:
                 log.info("%s reclaims GPUs from batch for online task %s", agent_id, job.task_id)
                 return agent_id
@@ -247,9 +247,11 @@ class Placement:
     def _durable(self, job: Job) -> bool:
         return len(job.spec.payload) <= self.cfg.inline_payload_bytes
 
-    async def _offer_agent(
+    async def offer_agent(
         self, agent_id: str, max_tasks: float, job: Job, reclaim: bool = False
     ) -> tuple[bool, str]:
+        """Offer ``job`` to agent ``agent_id`` of this DC (this one included), which takes
+        it if it would then hold at most ``max_tasks`` (0: its own bound)."""
         if agent_id == self.cfg.agent_id:
             accepted, reason = await self._accept_here(job, max_tasks, reclaim)
             self.router.set_suspect(agent_id, not accepted)  # as a peer that refused is
@@ -310,7 +312,9 @@ def offer_timeout(job: Job) -> float:
     return min(OFFER_TIMEOUT_S, max(0.05, (job.deadline_ms - now_ms()) / 1000))
 
 
-def request_of(spec: pb.TaskSpec) -> Request:
+def request_of(spec: pb.TaskSpec, run_s: float = 0.0, load_s: float = 0.0) -> Request:
+    """What the router needs of ``spec``; ``run_s`` and ``load_s`` (0: unknown) what a
+    run and a load of its model are expected to take."""
     return Request(
         task_id=spec.task_id,
         model=spec.model,
@@ -318,4 +322,6 @@ def request_of(spec: pb.TaskSpec) -> Request:
         affinity_key=spec.affinity_key,
         gpu_count=max(1, spec.gpu_count),
         min_gpu_memory_mb=spec.min_gpu_memory_mb,
+        run_s=run_s,
+        load_s=load_s,
     )

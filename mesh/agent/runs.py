@@ -22,7 +22,6 @@ from mesh.agent.slots import GpuSlots
 from mesh.core import classes, clock
 from mesh.core.jobs import Job, Outcome, Output
 from mesh.core.preemption import Run
-from mesh.core.priority import Estimates
 from mesh.core.task import state_name
 from mesh.errors import PipelineError, QuotaBusy
 from mesh.gpus import Gpu
@@ -117,11 +116,12 @@ class Runs:
         """Runs per queue class."""
         return Counter(run.job.spec.queue for run in self._running.values())
 
-    def free_in_s(self, estimates: Estimates, now: float) -> list[float]:
-        """When each GPU the runs hold is expected free, in seconds from ``now``."""
+    def free_in_s(self, expected_s: Callable[[pb.TaskSpec], float], now: float) -> list[float]:
+        """When each GPU the runs hold is expected free, in seconds from ``now``, each
+        run lasting ``expected_s`` of its task's spec."""
         free: list[float] = []
         for run in self._running.values():
-            left = estimates.expected(run.job.traits.kind) - (now - run.started_at)
+            left = expected_s(run.job.spec) - (now - run.started_at)
             free += [max(0.0, left)] * len(run.gpus)
         return free
 

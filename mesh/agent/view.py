@@ -31,6 +31,7 @@ from mesh.pipelines import Models
 from mesh.store import topostore
 from mesh.store.registry import DRAINING, AgentRecord
 from mesh.v1 import peer_pb2
+from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,11 @@ class View:
         self.router.set_load(agent_id, load.running, load.queued)
         self.router.set_loaded(agent_id, load.models_loaded)
         self.router.set_suspect(agent_id, not accepted)
+
+    def costs(self, spec: pb.TaskSpec) -> tuple[float, float]:
+        """How long a task of ``spec`` should run, and a load of its model take, as this
+        agent knows them: what the router weighs a home's queue against."""
+        return self._executor.expected_s(spec), self._models.load_s(spec.model)
 
     def load(self) -> peer_pb2.Load:
         """This agent's load, as every offer reply tells the sender."""

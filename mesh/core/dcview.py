@@ -112,6 +112,7 @@ class DcView:
     classes: dict[Needs, RequestClass] = field(default_factory=dict)
     _ring: HashRing = field(default_factory=HashRing)  # every member
     suspects: set[str] = field(default_factory=set)
+    idle: set[str] = field(default_factory=set)  # active members with a slot no task holds
     _totals: Totals = field(default_factory=lambda: Totals())  # kept as agents and loads change
     _models: Counter[str] = field(default_factory=Counter)  # agents that have each loaded
     _homes: dict[str, tuple[str, ...]] = field(default_factory=dict)  # the placement plan
@@ -157,7 +158,7 @@ class DcView:
         self.suspects &= members.keys()
         self._ring = HashRing({a: m.weight for a, m in members.items()})
         self.classes.clear()
-        self._totals = Totals()
+        self._totals, self.idle = Totals(), set()
         for agent_id in members:
             self._count(agent_id, +1)
         self._models = Counter(m for models in self.loaded.values() for m in models)
@@ -265,8 +266,12 @@ class DcView:
 
     def _count(self, agent_id: str, sign: int) -> None:
         """Add (``sign`` 1) or take out (-1) an agent's share of the totals."""
-        load = self.loads[agent_id]
-        self._totals.count(self._members[agent_id], load.running, load.tasks, sign)
+        load, member = self.loads[agent_id], self._members[agent_id]
+        self._totals.count(member, load.running, load.tasks, sign)
+        if sign > 0 and not member.draining and load.tasks < member.slots:
+            self.idle.add(agent_id)
+        else:
+            self.idle.discard(agent_id)
 
     @property
     def members(self) -> dict[str, Member]:

@@ -14,18 +14,28 @@ import math
 from collections.abc import Sequence
 
 
+def starts(free_in_s: Sequence[float], queue: Sequence[tuple[int, float]]) -> list[float]:
+    """Seconds from now until each task of ``queue`` ((GPUs, expected seconds) each, in
+    the order they start) starts, on slots that free in ``free_in_s`` (0: idle now); all
+    ``inf`` on an agent with no slots. One pass: a queue's every estimate costs what its
+    last one does."""
+    free = sorted(max(0.0, s) for s in free_in_s)
+    if not free:
+        return [math.inf] * len(queue)
+    found = []
+    begun = 0.0  # no task starts before the one ahead of it
+    for need, seconds in queue:
+        n = min(max(1, need), len(free))  # a task wider than the agent takes it all
+        begun = max(begun, free[n - 1])  # when its n earliest slots are all free
+        found.append(begun)
+        free = sorted(free[n:] + [begun + max(0.0, seconds)] * n)
+    return found
+
+
 def expected_start(
     free_in_s: Sequence[float], ahead: Sequence[tuple[int, float]], gpus: int
 ) -> float:
     """Seconds from now until a task needing ``gpus`` starts, on slots that free in
     ``free_in_s`` (0: idle now), after the tasks ``ahead`` ((GPUs, expected seconds) each,
     in the order they start); ``inf`` on an agent with no slots."""
-    free = sorted(max(0.0, s) for s in free_in_s)
-    if not free:
-        return math.inf
-    begun = 0.0  # no task starts before the one ahead of it
-    for need, seconds in ahead:
-        n = min(max(1, need), len(free))  # a task wider than the agent takes it all
-        begun = max(begun, free[n - 1])  # when its n earliest slots are all free
-        free = sorted(free[n:] + [begun + max(0.0, seconds)] * n)
-    return max(begun, free[min(max(1, gpus), len(free)) - 1])
+    return starts(free_in_s, [*ahead, (gpus, 0.0)])[-1]

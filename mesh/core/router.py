@@ -117,7 +117,7 @@ def route(
     cls = view.request_class(request.needs)
     bound = _bound(view, cls)
     fits, candidates = _walk(view, request, cls, bound, visited, explain)
-    ordered, homes = _order(view, request.model, cls, bound, visited, fits)
+    ordered, homes = _order(view, request, cls, bound, visited, fits)
     model, loaded = request.model, view.loaded
     targets = [
         Target(
@@ -169,7 +169,7 @@ def _walk(
         weight, floor, hard = shape[agent_id]
         most = bound * weight if bound * weight > floor else floor
         if slack and model in loaded[agent_id]:
-            most += slack * weight
+            most += home_slack(slack * weight, request, view.members[agent_id].slots)
         if most > hard:
             most = hard
         if loads[agent_id].tasks + 1 <= most and agent_id not in visited:
@@ -184,7 +184,7 @@ def _walk(
 
 def _order(
     view: DcView,
-    model: str,
+    request: Request,
     cls: RequestClass,
     bound: float,
     visited: frozenset[str],
@@ -192,11 +192,11 @@ def _order(
 ) -> tuple[list[Fit], frozenset[str]]:
     """``fits`` in the order to offer: the model warm first, the plan's homes before the
     ring, suspects last; and the homes among them."""
-    loaded, window = view.loaded, view.policy.affinity_window
+    loaded, window, model = view.loaded, view.policy.affinity_window, request.model
     warm = [f for f in fits[:window] if model in loaded[f[0]]]
     ordered = warm + [f for f in fits if f not in warm] if warm else fits
     homes: frozenset[str] = frozenset()
-    if model in view.homes and (planned := _planned(view, model, cls, bound, visited)):
+    if model in view.homes and (planned := _planned(view, request, cls, bound, visited)):
         # Homes that hold the model, then agents that hold it anyway, then homes
         # still to load it (a load is paid where the plan wants the model), then the
         # rest: the plan never sends a task to a load that an agent at hand spares.
@@ -216,16 +216,27 @@ def _order(
     return ordered, homes
 
 
+def home_slack(slack: float, request: Request, slots: int) -> float:
+    """The tasks past the bound an agent holding the request's model may queue: the
+    policy's ``slack``, but no more than would wait less than a load of the model
+    elsewhere (each task queued delays the next by a run over the agent's slots). Long
+    tasks get none: a 0.5 s load elsewhere beats a 20 s wait here."""
+    if request.run_s <= 0:
+        return slack  # nothing known of its runs yet: the policy's word
+    return min(slack, request.load_s * slots / request.run_s)
+
+
 def _planned(
-    view: DcView, model: str, cls: RequestClass, bound: float, visited: frozenset[str]
+    view: DcView, request: Request, cls: RequestClass, bound: float, visited: frozenset[str]
 ) -> list[tuple[str, float]]:
     """The model's planned homes that can take a task now, least loaded first."""
     found = []
-    for agent_id in view.homes[model]:
+    for agent_id in view.homes[request.model]:
         if agent_id not in cls.shape or agent_id in visited:
             continue
         weight, floor, hard = cls.shape[agent_id]
-        most = min(hard, max(bound * weight, floor) + view.policy.home_slack * weight)
+        slack = home_slack(view.policy.home_slack * weight, request, view.members[agent_id].slots)
+        most = min(hard, max(bound * weight, floor) + slack)
         if view.loads[agent_id].tasks + 1 <= most:
             found.append((view.loads[agent_id].tasks / weight, agent_id, most))
     return [(agent_id, most) for _, agent_id, most in sorted(found)]

@@ -40,6 +40,8 @@ class Request:
     affinity_key: str = ""
     gpu_count: int = 1
     min_gpu_memory_mb: int = 0
+    run_s: float = 0.0  # how long it should run (0: unknown)
+    load_s: float = 0.0  # how long a load of its model takes (0: unknown)
 
     @property
     def key(self) -> str:

@@ -299,6 +299,7 @@ class LocalMesh:
             "--default-model-memory-mb", str(self.local.model_memory_mb),
             "--model-memory-mb", json.dumps(self.local.model_sizes_mb),
             "--placement-plan", str(self.local.placement_plan).lower(),
+            "--work-conserving", str(self.local.work_conserving).lower(),
             "--plan-interval-s", str(self.local.plan_interval_s),
             "--task-retention-s", str(self.local.task_retention_s),
             "--span-dir", str(self.spans),

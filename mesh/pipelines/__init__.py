@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from importlib.metadata import entry_points
 from typing import ClassVar, Protocol, runtime_checkable
 
 from mesh.config import AgentConfig
+from mesh.core import clock
 from mesh.core.jobs import Output
 from mesh.core.residency import Demand, Resident, evictions
 from mesh.errors import ConfigError, PipelineError
@@ -35,6 +35,7 @@ GROUP = "mesh.pipelines"
 # What a pipeline plugin needs, in one place: ``from mesh.pipelines import Output, ...``.
 __all__ = [
     "GROUP",
+    "Estimating",
     "Layers",
     "Models",
     "ModelsFull",
@@ -45,6 +46,9 @@ __all__ = [
     "Stageable",
     "load_pipelines",
 ]  # fmt: skip
+
+
+DEFAULT_LOAD_S = 1.0  # a model load's cost before any load was seen here
 
 
 class Models:
@@ -60,7 +64,7 @@ class Models:
         preloaded: Iterable[str],
         on_loaded: Callable[[], None],
         capacity_mb: int = 0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = clock.monotonic,
         on_evicted: Callable[[str], None] = lambda _: None,
         on_loading: Callable[[], None] = lambda: None,
     ) -> None:
@@ -75,6 +79,7 @@ class Models:
         self._clock = clock
         self._last_used: dict[str, float] = {}
         self._in_use: Counter[str] = Counter()
+        self._load_s: dict[str, float] = {}  # how long each model's last load took
         self._locks: dict[str, asyncio.Lock] = {}
         self._room = asyncio.Condition()
         self._on_loaded = on_loaded
@@ -86,6 +91,13 @@ class Models:
         """Models loaded or on their way: a task sent here waits at most for the rest of
         a load under way, never a whole one."""
         return frozenset(self.loaded | self.loading)
+
+    def load_s(self, model: str) -> float:
+        """How long a load of ``model`` is expected to take: the last one seen here, else
+        the longest seen of any model (an unknown model is no cheaper than known ones)."""
+        if model in self._load_s:
+            return self._load_s[model]
+        return max(self._load_s.values(), default=DEFAULT_LOAD_S)
 
     @property
     def used_mb(self) -> int:
@@ -127,8 +139,10 @@ class Models:
             await self._make_room(model, max(0, memory_mb), evict_planned)
             self.loading.add(model)
             self._on_loading()
+            began = self._clock()
             try:
                 await load()
+                self._load_s[model] = self._clock() - began
             except BaseException:
                 self.memory_mb.pop(model, None)
                 raise
@@ -225,6 +239,17 @@ class StageRun:
     first: int
     count: int
     cold: bool
+
+
+@runtime_checkable
+class Estimating(Protocol):
+    """A pipeline that knows how long a task will run from its spec (the sleep pipeline,
+    from its params): a queue's expected starts use it before any run of the kind has
+    been seen, when the learned mean would still be a guess."""
+
+    def estimate_s(self, spec: tasks_pb2.TaskSpec) -> float | None:
+        """Seconds the task is expected to run, its model warm; None: no estimate."""
+        ...
 
 
 @runtime_checkable

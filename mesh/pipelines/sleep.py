@@ -63,6 +63,12 @@ class SleepPipeline:
         summary = {"model": ctx.spec.model, "seconds": seconds, "cold_start": cold}
         return Output(json.dumps(summary).encode(), "application/json")
 
+    def estimate_s(self, spec: tasks_pb2.TaskSpec) -> float | None:
+        try:
+            return _number(dict(spec.params), "seconds", 1.0)
+        except PipelineError:
+            return None
+
     def layers(self, spec: tasks_pb2.TaskSpec) -> Layers:
         params = dict(spec.params)
         count = int(_number(params, "layers", DEFAULT_LAYERS))

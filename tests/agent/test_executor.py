@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import pytest
 from support import config
 
-from mesh.agent.executor import Executor
+from mesh.agent.executor import Executor, expected_start_s
 from mesh.agent.reclaim import Sharing
 from mesh.agent.slots import GpuSlots
 from mesh.core.jobs import Job, Outcome, Output
@@ -326,8 +326,8 @@ async def test_a_queued_task_is_told_when_it_should_start() -> None:
             if i == 1:
                 await recorder.until("two starts", lambda: len(recorder.starts) == 2)
         now[0] += 0.25  # the runs are a quarter of a second in
-        assert executor.expected_start_s("t0") is None  # running, not queued
-        starts = [executor.expected_start_s(f"t{i}") for i in (2, 3, 4)]
+        assert expected_start_s(executor, "t0") is None  # running, not queued
+        starts = [expected_start_s(executor, f"t{i}") for i in (2, 3, 4)]
         assert starts == [0.75, 0.75, 1.75]
 
 

@@ -8,7 +8,7 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.core.eta import expected_start
+from mesh.core.eta import expected_start, starts
 
 
 def test_an_idle_slot_starts_a_task_now() -> None:
@@ -57,3 +57,12 @@ def test_one_more_task_ahead_never_makes_it_earlier(
 def test_on_one_slot_it_is_the_sum_of_the_work_ahead(free: float, ahead: list[float]) -> None:
     start = expected_start([free], [(1, s) for s in ahead], gpus=1)
     assert math.isclose(start, free + sum(ahead), rel_tol=1e-9, abs_tol=1e-9)
+
+
+@given(slots, tasks)
+def test_every_start_of_a_queue_is_the_start_of_its_last_task_alone(
+    free: list[float], queue: list[tuple[int, float]]
+) -> None:
+    found = starts(free, queue)
+    assert found == [expected_start(free, queue[:i], gpus) for i, (gpus, _) in enumerate(queue)]
+    assert found == sorted(found)  # nothing overtakes the task ahead of it

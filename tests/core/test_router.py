@@ -329,3 +329,15 @@ def test_sorted_ints_keep_order_through_adds_removes_and_splits(start, changes, 
         b, j = kept.start(probe)
         after = [v for v, _ in model if v >= probe]
         assert kept.blocks[b][j] == (after[0] if after else model[0][0])
+
+
+def test_a_home_queues_past_the_bound_only_what_waits_less_than_a_load_elsewhere() -> None:
+    """Issue: six 20 s tasks queued on the agent holding the model while the rest of the
+    DC idled; the slack is weighed in time: a short run waits behind warm work, a long
+    one goes where it starts now and pays the load."""
+    r = router(member("a", slots=1), member("b", slots=1), home_slack=3.0)
+    r.set_loaded("a", ["sdxl"])
+    r.set_load("a", 1, 0)  # its one slot runs a task
+    assert r.route(ask(run_s=0.2, load_s=0.5)).first.name == "a"
+    assert r.route(ask(run_s=20.0, load_s=0.5)).first.name == "b"
+    assert r.route(ask()).first.name == "a"  # nothing known of its runs: the policy's slack

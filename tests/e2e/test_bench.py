@@ -17,6 +17,7 @@ POLICIES = {
     "power_of_two",
     "ours",
     "ours+planner",
+    "ours+planner+conserve",
     "omniscient",
 }
 
@@ -38,6 +39,7 @@ def test_bench_route_json_has_every_figure() -> None:
     assert set(result["policies"]) == POLICIES
     for figures in result["policies"].values():
         assert set(figures) >= {"max_over_avg", "affinity", "mean_jct_s", "p99_jct_s"}
+        assert figures["idle_slot_s_while_queued"] >= 0
     # The simulation is seeded, so this is a fact about the trace, not a timing.
     ours, scattered = result["policies"]["ours"], result["policies"]["random"]
     assert ours["affinity"] > scattered["affinity"]
@@ -127,8 +129,19 @@ def test_bench_globalcap_measures_over_admission_with_and_without_the_holdings()
 
 
 def test_bench_placement_reports_cold_share_and_completion_with_the_plan_off_and_on() -> None:
-    result = bench("placement", "--json", "--seconds", "3", "--agents", "2", timeout_s=240)
+    args = ["--seconds", "3", "--agents", "2", "--scenarios", "zipf"]
+    result = bench("placement", "--json", *args, timeout_s=240)
     for run in ("plan_off", "plan_on"):
         figures = result[run]
         assert figures["tasks"] > 0 and 0 < figures["ideal_share"] <= figures["cold_share"] <= 1
         assert figures["p99_s"] >= figures["mean_s"] > 0
+
+
+def test_bench_placement_reports_idle_slots_and_makespan_with_conservation_off_and_on() -> None:
+    args = ["--scenarios", "queued", "--queued-scale", "0.1"]
+    result = bench("placement", "--json", *args, timeout_s=240)
+    assert set(result) == {"queued_long", "queued_short"}
+    for shape in result.values():
+        for figures in (shape["conserving_off"], shape["conserving_on"]):
+            assert figures["makespan_s"] >= figures["omniscient_s"] > 0
+            assert figures["idle_slot_s_while_queued"] >= figures["beyond_bound_slot_s"] >= 0

@@ -92,6 +92,13 @@ def test_the_console_shows_the_mesh_runs_a_task_and_follows_a_drain(
     done = subprocess.run(drain, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     expect(page.locator('[data-agent="ui-2"]')).to_have_attribute("data-state", "draining")
+
+    for _ in range(3):  # ui-1 runs two: the third waits, and says until when
+        page.fill("#submit-form input[name=params]", "seconds=60 steps=2")
+        page.click("#submit-form button")
+        expect(page.locator("#task-state")).not_to_have_text("PENDING")
+    expect(page.locator("#task-state")).to_have_text("QUEUED")
+    expect(page.locator("#task-eta")).to_contain_text("expected to start in")
     shot = tmp_path / "console.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000

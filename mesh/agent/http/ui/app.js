@@ -113,6 +113,13 @@ function renderMap(agents, queue) {
 
 // -- tasks ---------------------------------------------------------------------------
 
+// When a queued task should start, as its record says (kept true as the queue moves).
+function eta(status) {
+  if (STATE(status.state) !== "QUEUED" || !status.expectedStart) return "";
+  const inS = Math.max(0, (Date.parse(status.expectedStart) - Date.now()) / 1000);
+  return `expected to start in ${inS.toFixed(0)} s`;
+}
+
 function taskRow(status) {
   const row = el("tr", { "data-task": status.taskId });
   const link = el("a", { href: `#task=${encodeURIComponent(status.taskId)}` }, status.taskId);
@@ -121,7 +128,7 @@ function taskRow(status) {
     el("td", {}, link),
     el("td", { class: `state ${STATE(status.state).toLowerCase()}` }, STATE(status.state)),
     el("td", {}, status.agent || ""),
-    el("td", {}, progress.total ? `${progress.step || 0}/${progress.total}` : progress.message || ""),
+    el("td", {}, progress.total ? `${progress.step || 0}/${progress.total}` : progress.message || eta(status)),
     el("td", {}, (status.spec || {}).model || ""),
   );
   return row;
@@ -160,6 +167,7 @@ function renderStatus(status) {
     el("span", { class: `state ${STATE(status.state).toLowerCase()}`, id: "task-state" }, STATE(status.state)),
     el("span", { class: "dim" }, ` attempt ${status.attempt || 1}, agent ${status.agent || "-"} (DC ${status.dc || "-"})`),
     el("div", { class: "dim" }, (status.progress || {}).message || (status.error || {}).message || ""),
+    el("div", { class: "dim", id: "task-eta" }, eta(status)),
   );
   const hops = [...(status.path || []), status.agent].filter(Boolean);
   $("#task-path").replaceChildren(...hops.map((hop) => el("li", {}, hop)));
