@@ -317,35 +317,49 @@ SPLIT_GRACE_S = 5.0  # a Submit sent just before the fault cleared may still be 
 
 
 def split_in_fault(observed: Observed, verdict: Verdict) -> set[str]:
-    """Ids recorded in two DCs. One whose Submits went out while the fault kept the DCs
-    apart (its home could not be asked) is the trade the mesh makes to keep accepting
+    """Ids recorded in two DCs. One whose Submit was under way while the fault kept the
+    DCs apart (its home could not be asked) is the trade the mesh makes to keep accepting
     work: counted, and excused from the one-run checks. Any other is a violation. An id
     each DC answered for while apart is excused too, though the DCs merged the two into
-    one record once they could talk (its runs while apart may overlap)."""
+    one record once they could talk (its runs while apart may overlap). A Submit is under
+    way from its first try to its answer: one sent just before the fault began is still
+    asking the id's home, or tried again through the other DC, while it lasts."""
     start, cleared = observed.fault
-    sent: dict[str, list[float]] = defaultdict(list)
-    for event in select(observed.events, "submit", "invoke"):
-        sent[str(event["key"])].append(float(event["mono"]))  # type: ignore[arg-type]
+    during = _submitting(observed.events)
     answered: dict[str, set[str]] = defaultdict(set)
     for event in select(observed.events, "submit", "ok"):
         answered[str(event["key"])].add(str(event["dc"]))
     merged = {k: sorted(dcs) for k, dcs in answered.items() if len(dcs) > 1}
     forgiven = set()
     for key, dcs in sorted((merged | observed.split).items()):
-        if key not in observed.split:
-            if any(start <= t <= cleared + SPLIT_GRACE_S for t in sent.get(key, ())):
-                verdict.split_ids += 1
-                forgiven.add(key)
-            continue
-        if any(start <= t <= cleared + SPLIT_GRACE_S for t in sent.get(key, ())):
+        in_fault = any(
+            sent <= cleared + SPLIT_GRACE_S and ended >= start for sent, ended in during[key]
+        )
+        if in_fault:
             verdict.split_ids += 1
             forgiven.add(key)
-        else:
+        elif key in observed.split:
             verdict.violations.append(
                 f"{key} is recorded in {' and '.join(dcs)}: two tasks for one id while "
                 "the DCs could talk"
             )
     return forgiven
+
+
+def _submitting(events: list[Event]) -> dict[str, list[tuple[float, float]]]:
+    """Per id, when each of its Submits was under way: from the first try to the answer
+    (to the end of the history, for one never answered)."""
+    spans: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    open_since: dict[str, list[float]] = defaultdict(list)
+    for event in select(events, "submit"):
+        key, at = str(event["key"]), float(event["mono"])  # type: ignore[arg-type]
+        if event["phase"] == "invoke":
+            open_since[key].append(at)
+        elif open_since[key]:
+            spans[key].append((open_since[key].pop(0), at))
+    for key, starts in open_since.items():
+        spans[key] += [(at, float("inf")) for at in starts]
+    return spans
 
 
 def check_cancels(

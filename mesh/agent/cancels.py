@@ -118,7 +118,12 @@ class Cancels:
         stored = await self._store.update(task_id, request)
         if dc := pointed_to(stored.record):  # handed over meanwhile: cancel it there
             return await self._reach.remote.cancel(dc, task_id, reason)
-        if (dc := stored.record.forwarded_to_dc) and forward and not superseded_by:
+        if (dc := stored.record.forwarded_to_dc) and not superseded_by:
+            if not forward:  # asked by another DC, which may be that DC: no promise here
+                raise Unavailable(
+                    f"being handed to DC {dc}; the cancel is recorded: ask again",
+                    task_id=task_id,
+                )
             return await self._in_doubt(dc, task_id, reason)
         for _ in range(MOVES):
             status = stored.status

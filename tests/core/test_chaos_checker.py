@@ -292,3 +292,41 @@ def test_an_id_each_dc_answered_while_apart_may_run_in_both_though_merged_after(
     assert verdict.split_ids == 1
     assert not any("apart" in v for v in verdict.violations), verdict.violations
     assert any("ran twice at once: together" in v for v in verdict.violations)
+
+
+def test_a_backlog_is_stuck_only_while_idle_slots_wait_and_nothing_leaves_it() -> None:
+    """Seeds 5 and 6 of the full burst: a backlog of hundreds draining while a slot or
+    two stood free between samples read as stuck; only one nobody takes from is."""
+    from types import SimpleNamespace
+
+    from chaos.scenarios import backlog_kept_moving
+
+    samples = [
+        {**ev(t / 2, "sample", "backlog", "chaos"), "depth": 50, "idle": 1} for t in range(20)
+    ]
+    taken = [
+        {**ev(t / 2 + 0.25, "claim", "ok", "w1"), "task": f"t{t}", "token": 1} for t in range(20)
+    ]
+    staged = SimpleNamespace(notes=[])
+    assert backlog_kept_moving(sorted(samples + taken, key=lambda e: e["mono"]), staged, 3) == []
+    stuck = backlog_kept_moving(samples, SimpleNamespace(notes=[]), 3)
+    assert stuck == ["west's backlog held tasks for 9.5s while it had idle slots"]
+
+
+def test_a_submit_under_way_as_the_fault_began_may_split_the_id() -> None:
+    """Simulator seed 23: twins sent through each DC as the cut began; the one in the DC
+    away from the id's home waited for the home, timed out, and recorded it too. It was
+    under way in the fault, though sent before it began; one answered before the fault
+    began is no such trade."""
+    events = []
+    for key, sent, answered in (("in_flight", 8.9, 11.9), ("before", 8.0, 8.5)):
+        events += [
+            ev(sent, "submit", "invoke", "client", key=key),
+            {**ev(answered, "submit", "ok", "client", key=key), "dc": "east"},
+        ]
+    split = {"in_flight": ["east", "west"], "before": ["east", "west"]}
+    records = {"in_flight": done(), "before": done()}
+    verdict = check(observe(events, records, split=split, fault=(9.0, 12.0)))
+    assert verdict.split_ids == 1
+    assert any("before is recorded in east and west" in v for v in verdict.violations)
+    assert not any("in_flight" in v for v in verdict.violations), verdict.violations
