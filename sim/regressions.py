@@ -205,4 +205,17 @@ REGRESSIONS = (
         "hold the task (fixed: a cancel another DC forwards to an unconfirmed hand-off is "
         "answered UNAVAILABLE, as one asked here is)",
     ),
+    Regression(
+        737,
+        200,
+        (
+            Fault(2.071, "pause", "west-1", 9.109),
+            Fault(2.401, "lossy-net", "west", 13.824),
+            Fault(3.692, "etcd-down", "west", 10.025),
+        ),
+        "a task lost: a Submit retried through the other DC found the record an adoption "
+        "there was still placing and answered it as the existing task; the adoption then "
+        "failed and took its record back (fixed: a record still being placed, by a Submit, "
+        "an adoption or a hand-off, is answered UNAVAILABLE: the retry gets the outcome)",
+    ),
 )

@@ -128,14 +128,15 @@ async def _simulate(seed: int, tasks: int, workdir: Path, given: list[faults.Fau
 
 
 async def _settle(mesh: SimMesh, accepted: set[str], bound_s: float) -> None:
-    """Wait, up to ``bound_s`` of simulated time, for every accepted task to end and
-    every agent to be a member again (the checker holds the mesh to both)."""
+    """Wait, up to ``bound_s`` of simulated time, for every accepted task to end (and
+    every recorded one: a Submit its client gave up on may have recorded it) and every
+    agent to be a member again (the checker holds the mesh to all three)."""
     deadline = asyncio.get_running_loop().time() + bound_s
     while asyncio.get_running_loop().time() < deadline:
         records, _ = await observe.records(mesh.stores, PREFIX)
         ended = {k for k, r in records.items() if r["state"] in checker.TERMINAL}
         members = {a for dc in mesh.dcs for a in await _members(mesh, dc)}
-        if accepted <= ended and members == set(mesh.agents):
+        if accepted <= ended and ended == records.keys() and members == set(mesh.agents):
             return
         await asyncio.sleep(1.0)
 

@@ -25,7 +25,7 @@ from mesh.agent.placement import Placement
 from mesh.agent.retry import patient
 from mesh.config import AgentConfig
 from mesh.core.jobs import Job
-from mesh.core.lifecycle import new_record
+from mesh.core.lifecycle import being_placed, new_record
 from mesh.core.task import Admitted
 from mesh.errors import MeshError, Unavailable, Unsure
 from mesh.store.records import Stored, TaskStore
@@ -80,6 +80,10 @@ class Submission:
         claimed = await self._addressing.claim(spec.task_id, admitted.digest)
         if claimed.elsewhere is not None:  # another DC holds the id: its task answers
             assert claimed.claim is not None
+            if claimed.claim.digest == admitted.digest and being_placed(claimed.elsewhere):
+                raise Unavailable(
+                    f"task {spec.task_id} is being placed in DC {claimed.claim.dc}: retry"
+                )
             held = peer_pb2.TaskRecord(spec_digest=claimed.claim.digest)
             held.status.CopyFrom(claimed.elsewhere)
             return Stored(held, 0), False
@@ -93,6 +97,10 @@ class Submission:
         except Unavailable as trouble:
             return await self._submit_elsewhere(record, admitted, trouble), True
         if not created:
+            if stored.record.spec_digest == admitted.digest and being_placed(stored.status):
+                # A twin Submit, or an adoption, whose placement may yet fail and take the
+                # record back: a retry gets the answer once it is placed (seed 737).
+                raise Unavailable(f"task {spec.task_id} is being placed: retry")
             return stored, False
         try:
             job = Job(spec, 1, admitted.deadline_ms, traceparent=record.traceparent)

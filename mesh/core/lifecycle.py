@@ -72,6 +72,13 @@ def claim_run(record: peer_pb2.TaskRecord, agent_id: str) -> None:
     status.agent = agent_id
 
 
+def being_placed(status: pb.TaskStatus) -> bool:
+    """A task its Submit, an adoption or a hand-off is placing right now: its record may
+    yet be taken back (deleted, or pointed elsewhere) if that fails, so nothing may be
+    promised from it; a task the owner re-queued (no agent) is the DC's already."""
+    return status.state == pb.TASK_STATE_PENDING and bool(status.agent)
+
+
 def still_placing(record: peer_pb2.TaskRecord) -> None:
     """A placement's own write (a hand-off's intent, the backlog) holds only while its
     task waits for it. An agent of this DC that accepted or started it first took it
