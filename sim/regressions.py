@@ -218,4 +218,48 @@ REGRESSIONS = (
         "failed and took its record back (fixed: a record still being placed, by a Submit, "
         "an adoption or a hand-off, is answered UNAVAILABLE: the retry gets the outcome)",
     ),
+    Regression(
+        118,
+        200,
+        (Fault(1.699, "agent-cut", "west-3", 13.385),),
+        "a Watch that never ended: a DC's copy of an id, cancelled as the twin of the "
+        "origin's, answered the origin's settle of its own hand-off HELD, and the "
+        "origin pointed to it (fixed: a copy that lost the id to the settling DC "
+        "answers NOT_HELD)",
+    ),
+    Regression(
+        50,
+        200,
+        (
+            Fault(1.86, "dc-cut", "east", 5.26),
+            Fault(8.661, "dc-cut", "east", 1.256),
+        ),
+        "a Watch that never ended: the reconcile of an unclaimed copy asked the id's "
+        "home, which pointed to this very copy, and read it (being handed on at that "
+        "moment, so naming the other DC) as a twin, and cancelled it (fixed: a status "
+        "that is this DC's own record is not a twin)",
+    ),
+    Regression(
+        1000,
+        200,
+        (
+            Fault(0.744, "agent-cut", "east-3", 1.364),
+            Fault(7.394, "agent-cut", "west-1", 14.949),
+            Fault(9.871, "owner-pause", "east", 2.672),
+        ),
+        "a Watch that never ended, as seed 50 (fixed with it)",
+    ),
+    Regression(
+        809,
+        200,
+        (
+            Fault(4.355, "lossy-net", "east", 10.434),
+            Fault(6.967, "etcd-down", "east", 3.265),
+        ),
+        "committed twice: a hand-off the other DC took, whose confirm met this DC's "
+        "etcd going down, was read as a failed placement; placed again, the backlog's "
+        "write cleared the hand-off and both DCs ran the task (fixed: once the other DC "
+        "holds it, the confirm is written later, and the task is never placed again "
+        "here)",
+    ),
 )

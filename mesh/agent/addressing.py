@@ -232,8 +232,10 @@ class Addressing:
             return  # its home still cannot be asked
         holder, theirs = claimed.claim.dc, claimed.elsewhere
         # The holder may have handed its submission to this DC (it spilled here, or its
-        # etcd could not take it): this copy is then the task it answers with, not a twin.
-        if holder != self.dc and (theirs is None or theirs.dc != self.dc):
+        # etcd could not take it): this copy is then the task it answers with, not a twin,
+        # even while it is itself being handed on (the holder answers with this record,
+        # naming the DC it is being handed to: seed 50).
+        if holder != self.dc and not (theirs is not None and await self._is_ours(theirs)):
             metrics.DUPLICATE_IDS.inc()
             reason = f"duplicate: DC {holder} recorded task id {task_id} first"
             log.warning("%s; cancelling the copy recorded here", reason)
@@ -242,6 +244,16 @@ class Addressing:
             same = claimed.claim.digest == digest
             await supersede(task_id, holder if same else "", reason)
         await self.claims.claimed(task_id)
+
+    async def _is_ours(self, theirs: pb.TaskStatus) -> bool:
+        """Whether the status another DC answers with is this DC's record of the task."""
+        if theirs.dc == self.dc:
+            return True
+        try:
+            mine = (await self._store.get(theirs.task_id)).status
+        except TaskNotFound:
+            return False
+        return bool(mine.agent) and (mine.agent, mine.attempt) == (theirs.agent, theirs.attempt)
 
     async def _digest(self, task_id: str) -> str | None:
         try:

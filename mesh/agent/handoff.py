@@ -103,7 +103,13 @@ class Handoffs:
             metrics.FORWARDS.labels("accepted" if reply.accepted else "refused").inc()
             accepted, reason = reply.accepted, reply.reason
         if accepted:
-            await self.confirm(job.task_id, job.attempt)
+            try:
+                await self.confirm(job.task_id, job.attempt)
+            except Unavailable:
+                # That DC holds it: never placed again here. The confirm is written once
+                # etcd answers (seed 809: a failed confirm read as a failed placement, and
+                # the backlog's write cleared the hand-off of a task the other DC ran).
+                self._spawn(f"settle {job.task_id}", self.settle_later(dc, job))
             return True, "accepted"
         await self._revert(job)
         return False, reason

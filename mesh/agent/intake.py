@@ -193,7 +193,10 @@ class Intake:
         if not DC_NAME.fullmatch(request.origin_dc) or request.origin_dc == self._cfg.dc:
             raise InvalidTask("origin_dc must name another DC")
         stored, created = await self._store.create(pointer(request.task_id, request.origin_dc))
-        if created or stored.record.forwarded_to_dc == request.origin_dc:
+        record = stored.record
+        if created or request.origin_dc in (record.forwarded_to_dc, record.superseded_by_dc):
+            # None here, a pointer back, or a copy here that lost the id to the origin's
+            # and was cancelled for it (seed 118): the task is the origin's.
             return outcome(outcome=outcome.OUTCOME_NOT_HELD)
         if stored.status.state == pb.TASK_STATE_PENDING:
             return outcome(outcome=outcome.OUTCOME_IN_PROGRESS)  # being adopted or placed
