@@ -48,7 +48,9 @@ class SimKv:
         self.audit: list[kv.Event] = []  # every change ever, for the checker: never compacted
         self._leases: dict[int, _Lease] = {}
         self._next_lease = 0x1000
-        self._changed = asyncio.Event()
+        self._watchers: dict[int, tuple[bytes, bytes | None, asyncio.Event]] = {}
+        self._next_watch = 0
+        self._touched: list[bytes] = []  # keys changed since the watches were last woken
         self._back = asyncio.Event()
         self._dirty = False  # the transaction being applied changed something
 
@@ -57,7 +59,8 @@ class SimKv:
     def fail(self) -> None:
         self.down = True
         self._back.clear()
-        self._wake()
+        for _, _, changed in self._watchers.values():  # each stream breaks
+            changed.set()
 
     def recover(self) -> None:
         """A leader again: as etcd does, every lease starts a fresh TTL (none could be
@@ -192,6 +195,7 @@ class SimKv:
     def _record(self, event: kv.Event) -> None:
         self._history.append(event)
         self.audit.append(event)
+        self._touched.append(event.kv.key)
 
     def _remove(self, old: kv.KeyValue) -> None:
         del self._data[old.key]
@@ -253,30 +257,41 @@ class SimKv:
     # -- watches --------------------------------------------------------------------------
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+        """Wake the watches whose keys the last change touched (only those: a DC's
+        dozens of watches each woken by every write cost the simulator a fifth of its
+        time), in the order they began."""
+        touched, self._touched = self._touched, []
+        for key, end, changed in self._watchers.values():
+            if any(k == key or (end is not None and key <= k < end) for k in touched):
+                changed.set()
 
     async def watch(
         self, key: bytes, *, prefix: bool, start_revision: int
     ) -> AsyncIterator[kv.Event]:
         end = kv.prefix_end(key) if prefix else None
         next_revision = max(1, start_revision)
-        while True:
-            if self.down:  # the stream broke: it resumes once etcd is back
-                await self._back.wait()
-                await asyncio.sleep(RESUME_S)
-                continue
-            if next_revision < self.compacted:
-                raise kv.Compacted(self.compacted)
-            changed = self._changed
-            events = self._since(next_revision)
-            if not events:
-                await changed.wait()
-                continue
-            for event in events:  # a copy: what happens while one is read comes next round
-                next_revision = event.kv.mod_revision + 1
-                if event.kv.key == key or (end is not None and key <= event.kv.key < end):
-                    yield event
+        changed = asyncio.Event()
+        watch_id, self._next_watch = self._next_watch, self._next_watch + 1
+        self._watchers[watch_id] = (key, end, changed)
+        try:
+            while True:
+                if self.down:  # the stream broke: it resumes once etcd is back
+                    await self._back.wait()
+                    await asyncio.sleep(RESUME_S)
+                    continue
+                if next_revision < self.compacted:
+                    raise kv.Compacted(self.compacted)
+                changed.clear()
+                events = self._since(next_revision)
+                if not events:
+                    await changed.wait()
+                    continue
+                for event in events:  # a copy: what happens while one is read is next
+                    next_revision = event.kv.mod_revision + 1
+                    if event.kv.key == key or (end is not None and key <= event.kv.key < end):
+                        yield event
+        finally:
+            del self._watchers[watch_id]
 
     def _since(self, revision: int) -> list[kv.Event]:
         first = bisect.bisect_left(self._history, revision, key=lambda e: e.kv.mod_revision)

@@ -18,6 +18,7 @@ leaves the round, whatever becomes of it, so a round always ends.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -77,7 +78,19 @@ def _text(value: object) -> str:
 
 def parse(name: str, value: object = b"") -> Waiting | None:
     """A backlog key's tail (``class/enqueued-task``) and its value; None if not ours. A
-    value that does not parse leaves the defaults (the record is read before dispatch)."""
+    value that does not parse leaves the defaults (the record is read before dispatch).
+    Each entry is parsed once: the owner reads the whole backlog every round."""
+    if isinstance(value, bytes | str):
+        return _parsed(name, value)
+    return _parse(name, value)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _parsed(name: str, value: bytes | str) -> Waiting | None:
+    return _parse(name, value)
+
+
+def _parse(name: str, value: object) -> Waiting | None:
     queue_class, _, rest = name.partition("/")
     stamp, _, task_id = rest.partition("-")
     if not queue_class or not task_id or not stamp.isdigit():
