@@ -196,11 +196,24 @@ def measured(events: list[Event], staged: Staged) -> dict[str, float | None]:
 def fenced_on_waking(events: list[Event], staged: Staged, ttl_s: int) -> list[str]:
     """The paused owner's first queue write after it woke was refused by the fence. An
     owner that saw its term end on waking and stepped down before writing anything needed
-    no fence: noted, not a failure (the fence is proved on the runs where it wrote)."""
+    no fence: noted, not a failure (the fence is proved on the runs where it wrote). A
+    write applied before the pause whose answer the stopped process read only on waking
+    is not a woken write: its revision comes before the DC's writes made meanwhile
+    (seed 6: a claim at revision 146, recorded on waking after the successor's at 214+)."""
+    meanwhile = max(
+        (
+            int(e["rev"])  # type: ignore[call-overload]
+            for e in events
+            if e.get("dc") == staged.dc and "rev" in e
+            and float(e["mono"]) < staged.heal  # type: ignore[arg-type]
+        ),
+        default=0,
+    )  # fmt: skip
     woken = [
         e for e in events
         if e["op"] in ("claim", "requeue") and e["agent"] == staged.victim
         and float(e["mono"]) >= staged.heal  # type: ignore[arg-type]
+        and not (e["phase"] == "ok" and int(e.get("rev") or 0) <= meanwhile)  # type: ignore[call-overload]
     ]  # fmt: skip
     if not woken:
         staged.notes.append("the woken owner stepped down before any queue write: no fence needed")

@@ -330,3 +330,26 @@ def test_a_submit_under_way_as_the_fault_began_may_split_the_id() -> None:
     assert verdict.split_ids == 1
     assert any("before is recorded in east and west" in v for v in verdict.violations)
     assert not any("in_flight" in v for v in verdict.violations), verdict.violations
+
+
+def test_a_write_applied_before_the_pause_is_not_the_woken_owners() -> None:
+    """Chaos seed 6, owner-stop: the owner's claim applied at revision 146 was recorded
+    only when the stopped process woke, after its successor's writes at 214 and on; the
+    first write it made awake (rejected) is the one the fence is judged by."""
+    from types import SimpleNamespace
+
+    from chaos.scenarios import fenced_on_waking
+
+    def claim(at: float, agent: str, phase: str, **fields: object) -> dict:
+        return {**ev(at, "claim", phase, agent), "task": "t", "token": 6, **fields}
+
+    events = [
+        claim(7.0, "w3", "ok", rev=214),
+        claim(9.3, "w1", "ok", rev=146),
+        claim(9.4, "w1", "rejected"),
+    ]
+    staged = SimpleNamespace(notes=[], victim="w1", heal=9.2, dc="west")
+    assert fenced_on_waking(events, staged, 3) == []
+    assert staged.notes == ["woken owner's first write (claim, token 6) was rejected"]
+    events[1]["rev"] = 300  # written awake, and it held: the fence failed
+    assert fenced_on_waking(events, SimpleNamespace(**{**vars(staged), "notes": []}), 3)
