@@ -87,9 +87,18 @@ def greedy(memory_mb: Sequence[int], compute: Sequence[float], devices: Sequence
 def balanced(
     memory_mb: Sequence[int], compute: Sequence[float], devices: Sequence[Device]
 ) -> Split:
-    """The split that minimizes the slowest stage, for agents fastest first."""
-    order = sorted(devices, key=lambda d: (-d.speed, d.name))
-    return _best_for_order(memory_mb, compute, order)
+    """The split that minimizes the slowest stage, for agents fastest first; if that
+    order fits no split, for the largest first (a small fast GPU first may hold no layer
+    a larger one after it could not take over: layers of 501 and 100 MB on GPUs of 500
+    and 501 MB of one speed). Other orders are not tried: ``optimum`` checks on small
+    fleets what one order may miss."""
+    fastest = sorted(devices, key=lambda d: (-d.speed, d.name))
+    split = _best_for_order(memory_mb, compute, fastest)
+    if split.fits:
+        return split
+    return _best_for_order(
+        memory_mb, compute, sorted(devices, key=lambda d: (-d.memory_mb, d.name))
+    )
 
 
 def rest(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from mesh.core.layers import Device, Split, Stage, balanced, greedy, optimum, rest
@@ -31,6 +31,7 @@ def valid(split: Split, memory: list[int], fleet: list[Device]) -> bool:
     return layer == len(memory)
 
 
+@example([501, 100], [Device("gpu-0", 500, 0.5), Device("gpu-1", 501, 0.5)])
 @given(layer_sizes, devices)
 def test_splits_are_valid_and_dp_is_never_worse_than_greedy(memory: list[int], fleet) -> None:
     compute = [m / 1000 for m in memory]
@@ -39,7 +40,7 @@ def test_splits_are_valid_and_dp_is_never_worse_than_greedy(memory: list[int], f
     for split in (quick, planned, best):
         if split.fits:
             assert valid(split, memory, fleet)
-    assert best.fits == planned.fits  # dp finds a split whenever any order has one
+    assert best.fits >= planned.fits >= quick.fits  # the optimum tries every order
     if not fits:
         assert not best.fits and best.bottleneck_s == math.inf
     if quick.fits:
