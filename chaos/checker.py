@@ -301,6 +301,7 @@ def check(observed: Observed) -> Verdict:
             )
 
     verdict.violations.extend(check_tokens(events, observed.terms))
+    verdict.violations.extend(check_moves(events))
     verdict.violations.extend(check_cancels(events, records, forgiven))
     verdict.violations.extend(check_watches(events, records, forgiven))
     for dc, expected in observed.expected.items():
@@ -360,6 +361,27 @@ def _submitting(events: list[Event]) -> dict[str, list[tuple[float, float]]]:
     for key, starts in open_since.items():
         spans[key] += [(at, float("inf")) for at in starts]
     return spans
+
+
+def check_moves(events: list[Event]) -> list[str]:
+    """A task work conservation moved keeps its place in its tenant's share: the agent it
+    moved to queued it with the wait it had behind it (``queue moved`` on the agent it
+    left, ``queue moved in`` on the one it joined, for that attempt). It never runs twice
+    for it: that is the runs' check, which moves go through like any other placement."""
+    arrived: dict[tuple[str, str, int], float] = {}
+    for event in select(events, "queue", "moved in"):
+        key = (str(event["task"]), str(event["agent"]), int(event["attempt"]))  # type: ignore[arg-type]
+        arrived[key] = max(arrived.get(key, 0.0), float(event["waited"]))  # type: ignore[arg-type]
+    found = []
+    for event in select(events, "queue", "moved"):
+        task, waited = str(event["task"]), float(event["waited"])  # type: ignore[arg-type]
+        key = (task, str(event["to"]), int(event["attempt"]))  # type: ignore[arg-type]
+        if waited > 1e-6 and arrived.get(key, 0.0) < waited - 1e-6:  # none: no place to keep
+            found.append(
+                f"moved without its place: {task} waited {waited:.3f}s on {event['agent']}, "
+                f"queued on {event['to']} as if it had waited {arrived.get(key, 0.0):.3f}s"
+            )
+    return found
 
 
 def check_cancels(

@@ -282,6 +282,13 @@ class AgentConfig(BaseSettings):
     drain_grace_s: float = Field(
         10.0, ge=0, description="On SIGTERM, time running tasks get to finish before hand-back."
     )
+    loop_lag_tick_s: float = Field(
+        0.05,
+        ge=0,
+        description="How often the event loop's lateness is sampled "
+        "(gpumesh_event_loop_lag_seconds); 0: not measured (the simulator: virtual time "
+        "has no lag to measure).",
+    )
     progress_interval_s: float = Field(
         0.2, ge=0, description="Least time between two progress writes of one task to etcd."
     )

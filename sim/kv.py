@@ -262,8 +262,10 @@ class SimKv:
         time), in the order they began."""
         touched, self._touched = self._touched, []
         for key, end, changed in self._watchers.values():
-            if any(k == key or (end is not None and key <= k < end) for k in touched):
-                changed.set()
+            for k in touched:  # loops, not any(): this runs for every watch at every write
+                if k == key or (end is not None and key <= k < end):
+                    changed.set()
+                    break
 
     async def watch(
         self, key: bytes, *, prefix: bool, start_revision: int

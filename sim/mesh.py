@@ -105,6 +105,7 @@ class SimMesh:
             max_queue_length=4,
             etcd_outage_grace_s=10.0,
             gossip_keys=[GOSSIP_KEY],
+            loop_lag_tick_s=0.0,  # virtual time is never late
         )
         skew = self.rng.uniform(-0.05, 0.05)
         endpoint = Endpoint(agent_id, dc, apis=None, context=contextvars.copy_context())  # type: ignore[arg-type]

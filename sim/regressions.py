@@ -262,4 +262,14 @@ REGRESSIONS = (
         "holds it, the confirm is written later, and the task is never placed again "
         "here)",
     ),
+    Regression(
+        209,
+        100,
+        (Fault(2.856, "owner-pause", "east", 6.725),),
+        "ran twice at once: a paused owner woke, was offered a task, lost its lease and "
+        "dropped it, was offered it again under its new lease (the record still named "
+        "it) and ran it, then handed the dropped copy back, which moved the task to the "
+        "other DC to run there too (fixed: a dropped job the agent holds again is not "
+        "handed back)",
+    ),
 )

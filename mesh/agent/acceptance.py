@@ -8,7 +8,8 @@ the queue again, unless the record shows this agent already running it.
 
 from __future__ import annotations
 
-from mesh.agent.executor import Executor, expected_start_s
+from mesh.agent.executor import Executor
+from mesh.agent.history import History
 from mesh.config import AgentConfig
 from mesh.core.clock import now_ms, now_ts
 from mesh.core.jobs import Job
@@ -21,10 +22,13 @@ from mesh.v1 import tasks_pb2 as pb
 
 
 class Acceptance:
-    def __init__(self, cfg: AgentConfig, store: TaskStore, executor: Executor) -> None:
+    def __init__(
+        self, cfg: AgentConfig, store: TaskStore, executor: Executor, history: History
+    ) -> None:
         self._cfg = cfg
         self._store = store
         self._executor = executor
+        self._history = history
         # The expected start (ms) written for each task accepted here, for the part that
         # keeps it true as the queue moves (``mesh.agent.conserve``).
         self.written: dict[str, int] = {}
@@ -49,13 +53,13 @@ class Acceptance:
         limit = max_tasks or self._executor.slots + self._cfg.max_queue_length
         if tasks + 1 > limit and not reclaiming:
             return False, f"over the bound ({tasks + 1} > {limit:g} tasks)"
+        self._moved_in(job)
         # Enqueue before any await, so the check above still holds; the record follows.
         self._executor.enqueue(job, past_bound=reclaiming)
-        wait_s = expected_start_s(self._executor, job.task_id)  # as it stands now
+        wait_s = self._executor.expected.start_s(job.task_id)  # as it stands now
         due_ms = None if wait_s is None else now_ms() + int(wait_s * 1000)
-        digest = spec_digest(job.spec)
 
-        def mutate(record: peer_pb2.TaskRecord) -> bool | None:
+        def mutate(record: peer_pb2.TaskRecord, digest: str = spec_digest(job.spec)) -> None:
             if record.spec_digest and record.spec_digest != digest:
                 raise InvalidTask("the offered spec is not the recorded one")
             status = record.status
@@ -89,6 +93,14 @@ class Acceptance:
         if due_ms is not None:
             self.written[job.task_id] = due_ms
         return True, "accepted"
+
+    def _moved_in(self, job: Job) -> None:
+        """A job moved here from another agent's queue keeps its place (``waited_s``):
+        the history says so, for the checker to hold the mesh to it."""
+        if job.waited_s:
+            self._history.write(
+                "queue", "moved in", task=job.task_id, attempt=job.attempt, waited=job.waited_s
+            )
 
     async def _runs_here(self, job: Job) -> bool:
         """Whether the record shows this agent running (or having run) ``job``'s attempt:

@@ -92,7 +92,8 @@ class Agent:
                 lambda: prune_results(self.cfg.result_dir, keep_s, min(60.0, keep_s / 4)),
             )
         p.duties.keep("session", self._watch_session)
-        p.duties.keep("loop lag", measure_lag)
+        if tick_s := self.cfg.loop_lag_tick_s:
+            p.duties.keep("loop lag", lambda: measure_lag(tick_s))
         p.duties.keep("gossip", p.gossip.run)
         p.duties.keep("summaries", p.speaker.mirror.run)
         p.duties.keep("dc summaries", p.speaker.speak)

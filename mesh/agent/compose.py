@@ -217,7 +217,7 @@ def _tasks(b: _Base, executor: Executor, view: View) -> _Tasks:
         """The pipelines some agent of this DC runs."""
         return set(b.pipelines) | registry.pipelines()
 
-    acceptance = Acceptance(cfg, store.records, executor)
+    acceptance = Acceptance(cfg, store.records, executor, b.history)
     placement = Placement(
         cfg,
         store,
@@ -236,7 +236,7 @@ def _tasks(b: _Base, executor: Executor, view: View) -> _Tasks:
     reach = Reach(cfg.agent_id, store.records, registry, b.peers, b.remote, addressing)
     b.events.preempted.connect(handover.preempted)
     conserver = Conserver(
-        cfg, executor, b.router, b.models, placement, store.records, acceptance.written
+        cfg, executor, b.router, b.models, placement, store.records, acceptance.written, b.history
     )
     b.events.capacity.connect(conserver.changed)
     return _Tasks(

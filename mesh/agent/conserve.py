@@ -24,6 +24,7 @@ import math
 
 from mesh import metrics
 from mesh.agent.executor import Executor
+from mesh.agent.history import History
 from mesh.agent.placement import Placement, request_of
 from mesh.config import AgentConfig
 from mesh.core import conserve
@@ -54,6 +55,7 @@ class Conserver:
         placement: Placement,
         store: TaskStore,
         written: dict[str, int],
+        history: History,
     ) -> None:
         """``written``: the expected start (ms) last written for each task queued here,
         as acceptance wrote it, shared so this part knows what the record says."""
@@ -64,6 +66,7 @@ class Conserver:
         self._placement = placement
         self._store = store
         self._written = written
+        self._history = history
         self._wake = asyncio.Event()
 
     def changed(self) -> None:
@@ -85,7 +88,7 @@ class Conserver:
 
     async def round(self) -> None:
         """Move what starts sooner elsewhere, then write the expected starts that moved."""
-        waiting = self._executor.waiting()
+        waiting = self._executor.expected.waiting()
         if self._cfg.work_conserving and waiting:
             jobs = {job.task_id: job for job, _ in waiting}
             tasks = [
@@ -95,15 +98,19 @@ class Conserver:
             me = self._cfg.agent_id
             for move in conserve.moves(self._view, me, tasks, self._models.load_s, MARGIN_S):
                 await self._move(jobs[move.task_id], move)
-            waiting = self._executor.waiting()
+            waiting = self._executor.expected.waiting()
         await self._revise(waiting)
 
     async def _move(self, job: Job, move: conserve.Move) -> None:
         if not self._executor.withdraw(job.task_id):
             return  # started (or cancelled) since the round began
-        slots = self._view.members[move.agent_id].slots
+        slots, waited = self._view.members[move.agent_id].slots, job.waited_s
         accepted, reason = await self._placement.offer_agent(move.agent_id, slots, job)
-        metrics.MOVES.labels("moved" if accepted else "kept").inc()
+        how = "moved" if accepted else "kept"
+        metrics.MOVES.labels(how).inc()
+        self._history.write(
+            "queue", how, task=job.task_id, attempt=job.attempt, to=move.agent_id, waited=waited
+        )
         if accepted:
             self._written.pop(job.task_id, None)
             log.info("moved %s to idle %s (%s)", job.task_id, move.agent_id, reason)

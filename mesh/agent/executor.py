@@ -13,20 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 
+from mesh.agent.expected import Expected
 from mesh.agent.gate import QuotaGate
 from mesh.agent.reclaim import Reclaimer, Sharing
 from mesh.agent.runs import Hooks, Reporter, Runner, Runs
 from mesh.agent.slots import GpuSlots
 from mesh.config import AgentConfig
-from mesh.core import classes, clock, eta, preemption
-from mesh.core.jobs import Job, traits
-from mesh.core.priority import Estimates, Policy, Traits
+from mesh.core import classes, clock, preemption
+from mesh.core.jobs import Job
+from mesh.core.priority import Policy, Traits
 from mesh.core.queue import LaneQueue
 from mesh.errors import InvalidTask, LimitExceeded, Unavailable
-from mesh.pipelines import Estimating, Models, Pipeline
+from mesh.pipelines import Models, Pipeline
 from mesh.v1 import tasks_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class Executor:
         since, wake = self._queue.since, self._wake.set
         self._reclaimer = Reclaimer(cfg.preempt_after_s, self._runs, sharing, since, wake)
         slots.freed.connect(self._wake.set)
+        self.expected = Expected(self._queue, slots, self._runs, pipelines, models, monotonic)
 
     # -- what routing needs to know -------------------------------------------------------
 
@@ -130,7 +131,10 @@ class Executor:
         """Queue ``job``; ``past_bound`` even past the queue's bound (``can_reclaim``
         said that borrowed batch runs will give it their GPUs)."""
         self.check(job.spec, past_bound)
-        self._queue.push(job, self._clock(), first=job.attempt > 1, admitted=past_bound)
+        now = self._clock()
+        since = now - job.waited_s if job.waited_s else None  # moved here: its place kept
+        self._queue.push(job, now, first=job.attempt > 1, admitted=past_bound, since=since)
+        job.waited_s = 0.0
         self._models.demand.arrived(job.spec.model, self._clock())
         self._wake.set()
         self._on_load()
@@ -142,19 +146,6 @@ class Executor:
             return False
         ahead = sum(j.traits.gpus for j in self._queue if j.traits.task_class == classes.ONLINE)
         return self._reclaimer.could(spec, ahead)
-
-    def waiting(self) -> list[tuple[Job, float]]:
-        """The queued jobs in the order they would start here, each with the seconds until
-        it is expected to (``mesh.core.eta``; ``inf`` on an agent with no slots)."""
-        order = self._queue.order(now := self._clock())
-        free_in_s = [0.0] * len(self._slots.free) + self._runs.free_in_s(self.expected_s, now)
-        found = eta.starts(free_in_s, [(j.traits.gpus, self.expected_s(j.spec)) for j in order])
-        return list(zip(order, found, strict=True))
-
-    def expected_s(self, spec: pb.TaskSpec) -> float:
-        """How long a task of ``spec`` should run here (``run_estimate``)."""
-        pipeline = self._pipelines.get(spec.pipeline)
-        return run_estimate(pipeline, self._queue.policy.estimates, spec)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -226,9 +217,13 @@ class Executor:
     # -- cancel and drain ----------------------------------------------------------------
 
     def _unqueue(self, task_id: str) -> Job | None:
-        """Take a job that has not started out of the queue or its wait for quota."""
-        queued = self._queue.remove(lambda j: j.task_id == task_id)
-        return queued or self._gate.withdraw(task_id)
+        """Take a job that has not started out of the queue (with how long it waited
+        there, ``Job.waited_s``, should it queue elsewhere) or its wait for quota."""
+        if (taken := self._queue.remove(lambda j: j.task_id == task_id)) is None:
+            return self._gate.withdraw(task_id)
+        job, since = taken
+        job.waited_s = max(0.0, self._clock() - since)
+        return job
 
     def cancel(self, task_id: str, reason: str) -> Job | None:
         """Stop a queued or running task here. A queued one is returned for the caller to
@@ -268,10 +263,8 @@ class Executor:
         return queued
 
     def _take_queued(self) -> list[Job]:
-        taken = list(self._queue)
-        for job in taken:
-            self._queue.remove(lambda j, tid=job.task_id: j.task_id == tid)
-        return taken + self._gate.release()
+        taken = [self._unqueue(job.task_id) for job in list(self._queue)]
+        return [job for job in taken if job is not None] + self._gate.release()
 
     async def drain(self, grace_s: float) -> list[Job]:
         """Stop accepting, let running tasks finish within ``grace_s``, and return every job
@@ -286,20 +279,6 @@ class Executor:
             # they were torn down, and they would be neither finished nor handed back.
             await asyncio.wait(running, timeout=left)
         return handback + await self._runs.stop_all("agent shut down")
-
-
-def run_estimate(pipeline: Pipeline | None, estimates: Estimates, spec: pb.TaskSpec) -> float:
-    """How long a task of ``spec`` should run: its pipeline's own estimate if it makes one
-    (the sleep pipeline knows from its params), else the mean of the runs of its kind."""
-    own = pipeline.estimate_s(spec) if isinstance(pipeline, Estimating) else None
-    return own if own is not None else estimates.expected(traits(spec).kind)
-
-
-def expected_start_s(executor: Executor, task_id: str) -> float | None:
-    """Seconds until the queued task ``task_id`` is expected to start on ``executor``
-    (None if it is not queued there, or could never start)."""
-    start = next((s for job, s in executor.waiting() if job.task_id == task_id), None)
-    return None if start is None or math.isinf(start) else start
 
 
 def check_eligible(

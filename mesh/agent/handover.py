@@ -140,6 +140,11 @@ class Handover:
             if status.state in TERMINAL or (after_loss and status.agent != me):
                 moved_on = True
                 return False
+            held = self._placement.executor.holding(job.task_id)
+            if after_loss and held is not None and held is not job:
+                # Taken here again under the new lease: handing it back would run it twice.
+                moved_on = True
+                return False
             interrupted = status.state == pb.TASK_STATE_RUNNING
             if preempted:
                 status.preemptions += 1

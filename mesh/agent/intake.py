@@ -72,6 +72,7 @@ class Intake:
             envelope.deadline_unix_ms,
             list(envelope.path),
             traceparent=tracing.checked(envelope.traceparent),  # stored: only if well formed
+            waited_s=envelope.waited_s,
         )
         if envelope.origin_dc and envelope.origin_dc != self._cfg.dc:
             accepted, reason = await self._adopt(job)

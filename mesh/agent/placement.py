@@ -303,6 +303,7 @@ def offered(job: Job, me: str, max_tasks: float) -> peer_pb2.Envelope:
         entry_agent=job.path[0] if job.path else me,
         max_tasks=max_tasks,
         traceparent=job.traceparent,
+        waited_s=job.waited_s,
     )
     envelope.spec.CopyFrom(job.spec)
     return envelope

@@ -56,6 +56,7 @@ class Running:
     preempted: bool = False
     recorded: bool = False  # its start is written: only then may it be preempted
     borrowed: bool = False  # it went past its class's share, into the other's idle slots
+    cold: bool = False  # its model was not on the agent when it began: it pays the load
 
     def stop(self, reason: str, handed_back: bool = False) -> None:
         """Cancel the run for ``reason``; ``handed_back``: its task runs again elsewhere
@@ -116,12 +117,12 @@ class Runs:
         """Runs per queue class."""
         return Counter(run.job.spec.queue for run in self._running.values())
 
-    def free_in_s(self, expected_s: Callable[[pb.TaskSpec], float], now: float) -> list[float]:
+    def free_in_s(self, took_s: Callable[[Running], float], now: float) -> list[float]:
         """When each GPU the runs hold is expected free, in seconds from ``now``, each
-        run lasting ``expected_s`` of its task's spec."""
+        run lasting ``took_s`` of it."""
         free: list[float] = []
         for run in self._running.values():
-            left = expected_s(run.job.spec) - (now - run.started_at)
+            left = took_s(run) - (now - run.started_at)
             free += [max(0.0, left)] * len(run.gpus)
         return free
 
@@ -141,7 +142,9 @@ class Runs:
 
     def start(self, job: Job, gpus: tuple[Gpu, ...], borrowed: bool) -> None:
         self.slots.take(gpus)
-        run = Running(job, gpus, self.clock(), borrowed=borrowed)
+        model = job.spec.model
+        cold = bool(model) and model not in self._models.present
+        run = Running(job, gpus, self.clock(), borrowed=borrowed, cold=cold)
         self._running[job.task_id] = run
         self._hooks.changed()
         run.task = observed(

@@ -145,7 +145,7 @@ class View:
     def costs(self, spec: pb.TaskSpec) -> tuple[float, float]:
         """How long a task of ``spec`` should run, and a load of its model take, as this
         agent knows them: what the router weighs a home's queue against."""
-        return self._executor.expected_s(spec), self._models.load_s(spec.model)
+        return self._executor.expected.run_s(spec), self._models.load_s(spec.model)
 
     def load(self) -> peer_pb2.Load:
         """This agent's load, as every offer reply tells the sender."""

@@ -37,6 +37,9 @@ class Job:
     path: list[str] = field(default_factory=list)
     enqueued_ms: int = 0  # when it first entered the DC's backlog: its age there
     traceparent: str = ""  # the task's trace (W3C), from its record
+    # Seconds it waited queued on the agent it moved from (work conservation), for the
+    # queue it joins next to keep its place; carried once, then back to 0.
+    waited_s: float = 0.0
 
     @property
     def task_id(self) -> str:

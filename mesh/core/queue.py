@@ -6,6 +6,7 @@ served until it is empty.
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -59,16 +60,27 @@ class LaneQueue(Generic[T]):
             depth[lane.queue_class] = depth.get(lane.queue_class, 0) + len(q)
         return depth
 
-    def push(self, item: T, now: float, first: bool = False, admitted: bool = False) -> None:
+    def push(
+        self,
+        item: T,
+        now: float,
+        first: bool = False,
+        admitted: bool = False,
+        since: float | None = None,
+    ) -> None:
         """Queue ``item`` last in its lane, or ``first``: a task whose run died with its
-        agent has waited once already, and should not wait behind younger ones again. An
-        ``admitted`` item comes back (it waited aside, counted already): neither its
-        class nor the bound may refuse it now."""
+        agent has waited once already, and should not wait behind younger ones again; or
+        where it would be had it been queued ``since`` (a task moved from another queue
+        keeps its place). An ``admitted`` item comes back (it waited aside, counted
+        already): neither its class nor the bound may refuse it now."""
         lane = self._traits(item)
         if not admitted:
             self._admit(lane)
         entries = self._lanes.setdefault(lane, deque())
-        if first:
+        if since is not None:  # a lane is in the order its items were queued
+            at = bisect.bisect_right(entries, since, key=lambda e: e.enqueued_at)
+            entries.insert(at, _Entry(item, since))
+        elif first:
             entries.appendleft(_Entry(item, min(now, entries[0].enqueued_at) if entries else now))
         else:
             entries.append(_Entry(item, now))
@@ -131,12 +143,13 @@ class LaneQueue(Generic[T]):
         entries = self._lanes.get(self._traits(item))
         return entries[0].enqueued_at if entries and entries[0].item is item else None
 
-    def remove(self, match: Callable[[T], bool]) -> T | None:
+    def remove(self, match: Callable[[T], bool]) -> tuple[T, float] | None:
+        """Take the first item ``match`` accepts out, with when it was queued."""
         for lane, q in self._lanes.items():
             for entry in q:
                 if match(entry.item):
                     q.remove(entry)
                     if not q:
                         del self._lanes[lane]
-                    return entry.item
+                    return entry.item, entry.enqueued_at
         return None

@@ -104,6 +104,8 @@ def check_offer(
         raise InvalidTask(f"attempt must be 1-{MAX_ATTEMPT}")
     if not 0 <= envelope.max_tasks <= MAX_TASKS:  # NaN fails too
         raise InvalidTask(f"max_tasks must be 0-{MAX_TASKS}")
+    if not 0 <= envelope.waited_s <= MAX_WAITED_S:
+        raise InvalidTask(f"waited_s must be 0-{MAX_WAITED_S:g}")
     if not envelope.spec.task_id:
         raise InvalidTask("an offered task has its id")
     _as_admitted(envelope.spec, cfg, known_pipelines, now_ms, "offered")
@@ -141,6 +143,7 @@ def _as_admitted(
 
 MAX_ATTEMPT = 100
 MAX_TASKS = 1_000_000
+MAX_WAITED_S = 7 * 24 * 3600.0  # a queued task's wait carried along: no task waits longer
 
 
 def check_id(task_id: str) -> None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import ClassVar, Protocol, runtime_checkable
 
 from mesh.config import AgentConfig
@@ -241,7 +242,6 @@ class StageRun:
     cold: bool
 
 
-@runtime_checkable
 class Estimating(Protocol):
     """A pipeline that knows how long a task will run from its spec (the sleep pipeline,
     from its params): a queue's expected starts use it before any run of the kind has
@@ -275,9 +275,16 @@ class Stageable(Protocol):
         ...
 
 
+@functools.cache
+def _installed() -> dict[str, EntryPoint]:
+    """The pipeline plugins installed, read once a process: the scan reads every
+    distribution's metadata (a simulation boots hundreds of agents)."""
+    return {ep.name: ep for ep in entry_points(group=GROUP)}
+
+
 def load_pipelines(cfg: AgentConfig) -> dict[str, Pipeline]:
     """Instantiate the installed pipeline plugins this agent is configured to run."""
-    found = {ep.name: ep for ep in entry_points(group=GROUP)}
+    found = _installed()
     wanted = cfg.pipelines if cfg.pipelines is not None else sorted(found)
     missing = sorted(set(wanted) - set(found))
     if missing:

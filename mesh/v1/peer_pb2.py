@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from mesh.v1 import tasks_pb2 as mesh_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/peer.proto\x12\x07mesh.v1\x1a\x13mesh/v1/tasks.proto\"\xd3\x01\n\x08\x45nvelope\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12\x0c\n\x04path\x18\x02 \x03(\t\x12\x0c\n\x04hops\x18\x03 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x13\n\x0b\x65ntry_agent\x18\x06 \x01(\t\x12\x11\n\tmax_tasks\x18\x07 \x01(\x01\x12\x11\n\torigin_dc\x18\x08 \x01(\t\x12\x13\n\x0btraceparent\x18\t \x01(\t\x12\x0f\n\x07reclaim\x18\n \x01(\x08\">\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x15\n\rmodels_loaded\x18\x03 \x03(\t\"N\n\rOfferResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1b\n\x04load\x18\x03 \x01(\x0b\x32\r.mesh.v1.Load\"\xdb\x02\n\tDcSummary\x12\n\n\x02\x64\x63\x18\x01 \x01(\t\x12\x12\n\nts_unix_ms\x18\x02 \x01(\x03\x12\x0e\n\x06\x61gents\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\x12\r\n\x05tasks\x18\x05 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12\x15\n\rmodels_loaded\x18\x07 \x03(\t\x12\x0c\n\x04live\x18\x08 \x03(\t\x12\x37\n\x0bglobal_held\x18\t \x03(\x0b\x32\".mesh.v1.DcSummary.GlobalHeldEntry\x12.\n\x06\x64\x65mand\x18\n \x03(\x0b\x32\x1e.mesh.v1.DcSummary.DemandEntry\x1a\x31\n\x0fGlobalHeldEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a-\n\x0b\x44\x65mandEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"3\n\rSettleRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\torigin_dc\x18\x02 \x01(\t\"\xa7\x01\n\x0eSettleResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.mesh.v1.SettleResponse.Outcome\"c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x10\n\x0cOUTCOME_HELD\x10\x01\x12\x14\n\x10OUTCOME_NOT_HELD\x10\x02\x12\x17\n\x13OUTCOME_IN_PROGRESS\x10\x03\"f\n\x0c\x43laimRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\n\n\x02\x64\x63\x18\x02 \x01(\t\x12\x13\n\x0bspec_digest\x18\x03 \x01(\t\x12\x0e\n\x06lookup\x18\x04 \x01(\x08\x12\x14\n\x0cstale_holder\x18\x05 \x01(\t\"U\n\rClaimResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\x12\n\n\x02\x64\x63\x18\x02 \x01(\t\x12\x13\n\x0bspec_digest\x18\x03 \x01(\t\x12\x15\n\rclaimed_at_ms\x18\x04 \x01(\x03\"\xf0\x01\n\nTaskRecord\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TaskStatus\x12\x13\n\x0bspec_digest\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x03 \x01(\x08\x12\x17\n\x0f\x66orwarded_to_dc\x18\x04 \x01(\t\x12\x18\n\x10payload_not_kept\x18\x05 \x01(\x08\x12\x15\n\rbacklog_entry\x18\x06 \x01(\t\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\x12\x18\n\x10superseded_by_dc\x18\x08 \x01(\t\x12\x15\n\rcancel_reason\x18\t \x01(\t\"m\n\x0cStageRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\r\n\x05input\x18\x05 \x01(\x0c\"-\n\rStageResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x0c\n\x04\x63old\x18\x02 \x01(\x08\x32\xa0\x03\n\x0bPeerService\x12\x32\n\x05Offer\x12\x11.mesh.v1.Envelope\x1a\x16.mesh.v1.OfferResponse\x12:\n\x0b\x43\x61ncelLocal\x12\x16.mesh.v1.CancelRequest\x1a\x13.mesh.v1.TaskStatus\x12\x31\n\x07Summary\x12\x12.mesh.v1.DcSummary\x1a\x12.mesh.v1.DcSummary\x12\x39\n\x06Settle\x12\x16.mesh.v1.SettleRequest\x1a\x17.mesh.v1.SettleResponse\x12@\n\x0b\x46\x65tchResult\x12\x19.mesh.v1.GetResultRequest\x1a\x14.mesh.v1.ResultChunk0\x01\x12\x36\n\x05\x43laim\x12\x15.mesh.v1.ClaimRequest\x1a\x16.mesh.v1.ClaimResponse\x12\x39\n\x08RunStage\x12\x15.mesh.v1.StageRequest\x1a\x16.mesh.v1.StageResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12mesh/v1/peer.proto\x12\x07mesh.v1\x1a\x13mesh/v1/tasks.proto\"\xe5\x01\n\x08\x45nvelope\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12\x0c\n\x04path\x18\x02 \x03(\t\x12\x0c\n\x04hops\x18\x03 \x01(\r\x12\x18\n\x10\x64\x65\x61\x64line_unix_ms\x18\x04 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\r\x12\x13\n\x0b\x65ntry_agent\x18\x06 \x01(\t\x12\x11\n\tmax_tasks\x18\x07 \x01(\x01\x12\x11\n\torigin_dc\x18\x08 \x01(\t\x12\x13\n\x0btraceparent\x18\t \x01(\t\x12\x0f\n\x07reclaim\x18\n \x01(\x08\x12\x10\n\x08waited_s\x18\x0b \x01(\x01\">\n\x04Load\x12\x0f\n\x07running\x18\x01 \x01(\r\x12\x0e\n\x06queued\x18\x02 \x01(\r\x12\x15\n\rmodels_loaded\x18\x03 \x03(\t\"N\n\rOfferResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1b\n\x04load\x18\x03 \x01(\x0b\x32\r.mesh.v1.Load\"\xdb\x02\n\tDcSummary\x12\n\n\x02\x64\x63\x18\x01 \x01(\t\x12\x12\n\nts_unix_ms\x18\x02 \x01(\x03\x12\x0e\n\x06\x61gents\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\x12\r\n\x05tasks\x18\x05 \x01(\r\x12\x10\n\x08\x63\x61pacity\x18\x06 \x01(\r\x12\x15\n\rmodels_loaded\x18\x07 \x03(\t\x12\x0c\n\x04live\x18\x08 \x03(\t\x12\x37\n\x0bglobal_held\x18\t \x03(\x0b\x32\".mesh.v1.DcSummary.GlobalHeldEntry\x12.\n\x06\x64\x65mand\x18\n \x03(\x0b\x32\x1e.mesh.v1.DcSummary.DemandEntry\x1a\x31\n\x0fGlobalHeldEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01\x1a-\n\x0b\x44\x65mandEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"3\n\rSettleRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\torigin_dc\x18\x02 \x01(\t\"\xa7\x01\n\x0eSettleResponse\x12\x30\n\x07outcome\x18\x01 \x01(\x0e\x32\x1f.mesh.v1.SettleResponse.Outcome\"c\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x10\n\x0cOUTCOME_HELD\x10\x01\x12\x14\n\x10OUTCOME_NOT_HELD\x10\x02\x12\x17\n\x13OUTCOME_IN_PROGRESS\x10\x03\"f\n\x0c\x43laimRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\n\n\x02\x64\x63\x18\x02 \x01(\t\x12\x13\n\x0bspec_digest\x18\x03 \x01(\t\x12\x0e\n\x06lookup\x18\x04 \x01(\x08\x12\x14\n\x0cstale_holder\x18\x05 \x01(\t\"U\n\rClaimResponse\x12\x0c\n\x04held\x18\x01 \x01(\x08\x12\n\n\x02\x64\x63\x18\x02 \x01(\t\x12\x13\n\x0bspec_digest\x18\x03 \x01(\t\x12\x15\n\rclaimed_at_ms\x18\x04 \x01(\x03\"\xf0\x01\n\nTaskRecord\x12#\n\x06status\x18\x01 \x01(\x0b\x32\x13.mesh.v1.TaskStatus\x12\x13\n\x0bspec_digest\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x03 \x01(\x08\x12\x17\n\x0f\x66orwarded_to_dc\x18\x04 \x01(\t\x12\x18\n\x10payload_not_kept\x18\x05 \x01(\x08\x12\x15\n\rbacklog_entry\x18\x06 \x01(\t\x12\x13\n\x0btraceparent\x18\x07 \x01(\t\x12\x18\n\x10superseded_by_dc\x18\x08 \x01(\t\x12\x15\n\rcancel_reason\x18\t \x01(\t\"m\n\x0cStageRequest\x12\x1f\n\x04spec\x18\x01 \x01(\x0b\x32\x11.mesh.v1.TaskSpec\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\r\n\x05\x66irst\x18\x03 \x01(\r\x12\r\n\x05\x63ount\x18\x04 \x01(\r\x12\r\n\x05input\x18\x05 \x01(\x0c\"-\n\rStageResponse\x12\x0e\n\x06output\x18\x01 \x01(\x0c\x12\x0c\n\x04\x63old\x18\x02 \x01(\x08\x32\xa0\x03\n\x0bPeerService\x12\x32\n\x05Offer\x12\x11.mesh.v1.Envelope\x1a\x16.mesh.v1.OfferResponse\x12:\n\x0b\x43\x61ncelLocal\x12\x16.mesh.v1.CancelRequest\x1a\x13.mesh.v1.TaskStatus\x12\x31\n\x07Summary\x12\x12.mesh.v1.DcSummary\x1a\x12.mesh.v1.DcSummary\x12\x39\n\x06Settle\x12\x16.mesh.v1.SettleRequest\x1a\x17.mesh.v1.SettleResponse\x12@\n\x0b\x46\x65tchResult\x12\x19.mesh.v1.GetResultRequest\x1a\x14.mesh.v1.ResultChunk0\x01\x12\x36\n\x05\x43laim\x12\x15.mesh.v1.ClaimRequest\x1a\x16.mesh.v1.ClaimResponse\x12\x39\n\x08RunStage\x12\x15.mesh.v1.StageRequest\x1a\x16.mesh.v1.StageResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,33 +37,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DCSUMMARY_DEMANDENTRY']._loaded_options = None
   _globals['_DCSUMMARY_DEMANDENTRY']._serialized_options = b'8\001'
   _globals['_ENVELOPE']._serialized_start=53
-  _globals['_ENVELOPE']._serialized_end=264
-  _globals['_LOAD']._serialized_start=266
-  _globals['_LOAD']._serialized_end=328
-  _globals['_OFFERRESPONSE']._serialized_start=330
-  _globals['_OFFERRESPONSE']._serialized_end=408
-  _globals['_DCSUMMARY']._serialized_start=411
-  _globals['_DCSUMMARY']._serialized_end=758
-  _globals['_DCSUMMARY_GLOBALHELDENTRY']._serialized_start=662
-  _globals['_DCSUMMARY_GLOBALHELDENTRY']._serialized_end=711
-  _globals['_DCSUMMARY_DEMANDENTRY']._serialized_start=713
-  _globals['_DCSUMMARY_DEMANDENTRY']._serialized_end=758
-  _globals['_SETTLEREQUEST']._serialized_start=760
-  _globals['_SETTLEREQUEST']._serialized_end=811
-  _globals['_SETTLERESPONSE']._serialized_start=814
-  _globals['_SETTLERESPONSE']._serialized_end=981
-  _globals['_SETTLERESPONSE_OUTCOME']._serialized_start=882
-  _globals['_SETTLERESPONSE_OUTCOME']._serialized_end=981
-  _globals['_CLAIMREQUEST']._serialized_start=983
-  _globals['_CLAIMREQUEST']._serialized_end=1085
-  _globals['_CLAIMRESPONSE']._serialized_start=1087
-  _globals['_CLAIMRESPONSE']._serialized_end=1172
-  _globals['_TASKRECORD']._serialized_start=1175
-  _globals['_TASKRECORD']._serialized_end=1415
-  _globals['_STAGEREQUEST']._serialized_start=1417
-  _globals['_STAGEREQUEST']._serialized_end=1526
-  _globals['_STAGERESPONSE']._serialized_start=1528
-  _globals['_STAGERESPONSE']._serialized_end=1573
-  _globals['_PEERSERVICE']._serialized_start=1576
-  _globals['_PEERSERVICE']._serialized_end=1992
+  _globals['_ENVELOPE']._serialized_end=282
+  _globals['_LOAD']._serialized_start=284
+  _globals['_LOAD']._serialized_end=346
+  _globals['_OFFERRESPONSE']._serialized_start=348
+  _globals['_OFFERRESPONSE']._serialized_end=426
+  _globals['_DCSUMMARY']._serialized_start=429
+  _globals['_DCSUMMARY']._serialized_end=776
+  _globals['_DCSUMMARY_GLOBALHELDENTRY']._serialized_start=680
+  _globals['_DCSUMMARY_GLOBALHELDENTRY']._serialized_end=729
+  _globals['_DCSUMMARY_DEMANDENTRY']._serialized_start=731
+  _globals['_DCSUMMARY_DEMANDENTRY']._serialized_end=776
+  _globals['_SETTLEREQUEST']._serialized_start=778
+  _globals['_SETTLEREQUEST']._serialized_end=829
+  _globals['_SETTLERESPONSE']._serialized_start=832
+  _globals['_SETTLERESPONSE']._serialized_end=999
+  _globals['_SETTLERESPONSE_OUTCOME']._serialized_start=900
+  _globals['_SETTLERESPONSE_OUTCOME']._serialized_end=999
+  _globals['_CLAIMREQUEST']._serialized_start=1001
+  _globals['_CLAIMREQUEST']._serialized_end=1103
+  _globals['_CLAIMRESPONSE']._serialized_start=1105
+  _globals['_CLAIMRESPONSE']._serialized_end=1190
+  _globals['_TASKRECORD']._serialized_start=1193
+  _globals['_TASKRECORD']._serialized_end=1433
+  _globals['_STAGEREQUEST']._serialized_start=1435
+  _globals['_STAGEREQUEST']._serialized_end=1544
+  _globals['_STAGERESPONSE']._serialized_start=1546
+  _globals['_STAGERESPONSE']._serialized_end=1591
+  _globals['_PEERSERVICE']._serialized_start=1594
+  _globals['_PEERSERVICE']._serialized_end=2010
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Envelope(_message.Message):
-    __slots__ = ("spec", "path", "hops", "deadline_unix_ms", "attempt", "entry_agent", "max_tasks", "origin_dc", "traceparent", "reclaim")
+    __slots__ = ("spec", "path", "hops", "deadline_unix_ms", "attempt", "entry_agent", "max_tasks", "origin_dc", "traceparent", "reclaim", "waited_s")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class Envelope(_message.Message):
     ORIGIN_DC_FIELD_NUMBER: _ClassVar[int]
     TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
     RECLAIM_FIELD_NUMBER: _ClassVar[int]
+    WAITED_S_FIELD_NUMBER: _ClassVar[int]
     spec: _tasks_pb2.TaskSpec
     path: _containers.RepeatedScalarFieldContainer[str]
     hops: int
@@ -30,7 +31,8 @@ class Envelope(_message.Message):
     origin_dc: str
     traceparent: str
     reclaim: bool
-    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., entry_agent: _Optional[str] = ..., max_tasks: _Optional[float] = ..., origin_dc: _Optional[str] = ..., traceparent: _Optional[str] = ..., reclaim: _Optional[bool] = ...) -> None: ...
+    waited_s: float
+    def __init__(self, spec: _Optional[_Union[_tasks_pb2.TaskSpec, _Mapping]] = ..., path: _Optional[_Iterable[str]] = ..., hops: _Optional[int] = ..., deadline_unix_ms: _Optional[int] = ..., attempt: _Optional[int] = ..., entry_agent: _Optional[str] = ..., max_tasks: _Optional[float] = ..., origin_dc: _Optional[str] = ..., traceparent: _Optional[str] = ..., reclaim: _Optional[bool] = ..., waited_s: _Optional[float] = ...) -> None: ...
 
 class Load(_message.Message):
     __slots__ = ("running", "queued", "models_loaded")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pytest
 from support import config
 
-from mesh.agent.executor import Executor, expected_start_s
+from mesh.agent.executor import Executor
 from mesh.agent.reclaim import Sharing
 from mesh.agent.slots import GpuSlots
 from mesh.core.jobs import Job, Outcome, Output
@@ -88,26 +88,34 @@ class Gated:
 
 
 def job(
-    task_id: str, queue: str = "normal", gpus: int = 1, deadline_s: float = 60, **params: str
+    task_id: str,
+    queue: str = "normal",
+    gpus: int = 1,
+    deadline_s: float = 60,
+    model: str = "m",
+    **params: str,
 ) -> Job:
-    spec = pb.TaskSpec(task_id=task_id, pipeline="gated", model="m", queue=queue, gpu_count=gpus)
+    spec = pb.TaskSpec(task_id=task_id, pipeline="gated", model=model, queue=queue, gpu_count=gpus)
     spec.params.update(params)
     return Job(spec, attempt=1, deadline_ms=int((time.time() + deadline_s) * 1000))
 
 
 @contextlib.asynccontextmanager
 async def running(
-    recorder: Recorder | None = None, slots: GpuSlots | None = None, **options: object
+    recorder: Recorder | None = None,
+    slots: GpuSlots | None = None,
+    preloaded: Sequence[str] = (),
+    **options: object,
 ) -> AsyncIterator[tuple[Executor, Recorder, Gated]]:
-    """An executor of two GPUs (or ``slots``) running its loop (``options`` to
-    ``Executor``), stopped and its gates opened after."""
+    """An executor of two GPUs (or ``slots``) with ``preloaded`` models, running its loop
+    (``options`` to ``Executor``), stopped and its gates opened after."""
     cfg = config(max_queue_length=4, model_load_s=0)
     recorder, gated = recorder or Recorder(), Gated()
     executor = Executor(
         cfg,
         slots or GpuSlots(parse_fake("2xA100-80GB")),
         {"gated": gated, "echo": EchoPipeline(cfg), "sleep": SleepPipeline(cfg)},
-        Models([], lambda: None),
+        Models(preloaded, lambda: None),
         recorder,
         Weighted(cfg.queues, cfg.queue_aging_s),
         **options,  # type: ignore[arg-type]
@@ -318,17 +326,34 @@ async def test_withdraw_takes_a_queued_job_back_and_leaves_a_run_to_its_record(r
 
 async def test_a_queued_task_is_told_when_it_should_start() -> None:
     """From the runs' learned times (1 s each, never seen: the default) and the queue's
-    order, on a clock the test moves: two slots busy, three tasks queued behind them."""
+    order, on a clock the test moves: two slots busy, three tasks queued behind them, the
+    model warm."""
     now = [100.0]
-    async with running(monotonic=lambda: now[0]) as (executor, recorder, _gated):
+    async with running(monotonic=lambda: now[0], preloaded=["m"]) as (executor, recorder, _):
         for i in range(5):
             executor.enqueue(job(f"t{i}"))
             if i == 1:
                 await recorder.until("two starts", lambda: len(recorder.starts) == 2)
         now[0] += 0.25  # the runs are a quarter of a second in
-        assert expected_start_s(executor, "t0") is None  # running, not queued
-        starts = [expected_start_s(executor, f"t{i}") for i in (2, 3, 4)]
+        assert executor.expected.start_s("t0") is None  # running, not queued
+        starts = [executor.expected.start_s(f"t{i}") for i in (2, 3, 4)]
         assert starts == [0.75, 0.75, 1.75]
+
+
+async def test_a_cold_model_adds_its_load_to_the_runs_and_tasks_that_pay_it() -> None:
+    """Two runs began with their model absent: each holds its GPU a load (1 s, none seen
+    yet) more. Of the queue, only the first task of another absent model pays its load."""
+    now = [100.0]
+    async with running(monotonic=lambda: now[0]) as (executor, recorder, _gated):
+        for i in range(2):
+            executor.enqueue(job(f"t{i}"))
+        await recorder.until("two starts", lambda: len(recorder.starts) == 2)
+        executor.enqueue(job("t2"))  # model m: the runs are loading it
+        for i in (3, 4):
+            executor.enqueue(job(f"t{i}", model="n"))
+        now[0] += 0.25
+        starts = [executor.expected.start_s(f"t{i}") for i in (2, 3, 4)]
+        assert starts == [1.75, 1.75, 2.75]  # t2 ends at 2.75, t3 (loading n) at 3.75
 
 
 async def test_a_gpu_lent_to_a_stage_is_load_here_and_in_gossip_and_never_queued() -> None:

@@ -49,6 +49,20 @@ def done(attempt: int = 1, state: str = "SUCCEEDED") -> dict:
     return {"state": state, "attempt": attempt, "dc": "west", "agent": "w1"}
 
 
+def test_a_moved_task_must_join_its_new_queue_with_the_wait_it_had() -> None:
+    events = [
+        *submitted("t1"),
+        ev(1.00, "queue", "moved in", "w2", task="t1", attempt=1, waited=2.5),
+        ev(1.01, "queue", "moved", "w1", task="t1", attempt=1, to="w2", waited=2.5),
+    ]
+    assert check(observe(events, {"t1": done()})).ok
+    events[-2]["waited"] = 0.0  # queued there as a newcomer: behind its tenant's later tasks
+    (violation,) = check(observe(events, {"t1": done()})).violations
+    assert violation.startswith("moved without its place: t1 waited 2.500s on w1")
+    del events[-2]  # never arrived in the history at all
+    assert not check(observe(events, {"t1": done()})).ok
+
+
 def test_a_clean_history_passes_and_counts() -> None:
     events = [
         *submitted("a"),

@@ -98,9 +98,23 @@ def test_bounds_and_unknown_classes_are_precise_errors() -> None:
         q.push("gold-d", now=0.0)
 
 
+def test_a_moved_item_takes_the_place_its_wait_gives_it() -> None:
+    """Queued at 2 elsewhere, moved here at 9: behind what came before 2, ahead of what
+    came after, and its lane as old as its head says when it leads it (aging, order)."""
+    q = weighted({"normal": 1, "vip": 1}, 10, aging_s=1e9)
+    q.push("normal-early", now=1.0)
+    q.push("normal-late", now=5.0)
+    q.push("normal-moved", now=9.0, since=2.0)
+    assert q.order(now=10.0) == ["normal-early", "normal-moved", "normal-late"]
+    taken = q.remove(lambda t: t == "normal-moved")
+    assert taken == ("normal-moved", 2.0)  # the wait it carries on, should it move again
+    q.push("normal-moved", now=12.0, since=taken[1])  # refused there: back in its place
+    assert q.order(now=12.0) == ["normal-early", "normal-moved", "normal-late"]
+
+
 def test_remove_and_depth() -> None:
     q = filled(3)
-    assert q.remove(lambda t: t == "normal-1") == "normal-1"
+    assert q.remove(lambda t: t == "normal-1") == ("normal-1", 0.0)
     assert q.remove(lambda t: t == "nope") is None
     assert q.depth() == {"vip": 3, "normal": 2}
 

@@ -59,6 +59,25 @@ def test_the_simulator_finds_an_impatient_retry(monkeypatch: pytest.MonkeyPatch)
     assert any("is still RUNNING" in v for v in outcome.verdict.violations)
 
 
+def test_the_simulator_finds_a_move_that_loses_the_tasks_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Sharpness: offers that no longer carry a moved task's wait (broken here) queue it
+    on the idle agent as a newcomer; seed 2 moves such a task."""
+    from mesh.agent import placement
+
+    offered = placement.offered
+
+    def forgetful(job: object, me: str, max_tasks: float) -> object:
+        envelope = offered(job, me, max_tasks)  # type: ignore[arg-type]
+        envelope.waited_s = 0.0
+        return envelope
+
+    monkeypatch.setattr(placement, "offered", forgetful)
+    outcome = simulate(2, tasks=100)
+    assert any(v.startswith("moved without its place") for v in outcome.verdict.violations)
+
+
 def test_the_simulator_finds_a_submit_that_leaves_its_record(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

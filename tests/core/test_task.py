@@ -10,7 +10,9 @@ from support import config
 
 from mesh.config import state_home
 from mesh.core.task import (
+    MAX_WAITED_S,
     admit,
+    check_offer,
     media_type,
     media_type_ok,
     public,
@@ -18,6 +20,7 @@ from mesh.core.task import (
     spec_digest,
 )
 from mesh.errors import DeadlinePassed, InvalidTask, LimitExceeded, MeshError
+from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
 NOW_MS = 1_800_000_000_000
@@ -164,3 +167,15 @@ def test_results_default_to_the_agents_own_state_folder(monkeypatch: pytest.Monk
     assert state_home() == Path("/srv/state/gpumesh")
     monkeypatch.delenv("XDG_STATE_HOME")
     assert not str(state_home()).startswith("/tmp")
+
+
+@pytest.mark.parametrize("waited_s", [-1.0, float("nan"), float("inf"), MAX_WAITED_S * 2])
+def test_an_offer_carries_a_wait_only_of_a_queue_that_could_be(waited_s: float) -> None:
+    """The wait an offer says its task had decides where it queues: a forged one would
+    put it ahead of every task of its tenant, so it is bounded like every field."""
+    spec = admit(valid(), CFG, PIPELINES, NOW_MS).spec
+    envelope = peer_pb2.Envelope(spec=spec, path=["w1"], hops=1, attempt=1, waited_s=2.5)
+    check_offer(envelope, CFG, PIPELINES, NOW_MS)
+    envelope.waited_s = waited_s
+    with pytest.raises(InvalidTask, match="waited_s"):
+        check_offer(envelope, CFG, PIPELINES, NOW_MS)
