@@ -272,4 +272,13 @@ REGRESSIONS = (
         "other DC to run there too (fixed: a dropped job the agent holds again is not "
         "handed back)",
     ),
+    Regression(
+        503,
+        200,
+        (Fault(2.01, "pause", "east-1", 4.111), Fault(5.465, "etcd-unsure", "east", 10.702)),
+        "a task QUEUED for ever on a live agent: the agent held attempt 1 waiting for "
+        "quota (its offer had lost to another's), accepted attempt 2 from the owner, and "
+        "when the stale attempt was dropped at its start, the new one went with it (both "
+        "kept under one id) (fixed: an earlier attempt still waiting is withdrawn first)",
+    ),
 )

@@ -39,11 +39,8 @@ class Acceptance:
         when asked to ``reclaim`` and borrowed batch runs here will give their GPUs."""
         if job.deadline_ms <= now_ms():
             return False, "deadline passed"
-        held = self._executor.holding(job.task_id)
-        if held is not None and held.attempt == job.attempt:
-            # The same run offered again (an answer lost on the way, a hand-back that
-            # crossed a placement): it is here already, and runs once.
-            return True, "already here"
+        if (answer := self._held(job)) is not None:
+            return answer
         reclaiming = reclaim and self._executor.can_reclaim(job.spec)
         try:
             self._executor.check(job.spec, past_bound=reclaiming)
@@ -93,6 +90,22 @@ class Acceptance:
         if due_ms is not None:
             self.written[job.task_id] = due_ms
         return True, "accepted"
+
+    def _held(self, job: Job) -> tuple[bool, str] | None:
+        """The answer when this agent holds an attempt of ``job``'s task already (None:
+        it holds none now). The same run offered again (an answer lost on the way, a
+        hand-back that crossed a placement) is here already, and runs once. An earlier
+        attempt still waiting here was given up by the record (the owner re-queued it):
+        it goes, or the two would share the task's id here and the stale one's end would
+        take the new one with it (sim seed 503: the new attempt was never started)."""
+        held = self._executor.holding(job.task_id)
+        if held is None:
+            return None
+        if held.attempt == job.attempt:
+            return True, "already here"
+        if held.attempt > job.attempt or not self._executor.withdraw(job.task_id):
+            return False, f"attempt {held.attempt} of it is here"
+        return None
 
     def _moved_in(self, job: Job) -> None:
         """A job moved here from another agent's queue keeps its place (``waited_s``):
