@@ -13,7 +13,14 @@ through the public API, and reports from that one run:
   the keys put or deleted, both from etcd's own metrics; ``idle_writes_per_s`` is the
   same revisions counted while nothing is submitted (the mesh's background writes);
 - CPU seconds per task for the agents, etcd and this client, and etcd's db size before
-  and after.
+  and after;
+- ``start_p50_ms`` / ``start_p99_ms``: from a Submit sent to its task RUNNING (the
+  record's ``started_at``, same machine, same clock), under the load, and
+  ``idle_start_p50_ms`` / ``idle_start_p99_ms`` for the sequential Submits, one at a time
+  on an otherwise idle mesh: the latency an online task pays before its GPU works.
+
+``--profile DIR`` samples every agent and this client with py-spy during the load
+(``bench/profile.py``) and adds each one's ten costliest functions to the figures.
 
 ``--soak MINUTES --rate R`` (not in CI) holds R tasks/s for that long instead, and prints
 etcd's db size and the agents' memory every ``--every`` seconds; ``--retention S`` and
@@ -36,6 +43,7 @@ from pathlib import Path
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import profile as profiles
 from bench.localdc import local_mesh
 from mesh.channels import Security
 from mesh.client import MeshClient
@@ -104,13 +112,15 @@ def echo(task_id: str) -> pb.TaskSpec:
 
 
 class Ends:
-    """Tasks seen terminal in any DC's records, by a watch per DC (no polling)."""
+    """Tasks seen terminal in any DC's records, by a watch per DC (no polling), with when
+    each began running (wall seconds)."""
 
     def __init__(self, mesh: LocalMesh, ids: set[str]) -> None:
         self._mesh = mesh
         self._waiting = set(ids)
         self.done = asyncio.Event()
         self.last_end = 0.0
+        self.started: dict[str, float] = {}
         self._watches: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -129,6 +139,8 @@ class Ends:
             status = decode(event.kv.value).status
             if status.state in TERMINAL and status.task_id in self._waiting:
                 self._waiting.discard(status.task_id)
+                if status.HasField("started_at"):
+                    self.started[status.task_id] = status.started_at.ToNanoseconds() / 1e9
                 self.last_end = time.monotonic()
                 if not self._waiting:
                     self.done.set()
@@ -138,8 +150,11 @@ class Ends:
             watch.cancel()
 
 
-async def run_load(clients: list[MeshClient], ids: list[str], concurrency: int) -> float:
-    """Submit every id, ``concurrency`` at once over all clients; the last answer's time."""
+async def run_load(
+    clients: list[MeshClient], ids: list[str], concurrency: int, sent: dict[str, float]
+) -> float:
+    """Submit every id, ``concurrency`` at once over all clients, noting in ``sent`` when
+    each was sent (wall seconds); the last answer's time."""
     queue = list(reversed(ids))
     last = 0.0
 
@@ -147,39 +162,61 @@ async def run_load(clients: list[MeshClient], ids: list[str], concurrency: int) 
         nonlocal last
         client = clients[n % len(clients)]
         while queue:
-            await client.submit(echo(queue.pop()))
+            task_id = queue.pop()
+            sent[task_id] = time.time()
+            await client.submit(echo(task_id))
             last = time.monotonic()
 
     await asyncio.gather(*(worker(n) for n in range(concurrency)))
     return last
 
 
-async def sequential(agent: Started, security: Security) -> dict[str, float]:
+def start_ms(
+    sent: dict[str, float], started: dict[str, float], prefix: str = ""
+) -> dict[str, float]:
+    """Submit sent to RUNNING, p50 and p99 in ms, of the tasks ``started`` knows."""
+    waits = [(started[t] - sent[t]) * 1000 for t in sent if t in started]
+    return {
+        f"{prefix}start_p50_ms": round(quantile(waits, 50), 2),
+        f"{prefix}start_p99_ms": round(quantile(waits, 99), 2),
+    }
+
+
+async def sequential(agent: Started, security: Security, mesh: LocalMesh) -> dict[str, float]:
+    ids = [f"seq-{i}" for i in range(SEQUENTIAL)]
+    ends, sent = Ends(mesh, set(ids)), {}
+    await ends.start()
     async with MeshClient(agent.address, security) as client:
         submits, checks = [], []
         health = health_pb2_grpc.HealthStub(client.channel)
-        for i in range(SEQUENTIAL):
+        for task_id in ids:
+            sent[task_id] = time.time()
             started = time.perf_counter()
-            await client.submit(echo(f"seq-{i}"))
+            await client.submit(echo(task_id))
             submits.append((time.perf_counter() - started) * 1000)
             started = time.perf_counter()
             await health.Check(health_pb2.HealthCheckRequest())
             checks.append((time.perf_counter() - started) * 1000)
+    await asyncio.wait_for(ends.done.wait(), timeout=60)
+    ends.stop()
     return {
         "submit_p50_ms": round(quantile(submits, 50), 2),
         "submit_p99_ms": round(quantile(submits, 99), 2),
         "health_p50_ms": round(quantile(checks, 50), 2),
+        **start_ms(sent, ends.started, "idle_"),
     }
 
 
-async def measure(mesh: LocalMesh, tasks: int, concurrency: int) -> dict[str, object]:
+async def measure(
+    mesh: LocalMesh, tasks: int, concurrency: int, profile: Path | None = None
+) -> dict[str, object]:
     assert mesh.trust is not None
     security = mesh.trust.user("bench")
     agents = [s for s in mesh.started if s.kind == "agent"]
     etcds = [s for s in mesh.started if s.kind == "etcd"]
     clients = [MeshClient(a.address, security) for a in agents]
     try:
-        await run_load(clients, [f"warm-{i}" for i in range(60)], 8)  # connections, models
+        await run_load(clients, [f"warm-{i}" for i in range(60)], 8, {})  # connections, models
         idle_before = sum(etcd_metrics(e)["etcd_debugging_mvcc_current_revision"] for e in etcds)
         await asyncio.sleep(IDLE_S)
         idle_after = sum(etcd_metrics(e)["etcd_debugging_mvcc_current_revision"] for e in etcds)
@@ -187,11 +224,13 @@ async def measure(mesh: LocalMesh, tasks: int, concurrency: int) -> dict[str, ob
         cpu_before = {s.pid: cpu_s(s.pid) for s in mesh.started}
         client_before = client_cpu_s()
         ids = [f"e2e-{i:06d}" for i in range(tasks)]
-        ends = Ends(mesh, set(ids))
+        ends, sent = Ends(mesh, set(ids)), {}
         await ends.start()
-        started = time.monotonic()
-        last_accept = await run_load(clients, ids, concurrency)
-        await asyncio.wait_for(ends.done.wait(), timeout=600)
+        pids = {a.name: a.pid for a in agents} | {"client": os.getpid()}
+        with profiles.maybe(profile, pids) as profiled:
+            started = time.monotonic()
+            last_accept = await run_load(clients, ids, concurrency, sent)
+            await asyncio.wait_for(ends.done.wait(), timeout=600)
         ends.stop()
         after = [etcd_metrics(e) for e in etcds]
         cpu_after = {s.pid: cpu_s(s.pid) for s in mesh.started}
@@ -224,8 +263,11 @@ async def measure(mesh: LocalMesh, tasks: int, concurrency: int) -> dict[str, ob
         },
         "db_bytes_before": int(sum(b["etcd_mvcc_db_total_size_in_bytes"] for b in before)),
         "db_bytes_after": int(sum(a["etcd_mvcc_db_total_size_in_bytes"] for a in after)),
+        **start_ms(sent, ends.started),
     }
-    figures.update(await sequential(agents[0], security))
+    figures.update(await sequential(agents[0], security, mesh))
+    if profiled is not None:
+        figures["profile"] = profiled.tops()
     return figures
 
 
@@ -275,6 +317,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--every", type=float, default=30.0)
     parser.add_argument("--retention", type=float, default=86400.0, metavar="S")
     parser.add_argument("--compaction", default="10m")
+    parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every agent here")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     document = yaml.safe_load(LOCAL.read_text())
@@ -284,9 +327,14 @@ def main(argv: list[str]) -> None:
         if args.soak:
             asyncio.run(soak(mesh, args.soak, args.rate, args.every))
             return
-        result = asyncio.run(measure(mesh, args.tasks, args.concurrency))
+        result = asyncio.run(measure(mesh, args.tasks, args.concurrency, args.profile))
     if args.json:
         print(json.dumps(result))
         return
     for name, value in result.items():
-        print(f"{name:<24}{value}")
+        if name != "profile":
+            print(f"{name:<24}{value}")
+    for process, costs in dict(result.get("profile", {})).items():  # type: ignore[call-overload]
+        print(f"\n{process}: top {len(costs)} by self time")
+        for function, share in costs:
+            print(f"  {share:>6.1%}  {function}")

@@ -214,6 +214,21 @@ class AgentConfig(BaseSettings):
         description="Write this agent's trace spans here as JSON lines (meshctl trace reads "
         "them); OTLP export is set with the standard OTEL_EXPORTER_OTLP_ENDPOINT.",
     )
+    trace_sample_ratio: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Share of the traces begun here that are recorded (parent-based: a call "
+        "carrying a traceparent is recorded as its flag says). Failed and slow tasks are "
+        "recorded anyway, as one span at their end (trace_slow_s). 1: every trace, as a "
+        "developer reading meshctl trace wants; the default costs little under load.",
+    )
+    trace_slow_s: float = Field(
+        10.0,
+        gt=0,
+        description="A task that took longer than this from Submit to its end is recorded "
+        "at its end though its trace was not sampled, as a failed one is.",
+    )
     preempt_after_s: float = Field(
         0.5,
         ge=0,

@@ -10,6 +10,13 @@ Spans leave an agent through OTLP when the standard ``OTEL_EXPORTER_OTLP_ENDPOIN
 ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) is set, and as JSON lines in ``span_dir`` (the
 local mesh's state folder) where ``meshctl trace`` reads them. Without a provider (meshctl,
 the SDK) every span here is a no-op.
+
+Recording every span of every task costs a busy agent a good part of its CPU, so a trace
+is sampled where it begins (``trace_sample_ratio``, parent-based: a hop follows the flag
+its caller's ``traceparent`` carries). What sampling would lose that matters, a task that
+failed or took long, is kept at its end, tail-style: the agent that ends it records one
+``task`` span over its whole life in its trace, through a provider that samples
+everything (``keep_task``).
 """
 
 from __future__ import annotations
@@ -22,33 +29,66 @@ from threading import Lock
 
 from opentelemetry import context, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACER = trace.get_tracer("gpumesh")
+_KEEPER: trace.Tracer = trace.NoOpTracer()  # every span it makes is recorded: ``keep_task``
 _PROPAGATOR = TraceContextTextMapPropagator()
 MAX_FILE_BYTES = 64 << 20  # a span file is rotated (one old copy kept) past this
 MAX_TRACEPARENT = 55  # "00-" 32 hex "-" 16 hex "-" 2 hex
 
 
-def setup(agent_id: str, dc: str, span_dir: Path | None) -> TracerProvider:
-    """This process's tracer provider: OTLP if configured, a span file if ``span_dir``."""
+def setup(
+    agent_id: str, dc: str, span_dir: Path | None, ratio: float = 1.0
+) -> list[TracerProvider]:
+    """This process's tracer providers (to shut down at exit): the one every span goes
+    through, sampling ``ratio`` of the traces begun here, and the one ``keep_task``
+    records through; both export by OTLP if configured, to a span file if ``span_dir``."""
+    global _KEEPER
     resource = Resource.create(
         {"service.name": "gpumesh-agent", "service.instance.id": agent_id, "gpumesh.dc": dc}
     )
-    provider = TracerProvider(resource=resource)
+    # OpenTelemetry's own OTEL_TRACES_SAMPLER, where an operator sets it, wins.
+    ours = ParentBased(TraceIdRatioBased(ratio))
+    sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else ours
+    provider = TracerProvider(resource=resource, sampler=sampler)
+    keeper = TracerProvider(resource=resource, sampler=ALWAYS_ON)
+    for processor in _processors(agent_id, span_dir):
+        provider.add_span_processor(processor)
+    for processor in _processors(agent_id, span_dir):
+        keeper.add_span_processor(processor)
+    trace.set_tracer_provider(provider)
+    _KEEPER = keeper.get_tracer("gpumesh.kept")
+    return [provider, keeper]
+
+
+def _processors(agent_id: str, span_dir: Path | None) -> list[SpanProcessor]:
+    found: list[SpanProcessor] = []
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
     ):
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        found.append(BatchSpanProcessor(OTLPSpanExporter()))
     if span_dir is not None:
         exporter = SpanFile(span_dir / f"{agent_id}.jsonl", agent_id)
-        provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
-    trace.set_tracer_provider(provider)
-    return provider
+        found.append(BatchSpanProcessor(exporter, schedule_delay_millis=500))
+    return found
+
+
+def keep_task(
+    parent: str, start_ns: int, end_ns: int, attributes: dict[str, str | int | float]
+) -> None:
+    """Record a task's whole life as one ``task`` span in its trace (the record's
+    ``traceparent``), when sampling left that trace unrecorded."""
+    context = joined(parent)
+    if trace.get_current_span(context).get_span_context().trace_flags.sampled:
+        return  # its spans are recorded already
+    span = _KEEPER.start_span("task", context=context, start_time=start_ns, attributes=attributes)
+    span.end(end_time=max(start_ns, end_ns))
 
 
 def traceparent() -> str:

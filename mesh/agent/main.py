@@ -36,7 +36,7 @@ async def serve(argv: list[str]) -> int:
         print(f"mesh-agent: {exc.message}", file=sys.stderr)
         return EXIT_CONFIG
     logs.setup(cfg.log_level, agent=cfg.agent_id, dc=cfg.dc)
-    spans = tracing.setup(cfg.agent_id, cfg.dc, cfg.span_dir)
+    spans = tracing.setup(cfg.agent_id, cfg.dc, cfg.span_dir, cfg.trace_sample_ratio)
     # Imported after logging is set up: building the agent probes NVML and logs about it.
     from mesh.agent.agent import Agent
     from mesh.agent.service import Server
@@ -74,7 +74,8 @@ async def serve(argv: list[str]) -> int:
         log.info("stopped")
         return 0
     finally:
-        spans.shutdown()  # the last spans reach their file or collector
+        for provider in spans:
+            provider.shutdown()  # the last spans reach their file or collector
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 

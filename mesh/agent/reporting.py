@@ -140,6 +140,21 @@ class RecordReporter:
         finally:
             self._flushers.pop(job.task_id, None)
 
+    def _kept(self, job: Job, status: pb.TaskStatus, task_s: float) -> None:
+        """A failed or slow task's trace is kept whatever its sampling said."""
+        failed = status.state != pb.TASK_STATE_SUCCEEDED
+        if failed or task_s > self._cfg.trace_slow_s:
+            attributes: dict[str, str | int | float] = {
+                "task.id": job.task_id,
+                "task.attempt": job.attempt,
+                "task.state": state_name(status.state),
+                "task.kept": "failed" if failed else "slow",
+            }
+            if status.error.code:
+                attributes["error.code"] = status.error.code
+            start_ns, end_ns = status.created_at.ToNanoseconds(), status.finished_at.ToNanoseconds()
+            tracing.keep_task(job.traceparent, start_ns, end_ns, attributes)
+
     def _result(self, job: Job, outcome: Outcome) -> pb.Result | None:
         if outcome.output is None:
             return None
@@ -190,6 +205,7 @@ class RecordReporter:
                 metrics.observe(metrics.RUN_SECONDS.labels(job.spec.pipeline), run_s, trace_id)
             task_s = (ended_ns - status.created_at.ToNanoseconds()) / 1e9
             metrics.observe(metrics.TASK_SECONDS, task_s, trace_id)
+            self._kept(job, status, task_s)
         self._history.write(
             "commit",
             "rejected" if stored is None else "ok",

@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Mapping
 
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 
 from mesh.core import planner
 from mesh.core.ring import key_point
@@ -130,11 +131,20 @@ def speaks(me: str, members: Mapping[str, object]) -> bool:
 
 
 def encode(summary: peer_pb2.DcSummary) -> bytes:
-    return json_format.MessageToJson(summary, indent=None, sort_keys=True).encode()
+    """A summary as etcd keeps it: protobuf (every agent decodes every DC's summary at
+    each change of one, so JSON's cost was paid many times over)."""
+    return summary.SerializeToString(deterministic=True)
 
 
 def decode(raw: bytes) -> peer_pb2.DcSummary:
-    return json_format.Parse(raw, peer_pb2.DcSummary(), ignore_unknown_fields=True)
+    """A stored summary; one an older agent wrote as JSON is read too. ``ValueError``
+    if it is neither."""
+    try:
+        if raw[:1] == b"{":
+            return json_format.Parse(raw, peer_pb2.DcSummary(), ignore_unknown_fields=True)
+        return peer_pb2.DcSummary.FromString(raw)
+    except (json_format.ParseError, DecodeError) as exc:
+        raise ValueError(f"not a summary: {exc}") from None
 
 
 Summaries = Mapping[str, peer_pb2.DcSummary]

@@ -23,6 +23,7 @@ agent's config takes file paths only. Files are written 0600 in 0700 folders.
 from __future__ import annotations
 
 import datetime
+import functools
 import ipaddress
 import os
 import re
@@ -243,9 +244,12 @@ def spiffe_user(mesh: str, name: str) -> str:
     return f"spiffe://{mesh}/user/{name}"
 
 
+@functools.lru_cache(maxsize=1024)
 def identity_of(cert_pem: bytes, mesh: str) -> Identity | None:
     """Who a verified peer certificate names, in this mesh; None if it names nobody here
-    (another mesh, or no SPIFFE URI). The chain was checked by TLS already."""
+    (another mesh, or no SPIFFE URI). The chain was checked by TLS already, at each
+    handshake: what it names is the certificate's text alone, so it is parsed once (every
+    call on the mTLS port asks)."""
     cert = x509.load_pem_x509_certificate(cert_pem)
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -13,7 +13,9 @@ from __future__ import annotations
 import datetime
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -24,6 +26,7 @@ from mesh.errors import ConfigError
 
 ALGORITHM = "EdDSA"
 LEEWAY_S = 30  # clocks of the minting host and the agent may differ this much
+CACHED_TOKENS = 4096  # tokens verified lately, kept with their identity (least recent out)
 # The longest a token may live: issuing refuses more, and agents refuse a token that says
 # it lives longer than their ``max_token_ttl_s`` (this by default). A token cannot be
 # revoked, so a stolen one is good until it expires: keep them short.
@@ -102,10 +105,16 @@ class Verifier:
         mesh: str,
         keys: Mapping[str, bytes] | None = None,
         max_ttl_s: float = MAX_TTL.total_seconds(),
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """A token verified once is known by its text until it expires, or its key is
+        retired: a signature check costs more than the rest of a small Submit, and a
+        client sends the same token with every call."""
         self.mesh = mesh
         self._max_ttl_s = max_ttl_s
+        self._clock = clock
         self._keys: dict[str, Ed25519PublicKey] = {}
+        self._verified: OrderedDict[str, tuple[Identity, float]] = OrderedDict()
         self.update(keys or {})
 
     def update(self, keys: Mapping[str, bytes]) -> None:
@@ -118,6 +127,8 @@ class Verifier:
                 continue
             if isinstance(key, Ed25519PublicKey) and KID.fullmatch(kid):
                 loaded[kid] = key
+        if loaded.keys() != self._keys.keys():
+            self._verified.clear()  # a retired key's tokens are checked again, and refused
         self._keys = loaded
 
     @property
@@ -126,6 +137,19 @@ class Verifier:
 
     def verify(self, token: str) -> Identity:
         """The identity a valid token names; ``Unauthenticated`` otherwise."""
+        known = self._verified.get(token)
+        if known is not None and self._clock() < known[1]:
+            self._verified.move_to_end(token)
+            return known[0]
+        identity, expires = self._checked(token)
+        self._verified[token] = (identity, expires)
+        self._verified.move_to_end(token)
+        if len(self._verified) > CACHED_TOKENS:
+            self._verified.popitem(last=False)
+        return identity
+
+    def _checked(self, token: str) -> tuple[Identity, float]:
+        """The identity ``token`` names, and until when it holds, from its signature."""
         if len(token) > MAX_TOKEN_BYTES:
             raise Unauthenticated("token too long")
         try:
@@ -152,7 +176,7 @@ class Verifier:
         lifetime = claims["exp"] - claims["iat"]  # both numbers: PyJWT checked them
         if lifetime > self._max_ttl_s + LEEWAY_S:
             raise Unauthenticated(f"token lives longer than this mesh allows: {lifetime:g}s")
-        return _identity(claims)
+        return _identity(claims), claims["exp"] + LEEWAY_S
 
 
 def _identity(claims: Mapping[str, object]) -> Identity:

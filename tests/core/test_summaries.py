@@ -95,3 +95,15 @@ def test_demand_is_written_when_its_shares_drift_not_at_every_wiggle() -> None:
     shifted = summary(101)
     shifted.demand.update({"hot": 1.0, "cold": 6.0})
     assert summaries.worth_storing(shifted, stored)
+
+
+def test_a_stored_summary_is_protobuf_and_an_older_agents_json_is_still_read() -> None:
+    from google.protobuf import json_format
+
+    summary = peer_pb2.DcSummary(dc="east", agents=3, slots=6, live=["e1:7000"])
+    summary.demand["sdxl"] = 0.5
+    assert summaries.decode(summaries.encode(summary)) == summary
+    assert summaries.decode(json_format.MessageToJson(summary).encode()) == summary
+    for garbage in (b"{not json", b"\xff\xff\xff"):
+        with pytest.raises(ValueError, match="not a summary"):
+            summaries.decode(garbage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from cryptography.x509.oid import NameOID
 
 from mesh.core.access import AGENT, Unauthenticated
 from mesh.errors import ConfigError
+from mesh.trust import tokens
 from mesh.trust.pki import Authority, identity_of, private_dir, write_pair
 from mesh.trust.tokens import SigningKey, Verifier
 
@@ -120,3 +122,24 @@ def test_a_user_certificate_names_the_user_but_no_etcd_user() -> None:
     assert subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "user:alice"
     member = x509.load_pem_x509_certificate(CA.issue_etcd("e0", ["127.0.0.1"]).cert).subject
     assert member.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "etcd-peer.gpumesh"
+
+
+def test_a_verified_token_is_known_until_it_expires_or_its_key_retires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cache of verified tokens must not outlive what verifying would say: the
+    token's expiry (with the leeway), and its key's place in the published keys."""
+    checks = []
+    decode = tokens.jwt.decode
+    monkeypatch.setattr(tokens.jwt, "decode", lambda *a, **k: checks.append(1) or decode(*a, **k))
+    now = [time.time()]
+    verifier = Verifier("gpumesh", {KEY.kid: KEY.public_pem()}, clock=lambda: now[0])
+    token = KEY.issue("gpumesh", "a", ttl=datetime.timedelta(minutes=5))
+    assert verifier.verify(token) is verifier.verify(token)
+    assert len(checks) == 1  # the signature checked once
+    now[0] += 5 * 60 + tokens.LEEWAY_S + 1  # past its expiry: checked again
+    verifier.verify(token)
+    assert len(checks) == 2
+    verifier.update({})  # its key retired: refused at once, though it was known
+    with pytest.raises(Unauthenticated, match="unknown key"):
+        verifier.verify(token)

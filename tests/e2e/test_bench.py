@@ -91,6 +91,8 @@ def test_bench_e2e_reports_every_figure_from_one_run() -> None:
     assert set(result["cpu_ms_per_task"]) == {"agents", "etcd", "client"}
     assert result["db_bytes_after"] >= result["db_bytes_before"] > 0
     assert result["submit_p50_ms"] > 0 and result["health_p50_ms"] > 0
+    for prefix in ("", "idle_"):  # Submit to RUNNING, under the load and one at a time
+        assert 0 < result[f"{prefix}start_p50_ms"] <= result[f"{prefix}start_p99_ms"]
 
 
 def test_bench_scale_reports_every_figure_per_size() -> None:

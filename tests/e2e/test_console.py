@@ -42,7 +42,8 @@ def spki(certificate: Path) -> str:
 def agents(cluster: Cluster, tmp_path: Path) -> list[AgentProc]:
     spans = tmp_path / "spans"  # shared, as on the local mesh: any agent serves any span
     return [
-        cluster.start(name, fake_gpus="2xA100-80GB", span_dir=spans) for name in ("ui-1", "ui-2")
+        cluster.start(name, fake_gpus="2xA100-80GB", span_dir=spans, trace_sample_ratio=1)
+        for name in ("ui-1", "ui-2")
     ]
 
 

@@ -184,7 +184,9 @@ async def test_the_readmes_curl_examples_work(agent: AgentProc, cluster: Cluster
 async def test_a_users_trace_is_read_by_its_user_alone(cluster: Cluster, tmp_path: Path) -> None:
     """The outside review read 11 spans of another user's task by its trace id (trace
     ids are exemplars on every agent's /metrics): a trace is read as its task is."""
-    agent = cluster.start("h-tr", http_listen="127.0.0.1:0", span_dir=tmp_path / "spans")
+    agent = cluster.start(
+        "h-tr", http_listen="127.0.0.1:0", span_dir=tmp_path / "spans", trace_sample_ratio=1
+    )
     await until_peers(agent, ["h-tr"])
     alice = Http(agent, cluster, cluster.trust.token("alice", roles=[SUBMITTER]))
     bob = Http(agent, cluster, cluster.trust.token("bob", roles=[SUBMITTER]))

@@ -13,6 +13,7 @@ from support import Cluster, eventually, sleep_spec, until_peers
 from mesh import tracing
 from mesh.cli.trace import waterfall
 from mesh.client import MeshClient
+from mesh.core.task import TERMINAL
 from mesh.v1 import tasks_pb2 as pb
 
 GOOD = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -47,8 +48,8 @@ async def test_one_trace_from_submit_on_one_agent_to_the_run_on_another(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     spans = tmp_path / "spans"
-    front = cluster.start("front", models='["other"]', span_dir=spans)
-    worker = cluster.start("worker", span_dir=spans)
+    front = cluster.start("front", models='["other"]', span_dir=spans, trace_sample_ratio=1)
+    worker = cluster.start("worker", span_dir=spans, trace_sample_ratio=1)
     for agent in (front, worker):
         await until_peers(agent, ["front", "worker"])
     async with front.client() as client:
@@ -90,6 +91,45 @@ async def test_one_trace_from_submit_on_one_agent_to_the_run_on_another(
     assert {s["span_id"] for s in printed} == set(found)
     keys = {"trace_id", "span_id", "parent_id", "name", "agent", "start_unix_ns", "end_unix_ns"}
     assert all(keys | {"attributes"} == s.keys() for s in printed)
+
+
+async def test_unsampled_traces_cost_no_spans_but_a_failed_or_slow_task_keeps_one(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Sampling at 0: a task that succeeds quickly leaves no span at all; one that fails,
+    and one slower than trace_slow_s, each leave one ``task`` span in their trace, from
+    Submit to end, naming why it was kept."""
+    spans = tmp_path / "spans"
+    agent = cluster.start("lone", span_dir=spans, trace_sample_ratio=0, trace_slow_s=0.5)
+    await until_peers(agent, ["lone"])
+    specs = {
+        "quick": sleep_spec("quick", seconds=0, steps=1, model="sdxl"),
+        "broken": sleep_spec("broken", seconds=0, steps=1, model="sdxl"),
+        "slow": sleep_spec("slow", seconds=0.8, steps=1, model="sdxl"),
+    }
+    specs["broken"].params["seconds"] = "never"
+    traces = {}
+    async with agent.client() as client:
+        for name, spec in specs.items():
+            traces[name] = (await client.submit(spec)).status.trace_id
+        for name in specs:
+            await eventually(lambda n=name: _terminal(client, n), what=f"{name} to end")
+
+    def kept(name: str) -> list[dict]:
+        return tracing.read_spans(spans, traces[name])
+
+    await eventually(lambda: kept("broken") and kept("slow"), what="the kept spans")
+    (broken,) = kept("broken")
+    assert broken["name"] == "task" and broken["attributes"]["task.kept"] == "failed"
+    assert broken["attributes"]["error.code"] == "INVALID_ARGUMENT"
+    (slow,) = kept("slow")
+    assert slow["attributes"]["task.kept"] == "slow"
+    assert int(slow["end_unix_ns"]) - int(slow["start_unix_ns"]) >= 0.8e9
+    assert kept("quick") == []  # written with the others, had it been kept
+
+
+async def _terminal(client: MeshClient, task_id: str) -> bool:
+    return (await client.get(task_id)).state in TERMINAL
 
 
 async def _ended(client: MeshClient, task_id: str) -> bool:
