@@ -19,6 +19,9 @@ through the public API, and reports from that one run:
   ``idle_start_p50_ms`` / ``idle_start_p99_ms`` for the sequential Submits, one at a time
   on an otherwise idle mesh: the latency an online task pays before its GPU works.
 
+``--via stream`` submits the same tasks over one ``SubmitStream`` per agent instead of
+``--concurrency`` Submit calls in flight (the stream holds 64 Submits under way itself).
+
 ``--profile DIR`` samples every agent and this client with py-spy during the load
 (``bench/profile.py``) and adds each one's ten costliest functions to the figures.
 
@@ -38,6 +41,7 @@ import resource
 import statistics
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -182,6 +186,28 @@ def start_ms(
     }
 
 
+async def run_stream(clients: list[MeshClient], ids: list[str], sent: dict[str, float]) -> float:
+    """Submit every id over one SubmitStream per agent (its share, round robin), noting
+    when each was sent; the last answer's time."""
+    last = 0.0
+
+    def requests(share: list[str]) -> Iterator[pb.SubmitStreamRequest]:
+        for task_id in share:
+            sent[task_id] = time.time()
+            yield pb.SubmitStreamRequest(spec=echo(task_id), ref=task_id)
+
+    async def one(client: MeshClient, share: list[str]) -> None:
+        nonlocal last
+        async for answer in client.submit_stream(requests(share)):
+            if answer.WhichOneof("answer") == "error":
+                raise RuntimeError(f"{answer.ref}: {answer.error.code} {answer.error.message}")
+            last = time.monotonic()
+
+    n = len(clients)
+    await asyncio.gather(*(one(c, ids[i::n]) for i, c in enumerate(clients)))
+    return last
+
+
 async def sequential(agent: Started, security: Security, mesh: LocalMesh) -> dict[str, float]:
     ids = [f"seq-{i}" for i in range(SEQUENTIAL)]
     ends, sent = Ends(mesh, set(ids)), {}
@@ -208,7 +234,7 @@ async def sequential(agent: Started, security: Security, mesh: LocalMesh) -> dic
 
 
 async def measure(
-    mesh: LocalMesh, tasks: int, concurrency: int, profile: Path | None = None
+    mesh: LocalMesh, tasks: int, concurrency: int, profile: Path | None = None, via: str = "unary"
 ) -> dict[str, object]:
     assert mesh.trust is not None
     security = mesh.trust.user("bench")
@@ -229,7 +255,10 @@ async def measure(
         pids = {a.name: a.pid for a in agents} | {"client": os.getpid()}
         with profiles.maybe(profile, pids) as profiled:
             started = time.monotonic()
-            last_accept = await run_load(clients, ids, concurrency, sent)
+            if via == "stream":
+                last_accept = await run_stream(clients, ids, sent)
+            else:
+                last_accept = await run_load(clients, ids, concurrency, sent)
             await asyncio.wait_for(ends.done.wait(), timeout=600)
         ends.stop()
         after = [etcd_metrics(e) for e in etcds]
@@ -248,6 +277,7 @@ async def measure(
 
     figures: dict[str, object] = {
         "tasks": tasks,
+        "via": via,
         "concurrency": concurrency,
         "accepted_per_s": round(tasks / (last_accept - started), 1),
         "completed_per_s": round(tasks / (ends.last_end - started), 1),
@@ -318,6 +348,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--retention", type=float, default=86400.0, metavar="S")
     parser.add_argument("--compaction", default="10m")
     parser.add_argument("--profile", type=Path, metavar="DIR", help="py-spy every agent here")
+    parser.add_argument(
+        "--via", choices=("unary", "stream"), default="unary", help="Submit calls or SubmitStreams"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     document = yaml.safe_load(LOCAL.read_text())
@@ -327,7 +360,7 @@ def main(argv: list[str]) -> None:
         if args.soak:
             asyncio.run(soak(mesh, args.soak, args.rate, args.every))
             return
-        result = asyncio.run(measure(mesh, args.tasks, args.concurrency, args.profile))
+        result = asyncio.run(measure(mesh, args.tasks, args.concurrency, args.profile, args.via))
     if args.json:
         print(json.dumps(result))
         return

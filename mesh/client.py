@@ -6,7 +6,7 @@ the channel options and the request wrapping.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 
 from mesh.channels import Security, open_channel
 from mesh.v1 import tasks_pb2 as pb
@@ -77,6 +77,12 @@ class MeshClient:
     ) -> AsyncIterator[pb.TaskEvent]:
         request = pb.WatchRequest(task_id=task_id, resume_token=resume_token)
         return self.tasks.Watch(request, timeout=timeout_s)
+
+    def submit_stream(
+        self, requests: AsyncIterable[pb.SubmitStreamRequest] | Iterable[pb.SubmitStreamRequest]
+    ) -> AsyncIterator[pb.SubmitStreamResponse]:
+        """Many Submits over one stream: the answers as they come (``SubmitStream``)."""
+        return self.tasks.SubmitStream(requests)
 
     def result(self, task_id: str, timeout_s: float | None = None) -> AsyncIterator[pb.ResultChunk]:
         return self.tasks.GetResult(pb.GetResultRequest(task_id=task_id), timeout=timeout_s)

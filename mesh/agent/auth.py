@@ -53,7 +53,7 @@ class Authenticator(grpc.aio.ServerInterceptor):
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         handler = await continuation(details)
         if handler is None or details.method in PUBLIC:
             return handler
@@ -85,7 +85,23 @@ class Authenticator(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
             )
-        return handler  # no client- or bidi-streaming RPC in the mesh's protos
+        if handler.stream_stream is not None:
+            both = handler.stream_stream
+
+            async def bidi(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                token = _GRANT.set(await self._grant(context, method))
+                try:
+                    async for item in both(requests, context):
+                        yield item
+                finally:
+                    _GRANT.reset(token)
+
+            return grpc.stream_stream_rpc_method_handler(
+                bidi, handler.request_deserializer, handler.response_serializer
+            )
+        # No client-streaming RPC in the mesh's protos: one added is UNIMPLEMENTED until
+        # it is handled here, never served without its caller's grant.
+        return None
 
     async def _grant(self, context: grpc.aio.ServicerContext, method: str) -> Grant:
         try:

@@ -70,6 +70,13 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
     async def Submit(self, request, context):
         return await self.api.submit(request, caller())
 
+    async def SubmitStream(
+        self, request_iterator, context
+    ) -> AsyncIterator[pb.SubmitStreamResponse]:
+        answers = self.api.submit_stream(request_iterator, caller())
+        async for answer in streamed(answers, context):
+            yield answer
+
     @unary
     async def Get(self, request, context):
         return await self.api.get(request, caller())

@@ -4,9 +4,10 @@ each checked against the caller's grant (a user sees only its own tasks)."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 from mesh import metrics, tracing
+from mesh.agent import streams
 from mesh.agent.addressing import Addressing
 from mesh.agent.api import (
     MAX_REASON,
@@ -78,6 +79,18 @@ class TaskApi:
                 "task_id already used by a different task", task_id=admitted.spec.task_id
             )
         return pb.SubmitResponse(status=public(stored.status), existing=not created)
+
+    def submit_stream(
+        self, requests: AsyncIterable[pb.SubmitStreamRequest], grant: Grant
+    ) -> AsyncIterator[pb.SubmitStreamResponse]:
+        """Submit each request as ``submit`` does, answering on the stream
+        (``mesh.agent.streams``); a followed task's end is its watch's last event."""
+
+        async def follow(task_id: str) -> AsyncIterator[pb.TaskStatus]:
+            async for event in self.watch(pb.WatchRequest(task_id=task_id), grant):
+                yield event.status
+
+        return streams.submits(requests, lambda r: self.submit(r, grant), follow)
 
     async def get(self, request: pb.GetRequest, grant: Grant) -> pb.TaskStatus:
         check_id(request.task_id)

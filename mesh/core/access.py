@@ -106,6 +106,7 @@ PEERS = "/mesh.v1.PeerService/"
 # that user's right on the task as that DC reports it (or asked only for that user's).
 RULES: dict[str, Rule] = {
     TASKS + "Submit": rule(SUBMITTER),
+    TASKS + "SubmitStream": rule(SUBMITTER),
     TASKS + "Get": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     TASKS + "Watch": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     TASKS + "List": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),

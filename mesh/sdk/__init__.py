@@ -9,6 +9,9 @@
             print(event.status.state, event.status.progress.step)
         print(task.result(timeout=60))
 
+A producer of many tasks sends them over one stream, each answered as it is recorded and,
+with ``follow``, again when it ends: ``for answer in mesh.submit_many(specs, follow=True)``.
+
 ``Client`` blocks; ``AsyncClient`` is the same for asyncio code. Both balance over the
 DC's healthy agents, retry a Submit elsewhere with the same idempotency key when an agent
 is gone, and resume a watch on another agent from the last event seen. Errors are typed,
@@ -17,8 +20,17 @@ an agent's parts.
 """
 
 from mesh.channels import Security
-from mesh.sdk.client import AsyncClient, Task
+from mesh.sdk.client import Answer, AsyncClient, Task
 from mesh.sdk.errors import TaskCancelled, TaskFailed
 from mesh.sdk.sync import Client, SyncTask
 
-__all__ = ["AsyncClient", "Client", "Security", "SyncTask", "Task", "TaskCancelled", "TaskFailed"]
+__all__ = [
+    "Answer",
+    "AsyncClient",
+    "Client",
+    "Security",
+    "SyncTask",
+    "Task",
+    "TaskCancelled",
+    "TaskFailed",
+]

@@ -10,7 +10,10 @@ calls over the healthy ones, and rides through an agent's death or drain:
   to repeat are repeated, and a Submit is: it always carries its task id, the idempotency
   key, so a retried Submit returns the task the first try made rather than a second one;
 - a watch whose agent dies resumes on another from the last event it saw (its resume
-  token): no event is lost or repeated, and it ends with the task's terminal event.
+  token): no event is lost or repeated, and it ends with the task's terminal event;
+- ``submit_many`` sends many tasks over one stream, and when the stream breaks sends the
+  tasks not yet answered for good over a stream to another agent: their ids make the
+  Submits safe to repeat, and each task is answered (and, followed, ended) once.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -26,7 +30,15 @@ import grpc
 from mesh.channels import Security
 from mesh.client import MeshClient
 from mesh.core.task import TERMINAL
-from mesh.sdk.errors import DeadlineExceeded, TaskCancelled, TaskFailed, Unavailable, error_of
+from mesh.errors import MeshError
+from mesh.sdk.errors import (
+    DeadlineExceeded,
+    TaskCancelled,
+    TaskFailed,
+    Unavailable,
+    error_named,
+    error_of,
+)
 from mesh.sdk.picker import Picker
 from mesh.v1 import tasks_pb2 as pb
 
@@ -35,6 +47,18 @@ BACKOFF_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 # A call that timed out may have been applied: retried only when repeating it is safe.
 RETRYABLE_IF_SAFE = {grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What ``submit_many`` says of one task: recorded (``status`` as Submit answered it),
+    refused (``error``, typed as a call's would be), or, followed, ended (``ended``, with
+    its terminal ``status``)."""
+
+    task_id: str
+    status: pb.TaskStatus | None = None
+    error: MeshError | None = None
+    ended: bool = False
 
 
 class AsyncClient:
@@ -117,6 +141,48 @@ class AsyncClient:
             spec.task_id = uuid.uuid4().hex
         reply = await self._call(lambda c: c.submit(spec, self._try_timeout_s), safe=True)
         return Task(self, reply.status.task_id, reply.status)
+
+    async def submit_many(
+        self, specs: Iterable[pb.TaskSpec], *, follow: bool = False
+    ) -> AsyncIterator[Answer]:
+        """Submit every spec over one stream (ids given where missing), answering each
+        as the mesh does; with ``follow``, each task's end too. The specs are read as the
+        stream has room, so a generator of millions is fine."""
+        source = iter(specs)
+        pending: dict[str, pb.TaskSpec] = {}  # sent, not yet answered for good
+        answered: set[str] = set()
+        failures = 0
+        while True:
+            await self._refresh()
+            address = self._picker.pick(self._clock())
+            again, drained = list(pending.values()), False
+
+            def requests(again: list[pb.TaskSpec] = again) -> Iterable[pb.SubmitStreamRequest]:
+                nonlocal drained
+                for spec in again:
+                    yield pb.SubmitStreamRequest(spec=spec, ref=spec.task_id, follow=follow)
+                for spec in source:
+                    spec.task_id = spec.task_id or uuid.uuid4().hex
+                    pending[spec.task_id] = spec
+                    yield pb.SubmitStreamRequest(spec=spec, ref=spec.task_id, follow=follow)
+                drained = True
+
+            try:
+                async for reply in self._client(address).submit_stream(requests()):
+                    failures = 0
+                    for answer in _answers(reply, follow, pending, answered):
+                        yield answer
+                if drained and not pending:
+                    return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRYABLE:
+                    raise error_of(exc) from None
+                self._picker.failed(address, self._clock())
+            failures += 1  # broken, or ended with tasks unanswered: on, elsewhere
+            if failures > self._tries:
+                raise Unavailable(f"no agent took the stream of {len(pending)} tasks")
+            await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
+            await self._refresh(force=True)
 
     def task(self, task_id: str) -> Task:
         """A handle on a task submitted before (by this client or another)."""
@@ -211,6 +277,28 @@ class AsyncClient:
             failures += 1  # broken, or ended before the task did: resume elsewhere
             await asyncio.sleep(BACKOFF_S[min(failures, len(BACKOFF_S) - 1)])
             await self._refresh(force=True)
+
+
+def _answers(
+    reply: pb.SubmitStreamResponse, follow: bool, pending: dict[str, pb.TaskSpec], seen: set[str]
+) -> list[Answer]:
+    """What one of the stream's answers tells the caller (none for an answer repeated by
+    a stream that took the task again), and which tasks it settles for good."""
+    ref, kind = reply.ref, reply.WhichOneof("answer")
+    if ref not in pending:
+        return []  # settled already, on an earlier stream
+    if kind == "error":
+        del pending[ref]
+        return [Answer(ref, error=error_named(reply.error.code, reply.error.message))]
+    if kind == "ended":
+        del pending[ref]
+        return [Answer(ref, status=reply.ended, ended=True)]
+    if not follow:
+        del pending[ref]
+    if ref in seen:
+        return []
+    seen.add(ref)
+    return [Answer(ref, status=reply.submitted.status)]
 
 
 class Task:

@@ -79,6 +79,13 @@ def error_of(exc: grpc.aio.AioRpcError) -> errors.MeshError:
     return BY_CODE.get(exc.code(), Internal)(exc.details() or exc.code().name)
 
 
+def error_named(code: str, message: str) -> errors.MeshError:
+    """The typed error for a status named ``code`` (a ``TaskError``'s, as a stream's
+    answer for one task carries it)."""
+    status = grpc.StatusCode.__members__.get(code, grpc.StatusCode.INTERNAL)
+    return BY_CODE.get(status, Internal)(message or code)
+
+
 class TaskFailed(errors.MeshError):
     """The task ended without a result: ``status`` says how and why."""
 

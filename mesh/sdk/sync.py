@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from mesh.channels import Security
-from mesh.sdk.client import AsyncClient, Task
+from mesh.sdk.client import Answer, AsyncClient, Task
 from mesh.v1 import tasks_pb2 as pb
 
 T = TypeVar("T")
@@ -100,6 +100,12 @@ class Client:
 
     def submit_spec(self, spec: pb.TaskSpec) -> SyncTask:
         return SyncTask(self._loop, self._loop.run(self._client.submit_spec(spec)))
+
+    def submit_many(
+        self, specs: Iterable[pb.TaskSpec], *, follow: bool = False
+    ) -> Iterator[Answer]:
+        """``AsyncClient.submit_many``: one stream for many tasks, answered as they come."""
+        return self._loop.iterate(self._client.submit_many(specs, follow=follow))
 
     def task(self, task_id: str) -> SyncTask:
         return SyncTask(self._loop, self._client.task(task_id))

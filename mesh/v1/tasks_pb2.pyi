@@ -187,6 +187,28 @@ class SubmitResponse(_message.Message):
     existing: bool
     def __init__(self, status: _Optional[_Union[TaskStatus, _Mapping]] = ..., existing: _Optional[bool] = ...) -> None: ...
 
+class SubmitStreamRequest(_message.Message):
+    __slots__ = ("spec", "ref", "follow")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    spec: TaskSpec
+    ref: str
+    follow: bool
+    def __init__(self, spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., ref: _Optional[str] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class SubmitStreamResponse(_message.Message):
+    __slots__ = ("ref", "submitted", "error", "ended")
+    REF_FIELD_NUMBER: _ClassVar[int]
+    SUBMITTED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    ref: str
+    submitted: SubmitResponse
+    error: TaskError
+    ended: TaskStatus
+    def __init__(self, ref: _Optional[str] = ..., submitted: _Optional[_Union[SubmitResponse, _Mapping]] = ..., error: _Optional[_Union[TaskError, _Mapping]] = ..., ended: _Optional[_Union[TaskStatus, _Mapping]] = ...) -> None: ...
+
 class GetRequest(_message.Message):
     __slots__ = ("task_id",)
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

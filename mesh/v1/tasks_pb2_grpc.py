@@ -39,6 +39,11 @@ class TaskServiceStub:
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_tasks__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitStream = channel.stream_stream(
+                '/mesh.v1.TaskService/SubmitStream',
+                request_serializer=mesh_dot_v1_dot_tasks__pb2.SubmitStreamRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_tasks__pb2.SubmitStreamResponse.FromString,
+                _registered_method=True)
         self.Get = channel.unary_unary(
                 '/mesh.v1.TaskService/Get',
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.GetRequest.SerializeToString,
@@ -70,6 +75,12 @@ class TaskServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Submit(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitStream(self, request_iterator, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +123,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=mesh_dot_v1_dot_tasks__pb2.SubmitRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_tasks__pb2.SubmitResponse.SerializeToString,
+            ),
+            'SubmitStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitStream,
+                    request_deserializer=mesh_dot_v1_dot_tasks__pb2.SubmitStreamRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_tasks__pb2.SubmitStreamResponse.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
@@ -166,6 +182,33 @@ class TaskService:
             '/mesh.v1.TaskService/Submit',
             mesh_dot_v1_dot_tasks__pb2.SubmitRequest.SerializeToString,
             mesh_dot_v1_dot_tasks__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/mesh.v1.TaskService/SubmitStream',
+            mesh_dot_v1_dot_tasks__pb2.SubmitStreamRequest.SerializeToString,
+            mesh_dot_v1_dot_tasks__pb2.SubmitStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

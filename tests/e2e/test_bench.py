@@ -39,7 +39,7 @@ def test_bench_route_json_has_every_figure() -> None:
     assert set(result["policies"]) == POLICIES
     for figures in result["policies"].values():
         assert set(figures) >= {"max_over_avg", "affinity", "mean_jct_s", "p99_jct_s"}
-        assert figures["idle_slot_s_while_queued"] >= 0
+        assert figures["idle_slot_s_while_queued"] >= figures["idle_slot_s_past_bound"] >= 0
     # The simulation is seeded, so this is a fact about the trace, not a timing.
     ours, scattered = result["policies"]["ours"], result["policies"]["random"]
     assert ours["affinity"] > scattered["affinity"]
@@ -93,6 +93,12 @@ def test_bench_e2e_reports_every_figure_from_one_run() -> None:
     assert result["submit_p50_ms"] > 0 and result["health_p50_ms"] > 0
     for prefix in ("", "idle_"):  # Submit to RUNNING, under the load and one at a time
         assert 0 < result[f"{prefix}start_p50_ms"] <= result[f"{prefix}start_p99_ms"]
+
+
+def test_bench_e2e_submits_over_streams_too() -> None:
+    args = ["--tasks", "100", "--via", "stream"]
+    result = bench("e2e", "--json", *args, timeout_s=170)
+    assert result["via"] == "stream" and result["completed_per_s"] > 0
 
 
 def test_bench_scale_reports_every_figure_per_size() -> None:

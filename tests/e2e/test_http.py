@@ -50,7 +50,8 @@ class Http:
             session.request(verb, self.base + path, ssl=self.tls, headers=headers, **kw) as reply,
         ):
             text = await reply.text()
-            body = json.loads(text) if "json" in reply.content_type else {"raw": text}
+            whole = "json" in reply.content_type and "ndjson" not in reply.content_type
+            body = json.loads(text) if whole else {"raw": text}
             return reply.status, body, dict(reply.headers)
 
 
@@ -171,12 +172,16 @@ async def test_the_readmes_curl_examples_work(agent: AgentProc, cluster: Cluster
         out, err = await asyncio.wait_for(shell.communicate(), 60)  # a hang guard
         assert shell.returncode == 0, (command, err)
         outputs.append(out.decode())
-    submitted, watched, result, raw, listed, agents, openapi = outputs
+    submitted, watched, result, raw, listed, streamed, agents, openapi = outputs
     assert json.loads(submitted)["status"]["taskId"] == "hello-1"
     assert "TASK_STATE_SUCCEEDED" in watched.split("event: state")[-1]
     assert result == "hi"
     assert json.loads(raw)["status"]["spec"]["pipeline"] == "echo"
     assert "hello-1" in [t["taskId"] for t in json.loads(listed)["tasks"]]
+    answers = [json.loads(line) for line in streamed.splitlines()]
+    assert sorted((a["ref"], next(k for k in a if k != "ref")) for a in answers) == [
+        ("a", "ended"), ("a", "submitted"), ("b", "submitted"),
+    ]  # fmt: skip
     assert [a["agentId"] for a in json.loads(agents)["agents"]] == ["h1"]
     assert json.loads(openapi)["openapi"].startswith("3.")
 
@@ -232,3 +237,35 @@ async def test_hostile_bodies_get_precise_statuses(agent: AgentProc, cluster: Cl
 def agent_max_body(agent: AgentProc) -> int:
     """The gateway's body limit for the test agents' payload limit (the defaults')."""
     return AgentConfig.model_fields["max_payload_bytes"].default * 2 + 65536
+
+
+async def test_a_stream_of_submits_is_ndjson_both_ways(agent: AgentProc, cluster: Cluster) -> None:
+    """Each line a SubmitStreamRequest, each answer a line as it comes: a task refused
+    alone, the others answered and followed to their end; a line that is no request
+    ends the stream with an error line after what came before it."""
+    user = Http(agent, cluster, cluster.security.token)
+
+    def line(task_id: str, pipeline: str = "echo") -> str:
+        spec = {"taskId": task_id, "pipeline": pipeline, "model": "m", "payload": "aGk="}
+        return json.dumps({"spec": spec, "ref": task_id, "follow": True})
+
+    body = "\n".join([line("nd-1"), line("nd-bad", "nope"), "", line("nd-2")]) + "\n"
+    headers = {"Content-Type": "application/x-ndjson"}
+    status, reply, got = await user.call("POST", "/v1/tasks:stream", data=body, headers=headers)
+    assert status == 200 and got["Content-Type"] == "application/x-ndjson"
+    answers = [json.loads(text) for text in reply["raw"].splitlines()]
+    kinds = {(a["ref"], next(k for k in a if k != "ref")) for a in answers}
+    assert kinds == {
+        ("nd-1", "submitted"), ("nd-1", "ended"), ("nd-2", "submitted"), ("nd-2", "ended"),
+        ("nd-bad", "error"),
+    }  # fmt: skip
+    ended = [a["ended"] for a in answers if "ended" in a]
+    assert {e["state"] for e in ended} == {"TASK_STATE_SUCCEEDED"}
+    status, reply, _ = await user.call(
+        "POST", "/v1/tasks:stream", data=line("nd-3") + "\n{not json\n", headers=headers
+    )
+    *_, last = [json.loads(text) for text in reply["raw"].splitlines()]
+    assert last["error"]["code"] == 3 and "line 2" in last["error"]["message"]
+    reader = Http(agent, cluster, cluster.trust.token("ro", roles=[READER]))
+    status, refused, _ = await reader.call("POST", "/v1/tasks:stream", data=line("nd-4"))
+    assert status == 403 and refused["code"] == 7

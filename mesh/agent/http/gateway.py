@@ -28,7 +28,7 @@ from google.protobuf.message import Message
 from mesh import tracing
 from mesh.agent.apis import Apis
 from mesh.agent.auth import identity_from_bearer
-from mesh.agent.http.openapi import document
+from mesh.agent.http.openapi import NDJSON, document
 from mesh.agent.http.routes import HTTP_STATUS, ROUTES, TASKS, Route, method_of
 from mesh.agent.status import status_for
 from mesh.config import AgentConfig
@@ -41,7 +41,7 @@ from mesh.core.access import (
     authorize,
 )
 from mesh.core.task import media_type
-from mesh.errors import InvalidTask
+from mesh.errors import InvalidTask, LimitExceeded
 from mesh.trust.tokens import Verifier
 from mesh.v1 import tasks_pb2 as pb
 
@@ -85,8 +85,8 @@ class Gateway:
         self._cfg = cfg
         self._apis = apis
         self._verifier = verifier
-        max_body = cfg.max_payload_bytes * 2 + 65536  # a payload as JSON base64, and more
-        self.app = web.Application(middlewares=[self._headers], client_max_size=max_body)
+        self._max_body = cfg.max_payload_bytes * 2 + 65536  # a payload as JSON base64, and more
+        self.app = web.Application(middlewares=[self._headers], client_max_size=self._max_body)
         for route in ROUTES:
             self.app.router.add_route(route.verb, _aiohttp_path(route.path), self._serve(route))
         self.app.router.add_get("/v1/openapi.json", self._openapi)
@@ -163,6 +163,8 @@ class Gateway:
         async def handle(request: web.Request) -> web.StreamResponse:
             try:
                 grant = authorize(self._identity(request), route.rpc)
+                if route.name == "SubmitStream":
+                    return await self._submit_stream(request, call(self._lines(request), grant))
                 message = await self._request(route, request, request_type)
                 if route.name == "Watch":
                     return await self._watch(request, call(message, grant))
@@ -230,6 +232,39 @@ class Gateway:
             code, text = status_for(exc)
             body = json.dumps({"code": code.value[0], "message": text, "details": []})
             await response.write(f"event: error\ndata: {body}\n\n".encode())
+        await response.write_eof()
+        return response
+
+    async def _lines(self, request: web.Request) -> AsyncIterator[pb.SubmitStreamRequest]:
+        """The NDJSON body's requests, read as they arrive; a line longer than a Submit's
+        body may be, or one that is no request, ends the stream (INVALID_ARGUMENT)."""
+        buffer, number = b"", 0
+        async for chunk in request.content.iter_any():
+            *lines, buffer = (buffer + chunk).split(b"\n")
+            for line in lines:
+                number += 1
+                if line.strip():
+                    yield _request_line(line, number)
+            if len(buffer) > self._max_body:
+                raise LimitExceeded(f"line {number + 1} is longer than {self._max_body} bytes")
+        if buffer.strip():
+            yield _request_line(buffer, number + 1)
+
+    async def _submit_stream(
+        self, request: web.Request, answers: AsyncIterator[pb.SubmitStreamResponse]
+    ) -> web.StreamResponse:
+        """Each answer as one JSON line as soon as it comes (a client reads them while it
+        sends, or sends no more than its socket buffers hold of answers); the stream's own
+        failure as a last line ``{"error": {code, message}}``."""
+        response = web.StreamResponse(headers={"Content-Type": NDJSON, **SECURITY_HEADERS})
+        response.headers["Cache-Control"] = "no-store"
+        await response.prepare(request)
+        try:
+            async for answer in answers:
+                await response.write(_ndjson(json_format.MessageToDict(answer)))
+        except Exception as exc:
+            code, text = status_for(exc)
+            await response.write(_ndjson({"error": {"code": code.value[0], "message": text}}))
         await response.write_eof()
         return response
 
@@ -314,6 +349,19 @@ def _as_json(exc: web.HTTPException) -> web.StreamResponse:
     if allow := exc.headers.get("Allow"):
         response.headers["Allow"] = allow
     return response
+
+
+def _request_line(line: bytes, number: int) -> pb.SubmitStreamRequest:
+    message = pb.SubmitStreamRequest()
+    try:
+        json_format.Parse(line.decode(), message)
+    except (json_format.ParseError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidTask(f"line {number} is no SubmitStreamRequest: {exc}") from None
+    return message
+
+
+def _ndjson(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
 
 def _json(reply: Message) -> web.Response:

@@ -46,6 +46,8 @@ ERROR = {
     "required": ["code", "message"],
 }
 
+NDJSON = "application/x-ndjson"
+
 
 def _ref(message: Descriptor, schemas: dict[str, Any]) -> dict[str, Any]:
     if message.full_name in WELL_KNOWN:
@@ -103,9 +105,10 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
         "security": [{"bearer": []}],
     }
     if route.body:
+        kind = NDJSON if route.name == "SubmitStream" else "application/json"
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": _ref(request, schemas)}},
+            "content": {kind: {"schema": _ref(request, schemas)}},
         }
     else:
         for field in request.fields:
@@ -117,6 +120,12 @@ def _operation(route: Route, schemas: dict[str, Any]) -> dict[str, Any]:
                 operation["parameters"] += _dotted(field, schemas)
     if route.stream and route.name == "GetResult":
         ok = {"description": "the result's bytes", "content": {"*/*": {}}}
+    elif route.name == "SubmitStream":
+        ok = {
+            "description": f"one {response.name} (JSON) per line, as each is answered; a "
+            "last line {'error': {code, message}} if the stream itself fails",
+            "content": {NDJSON: {"schema": _ref(response, schemas)}},
+        }
     elif route.stream:
         ok = {
             "description": f"Server-Sent Events, one {response.name} (JSON) per event",

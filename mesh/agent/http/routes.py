@@ -38,6 +38,8 @@ class Route(NamedTuple):
 TASKS, AGENTS = "/mesh.v1.TaskService/", "/mesh.v1.AgentService/"
 ROUTES = (
     Route("POST", "/v1/tasks", TASKS + "Submit", body=True),
+    # NDJSON both ways: a SubmitStreamRequest per line in, a SubmitStreamResponse per line out.
+    Route("POST", "/v1/tasks:stream", TASKS + "SubmitStream", body=True, stream=True),
     Route("GET", "/v1/tasks/{task_id}", TASKS + "Get", body=False),
     Route("GET", "/v1/tasks", TASKS + "List", body=False),
     Route("POST", "/v1/tasks/{task_id}:cancel", TASKS + "Cancel", body=True),
