@@ -14,8 +14,10 @@ Two parts per size, both in the same run as their baseline:
   answers health checks and Submits. Printed: ``loop_lag_ms_p99`` (its event loop's
   lateness, from its own ``gpumesh_event_loop_lag_seconds``: the upper bound of the bucket
   the 99th percentile falls in), ``health_ms_p99``/``max``, ``submit_ms_p99``, ``rss_mb``,
-  ``etcd_events_per_s`` (membership watch events the agent received), and
-  ``false_death`` (whether its own registration ever went away).
+  ``etcd_events_per_s`` (membership watch events the agent received), ``false_death``
+  (whether its own registration went away or was made again, under a new lease, during
+  the run) and ``registration_rewrites`` (times the agent republished it meanwhile: its
+  state changed, not its life).
 
 Simulated agents do not gossip (no UDP socket answers for them): gossip at this size is
 measured by ``bench gossip``.
@@ -209,7 +211,10 @@ async def live(mesh: LocalMesh, size: int, per_s: float, churn_s: float) -> dict
         "submit_ms_p99": _ms(submits, 99),
         "rss_mb": round(rss_mb(agent.pid), 1),
         "etcd_events_per_s": round(changes / churn_s, 1),
-        "false_death": still is None or still.value != own.value,
+        # A death is the registration gone or made again (a new lease, a new incarnation);
+        # its value changing is the agent republishing its state, counted apart.
+        "false_death": still is None or still.create_revision != own.create_revision,
+        "registration_rewrites": 0 if still is None else still.version - own.version,
     }
 
 

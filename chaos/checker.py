@@ -302,6 +302,7 @@ def check(observed: Observed) -> Verdict:
 
     verdict.violations.extend(check_tokens(events, observed.terms))
     verdict.violations.extend(check_moves(events))
+    verdict.violations.extend(check_refusals(events))
     verdict.violations.extend(check_cancels(events, records, forgiven))
     verdict.violations.extend(check_watches(events, records, forgiven))
     for dc, expected in observed.expected.items():
@@ -361,6 +362,24 @@ def _submitting(events: list[Event]) -> dict[str, list[tuple[float, float]]]:
     for key, starts in open_since.items():
         spans[key] += [(at, float("inf")) for at in starts]
     return spans
+
+
+# A Submit answered with one of these was refused for good: its client will not retry,
+# so its task must not run. UNAVAILABLE and DEADLINE_EXCEEDED say nothing either way.
+UNSURE_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", ""})
+
+
+def check_refusals(events: list[Event]) -> list[str]:
+    """A task whose Submit was refused for good (and never accepted on a retry) never
+    runs: its client was told it would not."""
+    accepted = {str(e["key"]) for e in select(events, "submit", "ok")}
+    refused = {
+        str(e["key"]): str(e.get("code", ""))
+        for e in select(events, "submit", "fail")
+        if str(e.get("code", "")) not in UNSURE_CODES and str(e["key"]) not in accepted
+    }
+    ran = {str(e["task"]) for e in select(events, "run", "start")} & refused.keys()
+    return [f"refused yet run: {t} was refused {refused[t]}, then ran" for t in sorted(ran)]
 
 
 def check_moves(events: list[Event]) -> list[str]:

@@ -281,4 +281,21 @@ REGRESSIONS = (
         "when the stale attempt was dropped at its start, the new one went with it (both "
         "kept under one id) (fixed: an earlier attempt still waiting is withdrawn first)",
     ),
+    Regression(
+        6,
+        200,
+        (Fault(3.107, "dc-cut", "east", 12.876),),
+        "refused yet run: a Submit retried in the other DC while the DCs were apart found "
+        "only the pointer a settle had left there (the task lives in its origin), read its "
+        "missing digest as another task's and answered ALREADY_EXISTS; the task ran "
+        "(fixed: a pointer answers UNAVAILABLE, to retry where the task lives)",
+    ),
+    Regression(
+        59,
+        200,
+        (Fault(3.706, "agent-cut", "east-3", 2.691), Fault(7.712, "pause", "west-3", 6.584)),
+        "refused yet run: an agent paused while placing a Submit's task woke to find it "
+        "re-queued as attempt 2 by the owner and answered ABORTED; the task ran (fixed: a "
+        "record that moved on while its Submit placed it is the answer)",
+    ),
 )

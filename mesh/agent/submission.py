@@ -27,7 +27,7 @@ from mesh.config import AgentConfig
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import being_placed, new_record
 from mesh.core.task import Admitted
-from mesh.errors import MeshError, Unavailable, Unsure
+from mesh.errors import MeshError, StaleWrite, Unavailable, Unsure
 from mesh.store.records import Stored, TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -97,14 +97,16 @@ class Submission:
         except Unavailable as trouble:
             return await self._submit_elsewhere(record, admitted, trouble), True
         if not created:
-            if stored.record.spec_digest == admitted.digest and being_placed(stored.status):
-                # A twin Submit, or an adoption, whose placement may yet fail and take the
-                # record back: a retry gets the answer once it is placed (seed 737).
-                raise Unavailable(f"task {spec.task_id} is being placed: retry")
-            return stored, False
+            return self._existing(stored, admitted), False
         try:
             job = Job(spec, 1, admitted.deadline_ms, traceparent=record.traceparent)
             await self._placement.place(job)
+        except StaleWrite:
+            # The record moved on while this placed it: the owner re-queued it as another
+            # attempt (this agent was paused past its lease), or an offer whose answer was
+            # lost took it. It is in the mesh: the answer is its record, never an error
+            # that would tell the client it was refused (seed 59).
+            pass
         except MeshError:
             # Never accepted: leave no trace. Should the delete fail too (etcd away), the
             # record may already answer a retry of the same id ("existing"), so it is not
@@ -123,6 +125,20 @@ class Submission:
             # back (a client told UNAVAILABLE would submit again through another DC, which,
             # should this DC's etcd hold the id's claim, records a second task for it).
             return stored, True
+
+    def _existing(self, stored: Stored, admitted: Admitted) -> Stored:
+        """The answer when the id is recorded here already."""
+        task_id, record = admitted.spec.task_id, stored.record
+        if record.forwarded_to_dc and not record.spec_digest:
+            # Only a pointer (a settle of the other DC's unsure offer left it): the task
+            # lives there, and its digest with it; a retry there gets the answer. Read as
+            # a record, its missing digest said "another task" (seed 6).
+            raise Unavailable(f"task {task_id} lives in DC {record.forwarded_to_dc}: retry")
+        if record.spec_digest == admitted.digest and being_placed(stored.status):
+            # A twin Submit, or an adoption, whose placement may yet fail and take the
+            # record back: a retry gets the answer once it is placed (seed 737).
+            raise Unavailable(f"task {task_id} is being placed: retry")
+        return stored
 
     def _settle_soon(self, admitted: Admitted) -> None:
         """Place the task once etcd answers, if its record is written and nobody took it

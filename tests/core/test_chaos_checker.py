@@ -63,6 +63,21 @@ def test_a_moved_task_must_join_its_new_queue_with_the_wait_it_had() -> None:
     assert not check(observe(events, {"t1": done()})).ok
 
 
+def test_a_task_whose_submit_was_refused_for_good_must_never_run() -> None:
+    refused = [
+        ev(0.0, "submit", "invoke", "client", key="t1"),
+        ev(1.0, "submit", "fail", "client", key="t1", code="ABORTED"),
+        *ran("t1", "w1", 2.0, 3.0),
+    ]
+    (violation,) = check(observe(refused, {"t1": done()})).violations
+    assert violation == "refused yet run: t1 was refused ABORTED, then ran"
+    refused[1]["code"] = "UNAVAILABLE"  # says nothing either way: it may run
+    assert check(observe(refused, {"t1": done()})).ok
+    refused[1]["code"] = "ALREADY_EXISTS"  # refused, then a retry was accepted: fine
+    retried = [*refused, ev(1.5, "submit", "ok", "client", key="t1", task="t1")]
+    assert check(observe(retried, {"t1": done()})).ok
+
+
 def test_a_clean_history_passes_and_counts() -> None:
     events = [
         *submitted("a"),
