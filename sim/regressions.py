@@ -298,4 +298,18 @@ REGRESSIONS = (
         "re-queued as attempt 2 by the owner and answered ABORTED; the task ran (fixed: a "
         "record that moved on while its Submit placed it is the answer)",
     ),
+    Regression(
+        218,
+        200,
+        (
+            Fault(1.814, "etcd-down", "east", 7.519),
+            Fault(5.047, "slow-net", "east", 11.107),
+            Fault(9.839, "etcd-unsure", "west", 8.015),
+        ),
+        "a task QUEUED for ever on a live agent that held nothing: a settle placed it again "
+        "while another placement had put it in the backlog; its hand-off intent was "
+        "written over the backlogged record, the take-back read the intent's agent as a "
+        "taker, and the owner dropped the entry of a record naming an agent (fixed: a "
+        "placement's write finds a backlogged task placed)",
+    ),
 )

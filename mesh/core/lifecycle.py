@@ -82,13 +82,18 @@ def being_placed(status: pb.TaskStatus) -> bool:
 def still_placing(record: peer_pb2.TaskRecord) -> None:
     """A placement's own write (a hand-off's intent, the backlog) holds only while its
     task waits for it. An agent of this DC that accepted or started it first took it
-    through an offer whose answer was lost (``AlreadyPlaced``: it is placed there); an
-    ended task is nobody's to place (``StaleWrite``)."""
+    through an offer whose answer was lost (``AlreadyPlaced``: it is placed there), and
+    one waiting in the DC's backlog was put there by another placement of it (placed:
+    an intent written over it would leave the entry to a record that names an agent,
+    which the owner drops, and the agent holds nothing: sim seed 218); an ended task is
+    nobody's to place (``StaleWrite``)."""
     status = record.status
     if status.state in TERMINAL:
         raise StaleWrite("the task has ended", task_id=status.task_id)
     if status.state in (pb.TASK_STATE_QUEUED, pb.TASK_STATE_RUNNING) and status.agent:
         raise AlreadyPlaced(status.agent, task_id=status.task_id)
+    if record.backlog_entry:
+        raise AlreadyPlaced("backlog", task_id=status.task_id)
 
 
 def requeue(record: peer_pb2.TaskRecord, dead_agent: str, max_attempts: int) -> str:

@@ -56,7 +56,12 @@ def test_a_hand_off_or_the_backlog_finds_a_task_an_agent_took_first() -> None:
     done = record(pb.TASK_STATE_SUCCEEDED)
     with pytest.raises(StaleWrite, match="ended"):
         intent("east", "w1")(done)
-    still_placing(record(pb.TASK_STATE_QUEUED, agent=""))  # in the backlog: the owner's
+    still_placing(record(pb.TASK_STATE_QUEUED, agent=""))  # claimed from the backlog
+    waiting = record(pb.TASK_STATE_QUEUED, agent="")
+    waiting.backlog_entry = "normal/1800000009801-t1"  # another placement put it there
+    with pytest.raises(AlreadyPlaced) as placed:
+        intent("east", "w1")(waiting)  # seed 218: an intent over it lost the task
+    assert placed.value.agent == "backlog"
 
 
 def test_a_hand_off_of_a_requeued_task_names_its_holder() -> None:
