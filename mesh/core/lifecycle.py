@@ -92,7 +92,9 @@ def still_placing(record: peer_pb2.TaskRecord) -> None:
         raise StaleWrite("the task has ended", task_id=status.task_id)
     if status.state in (pb.TASK_STATE_QUEUED, pb.TASK_STATE_RUNNING) and status.agent:
         raise AlreadyPlaced(status.agent, task_id=status.task_id)
-    if record.backlog_entry:
+    if status.state == pb.TASK_STATE_QUEUED and not status.agent and record.backlog_entry:
+        # (Queued for no agent, with its entry: a record that moved on since may still
+        # name an entry a claim deleted, seed 77.)
         raise AlreadyPlaced("backlog", task_id=status.task_id)
 
 
