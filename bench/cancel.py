@@ -7,7 +7,9 @@ DC, as a user who does not know where it is would. It reports the share of those
 Cancels that succeeded, and how long each cancelled task took to end, from the Cancel
 call to the terminal state its Get shows, for tasks waiting (in a backlog or an agent's
 queue) and tasks running when cancelled. The floor beside them is a plain Get's latency
-in the same run: nothing is seen to end faster than a Get can show it.
+in the same run: nothing is seen to end faster than a Get can show it. A Cancel answered
+UNAVAILABLE is tried again as the SDK would (``cancel_retries`` counts those answers: a
+task being handed to the other DC says "retry" until the hand-off settles).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CONCURRENCY = 32
 POLL_S = 0.05
 TASK_S = 2.0
 END_S = 30.0  # a cancelled task not ended this long after its Cancel is reported, not awaited
+CANCEL_RETRY_S = (0.05, 0.2, 0.5, 1.0, 2.0)  # the SDK's backoff
 
 
 def _spec(task_id: str, rng: random.Random) -> pb.TaskSpec:
@@ -49,6 +52,23 @@ def _spec(task_id: str, rng: random.Random) -> pb.TaskSpec:
     )
     spec.params.update(seconds=str(TASK_S), steps="4")
     return spec
+
+
+async def _cancel(
+    clients: list[MeshClient], rng: random.Random, task_id: str, retried: Counter[str]
+) -> pb.TaskStatus:
+    """A Cancel through a random agent, tried again on UNAVAILABLE as the SDK does (a
+    Cancel is safe to repeat, and UNAVAILABLE says "retry": a task being handed to the
+    other DC answers it until the hand-off settles); each retry is counted."""
+    for delay in CANCEL_RETRY_S:
+        try:
+            return await rng.choice(clients).cancel(task_id, "bench")
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            retried[exc.details() or ""] += 1
+        await asyncio.sleep(delay)
+    return await rng.choice(clients).cancel(task_id, "bench")
 
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
@@ -88,6 +108,7 @@ async def measure(clients: list[MeshClient], count: int, seed: int) -> dict[str,
     ended: dict[str, list[float]] = {"waiting": [], "running": []}
     ignored: list[str] = []  # a Cancel that saw the task unfinished, and then a success
     never_ended: dict[str, str] = {}  # cancelled, and still not terminal after END_S
+    retried: Counter[str] = Counter()  # UNAVAILABLE answers a Cancel was retried after
 
     async def cancel(task_id: str) -> None:
         async with gate:
@@ -106,7 +127,7 @@ async def measure(clients: list[MeshClient], count: int, seed: int) -> dict[str,
             kind = "running" if state_name(before.state) == "RUNNING" else "waiting"
             sent = time.monotonic()
             try:
-                status = await rng.choice(clients).cancel(task_id, "bench")
+                status = await _cancel(clients, rng, task_id, retried)
             except grpc.aio.AioRpcError as exc:
                 reads.append(False)
                 errors[f"Cancel {exc.code().name}: {exc.details()}"] += 1
@@ -135,6 +156,7 @@ async def measure(clients: list[MeshClient], count: int, seed: int) -> dict[str,
         "cancel_running": _quantiles(ended["running"]),
         "floor_get": _quantiles(gets),
         "errors": dict(errors),
+        "cancel_retries": dict(retried),
         "ignored_cancels": sorted(ignored),
         "never_ended": never_ended,
     }
