@@ -71,8 +71,10 @@ class Authenticator(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 unary, handler.request_deserializer, handler.response_serializer
             )
-        if handler.unary_stream is not None:
-            streaming = handler.unary_stream
+        streaming = handler.unary_stream or handler.stream_stream
+        if streaming is not None:
+            # A server stream and a bidi one alike: the first argument is the request, or
+            # the requests' iterator, and is handed on as it came.
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 token = _GRANT.set(await self._grant(context, method))
@@ -82,23 +84,12 @@ class Authenticator(grpc.aio.ServerInterceptor):
                 finally:
                     _GRANT.reset(token)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
+            wrap = (
+                grpc.unary_stream_rpc_method_handler
+                if handler.unary_stream is not None
+                else grpc.stream_stream_rpc_method_handler
             )
-        if handler.stream_stream is not None:
-            both = handler.stream_stream
-
-            async def bidi(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                token = _GRANT.set(await self._grant(context, method))
-                try:
-                    async for item in both(requests, context):
-                        yield item
-                finally:
-                    _GRANT.reset(token)
-
-            return grpc.stream_stream_rpc_method_handler(
-                bidi, handler.request_deserializer, handler.response_serializer
-            )
+            return wrap(stream, handler.request_deserializer, handler.response_serializer)
         # No client-streaming RPC in the mesh's protos: one added is UNIMPLEMENTED until
         # it is handled here, never served without its caller's grant.
         return None
