@@ -12,6 +12,8 @@ through the public API, and reports from that one run:
   one transaction, however many keys it touches) per task, and ``etcd_keys_per_task``,
   the keys put or deleted, both from etcd's own metrics; ``idle_writes_per_s`` is the
   same revisions counted while nothing is submitted (the mesh's background writes);
+  ``etcd_calls_per_task``, the unary calls etcd served per task by method (``Txn``,
+  ``Range``...): the round trips to etcd, reads included, that the writes do not show;
 - CPU seconds per task for the agents, etcd and this client, and etcd's db size before
   and after;
 - ``start_p50_ms`` / ``start_p99_ms``: from a Submit sent to its task RUNNING (the
@@ -37,6 +39,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import statistics
 import time
@@ -68,17 +71,25 @@ METRICS = (
     "etcd_debugging_mvcc_current_revision",
     "etcd_mvcc_db_total_size_in_bytes",
 )
+HANDLED = "grpc_server_handled_total{"
+CALL_METHOD = re.compile(r'grpc_method="(\w+)"')
 
 
 def etcd_metrics(member: Started) -> dict[str, float]:
-    """The figures of ``METRICS`` from an etcd member's own /metrics."""
+    """The figures of ``METRICS`` from an etcd member's own /metrics, and the unary calls
+    it served by method (``calls:Txn``...): the round trips the agents made to it."""
     with urllib.request.urlopen(f"http://{member.metrics}/metrics", timeout=5) as reply:
         text = reply.read().decode()
     found = dict.fromkeys(METRICS, 0.0)
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
+        name, _, value = line.rpartition(" ")
         if name in found:
             found[name] = float(value)
+        elif name.startswith(HANDLED) and 'grpc_type="unary"' in name:
+            method = CALL_METHOD.search(name)
+            if method is not None:
+                key = f"calls:{method.group(1)}"
+                found[key] = found.get(key, 0.0) + float(value)
     return found
 
 
@@ -269,7 +280,9 @@ async def measure(
             await client.close()
 
     def delta(name: str) -> float:
-        return sum(a[name] - b[name] for a, b in zip(after, before, strict=True))
+        return sum(a.get(name, 0.0) - b.get(name, 0.0) for a, b in zip(after, before, strict=True))
+
+    methods = sorted({k for a in after for k in a if k.startswith("calls:")})
 
     def spent(kind: str) -> float:
         pids = [s.pid for s in mesh.started if s.kind == kind]
@@ -285,6 +298,9 @@ async def measure(
         "etcd_keys_per_task": round(
             (delta("etcd_mvcc_put_total") + delta("etcd_mvcc_delete_total")) / tasks, 2
         ),
+        "etcd_calls_per_task": {
+            m.removeprefix("calls:"): round(delta(m) / tasks, 2) for m in methods if delta(m) > 0
+        },
         "idle_writes_per_s": round((idle_after - idle_before) / IDLE_S, 2),
         "cpu_ms_per_task": {
             "agents": round(spent("agent") / tasks * 1000, 2),

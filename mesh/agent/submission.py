@@ -24,10 +24,12 @@ from mesh.agent.addressing import Addressing
 from mesh.agent.placement import Placement
 from mesh.agent.retry import patient
 from mesh.config import AgentConfig
+from mesh.core.clock import now_ms
 from mesh.core.jobs import Job
 from mesh.core.lifecycle import being_placed, new_record
 from mesh.core.task import Admitted
 from mesh.errors import MeshError, StaleWrite, Unavailable, Unsure
+from mesh.store.claims import Claim
 from mesh.store.records import Stored, TaskStore
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
@@ -76,6 +78,39 @@ class Submission:
         )
 
     async def submit(self, admitted: Admitted) -> tuple[Stored, bool]:
+        record = self._record(admitted)
+        try:
+            stored = await self._record_and_claim(record, admitted)
+        except Unsure:
+            self._settle_soon(admitted)
+            raise
+        if stored is None:
+            return await self._claim_then_record(record, admitted)
+        return await self._place_new(stored, admitted), True
+
+    async def _record_and_claim(
+        self, record: peer_pb2.TaskRecord, admitted: Admitted
+    ) -> Stored | None:
+        """An id homed in this DC is claimed in the write that records its task: one
+        round trip for both. None when the id is claimed or recorded already, or etcd
+        refused the write (nothing was written): ``_claim_then_record`` finds out which."""
+        task_id = admitted.spec.task_id
+        if self._addressing.home(task_id) != self._cfg.dc:
+            return None
+        claim = Claim(self._cfg.dc, admitted.digest, now_ms())
+        try:
+            given, put = await self._addressing.claims.unheld(task_id, claim)
+            return await self._store.create_if(record, [given], [put])
+        except Unsure:
+            raise
+        except MeshError:
+            return None
+
+    async def _claim_then_record(
+        self, record: peer_pb2.TaskRecord, admitted: Admitted
+    ) -> tuple[Stored, bool]:
+        """Claim the id in its home DC, then record the task here (or answer with the
+        task of the DC that holds the id)."""
         spec = admitted.spec
         claimed = await self._addressing.claim(spec.task_id, admitted.digest)
         if claimed.elsewhere is not None:  # another DC holds the id: its task answers
@@ -87,7 +122,6 @@ class Submission:
             held = peer_pb2.TaskRecord(spec_digest=claimed.claim.digest)
             held.status.CopyFrom(claimed.elsewhere)
             return Stored(held, 0), False
-        record = self._record(admitted)
         unclaimed = [] if claimed.claim else [self._addressing.claims.mark_unclaimed(spec.task_id)]
         try:
             stored, created = await self._create(record, unclaimed)
@@ -98,15 +132,20 @@ class Submission:
             return await self._submit_elsewhere(record, admitted, trouble), True
         if not created:
             return self._existing(stored, admitted), False
+        return await self._place_new(stored, admitted), True
+
+    async def _place_new(self, stored: Stored, admitted: Admitted) -> Stored:
+        """Place the task just recorded as ``stored``; its record, as placed, answers."""
+        spec = admitted.spec
         try:
-            job = Job(spec, 1, admitted.deadline_ms, traceparent=record.traceparent)
-            await self._placement.place(job)
+            job = Job(spec, 1, admitted.deadline_ms, traceparent=stored.record.traceparent)
+            where = await self._placement.place(job)
         except StaleWrite:
             # The record moved on while this placed it: the owner re-queued it as another
             # attempt (this agent was paused past its lease), or an offer whose answer was
             # lost took it. It is in the mesh: the answer is its record, never an error
             # that would tell the client it was refused (seed 59).
-            pass
+            where = ""
         except MeshError:
             # Never accepted: leave no trace. Should the delete fail too (etcd away), the
             # record may already answer a retry of the same id ("existing"), so it is not
@@ -118,13 +157,15 @@ class Submission:
                 self._settle_soon(admitted)
             raise
         metrics.SUBMITTED.inc()
+        if where == self._cfg.agent_id and (mine := self._store.known(spec.task_id)):
+            return mine  # taken here: its record is the one this agent last wrote
         try:
-            return await self._store.get(spec.task_id), True
+            return await self._store.get(spec.task_id)
         except MeshError:
             # Accepted and placed: the answer says so though etcd went away before the read
             # back (a client told UNAVAILABLE would submit again through another DC, which,
             # should this DC's etcd hold the id's claim, records a second task for it).
-            return stored, True
+            return stored
 
     def _existing(self, stored: Stored, admitted: Admitted) -> Stored:
         """The answer when the id is recorded here already."""

@@ -45,16 +45,21 @@ class ClaimStore:
     async def claim(self, task_id: str, claim: Claim) -> Claim:
         """Claim ``task_id`` for ``claim.dc`` unless it is held: the claim that holds."""
         key = self._keys.claim(task_id)
-        retention = self._retention
-        lease = await retention.lease(retention.pointer_extra_s) if retention else 0
-        done = await self._kv.txn(
-            [kv.create(key) == 0], [kv.Put(key, claim.encode(), lease)], [kv.Get(key)]
-        )
+        compare, put = await self.unheld(task_id, claim)
+        done = await self._kv.txn([compare], [put], [kv.Get(key)])
         if done.succeeded:
             return claim
         found = done.results[0]
         assert isinstance(found, kv.KeyValue), "a failed claim found the claim"
         return Claim.decode(found.value)
+
+    async def unheld(self, task_id: str, claim: Claim) -> tuple[kv.Compare, kv.Put]:
+        """The claim as a condition and a write for another transaction: ``task_id``
+        unheld, and ``claim`` put (a Submit homed here claims as it records)."""
+        key = self._keys.claim(task_id)
+        retention = self._retention
+        lease = await retention.lease(retention.pointer_extra_s) if retention else 0
+        return kv.create(key) == 0, kv.Put(key, claim.encode(), lease)
 
     async def drop_stale(self, task_id: str, holder: str, claimed_before_ms: int) -> bool:
         """Drop the claim on ``task_id`` if ``holder`` still holds it and claimed it

@@ -8,9 +8,12 @@ a zombie's late write never overwrites the current run's record.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 
 from mesh.core.lifecycle import end
 from mesh.core.task import TERMINAL
@@ -40,6 +43,14 @@ def _check_attempt(record: peer_pb2.TaskRecord, attempt: int) -> None:
         raise StaleWrite("task already finished", task_id=record.status.task_id)
 
 
+@dataclass(slots=True)
+class _Turn:
+    """The updates of one record this agent has under way or waiting."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 # A mutation edits the record in place; returning False means "nothing to write".
 Mutation = Callable[[peer_pb2.TaskRecord], bool | None]
 
@@ -52,6 +63,7 @@ class TaskStore(RecordReads):
         super().__init__(store, keys)
         self._retention = retention
         self._known: OrderedDict[str, Stored] = OrderedDict()
+        self._turns: dict[str, _Turn] = {}
 
     async def _kept(self, record: peer_pb2.TaskRecord) -> int | None:
         """The retention lease a record is put under: a finished one, or one that only
@@ -71,21 +83,34 @@ class TaskStore(RecordReads):
         new. ``also`` are more operations done with the write, in its transaction.
 
         ``Unavailable`` means nothing was written; ``Unsure`` that it may have been."""
-        key = self._keys.task(record.status.task_id)
-        kept = await self._kept(record)
-        try:
-            done = await self._kv.txn(
-                [kv.create(key) == 0],
-                [kv.Put(key, encode(record), kept or 0), *also],
-                [kv.Get(key)],
-            )
-        except Unsure as exc:
-            raise Unsure(f"{exc.message}; the task may have been recorded") from exc
+        done = await self._create(record, also, ())
         if done.succeeded:
             return self._remember(Stored(record, done.revision)), True
         found = done.results[0]
         assert isinstance(found, kv.KeyValue), "a failed create found the record"
         return Stored(decode(found.value), found.mod_revision), False
+
+    async def create_if(
+        self, record: peer_pb2.TaskRecord, given: Sequence[kv.Compare], also: Sequence[kv.Op]
+    ) -> Stored | None:
+        """``create`` when the conditions ``given`` hold as well; None when the id exists
+        or a condition failed (nothing was written: the caller finds out which)."""
+        done = await self._create(record, also, given)
+        return self._remember(Stored(record, done.revision)) if done.succeeded else None
+
+    async def _create(
+        self, record: peer_pb2.TaskRecord, also: Sequence[kv.Op], given: Sequence[kv.Compare]
+    ) -> kv.TxnResult:
+        key = self._keys.task(record.status.task_id)
+        kept = await self._kept(record)
+        try:
+            return await self._kv.txn(
+                [kv.create(key) == 0, *given],
+                [kv.Put(key, encode(record), kept or 0), *also],
+                [kv.Get(key)],
+            )
+        except Unsure as exc:
+            raise Unsure(f"{exc.message}; the task may have been recorded") from exc
 
     async def apply(self, operations: Sequence[kv.Op]) -> None:
         """Operations the store built for another write (quota slots given back, GPU time
@@ -113,6 +138,34 @@ class TaskStore(RecordReads):
         leadership, free quota slots), and ``refusal`` says when they did not. ``also`` are more
         operations done in the same transaction (the backlog entry that goes with it).
         """
+        async with self._turn(task_id):
+            return await self._update(task_id, mutate, attempt, lease, fence, also, refusal)
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, task_id: str) -> AsyncIterator[None]:
+        """One update of a record at a time from this agent, so that the next starts from
+        the last one's write instead of racing it to a failed compare and a read (a task
+        accepted here starts as its accepting write is under way)."""
+        turn = self._turns.setdefault(task_id, _Turn())
+        turn.users += 1
+        try:
+            async with turn.lock:
+                yield
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._turns[task_id]
+
+    async def _update(
+        self,
+        task_id: str,
+        mutate: Mutation,
+        attempt: int | None,
+        lease: int,
+        fence: Sequence[kv.Compare],
+        also: Sequence[kv.Op],
+        refusal: type[StaleWrite],
+    ) -> Stored:
         key = self._keys.task(task_id)
         current = self._known.pop(task_id, None)  # what this agent wrote last, unread
         checked = current is None
@@ -158,6 +211,11 @@ class TaskStore(RecordReads):
             else:
                 ops.append(kv.Put(marker, record.status.agent.encode(), lease))
         return ops
+
+    def known(self, task_id: str) -> Stored | None:
+        """The record as this agent last wrote it, if it did and the record is under way
+        (it may have moved on since: a guess, as ``update`` starts from)."""
+        return self._known.get(task_id)
 
     def _remember(self, stored: Stored) -> Stored:
         """Keep a copy of a record this agent wrote, for its next update to start from
