@@ -9,6 +9,9 @@ says ``READY=1``), and ``deploy/agent.yaml`` with only what differs per host cha
 addresses, etcd endpoints, certificate paths, result folder, and fake GPUs: no driver here).
 It then submits work, kills one host outright (its etcd member and its agent, SIGKILL),
 and prints what became of every task. Exit 0 only if every task succeeded.
+
+``--containers`` rehearses ``deploy/compose.yaml`` and ``deploy/Dockerfile`` instead, on
+a container engine (``deploy.containers``).
 """
 
 from __future__ import annotations
@@ -218,34 +221,16 @@ class Rehearsal:
                 params = {"seconds": "2", "steps": "4"}
                 await client.submit("sleep", "sdxl-1.0", params=params, task_id=task_id)
             print(f"submitted {len(ids)} tasks over {len(self.hosts)} hosts")
-            running = await self._until(
-                client, ids, lambda s: s.state == pb.TASK_STATE_RUNNING, any
-            )
+            running = await until(client, ids, lambda s: s.state == pb.TASK_STATE_RUNNING, any)
             victim = next(h for h in self.hosts if any(
                 s.agent == h.name and s.state == pb.TASK_STATE_RUNNING for s in running.values()
             ))  # fmt: skip
             print(f"killing host {victim.name} (etcd member and agent, SIGKILL) mid-task")
             victim.kill()
             killed_at = time.monotonic()
-            statuses = await self._until(client, ids, lambda s: s.state in TERMINAL, all)
+            statuses = await until(client, ids, lambda s: s.state in TERMINAL, all)
             print(f"every task ended {time.monotonic() - killed_at:.1f} s after the kill")
             return statuses
-
-    @staticmethod
-    async def _until(
-        client: AsyncClient,
-        ids: list[str],
-        done: Callable[[pb.TaskStatus], bool],
-        quantifier: Callable[[Iterable[bool]], bool],
-    ) -> dict[str, pb.TaskStatus]:
-        deadline = time.monotonic() + 90  # a bound, not a measurement
-        while True:
-            statuses = {t: await client.task(t).status() for t in ids}
-            if quantifier(done(s) for s in statuses.values()):
-                return statuses
-            if time.monotonic() > deadline:
-                raise RuntimeError("the rehearsal ran past its bound")
-            await asyncio.sleep(0.25)
 
     # -- all of it -----------------------------------------------------------------------
 
@@ -288,11 +273,36 @@ class Rehearsal:
         self.net.close()
 
 
+async def until(
+    client: AsyncClient,
+    ids: list[str],
+    done: Callable[[pb.TaskStatus], bool],
+    quantifier: Callable[[Iterable[bool]], bool],
+    bound_s: float = 90,  # a bound, not a measurement
+) -> dict[str, pb.TaskStatus]:
+    """The tasks' statuses once ``quantifier`` of ``done`` holds over them."""
+    deadline = time.monotonic() + bound_s
+    while True:
+        statuses = {t: await client.task(t).status() for t in ids}
+        if quantifier(done(s) for s in statuses.values()):
+            return statuses
+        if time.monotonic() > deadline:
+            raise RuntimeError("the rehearsal ran past its bound")
+        await asyncio.sleep(0.25)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.rehearse", description=__doc__)
     parser.add_argument("--tasks", type=int, default=24)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument(
+        "--containers", action="store_true", help="the compose fleet instead (deploy.containers)"
+    )
+    parser.add_argument("--base", help="with --containers: the agent image's base")
+    parser.add_argument("--json", action="store_true", help="with --containers: figures only")
     args = parser.parse_args(argv)
+    if args.containers:
+        return containers(args.tasks, args.base, args.json)
     if (missing := netns_missing()) is not None:
         print(f"cannot rehearse: {missing}", file=sys.stderr)
         return 2
@@ -304,6 +314,23 @@ def main(argv: list[str]) -> int:
             print(f"work folder: {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def containers(tasks: int, base: str | None, as_json: bool) -> int:
+    """The compose fleet rehearsal; exit 0 only if every task succeeded and nothing of the
+    fleet is left."""
+    from deploy.containers import rehearse  # the docker SDK: only for this one
+    from deploy.engine import require, serving
+
+    with serving() as engine:
+        figures = rehearse(require(engine, "the container rehearsal"), tasks, base)
+    if as_json:
+        print(json.dumps(figures))
+    else:
+        for name, value in figures.items():
+            print(f"{name:>14}: {value}")
+    ok = figures["succeeded"] == tasks and not figures["left_behind"]
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

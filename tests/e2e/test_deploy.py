@@ -213,7 +213,9 @@ async def test_secure_etcd_confines_a_dcs_agents_and_publishes_the_token_key(
 
 def test_the_compose_file_follows_the_compose_specification() -> None:
     """Checked against the Compose Specification's JSON Schema (``tests/data``, from
-    compose-spec/compose-spec, Apache-2.0); never run here: no container engine."""
+    compose-spec/compose-spec, Apache-2.0): the whole file, the observability profile
+    included, which cannot run here (its public images); the rest runs in
+    ``test_rehearse.py``."""
     schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     jsonschema.Draft7Validator(schema).validate(compose)  # the draft its $schema names
