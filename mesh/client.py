@@ -41,6 +41,12 @@ class MeshClient:
     async def get(self, task_id: str, timeout_s: float = 5.0) -> pb.TaskStatus:
         return await self.tasks.Get(pb.GetRequest(task_id=task_id), timeout=timeout_s)
 
+    async def rerun(
+        self, task_id: str, new_task_id: str = "", timeout_s: float = 10.0
+    ) -> pb.SubmitResponse:
+        request = pb.RerunRequest(task_id=task_id, new_task_id=new_task_id)
+        return await self.tasks.Rerun(request, timeout=timeout_s)
+
     async def cancel(
         self, task_id: str, reason: str = "", timeout_s: float = 10.0
     ) -> pb.TaskStatus:

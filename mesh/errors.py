@@ -78,6 +78,12 @@ class NoResult(MeshError):
     code = "FAILED_PRECONDITION"
 
 
+class NotRerunnable(MeshError):
+    """The task cannot be run again: it has not ended, or its payload was not kept."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class StaleWrite(MeshError):
     """A write lost a compare-and-swap: someone else changed the record first."""
 

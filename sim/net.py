@@ -270,6 +270,13 @@ class SimPeers:
             address, TASKS + "Cancel", lambda a, g: a.tasks.cancel(request, g), timeout_s
         )
 
+    async def rerun(
+        self, address: str, dc: str, request: pb.RerunRequest, timeout_s: float
+    ) -> pb.SubmitResponse:
+        return await self._call(
+            address, TASKS + "Rerun", lambda a, g: a.tasks.rerun(request, g), timeout_s
+        )
+
     async def watch(
         self, address: str, dc: str, task_id: str, resume_token: str = ""
     ) -> AsyncIterator[pb.TaskEvent]:

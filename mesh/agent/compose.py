@@ -46,6 +46,7 @@ from mesh.agent.priorities import Priorities
 from mesh.agent.reclaim import Sharing
 from mesh.agent.remote import RemoteDcs
 from mesh.agent.reporting import RecordReporter
+from mesh.agent.reruns import Reruns
 from mesh.agent.seat import OwnerSeat
 from mesh.agent.slots import GpuSlots
 from mesh.agent.speaker import Speaker
@@ -205,6 +206,7 @@ class _Tasks:
     submission: Submission
     tasks: Tasks
     cancels: Cancels
+    reruns: Reruns
     handover: Handover
     conserver: Conserver
     known_pipelines: Callable[[], set[str]]
@@ -262,6 +264,7 @@ def _tasks(b: _Base, executor: Executor, view: View) -> _Tasks:
             b.duties.spawn,
             cfg.lease_ttl_s + cfg.etcd_outage_grace_s,
         ),
+        reruns=Reruns(reach),
         handover=handover,
         conserver=conserver,
         known_pipelines=known_pipelines,
@@ -352,6 +355,7 @@ def _wire(cfg: AgentConfig, ports: Ports) -> Parts:
             t.submission,
             t.tasks,
             t.cancels,
+            t.reruns,
             leaving,
             to_the_end,
         ),

@@ -59,6 +59,10 @@ class Peers(Protocol):
         self, address: str, dc: str, request: tasks_pb2.CancelRequest, timeout_s: float
     ) -> tasks_pb2.TaskStatus: ...
 
+    async def rerun(
+        self, address: str, dc: str, request: tasks_pb2.RerunRequest, timeout_s: float
+    ) -> tasks_pb2.SubmitResponse: ...
+
     async def offer(
         self, address: str, dc: str, envelope: peer_pb2.Envelope, timeout_s: float
     ) -> peer_pb2.OfferResponse: ...
@@ -141,6 +145,12 @@ class PeerClients:
     ) -> tasks_pb2.TaskStatus:
         stub = self._tasks(address, dc)
         return await _unary(stub.Cancel(request, timeout=timeout_s, metadata=FORWARDED))
+
+    async def rerun(
+        self, address: str, dc: str, request: tasks_pb2.RerunRequest, timeout_s: float
+    ) -> tasks_pb2.SubmitResponse:
+        stub = self._tasks(address, dc)
+        return await _unary(stub.Rerun(request, timeout=timeout_s, metadata=FORWARDED))
 
     async def offer(
         self, address: str, dc: str, envelope: peer_pb2.Envelope, timeout_s: float

@@ -125,6 +125,11 @@ class RemoteDcs:
             dc, task_id, lambda a: self._peers.cancel(a, dc, request, CALL_TIMEOUT_S)
         )
 
+    async def rerun(self, dc: str, request: pb.RerunRequest) -> pb.SubmitResponse:
+        return await self._translated(
+            dc, request.task_id, lambda a: self._peers.rerun(a, dc, request, CALL_TIMEOUT_S)
+        )
+
     async def _translated(self, dc: str, task_id: str, call: Callable[[str], Awaitable[T]]) -> T:
         try:
             return await self._first_answer(dc, task_id, call)

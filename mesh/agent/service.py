@@ -94,6 +94,10 @@ class TaskServicer(tasks_pb2_grpc.TaskServiceServicer):
         return await self.api.cancel(request, caller())
 
     @unary
+    async def Rerun(self, request, context):
+        return await self.api.rerun(request, caller())
+
+    @unary
     async def List(self, request, context):
         return await self.api.list(request, caller())
 

@@ -1,5 +1,5 @@
-"""TaskService as the agent answers it: submit, read, watch, fetch, cancel and list tasks,
-each checked against the caller's grant (a user sees only its own tasks)."""
+"""TaskService as the agent answers it: submit, read, watch, fetch, cancel, re-run and
+list tasks, each checked against the caller's grant (a user sees only its own tasks)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from mesh.agent.api import (
     until_set,
 )
 from mesh.agent.cancels import Cancels
+from mesh.agent.reruns import Reruns
 from mesh.agent.submission import Submission
 from mesh.agent.tasks import Tasks
 from mesh.config import AgentConfig
@@ -39,6 +40,7 @@ class TaskApi:
         submission: Submission,
         tasks: Tasks,
         cancels: Cancels,
+        reruns: Reruns,
         leaving: asyncio.Event,
         to_the_end: ToTheEnd,
     ) -> None:
@@ -49,6 +51,7 @@ class TaskApi:
         self._submission = submission
         self._tasks = tasks
         self._cancels = cancels
+        self._reruns = reruns
         self._leaving = leaving
         self._to_the_end = to_the_end
 
@@ -57,12 +60,28 @@ class TaskApi:
             return await self._to_the_end(self._submit(request, grant))
 
     async def _submit(self, request: pb.SubmitRequest, grant: Grant) -> pb.SubmitResponse:
+        if request.spec.rerun_of:
+            raise InvalidTask("rerun_of is set by Rerun, not by a Submit")
         try:
             spec = pb.TaskSpec()
             spec.CopyFrom(request.spec)
-            spec.user.CopyFrom(owner_of(spec.user, grant.identity))
-            may_ask_online(spec, grant.identity)
-            may_queue(grant.identity, spec.queue)
+            spec.user.CopyFrom(self._may_submit(spec, grant))
+        except MeshError as exc:
+            metrics.REJECTED.labels(exc.code).inc()
+            raise
+        return await self._submitted(spec)
+
+    @staticmethod
+    def _may_submit(spec: pb.TaskSpec, grant: Grant) -> pb.User:
+        """Whose the task will be, once the caller may submit it as it is."""
+        user = owner_of(spec.user, grant.identity)
+        may_ask_online(spec, grant.identity)
+        may_queue(grant.identity, spec.queue)
+        return user
+
+    async def _submitted(self, spec: pb.TaskSpec) -> pb.SubmitResponse:
+        """Admit, record and place ``spec`` (its owner settled): the Submit's answer."""
+        try:
             with tracing.TRACER.start_as_current_span("admit") as span:
                 admitted = admit(
                     spec, self._cfg, self._known_pipelines(), now_ms(), self._addressing.new_id
@@ -79,6 +98,19 @@ class TaskApi:
                 "task_id already used by a different task", task_id=admitted.spec.task_id
             )
         return pb.SubmitResponse(status=public(stored.status), existing=not created)
+
+    async def rerun(self, request: pb.RerunRequest, grant: Grant) -> pb.SubmitResponse:
+        """A new task from a finished one's spec and payload, for its owner, who must be
+        allowed to submit it now (its queue, its class) as a Submit of it would be."""
+        check_id(request.task_id)
+        if request.new_task_id:
+            check_id(request.new_task_id)
+        forward = forwards(grant)
+        old = may_see(await self._tasks.get(request.task_id, forward), grant)
+        if forward:  # asked by a user, not passed on by another agent (which checked)
+            self._may_submit(old.spec, grant)
+        with metrics.SUBMIT_SECONDS.time():
+            return await self._to_the_end(self._reruns.rerun(request, forward, self._submitted))
 
     def submit_stream(
         self, requests: AsyncIterable[pb.SubmitStreamRequest], grant: Grant

@@ -1,8 +1,9 @@
-"""Tasks: ``meshctl submit``, ``get``, ``list``, ``watch`` and ``cancel``."""
+"""Tasks: ``meshctl submit``, ``get``, ``list``, ``watch``, ``cancel`` and ``rerun``."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Annotated
 
@@ -179,6 +180,27 @@ def cancel(
     """Cancel a task, from any agent of its DC."""
     status = call(resolve_endpoint(endpoint, home), lambda c: c.cancel(task_id, reason))
     emit(as_dict(status), output, lambda: status_table([status]))
+
+
+@app.command()
+def rerun(
+    task_id: str,
+    new_id: Annotated[
+        str, typer.Option("--id", help="the new task's id (the rerun's idempotency key)")
+    ] = "",
+    wait: Annotated[bool, typer.Option(help="follow the new task to its end")] = False,
+    endpoint: EndpointOpt = None,
+    output: OutputOpt = Output.table,
+    home: HomeOpt = localmesh.DEFAULT_HOME,
+) -> None:
+    """Run a finished task again: a new task with its spec and payload (its rerun_of names
+    this one)."""
+    address = resolve_endpoint(endpoint, home)
+    reply = call(address, lambda c: c.rerun(task_id, new_id or uuid.uuid4().hex))
+    if wait:
+        follow(address, reply.status.task_id, output)
+        return
+    emit(as_dict(reply), output, lambda: status_table([reply.status]))
 
 
 # -- routing ---------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ RULES: dict[str, Rule] = {
     TASKS + "Watch": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     TASKS + "List": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     TASKS + "Cancel": rule(SUBMITTER, OPERATOR, AGENT, own=(SUBMITTER,)),
+    TASKS + "Rerun": rule(SUBMITTER, AGENT, own=(SUBMITTER,)),
     TASKS + "GetResult": rule(SUBMITTER, READER, AGENT, own=(SUBMITTER,)),
     AGENTS + "ListAgents": rule(SUBMITTER, READER),
     AGENTS + "Route": rule(SUBMITTER, READER),

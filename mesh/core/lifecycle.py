@@ -1,5 +1,6 @@
 """How a task's record is born and changes state, as pure functions on the record: its
-first version, ending it, and the queue owner's decision for a task whose agent died.
+first version, ending it, the queue owner's decision for a task whose agent died, and
+the spec that runs a finished task again.
 The etcd adapters apply them by compare-and-swap; tests apply them to plain records."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from collections.abc import Iterable
 from mesh.core.clock import now_ts
 from mesh.core.jobs import Job
 from mesh.core.task import TERMINAL
-from mesh.errors import AlreadyPlaced, StaleWrite
+from mesh.errors import AlreadyPlaced, NotRerunnable, StaleWrite
 from mesh.v1 import peer_pb2
 from mesh.v1 import tasks_pb2 as pb
 
@@ -133,3 +134,27 @@ def requeued_job(status: pb.TaskStatus, traceparent: str) -> Job:
         enqueued_ms=status.created_at.ToMilliseconds(),
         traceparent=traceparent,
     )
+
+
+def again(record: peer_pb2.TaskRecord, new_task_id: str) -> pb.TaskSpec:
+    """The spec of a new task that runs ``record``'s again: its spec and payload, the id
+    ``new_task_id`` (empty: the agent names one), ``rerun_of`` the old task's, and no
+    absolute deadline (the old one has passed; a relative ``timeout`` counts anew).
+    Refused while the task is under way, and when its payload was not kept."""
+    status = record.status
+    if status.state not in TERMINAL:
+        raise NotRerunnable(
+            f"task {status.task_id} has not ended: wait for it, or cancel it first",
+            state=pb.TaskState.Name(status.state),
+        )
+    if record.payload_not_kept:
+        raise NotRerunnable(
+            f"the payload of {status.task_id} was over the agents' inline_payload_bytes and "
+            "was not kept: submit it again with its payload"
+        )
+    spec = pb.TaskSpec()
+    spec.CopyFrom(status.spec)
+    spec.task_id = new_task_id
+    spec.rerun_of = status.task_id
+    spec.ClearField("deadline")
+    return spec

@@ -188,6 +188,8 @@ def admit(
         raise InvalidTask(
             f"unknown queue {out.queue!r}; classes are {sorted(cfg.queues)}", task_id=out.task_id
         )
+    if out.rerun_of and not TASK_ID.fullmatch(out.rerun_of):
+        raise InvalidTask("rerun_of must be a task id", task_id=out.task_id)
     if out.affinity_key and len(out.affinity_key) > 256:
         raise InvalidTask("affinity_key is longer than 256 characters", task_id=out.task_id)
     if out.gpu_count == 0:

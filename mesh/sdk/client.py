@@ -350,6 +350,16 @@ class Task:
 
         return await self._client._call(fetch, safe=True)
 
+    async def rerun(self, task_id: str = "") -> Task:
+        """Run this finished task again as a new task (``task_id``: its id, and the
+        idempotency key of the rerun; a fresh one if empty), with its spec and payload."""
+        new_id = task_id or uuid.uuid4().hex
+        client = self._client
+        reply = await client._call(
+            lambda c: c.rerun(self.task_id, new_id, client._try_timeout_s), safe=True
+        )
+        return Task(client, reply.status.task_id, reply.status)
+
     async def cancel(self, reason: str = "") -> pb.TaskStatus:
         self.last = await self._client._call(
             lambda c: c.cancel(self.task_id, reason, self._client._try_timeout_s), safe=True

@@ -77,6 +77,9 @@ class SyncTask:
     def cancel(self, reason: str = "") -> pb.TaskStatus:
         return self._loop.run(self._task.cancel(reason))
 
+    def rerun(self, task_id: str = "") -> SyncTask:
+        return SyncTask(self._loop, self._loop.run(self._task.rerun(task_id)))
+
 
 class Client:
     """``AsyncClient``'s calls, blocking: the same arguments, the same errors."""

@@ -65,7 +65,7 @@ class User(_message.Message):
     def __init__(self, id: _Optional[str] = ..., group: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
 
 class TaskSpec(_message.Message):
-    __slots__ = ("task_id", "user", "task_type", "pipeline", "model", "queue", "payload", "params", "deadline", "affinity_key", "gpu_count", "min_gpu_memory_mb", "timeout", "task_class", "no_preempt")
+    __slots__ = ("task_id", "user", "task_type", "pipeline", "model", "queue", "payload", "params", "deadline", "affinity_key", "gpu_count", "min_gpu_memory_mb", "timeout", "task_class", "no_preempt", "rerun_of")
     class ParamsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class TaskSpec(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     TASK_CLASS_FIELD_NUMBER: _ClassVar[int]
     NO_PREEMPT_FIELD_NUMBER: _ClassVar[int]
+    RERUN_OF_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     user: User
     task_type: TaskType
@@ -103,7 +104,8 @@ class TaskSpec(_message.Message):
     timeout: _duration_pb2.Duration
     task_class: TaskClass
     no_preempt: bool
-    def __init__(self, task_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., task_type: _Optional[_Union[TaskType, str]] = ..., pipeline: _Optional[str] = ..., model: _Optional[str] = ..., queue: _Optional[str] = ..., payload: _Optional[bytes] = ..., params: _Optional[_Mapping[str, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., affinity_key: _Optional[str] = ..., gpu_count: _Optional[int] = ..., min_gpu_memory_mb: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., task_class: _Optional[_Union[TaskClass, str]] = ..., no_preempt: _Optional[bool] = ...) -> None: ...
+    rerun_of: str
+    def __init__(self, task_id: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., task_type: _Optional[_Union[TaskType, str]] = ..., pipeline: _Optional[str] = ..., model: _Optional[str] = ..., queue: _Optional[str] = ..., payload: _Optional[bytes] = ..., params: _Optional[_Mapping[str, str]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., affinity_key: _Optional[str] = ..., gpu_count: _Optional[int] = ..., min_gpu_memory_mb: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., task_class: _Optional[_Union[TaskClass, str]] = ..., no_preempt: _Optional[bool] = ..., rerun_of: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("step", "total", "message")
@@ -214,6 +216,14 @@ class GetRequest(_message.Message):
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class RerunRequest(_message.Message):
+    __slots__ = ("task_id", "new_task_id")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    NEW_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    new_task_id: str
+    def __init__(self, task_id: _Optional[str] = ..., new_task_id: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("task_id", "resume_token")

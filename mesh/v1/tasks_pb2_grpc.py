@@ -59,6 +59,11 @@ class TaskServiceStub:
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.CancelRequest.SerializeToString,
                 response_deserializer=mesh_dot_v1_dot_tasks__pb2.TaskStatus.FromString,
                 _registered_method=True)
+        self.Rerun = channel.unary_unary(
+                '/mesh.v1.TaskService/Rerun',
+                request_serializer=mesh_dot_v1_dot_tasks__pb2.RerunRequest.SerializeToString,
+                response_deserializer=mesh_dot_v1_dot_tasks__pb2.SubmitResponse.FromString,
+                _registered_method=True)
         self.List = channel.unary_unary(
                 '/mesh.v1.TaskService/List',
                 request_serializer=mesh_dot_v1_dot_tasks__pb2.ListRequest.SerializeToString,
@@ -104,6 +109,12 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rerun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def List(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -143,6 +154,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=mesh_dot_v1_dot_tasks__pb2.CancelRequest.FromString,
                     response_serializer=mesh_dot_v1_dot_tasks__pb2.TaskStatus.SerializeToString,
+            ),
+            'Rerun': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerun,
+                    request_deserializer=mesh_dot_v1_dot_tasks__pb2.RerunRequest.FromString,
+                    response_serializer=mesh_dot_v1_dot_tasks__pb2.SubmitResponse.SerializeToString,
             ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
@@ -290,6 +306,33 @@ class TaskService:
             '/mesh.v1.TaskService/Cancel',
             mesh_dot_v1_dot_tasks__pb2.CancelRequest.SerializeToString,
             mesh_dot_v1_dot_tasks__pb2.TaskStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mesh.v1.TaskService/Rerun',
+            mesh_dot_v1_dot_tasks__pb2.RerunRequest.SerializeToString,
+            mesh_dot_v1_dot_tasks__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,

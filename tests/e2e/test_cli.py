@@ -43,6 +43,13 @@ def test_meshctl_verbs(cluster: Cluster) -> None:
     assert code == 0 and [t["task_id"] for t in json.loads(out)["tasks"]] == ["c1"]
     code, out = meshctl(cluster, agent.address, "get", "c1")
     assert code == 0 and "c1" in out and "cli" in out  # the table
+    code, out = meshctl(
+        cluster, agent.address, "rerun", "c1", "--id", "c1b", "--wait", "-o", "json"
+    )
+    assert code == 0, out
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["status"]["spec"]["rerun_of"] == "c1"
+    assert events[-1]["status"]["state"] == "TASK_STATE_SUCCEEDED"
 
     code, out = meshctl(
         cluster, agent.address, "submit", "--pipeline", "sleep", "--model", "sdxl", "--id", "c2",

@@ -87,6 +87,10 @@ def test_the_console_shows_the_mesh_runs_a_task_and_follows_a_drain(
     expect(page.locator(f'#tasks tr[data-task="{task_id}"] .state')).to_have_text("SUCCEEDED")
     expect(page.locator("#task-path li")).not_to_have_count(0)
     expect(page.locator("#waterfall .span")).not_to_have_count(0)
+    page.click("#rerun")  # ended: it may run again, as a new task that names this one
+    expect(page.locator("#rerun-of")).to_have_text(task_id)
+    expect(page.locator("#task-state")).to_have_text("SUCCEEDED")
+    assert page.locator("#task-id").text_content() != task_id
 
     meshctl = [sys.executable, "-m", "mesh.cli", *cluster.cli_user()]
     drain = [*meshctl, "drain", "ui-2", "--endpoint", agents[0].address]

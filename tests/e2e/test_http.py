@@ -98,6 +98,8 @@ async def test_submit_get_list_watch_and_cancel_as_grpc_does(
     assert (status, body["raw"], headers["Content-Type"]) == (200, "hi", "text/plain")
     status, body, _ = await user.call("GET", "/v1/tasks?state=TASK_STATE_SUCCEEDED")
     assert [t["taskId"] for t in body["tasks"]] == ["h-1"]
+    status, body, _ = await user.call("POST", "/v1/tasks/h-1:rerun", json={"newTaskId": "h-1b"})
+    assert status == 200 and body["status"]["spec"]["rerunOf"] == "h-1", body
 
     # The payload as the raw body: the spec's fields from the query string.
     raw = {"pipeline": "sleep", "model": "m", "taskId": "h-2", "params.seconds": "30"}

@@ -68,7 +68,7 @@ async def final(client: MeshClient, task_id: str) -> pb.TaskStatus:
     return await eventually(ended, what=f"{task_id} to end")
 
 
-async def test_every_task_is_read_watched_listed_and_cancelled_through_the_other_dc(
+async def test_every_task_is_read_watched_listed_rerun_and_cancelled_through_the_other_dc(
     cluster: Cluster, more_etcd: Callable[[str], EtcdMember], prefix: str
 ) -> None:
     west, east = await mesh_of_two(cluster, more_etcd, prefix)
@@ -96,6 +96,10 @@ async def test_every_task_is_read_watched_listed_and_cancelled_through_the_other
                 if not token:
                     break
             assert listed == sorted(ids)
+        # Run again through the other DC: made where the old record (and payload) is.
+        again = await other["east"].rerun("t00", "t00-again")
+        assert (again.status.spec.rerun_of, again.status.dc) == ("t00", "east")
+        assert state_name((await final(w, "t00-again")).state) == "SUCCEEDED"
         long = await w.submit(sleep_spec("long", seconds=60, steps=60, model="m"))
         assert long.status.dc == "west"
         await eventually(

@@ -13,7 +13,7 @@ import sys
 from support import ROOT
 
 from deploy.containers import PROJECT
-from deploy.engine import Engine
+from deploy.engine import LABEL, Engine
 from deploy.image import AGENT_TAG
 from deploy.rehearse import unit_service
 
@@ -59,6 +59,12 @@ def test_the_compose_fleet_runs_from_the_deploy_files(engine: Engine) -> None:
     assert (figures["succeeded"], figures["lost"]) == (6, 0)
     assert figures["reran"] >= 1  # what the killed agent ran, ran again
     assert figures["left_behind"] == [] and engine.leftovers(PROJECT) == []
-    config = engine.client.images.get(AGENT_TAG).attrs["Config"]
+    # What a container of the image gets (podman's API leaves the healthcheck out of the
+    # image's own inspection, not out of its containers).
+    container = engine.client.containers.create(AGENT_TAG, labels={LABEL: PROJECT})
+    try:
+        config = container.attrs["Config"]
+    finally:
+        engine.remove(container)
     assert config["User"] == "1000:1000"  # not root
     assert config["Healthcheck"]["Test"][-3:] == ["python", "-m", "mesh.agent.probe"]

@@ -44,6 +44,9 @@ async def test_submit_watch_and_result_inline_or_stored_elsewhere(cluster: Clust
     async with AsyncClient([front.address], cluster.security, discover=False) as mesh:
         small = await mesh.submit("echo", "m", payload=b"hello")
         assert await small.result(timeout=30) == b"hello"
+        again = await small.rerun()
+        assert again.task_id != small.task_id and again.last.spec.rerun_of == small.task_id
+        assert await again.result(timeout=30) == b"hello"
         big = await mesh.submit("echo", "m", payload=b"z" * 200_000)  # stored on worker
         assert await big.result(timeout=30) == b"z" * 200_000
         assert (await big.status()).agent == "worker"
@@ -212,6 +215,7 @@ def test_the_sync_client_reads_like_the_async_one(cluster: Cluster) -> None:
         states = [state_name(e.status.state) for e in task.watch()]
         assert states[-1] == "SUCCEEDED"
         assert task.result(timeout=30) == b"sync"
+        assert task.rerun("sync-again").result(timeout=30) == b"sync"
         assert [a.agent_id for a in mesh.agents()] == ["solo"]
         assert task.task_id in [s.task_id for s in mesh.list()]
 

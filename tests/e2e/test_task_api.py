@@ -1,5 +1,5 @@
 """The public API on real agents: run on a peer, watch and cancel from elsewhere,
-idempotent resubmits, and a precise status for each kind of bad input."""
+idempotent resubmits, reruns, and a precise status for each kind of bad input."""
 
 from __future__ import annotations
 
@@ -330,3 +330,43 @@ async def test_metrics_count_the_work(cluster: Cluster) -> None:
     text = await eventually(finished, what="the finished counter")
     assert "gpumesh_tasks_submitted_total 1.0" in text
     assert 'gpumesh_submit_rejected_total{code="INVALID_ARGUMENT"} 1.0' in text
+
+
+async def test_a_finished_task_runs_again_for_its_owner(front_and_worker, cluster: Cluster) -> None:
+    """Rerun: a new task with the old one's spec and payload, linked to it; idempotent by
+    its new id; refused to anyone else, while it runs, and when its payload was not kept."""
+    front, _ = front_and_worker
+    echo = pb.TaskSpec(task_id="orig", user=pb.User(id="ada"), pipeline="echo", model="any",
+                       payload=b"hello again")  # fmt: skip
+    bob = cluster.trust.user("bob", roles=["submitter"])
+    async with front.client() as entry, front.client(bob) as other:
+        await entry.submit(echo)
+        assert state_name((await follow(entry, "orig"))[-1].status.state) == "SUCCEEDED"
+        again = await entry.rerun("orig", "orig-2")
+        assert not again.existing
+        assert (again.status.task_id, again.status.spec.rerun_of) == ("orig-2", "orig")
+        done = (await follow(entry, "orig-2"))[-1].status
+        assert (state_name(done.state), done.result.inline) == ("SUCCEEDED", b"hello again")
+        assert (await entry.rerun("orig", "orig-2")).existing  # the same rerun, retried
+        big = pb.TaskSpec(task_id="big-1", user=pb.User(id="ada"), pipeline="echo", model="any",
+                          payload=b"z" * 4096)  # fmt: skip
+        await entry.submit(big)
+        await follow(entry, "big-1")
+        await entry.submit(sleep_task("busy", seconds=300))
+        linked = pb.TaskSpec()
+        linked.CopyFrom(echo)
+        linked.task_id, linked.rerun_of = "forged", "orig"
+        refusals = {
+            "someone else's": (other.rerun("orig", "bob-1"), "PERMISSION_DENIED", "own tasks"),
+            "still running": (entry.rerun("busy", "busy-2"), "FAILED_PRECONDITION", "not ended"),
+            "payload not kept": (entry.rerun("big-1", "big-2"), "FAILED_PRECONDITION", "kept"),
+            "unknown": (entry.rerun("nobody", "n-2"), "NOT_FOUND", ""),
+            "bad id": (entry.rerun("orig", "no spaces"), "INVALID_ARGUMENT", "task_id"),
+            "set by a Submit": (entry.submit(linked), "INVALID_ARGUMENT", "rerun_of"),
+        }
+        for what, (call, code, words) in refusals.items():
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code().name == code, what
+            assert words in (refused.value.details() or ""), what
+        await entry.cancel("busy")

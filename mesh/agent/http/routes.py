@@ -43,6 +43,7 @@ ROUTES = (
     Route("GET", "/v1/tasks/{task_id}", TASKS + "Get", body=False),
     Route("GET", "/v1/tasks", TASKS + "List", body=False),
     Route("POST", "/v1/tasks/{task_id}:cancel", TASKS + "Cancel", body=True),
+    Route("POST", "/v1/tasks/{task_id}:rerun", TASKS + "Rerun", body=True),
     Route("GET", "/v1/tasks/{task_id}:watch", TASKS + "Watch", body=False, stream=True),
     Route("GET", "/v1/tasks/{task_id}:result", TASKS + "GetResult", body=False, stream=True),
     Route("GET", "/v1/agents", AGENTS + "ListAgents", body=False),

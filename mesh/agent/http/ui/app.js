@@ -5,6 +5,7 @@
 const $ = (selector) => document.querySelector(selector);
 const REFRESH_MS = 1000;
 const STATE = (s) => (s || "").replace("TASK_STATE_", "");
+const ENDED = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
 
 let token = sessionStorage.getItem("gpumesh-token") || "";
 let openTask = "";
@@ -169,6 +170,12 @@ function renderStatus(status) {
     el("div", { class: "dim" }, (status.progress || {}).message || (status.error || {}).message || ""),
     el("div", { class: "dim", id: "task-eta" }, eta(status)),
   );
+  const rerunOf = (status.spec || {}).rerunOf;
+  if (rerunOf) {
+    const link = el("a", { href: `#task=${encodeURIComponent(rerunOf)}`, id: "rerun-of" }, rerunOf);
+    box.append(el("div", { class: "dim" }, "runs again ", link));
+  }
+  $("#rerun").hidden = !ENDED.has(STATE(status.state));
   const hops = [...(status.path || []), status.agent].filter(Boolean);
   $("#task-path").replaceChildren(...hops.map((hop) => el("li", {}, hop)));
   openTrace = status.traceId || "";
@@ -261,6 +268,22 @@ async function submit(form) {
   }
 }
 
+async function rerun() {
+  try {
+    const reply = await api(`/v1/tasks/${encodeURIComponent(openTask)}:rerun`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ newTaskId: crypto.randomUUID().replaceAll("-", "") }),
+    });
+    $("#rerun-result").textContent = "";
+    location.hash = `task=${encodeURIComponent(reply.status.taskId)}`;
+    refresh();
+  } catch (error) {
+    if (error instanceof Expired) showLogin(`Logged out: ${error.message}`);
+    else $("#rerun-result").textContent = error.message;
+  }
+}
+
 // -- wiring --------------------------------------------------------------------------
 
 takeTokenFromFragment();
@@ -277,6 +300,7 @@ $("#submit-form").addEventListener("submit", (event) => {
   submit(event.target);
 });
 $("#filter").addEventListener("change", refresh);
+$("#rerun").addEventListener("click", rerun);
 window.addEventListener("hashchange", route);
 if (token) refresh();
 else showLogin("Paste a bearer token (meshctl token issue), or open the URL meshctl demo prints.");
