@@ -178,18 +178,25 @@ class Fleet:
 
     def wait_healthy(self, name: str) -> None:
         """Run the service's healthcheck in its container until it passes, as the engine
-        would: every ``interval``, at most ``retries`` times."""
+        would: every ``start_interval`` during its ``start_period`` (failures there do not
+        count), then every ``interval``, failing after ``retries`` failures."""
         check = self.services[name]["healthcheck"]
         kind, *test = check["test"]
         argv = ["/bin/sh", "-c", test[0]] if kind == "CMD-SHELL" else test
         interval = seconds(check.get("interval", "30s"))
-        container = self.containers[name]
-        for _ in range(int(check.get("retries", 3))):
+        starting = time.monotonic() + seconds(check.get("start_period", 0))
+        start_interval = seconds(check.get("start_interval", "5s"))
+        container, failures = self.containers[name], 0
+        while failures < int(check.get("retries", 3)):
             container.reload()
             if container.status != "running":
                 raise RuntimeError(f"{name} is {container.status}:\n{self.logs(name)}")
             if container.exec_run(argv).exit_code == 0:
                 return
+            if time.monotonic() < starting:
+                time.sleep(start_interval)
+                continue
+            failures += 1
             time.sleep(interval)
         raise RuntimeError(f"{name} never became healthy:\n{self.logs(name)}")
 

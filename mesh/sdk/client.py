@@ -221,7 +221,7 @@ class AsyncClient:
             return
         self._refreshed = self._clock()
         mtls = self.security.cert is not None
-        for address in self._picker.addresses:
+        for address in self._picker.to_ask:
             try:
                 infos = await self._client(address).agents(self._try_timeout_s)
             except grpc.aio.AioRpcError:

@@ -34,13 +34,21 @@ class Picker:
     def addresses(self) -> list[str]:
         return list(self._addresses)
 
+    @property
+    def to_ask(self) -> list[str]:
+        """Whom to ask for the DC's agents: those listed last, then the seeds."""
+        return list(dict.fromkeys([*self._addresses, *self.seeds]))
+
     def pick(self, now: float, tried: Iterable[str] = ()) -> str:
         """The next agent: not tried by this call and not cooling down, if any is left;
-        else one not tried; else the next in turn (a retry beats no call)."""
+        else a seed so (every agent listed failed: their addresses may not be reachable
+        from here, as a fleet's own names are not outside its network); else one not
+        tried; else the next in turn (a retry beats no call)."""
         tried = set(tried)
         candidates = [a for a in self._addresses if a not in tried]
         ready = [a for a in candidates if self._down_until.get(a, 0.0) <= now]
-        pool = ready or candidates or self._addresses
+        seeds = [a for a in self.seeds if a not in tried and self._down_until.get(a, 0.0) <= now]
+        pool = ready or seeds or candidates or self._addresses
         chosen = pool[self._turn % len(pool)]
         self._turn += 1
         return chosen

@@ -30,3 +30,15 @@ def test_the_listed_agents_replace_the_seeds_and_none_means_the_seeds() -> None:
     assert picker.addresses == ["x", "y"]
     picker.update([])
     assert picker.addresses == ["seed"]
+
+
+def test_when_every_listed_agent_failed_a_seed_is_tried() -> None:
+    """Agents listed by names this client cannot reach (a compose fleet's own, from the
+    host): the seed it came in by still serves."""
+    picker = Picker(("127.0.0.1:50051",), cooldown_s=5.0)
+    picker.update(["agent-1:50051", "agent-2:50051"])
+    for address in picker.addresses:
+        picker.failed(address, now=0.0)
+    assert picker.pick(1.0) == "127.0.0.1:50051"
+    assert picker.to_ask == ["agent-1:50051", "agent-2:50051", "127.0.0.1:50051"]
+    assert picker.pick(6.0) in {"agent-1:50051", "agent-2:50051"}  # cooled down: back
