@@ -62,7 +62,7 @@ def rehearse(engine: Engine, tasks: int, base: str | None) -> dict[str, Any]:
         figures.update(asyncio.run(_work(fleet, tasks)))
     finally:
         fleet.down()
-        figures["left_behind"] = [c.name for c in engine.leftovers(PROJECT)]
+        figures["left_behind"] = fleet.remaining()
     return figures
 
 

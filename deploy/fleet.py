@@ -220,6 +220,15 @@ class Fleet:
 
     # -- down ----------------------------------------------------------------------------
 
+    def remaining(self) -> list[str]:
+        """Every container, volume and network of the project still there."""
+        client, owned = self._engine.client, {"label": f"{LABEL}={self.project}"}
+        return [
+            *(f"container {c.name}" for c in self._engine.leftovers(self.project)),
+            *(f"volume {v.name}" for v in client.volumes.list(filters=owned)),
+            *(f"network {n.name}" for n in client.networks.list(names=[self._network])),
+        ]
+
     def down(self) -> list[str]:
         """Remove every container, volume and network of the project; what was removed."""
         client, removed = self._engine.client, []
