@@ -26,6 +26,7 @@ from typing import Protocol, runtime_checkable
 from mesh.agent.decisionlog import DecisionLog
 from mesh.agent.duties import observed
 from mesh.agent.executor import Executor
+from mesh.agent.lag import collections_paused
 from mesh.agent.view import View
 from mesh.core import clock, planner
 from mesh.core.priority import Estimates
@@ -77,43 +78,71 @@ class Planning:
         self.hosting: frozenset[str] = frozenset()  # what we announce: our part, and keeping
         self._basis: dict[str, float] = {}  # the demand the plan was made for
         self.demand: dict[str, float] = {}  # work asked of the DC per model, last step
-        self._fleet: list[tuple[str, float, int]] = []  # and the agents
+        self._fleet: list[object] = []  # and the agents (name, weight, room), as it was
+        # Each agent as a host and as the fleet compares it, kept from step to step so
+        # that an unchanged agent is the same objects (few long-lived objects made a step).
+        self._hosts: dict[str, tuple[planner.Host, tuple[str, float, int]]] = {}
         self._warming: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
-            self.step()
+            await self.step()
 
-    def step(self) -> None:
-        """Publish our demand, plan, take on our part, and warm one model if idle."""
-        own = planner.most_asked(self.own_demand(), MAX_DEMAND)
-        self._view.gossiper.update_own(demand=own, model_mb=self._models.capacity_mb)
-        demand, hosts = self.inputs(own)
-        self.demand = demand
-        sizes = self.sizes(demand)
-        fleet = [(h.name, h.weight, h.room) for h in hosts]
-        announced = planner.Plan(self.homes())
-        if (
+    async def step(self) -> None:
+        """Publish our demand, plan, take on our part, and warm one model if idle. Its
+        work grows with the DC (every agent is a host), so it lets the loop run between
+        its parts, and runs without the garbage collector, whose full collections it
+        would otherwise set off (``lag.collections_paused``)."""
+        with collections_paused():
+            own = planner.most_asked(self.own_demand(), MAX_DEMAND)
+            self._view.gossiper.update_own(demand=own, model_mb=self._models.capacity_mb)
+            demand, hosts = self.inputs(own)
+            self.demand = demand
+            await asyncio.sleep(0)
+            fleet = [self._hosts[h.name][1] for h in hosts]
+            if self._stale(demand, hosts, fleet):
+                await asyncio.sleep(0)
+                self._replan(demand, hosts, fleet)
+            await asyncio.sleep(0)
+            if self._acting:
+                self._act()
+
+    def _stale(
+        self, demand: dict[str, float], hosts: list[planner.Host], fleet: list[object]
+    ) -> bool:
+        """Whether to plan again: the agents changed, demand drifted, or a model with
+        demand has no home while an agent has room."""
+        return (
             self.plan is None
             or fleet != self._fleet
             or planner.drifted(self._basis, demand)
-            or planner.homeless(self.plan, demand, hosts, sizes)
-        ):
-            made = planner.plan(demand, hosts, announced, sizes)
-            if self.plan is None or made.homes != self.plan.homes:
-                log.info("placement plan: %s", {m: list(a) for m, a in made.homes.items()})
-                if self._decisions is not None:
-                    self._decisions.plan(demand, hosts, announced, made, sizes)
-            self.plan, self._basis, self._fleet = made, demand, fleet
-        if self._acting:
-            hosting = self.plan.for_agent(self._me) | self._keeping()
-            if hosting != self.hosting:
-                self.hosting = hosting
-                self._view.gossiper.update_own(hosting=tuple(sorted(hosting)))
-            self._view.router.set_homes(self.homes())
-            self._models.planned = self.hosting
-            self._warm_one()
+            or planner.homeless(self.plan, demand, hosts, self.sizes(demand))
+        )
+
+    def _replan(
+        self, demand: dict[str, float], hosts: list[planner.Host], fleet: list[object]
+    ) -> None:
+        sizes = self.sizes(demand)
+        announced = planner.Plan(self.homes())
+        made = planner.plan(demand, hosts, announced, sizes)
+        if self.plan is None or made.homes != self.plan.homes:
+            log.info("placement plan: %s", {m: list(a) for m, a in made.homes.items()})
+            if self._decisions is not None:
+                self._decisions.plan(demand, hosts, announced, made, sizes)
+        self.plan, self._basis, self._fleet = made, demand, fleet
+
+    def _act(self) -> None:
+        """Take on our part of the plan (and what we keep), announce it, route by the
+        homes announced, and warm one of our models."""
+        assert self.plan is not None
+        hosting = self.plan.for_agent(self._me) | self._keeping()
+        if hosting != self.hosting:
+            self.hosting = hosting
+            self._view.gossiper.update_own(hosting=tuple(sorted(hosting)))
+        self._view.router.set_homes(self.homes())
+        self._models.planned = self.hosting
+        self._warm_one()
 
     def _keeping(self) -> frozenset[str]:
         """What we host beyond our part (``planner.keeping``), from gossip; a draining
@@ -164,16 +193,20 @@ class Planning:
         for demand in (asked | {self._me: own}).values():
             for model, rate in demand.items():
                 work[model] += rate
-        hosts = [
-            planner.Host(
-                agent_id,
-                member.weight,
-                rooms.get(agent_id) or NOT_BOUNDED_MB,
-                router.loaded_on(agent_id),
-            )
-            for agent_id, member in sorted(router.members.items())
-            if not member.draining
-        ]
+        members, hosts, kept = router.members, [], {}
+        for agent_id in sorted(members):
+            member = members[agent_id]
+            if member.draining:
+                continue
+            room, loaded = rooms.get(agent_id) or NOT_BOUNDED_MB, router.loaded_on(agent_id)
+            known = self._hosts.get(agent_id)
+            was = known[0] if known else None
+            if was is None or (was.weight, was.room, was.loaded) != (member.weight, room, loaded):
+                host = planner.Host(agent_id, member.weight, room, loaded)
+                known = (host, (agent_id, host.weight, host.room))
+            kept[agent_id] = known
+            hosts.append(known[0])
+        self._hosts = kept
         return dict(work), hosts
 
     def sizes(self, demand: Mapping[str, float]) -> dict[str, int]:

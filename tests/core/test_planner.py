@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mesh.core.planner import Host, drifted, homeless, keeping, plan
+from mesh.core.planner import Host, candidates, drifted, homeless, keeping, plan
 from mesh.core.router import Router
 from mesh.core.routing import AGENT, Member, Policy, Request
 
@@ -201,3 +201,38 @@ def test_a_model_without_a_home_queues_where_it_is_loaded_within_the_slack() -> 
     router.set_load("a2", 1, 0)
     router.set_homes({"m": ("a0",)})  # with a home, the home's slack decides
     assert router.route(Request("t1", "m", "sleep")).first.name == "a0"
+
+
+@given(
+    st.lists(
+        st.builds(
+            Host,
+            st.sampled_from([f"a{i}" for i in range(30)]),
+            st.sampled_from([0.5, 1.0, 2.0, 8.0]),  # ties in weight left, broken by name
+            st.integers(1, 4),
+            st.frozensets(st.sampled_from(["m0", "m1", "m2"]), max_size=2),
+        ),
+        min_size=1,
+        max_size=30,
+        unique_by=lambda h: h.name,
+    ),
+    st.lists(st.sampled_from([f"a{i}" for i in range(34)]), max_size=6, unique=True),
+    st.data(),
+)
+def testcandidates_come_in_the_order_a_full_sort_by_rank_gives(
+    fleet: list[Host], planned: list[str], data: st.DataObject
+) -> None:
+    """The planner's order of candidate homes (planned first, then holders, then by weight
+    left, then by name) without sorting every agent with a key: the same order."""
+    by_name = {h.name: h for h in fleet}
+    left = {h.name: data.draw(st.sampled_from([0.0, h.weight / 2, h.weight])) for h in fleet}
+    holders: dict[str, set[str]] = {}
+    for host in fleet:
+        for model in host.loaded:
+            holders.setdefault(model, set()).add(host.name)
+
+    def rank(name: str) -> tuple[bool, bool, float, str]:
+        return (name not in planned, "m0" not in by_name[name].loaded, -left[name], name)
+
+    found = list(candidates("m0", by_name, left, tuple(planned), holders))
+    assert found == sorted(by_name, key=rank)
