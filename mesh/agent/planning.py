@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 NOT_BOUNDED_MB = 1 << 30  # the model memory of an agent that does not bound it
 MAX_DEMAND = 256  # models an agent gossips its demand for, the most asked first
+FleetKey = tuple[str, float, int]  # an agent as a change of fleet is told: name, weight, room
 
 
 @runtime_checkable
@@ -78,10 +79,10 @@ class Planning:
         self.hosting: frozenset[str] = frozenset()  # what we announce: our part, and keeping
         self._basis: dict[str, float] = {}  # the demand the plan was made for
         self.demand: dict[str, float] = {}  # work asked of the DC per model, last step
-        self._fleet: list[object] = []  # and the agents (name, weight, room), as it was
+        self._fleet: list[FleetKey] = []  # and the agents, as they were
         # Each agent as a host and as the fleet compares it, kept from step to step so
         # that an unchanged agent is the same objects (few long-lived objects made a step).
-        self._hosts: dict[str, tuple[planner.Host, tuple[str, float, int]]] = {}
+        self._hosts: dict[str, tuple[planner.Host, FleetKey]] = {}
         self._warming: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -101,15 +102,20 @@ class Planning:
             self.demand = demand
             await asyncio.sleep(0)
             fleet = [self._hosts[h.name][1] for h in hosts]
-            if self._stale(demand, hosts, fleet):
+            sizes = self.sizes(demand)
+            if self._stale(demand, hosts, fleet, sizes):
                 await asyncio.sleep(0)
-                self._replan(demand, hosts, fleet)
+                self._replan(demand, hosts, fleet, sizes)
             await asyncio.sleep(0)
             if self._acting:
                 self._act()
 
     def _stale(
-        self, demand: dict[str, float], hosts: list[planner.Host], fleet: list[object]
+        self,
+        demand: dict[str, float],
+        hosts: list[planner.Host],
+        fleet: list[FleetKey],
+        sizes: dict[str, int],
     ) -> bool:
         """Whether to plan again: the agents changed, demand drifted, or a model with
         demand has no home while an agent has room."""
@@ -117,13 +123,16 @@ class Planning:
             self.plan is None
             or fleet != self._fleet
             or planner.drifted(self._basis, demand)
-            or planner.homeless(self.plan, demand, hosts, self.sizes(demand))
+            or planner.homeless(self.plan, demand, hosts, sizes)
         )
 
     def _replan(
-        self, demand: dict[str, float], hosts: list[planner.Host], fleet: list[object]
+        self,
+        demand: dict[str, float],
+        hosts: list[planner.Host],
+        fleet: list[FleetKey],
+        sizes: dict[str, int],
     ) -> None:
-        sizes = self.sizes(demand)
         announced = planner.Plan(self.homes())
         made = planner.plan(demand, hosts, announced, sizes)
         if self.plan is None or made.homes != self.plan.homes:

@@ -146,7 +146,9 @@ class TaskStore(RecordReads):
         """One update of a record at a time from this agent, so that the next starts from
         the last one's write instead of racing it to a failed compare and a read (a task
         accepted here starts as its accepting write is under way)."""
-        turn = self._turns.setdefault(task_id, _Turn())
+        turn = self._turns.get(task_id)
+        if turn is None:
+            turn = self._turns[task_id] = _Turn()
         turn.users += 1
         try:
             async with turn.lock:
