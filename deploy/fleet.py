@@ -220,28 +220,31 @@ class Fleet:
 
     # -- down ----------------------------------------------------------------------------
 
-    def remaining(self) -> list[str]:
-        """Every container, volume and network of the project still there."""
+    def _owned(self) -> list[tuple[str, Any]]:
+        """Every container, volume and network of the project still there, by kind."""
         client, owned = self._engine.client, {"label": f"{LABEL}={self.project}"}
         return [
-            *(f"container {c.name}" for c in self._engine.leftovers(self.project)),
-            *(f"volume {v.name}" for v in client.volumes.list(filters=owned)),
-            *(f"network {n.name}" for n in client.networks.list(names=[self._network])),
+            *(("container", c) for c in self._engine.leftovers(self.project)),
+            *(("volume", v) for v in client.volumes.list(filters=owned)),
+            *(("network", n) for n in client.networks.list(names=[self._network])),
         ]
 
+    def remaining(self) -> list[str]:
+        return [f"{kind} {thing.name}" for kind, thing in self._owned()]
+
     def down(self) -> list[str]:
-        """Remove every container, volume and network of the project; what was removed."""
-        client, removed = self._engine.client, []
-        for container in self._engine.leftovers(self.project):
-            self._engine.remove(container)
-            removed.append(f"container {container.name}")
-        for volume in client.volumes.list(filters={"label": f"{LABEL}={self.project}"}):
-            volume.remove(force=True)
-            removed.append(f"volume {volume.name}")
-        for network in client.networks.list(names=[self._network]):
+        """Remove every container, volume and network of the project (containers first:
+        the others are in their use); what was removed."""
+        removed = []
+        for kind, thing in self._owned():
             try:
-                network.remove()
+                if kind == "container":
+                    self._engine.remove(thing)
+                elif kind == "volume":
+                    thing.remove(force=True)
+                else:
+                    thing.remove()
             except docker.errors.NotFound:
                 continue
-            removed.append(f"network {network.name}")
+            removed.append(f"{kind} {thing.name}")
         return removed

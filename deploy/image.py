@@ -77,11 +77,9 @@ def debian_base(engine: Engine, tag: str = DEBIAN_BASE) -> str:
     return tag
 
 
-def agent_image(engine: Engine, base: str, tag: str = AGENT_TAG, fresh: bool = True) -> str:
+def agent_image(engine: Engine, base: str, tag: str = AGENT_TAG) -> str:
     """Build ``deploy/Dockerfile`` on ``base`` from the wheels in ``build/wheels``: only
     the Dockerfile and the wheels are sent to the engine."""
-    if not fresh and engine.image_exists(tag):
-        return tag
     context = {"deploy/Dockerfile": ROOT / "deploy" / "Dockerfile", "build/wheels": WHEELS}
     engine.build(
         context,
